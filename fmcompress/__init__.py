@@ -1,0 +1,3 @@
+"""fmcompress: make every feature map of a CNN fit under a memory ceiling."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Training backend: run ONNX graphs as differentiable torch modules."""

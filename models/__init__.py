@@ -1,0 +1,1 @@
+"""Reference architectures in plain torch (importable as `fmcompress.models`)."""
