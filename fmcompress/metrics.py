@@ -1,0 +1,285 @@
+"""Fidelity and cost figures of the compile report (numpy and onnxruntime only).
+
+* `fidelity`: how closely a compressed model's outputs follow the original's.
+* `count_flops`: arithmetic cost from the graph and its tensor shapes.
+* `ort_latency`: onnxruntime latency of several models, measured side by side.
+* `run_ort`: run a model over a dataset's batches, outputs stacked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InputError
+
+ModelLike = onnx.ModelProto | bytes | str | Path
+
+
+# ---------------------------------------------------------------------- fidelity
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Agreement of a candidate model's outputs with the reference model's."""
+
+    top1_agreement: float | None  # share of samples whose argmax class matches
+    accuracy_reference: float | None
+    accuracy_candidate: float | None
+    cosine_similarity: float  # mean per-sample cosine, averaged over outputs
+    relative_error: float  # ||candidate - reference|| / ||reference|| over all outputs
+    max_abs_error: float
+
+    def to_dict(self) -> dict[str, float | None]:
+        return asdict(self)
+
+
+def fidelity(reference_outputs: list[np.ndarray], candidate_outputs: list[np.ndarray],
+             labels: np.ndarray | None = None) -> Fidelity:
+    """Compare outputs sample by sample (axis 0 is the sample axis of every output)."""
+    _check_pairs(reference_outputs, candidate_outputs)
+    reference = [np.asarray(out, dtype=np.float64) for out in reference_outputs]
+    candidate = [np.asarray(out, dtype=np.float64) for out in candidate_outputs]
+    top1 = acc_ref = acc_cand = None
+    ref_classes = _class_scores(reference[0])
+    if ref_classes is not None:
+        ref_pred = ref_classes.argmax(axis=1)
+        cand_pred = _class_scores(candidate[0]).argmax(axis=1)
+        top1 = float(np.mean(ref_pred == cand_pred))
+        if labels is not None:
+            truth = _checked_labels(labels, ref_classes.shape)
+            acc_ref, acc_cand = float(np.mean(ref_pred == truth)), float(np.mean(cand_pred == truth))
+    cosine = float(np.mean([_mean_cosine(r, c) for r, c in zip(reference, candidate, strict=True)]))
+    diff_sq = sum(float(np.sum((c - r) ** 2)) for r, c in zip(reference, candidate, strict=True))
+    ref_sq = sum(float(np.sum(r**2)) for r in reference)
+    relative = _ratio(np.sqrt(diff_sq), np.sqrt(ref_sq))
+    max_abs = max(float(np.max(np.abs(c - r), initial=0.0)) for r, c in zip(reference, candidate, strict=True))
+    return Fidelity(top1, acc_ref, acc_cand, cosine, relative, max_abs)
+
+
+def _check_pairs(reference: list[np.ndarray], candidate: list[np.ndarray]) -> None:
+    if not reference or len(reference) != len(candidate):
+        raise InputError(f"cannot compare {len(reference)} reference output(s) with {len(candidate)} candidate output(s)")
+    for index, (ref, cand) in enumerate(zip(reference, candidate, strict=True)):
+        if np.shape(ref) != np.shape(cand):
+            raise InputError(f"output {index}: reference shape {list(np.shape(ref))} differs from candidate {list(np.shape(cand))}")
+        if np.ndim(ref) == 0:
+            raise InputError(f"output {index} is a scalar; outputs need a sample axis")
+
+
+def _class_scores(output: np.ndarray) -> np.ndarray | None:
+    """[N, classes] scores from a [N, classes] or [N, classes, 1, 1] output, else None."""
+    if output.ndim == 2 or (output.ndim == 4 and output.shape[2:] == (1, 1)):
+        return output.reshape(output.shape[0], output.shape[1])
+    return None
+
+
+def _checked_labels(labels: np.ndarray, scores_shape: tuple[int, ...]) -> np.ndarray:
+    labels = np.asarray(labels).reshape(-1)
+    samples, classes = scores_shape
+    if len(labels) != samples:
+        raise InputError(f"{len(labels)} labels for {samples} samples")
+    if labels.dtype.kind not in "iu":
+        raise InputError(f"labels must be integers, got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise InputError(f"labels range over [{labels.min()}, {labels.max()}] but the model outputs {classes} classes")
+    return labels
+
+
+def _mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean over samples of the cosine between flattened samples (two zero samples agree)."""
+    ref = reference.reshape(len(reference), -1)
+    cand = candidate.reshape(len(candidate), -1)
+    dots = np.sum(ref * cand, axis=1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    both_zero = ~ref.any(axis=1) & ~cand.any(axis=1)
+    cosines = np.where(both_zero, 1.0, dots / np.where(norms > 0, norms, 1.0))
+    return float(np.mean(cosines))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator > 0:
+        return float(numerator / denominator)
+    return 0.0 if numerator == 0 else float("inf")
+
+
+# ------------------------------------------------------------------------- FLOPs
+
+
+def count_flops(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """FLOPs of one forward pass: 2 x multiply-accumulates of Conv, ConvTranspose, Gemm, MatMul.
+
+    Elementwise work (bias adds, activations, BatchNormalization, pooling, Add,
+    ...) is ignored, as is the convention for CNN FLOP counts; so are nodes inside
+    subgraphs (If/Loop). `shapes` maps tensor names to static shapes; initializer
+    shapes are read from the model when missing.
+    """
+    known = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    known.update({name: tuple(shape) for name, shape in shapes.items()})
+    return 2 * sum(_node_macs(node, known) for node in model.graph.node)
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], name: str, node: onnx.NodeProto) -> tuple[int, ...]:
+    return _static(shapes.get(name), name, node)
+
+
+def _static(shape: tuple[int, ...] | None, name: str, node: onnx.NodeProto) -> tuple[int, ...]:
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        raise InputError(f"{node.op_type} node {node.name!r}: no static shape for tensor {name!r} ({shape})")
+    return tuple(int(d) for d in shape)
+
+
+def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    handler = _MAC_RULES.get(node.op_type)
+    return handler(node, shapes) if handler else 0
+
+
+def _conv_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    # Weight [M, C/group, *k]: each output element costs C/group * prod(k) MACs.
+    weight = _shape(shapes, node.input[1], node)
+    output = _shape(shapes, node.output[0], node)
+    return int(np.prod(output)) * int(np.prod(weight[1:]))
+
+
+def _conv_transpose_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    # Weight [C, M/group, *k]: each input element is scattered to M/group * prod(k) outputs.
+    data = _shape(shapes, node.input[0], node)
+    weight = _shape(shapes, node.input[1], node)
+    return int(np.prod(data)) * int(np.prod(weight[1:]))
+
+
+def _gemm_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    a = _shape(shapes, node.input[0], node)
+    trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+    inner = a[0] if trans_a else a[1]
+    return int(np.prod(_shape(shapes, node.output[0], node))) * inner
+
+
+def _matmul_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    a = _shape(shapes, node.input[0], node)
+    output = shapes.get(node.output[0])
+    if output is None:  # numpy matmul semantics; 1-D operands add an axis of size 1
+        b = _shape(shapes, node.input[1], node)
+        a2, b2 = (a if len(a) > 1 else (1, *a)), (b if len(b) > 1 else (*b, 1))
+        output = (*np.broadcast_shapes(a2[:-2], b2[:-2]), a2[-2], b2[-1])
+    return int(np.prod(_static(output, node.output[0], node))) * a[-1]
+
+
+_MAC_RULES = {
+    "Conv": _conv_macs,
+    "ConvTranspose": _conv_transpose_macs,
+    "Gemm": _gemm_macs,
+    "MatMul": _matmul_macs,
+}
+
+
+# ---------------------------------------------------------------------- sessions
+
+
+def ort_session(model: ModelLike, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session with all graph optimizations on."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    if isinstance(source, Path):
+        source = str(source)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise InputError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def _session_feeds(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [meta.name for meta in session.get_inputs()]
+    missing = [name for name in names if name not in feeds]
+    if missing:
+        raise InputError(f"no data for model input(s) {', '.join(missing)} (have: {', '.join(feeds) or 'none'})")
+    return {name: feeds[name] for name in names}
+
+
+def ort_latency(models: Mapping[str, ModelLike], feeds: Mapping[str, np.ndarray], *,
+                repeats: int = 30, warmup: int = 5, threads: int | None = None) -> dict[str, float]:
+    """Median latency in ms of each model on `feeds`, measured side by side.
+
+    Repetitions are interleaved round robin (rotating which model goes first),
+    so machine noise such as frequency scaling or a busy neighbour hits every
+    model alike and the figures stay comparable.
+    """
+    if repeats < 1 or warmup < 0:
+        raise InputError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    runs = {name: _runner(ort_session(model, threads), feeds) for name, model in models.items()}
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    names = list(runs)
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runs[name]()
+            timings[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: float(np.median(times)) for name, times in timings.items()}
+
+
+def _runner(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]):
+    session_feeds = _session_feeds(session, feeds)
+    return lambda: session.run(None, session_feeds)
+
+
+# ------------------------------------------------------------------ batched runs
+
+
+def run_ort(model: ModelLike | ort.InferenceSession, dataset_batches: Iterable[Any],
+            threads: int | None = None) -> list[np.ndarray]:
+    """Run `model` over batches (dicts of inputs, or (dict, labels) pairs); outputs stacked.
+
+    A model whose batch dimension is fixed (e.g. at 1) is run in chunks of that
+    size; a short last chunk is padded by repeating its last sample and the
+    padding's outputs are dropped.
+    """
+    session = model if isinstance(model, ort.InferenceSession) else ort_session(model, threads)
+    fixed = _fixed_batch(session)
+    collected: list[list[np.ndarray]] = []
+    for batch in dataset_batches:
+        feeds = _session_feeds(session, batch[0] if isinstance(batch, tuple) else batch)
+        for chunk in _chunks(feeds, fixed):
+            outputs = session.run(None, chunk[0])
+            collected.append([out[: chunk[1]] for out in outputs])
+    if not collected:
+        raise InputError("no data to run the model on")
+    return [np.concatenate(parts) for parts in zip(*collected, strict=True)]
+
+
+def _fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The batch size the model's inputs pin (a positive int first dim), if any."""
+    sizes = {meta.shape[0] for meta in session.get_inputs() if meta.shape and isinstance(meta.shape[0], int)}
+    sizes.discard(0)
+    return min(sizes) if sizes else None
+
+
+def _chunks(feeds: dict[str, np.ndarray], size: int | None):
+    """(feeds, real sample count) chunks of exactly `size` samples (all at once when None)."""
+    total = len(next(iter(feeds.values())))
+    if size is None or size == total:
+        yield feeds, total
+        return
+    for start in range(0, total, size):
+        real = min(size, total - start)
+        chunk = {}
+        for name, array in feeds.items():
+            part = array[start:start + real]
+            if real < size:
+                part = np.concatenate([part, np.repeat(part[-1:], size - real, axis=0)])
+            chunk[name] = part
+        yield chunk, real
