@@ -214,7 +214,8 @@ def _convert(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     if array.dtype.kind not in "biuf":
         raise InputError(f"{where} has dtype {array.dtype}; expected numbers convertible to {dtype}")
     _check_finite(array, where)
-    converted = array.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
+        converted = array.astype(dtype)
     if dtype.kind == "f":
         _check_finite(converted, f"{where} (after conversion to {dtype})")
     elif not np.array_equal(converted.astype(array.dtype), array):
