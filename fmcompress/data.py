@@ -256,8 +256,8 @@ def _image_input(specs: list[InputSpec], what: str) -> InputSpec:
     if len(spec.shape) != 4 or spec.dtype.kind != "f":
         raise InputError(f"{what} needs a 4-D float input (N, C, H, W); {spec.name!r} is "
                          f"{spec.dtype} with shape {list(spec.shape)}: {hint}")
-    if not spec.shape[2] or not spec.shape[3]:
-        raise InputError(f"input {spec.name!r} has no fixed height and width {list(spec.shape)}: "
+    if not all(spec.shape[1:]):
+        raise InputError(f"input {spec.name!r} has no fixed channels, height and width {list(spec.shape)}: "
                          f"pin it with --input-shape {spec.name}=1,3,H,W")
     if spec.shape[1] not in (1, 3):
         raise InputError(f"input {spec.name!r} has {spec.shape[1]} channels; images feed 1 or 3: {hint}")

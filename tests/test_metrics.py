@@ -1,0 +1,187 @@
+"""Fidelity, FLOP counts, side-by-side latency and batched onnxruntime runs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fmcompress.errors import InputError
+from fmcompress.metrics import count_flops, fidelity, ort_latency, run_ort
+
+# ---------------------------------------------------------------------- fidelity
+
+
+def test_identical_outputs_are_perfect() -> None:
+    logits = np.random.default_rng(0).normal(size=(8, 5))
+    result = fidelity([logits], [logits.copy()], np.argmax(logits, axis=1))
+    assert result.top1_agreement == 1.0
+    assert result.accuracy_reference == result.accuracy_candidate == 1.0
+    assert result.cosine_similarity == pytest.approx(1.0)
+    assert result.relative_error == 0.0 and result.max_abs_error == 0.0
+
+
+def test_known_agreement_accuracy_cosine_and_errors() -> None:
+    reference = np.array([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0], [1.0, 1.0]])
+    candidate = np.array([[1.0, 0.0], [1.0, 0.0], [3.0, 4.0], [2.0, 2.0]])
+    labels = np.array([0, 1, 0, 1])
+    result = fidelity([reference], [candidate], labels)
+    # argmax: reference 0,1,1,0 (a tie picks the first) / candidate 0,0,1,0
+    assert result.top1_agreement == pytest.approx(0.75)
+    assert result.accuracy_reference == pytest.approx(0.5)  # samples 0 and 1
+    assert result.accuracy_candidate == pytest.approx(0.25)  # sample 0
+    assert result.cosine_similarity == pytest.approx((1 + 0 + 1 + 1) / 4)
+    diff_norm = np.sqrt(2 + 2)  # sample 1 differs by (1, -1), sample 3 by (1, 1)
+    assert result.relative_error == pytest.approx(diff_norm / np.sqrt(1 + 1 + 25 + 2))
+    assert result.max_abs_error == pytest.approx(1.0)
+    assert set(result.to_dict()) == {"top1_agreement", "accuracy_reference", "accuracy_candidate",
+                                     "cosine_similarity", "relative_error", "max_abs_error"}
+
+
+def test_four_d_logits_and_several_outputs() -> None:
+    logits = np.array([[2.0, 1.0], [0.0, 5.0]])[:, :, None, None]
+    flipped = logits[:, ::-1]
+    feature = np.ones((2, 3, 4, 4))
+    result = fidelity([logits, feature], [flipped, -feature], labels=None)
+    assert result.top1_agreement == 0.0
+    assert result.accuracy_reference is None and result.accuracy_candidate is None
+    cos_logits = np.mean([4 / 5, 0.0])  # (2,1)·(1,2) / 5 and (0,5)·(5,0) / 25
+    assert result.cosine_similarity == pytest.approx((cos_logits + -1.0) / 2)
+    assert result.max_abs_error == pytest.approx(5.0)
+
+
+def test_no_top1_for_spatial_outputs_and_zero_samples_agree() -> None:
+    maps = np.zeros((3, 2, 4, 4))
+    result = fidelity([maps], [maps.copy()], np.array([0, 1, 0]))
+    assert result.top1_agreement is None and result.accuracy_reference is None
+    assert result.cosine_similarity == 1.0 and result.relative_error == 0.0
+    assert fidelity([maps], [maps + 1], None).relative_error == float("inf")
+
+
+@pytest.mark.parametrize(
+    ("reference", "candidate", "labels", "message"),
+    [
+        ([np.zeros((2, 3))], [np.zeros((2, 3))], np.array([0, 3]), "3 classes"),
+        ([np.zeros((2, 3))], [np.zeros((2, 3))], np.array([-1, 0]), "labels range"),
+        ([np.zeros((2, 3))], [np.zeros((2, 3))], np.array([0, 1, 2]), "3 labels for 2"),
+        ([np.zeros((2, 3))], [np.zeros((2, 4))], None, "differs"),
+        ([np.zeros((2, 3))], [], None, "cannot compare"),
+    ],
+)
+def test_fidelity_bad_input(reference: list, candidate: list, labels: np.ndarray | None, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        fidelity(reference, candidate, labels)
+
+
+# ------------------------------------------------------------------------ FLOPs
+
+
+def _static_model(nodes: list[onnx.NodeProto], inputs: dict[str, list[int]], output: str,
+                  weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(_as_onnx_dtype(array), name) for name, array in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _as_onnx_dtype(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) if array.dtype.kind == "f" else array.astype(np.int64)
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    return {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in values}
+
+
+def test_flops_of_conv_grouped_conv_gemm_and_relu() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),  # 3->8, 3x3, 16x16
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], group=4, strides=[2, 2]),  # 8->8, groups 4, 1x1
+        helper.make_node("Flatten", ["c2"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1),  # 512 -> 10
+    ]
+    weights = {"w1": np.zeros((8, 3, 3, 3)), "b1": np.zeros(8), "w2": np.zeros((8, 2, 1, 1)),
+               "w3": np.zeros((10, 512)), "b3": np.zeros(10)}
+    model = _static_model(nodes, {"x": [2, 3, 16, 16]}, "y", weights)
+    conv1 = 2 * 8 * 16 * 16 * 3 * 9
+    conv2 = 2 * 8 * 8 * 8 * 2
+    gemm = 2 * 10 * 512
+    assert count_flops(model, _inferred_shapes(model)) == 2 * (conv1 + conv2 + gemm)
+
+
+def test_flops_of_conv_transpose_and_batched_matmul() -> None:
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w"], ["up"], strides=[2, 2], group=2),  # 4->6 channels
+        helper.make_node("Reshape", ["up", "shape"], ["m"]),
+        helper.make_node("MatMul", ["m", "k"], ["y"]),
+    ]
+    weights = {"w": np.zeros((4, 3, 2, 2)), "shape": np.array([1, 6, 64]), "k": np.zeros((64, 5))}
+    model = _static_model(nodes, {"x": [1, 4, 4, 4]}, "y", weights)
+    shapes = _inferred_shapes(model)
+    assert shapes["up"] == (1, 6, 8, 8)
+    transpose = 4 * 4 * 4 * 3 * 2 * 2  # every input element to 3 output channels x 2x2 taps
+    matmul = 6 * 5 * 64
+    assert count_flops(model, shapes) == 2 * (transpose + matmul)
+    del shapes["y"]  # the output shape is derived from the operands when missing
+    assert count_flops(model, shapes) == 2 * (transpose + matmul)
+
+
+def test_flops_need_static_shapes() -> None:
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"])]
+    model = _static_model(nodes, {"a": [2, 3]}, "y", {"b": np.zeros((3, 4))})
+    with pytest.raises(InputError, match="static shape"):
+        count_flops(model, {"a": (2, "n"), "y": (2, 4)})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fmcompress.frontend") is None, reason="frontend not built yet")
+def test_flops_of_resnet18_at_224(tmp_path: Path) -> None:
+    from fmcompress import frontend
+
+    path = tmp_path / "r18.onnx"
+    frontend.export_model("resnet18", (1, 3, 224, 224), path)
+    model = onnx.load(str(path))
+    macs = count_flops(model, _inferred_shapes(model)) / 2
+    assert macs == pytest.approx(1.814e9, rel=0.005)  # the published 1.82 GMACs
+
+
+# ---------------------------------------------------------- sessions and latency
+
+
+def _linear_model(batch: int | str, scale: float) -> onnx.ModelProto:
+    nodes = [helper.make_node("Mul", ["x", "s"], ["y"]), helper.make_node("Relu", ["y"], ["z"])]
+    model = _static_model(nodes, {"x": [batch, 4]}, "z", {"s": np.full(4, scale)})
+    model.ir_version = 8
+    return model
+
+
+def test_ort_latency_side_by_side() -> None:
+    feeds = {"x": np.ones((1, 4), np.float32)}
+    timings = ort_latency({"a": _linear_model(1, 2.0), "b": _linear_model(1, 3.0).SerializeToString()},
+                          feeds, repeats=5, warmup=1, threads=1)
+    assert set(timings) == {"a", "b"}
+    assert all(value > 0 for value in timings.values())
+    with pytest.raises(InputError, match="input"):
+        ort_latency({"a": _linear_model(1, 2.0)}, {"other": feeds["x"]})
+
+
+def test_run_ort_fixed_batch_and_dynamic_batch() -> None:
+    x = np.arange(20, dtype=np.float32).reshape(5, 4) - 10
+    batches = [({"x": x[:3]}, None), ({"x": x[3:]}, None)]
+    expected = np.maximum(x * 2, 0)
+    (fixed,) = run_ort(_linear_model(1, 2.0), batches)
+    np.testing.assert_allclose(fixed, expected)
+    (pairs,) = run_ort(_linear_model(2, 2.0), [{"x": x}])  # 5 samples in chunks of 2, one padded
+    np.testing.assert_allclose(pairs, expected)
+    (dynamic,) = run_ort(_linear_model("n", 2.0), batches)
+    np.testing.assert_allclose(dynamic, expected)
+    with pytest.raises(InputError, match="no data"):
+        run_ort(_linear_model(1, 2.0), [])
