@@ -1,0 +1,202 @@
+"""Input-shape pinning and exact tensor shapes for every tensor of a model.
+
+Shapes come from ONNX shape inference with data propagation; where it leaves any
+tensor unknown (custom ops, exporters that confuse it), one onnxruntime run on
+zeros with every intermediate tensor exposed as an output gives the exact shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import InputError
+
+Dim = int | str | None  # an int when static, the symbolic name (or None) otherwise
+
+_DIMS_RE = re.compile(r"^\s*\d+(\s*[,x]\s*\d+)*\s*$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+def parse_dims(text: str) -> tuple[int, ...]:
+    """`1,3,224,224` (or `1x3x224x224`) -> (1, 3, 224, 224); every dim at least 1."""
+    if not _DIMS_RE.match(str(text)):
+        raise InputError(f"invalid shape {text!r}: expected comma-separated positive integers, e.g. 1,3,224,224")
+    dims = tuple(int(d) for d in re.split(r"[,x]", text.replace(" ", "")))
+    if any(d < 1 for d in dims):
+        raise InputError(f"invalid shape {text!r}: every dimension must be at least 1")
+    return dims
+
+
+def initializer_names(graph: onnx.GraphProto) -> set[str]:
+    return {init.name for init in graph.initializer}
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs: graph inputs that are not initializers (old exporters list both)."""
+    inits = initializer_names(model.graph)
+    return [inp for inp in model.graph.input if inp.name not in inits]
+
+
+def declared_dims(value: onnx.ValueInfoProto) -> list[Dim]:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return []
+    dims: list[Dim] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            dims.append(int(dim.dim_value))
+        else:
+            dims.append(dim.dim_param or None)
+    return dims
+
+
+def parse_input_shapes(specs: Sequence[str] | dict[str, Sequence[int]] | None,
+                       model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """`NAME=1,3,224,224` (or bare dims for a single-input model) -> {name: dims}, checked."""
+    inputs = {inp.name: inp for inp in graph_inputs(model)}
+    if not specs:
+        return {}
+    if isinstance(specs, dict):
+        pairs = [(name, tuple(int(d) for d in dims)) for name, dims in specs.items()]
+    else:
+        pairs = [_split_spec(spec, inputs) for spec in specs]
+    result: dict[str, tuple[int, ...]] = {}
+    for name, dims in pairs:
+        if name not in inputs:
+            raise InputError(f"--input-shape names {name!r}, which is not an input; inputs: {', '.join(inputs)}")
+        declared = declared_dims(inputs[name])
+        if declared and len(declared) != len(dims):
+            raise InputError(
+                f"--input-shape {name}: rank {len(dims)} given, but the input has rank {len(declared)} {_fmt(declared)}")
+        for axis, (want, have) in enumerate(zip(dims, declared, strict=False)):
+            if isinstance(have, int) and have != want:
+                raise InputError(f"--input-shape {name}: dim {axis} is fixed to {have} in the model, got {want}")
+        result[name] = dims
+    return result
+
+
+def _split_spec(spec: str, inputs: dict[str, onnx.ValueInfoProto]) -> tuple[str, tuple[int, ...]]:
+    if "=" in spec:
+        name, _, dims = spec.rpartition("=")
+        return name.strip(), parse_dims(dims)
+    if len(inputs) != 1:
+        raise InputError(f"--input-shape {spec}: the model has {len(inputs)} inputs ({', '.join(inputs)}); use NAME=DIMS")
+    return next(iter(inputs)), parse_dims(spec)
+
+
+def _fmt(dims: Iterable[Dim]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def resolve_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Every input's static shape; unresolved symbolic dims are an InputError naming them."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    unresolved: list[str] = []
+    for inp in graph_inputs(model):
+        if inp.name in overrides:
+            shapes[inp.name] = overrides[inp.name]
+            continue
+        dims = declared_dims(inp)
+        if not inp.type.tensor_type.HasField("shape") or any(not isinstance(d, int) for d in dims):
+            unresolved.append(f"{inp.name} {_fmt(dims) if dims else '(no shape)'}")
+        else:
+            shapes[inp.name] = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+    if unresolved:
+        example = graph_inputs(model)[0].name
+        raise InputError(
+            f"unresolved input dims: {'; '.join(unresolved)}; pin them with --input-shape "
+            f"{example}=1,3,224,224 (NAME=DIMS, once per input)")
+    return shapes
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of `model` whose inputs have the given static shapes and no stale value_info."""
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    for inp in graph_inputs(pinned):
+        if inp.name in shapes:
+            elem_type = inp.type.tensor_type.elem_type
+            inp.CopyFrom(helper.make_tensor_value_info(inp.name, elem_type, list(shapes[inp.name])))
+    del pinned.graph.value_info[:]
+    return pinned
+
+
+def _static(value: onnx.ValueInfoProto) -> TensorInfo | None:
+    tensor_type = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape") or not tensor_type.elem_type:
+        return None
+    dims = declared_dims(value)
+    if any(not isinstance(d, int) for d in dims):
+        # dim_value 0 is a legal static zero-size dim, which declared_dims reports as unknown
+        if all(d.HasField("dim_value") for d in tensor_type.shape.dim):
+            dims = [int(d.dim_value) for d in tensor_type.shape.dim]
+        else:
+            return None
+    return TensorInfo(tuple(int(d) for d in dims), helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+
+
+def infer_tensor_infos(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorInfo]:
+    """Static shape and dtype of every node output and graph input, for pinned input shapes."""
+    pinned = with_input_shapes(model, shapes)
+    infos = _from_shape_inference(pinned)
+    wanted = [out for node in pinned.graph.node for out in node.output if out]
+    if any(name not in infos for name in wanted):
+        infos.update(_from_onnxruntime(pinned, shapes, [n for n in wanted if n not in infos]))
+    return infos
+
+
+def _from_shape_inference(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # inference gives up on some exporters' graphs; onnxruntime fills in
+        inferred = model
+    infos: dict[str, TensorInfo] = {}
+    graph = inferred.graph
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        info = _static(value)
+        if info is not None:
+            infos[value.name] = info
+    for init in graph.initializer:
+        infos[init.name] = TensorInfo(tuple(init.dims), helper.tensor_dtype_to_np_dtype(init.data_type))
+    return infos
+
+
+def _from_onnxruntime(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], names: list[str]) -> dict[str, TensorInfo]:
+    """Run once on zeros with `names` exposed as outputs; their real shapes and dtypes."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {out.name for out in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in present)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds = {inp.name: np.zeros(shapes[inp.name], helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
+                 for inp in graph_inputs(probe)}
+        values = session.run(None, feeds)
+    except Exception as exc:  # onnxruntime's errors are free text; keep the first line
+        custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+        hint = f" (custom-domain ops: {', '.join(custom)})" if custom else ""
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot determine tensor shapes: shape inference is incomplete and onnxruntime "
+                         f"cannot run the model{hint}: {first_line[:300]}") from None
+    outputs = [out.name for out in session.get_outputs()]
+    return {name: TensorInfo(tuple(np.shape(v)), np.asarray(v).dtype) for name, v in zip(outputs, values, strict=True)}
