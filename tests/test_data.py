@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+import fmcompress.data as data_module
 from fmcompress.data import (
     DEFAULT_MEAN,
     DEFAULT_SCALE,
@@ -252,6 +254,16 @@ def test_surrogate_is_deterministic_and_roughly_normalised() -> None:
     np.testing.assert_array_equal(x, load_dataset(None, specs, num_samples=64, seed=3).inputs["x"])
     assert not np.array_equal(x, load_dataset(None, specs, num_samples=64, seed=4).inputs["x"])
     assert len({x[i].tobytes() for i in range(len(x))}) == len(x)  # every crop differs
+
+
+def test_surrogate_never_touches_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the surrogate set tried to open a socket")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    data_module._surrogate_photos.cache_clear()
+    assert len(load_dataset(None, [InputSpec("x", (1, 3, 8, 8))], num_samples=2)) == 2
+    assert len(data_module._surrogate_photos()) >= 10
 
 
 def test_surrogate_grayscale_input() -> None:
