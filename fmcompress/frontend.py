@@ -1,0 +1,318 @@
+"""PyTorch front end: export a zoo model, a factory's model or an nn.Module to a clean ONNX file.
+
+The exported graph is what the passes expect: eval mode, BatchNorm folded into the
+preceding Conv, input "input" and output "output" with a dynamic batch dimension
+("batch"), weights stored as initializers inside the file (no Constant nodes, no
+initializer shared through an Identity), at the requested opset (17 or later).
+
+We use torch's TorchScript exporter (`dynamo=False`): with torch 2.13 it folds Conv+BN,
+emits GlobalAveragePool/Flatten/Gemm, honours opset 17 and takes a fraction of a second,
+while the dynamo exporter cannot go below opset 18 and emits ReduceMean/Reshape.
+
+Every export is checked before anything is written: onnx.checker, then onnxruntime on a
+random input against torch (relative error above 1e-3 raises VerificationError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .errors import InputError, UnsupportedOpError, VerificationError
+from .modelio import save_model_atomic
+
+MIN_OPSET = 17
+RELATIVE_TOLERANCE = 1e-3
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+BATCH_DIM = "batch"
+_FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_STATE_DICT_KEYS = ("state_dict", "model")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    max_abs_diff: float  # onnxruntime vs torch on a random input of the export shape
+    input_names: list[str]
+    output_names: list[str]
+    opset: int
+
+
+def export_model(source: str, input_shape: Sequence[int], output: str | os.PathLike, *,
+                 weights: str | os.PathLike | None = None, opset: int = MIN_OPSET,
+                 check: bool = True) -> ExportResult:
+    """Export a zoo model (`resnet18`, ...) or a factory `package.module:function` to ONNX.
+
+    `weights` is a state_dict file (raw, or under a "state_dict"/"model" key) loaded with
+    torch.load(weights_only=True); the zoo models otherwise get their seeded initialisation.
+    """
+    from fmcompress import models
+
+    _check_opset(opset)
+    if source in models.MODEL_NAMES and len(tuple(input_shape)) != 4:
+        raise InputError(f"{source} takes a 4-D input (N,C,H,W); got {len(tuple(input_shape))} dims: "
+                         f"{','.join(map(str, input_shape))}")
+    module = models.get_model(source) if source in models.MODEL_NAMES else load_factory(source)
+    if weights is not None:
+        load_weights(module, weights)
+    return export_module(module, input_shape, output, opset=opset, check=check)
+
+
+def export_module(module: Any, input_shape: Sequence[int], output: str | os.PathLike, *,
+                  opset: int = MIN_OPSET, check: bool = True) -> ExportResult:
+    """Export an nn.Module taking one float tensor of `input_shape`; see the module docstring."""
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    _check_opset(opset)
+    shape = _check_shape(input_shape)
+    path = _check_output_path(output)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(*shape, generator=generator)
+    with _eval_mode(module):
+        expected = _run_torch(module, example)
+        output_names = [OUTPUT_NAME] if len(expected) == 1 else [f"{OUTPUT_NAME}_{i}" for i in range(len(expected))]
+        proto = _torch_to_onnx(module, example, output_names, opset)
+    _constants_to_initializers(proto.graph)
+    max_abs_diff = _verify(proto, example.numpy(), expected) if check else float("nan")
+    try:
+        save_model_atomic(proto, path)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return ExportResult(path, max_abs_diff, [INPUT_NAME], output_names, opset)
+
+
+def load_factory(spec: str) -> Any:
+    """Import `package.module:function` (a dotted attribute path is allowed) and call it."""
+    import torch
+
+    from fmcompress import models
+
+    if ":" not in spec:
+        raise InputError(f"unknown model {spec!r}; known: {', '.join(models.MODEL_NAMES)}, "
+                         "or give a factory as package.module:function")
+    if not _FACTORY_RE.match(spec):
+        raise InputError(f"invalid factory {spec!r}: expected package.module:function")
+    module_name, attr_path = spec.split(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # any failure in user code is an input problem
+        raise InputError(f"cannot import module {module_name!r}: {_first_line(exc)}") from None
+    for attr in attr_path.split("."):
+        if not hasattr(target, attr):
+            raise InputError(f"{spec}: {getattr(target, '__name__', module_name)!s} has no attribute {attr!r}")
+        target = getattr(target, attr)
+    if not callable(target):
+        raise InputError(f"{spec}: {attr_path} is a {type(target).__name__}, not callable")
+    try:
+        module = target()
+    except Exception as exc:
+        raise InputError(f"{spec}: calling the factory failed: {_first_line(exc)}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"{spec}: the factory returned a {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def load_weights(module: Any, weights: str | os.PathLike) -> None:
+    """Load a state_dict file into `module`, strictly; mismatches name a few keys."""
+    import torch
+
+    path = Path(weights)
+    if not path.is_file():
+        raise InputError(f"{path}: no such weights file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and unpickler errors vary
+        raise InputError(f"{path}: not a readable state_dict file ({_first_line(exc)})") from None
+    state_dict = _unwrap_state_dict(loaded, path)
+    state_dict = _strip_prefix(state_dict, "module.", module.state_dict())
+    _check_keys(module.state_dict(), state_dict, path)
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # e.g. size mismatch for layer1.0.conv1.weight
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise InputError(f"{path}: weights do not fit the model: {'; '.join(details[:3]) or _first_line(exc)}") from None
+
+
+def _unwrap_state_dict(loaded: Any, path: Path) -> Mapping[str, Any]:
+    import torch
+
+    if isinstance(loaded, Mapping):
+        for key in _STATE_DICT_KEYS:
+            if isinstance(loaded.get(key), Mapping):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, Mapping) or not loaded or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        raise InputError(f"{path}: not a state_dict (a dict of parameter names to tensors, "
+                         f"optionally under a {' or '.join(map(repr, _STATE_DICT_KEYS))} key)")
+    return loaded
+
+
+def _strip_prefix(state_dict: Mapping[str, Any], prefix: str, reference: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Drop DataParallel's `module.` prefix when the model's own names lack it."""
+    if all(k.startswith(prefix) for k in state_dict) and not any(k.startswith(prefix) for k in reference):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _check_keys(expected: Mapping[str, Any], given: Mapping[str, Any], path: Path) -> None:
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    raise InputError(f"{path}: weights do not match the model: keys {', '.join(parts)}")
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _check_opset(opset: int) -> None:
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise InputError(f"opset {opset!r} is not supported: use {MIN_OPSET} or later")
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise InputError(f"invalid input shape {input_shape!r}: expected positive integers, e.g. 1,3,224,224")
+    return shape
+
+
+def _check_output_path(output: str | os.PathLike) -> Path:
+    path = Path(output)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; give a file name for the ONNX model")
+    return path
+
+
+@contextlib.contextmanager
+def _eval_mode(module: Any) -> Iterator[None]:
+    """Put `module` in eval mode, then give every submodule back its own training flag."""
+    flags = {sub: sub.training for sub in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in flags.items():
+            sub.training = training
+
+
+def _run_torch(module: Any, example: Any) -> list[np.ndarray]:
+    import torch
+
+    try:
+        with torch.no_grad():
+            result = module(example)
+    except Exception as exc:  # whatever the model raises, the shape is at fault
+        raise InputError(f"the model fails on input shape {tuple(example.shape)}: {_first_line(exc)}") from None
+    outputs = list(result) if isinstance(result, (tuple, list)) else [result]
+    if not outputs or not all(isinstance(t, torch.Tensor) for t in outputs):
+        raise InputError(f"the model must return a tensor or a tuple of tensors, not {type(result).__name__}")
+    return [t.detach().float().numpy() for t in outputs]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's warnings and prints (the CLI's stdout is for our own lines)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _torch_to_onnx(module: Any, example: Any, output_names: list[str], opset: int) -> onnx.ModelProto:
+    import torch
+
+    buffer = io.BytesIO()
+    dynamic_axes = {name: {0: BATCH_DIM} for name in [INPUT_NAME, *output_names]}
+    try:
+        with _quiet():
+            torch.onnx.export(module, (example,), buffer, input_names=[INPUT_NAME], output_names=output_names,
+                              opset_version=opset, dynamo=False, dynamic_axes=dynamic_axes,
+                              do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL)
+    except Exception as exc:  # unsupported operators, opsets, tracing failures
+        raise UnsupportedOpError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Constant nodes become initializers, and an Identity of an initializer its own copy.
+
+    The exporter emits Clip bounds as Constant nodes and shares equal weights (e.g. two zero
+    biases) through Identity nodes; a pass that rewrites one weight must not touch another.
+    """
+    initializers = {t.name: t for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:
+        tensor = _constant_value(node, initializers)
+        if tensor is None or node.output[0] in graph_outputs:
+            kept.append(node)
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+        initializers[copy.name] = copy
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _constant_value(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
+    if node.op_type == "Constant" and not node.domain and len(node.attribute) == 1 \
+            and node.attribute[0].name == "value":
+        return node.attribute[0].t
+    if node.op_type == "Identity" and not node.domain and node.input[0] in initializers:
+        return initializers[node.input[0]]
+    return None
+
+
+def _verify(proto: onnx.ModelProto, example: np.ndarray, expected: list[np.ndarray]) -> float:
+    """onnx.checker, then onnxruntime against torch; returns the max abs difference."""
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(proto)
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        actual = session.run(None, {INPUT_NAME: example})
+    except Exception as exc:  # checker and onnxruntime raise their own types
+        raise VerificationError(f"the exported model does not run: {_first_line(exc)}") from None
+    max_abs_diff = 0.0
+    for name, want, got in zip(proto.graph.output, expected, actual, strict=True):
+        if want.shape != got.shape:
+            raise VerificationError(f"output {name.name}: onnxruntime shape {got.shape} != torch {want.shape}")
+        diff = float(np.max(np.abs(want - got), initial=0.0))
+        scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-12)
+        if not np.isfinite(diff) or diff / scale > RELATIVE_TOLERANCE:
+            raise VerificationError(f"output {name.name}: onnxruntime differs from torch by {diff:.3g} "
+                                    f"(relative {diff / scale:.3g} > {RELATIVE_TOLERANCE:g})")
+        max_abs_diff = max(max_abs_diff, diff)
+    return max_abs_diff
+
+
+__all__ = ["ExportResult", "export_model", "export_module", "load_factory", "load_weights"]
