@@ -1,0 +1,142 @@
+"""Helpers shared by the BN-folding, insertion and projection-folding passes.
+
+They work on onnx-graphsurgeon graphs: reading constant values whether they are
+initializers or Constant nodes (paddle2onnx emits the latter), naming new nodes
+and tensors uniquely under `fmc/`, building 1x1 convs, and writing a rewritten
+graph back into a copy of the original model so that its ir_version, opsets,
+metadata and functions stay as they were.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import shape_inference
+
+CONV_OPS = ("Conv", "ConvTranspose")
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output; None for anything else."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant":
+        return None
+    attrs = tensor.inputs[0].attrs
+    if "value" in attrs:
+        return np.asarray(attrs["value"].values)
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    return None
+
+
+def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
+    """Input `index` of `node`, or None when it is absent or left empty ('')."""
+    if index < len(node.inputs) and node.inputs[index].name:
+        return node.inputs[index]
+    return None
+
+
+def optional_constant(node: gs.Node, index: int) -> tuple[bool, np.ndarray | None]:
+    """(known, value) of an optional input: known is False for a computed (non-constant) input."""
+    tensor = optional_input(node, index)
+    if tensor is None:
+        return True, None
+    value = constant_value(tensor)
+    return value is not None, value
+
+
+def group_one_conv_weight(node: gs.Node) -> np.ndarray | None:
+    """The constant weight of a Conv/ConvTranspose with group=1, or None if it has another form."""
+    if node.op not in CONV_OPS or int(node.attrs.get("group", 1)) != 1 or len(node.inputs) < 2:
+        return None
+    weight = constant_value(node.inputs[1])
+    return weight if weight is not None and weight.ndim >= 3 else None
+
+
+def conv_bias(node: gs.Node) -> np.ndarray | None:
+    tensor = optional_input(node, 2)
+    return None if tensor is None else constant_value(tensor)
+
+
+class Namer:
+    """Hands out node and tensor names not yet used in a graph."""
+
+    def __init__(self, graph: gs.Graph):
+        self.taken = {node.name for node in graph.nodes} | set(graph.tensors())
+
+    def __call__(self, base: str) -> str:
+        name, n = base, 0
+        while name in self.taken:
+            n += 1
+            name = f"{base}/{n}"
+        self.taken.add(name)
+        return name
+
+
+def set_conv_params(node: gs.Node, namer: Namer, weight: np.ndarray, bias: np.ndarray | None) -> None:
+    """Give a conv new (uniquely named) weight and bias constants; old ones die in cleanup."""
+    base = f"fmc/{node.name or node.outputs[0].name}"
+    node.inputs[1] = gs.Constant(namer(f"{base}/W"), np.ascontiguousarray(weight))
+    if bias is not None:
+        bias_tensor = gs.Constant(namer(f"{base}/B"), np.ascontiguousarray(bias))
+        if len(node.inputs) > 2:
+            node.inputs[2] = bias_tensor
+        else:
+            node.inputs.append(bias_tensor)
+
+
+def conv1x1(graph: gs.Graph, namer: Namer, name: str, source: gs.Tensor, matrix: np.ndarray,
+            output: gs.Variable) -> gs.Node:
+    """Append `output = matrix @ source` (channel mixing per pixel) as a 1x1 Conv named `name`."""
+    node_name = namer(name)
+    weight = gs.Constant(namer(f"{node_name}/W"), np.ascontiguousarray(matrix[:, :, None, None]))
+    node = gs.Node("Conv", name=node_name, attrs={"kernel_shape": [1, 1]},
+                   inputs=[source, weight], outputs=[output])
+    graph.nodes.append(node)
+    return node
+
+
+def new_variable(namer: Namer, base: str) -> gs.Variable:
+    """A fresh tensor with no dtype/shape, so no (possibly stale) value_info is written for it."""
+    return gs.Variable(namer(base))
+
+
+def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Clean, sort and export `graph` into a copy of `original` (keeps ir_version, opsets, metadata)."""
+    graph.cleanup().toposort()
+    exported = gs.export_onnx(graph, do_type_check=False)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    model.graph.CopyFrom(exported.graph)
+    return model
+
+
+def tensor_ranks_and_channels(model: onnx.ModelProto) -> dict[str, tuple[int | None, int | None]]:
+    """(rank, dim 1) of every tensor that ONNX shape inference can type; None where unknown."""
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:  # inference is a best effort: callers fall back on conv weights
+        inferred = model
+    graph = inferred.graph
+    found: dict[str, tuple[int | None, int | None]] = {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        dims = tensor_type.shape.dim
+        channels = dims[1].dim_value if len(dims) > 1 and dims[1].HasField("dim_value") else None
+        found[value.name] = (len(dims), channels)
+    return found
+
+
+def elem_dtype(model: onnx.ModelProto, name: str) -> np.dtype:
+    """The numpy dtype of tensor `name` from value_info/inputs/outputs; float32 when not declared."""
+    graph = model.graph
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        if value.name == name and value.type.tensor_type.elem_type:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+    return np.dtype(np.float32)

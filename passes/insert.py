@@ -1,0 +1,130 @@
+"""InsertProjectionsPass: the plain, unfolded projection rewrite (the reference).
+
+Rewrite rule, for every projected feature map X (NCHW, C channels) with P (k x C)
+and U (C x k):
+    producer -> X -> consumers
+      -> producer -> X/fmc_src -> Conv1x1 fmc/P/<X> (weight P) -> Z = X/fmc_k<k>
+                             -> Conv1x1 fmc/U/<X> (weight U) -> X -> consumers
+So every consumer of X, graph outputs included, reads U P X, and the tensor name
+X (and its C channels) is unchanged. Correct by construction: the folding pass
+is tested against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from fmcompress.errors import InputError
+
+from .base import Pass, PassContext, PassResult
+from .graphutil import (
+    CONV_OPS,
+    Namer,
+    constant_value,
+    conv1x1,
+    elem_dtype,
+    export_like,
+    new_variable,
+    tensor_ranks_and_channels,
+)
+
+
+@dataclass
+class Projection:
+    """One feature map's learned projections: Z = P X is stored, consumers read U Z."""
+
+    P: np.ndarray  # (k, C) float32
+    U: np.ndarray  # (C, k) float32
+
+    def __post_init__(self) -> None:
+        self.P = np.asarray(self.P, dtype=np.float32)
+        self.U = np.asarray(self.U, dtype=np.float32)
+        if self.P.ndim != 2 or self.U.ndim != 2:
+            raise InputError(f"projection P and U must be matrices, got shapes {self.P.shape} and {self.U.shape}")
+        if self.U.shape != self.P.shape[::-1] or 0 in self.P.shape:
+            raise InputError(f"projection shapes disagree: P is {self.P.shape}, U is {self.U.shape}; expected (k, C) and (C, k)")
+        if not (np.isfinite(self.P).all() and np.isfinite(self.U).all()):
+            raise InputError("projection P or U holds NaN or infinite values")
+
+    @property
+    def k(self) -> int:
+        return int(self.P.shape[0])
+
+    @property
+    def C(self) -> int:  # noqa: N802 - the paper's name
+        return int(self.P.shape[1])
+
+
+def validate_projections(model: onnx.ModelProto, graph: gs.Graph,
+                         projections: dict[str, Projection]) -> dict[str, np.dtype]:
+    """Check every projection against its tensor (exists, is a 4-D feature map with C channels).
+
+    Returns the element dtype of each projected tensor.
+    """
+    if not isinstance(projections, dict):
+        raise InputError("projections must be a dict mapping tensor names to Projection objects")
+    tensors = graph.tensors()
+    inputs = {t.name for t in graph.inputs}
+    shapes = tensor_ranks_and_channels(model)
+    dtypes: dict[str, np.dtype] = {}
+    for name, projection in projections.items():
+        if not isinstance(projection, Projection):
+            raise InputError(f"projection for {name!r} must be a Projection, got {type(projection).__name__}")
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise InputError(f"cannot project {name!r}: no tensor of that name in the model")
+        if name in inputs:
+            raise InputError(f"cannot project {name!r}: it is a graph input; graph inputs cannot be projected")
+        if isinstance(tensor, gs.Constant) or constant_value(tensor) is not None:
+            raise InputError(f"cannot project {name!r}: it is a constant, not a feature map")
+        rank, channels = _rank_and_channels(tensor, shapes.get(name, (None, None)))
+        if rank != 4:
+            raise InputError(f"cannot project {name!r}: it is {'of unknown rank' if rank is None else f'{rank}-D'}, not a 4-D NCHW feature map")
+        if channels is not None and channels != projection.C:
+            raise InputError(f"projection for {name!r} has C={projection.C} but the tensor has {channels} channels")
+        dtypes[name] = elem_dtype(model, name)
+    return dtypes
+
+
+def _rank_and_channels(tensor: gs.Tensor, inferred: tuple[int | None, int | None]) -> tuple[int | None, int | None]:
+    """Shape inference's answer, else the producing conv's weight says it."""
+    if inferred[0] is not None:
+        return inferred
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is None or producer.op not in CONV_OPS:
+        return None, None
+    weight = constant_value(producer.inputs[1])
+    if weight is None or weight.ndim != 4:
+        return None, None
+    if producer.op == "Conv":
+        return 4, int(weight.shape[0])
+    return 4, int(weight.shape[1]) * int(producer.attrs.get("group", 1))
+
+
+class InsertProjectionsPass(Pass):
+    name = "insert-projections"
+
+    def __init__(self, projections: dict[str, Projection]):
+        self.projections = projections
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        graph = gs.import_onnx(model)
+        dtypes = validate_projections(model, graph, self.projections)
+        namer = Namer(graph)
+        tensors = graph.tensors()
+        data = {}
+        for name, projection in self.projections.items():
+            x = tensors[name]
+            source = new_variable(namer, f"{name}/fmc_src")
+            x.inputs[0].outputs[x.inputs[0].outputs.index(x)] = source
+            z = new_variable(namer, f"{name}/fmc_k{projection.k}")
+            dtype = dtypes[name]
+            conv1x1(graph, namer, f"fmc/P/{name}", source, projection.P.astype(dtype), z)
+            conv1x1(graph, namer, f"fmc/U/{name}", z, projection.U.astype(dtype), x)
+            data[name] = {"stored": z.name}
+        return PassResult(export_like(graph, model), modified=bool(self.projections), data=data)
+
