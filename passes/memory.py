@@ -86,6 +86,8 @@ class GraphIndex:
             for out in node.output:
                 if out:
                     self.producer[out] = node
+            if node.op_type in SHAPE_OPS:
+                continue  # reads metadata only: never keeps a map alive or splits a chain
             for inp in dict.fromkeys(i for i in node.input if i):
                 self.consumers[inp].append(node)
         self.inputs = [inp.name for inp in graph_inputs(model)]
