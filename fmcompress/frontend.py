@@ -20,6 +20,7 @@ import importlib
 import io
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -192,8 +193,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check_opset(opset: int) -> None:
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise InputError(f"opset {opset!r} is not supported: use {MIN_OPSET} or later")
+    highest = _highest_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET or opset > highest:
+        raise InputError(f"opset {opset!r} is not supported: use {MIN_OPSET} to {highest}")
+
+
+def _highest_opset() -> int:
+    """The newest opset torch's TorchScript exporter emits (23 with torch 2.13)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # private constant moved: let the exporter itself refuse
+        return 10**6
+    return int(ONNX_MAX_OPSET)
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -238,11 +249,33 @@ def _run_torch(module: Any, example: Any) -> list[np.ndarray]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the exporter's warnings and prints (the CLI's stdout is for our own lines)."""
+    """Silence the exporter: Python warnings and prints, and the C++ side's writes to fds 1 and 2
+    (on failure it dumps the whole TorchScript graph to stderr)."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+            contextlib.redirect_stderr(io.StringIO()), _silence_fds(1, 2):
         warnings.simplefilter("ignore")
         yield
+
+
+@contextlib.contextmanager
+def _silence_fds(*fds: int) -> Iterator[None]:
+    for stream in (sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = [os.dup(fd) for fd in fds]
+    except OSError:  # no real descriptors (embedded interpreters): Python-level silence only
+        yield
+        return
+    with open(os.devnull, "wb") as sink:
+        for fd in fds:
+            os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            for fd, copy in zip(fds, saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def _torch_to_onnx(module: Any, example: Any, output_names: list[str], opset: int) -> onnx.ModelProto:
