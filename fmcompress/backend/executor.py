@@ -1,0 +1,326 @@
+"""OnnxModule: run an ONNX graph as a differentiable torch module (torch.fx Interpreter style).
+
+Everything static is done once in __init__: op support is checked, attributes parsed,
+nodes sorted topologically, dead nodes pruned, and for every value the step after
+which nothing reads it, so forward() releases each tensor after its last use and the
+peak memory follows the graph's live set.
+
+Placement: float constants that feed the data path are frozen buffers (they follow
+.to(device) and .double()); integer constants and everything computed from constants
+and tensor shapes alone (Shape -> Gather -> Concat -> Reshape chains) stay on the CPU,
+evaluated eagerly each forward, so shapes follow the runtime batch size.
+
+The graph runs with inference semantics whatever module.training says: BatchNorm
+uses its running statistics and Dropout is the identity (the base network is frozen).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from ..errors import InputError, UnsupportedOpError
+from ..modelio import load_model
+from . import ops_math, ops_nn, ops_resize, ops_tensor  # noqa: F401  (they fill the op table)
+from .registry import CHECKS, OPS, NodeCtx, RunState
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+SHAPE_OPS = ("Shape", "Size")  # their outputs depend on the data's shape only
+# inputs read as Python values (constants kept on the CPU even when the node is on the data path)
+HOST_INPUTS = {"Resize": (1, 2, 3), "Upsample": (1,), "Pad": (1, 2, 3), "Clip": (1, 2), "Pow": (1,),
+               "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Split": (1,),
+               "Squeeze": (1,), "Unsqueeze": (1,), "TopK": (1,), "ConstantOfShape": (0,)}
+SMALL_CONST = 64  # constants up to this many elements are also given to handlers as numpy
+MISSING, DISCARD = -1, -2  # pseudo slots: absent optional input, unused optional output
+
+
+@dataclass(frozen=True)
+class _Node:
+    proto: onnx.NodeProto
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Raise UnsupportedOpError naming every unsupported op (or op variant) and its count."""
+    opset = _opset(model)
+    missing: Counter[str] = Counter()
+    for node in model.graph.node:
+        if node.domain not in DEFAULT_DOMAINS:
+            missing[f"{node.domain}.{node.op_type}"] += 1
+        elif node.op_type == "Constant":
+            continue
+        elif node.op_type not in OPS:
+            missing[node.op_type] += 1
+        elif node.op_type in CHECKS:
+            reason = CHECKS[node.op_type](_node_ctx(node, opset, {}, RunState()))
+            if reason:
+                missing[reason] += 1
+    if missing:
+        listed = ", ".join(f"{name} x{count}" for name, count in missing.most_common())
+        raise UnsupportedOpError(f"unsupported ops: {listed}")
+
+
+def _node_ctx(node: onnx.NodeProto, opset: int, consts: dict[int, np.ndarray], state: RunState) -> NodeCtx:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+    return NodeCtx(name=node.name or f"{node.op_type}->{node.output[0]}", op_type=node.op_type,
+                   opset=opset, attrs=attrs, n_inputs=len(node.input), n_outputs=len(node.output),
+                   consts=consts, state=state)
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    attr = node.attribute[0]
+    kind = attr.name
+    if kind == "value":
+        return numpy_helper.to_array(attr.t)
+    values = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+              "value_ints": np.int64}
+    if kind not in values:
+        raise UnsupportedOpError(f"unsupported ops: Constant({kind}) x1")
+    return np.array(onnx.helper.get_attribute_value(attr), dtype=values[kind])
+
+
+def _topological(nodes: list[_Node], available: set[str]) -> list[_Node]:
+    """Kahn's algorithm, stable: keeps the file's order wherever it is already valid."""
+    ready = set(available) | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        still: list[_Node] = []
+        for node in pending:
+            if all(name in ready for name in node.inputs):
+                ordered.append(node)
+                ready.update(node.outputs)
+            else:
+                still.append(node)
+        if len(still) == len(pending):
+            names = sorted({n for node in still for n in node.inputs if n not in ready})
+            raise InputError(f"the graph reads undefined tensors (or has a cycle): {', '.join(names[:5])}")
+        pending = still
+    return ordered
+
+
+def _live_nodes(nodes: list[_Node], outputs: Sequence[str]) -> list[_Node]:
+    needed = set(outputs)
+    live: list[_Node] = []
+    for node in reversed(nodes):
+        if any(name in needed for name in node.outputs):
+            live.append(node)
+            needed.update(node.inputs)
+    return live[::-1]
+
+
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+class OnnxModule(nn.Module):
+    """An ONNX graph as a torch module; forward(*inputs) returns the graph outputs as a tuple."""
+
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike):
+        super().__init__()
+        model = load_model(model)
+        check_supported(model)
+        graph = model.graph
+        self._opset = _opset(model)
+        self._state = RunState()
+        self.register_buffer("_float_marker", torch.zeros(()), persistent=False)
+
+        constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        nodes: list[_Node] = []
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
+                constants[node.output[0]] = _constant_value(node)
+            else:
+                nodes.append(_Node(node, tuple(node.input), tuple(node.output)))
+        self.input_names = [i.name for i in graph.input if i.name not in constants]
+        self.output_names = [o.name for o in graph.output]
+        self._input_ranks = {i.name: self._declared_shape(i) for i in graph.input}
+        self._input_types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+
+        ordered = _topological(nodes, set(self.input_names) | set(constants))
+        self._all_names = self._collect_names(ordered, constants)
+        self._slot = {name: i for i, name in enumerate(self._all_names)}
+        live = _live_nodes(ordered, self.output_names)
+        self._place_constants(live, constants)
+        self._build_steps(live, constants)
+        self.transforms = nn.ModuleDict()
+        self._transform_slots: dict[str, int] = {}
+        self._rebuild_plan()
+
+    # ------------------------------------------------------------ construction
+
+    @staticmethod
+    def _declared_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            return None
+        return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim)
+
+    def _collect_names(self, nodes: list[_Node], constants: dict[str, np.ndarray]) -> list[str]:
+        names = dict.fromkeys([*self.input_names, *constants])
+        for node in nodes:
+            names.update(dict.fromkeys(n for n in (*node.inputs, *node.outputs) if n))
+        return list(names)
+
+    def _place_constants(self, live: list[_Node], constants: dict[str, np.ndarray]) -> None:
+        """Float constants on the data path become buffers; the rest stays on the CPU."""
+        dynamic = set(self.input_names)
+        device_consts: set[str] = set()
+        for node in live:
+            on_data_path = node.proto.op_type not in SHAPE_OPS and any(n in dynamic for n in node.inputs)
+            if on_data_path:
+                dynamic.update(node.outputs)
+                host = HOST_INPUTS.get(node.proto.op_type, ())
+                device_consts.update(n for i, n in enumerate(node.inputs) if n in constants and i not in host)
+        device_consts.update(n for n in self.output_names if n in constants)
+        self._buffer_slots: list[tuple[int, str]] = []
+        self._host_consts: list[tuple[int, torch.Tensor]] = []
+        for name, array in constants.items():
+            tensor = _to_tensor(array)
+            if name in device_consts and tensor.is_floating_point():
+                key = f"c{len(self._buffer_slots)}"
+                self.register_buffer(key, tensor)
+                self._buffer_slots.append((self._slot[name], key))
+            elif name in self._slot:
+                self._host_consts.append((self._slot[name], tensor))
+
+    def _build_steps(self, live: list[_Node], constants: dict[str, np.ndarray]) -> None:
+        last_use = {name: i for i, node in enumerate(live) for name in node.inputs if name}
+        keep = set(self.output_names)
+        frees: list[list[int]] = [[] for _ in live]
+        for name, step in last_use.items():
+            if name not in keep:
+                frees[step].append(self._slot[name])
+        for i, node in enumerate(live):  # produced but never read: drop at once
+            frees[i] += [self._slot[n] for n in node.outputs if n and n not in last_use and n not in keep]
+        self._nodes: list[tuple[Any, NodeCtx, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
+        self._producer: dict[str, int] = {}
+        for i, node in enumerate(live):
+            small = {j: constants[n] for j, n in enumerate(node.inputs)
+                     if n in constants and constants[n].size <= SMALL_CONST}
+            ctx = _node_ctx(node.proto, self._opset, small, self._state)
+            ins = tuple(self._slot[n] if n else MISSING for n in node.inputs)
+            outs = tuple(self._slot[n] if n else DISCARD for n in node.outputs)
+            self._nodes.append((OPS[node.proto.op_type], ctx, ins, outs, tuple(frees[i])))
+            self._producer.update({n: i for n in node.outputs if n})
+        self._output_slots = tuple(self._slot[n] for n in self.output_names)
+
+    def _rebuild_plan(self) -> None:
+        """Attach each transform to the step that produces its tensor (or to the feed stage)."""
+        by_step: dict[int, list[tuple[int, nn.Module]]] = {}
+        self._early: list[tuple[int, nn.Module]] = []
+        for name, slot in self._transform_slots.items():
+            module = self.transforms[f"t{slot}"]
+            step = self._producer.get(name)
+            (self._early if step is None else by_step.setdefault(step, [])).append((slot, module))
+        self._steps = [(fn, ctx, ins, outs, frees, tuple(by_step.get(i, ())))
+                       for i, (fn, ctx, ins, outs, frees) in enumerate(self._nodes)]
+
+    # ------------------------------------------------------------ public API
+
+    def tensor_names(self) -> list[str]:
+        """Every value name of the graph: inputs, constants and node outputs."""
+        return list(self._all_names)
+
+    def set_transform(self, tensor_name: str, transform: nn.Module) -> None:
+        """Every consumer of `tensor_name` (and the graph output, if it is one) reads transform(tensor)."""
+        if tensor_name not in self._slot:
+            raise InputError(f"unknown tensor {tensor_name!r}: no value of that name in the graph")
+        if not isinstance(transform, nn.Module):
+            raise InputError(f"the transform for {tensor_name!r} must be a torch.nn.Module")
+        slot = self._slot[tensor_name]
+        self.transforms[f"t{slot}"] = transform
+        self._transform_slots[tensor_name] = slot
+        self._rebuild_plan()
+
+    def clear_transforms(self) -> None:
+        self.transforms = nn.ModuleDict()
+        self._transform_slots = {}
+        self._rebuild_plan()
+
+    def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        self._state.float_dtype = self._float_marker.dtype
+        env: list[Any] = [None] * (len(self._all_names) + 2)  # + MISSING and DISCARD pseudo slots
+        buffers = self._buffers
+        for slot, key in self._buffer_slots:
+            env[slot] = buffers[key]
+        for slot, tensor in self._host_consts:
+            env[slot] = tensor
+        for name, tensor in self._bind(inputs).items():
+            env[self._slot[name]] = tensor
+        for slot, module in self._early:
+            env[slot] = module(env[slot])
+        self._run(env)
+        return tuple(env[s] for s in self._output_slots)
+
+    # ------------------------------------------------------------ execution
+
+    def _run(self, env: list[Any]) -> None:
+        step = None
+        try:
+            for step in self._steps:
+                fn, ctx, ins, outs, frees, post = step
+                result = fn(ctx, *[env[i] for i in ins])
+                if len(outs) == 1:
+                    env[outs[0]] = result
+                else:
+                    for slot, value in zip(outs, result, strict=False):
+                        env[slot] = value
+                for slot, module in post:
+                    env[slot] = module(env[slot])
+                for slot in frees:
+                    env[slot] = None
+                env[DISCARD] = None
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            if step is None:
+                raise
+            ctx = step[1]
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"node {ctx.name!r} ({ctx.op_type}) cannot run on these inputs: {detail}") from exc
+
+    def _bind(self, inputs: tuple[Any, ...]) -> dict[str, torch.Tensor]:
+        """Map the call's arguments to graph inputs, checking names, count and rank."""
+        if len(inputs) == 1 and isinstance(inputs[0], dict):
+            feeds = dict(inputs[0])
+            unknown = sorted(set(feeds) - set(self.input_names))
+            if unknown:
+                raise InputError(f"unknown input(s) {', '.join(map(repr, unknown))}; "
+                                 f"the model's inputs are {', '.join(map(repr, self.input_names))}")
+        else:
+            if len(inputs) > len(self.input_names):
+                raise InputError(f"the model takes {len(self.input_names)} input(s) "
+                                 f"({', '.join(map(repr, self.input_names))}), got {len(inputs)}")
+            feeds = dict(zip(self.input_names, inputs, strict=False))
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise InputError(f"missing input(s): {', '.join(map(repr, missing))}")
+        return {name: self._prepare_input(name, value) for name, value in feeds.items()}
+
+    def _prepare_input(self, name: str, value: Any) -> torch.Tensor:
+        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        declared = self._input_ranks.get(name)
+        if declared is not None and tensor.dim() != len(declared):
+            dims = ",".join("?" if d < 0 else str(d) for d in declared)
+            raise InputError(f"input {name!r} has rank {tensor.dim()} (shape {list(tensor.shape)}); "
+                             f"the model expects rank {len(declared)} ({dims})")
+        if declared is not None and len(declared) > 1 and declared[1] > 0 and tensor.shape[1] != declared[1]:
+            raise InputError(f"input {name!r} has {tensor.shape[1]} at axis 1; the model expects {declared[1]}")
+        if self._input_types.get(name) == onnx.TensorProto.FLOAT and tensor.is_floating_point():
+            tensor = tensor.to(self._float_marker.dtype)
+        return tensor.to(self._float_marker.device)
