@@ -338,11 +338,11 @@ def _verify(proto: onnx.ModelProto, example: np.ndarray, expected: list[np.ndarr
     max_abs_diff = 0.0
     for name, want, got in zip(proto.graph.output, expected, actual, strict=True):
         if want.shape != got.shape:
-            raise VerificationError(f"output {name.name}: onnxruntime shape {got.shape} != torch {want.shape}")
+            raise VerificationError(f"output {name.name!r}: onnxruntime shape {got.shape} != torch {want.shape}")
         diff = float(np.max(np.abs(want - got), initial=0.0))
         scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-12)
         if not np.isfinite(diff) or diff / scale > RELATIVE_TOLERANCE:
-            raise VerificationError(f"output {name.name}: onnxruntime differs from torch by {diff:.3g} "
+            raise VerificationError(f"output {name.name!r}: onnxruntime differs from torch by {diff:.3g} "
                                     f"(relative {diff / scale:.3g} > {RELATIVE_TOLERANCE:g})")
         max_abs_diff = max(max_abs_diff, diff)
     return max_abs_diff
