@@ -1,5 +1,9 @@
 """Graph passes of fmcompress (importable as `fmcompress.passes`), one pass a module."""
 
 from .base import Pass, PassContext, PassResult, Pipeline
+from .fold import FoldProjectionsPass
+from .fold_bn import FoldBatchNormPass
+from .insert import InsertProjectionsPass, Projection
 
 __all__ = ["Pass", "PassContext", "PassResult", "Pipeline"]
+__all__ += ["FoldBatchNormPass", "FoldProjectionsPass", "InsertProjectionsPass", "Projection"]

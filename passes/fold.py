@@ -95,7 +95,7 @@ class FoldProjectionsPass(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         graph = gs.import_onnx(model)
-        dtypes = validate_projections(model, graph, self.projections)
+        dtypes = validate_projections(model, graph, self.projections, ctx.input_shapes)
         if not self.projections:
             return PassResult(model, modified=False, data={})
         graph.toposort()

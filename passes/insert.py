@@ -19,6 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fmcompress.errors import InputError
+from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
 from .graphutil import (
@@ -59,17 +60,21 @@ class Projection:
         return int(self.P.shape[1])
 
 
-def validate_projections(model: onnx.ModelProto, graph: gs.Graph,
-                         projections: dict[str, Projection]) -> dict[str, np.dtype]:
+def validate_projections(model: onnx.ModelProto, graph: gs.Graph, projections: dict[str, Projection],
+                         input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.dtype]:
     """Check every projection against its tensor (exists, is a 4-D feature map with C channels).
 
-    Returns the element dtype of each projected tensor.
+    Shapes come from ONNX shape inference; where it cannot tell, from the exact shapes
+    for the (pinned) input shapes. Returns the element dtype of each projected tensor.
     """
     if not isinstance(projections, dict):
         raise InputError("projections must be a dict mapping tensor names to Projection objects")
     tensors = graph.tensors()
     inputs = {t.name for t in graph.inputs}
     shapes = tensor_ranks_and_channels(model)
+    unknown = [n for n in projections if n in tensors and shapes.get(n, (None, None))[0] is None]
+    if unknown:
+        shapes.update(_exact_ranks_and_channels(model, input_shapes or {}))
     dtypes: dict[str, np.dtype] = {}
     for name, projection in projections.items():
         if not isinstance(projection, Projection):
@@ -88,6 +93,12 @@ def validate_projections(model: onnx.ModelProto, graph: gs.Graph,
             raise InputError(f"projection for {name!r} has C={projection.C} but the tensor has {channels} channels")
         dtypes[name] = elem_dtype(model, name)
     return dtypes
+
+
+def _exact_ranks_and_channels(model: onnx.ModelProto,
+                              input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int | None, int | None]]:
+    infos = infer_tensor_infos(model, resolve_input_shapes(model, input_shapes))
+    return {name: (len(info.shape), info.shape[1] if len(info.shape) > 1 else None) for name, info in infos.items()}
 
 
 def _rank_and_channels(tensor: gs.Tensor, inferred: tuple[int | None, int | None]) -> tuple[int | None, int | None]:
@@ -113,7 +124,7 @@ class InsertProjectionsPass(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         graph = gs.import_onnx(model)
-        dtypes = validate_projections(model, graph, self.projections)
+        dtypes = validate_projections(model, graph, self.projections, ctx.input_shapes)
         namer = Namer(graph)
         tensors = graph.tensors()
         data = {}

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from fmcompress.passes.base import PassContext
 from fmcompress.passes.fold import FoldProjectionsPass
 from fmcompress.passes.fold_bn import FoldBatchNormPass
 from fmcompress.passes.insert import InsertProjectionsPass, Projection
@@ -114,8 +115,9 @@ def check_fold(model: onnx.ModelProto, projections: dict[str, Projection], feeds
     if feeds is None:
         shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
         feeds = {"x": np.random.default_rng(2).standard_normal(shape).astype(np.float32)}
-    reference = InsertProjectionsPass(projections)(model).model
-    result = FoldProjectionsPass(projections)(model)
+    ctx = PassContext(input_shapes={name: value.shape for name, value in feeds.items()})
+    reference = InsertProjectionsPass(projections)(model, ctx).model
+    result = FoldProjectionsPass(projections)(model, ctx)
     assert result.modified
     assert_well_formed(model, result.model)
     stored = tuple(result.data[name]["stored"] for name in projections)
