@@ -156,7 +156,7 @@ def print_analysis(report: AnalysisReport, mode: str = "stored", top: int | None
 def _mark(fmap: FeatureMap, ceiling_bytes: int | None) -> str:
     if ceiling_bytes is None or not fmap.over_ceiling:
         return ""
-    return "OVER" if fmap.role == "map" else f"OVER ({fmap.role}, not compressible)"
+    return "OVER" if fmap.role == "map" else f"over ({fmap.role})"
 
 
 def plot_memory(report: AnalysisReport, path: str | os.PathLike, after: AnalysisReport | None = None) -> None:

@@ -104,7 +104,10 @@ def _fmt(dims: Iterable[Dim]) -> str:
 
 
 def resolve_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Every input's static shape; unresolved symbolic dims are an InputError naming them."""
+    """Every input's static shape; unresolved symbolic dims are an InputError naming them.
+
+    A symbolic leading dim is the batch and is taken as 1; every other one must be pinned.
+    """
     shapes: dict[str, tuple[int, ...]] = {}
     unresolved: list[str] = []
     for inp in graph_inputs(model):
@@ -112,6 +115,8 @@ def resolve_input_shapes(model: onnx.ModelProto, overrides: dict[str, tuple[int,
             shapes[inp.name] = overrides[inp.name]
             continue
         dims = declared_dims(inp)
+        if dims and not isinstance(dims[0], int):
+            dims[0] = 1  # a symbolic leading (batch) dim: memory is planned per sample
         if not inp.type.tensor_type.HasField("shape") or any(not isinstance(d, int) for d in dims):
             unresolved.append(f"{inp.name} {_fmt(dims) if dims else '(no shape)'}")
         else:

@@ -183,12 +183,21 @@ def test_fail_over_ceiling_is_a_ci_gate(resnet18_224):
     failed = runner.invoke(main, ["analyze", str(resnet18_224), "--ceiling", "4x", "--fail-over-ceiling", "-q"])
     assert failed.exit_code == 1
     assert "9 stored feature map(s) above the ceiling of 200704 bytes" in failed.output
-    # 600 KB: every map fits, only the graph input (588 KiB... 602112 B) is above 590000 B
-    passed = runner.invoke(main, ["analyze", str(resnet18_224), "--ceiling", "590000", "--fail-over-ceiling", "-q"])
+
+
+def test_graph_inputs_trip_the_gate_only_when_included(tmp_path):
+    # the 4x8x8 input (1024 B) is the largest tensor; the strided conv's 8x4x4 maps are 512 B
+    model = make_model([conv("c1", "x", "w1", "a", strides=[2, 2]), helper.make_node("Relu", ["a"], ["r"]),
+                        conv("c2", "r", "w2", "y")],
+                       [weight("w1", 8, 4, 3, 3), weight("w2", 8, 8, 3, 3)], "y", (1, 8, 4, 4))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    runner = CliRunner()
+    passed = runner.invoke(main, ["analyze", str(path), "--ceiling", "600", "--fail-over-ceiling"])
     assert passed.exit_code == 0, passed.output
-    strict = runner.invoke(main, ["analyze", str(resnet18_224), "--ceiling", "590000", "--fail-over-ceiling",
-                                  "--include-inputs", "-q"])
-    assert strict.exit_code == 1 and "input" in strict.output
+    assert "over (input)" in passed.output and "1 graph input/output(s) over it" in passed.output
+    gated = runner.invoke(main, ["analyze", str(path), "--ceiling", "600", "--fail-over-ceiling", "--include-inputs", "-q"])
+    assert gated.exit_code == 1 and "x" in gated.output
 
 
 def test_table_modes_and_plot(resnet18_224, tmp_path):
@@ -290,7 +299,7 @@ def test_model_over_two_gigabytes(tmp_path):
 
 def test_unresolved_dims_name_the_input_and_the_flag(tmp_path):
     message = run_bad([str(real_model("ppocr-cls"))], tmp_path)
-    assert "x [?, 3, ?, ?]" in message and "--input-shape" in message
+    assert "x [1, 3, ?, ?]" in message and "--input-shape" in message
 
 
 @pytest.mark.parametrize("spec, expected", [
