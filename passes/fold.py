@@ -188,7 +188,7 @@ def _fold_u_into_conv(state: _State, conv: gs.Node, pend: Pending) -> bool:
     bias = constant_value(conv.inputs[2]) if optional_input(conv, 2) is not None else None
     set_conv_params(conv, state.namer, new_weight.astype(weight.dtype), bias)
     conv.inputs[0] = pend.stored
-    state.record(pend.origins, conv.name, "folded")
+    state.record(pend.origins, _label(conv), "folded")
     return True
 
 
@@ -198,13 +198,14 @@ def _push_through(state: _State, node: gs.Node, pend: Pending) -> bool:
     if row_blocks is not None:  # rule d: the Split disappears
         for out, (start, stop) in zip(node.outputs, row_blocks, strict=True):
             state.pending[out.name] = Pending(pend.stored, pend.U[start:stop], pend.origins)
+        state.record(pend.origins, _label(node), "dropped (channel split)")
         node.inputs.clear()
         node.outputs.clear()
-        state.record(pend.origins, node.name, "dropped (channel split)")
         return True
     if not _commutes_with_channel_mixing(state, node, pend.U.shape[0], pend.U.shape[1]):
         return False
     k = pend.U.shape[1]
+    state.record(pend.origins, _label(node), "pushed")
     while node.op == "Dropout" and len(node.outputs) > 1:
         node.outputs.pop()  # the unused mask would have the wrong channel count
     node.inputs[0] = pend.stored
@@ -212,7 +213,6 @@ def _push_through(state: _State, node: gs.Node, pend: Pending) -> bool:
         renamed = new_variable(state.namer, f"{out.name}/fmc_k{k}")
         node.outputs[i] = renamed
         state.pending[out.name] = Pending(renamed, pend.U, pend.origins)
-    state.record(pend.origins, node.name, "pushed")
     return True
 
 
@@ -222,7 +222,8 @@ def _commutes_with_channel_mixing(state: _State, node: gs.Node, channels: int, k
         return True
     if node.op == "Dropout":
         known, training = optional_constant(node, 2)
-        mask_used = len(node.outputs) > 1 and bool(node.outputs[1].outputs)
+        mask = node.outputs[1] if len(node.outputs) > 1 else None
+        mask_used = mask is not None and (bool(mask.outputs) or mask in state.graph.outputs)
         return known and (training is None or not bool(training)) and not mask_used
     if node.op == "Pad":
         return _pad_spares_channels(node)
@@ -276,7 +277,7 @@ def _resize_spares_channels(state: _State, node: gs.Node, channels: int, k: int)
         return False
     new_sizes = np.array(np.ravel(sizes), dtype=np.int64)
     new_sizes[position] = k
-    node.inputs[3] = gs.Constant(state.namer(f"fmc/{node.name}/sizes"), new_sizes)
+    node.inputs[3] = gs.Constant(state.namer(f"fmc/{_label(node)}/sizes"), new_sizes)
     return True
 
 
@@ -319,11 +320,12 @@ def _split_channel_blocks(node: gs.Node, channels: int) -> list[tuple[int, int]]
 def _rewrite_shape(state: _State, node: gs.Node, pend: Pending) -> None:
     """Rule f: Shape/Size of the narrow tensor, corrected back to C channels."""
     channels, k = pend.U.shape
+    state.record(pend.origins, _label(node), "shape")
     result = node.outputs[0]
     narrow = new_variable(state.namer, f"{result.name}/fmc_narrow")
     node.inputs[0] = pend.stored
     node.outputs[0] = narrow
-    base = f"fmc/shape/{node.name or result.name}"
+    base = f"fmc/shape/{_label(node)}"
     if node.op == "Size":
         scaled = new_variable(state.namer, f"{base}/div")
         _append(state, "Div", f"{base}/div", [narrow, _int64(state, f"{base}/k", k)], scaled)
@@ -336,7 +338,6 @@ def _rewrite_shape(state: _State, node: gs.Node, pend: Pending) -> None:
         masked = new_variable(state.namer, f"{base}/mask")
         _append(state, "Mul", f"{base}/mask", [narrow, gs.Constant(state.namer(f"{base}/keep"), keep)], masked)
         _append(state, "Add", f"{base}/fix", [masked, gs.Constant(state.namer(f"{base}/C"), fix)], result)
-    state.record(pend.origins, node.name, "shape")
 
 
 def _merge_concat(state: _State, node: gs.Node) -> bool:
@@ -360,7 +361,7 @@ def _merge_concat(state: _State, node: gs.Node) -> bool:
     merged = new_variable(state.namer, f"{result.name}/fmc_k{u_merged.shape[1]}")
     node.outputs[0] = merged
     state.pending[result.name] = Pending(merged, u_merged, origins)
-    state.record(origins, node.name, "concat")
+    state.record(origins, _label(node), "concat")
     return True
 
 
@@ -401,7 +402,7 @@ def _explicit_u(state: _State, node: gs.Node) -> None:
             full = new_variable(state.namer, f"{tensor.name}/fmc_u")
             conv1x1(state.graph, state.namer, f"fmc/U/{tensor.name}", pend.stored, pend.U, full)
             expanded[tensor.name] = full
-            state.record(pend.origins, node.name, "explicit")
+            state.record(pend.origins, _label(node), "explicit")
         node.inputs[i] = expanded[tensor.name]
 
 
@@ -434,7 +435,7 @@ def _try_residual(state: _State, add: gs.Node) -> bool:
             pend = state.pending[tensor.name]
             matrix = projection.P.astype(np.float64) @ pend.U.astype(np.float64)
             conv1x1(state.graph, state.namer, f"fmc/P/{name}/skip", pend.stored, matrix.astype(dtype), part)
-            state.record(pend.origins, add.name, "residual")
+            state.record(pend.origins, _label(add), "residual")
         else:
             _fold_p_into_conv(state, tensor.inputs[0], projection.P, part)
         add.inputs[i] = part
@@ -460,6 +461,11 @@ def _residual_kind(state: _State, add: gs.Node, tensor: gs.Tensor, channels: int
 
 
 # ---------------------------------------------------------------- small builders
+
+def _label(node: gs.Node) -> str:
+    """The node's name for the report; unnamed nodes are named by their first output."""
+    return node.name or f"{node.op}->{node.outputs[0].name if node.outputs else '?'}"
+
 
 def _append(state: _State, op: str, name: str, inputs: list[gs.Tensor], output: gs.Variable) -> None:
     state.graph.nodes.append(gs.Node(op, name=state.namer(name), inputs=inputs, outputs=[output]))

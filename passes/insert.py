@@ -125,6 +125,8 @@ class InsertProjectionsPass(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         graph = gs.import_onnx(model)
         dtypes = validate_projections(model, graph, self.projections, ctx.input_shapes)
+        if not self.projections:
+            return PassResult(model, modified=False, data={})
         namer = Namer(graph)
         tensors = graph.tensors()
         data = {}
@@ -137,5 +139,5 @@ class InsertProjectionsPass(Pass):
             conv1x1(graph, namer, f"fmc/P/{name}", source, projection.P.astype(dtype), z)
             conv1x1(graph, namer, f"fmc/U/{name}", z, projection.U.astype(dtype), x)
             data[name] = {"stored": z.name}
-        return PassResult(export_like(graph, model), modified=bool(self.projections), data=data)
+        return PassResult(export_like(graph, model), modified=True, data=data)
 

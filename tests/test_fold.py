@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fmcompress.errors import InputError
 from fmcompress.passes.base import PassContext
 from fmcompress.passes.fold import FoldProjectionsPass
 from fmcompress.passes.fold_bn import FoldBatchNormPass
 from fmcompress.passes.insert import InsertProjectionsPass, Projection
-from onnx import TensorProto, helper, numpy_helper
-
-from fmcompress.errors import InputError
 from fmcompress.thirdparty import REAL_MODELS, real_model
 
 RNG_SEED = 0
@@ -209,6 +209,43 @@ def test_pad_on_channel_axis_is_not_crossed():
     assert list(data[x]["consumers"].values()) == ["explicit"]
 
 
+@pytest.mark.parametrize(("opset", "op", "extra"), [(9, "Upsample", "scales"), (10, "Resize", "scales"),
+                                                   (10, "Slice", "channel"), (12, "Dropout", "mask")])
+def test_older_op_forms_and_non_crossable_ops(opset, op, extra):
+    b = GraphBuilder(opset=opset)
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    if op in ("Upsample", "Resize"):
+        y = b.node(op, [x, b.const(np.array([1, 1, 2, 3], np.float32))], mode="nearest")
+    elif op == "Slice":  # cuts channels: U cannot cross it
+        y = b.node(op, [x, b.const(np.array([2], np.int64)), b.const(np.array([9], np.int64)),
+                        b.const(np.array([1], np.int64))])
+    else:  # Dropout whose mask is used: the mask needs the full width
+        y, mask = b.node(op, [x], n_out=2)
+    outs = [b.conv(y, 7 if op == "Slice" else 16, 4)] + ([mask] if op == "Dropout" else [])
+    data = check_fold(b.model(outs), {x: projection(16, 4)})
+    expected = ["pushed", "folded"] if op in ("Upsample", "Resize") else ["explicit"]
+    assert list(data[x]["consumers"].values()) == expected
+
+
+def test_unnamed_nodes_are_reported_by_their_output():
+    b = GraphBuilder()
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    y = b.node("Sigmoid", [x])
+    model = b.model([y])
+    for node in model.graph.node:
+        node.name = ""
+    data = check_fold(model, {x: projection(16, 4)})
+    assert data[x]["consumers"] == {f"Sigmoid->{y}": "explicit"}
+
+
+def test_no_projections_leaves_the_model_alone():
+    b = GraphBuilder()
+    model = b.model([b.node("Relu", [b.conv("x", 8, 16)])])
+    for pass_class in (FoldProjectionsPass, InsertProjectionsPass):
+        result = pass_class({})(model)
+        assert not result.modified and result.model is model
+
+
 def test_pushed_op_output_that_is_projected_composes_the_projections():
     b = GraphBuilder()
     x = b.node("Relu", [b.conv("x", 8, 16)])
@@ -371,6 +408,16 @@ def test_fold_bn_skips_conv_with_another_consumer():
     model.graph.output.append(helper.make_tensor_value_info("c", FLOAT, None))
     result = FoldBatchNormPass()(model)
     assert not result.modified and "BatchNormalization" in ops_of(result.model)
+
+
+@pytest.mark.real
+def test_real_ppocr_classifier_bn_fold_matches_onnxruntime():
+    model, feeds = _real("ppocr-cls")
+    result = FoldBatchNormPass()(model)
+    assert "BatchNormalization" not in ops_of(result.model) and len(result.data["folded"]) == 35
+    onnx.checker.check_model(result.model, full_check=True)
+    assert len(result.model.graph.node) < len(model.graph.node) - 35 * 4  # BN and its 4 Constants gone
+    assert rel_err(run(result.model, feeds)[0], run(model, feeds)[0]) <= 1e-5
 
 
 # ---------------------------------------------------------------- errors
