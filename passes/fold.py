@@ -45,6 +45,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from fmcompress.errors import UnsupportedOpError
+
 from .base import Pass, PassContext, PassResult
 from .graphutil import (
     Namer,
@@ -103,6 +105,7 @@ class FoldProjectionsPass(Pass):
         for node in list(graph.nodes):
             _visit(state, node)
         _expand_graph_outputs(state)
+        _refuse_subgraph_reads(state)
         return PassResult(export_like(graph, model), modified=True, data=state.data)
 
 
@@ -414,6 +417,22 @@ def _expand_graph_outputs(state: _State) -> None:
             continue
         conv1x1(state.graph, state.namer, f"fmc/U/{out.name}", pend.stored, pend.U, out)
         state.record(pend.origins, f"output:{out.name}", "explicit")
+
+
+def _refuse_subgraph_reads(state: _State) -> None:
+    """Nested graphs (If/Loop/Scan bodies) are not rewritten: they must not read a changed tensor."""
+    for name in _names_read_by_subgraphs(state.graph.nodes) & set(state.pending):
+        raise UnsupportedOpError(f"cannot fold projections: {name!r} is read inside an If/Loop/Scan body")
+
+
+def _names_read_by_subgraphs(nodes: list[gs.Node]) -> set[str]:
+    names: set[str] = set()
+    for node in nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    names |= {t.name for n in sub.nodes for t in n.inputs} | _names_read_by_subgraphs(sub.nodes)
+    return names
 
 
 # ---------------------------------------------------------------- rule g

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fmcompress.errors import InputError
+from fmcompress.errors import InputError, UnsupportedOpError
 from fmcompress.passes.base import PassContext
 from fmcompress.passes.fold import FoldProjectionsPass
 from fmcompress.passes.fold_bn import FoldBatchNormPass
@@ -121,14 +121,18 @@ def check_fold(model: onnx.ModelProto, projections: dict[str, Projection], feeds
     assert result.modified
     assert_well_formed(model, result.model)
     stored = tuple(result.data[name]["stored"] for name in projections)
-    got = run(result.model, feeds, stored)
+    declared = [v for v in result.model.graph.value_info if v.name not in stored]
+    got = run(result.model, feeds, stored + tuple(v.name for v in declared))
     want = run(reference, feeds)
     n_out = len(model.graph.output)
     for a, b in zip(got[:n_out], want, strict=True):
         assert a.shape == b.shape
         assert rel_err(a, b) <= tol
-    for name, tensor in zip(projections, got[n_out:], strict=True):
+    for name, tensor in zip(projections, got[n_out:n_out + len(stored)], strict=True):
         assert tensor.shape[1] == projections[name].k, name
+    for info, tensor in zip(declared, got[n_out + len(stored):], strict=True):  # no stale value_info
+        dims = info.type.tensor_type.shape.dim
+        assert all(not d.HasField("dim_value") or d.dim_value == n for d, n in zip(dims, tensor.shape, strict=True))
     return result.data
 
 
@@ -440,6 +444,17 @@ def test_bad_projections_raise_input_error(pass_class):
     for projections, message in cases:
         with pytest.raises(InputError, match=message):
             pass_class(projections)(model)
+
+
+def test_tensor_read_inside_if_body_is_refused():
+    b = GraphBuilder()
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    branch = helper.make_graph([helper.make_node("Sigmoid", [x], ["branch_out"])], "branch", [],
+                               [helper.make_tensor_value_info("branch_out", FLOAT, None)])
+    y = b.node("If", [b.const(np.array(True))], then_branch=branch, else_branch=branch)
+    model = b.model([b.conv(x, 16, 2), y])
+    with pytest.raises(UnsupportedOpError, match="If/Loop/Scan"):
+        FoldProjectionsPass({x: projection(16, 4)})(model)
 
 
 def test_projection_shape_mismatch_raises_input_error():
