@@ -62,13 +62,13 @@ def export_model(source: str, input_shape: Sequence[int], output: str | os.PathL
     from fmcompress import models
 
     _check_opset(opset)
-    if source in models.MODEL_NAMES and len(tuple(input_shape)) != 4:
-        raise InputError(f"{source} takes a 4-D input (N,C,H,W); got {len(tuple(input_shape))} dims: "
-                         f"{','.join(map(str, input_shape))}")
+    shape = _check_shape(input_shape)
+    if source in models.MODEL_NAMES and len(shape) != 4:
+        raise InputError(f"{source} takes a 4-D input (N,C,H,W); got {len(shape)} dims: {','.join(map(str, shape))}")
     module = models.get_model(source) if source in models.MODEL_NAMES else load_factory(source)
     if weights is not None:
         load_weights(module, weights)
-    return export_module(module, input_shape, output, opset=opset, check=check)
+    return export_module(module, shape, output, opset=opset, check=check)
 
 
 def export_module(module: Any, input_shape: Sequence[int], output: str | os.PathLike, *,
@@ -117,13 +117,13 @@ def load_factory(spec: str) -> Any:
             raise InputError(f"{spec}: {getattr(target, '__name__', module_name)!s} has no attribute {attr!r}")
         target = getattr(target, attr)
     if not callable(target):
-        raise InputError(f"{spec}: {attr_path} is a {type(target).__name__}, not callable")
+        raise InputError(f"{spec}: {attr_path} is not callable (type {type(target).__name__})")
     try:
         module = target()
     except Exception as exc:
         raise InputError(f"{spec}: calling the factory failed: {_first_line(exc)}") from None
     if not isinstance(module, torch.nn.Module):
-        raise InputError(f"{spec}: the factory returned a {type(module).__name__}, not a torch.nn.Module")
+        raise InputError(f"{spec}: the factory returned type {type(module).__name__}, not a torch.nn.Module")
     return module
 
 
@@ -132,6 +132,8 @@ def load_weights(module: Any, weights: str | os.PathLike) -> None:
     import torch
 
     path = Path(weights)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a weights file")
     if not path.is_file():
         raise InputError(f"{path}: no such weights file")
     try:

@@ -1,0 +1,375 @@
+"""The PyTorch front end: exports checked against torch in onnxruntime and the ONNX reference
+evaluator, clean graphs (BN folded, no constants as nodes), dynamic batch, factories, weights,
+and every bad input as a one-line InputError with nothing written."""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx.reference import ReferenceEvaluator
+
+from fmcompress.cli import main
+from fmcompress.errors import InputError, UnsupportedOpError, VerificationError
+from fmcompress.frontend import ExportResult, export_model, export_module
+from fmcompress.models import get_model
+
+SMALL = (1, 3, 32, 32)
+TINY = (1, 3, 8, 8)
+FACTORY_MODULE = "fmc_test_export_factories"
+FACTORY_SOURCE = '''
+    import torch
+    from torch import nn
+
+    class TinyResidual(nn.Module):
+        """Conv-BN-ReLU, Conv-BN, skip, ReLU, pool, Linear; BN stats are not the identity."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 4)
+            generator = torch.Generator().manual_seed(0)
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.copy_(torch.randn(8, generator=generator))
+                bn.running_var.copy_(torch.rand(8, generator=generator) + 0.5)
+                bn.weight.data.copy_(torch.randn(8, generator=generator))
+                bn.bias.data.copy_(torch.randn(8, generator=generator))
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = torch.relu(self.bn2(self.conv2(y)) + y)
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    def tiny():
+        torch.manual_seed(0)
+        return TinyResidual()
+
+    class Holder:
+        @staticmethod
+        def build():
+            return tiny()
+
+    NOT_CALLABLE = 3
+
+    def returns_int():
+        return 3
+
+    def raises():
+        raise ValueError("boom\\nsecond line")
+'''
+
+
+@pytest.fixture(scope="module")
+def factories(tmp_path_factory):
+    """An importable module of factories (module name FACTORY_MODULE)."""
+    folder = tmp_path_factory.mktemp("factories")
+    (folder / f"{FACTORY_MODULE}.py").write_text(textwrap.dedent(FACTORY_SOURCE))
+    (folder / "fmc_test_broken_module.py").write_text("raise RuntimeError('cannot load me')\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(folder))
+        yield importlib.import_module(FACTORY_MODULE)
+
+
+def _ort_run(path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+def _torch_run(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def _op_counts(path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def _assert_nothing_written(folder) -> None:
+    assert list(folder.iterdir()) == []
+
+
+# --- the zoo --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet18_small", "vgg16_bn_small", "mobilenet_v2_small"])
+def test_zoo_export_matches_torch_at_batch_3(zoo_onnx, name):
+    path = zoo_onnx(name, SMALL)
+    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    expected = _torch_run(get_model(name), x)
+    np.testing.assert_allclose(_ort_run(path, x), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name", ["resnet18_small", "vgg16_bn_small", "mobilenet_v2_small"])
+def test_zoo_export_is_a_clean_graph(zoo_onnx, name):
+    model = onnx.load(str(zoo_onnx(name, SMALL)))
+    onnx.checker.check_model(model)
+    ops = collections.Counter(node.op_type for node in model.graph.node)
+    assert not {"BatchNormalization", "Constant", "Identity", "ReduceMean", "Reshape"} & set(ops)
+    assert {"Conv", "GlobalAveragePool", "Flatten", "Gemm"} <= set(ops)
+    assert [i.name for i in model.graph.input] == ["input"]
+    assert [o.name for o in model.graph.output] == ["output"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)]
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def test_mobilenet_relu6_becomes_clip_with_initializer_bounds(zoo_onnx):
+    model = onnx.load(str(zoo_onnx("mobilenet_v2_small", SMALL)))
+    ops = collections.Counter(node.op_type for node in model.graph.node)
+    assert ops["Conv"] == 52 and ops["Clip"] == 35 and ops["Add"] == 10
+    initializers = {t.name for t in model.graph.initializer}
+    clip = next(node for node in model.graph.node if node.op_type == "Clip")
+    assert set(clip.input[1:]) <= initializers
+
+
+def test_resnet18_224_has_exactly_torchvisions_ops(resnet18_224):
+    assert _op_counts(resnet18_224) == {"Conv": 20, "Relu": 17, "Add": 8, "MaxPool": 1,
+                                        "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+    x = np.random.default_rng(2).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    expected = _torch_run(get_model("resnet18"), x)
+    np.testing.assert_allclose(_ort_run(resnet18_224, x), expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_export_result_reports_the_check(tmp_path):
+    result = export_model("mobilenet_v2_small", SMALL, tmp_path / "m.onnx")
+    assert isinstance(result, ExportResult)
+    assert result.path == tmp_path / "m.onnx" and result.path.is_file()
+    assert 0 <= result.max_abs_diff < 1e-4
+    assert (result.input_names, result.output_names, result.opset) == (["input"], ["output"], 17)
+    assert list(tmp_path.iterdir()) == [result.path]  # no temporary file left behind
+
+
+# --- export_module and factories -------------------------------------------------------------
+
+
+def test_export_module_folds_batchnorm_exactly(factories, tmp_path):
+    module = factories.tiny().eval()
+    result = export_module(module, TINY, tmp_path / "tiny.onnx")
+    assert "BatchNormalization" not in _op_counts(result.path)
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    expected = _torch_run(module, x)
+    (reference,) = ReferenceEvaluator(str(result.path)).run(None, {"input": x})
+    np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_ort_run(result.path, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_module_restores_training_flags(factories, tmp_path):
+    module = factories.tiny().train()
+    module.bn2.eval()
+    export_module(module, TINY, tmp_path / "tiny.onnx")
+    assert module.training and module.conv1.training and not module.bn2.training
+
+
+def test_export_at_a_newer_opset(factories, tmp_path):
+    result = export_module(factories.tiny(), TINY, tmp_path / "tiny.onnx", opset=18)
+    assert result.opset == 18
+    assert onnx.load(str(result.path)).opset_import[0].version == 18
+
+
+def test_export_is_quiet(factories, tmp_path, capfd):
+    export_module(factories.tiny(), TINY, tmp_path / "tiny.onnx")
+    with pytest.raises(UnsupportedOpError):
+        export_module(_Fft(), TINY, tmp_path / "fft.onnx")
+    assert capfd.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("spec", [f"{FACTORY_MODULE}:tiny", f"{FACTORY_MODULE}:Holder.build"])
+def test_factory_export_matches_torch(factories, tmp_path, spec):
+    result = export_model(spec, TINY, tmp_path / "f.onnx")
+    x = np.random.default_rng(4).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_ort_run(result.path, x), _torch_run(factories.tiny().eval(), x),
+                               rtol=1e-5, atol=1e-5)
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+
+def _save(tmp_path, payload, name="w.pt"):
+    path = tmp_path / name
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("wrap", ["raw", "state_dict", "model", "module."])
+def test_weights_replace_the_seeded_init(tmp_path, wrap):
+    source = get_model("resnet18_small", seed=1)
+    state = source.state_dict()
+    payload = {"raw": state, "state_dict": {"state_dict": state, "epoch": 3}, "model": {"model": state},
+               "module.": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    out = tmp_path / "out"
+    out.mkdir()
+    result = export_model("resnet18_small", SMALL, out / "r.onnx", weights=_save(tmp_path, payload))
+    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    got = _ort_run(result.path, x)
+    np.testing.assert_allclose(got, _torch_run(source, x), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, _torch_run(get_model("resnet18_small", seed=0), x), atol=1e-3)
+
+
+def _bad_weights(tmp_path, kind):
+    state = get_model("resnet18_small").state_dict() if kind in ("missing keys", "unexpected keys") else {}
+    if kind == "garbage":
+        path = tmp_path / "w.pt"
+        path.write_bytes(b"definitely not a torch file")
+        return path
+    if kind == "empty":
+        path = tmp_path / "w.pt"
+        path.write_bytes(b"")
+        return path
+    if kind == "missing file":
+        return tmp_path / "nope.pt"
+    if kind == "directory":
+        (tmp_path / "dir.pt").mkdir()
+        return tmp_path / "dir.pt"
+    if kind == "not a dict":
+        return _save(tmp_path, [torch.zeros(1)])
+    if kind == "missing keys":
+        return _save(tmp_path, {k: v for k, v in state.items() if not k.startswith("layer4")})
+    if kind == "unexpected keys":
+        return _save(tmp_path, {**state, "extra.weight": torch.zeros(1)})
+    if kind == "wrong shapes":
+        return _save(tmp_path, get_model("resnet18_small", num_classes=5).state_dict())
+    if kind == "pickled object":
+        return _save(tmp_path, {"fc.weight": collections.OrderedDict()}, name="obj.pt")
+    raise AssertionError(kind)
+
+
+BAD_WEIGHTS = {
+    "garbage": "not a readable state_dict file",
+    "empty": "not a readable state_dict file",
+    "missing file": "no such weights file",
+    "directory": "is a directory, not a weights file",
+    "not a dict": "not a state_dict",
+    "missing keys": r"30 missing \(layer4\.0\.conv1\.weight, .*\.\.\.\)",
+    "unexpected keys": r"1 unexpected \(extra\.weight\)",
+    "wrong shapes": "size mismatch for fc.weight",
+    "pickled object": "not a state_dict",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_WEIGHTS)
+def test_bad_weights_are_input_errors(tmp_path, kind):
+    weights = _bad_weights(tmp_path, kind)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InputError, match=BAD_WEIGHTS[kind]) as error:
+        export_model("resnet18_small", SMALL, out / "r.onnx", weights=weights)
+    assert "\n" not in str(error.value)
+    _assert_nothing_written(out)
+
+
+# --- bad sources, shapes, opsets -------------------------------------------------------------
+
+
+class _Fft(torch.nn.Module):
+    def forward(self, x):
+        return torch.fft.rfft(x).abs()
+
+
+class _Noisy(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.rand_like(x)
+
+
+BAD_SOURCES = {
+    "resnet50": "unknown model 'resnet50'; known: resnet18, .*or give a factory",
+    "a:b:c": "invalid factory",
+    ":tiny": "invalid factory",
+    f"{FACTORY_MODULE}:": "invalid factory",
+    "1module:tiny": "invalid factory",
+    f"{FACTORY_MODULE}:ti-ny": "invalid factory",
+    "fmc_no_such_module_xyz:tiny": "cannot import module 'fmc_no_such_module_xyz': ModuleNotFoundError",
+    "fmc_test_broken_module:tiny": "cannot import module .*RuntimeError: cannot load me",
+    f"{FACTORY_MODULE}:missing": "has no attribute 'missing'",
+    f"{FACTORY_MODULE}:Holder.nothing": "has no attribute 'nothing'",
+    f"{FACTORY_MODULE}:NOT_CALLABLE": "NOT_CALLABLE is not callable \\(type int\\)",
+    f"{FACTORY_MODULE}:returns_int": "returned type int, not a torch.nn.Module",
+    f"{FACTORY_MODULE}:raises": "calling the factory failed: ValueError: boom$",
+}
+
+
+@pytest.mark.parametrize("source", BAD_SOURCES)
+def test_bad_sources_are_one_line_input_errors(factories, tmp_path, source):
+    with pytest.raises(InputError, match=BAD_SOURCES[source]) as error:
+        export_model(source, TINY, tmp_path / "x.onnx")
+    assert "\n" not in str(error.value)
+    _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(("source", "shape", "message"), [
+    ("resnet18_small", (3, 32, 32), "takes a 4-D input"),
+    ("resnet18_small", (1, 1, 3, 32, 32), "takes a 4-D input"),
+    ("resnet18_small", (1, 4, 32, 32), "fails on input shape .*expected input.*to have 3 channels"),
+    ("vgg16_bn_small", (1, 3, 8, 8), "fails on input shape \\(1, 3, 8, 8\\)"),
+    (f"{FACTORY_MODULE}:tiny", (1, 3, 8), "fails on input shape \\(1, 3, 8\\): RuntimeError"),
+    ("resnet18_small", (), "invalid input shape"),
+    ("resnet18_small", (0, 3, 32, 32), "invalid input shape"),
+    (f"{FACTORY_MODULE}:tiny", (1, 3, 0), "invalid input shape"),
+])
+def test_bad_shapes_are_input_errors(factories, tmp_path, source, shape, message):
+    with pytest.raises(InputError, match=message) as error:
+        export_model(source, shape, tmp_path / "x.onnx")
+    assert "\n" not in str(error.value)
+    _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("opset", [11, 16, 24, "17"])
+def test_unsupported_opsets_are_rejected(tmp_path, opset):
+    with pytest.raises(InputError, match="opset .* is not supported: use 17 to 23"):
+        export_model("resnet18_small", SMALL, tmp_path / "x.onnx", opset=opset)
+    _assert_nothing_written(tmp_path)
+
+
+def test_module_errors_write_nothing(tmp_path):
+    with pytest.raises(InputError, match="expected a torch.nn.Module, got str"):
+        export_module("resnet18", SMALL, tmp_path / "x.onnx")
+    with pytest.raises(UnsupportedOpError, match="aten::fft_rfft"):
+        export_module(_Fft(), TINY, tmp_path / "x.onnx")
+    with pytest.raises(VerificationError, match="onnxruntime differs from torch"):
+        export_module(_Noisy(), TINY, tmp_path / "x.onnx")
+    _assert_nothing_written(tmp_path)
+
+
+def test_output_that_is_a_directory_is_rejected(factories, tmp_path):
+    with pytest.raises(InputError, match="is a directory"):
+        export_module(factories.tiny(), TINY, tmp_path)
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, ["export", *map(str, args)])
+
+
+def test_cli_export_writes_and_reports(tmp_path):
+    result = _cli("mobilenet_v2_small", "--input-shape", "1,3,32,32", "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'm.onnx'}" in result.stdout and "max abs difference" in result.stdout
+    assert "BatchNormalization" not in _op_counts(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["resnet50", "--input-shape", "1,3,32,32"], "unknown model 'resnet50'"),
+    (["resnet18_small", "--input-shape", "1,3,a,32"], "invalid shape"),
+    (["resnet18_small", "--input-shape", "3,32,32"], "takes a 4-D input"),
+    (["resnet18_small", "--input-shape", "1,3,32,32", "--opset", "11"], "opset 11 is not supported"),
+    (["resnet18_small", "--input-shape", "1,3,32,32", "--weights", "missing.pt"], "no such weights file"),
+    (["nowhere_xyz:f", "--input-shape", "1,3,32,32"], "cannot import module"),
+])
+def test_cli_errors_exit_2_with_one_line(tmp_path, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = _cli(*args, "-o", out / "x.onnx")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    _assert_nothing_written(out)
