@@ -187,3 +187,61 @@ def plot_memory(report: AnalysisReport, path: str | os.PathLike, after: Analysis
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     write_bytes_atomic(buffer.getvalue(), Path(path))
+
+
+def render_compile_markdown(report: dict[str, Any]) -> str:
+    """report.md of `compile`: what was compressed, what it cost, how it was checked."""
+    data, fid, flops, lat = report["data"], report["fidelity"], report["flops"], report["latency_ms"]
+    lines = [
+        f"# fmcompress report: {Path(report['model']).name}",
+        "",
+        f"Ceiling **{report['ceiling']}** ({report['ceiling_bytes']:,} B), method **{report['method']}**, "
+        f"{len(report['maps'])} feature map(s) compressed.",
+        "",
+        f"Data: {data['samples']} samples from `{data['source']}` ({data['calibration']} calibration, "
+        f"{data['held_out']} held out)." + (" **Surrogate data** (photographs shipped with scikit-image), "
+                                           "not the model's own data: fidelity is indicative only."
+                                           if data["surrogate"] else ""),
+        "",
+        "## Fidelity on held-out data",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+    ]
+    for key, label in (("top1_agreement", "top-1 agreement with the original"),
+                       ("accuracy_reference", "accuracy, original"), ("accuracy_candidate", "accuracy, compressed"),
+                       ("cosine_similarity", "output cosine similarity"), ("relative_error", "output relative error"),
+                       ("max_abs_error", "output max abs error")):
+        if fid.get(key) is not None:
+            value = fid[key]
+            lines.append(f"| {label} | {value:.2%} |" if key.startswith(("top1", "accuracy")) else f"| {label} | {value:.4g} |")
+    if fid.get("top1_agreement") is not None and fid["top1_agreement"] < 0.9:
+        lines += ["", f"**Warning:** top-1 agreement is {fid['top1_agreement']:.1%}: this projection loses much of "
+                      "the model's behaviour at this ceiling."]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        f"FLOPs {flops['before']:,} -> {flops['after']:,} (x{flops['ratio']:.3f}); onnxruntime latency "
+        f"{lat['original']:.2f} ms -> {lat['compressed']:.2f} ms (ratio {lat['ratio']:.2f}, measured side by side).",
+        "",
+        "| view | before | after |",
+        "| --- | --- | --- |",
+    ]
+    for view in ("stored", "live", "strict"):
+        lines.append(f"| {view} peak | {format_bytes(report['peaks']['before'][view])} | "
+                     f"{format_bytes(report['peaks']['after'][view])} |")
+    lines += ["", "## Compressed maps", "", "| map | shape | C | k | bytes before | bytes after |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for entry in report["maps"]:
+        lines.append(f"| `{entry['name']}` | {'x'.join(map(str, entry['shape']))} | {entry['C']} | {entry['k']} | "
+                     f"{entry['bytes_before']:,} | {entry['bytes_after']:,} |")
+    for entry in report["not_compressible"]:
+        lines.append(f"| `{entry['name']}` ({entry['role']}, not compressible) | {'x'.join(map(str, entry['shape']))} "
+                     f"| | | {entry['bytes']:,} | {entry['bytes']:,} |")
+    check = report["verification"]
+    lines += ["", "## Verification", "",
+              f"onnx.checker {check['checker']}, onnxruntime {check['onnxruntime']}, relative error against the "
+              f"training backend {check['executor_relative_error']:.2g} on {check['samples']} held-out samples, "
+              f"largest stored map after {check['max_stored_bytes_after']:,} B <= ceiling.", ""]
+    return "\n".join(lines)
