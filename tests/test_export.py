@@ -199,19 +199,23 @@ def _save(tmp_path, payload, name="w.pt"):
     return path
 
 
-@pytest.mark.parametrize("wrap", ["raw", "state_dict", "model", "module."])
-def test_weights_replace_the_seeded_init(tmp_path, wrap):
+@pytest.fixture(scope="module")
+def seed1_weights():
+    """resnet18_small's seed-1 state_dict, an input, and the seed-1 and seed-0 torch outputs."""
+    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
     source = get_model("resnet18_small", seed=1)
-    state = source.state_dict()
+    return source.state_dict(), x, _torch_run(source, x), _torch_run(get_model("resnet18_small"), x)
+
+
+@pytest.mark.parametrize("wrap", ["raw", "state_dict", "model", "module."])
+def test_weights_replace_the_seeded_init(tmp_path, seed1_weights, wrap):
+    state, x, expected, seed0 = seed1_weights
     payload = {"raw": state, "state_dict": {"state_dict": state, "epoch": 3}, "model": {"model": state},
                "module.": {f"module.{k}": v for k, v in state.items()}}[wrap]
-    out = tmp_path / "out"
-    out.mkdir()
-    result = export_model("resnet18_small", SMALL, out / "r.onnx", weights=_save(tmp_path, payload))
-    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    result = export_model("resnet18_small", SMALL, tmp_path / "r.onnx", weights=_save(tmp_path, payload))
     got = _ort_run(result.path, x)
-    np.testing.assert_allclose(got, _torch_run(source, x), rtol=1e-4, atol=1e-5)
-    assert not np.allclose(got, _torch_run(get_model("resnet18_small", seed=0), x), atol=1e-3)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, seed0, atol=1e-3)
 
 
 def _bad_weights(tmp_path, kind):
