@@ -59,6 +59,8 @@ def main() -> None:
 
     \b
     fmcompress analyze model.onnx --ceiling 256KB   # which maps break it
+    fmcompress compile model.onnx --ceiling 256KB   # -> model.fmc.onnx
+    fmcompress verify model.onnx model.fmc.onnx     # checks and fidelity
     fmcompress export resnet18 --input-shape 1,3,224,224 -o r18.onnx
     """
 
@@ -119,6 +121,121 @@ def export(source: str, input_shape: str, output: Path, weights: Path | None, op
 
     result = frontend.export_model(source, parse_dims(input_shape), output, weights=weights, opset=opset)
     click.echo(f"wrote {result.path} (onnxruntime vs torch: max abs difference {result.max_abs_diff:.3g})")
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if what == "--std" and any(v <= 0 for v in values):
+        raise click.BadParameter("--std values must be positive")
+    return values
+
+
+def _default_output(model: Path) -> Path:
+    return model.with_name(model.name[: -len(".onnx")] + ".fmc.onnx" if model.name.endswith(".onnx")
+                           else model.name + ".fmc.onnx")
+
+
+@main.command(name="compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ceiling", required=True, help=CEILING_HELP)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the compressed model [default: MODEL.fmc.onnx].")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]DIMS", help=INPUT_SHAPE_HELP)
+@click.option("--act-bytes", type=click.IntRange(min=1, max=8), help="Bytes per element instead of the stored dtype's.")
+@click.option("--method", type=click.Choice(["pca"]), default="pca", show_default=True,
+              help="How projections are found: pca = top-k eigenvectors of the channel second moment.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Calibration data: an .npz (one array per input, optional `labels`) or a folder of images "
+                   "(class subfolders give labels). Default: surrogate photographs shipped with scikit-image.")
+@click.option("--num-samples", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Samples to use (a quarter is held out for the fidelity figures).")
+@click.option("--mean", help="Image normalisation mean per channel [default: 0.485,0.456,0.406].")
+@click.option("--std", help="Image normalisation std per channel [default: 0.229,0.224,0.225].")
+@click.option("--scale", type=float, help="Pixel scale before normalisation [default: 1/255].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data split and subsampling.")
+@click.option("--plan-only", is_flag=True, help="Only plan (maps and ranks); with --json, write the plan there.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report (or the plan with --plan-only) as JSON.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write report.json, report.md and memory.png into this folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@handle_errors
+def compile_command(model: Path, ceiling: str, output: Path | None, input_shapes: tuple[str, ...],
+                    act_bytes: int | None, method: str, data: Path | None, num_samples: int, mean: str | None,
+                    std: str | None, scale: float | None, batch_size: int, seed: int, plan_only: bool,
+                    json_path: Path | None, report_dir: Path | None, quiet: bool) -> None:
+    """Compress MODEL so that every stored feature map fits under --ceiling.
+
+    Plans a rank per map above the ceiling, fits projections on calibration data,
+    folds them into the graph, verifies the result (onnx.checker, onnxruntime,
+    agreement with the training backend, the ceiling) and writes it atomically.
+    """
+    import json
+
+    from .compiler import CompileOptions, compile_model, write_report
+    from .data import DEFAULT_MEAN, DEFAULT_SCALE, DEFAULT_STD
+    from .modelio import save_model_atomic, write_bytes_atomic
+
+    output = output or _default_output(model)
+    if not plan_only and output.resolve() == model.resolve():
+        raise click.UsageError("the output would overwrite the input model; choose another -o")
+    options = CompileOptions(
+        ceiling=ceiling, input_shapes=list(input_shapes), act_bytes=act_bytes, method=method, data=data,
+        num_samples=num_samples, mean=_floats(mean, "--mean") or DEFAULT_MEAN,
+        std=_floats(std, "--std") or DEFAULT_STD, scale=DEFAULT_SCALE if scale is None else scale,
+        batch_size=batch_size, seed=seed)
+    log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    result = compile_model(model, options, plan_only=plan_only, log=log)
+    if plan_only:
+        if json_path:
+            write_bytes_atomic(json.dumps(result.plan.to_dict(), indent=2).encode(), json_path)
+        for entry in result.plan.maps:
+            click.echo(f"{entry.name}  {'x'.join(map(str, entry.shape))}  k={entry.k}")
+        return
+    save_model_atomic(result.model, output)
+    if json_path:
+        write_bytes_atomic(json.dumps(result.report, indent=2).encode(), json_path)
+    if report_dir:
+        write_report(result, report_dir)
+    click.echo(f"wrote {output}: {len(result.plan.maps)} map(s) compressed, every stored map <= "
+               f"{result.plan.ceiling_bytes} B")
+
+
+@main.command()
+@click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("compressed", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ceiling", help=CEILING_HELP + " Default: the ceiling recorded in COMPRESSED's metadata.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]DIMS", help=INPUT_SHAPE_HELP)
+@click.option("--data", type=click.Path(path_type=Path), help="Data as for compile (default: surrogate photographs).")
+@click.option("--num-samples", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--act-bytes", type=click.IntRange(min=1, max=8), help="Bytes per element instead of the stored dtype's.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the figures as JSON.")
+@handle_errors
+def verify(original: Path, compressed: Path, ceiling: str | None, input_shapes: tuple[str, ...], data: Path | None,
+           num_samples: int, act_bytes: int | None, json_path: Path | None) -> None:
+    """Check COMPRESSED against ORIGINAL: onnx.checker, the ceiling, fidelity. Exit 1 if the ceiling is broken."""
+    import json
+
+    from .compiler import verify_pair
+    from .errors import CeilingError
+    from .modelio import write_bytes_atomic
+
+    figures = verify_pair(original, compressed, ceiling=ceiling, input_shapes=list(input_shapes), data=data,
+                          num_samples=num_samples, act_bytes=act_bytes,
+                          log=lambda message: click.echo(message, err=True))
+    if json_path:
+        write_bytes_atomic(json.dumps(figures, indent=2).encode(), json_path)
+    if figures["over_ceiling"]:
+        raise CeilingError(f"{len(figures['over_ceiling'])} stored feature map(s) above the ceiling of "
+                           f"{figures['ceiling_bytes']} B: {', '.join(figures['over_ceiling'][:10])}")
+    ceiling_note = f"every stored map <= {figures['ceiling_bytes']} B" if figures["ceiling_bytes"] else "no ceiling given"
+    click.echo(f"ok: {ceiling_note}")
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def measure(original: onnx.ModelProto, compressed: onnx.ModelProto, held_out: Da
     one = {name: array[:1] for name, array in held_out.inputs.items()}
     latency = ort_latency({"original": original, "compressed": compressed}, one, repeats=options.latency_repeats)
     latency["ratio"] = latency["compressed"] / latency["original"]
-    log(f"held-out fidelity: {_fidelity_line(quality)}; latency ratio {latency['ratio']:.2f}")
+    log(f"fidelity: {_fidelity_line(quality)}; latency ratio {latency['ratio']:.2f}")
     return {"fidelity": quality, "flops": flops, "latency_ms": latency}
 
 
