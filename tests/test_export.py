@@ -342,6 +342,31 @@ def test_module_errors_write_nothing(tmp_path):
     _assert_nothing_written(tmp_path)
 
 
+class _TwoOutputs(torch.nn.Module):
+    def forward(self, x):
+        return x * 2, x.mean(dim=(2, 3))
+
+
+class _ReturnsDict(torch.nn.Module):
+    def forward(self, x):
+        return {"logits": x}
+
+
+def test_tuple_outputs_get_numbered_names(tmp_path):
+    result = export_module(_TwoOutputs(), TINY, tmp_path / "two.onnx")
+    assert result.output_names == ["output_0", "output_1"]
+    x = np.random.default_rng(6).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    doubled, means = ort.InferenceSession(str(result.path)).run(None, {"input": x})
+    np.testing.assert_allclose(doubled, 2 * x, rtol=1e-6)
+    np.testing.assert_allclose(means, x.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_non_tensor_outputs_are_rejected(tmp_path):
+    with pytest.raises(InputError, match="must return a tensor or a tuple of tensors, not dict"):
+        export_module(_ReturnsDict(), TINY, tmp_path / "x.onnx")
+    _assert_nothing_written(tmp_path)
+
+
 def test_output_that_is_a_directory_is_rejected(factories, tmp_path):
     with pytest.raises(InputError, match="is a directory"):
         export_module(factories.tiny(), TINY, tmp_path)
