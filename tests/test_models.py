@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from fmcompress.errors import InputError
 from fmcompress.models import (
     MODEL_NAMES,
     ZOO,
@@ -13,8 +15,6 @@ from fmcompress.models import (
     resnet18,
     vgg16_bn,
 )
-
-from fmcompress.errors import InputError
 
 # torchvision's published numbers (1000 classes) and state_dict sizes (parameters + BN buffers)
 TORCHVISION = {
