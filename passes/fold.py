@@ -1,8 +1,11 @@
 """FoldProjectionsPass: store only Z = P X for each projected map; fuse P and U into convs.
 
 Reference semantics (InsertProjectionsPass): every consumer of X, graph outputs
-included, reads U P X. The graph is walked once in topological order; a tensor
-that stands for U T (T the stored, narrower tensor) is "pending". Rules:
+included, reads U P X. X is NCHW (rank 4) or NCL (rank 3, e.g. a detection head's
+[N, C, anchors]); the channel axis is 1 (-3 resp. -2) and the rules below hold for
+both ranks, with 1x1 Conv2d resp. Conv1d (weight [k, C, 1]) for explicit P and U.
+The graph is walked once in topological order; a tensor that stands for U T (T
+the stored, narrower tensor, of the same rank) is "pending". Rules:
 
 a. P into the producer: X = Conv/ConvTranspose(group=1, constant weight)(...)
    -> W'[j] = sum_c P[j,c] W[c] (ConvTranspose: axis 1), b' = P b; the conv now
@@ -15,14 +18,21 @@ c. U pushed through spatially linear per-channel ops (they commute with it):
    GlobalAveragePool, AveragePool, Pad (constant 0, channel axis not padded),
    Resize/Upsample (channel axis not resized; a `sizes` input gets k at dim 1),
    Identity, Dropout (inference, mask unused), Slice and Split along non-channel
-   axes. The op reads T; its outputs (renamed <Y>/fmc_k<k>) carry U onwards.
+   axes, Concat along a non-channel axis of inputs that all carry the same U
+   (Concat(U T_i) = U Concat(T_i)). The op reads T; its outputs (renamed
+   <Y>/fmc_k<k>) carry U onwards.
 d. Split along the channel axis: output i stands for U_i T (U_i: the rows of U of
    chunk i); the Split is dropped.
 e. Concat along the channel axis with pending inputs: if every consumer of the
    result folds U (a group=1 conv, rule b) or the result is itself projected,
    Concat the T's and the untouched inputs and carry U' = diag(U_a, I, ...);
    otherwise explicit U convs on the pending inputs.
-f. Shape(X) -> Shape(T) * [1,0,1,1] + [0,C,0,0] (sliced like Shape's start/end);
+e'. Concat along a non-channel axis (e.g. the anchor axis of a detection head)
+   whose result Y is projected with P, some inputs pending (U_i T_i) and not all
+   with the same U (that is rule c): P Y = Concat((P U_i) T_i, P a_j), one 1x1 conv
+   per input, so Y is never full width; Y stands for U (P Y).
+f. Shape(X) -> Shape(T) * [1,0,1,1] + [0,C,0,0] (rank 3: [1,0,1] + [0,C,0]; sliced
+   like Shape's start/end);
    Size(X) -> Size(T) / k * C: the consumers see the original C channels.
 g. Linear residual stream: Y = Add(a, b) projected with P_out, each input either
    pending (U_in T_in) or a group=1 conv used only here: P_out Y = (P_out U_in) T_in
@@ -60,9 +70,8 @@ from .graphutil import (
     optional_input,
     set_conv_params,
 )
-from .insert import Projection, validate_projections
+from .insert import MapInfo, Projection, validate_projections
 
-CHANNEL_AXES = (1, -3)  # of a 4-D NCHW tensor
 SIMPLE_PUSH_OPS = ("GlobalAveragePool", "AveragePool", "Identity")
 
 
@@ -73,6 +82,16 @@ class Pending:
     stored: gs.Tensor
     U: np.ndarray
     origins: list[str]  # the projected maps it comes from (for the report)
+    rank: int = 4  # of both the original and the stored tensor
+
+    @property
+    def channel_axes(self) -> tuple[int, int]:
+        return channel_axes(self.rank)
+
+
+def channel_axes(rank: int) -> tuple[int, int]:
+    """The channel axis of an N, C, spatial... tensor, positive and negative."""
+    return 1, 1 - rank
 
 
 @dataclass
@@ -80,7 +99,7 @@ class _State:
     graph: gs.Graph
     namer: Namer
     projections: dict[str, Projection]
-    dtypes: dict[str, np.dtype]
+    infos: dict[str, MapInfo]
     pending: dict[str, Pending] = field(default_factory=dict)
     data: dict[str, dict] = field(default_factory=dict)
 
@@ -97,11 +116,11 @@ class FoldProjectionsPass(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         graph = gs.import_onnx(model)
-        dtypes = validate_projections(model, graph, self.projections, ctx.input_shapes)
+        infos = validate_projections(model, graph, self.projections, ctx.input_shapes)
         if not self.projections:
             return PassResult(model, modified=False, data={})
         graph.toposort()
-        state = _State(graph, Namer(graph), self.projections, dtypes)
+        state = _State(graph, Namer(graph), self.projections, infos)
         for node in list(graph.nodes):
             _visit(state, node)
         _expand_graph_outputs(state)
@@ -113,7 +132,7 @@ class FoldProjectionsPass(Pass):
 
 def _visit(state: _State, node: gs.Node) -> None:
     output_names = [out.name for out in node.outputs]
-    if _try_residual(state, node):
+    if _try_residual(state, node) or _try_projected_concat(state, node):
         return
     if any(t.name in state.pending for t in node.inputs):
         _rewrite_consumer(state, node)
@@ -134,7 +153,7 @@ def _rewrite_consumer(state: _State, node: gs.Node) -> None:
     if only_first and node.op in ("Shape", "Size"):
         _rewrite_shape(state, node, first)
         return
-    if node.op == "Concat" and _merge_concat(state, node):
+    if node.op == "Concat" and (_merge_concat(state, node) or _push_concat(state, node)):
         return
     _explicit_u(state, node)
 
@@ -142,13 +161,13 @@ def _rewrite_consumer(state: _State, node: gs.Node) -> None:
 def _start_projection(state: _State, name: str, producer: gs.Node) -> None:
     """Rule a: make the producer emit Z = P X (k channels) and mark X pending."""
     projection = state.projections[name]
-    dtype = state.dtypes[name]
+    dtype, rank = state.infos[name].dtype, state.infos[name].rank
     stored = new_variable(state.namer, f"{name}/fmc_k{projection.k}")
     upstream = state.pending.get(name)
     x = state.graph.tensors()[name] if upstream is None else None
     if upstream is not None:
         matrix = projection.P.astype(np.float64) @ upstream.U.astype(np.float64)
-        conv1x1(state.graph, state.namer, f"fmc/P/{name}", upstream.stored, matrix.astype(dtype), stored)
+        conv1x1(state.graph, state.namer, f"fmc/P/{name}", upstream.stored, matrix.astype(dtype), stored, rank)
         how = "explicit"
     elif _fold_p_into_conv(state, producer, projection.P, stored):
         how = "folded"
@@ -157,9 +176,9 @@ def _start_projection(state: _State, name: str, producer: gs.Node) -> None:
         if x in state.graph.outputs:  # the graph output must later be U Z, so X moves aside
             source = new_variable(state.namer, f"{name}/fmc_src")
             producer.outputs[producer.outputs.index(x)] = source
-        conv1x1(state.graph, state.namer, f"fmc/P/{name}", source, projection.P.astype(dtype), stored)
+        conv1x1(state.graph, state.namer, f"fmc/P/{name}", source, projection.P.astype(dtype), stored, rank)
         how = "explicit"
-    state.pending[name] = Pending(stored, projection.U.astype(dtype), [name])
+    state.pending[name] = Pending(stored, projection.U.astype(dtype), [name], rank)
     state.data[name] = {"stored": stored.name, "producer": how, "consumers": {}}
 
 
@@ -197,15 +216,15 @@ def _fold_u_into_conv(state: _State, conv: gs.Node, pend: Pending) -> bool:
 
 def _push_through(state: _State, node: gs.Node, pend: Pending) -> bool:
     """Rules c and d: the op commutes with U; its outputs carry U (or row blocks of U)."""
-    row_blocks = _split_channel_blocks(node, pend.U.shape[0])
+    row_blocks = _split_channel_blocks(node, pend)
     if row_blocks is not None:  # rule d: the Split disappears
         for out, (start, stop) in zip(node.outputs, row_blocks, strict=True):
-            state.pending[out.name] = Pending(pend.stored, pend.U[start:stop], pend.origins)
+            state.pending[out.name] = Pending(pend.stored, pend.U[start:stop], pend.origins, pend.rank)
         state.record(pend.origins, _label(node), "dropped (channel split)")
         node.inputs.clear()
         node.outputs.clear()
         return True
-    if not _commutes_with_channel_mixing(state, node, pend.U.shape[0], pend.U.shape[1]):
+    if not _commutes_with_channel_mixing(state, node, pend):
         return False
     k = pend.U.shape[1]
     state.record(pend.origins, _label(node), "pushed")
@@ -215,11 +234,11 @@ def _push_through(state: _State, node: gs.Node, pend: Pending) -> bool:
     for i, out in enumerate(list(node.outputs)):
         renamed = new_variable(state.namer, f"{out.name}/fmc_k{k}")
         node.outputs[i] = renamed
-        state.pending[out.name] = Pending(renamed, pend.U, pend.origins)
+        state.pending[out.name] = Pending(renamed, pend.U, pend.origins, pend.rank)
     return True
 
 
-def _commutes_with_channel_mixing(state: _State, node: gs.Node, channels: int, k: int) -> bool:
+def _commutes_with_channel_mixing(state: _State, node: gs.Node, pend: Pending) -> bool:
     """Rule c's conditions; may rewrite a Resize `sizes` input to k channels."""
     if node.op in SIMPLE_PUSH_OPS:
         return True
@@ -229,19 +248,19 @@ def _commutes_with_channel_mixing(state: _State, node: gs.Node, channels: int, k
         mask_used = mask is not None and (bool(mask.outputs) or mask in state.graph.outputs)
         return known and (training is None or not bool(training)) and not mask_used
     if node.op == "Pad":
-        return _pad_spares_channels(node)
+        return _pad_spares_channels(node, pend.rank)
     if node.op in ("Resize", "Upsample"):
-        return _resize_spares_channels(state, node, channels, k)
+        return _resize_spares_channels(state, node, pend)
     if node.op == "Slice":
         axes = _slice_axes(node)
-        return axes is not None and not set(axes) & set(CHANNEL_AXES)
+        return axes is not None and not set(axes) & set(pend.channel_axes)
     if node.op == "Split":
         axis = int(node.attrs.get("axis", 0))
-        return axis not in CHANNEL_AXES
+        return axis not in pend.channel_axes
     return False
 
 
-def _pad_spares_channels(node: gs.Node) -> bool:
+def _pad_spares_channels(node: gs.Node, rank: int) -> bool:
     if node.attrs.get("mode", "constant") != "constant":
         return False
     if "pads" in node.attrs:  # opset < 11
@@ -254,14 +273,15 @@ def _pad_spares_channels(node: gs.Node) -> bool:
             return False
     if value is not None and np.any(np.asarray(value) != 0):
         return False
-    axes_list = list(range(4)) if axes is None else [int(a) % 4 for a in np.ravel(axes)]
+    axes_list = list(range(rank)) if axes is None else [int(a) % rank for a in np.ravel(axes)]
     pads = np.ravel(pads).reshape(2, len(axes_list))
     return all(not np.any(pads[:, i]) for i, axis in enumerate(axes_list) if axis == 1)
 
 
-def _resize_spares_channels(state: _State, node: gs.Node, channels: int, k: int) -> bool:
+def _resize_spares_channels(state: _State, node: gs.Node, pend: Pending) -> bool:
+    channels, k = pend.U.shape
     axes = node.attrs.get("axes")
-    axes_list = list(range(4)) if axes is None else [int(a) % 4 for a in axes]
+    axes_list = list(range(pend.rank)) if axes is None else [int(a) % pend.rank for a in axes]
     if 1 not in axes_list:
         return True
     position = axes_list.index(1)
@@ -296,10 +316,11 @@ def _slice_axes(node: gs.Node) -> list[int] | None:
     return [int(a) for a in np.ravel(axes)] if axes is not None else list(range(np.ravel(starts).size))
 
 
-def _split_channel_blocks(node: gs.Node, channels: int) -> list[tuple[int, int]] | None:
+def _split_channel_blocks(node: gs.Node, pend: Pending) -> list[tuple[int, int]] | None:
     """Row ranges of a Split along the channel axis, or None if it is not one."""
-    if node.op != "Split" or int(node.attrs.get("axis", 0)) not in CHANNEL_AXES:
+    if node.op != "Split" or int(node.attrs.get("axis", 0)) not in pend.channel_axes:
         return None
+    channels = pend.U.shape[0]
     if "split" in node.attrs:
         sizes = [int(s) for s in node.attrs["split"]]
     else:
@@ -335,7 +356,7 @@ def _rewrite_shape(state: _State, node: gs.Node, pend: Pending) -> None:
         _append(state, "Mul", f"{base}/mul", [scaled, _int64(state, f"{base}/C", channels)], result)
     else:
         start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
-        dims = list(range(4))[slice(start, None if end is None else int(end))]
+        dims = list(range(pend.rank))[slice(start, None if end is None else int(end))]
         keep = np.array([0 if d == 1 else 1 for d in dims], dtype=np.int64)
         fix = np.array([channels if d == 1 else 0 for d in dims], dtype=np.int64)
         masked = new_variable(state.namer, f"{base}/mask")
@@ -345,14 +366,15 @@ def _rewrite_shape(state: _State, node: gs.Node, pend: Pending) -> None:
 
 def _merge_concat(state: _State, node: gs.Node) -> bool:
     """Rule e: Concat the narrow tensors and carry a block-diagonal U, if it pays."""
-    if int(node.attrs.get("axis", 0)) not in CHANNEL_AXES:
+    pends = [state.pending.get(t.name) for t in node.inputs]
+    first = next(p for p in pends if p is not None)
+    if int(node.attrs.get("axis", 0)) not in first.channel_axes:
         return False
     result = node.outputs[0]
     if result.name not in state.projections and not _all_consumers_fold(state.graph, result):
         return False
-    pends = [state.pending.get(t.name) for t in node.inputs]
-    dtype = next(p.U.dtype for p in pends if p is not None)
-    blocks = [np.eye(_channels_of(t) or 0, dtype=dtype) if p is None else p.U
+    dtype = first.U.dtype
+    blocks = [np.eye(_channels_of(t, first.rank) or 0, dtype=dtype) if p is None else p.U
               for t, p in zip(node.inputs, pends, strict=True)]
     if any(block.size == 0 for block in blocks):
         return False  # an untouched input of unknown width: leave the concat alone
@@ -363,9 +385,75 @@ def _merge_concat(state: _State, node: gs.Node) -> bool:
     u_merged = _block_diag(blocks)
     merged = new_variable(state.namer, f"{result.name}/fmc_k{u_merged.shape[1]}")
     node.outputs[0] = merged
-    state.pending[result.name] = Pending(merged, u_merged, origins)
+    state.pending[result.name] = Pending(merged, u_merged, origins, first.rank)
     state.record(origins, _label(node), "concat")
     return True
+
+
+def _push_concat(state: _State, node: gs.Node) -> bool:
+    """Rule c for Concat along a non-channel axis: every input carries the same U."""
+    pends = _same_u_spatial_concat(state, node)
+    if pends is None:
+        return False
+    first = pends[0]
+    origins = list(dict.fromkeys(o for p in pends for o in p.origins))
+    for i, pend in enumerate(pends):
+        node.inputs[i] = pend.stored
+    result = node.outputs[0]
+    renamed = new_variable(state.namer, f"{result.name}/fmc_k{first.U.shape[1]}")
+    node.outputs[0] = renamed
+    state.pending[result.name] = Pending(renamed, first.U, origins, first.rank)
+    state.record(origins, _label(node), "pushed")
+    return True
+
+
+def _same_u_spatial_concat(state: _State, node: gs.Node) -> list[Pending] | None:
+    """The pending inputs of a Concat along a non-channel axis if all of them carry one U, else None."""
+    pends = [state.pending.get(t.name) for t in node.inputs]
+    if node.op != "Concat" or not pends or any(p is None for p in pends):
+        return None
+    found = [p for p in pends if p is not None]
+    first = found[0]
+    if int(node.attrs.get("axis", 0)) in first.channel_axes:
+        return None
+    same = all(p.rank == first.rank and p.U.shape == first.U.shape and np.array_equal(p.U, first.U) for p in found)
+    return found if same else None
+
+
+def _try_projected_concat(state: _State, node: gs.Node) -> bool:
+    """Rule e': P Concat(U_i T_i, a_j) = Concat((P U_i) T_i, P a_j) along a non-channel axis."""
+    if not _projected_concat_applies(state, node):
+        return False
+    name = node.outputs[0].name
+    info, projection = state.infos[name], state.projections[name]
+    pends = [state.pending.get(t.name) for t in node.inputs]
+    p64 = projection.P.astype(np.float64)
+    for i, (tensor, pend) in enumerate(zip(list(node.inputs), pends, strict=True)):
+        part = new_variable(state.namer, f"{name}/fmc_part{i}")
+        source, matrix = (tensor, p64) if pend is None else (pend.stored, p64 @ pend.U.astype(np.float64))
+        conv1x1(state.graph, state.namer, f"fmc/P/{name}/{i}", source, matrix.astype(info.dtype), part, info.rank)
+        if pend is not None:
+            state.record(pend.origins, _label(node), "concat")
+        node.inputs[i] = part
+    stored = new_variable(state.namer, f"{name}/fmc_k{projection.k}")
+    node.outputs[0] = stored
+    state.pending[name] = Pending(stored, projection.U.astype(info.dtype), [name], info.rank)
+    state.data[name] = {"stored": stored.name, "producer": "concat", "consumers": {}}
+    return True
+
+
+def _projected_concat_applies(state: _State, node: gs.Node) -> bool:
+    """Rule e' conditions: a projected Concat along a non-channel axis, some (not all same-U) inputs pending."""
+    if node.op != "Concat" or not node.outputs or node.outputs[0].name not in state.projections:
+        return False
+    name = node.outputs[0].name
+    rank, channels = state.infos[name].rank, state.projections[name].C
+    pends = [p for p in (state.pending.get(t.name) for t in node.inputs) if p is not None]
+    if not pends or _same_u_spatial_concat(state, node) is not None:
+        return False
+    if int(node.attrs.get("axis", 0)) in channel_axes(rank):
+        return False
+    return all(p.rank == rank and p.U.shape[0] == channels for p in pends)
 
 
 def _block_diag(blocks: list[np.ndarray]) -> np.ndarray:
@@ -378,13 +466,13 @@ def _block_diag(blocks: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _channels_of(tensor: gs.Tensor) -> int | None:
+def _channels_of(tensor: gs.Tensor, rank: int) -> int | None:
     """Channel count of an untouched concat input: declared shape, else its conv's weight."""
-    if tensor.shape is not None and len(tensor.shape) == 4 and isinstance(tensor.shape[1], int):
+    if tensor.shape is not None and len(tensor.shape) == rank and isinstance(tensor.shape[1], int):
         return int(tensor.shape[1])
     producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
     weight = constant_value(producer.inputs[1]) if producer is not None and producer.op == "Conv" else None
-    return int(weight.shape[0]) if weight is not None and weight.ndim == 4 else None
+    return int(weight.shape[0]) if weight is not None and weight.ndim == rank else None
 
 
 def _all_consumers_fold(graph: gs.Graph, tensor: gs.Tensor) -> bool:
@@ -403,7 +491,7 @@ def _explicit_u(state: _State, node: gs.Node) -> None:
             continue
         if tensor.name not in expanded:
             full = new_variable(state.namer, f"{tensor.name}/fmc_u")
-            conv1x1(state.graph, state.namer, f"fmc/U/{tensor.name}", pend.stored, pend.U, full)
+            conv1x1(state.graph, state.namer, f"fmc/U/{tensor.name}", pend.stored, pend.U, full, pend.rank)
             expanded[tensor.name] = full
             state.record(pend.origins, _label(node), "explicit")
         node.inputs[i] = expanded[tensor.name]
@@ -415,7 +503,7 @@ def _expand_graph_outputs(state: _State) -> None:
         pend = state.pending.get(out.name)
         if pend is None:
             continue
-        conv1x1(state.graph, state.namer, f"fmc/U/{out.name}", pend.stored, pend.U, out)
+        conv1x1(state.graph, state.namer, f"fmc/U/{out.name}", pend.stored, pend.U, out, pend.rank)
         state.record(pend.origins, f"output:{out.name}", "explicit")
 
 
@@ -443,31 +531,31 @@ def _try_residual(state: _State, add: gs.Node) -> bool:
         return False
     name = add.outputs[0].name
     projection = state.projections[name]
-    kinds = [_residual_kind(state, add, t, projection.C) for t in add.inputs]
+    dtype, rank = state.infos[name].dtype, state.infos[name].rank
+    kinds = [_residual_kind(state, add, t, projection.C, rank) for t in add.inputs]
     if None in kinds or "pending" not in kinds:
         return False
-    dtype = state.dtypes[name]
     stored = new_variable(state.namer, f"{name}/fmc_k{projection.k}")
     for i, (tensor, kind) in enumerate(zip(list(add.inputs), kinds, strict=True)):
         part = new_variable(state.namer, f"{name}/fmc_part{i}")
         if kind == "pending":
             pend = state.pending[tensor.name]
             matrix = projection.P.astype(np.float64) @ pend.U.astype(np.float64)
-            conv1x1(state.graph, state.namer, f"fmc/P/{name}/skip", pend.stored, matrix.astype(dtype), part)
+            conv1x1(state.graph, state.namer, f"fmc/P/{name}/skip", pend.stored, matrix.astype(dtype), part, rank)
             state.record(pend.origins, _label(add), "residual")
         else:
             _fold_p_into_conv(state, tensor.inputs[0], projection.P, part)
         add.inputs[i] = part
     add.outputs[0] = stored
-    state.pending[name] = Pending(stored, projection.U.astype(dtype), [name])
+    state.pending[name] = Pending(stored, projection.U.astype(dtype), [name], rank)
     state.data[name] = {"stored": stored.name, "producer": "residual", "consumers": {}}
     return True
 
 
-def _residual_kind(state: _State, add: gs.Node, tensor: gs.Tensor, channels: int) -> str | None:
+def _residual_kind(state: _State, add: gs.Node, tensor: gs.Tensor, channels: int, rank: int) -> str | None:
     pend = state.pending.get(tensor.name)
     if pend is not None:
-        return "pending" if pend.U.shape[0] == channels else None
+        return "pending" if pend.U.shape[0] == channels and pend.rank == rank else None
     producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
     single_use = len(tensor.outputs) == 1 and tensor.outputs[0] is add
     if producer is None or not single_use or tensor in state.graph.outputs:
@@ -476,7 +564,7 @@ def _residual_kind(state: _State, add: gs.Node, tensor: gs.Tensor, channels: int
     if weight is None or (conv_bias(producer) is None and optional_input(producer, 2) is not None):
         return None
     out_channels = weight.shape[0] if producer.op == "Conv" else weight.shape[1]
-    return "conv" if out_channels == channels else None
+    return "conv" if out_channels == channels and weight.ndim == rank else None
 
 
 # ---------------------------------------------------------------- small builders

@@ -2,7 +2,8 @@
 
 They work on onnx-graphsurgeon graphs: reading constant values whether they are
 initializers or Constant nodes (paddle2onnx emits the latter), naming new nodes
-and tensors uniquely under `fmc/`, building 1x1 convs, and writing a rewritten
+and tensors uniquely under `fmc/`, building 1x1 convs (Conv2d for NCHW maps,
+Conv1d for NCL maps), and writing a rewritten
 graph back into a copy of the original model so that its ir_version, opsets,
 metadata and functions stay as they were.
 """
@@ -90,11 +91,16 @@ def set_conv_params(node: gs.Node, namer: Namer, weight: np.ndarray, bias: np.nd
 
 
 def conv1x1(graph: gs.Graph, namer: Namer, name: str, source: gs.Tensor, matrix: np.ndarray,
-            output: gs.Variable) -> gs.Node:
-    """Append `output = matrix @ source` (channel mixing per pixel) as a 1x1 Conv named `name`."""
+            output: gs.Variable, rank: int = 4) -> gs.Node:
+    """Append `output = matrix @ source` (channel mixing per pixel) as a 1x1 Conv named `name`.
+
+    `rank` is that of source and output (N, C, spatial...): 4 gives a Conv2d with weight
+    [k, C, 1, 1], 3 a Conv1d with weight [k, C, 1] and kernel_shape [1].
+    """
+    spatial = rank - 2
     node_name = namer(name)
-    weight = gs.Constant(namer(f"{node_name}/W"), np.ascontiguousarray(matrix[:, :, None, None]))
-    node = gs.Node("Conv", name=node_name, attrs={"kernel_shape": [1, 1]},
+    weight = gs.Constant(namer(f"{node_name}/W"), np.ascontiguousarray(matrix.reshape(*matrix.shape, *[1] * spatial)))
+    node = gs.Node("Conv", name=node_name, attrs={"kernel_shape": [1] * spatial},
                    inputs=[source, weight], outputs=[output])
     graph.nodes.append(node)
     return node

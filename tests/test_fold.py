@@ -26,14 +26,15 @@ FLOAT = TensorProto.FLOAT
 # ---------------------------------------------------------------- builders
 
 class GraphBuilder:
-    """Tiny helper to write small NCHW test graphs with seeded random weights."""
+    """Tiny helper to write small NCHW (or, with spatial=1, NCL) test graphs with seeded random weights."""
 
-    def __init__(self, in_channels: int = 8, size: int = 8, opset: int = 17):
+    def __init__(self, in_channels: int = 8, size: int = 8, opset: int = 17, spatial: int = 2):
         self.rng = np.random.default_rng(RNG_SEED)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.opset = opset
-        self.input_shape = (1, in_channels, size, size)
+        self.spatial = spatial
+        self.input_shape = (1, in_channels, *[size] * spatial)
         self.count = 0
 
     def const(self, value: np.ndarray, name: str | None = None) -> str:
@@ -48,9 +49,10 @@ class GraphBuilder:
         return outs if n_out > 1 else outs[0]
 
     def conv(self, x: str, c_in: int, c_out: int, k: int = 1, group: int = 1, bias: bool = True, **attrs) -> str:
-        w = self.const(self.rng.standard_normal((c_out, c_in // group, k, k)).astype(np.float32) * 0.3)
+        kernel = [k] * self.spatial
+        w = self.const(self.rng.standard_normal((c_out, c_in // group, *kernel)).astype(np.float32) * 0.3)
         inputs = [x, w] + ([self.const(self.rng.standard_normal(c_out).astype(np.float32))] if bias else [])
-        return self.node("Conv", inputs, kernel_shape=[k, k], group=group, **attrs)
+        return self.node("Conv", inputs, kernel_shape=kernel, group=group, **attrs)
 
     def model(self, outputs: list[str]) -> onnx.ModelProto:
         graph = helper.make_graph(
@@ -517,3 +519,235 @@ def test_real_yolov8n_folded_vs_inserted():
     data = check_fold(model, projections, feeds)
     split_input = names[0]
     assert "dropped (channel split)" in data[split_input]["consumers"].values()
+
+
+# ---------------------------------------------------------------- rank 3: NCL maps [N, C, L]
+
+def ncl(opset: int = 17) -> GraphBuilder:
+    """A builder of NCL graphs: input [1, 8, 12], Conv1d layers."""
+    return GraphBuilder(in_channels=8, size=12, opset=opset, spatial=1)
+
+
+def projection_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.name.startswith(("fmc/P/", "fmc/U/"))]
+
+
+def assert_conv1d(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
+    """An explicit P/U conv on an NCL map: kernel_shape [1], weight [k, C, 1]."""
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "kernel_shape")) == [1]
+    assert weights[node.input[1]].ndim == 3 and weights[node.input[1]].shape[2] == 1
+
+
+def test_rank3_insert_matches_numpy_reference_with_conv1d():
+    b = ncl()
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    model = b.model([x])
+    proj = projection(16, 4)
+    feeds = {"x": np.random.default_rng(3).standard_normal((1, 8, 12)).astype(np.float32)}
+    (plain,) = run(model, feeds)
+    inserted = InsertProjectionsPass({x: proj})(model).model
+    onnx.checker.check_model(inserted, full_check=True)
+    assert len(projection_convs(inserted)) == 2
+    for node in projection_convs(inserted):
+        assert_conv1d(inserted, node)
+    want = np.einsum("ck,kj,njl->ncl", proj.U, proj.P, plain)
+    assert rel_err(run(inserted, feeds)[0], want) <= 1e-5
+
+
+def test_rank3_p_and_u_fold_into_conv1d():
+    b = ncl()
+    x = b.conv("x", 8, 16, k=3, pads=[1, 1])
+    y = b.conv(x, 16, 4, k=3, strides=[2], pads=[2, 2], dilations=[2])
+    model = b.model([y])
+    data = check_fold(model, {x: projection(16, 4)})
+    assert data[x] == {"stored": f"{x}/fmc_k4", "producer": "folded", "consumers": {"Conv_2": "folded"}}
+    assert ops_of(FoldProjectionsPass({x: projection(16, 4)})(model).model) == ["Conv", "Conv"]
+
+
+def test_rank3_conv_transpose_producer_and_consumer():
+    b = ncl()
+    wt = b.const(b.rng.standard_normal((8, 12, 2)).astype(np.float32))
+    x = b.node("ConvTranspose", ["x", wt, b.const(np.ones(12, np.float32))], strides=[2])
+    y = b.node("ConvTranspose", [x, b.const(b.rng.standard_normal((12, 6, 3)).astype(np.float32))], pads=[1, 1])
+    data = check_fold(b.model([y]), {x: projection(12, 3)})
+    assert data[x]["producer"] == "folded" and data[x]["consumers"] == {"ConvTranspose_2": "folded"}
+
+
+def test_rank3_explicit_p_and_u_are_conv1d():
+    b = ncl()
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    model = b.model([b.node("Sigmoid", [x]), x])
+    data = check_fold(model, {x: projection(16, 5)})
+    assert data[x]["producer"] == "explicit"
+    assert data[x]["consumers"] == {"Sigmoid_3": "explicit", f"output:{x}": "explicit"}
+    folded = FoldProjectionsPass({x: projection(16, 5)})(model).model
+    assert len(projection_convs(folded)) == 3
+    for node in projection_convs(folded):
+        assert_conv1d(folded, node)
+
+
+def _rank3_push_case(name: str) -> tuple[onnx.ModelProto, str]:
+    b = ncl(opset=18)
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    if name == "Slice":
+        y = b.node(name, [x, b.const(np.array([2], np.int64)), b.const(np.array([10], np.int64)),
+                          b.const(np.array([-1], np.int64))])
+    elif name == "Split+Concat":  # along L: both halves carry the same U
+        left, right = b.node("Split", [x, b.const(np.array([5, 7], np.int64))], n_out=2, axis=2)
+        y = b.node("Concat", [right, left], axis=-1)
+    elif name == "AveragePool":
+        y = b.node(name, [x], kernel_shape=[3], strides=[2], pads=[1, 1])
+    elif name == "Pad":
+        y = b.node(name, [x, b.const(np.array([0, 0, 2, 0, 0, 1], np.int64))])
+    else:  # Identity, Dropout, GlobalAveragePool
+        y = b.node(name, [x])
+    return b.model([b.conv(y, 16, 4, k=3, pads=[1, 1])]), x
+
+
+@pytest.mark.parametrize("op", ["Identity", "Slice", "Split+Concat", "AveragePool", "GlobalAveragePool",
+                                "Pad", "Dropout"])
+def test_rank3_u_pushed_through_linear_op_then_folded(op):
+    model, x = _rank3_push_case(op)
+    data = check_fold(model, {x: projection(16, 4)})
+    actions = list(data[x]["consumers"].values())
+    assert actions == (["pushed", "pushed", "folded"] if op == "Split+Concat" else ["pushed", "folded"])
+
+
+def test_rank3_channel_slice_is_not_crossed():
+    b = ncl()
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    y = b.node("Slice", [x, b.const(np.array([3], np.int64)), b.const(np.array([12], np.int64)),
+                         b.const(np.array([-2], np.int64))])
+    data = check_fold(b.model([b.conv(y, 9, 4)]), {x: projection(16, 4)})
+    assert list(data[x]["consumers"].values()) == ["explicit"]
+
+
+def test_rank3_channel_split_dropped_and_concat_merged():
+    b = ncl(opset=13)
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    left, right = b.node("Split", [x, b.const(np.array([6, 10], np.int64))], n_out=2, axis=1)
+    m = b.node("Relu", [b.conv(right, 10, 10, k=3, pads=[1, 1])])
+    cat = b.node("Concat", [left, right, m], axis=-2)
+    model = b.model([b.conv(cat, 26, 5)])
+    data = check_fold(model, {x: projection(16, 4)})
+    assert data[x]["consumers"] == {"Split_3": "dropped (channel split)", "Conv_4": "folded", "Concat_6": "concat",
+                                    "Conv_7": "folded"}
+    assert "Split" not in ops_of(FoldProjectionsPass({x: projection(16, 4)})(model).model)
+
+
+def test_rank3_channel_concat_with_nonfoldable_consumer_expands_inputs():
+    b = ncl()
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    cat = b.node("Concat", [b.conv("x", 8, 3), x], axis=1)
+    data = check_fold(b.model([b.node("Sigmoid", [cat])]), {x: projection(16, 4)})
+    assert data[x]["consumers"] == {"Concat_4": "explicit"}
+
+
+def test_rank3_projected_anchor_concat_never_full_width():
+    """Rule e' as in a detection head: Concat along L of a projected map and a plain one, itself projected."""
+    b = ncl()
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    other = b.node("Relu", [b.conv("x", 8, 16)])
+    cat = b.node("Concat", [x, other], axis=2)
+    model = b.model([b.conv(cat, 16, 4), b.node("Sigmoid", [cat])])
+    projections = {x: projection(16, 6), cat: projection(16, 5, seed=3)}
+    data = check_fold(model, projections)
+    assert data[cat]["producer"] == "concat"
+    assert data[x]["consumers"] == {"Concat_5": "concat"}
+    assert data[cat]["consumers"] == {"Conv_6": "folded", "Sigmoid_7": "explicit"}
+    folded = FoldProjectionsPass(projections)(model).model
+    concat = next(n for n in folded.graph.node if n.op_type == "Concat")
+    assert concat.output[0] == f"{cat}/fmc_k5"
+    assert all(n.name.startswith("fmc/P/") for n in folded.graph.node if set(n.output) & set(concat.input))
+
+
+def test_rank3_anchor_concat_of_different_u_not_projected_expands():
+    b = ncl()
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    cat = b.node("Concat", [x, b.node("Relu", [b.conv("x", 8, 16)])], axis=2)
+    data = check_fold(b.model([b.conv(cat, 16, 4)]), {x: projection(16, 6)})
+    assert data[x]["consumers"] == {"Concat_5": "explicit"}
+
+
+def test_rank3_shape_and_size_see_original_channels():
+    b = ncl(opset=15)
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    outs = [b.node("Shape", [x]), b.node("Shape", [x], start=1), b.node("Shape", [x], start=-2, end=-1),
+            b.node("Size", [x]), b.conv(x, 16, 2)]
+    model = b.model(outs)
+    data = check_fold(model, {x: projection(16, 4)})
+    assert sorted(data[x]["consumers"].values()) == ["folded", "shape", "shape", "shape", "shape"]
+    folded = FoldProjectionsPass({x: projection(16, 4)})(model).model
+    got = run(folded, {"x": np.zeros((1, 8, 12), np.float32)})
+    assert [g.tolist() for g in got[:4]] == [[1, 16, 12], [16, 12], [16], 192]
+
+
+def test_rank3_linear_residual_stream():
+    b = ncl()
+    x = b.conv("x", 8, 16)
+    f = b.conv(b.node("Relu", [b.conv(x, 16, 32)]), 32, 16)
+    y = b.node("Add", [x, f])
+    model = b.model([b.conv(y, 16, 4)])
+    projections = {x: projection(16, 6), y: projection(16, 5, seed=3)}
+    data = check_fold(model, projections)
+    assert data[y]["producer"] == "residual"
+    assert not any(n.name.startswith("fmc/U/") for n in FoldProjectionsPass(projections)(model).model.graph.node)
+
+
+def test_rank3_reshape_and_transpose_consumers_get_explicit_u():
+    b = ncl()
+    x = b.node("Relu", [b.conv("x", 8, 16)])
+    r = b.node("Reshape", [x, b.const(np.array([1, 4, 4, 12], np.int64))])
+    t = b.node("Transpose", [x], perm=[0, 2, 1])
+    data = check_fold(b.model([b.node("Softmax", [r], axis=1), t]), {x: projection(16, 4)})
+    assert data[x]["consumers"] == {"Reshape_3": "explicit", "Transpose_4": "explicit"}
+
+
+def test_rank3_projected_reshape_outputs_mix_ranks():
+    """A 4-D map reshaped to NCL and back, both sides projected (the DFL pattern of YOLOv8)."""
+    b = GraphBuilder(in_channels=8, size=4)
+    x = b.conv("x", 8, 16)
+    flat = b.node("Reshape", [x, b.const(np.array([1, 16, 16], np.int64))])
+    grid = b.node("Reshape", [flat, b.const(np.array([1, 4, 4, 16], np.int64))])
+    soft = b.node("Softmax", [grid], axis=1)
+    model = b.model([b.conv(soft, 4, 1)])
+    projections = {flat: projection(16, 5), grid: projection(4, 3, seed=2), soft: projection(4, 2, seed=4)}
+    data = check_fold(model, projections)
+    assert data[flat]["consumers"] == {"Reshape_3": "explicit"}
+    assert data[soft]["consumers"] == {"Conv_5": "folded"}
+
+
+YOLO_CEILING = 409600  # bytes; float32 maps
+YOLO_MAPS = {  # name: (C, positions per channel) at 320x320
+    "/model.22/Reshape_output_0": (82, 1600),  # [1, 82, 1600]
+    "/model.22/Concat_6_output_0": (82, 2100),  # [1, 82, 2100]
+    "/model.22/dfl/Softmax_output_0": (16, 4 * 2100),  # [1, 16, 4, 2100], read by the DFL conv
+    "/model.22/dfl/Reshape_output_0": (4, 16 * 2100),  # [1, 4, 16, 2100], read by a Transpose
+    "/model.0/act/Mul_output_0": (16, 160 * 160),
+    "/model.2/Concat_output_0": (48, 80 * 80),
+    "/model.2/cv1/act/Mul_output_0": (32, 80 * 80),
+}
+
+
+@pytest.mark.real
+def test_real_yolov8n_head_rank3_maps_folded_vs_inserted():
+    model, feeds = _real("yolov8n")
+    projections = {name: projection(c, YOLO_CEILING // (positions * 4), seed=i)
+                   for i, (name, (c, positions)) in enumerate(YOLO_MAPS.items())}
+    assert [p.k for p in projections.values()] == [64, 48, 12, 3, 4, 16, 16]
+    data = check_fold(model, projections, feeds)  # also checks each stored map has k channels
+    assert data["/model.22/Reshape_output_0"]["consumers"] == {"/model.22/Concat_6": "concat"}
+    assert data["/model.22/Concat_6_output_0"]["producer"] == "concat"
+    assert data["/model.22/Concat_6_output_0"]["consumers"]["/model.22/Split_1"] == "dropped (channel split)"
+    assert data["/model.22/Concat_6_output_0"]["consumers"]["/model.22/dfl/Shape"] == "shape"
+    assert data["/model.22/dfl/Softmax_output_0"]["consumers"] == {"/model.22/dfl/conv/Conv": "folded"}
+    assert data["/model.22/dfl/Reshape_output_0"]["consumers"] == {"/model.22/dfl/Transpose": "explicit"}
+    folded = FoldProjectionsPass(projections)(model, PassContext({"images": (1, 3, 320, 320)})).model
+    names = [n.output[0] for n in folded.graph.node if n.op_type == "Concat"]
+    assert "/model.22/Concat_6_output_0" not in names  # the full-width anchor concat is gone
+    head = [n for n in projection_convs(folded)
+            if n.name.startswith(("fmc/P//model.22/Reshape_", "fmc/P//model.22/Concat_6", "fmc/U//model.22/Split_1"))]
+    assert len(head) == 6  # P after the Reshape, P on each of the 3 concat inputs, U before Sigmoid and dfl/Reshape
+    for node in head:
+        assert_conv1d(folded, node)
