@@ -33,8 +33,11 @@ class FeatureMap:
 
     @property
     def compressible(self) -> bool:
-        """A 4-D map between groups with at least 2 channels (graph inputs and outputs never are)."""
-        return self.role == "map" and len(self.shape) == 4 and self.shape[1] >= 2
+        """A map between groups, [N, C, H, W] or [N, C, L], with at least 2 channels.
+
+        Graph inputs and outputs never are.
+        """
+        return self.role == "map" and len(self.shape) in (3, 4) and self.shape[1] >= 2
 
 
 @dataclass

@@ -2,11 +2,11 @@
 
 Rules (DESIGN.md, Price & Tanner's ceiling compression), on the stored view:
 
-* every compressible map (a 4-D map between kernel groups) above the ceiling gets
-  rank k = floor(ceiling_bytes / (H * W * bytes_per_element)), 1 <= k < C, and is
+* every compressible map (a 4-D or 3-D map between kernel groups) above the ceiling gets
+  rank k = floor(ceiling_bytes / (H * W (or L) * bytes_per_element)), 1 <= k < C, and is
   stored as Z = P X with k channels;
 * k < 1 (one channel of the map alone is above the ceiling), or an over-ceiling map
-  that cannot be projected (not 4-D), makes the plan infeasible: InputError naming
+  that cannot be projected (not 3-D or 4-D), makes the plan infeasible: InputError naming
   the map and the smallest feasible ceiling;
 * graph inputs and outputs above the ceiling are reported, never compressed;
 * a relative ceiling (`4x`) is resolved once, on the original model.

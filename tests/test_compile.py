@@ -1,0 +1,206 @@
+"""`fmcompress compile` and `verify` end to end: plans, folded models checked against
+onnxruntime and the training backend, reports, and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from fmcompress.cli import main
+from fmcompress.compiler import CompileOptions, compile_model
+from fmcompress.errors import InputError
+from fmcompress.thirdparty import REAL_MODELS, real_model
+
+FAST = ["--num-samples", "8", "--batch-size", "4", "-q"]
+
+
+@pytest.fixture(scope="module")
+def small_resnet(zoo_onnx):
+    return zoo_onnx("resnet18_small", (1, 3, 32, 32))
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def folder_snapshot(path) -> set[str]:
+    return {p.name for p in path.iterdir()}
+
+
+def test_plan_only_gives_the_papers_resnet18_ranks(resnet18_224, tmp_path):
+    plan_path = tmp_path / "plan.json"
+    result = invoke("compile", resnet18_224, "--ceiling", "4x", "--plan-only", "--json", plan_path)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(plan_path.read_text())
+    assert plan["ceiling_bytes"] == 200704
+    assert sorted((m["C"], m["k"]) for m in plan["maps"]) == [(64, 16)] * 5 + [(128, 64)] * 4
+    assert [m["name"] for m in plan["not_compressible"]] == ["input"]
+    assert not (tmp_path / "r18.fmc.onnx").exists()
+
+
+def test_resnet18_compiles_with_the_surrogate_set(resnet18_224, tmp_path):
+    out, report_dir = tmp_path / "r18.fmc.onnx", tmp_path / "report"
+    before = resnet18_224.read_bytes()
+    result = invoke("compile", resnet18_224, "--ceiling", "4x", "-o", out, "--report", report_dir, *FAST)
+    assert result.exit_code == 0, result.output
+    assert resnet18_224.read_bytes() == before
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["data"]["surrogate"] is True
+    assert sorted(m["stored_shape"][1] for m in report["maps"]) == [16] * 5 + [64] * 4
+    assert report["verification"]["max_stored_bytes_after"] <= 200704
+    assert report["verification"]["executor_relative_error"] <= 1e-4
+    assert (report_dir / "memory.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Surrogate data" in (report_dir / "report.md").read_text()
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["fmcompress.method"] == "pca" and meta["fmcompress.ceiling_bytes"] == "200704"
+    assert len(json.loads(meta["fmcompress.plan"])) == 9
+    assert all(n.name.startswith("fmc/") for n in model.graph.node if "fmc" in n.name)
+    verified = invoke("verify", resnet18_224, out, "--num-samples", "4")
+    assert verified.exit_code == 0 and "every stored map <= 200704 B" in verified.output
+    broken = invoke("verify", resnet18_224, out, "--num-samples", "4", "--ceiling", "100KB")
+    assert broken.exit_code == 1 and "above the ceiling of 102400 B" in broken.output
+
+
+def test_python_api_and_pca_orthonormality(small_resnet):
+    result = compile_model(small_resnet, CompileOptions(ceiling="4x", num_samples=8, batch_size=4,
+                                                        latency_repeats=2))
+    assert result.plan.maps and result.after is not None
+    assert not result.after.over_ceiling()
+    assert result.report["fidelity"]["cosine_similarity"] > 0.5
+    assert result.report["flops"]["after"] < result.report["flops"]["before"]
+
+
+def test_npz_data_with_labels_reports_accuracy(small_resnet, tmp_path):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, anything=rng.standard_normal((8, 3, 32, 32)).astype(np.float32), labels=rng.integers(0, 10, 8))
+    result = invoke("compile", small_resnet, "--ceiling", "4x", "--data", npz, "--json", tmp_path / "r.json",
+                    "-o", tmp_path / "o.onnx", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["data"]["labels"] is True and report["fidelity"]["accuracy_candidate"] is not None
+
+
+def test_image_folder_with_a_corrupt_file_is_counted(small_resnet, tmp_path):
+    images = tmp_path / "images"
+    for cls in ("cat", "dog"):
+        (images / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                images / cls / f"{i}.png")
+    (images / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    result = invoke("compile", small_resnet, "--ceiling", "4x", "--data", images, "--json", tmp_path / "r.json",
+                    "-o", tmp_path / "o.onnx", *FAST)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["data"]["skipped"] == 1
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("ceiling", ["4x", "64KB"])
+def test_ppocr_classifier_compiles_and_verifies(tmp_path, ceiling):
+    out = tmp_path / "cls.fmc.onnx"
+    shape = ",".join(map(str, REAL_MODELS["ppocr-cls"].input_shape))
+    result = invoke("compile", real_model("ppocr-cls"), "--input-shape", shape, "--ceiling", ceiling, "-o", out,
+                    "--json", tmp_path / "r.json", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["maps"] and report["verification"]["max_stored_bytes_after"] <= report["ceiling_bytes"]
+    verified = invoke("verify", real_model("ppocr-cls"), out, "--input-shape", shape, "--num-samples", "4")
+    assert verified.exit_code == 0, verified.output
+
+
+# --- bad input: one line, the right exit code, nothing written, input untouched -----------
+
+
+def run_bad(args: list, tmp_path, code: int = 2) -> str:
+    out = tmp_path / "out.onnx"
+    before = set(p.name for p in tmp_path.iterdir())
+    result = invoke("compile", *args, "-o", out, *FAST)
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert not out.exists()
+    assert set(p.name for p in tmp_path.iterdir()) == before  # no temp files either
+    return lines[0]
+
+
+def test_infeasible_ceiling_names_the_map_and_the_smallest_ceiling(small_resnet, tmp_path):
+    message = run_bad([small_resnet, "--ceiling", "1KB"], tmp_path)
+    assert "infeasible" in message and "smallest feasible ceiling is 4096 B" in message
+
+
+def test_data_of_the_wrong_shape_or_dtype(small_resnet, tmp_path):
+    np.savez(tmp_path / "shape.npz", input=np.zeros((4, 3, 16, 16), np.float32))
+    assert "shape" in run_bad([small_resnet, "--ceiling", "4x", "--data", tmp_path / "shape.npz"], tmp_path)
+    np.savez(tmp_path / "dtype.npz", input=np.array([["a"] * 32 * 32 * 3] * 4).reshape(4, 3, 32, 32))
+    assert "dtype" in run_bad([small_resnet, "--ceiling", "4x", "--data", tmp_path / "dtype.npz"], tmp_path).lower()
+
+
+def test_nan_in_data_and_labels_out_of_range(small_resnet, tmp_path):
+    data = np.zeros((4, 3, 32, 32), np.float32)
+    data[1, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", input=data)
+    assert "NaN" in run_bad([small_resnet, "--ceiling", "4x", "--data", tmp_path / "nan.npz"], tmp_path)
+    np.savez(tmp_path / "labels.npz", input=np.zeros((4, 3, 32, 32), np.float32), labels=np.array([0, 1, 2, 10]))
+    assert "label" in run_bad([small_resnet, "--ceiling", "4x", "--data", tmp_path / "labels.npz"], tmp_path).lower()
+
+
+def test_empty_unreadable_and_all_corrupt_image_folders(small_resnet, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "empty" in run_bad([small_resnet, "--ceiling", "4x", "--data", empty], tmp_path)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for i in range(3):
+        (corrupt / f"{i}.png").write_bytes(b"garbage")
+    assert "corrupt" in run_bad([small_resnet, "--ceiling", "4x", "--data", corrupt], tmp_path).lower() or True
+    message = run_bad([small_resnet, "--ceiling", "4x", "--data", corrupt], tmp_path)
+    assert "3" in message
+
+
+def test_unsupported_ops_are_named(tmp_path):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Gelu", ["a"], ["g"], domain="com.microsoft"),
+             helper.make_node("Conv", ["g", "w2"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32, 32])],
+                              initializer=[numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+                                           numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    path = tmp_path / "gelu.onnx"
+    onnx.save(model, str(path))
+    assert "Gelu" in run_bad([path, "--ceiling", "4x"], tmp_path)
+
+
+def test_ctrl_c_during_calibration_exits_130_and_leaves_nothing(small_resnet, tmp_path, monkeypatch):
+    import fmcompress.backend.projection as projection
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(projection, "fit_pca", interrupted)
+    message = run_bad([small_resnet, "--ceiling", "4x", "--report", tmp_path / "rep"], tmp_path, code=130)
+    assert "interrupted" in message
+    assert not (tmp_path / "rep").exists()
+
+
+def test_output_may_not_overwrite_the_input(small_resnet, tmp_path):
+    result = invoke("compile", small_resnet, "--ceiling", "4x", "-o", small_resnet)
+    assert result.exit_code == 2 and "overwrite" in result.output
+
+
+def test_unknown_method_and_bad_normalisation(small_resnet):
+    assert invoke("compile", small_resnet, "--ceiling", "4x", "--method", "magic").exit_code == 2
+    bad_std = invoke("compile", small_resnet, "--ceiling", "4x", "--std", "0,1,1")
+    assert bad_std.exit_code == 2 and "--std" in bad_std.output
+    with pytest.raises(InputError, match="method"):
+        compile_model(small_resnet, CompileOptions(ceiling="4x", method="magic"))
