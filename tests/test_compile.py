@@ -117,6 +117,19 @@ def test_ppocr_classifier_compiles_and_verifies(tmp_path, ceiling):
     assert verified.exit_code == 0, verified.output
 
 
+@pytest.mark.real
+@pytest.mark.parametrize("ceiling", ["4x", "256KB"])
+def test_yolov8n_compiles_and_verifies(tmp_path, ceiling):
+    out = tmp_path / "yolo.fmc.onnx"
+    result = invoke("compile", real_model("yolov8n"), "--input-shape", "1,3,320,320", "--ceiling", ceiling,
+                    "-o", out, "--json", tmp_path / "r.json", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["maps"]) >= 10
+    assert report["verification"]["max_stored_bytes_after"] <= report["ceiling_bytes"]
+    assert report["fidelity"]["cosine_similarity"] > 0.5
+
+
 # --- bad input: one line, the right exit code, nothing written, input untouched -----------
 
 
@@ -161,9 +174,8 @@ def test_empty_unreadable_and_all_corrupt_image_folders(small_resnet, tmp_path):
     corrupt.mkdir()
     for i in range(3):
         (corrupt / f"{i}.png").write_bytes(b"garbage")
-    assert "corrupt" in run_bad([small_resnet, "--ceiling", "4x", "--data", corrupt], tmp_path).lower() or True
     message = run_bad([small_resnet, "--ceiling", "4x", "--data", corrupt], tmp_path)
-    assert "3" in message
+    assert "none of its 3 image(s) could be read" in message
 
 
 def test_unsupported_ops_are_named(tmp_path):
