@@ -1,4 +1,4 @@
-"""The Python API: `analyze` (and, as they land, `compile`, `verify`, `export`)."""
+"""The Python API: `analyze`, `compile`, `export`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import onnx
 
+from .compiler import CompileOptions, CompileResult, compile_model
 from .modelio import load_model
 from .passes import PassContext
 from .passes.memory import MemoryAnalysisPass
@@ -33,3 +34,22 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceilin
         raise InputError(f"--act-bytes must be at least 1, got {act_bytes}")
     ctx = PassContext(input_shapes=parse_input_shapes(input_shapes, proto), act_bytes=act_bytes)
     return MemoryAnalysisPass(ceiling, source=source).run(proto, ctx).data
+
+
+def compile(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceiling,  # noqa: A001 - the product's verb
+            plan_only: bool = False, **options) -> CompileResult:
+    """Compress `model` so that every stored feature map fits under `ceiling`.
+
+    Options are those of `CompileOptions` (input_shapes, act_bytes, method, data,
+    num_samples, mean, std, scale, batch_size, seed, ...). Returns a CompileResult
+    whose `model` is the verified ONNX model and `report` the compile report; nothing
+    is written to disk.
+    """
+    return compile_model(model, CompileOptions(ceiling=ceiling, **options), plan_only=plan_only)
+
+
+def export(source: str, input_shape: Sequence[int], output: str | os.PathLike, **options):
+    """Export a zoo model or `pkg.module:factory` to ONNX (see `fmcompress.frontend.export_model`)."""
+    from .frontend import export_model
+
+    return export_model(source, tuple(input_shape), output, **options)
