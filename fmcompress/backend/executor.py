@@ -39,6 +39,11 @@ SHAPE_OPS = ("Shape", "Size")  # their outputs depend on the data's shape only
 HOST_INPUTS = {"Resize": (1, 2, 3), "Upsample": (1,), "Pad": (1, 2, 3), "Clip": (1, 2), "Pow": (1,),
                "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Split": (1,),
                "Squeeze": (1,), "Unsqueeze": (1,), "TopK": (1,), "ConstantOfShape": (0,)}
+# In-place variants, used when the node is the only reader of its first input and that input is a
+# fresh tensor whose producer's backward does not need it (as torchvision's ReLU(inplace=True) and
+# `out += identity`): saves an allocation and a pass over memory per activation.
+INPLACE = {"Relu": lambda ctx, x: torch.relu_(x), "Add": lambda ctx, a, b: _add_inplace(a, b)}
+FRESH_PRODUCERS = {"Conv", "ConvTranspose", "BatchNormalization", "Add", "Sub", "Gemm", "MatMul"}
 SMALL_CONST = 64  # constants up to this many elements are also given to handlers as numpy
 MISSING, DISCARD = -1, -2  # pseudo slots: absent optional input, unused optional output
 
@@ -48,6 +53,12 @@ class _Node:
     proto: onnx.NodeProto
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+
+
+def _add_inplace(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.device == b.device and a.dtype == b.dtype and a.shape == torch.broadcast_shapes(a.shape, b.shape):
+        return a.add_(b)
+    return OPS["Add"](None, a, b)
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -209,6 +220,7 @@ class OnnxModule(nn.Module):
             frees[i] += [self._slot[n] for n in node.outputs if n and n not in last_use and n not in keep]
         self._nodes: list[tuple[Any, NodeCtx, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
         self._producer: dict[str, int] = {}
+        self._inplace = self._inplace_candidates(live, keep)
         for i, node in enumerate(live):
             small = {j: constants[n] for j, n in enumerate(node.inputs)
                      if n in constants and constants[n].size <= SMALL_CONST}
@@ -219,6 +231,15 @@ class OnnxModule(nn.Module):
             self._producer.update({n: i for n in node.outputs if n})
         self._output_slots = tuple(self._slot[n] for n in self.output_names)
 
+    @staticmethod
+    def _inplace_candidates(live: list[_Node], keep: set[str]) -> dict[int, str]:
+        """Step -> the input it may overwrite (only reader, fresh producer, not a graph output)."""
+        readers = Counter(name for node in live for name in node.inputs)
+        producer = {name: node.proto.op_type for node in live for name in node.outputs}
+        return {i: node.inputs[0] for i, node in enumerate(live)
+                if node.proto.op_type in INPLACE and node.inputs and readers[node.inputs[0]] == 1
+                and producer.get(node.inputs[0]) in FRESH_PRODUCERS and node.inputs[0] not in keep}
+
     def _rebuild_plan(self) -> None:
         """Attach each transform to the step that produces its tensor (or to the feed stage)."""
         by_step: dict[int, list[tuple[int, nn.Module]]] = {}
@@ -227,8 +248,13 @@ class OnnxModule(nn.Module):
             module = self.transforms[f"t{slot}"]
             step = self._producer.get(name)
             (self._early if step is None else by_step.setdefault(step, [])).append((slot, module))
-        self._steps = [(fn, ctx, ins, outs, frees, tuple(by_step.get(i, ())))
+        self._steps = [(self._handler(i, fn, ctx), ctx, ins, outs, frees, tuple(by_step.get(i, ())))
                        for i, (fn, ctx, ins, outs, frees) in enumerate(self._nodes)]
+
+    def _handler(self, step: int, fn: Any, ctx: NodeCtx) -> Any:
+        # a transform's output may be saved for its backward: never overwrite it
+        target = self._inplace.get(step)
+        return fn if target is None or target in self._transform_slots else INPLACE[ctx.op_type]
 
     # ------------------------------------------------------------ public API
 
