@@ -57,7 +57,7 @@ import onnx_graphsurgeon as gs
 
 from fmcompress.errors import UnsupportedOpError
 
-from .base import Pass, PassContext, PassResult
+from .base import PassContext, PassResult
 from .graphutil import (
     Namer,
     constant_value,
@@ -70,7 +70,7 @@ from .graphutil import (
     optional_input,
     set_conv_params,
 )
-from .insert import MapInfo, Projection, validate_projections
+from .insert import MapInfo, Projection, ProjectionPass
 
 SIMPLE_PUSH_OPS = ("GlobalAveragePool", "AveragePool", "Identity")
 
@@ -108,15 +108,11 @@ class _State:
             self.data[origin]["consumers"][where] = action
 
 
-class FoldProjectionsPass(Pass):
+class FoldProjectionsPass(ProjectionPass):
     name = "fold-projections"
 
-    def __init__(self, projections: dict[str, Projection]):
-        self.projections = projections
-
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        graph = gs.import_onnx(model)
-        infos = validate_projections(model, graph, self.projections, ctx.input_shapes)
+        graph, infos = self._import(model, ctx)
         if not self.projections:
             return PassResult(model, modified=False, data={})
         graph.toposort()

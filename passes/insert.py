@@ -129,15 +129,22 @@ def _rank_and_channels(tensor: gs.Tensor, inferred: tuple[int | None, int | None
     return weight.ndim, int(weight.shape[1]) * int(producer.attrs.get("group", 1))
 
 
-class InsertProjectionsPass(Pass):
-    name = "insert-projections"
+class ProjectionPass(Pass):
+    """Shared start of the passes that take projections: import the graph and check them."""
 
     def __init__(self, projections: dict[str, Projection]):
         self.projections = projections
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+    def _import(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[gs.Graph, dict[str, MapInfo]]:
         graph = gs.import_onnx(model)
-        infos = validate_projections(model, graph, self.projections, ctx.input_shapes)
+        return graph, validate_projections(model, graph, self.projections, ctx.input_shapes)
+
+
+class InsertProjectionsPass(ProjectionPass):
+    name = "insert-projections"
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        graph, infos = self._import(model, ctx)
         if not self.projections:
             return PassResult(model, modified=False, data={})
         namer = Namer(graph)
