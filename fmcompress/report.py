@@ -182,7 +182,9 @@ def plot_memory(report: AnalysisReport, path: str | os.PathLike, after: Analysis
         ax_maps.axhline(report.ceiling_bytes / 1024, color="tab:red", linestyle="--",
                         label=f"ceiling {report.ceiling} ({format_bytes(report.ceiling_bytes)})")
     ax_maps.set(title=f"stored feature maps of {Path(report.source).name}", xlabel="stored map (execution order)", ylabel="KiB")
-    ax_live.set(title="live memory (sum of stored maps alive)", xlabel="node (execution order)", ylabel="KiB")
+    ax_live.set(title="live memory (sum of stored maps alive)", xlabel="kernel group (execution order)", ylabel="KiB")
+    for axis in (ax_maps, ax_live):
+        axis.xaxis.get_major_locator().set_params(integer=True)
     ax_maps.legend(loc="upper right")
     if after is not None:
         ax_live.legend(loc="upper right")
