@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--ceiling", action="append", help="ceilings to run (default: 4x and 256KB)")
+    parser.add_argument("--model", action="append", help="models to run (default: all)")
     args = parser.parse_args()
     ceilings = args.ceiling or ["4x", "256KB"]
     print("| model | ceiling | maps | compile s | top-1 agree | cosine | rel. error | ort ms before | "
@@ -50,6 +51,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as workdir:
         for name, (path, shapes) in models(Path(workdir)).items():
+            if args.model and name not in args.model:
+                continue
             for ceiling in ceilings:
                 options = CompileOptions(ceiling=ceiling, input_shapes=shapes, num_samples=args.num_samples)
                 start = time.perf_counter()
