@@ -197,6 +197,8 @@ def compile_command(model: Path, ceiling: str, output: Path | None, input_shapes
             write_bytes_atomic(json.dumps(result.plan.to_dict(), indent=2).encode(), json_path)
         for entry in result.plan.maps:
             click.echo(f"{entry.name}  {'x'.join(map(str, entry.shape))}  k={entry.k}")
+        if not result.plan.maps:
+            click.echo(f"nothing to compress: every stored map is at or under {result.plan.ceiling_bytes} B")
         return
     save_model_atomic(result.model, output)
     if json_path:

@@ -216,3 +216,15 @@ def test_unknown_method_and_bad_normalisation(small_resnet):
     assert bad_std.exit_code == 2 and "--std" in bad_std.output
     with pytest.raises(InputError, match="method"):
         compile_model(small_resnet, CompileOptions(ceiling="4x", method="magic"))
+
+
+def test_plan_only_with_nothing_over_the_ceiling(small_resnet):
+    result = invoke("compile", small_resnet, "--ceiling", "1GB", "--plan-only")
+    assert result.exit_code == 0 and "nothing to compress" in result.output
+
+
+def test_verify_rejects_a_missing_file_and_an_unrelated_model(small_resnet, tmp_path):
+    missing = invoke("verify", small_resnet, tmp_path / "nope.onnx")
+    assert missing.exit_code == 2 and "no such file" in missing.output
+    other = invoke("verify", small_resnet, real_model("ppocr-cls"))
+    assert other.exit_code == 2 and "different inputs or outputs" in other.output
