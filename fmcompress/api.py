@@ -7,12 +7,10 @@ from collections.abc import Sequence
 
 import onnx
 
-from .compiler import CompileOptions, CompileResult, compile_model
+from .compiler import CompileOptions, CompileResult, build_context, compile_model, source_name
 from .modelio import load_model
-from .passes import PassContext
 from .passes.memory import MemoryAnalysisPass
 from .report import AnalysisReport
-from .shapes import parse_input_shapes
 from .units import Ceiling, parse_ceiling
 
 
@@ -24,16 +22,11 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceilin
     `ceiling` is `"256KB"`, `"4x"`, ... or a Ceiling; `input_shapes` pins symbolic dims,
     as `{"x": (1, 3, 224, 224)}` or CLI-style `["x=1,3,224,224"]`.
     """
-    source = "<ModelProto>" if isinstance(model, onnx.ModelProto) else str(model)
     proto = load_model(model)
     if isinstance(ceiling, str):
         ceiling = parse_ceiling(ceiling)
-    if act_bytes is not None and act_bytes < 1:
-        from .errors import InputError
-
-        raise InputError(f"--act-bytes must be at least 1, got {act_bytes}")
-    ctx = PassContext(input_shapes=parse_input_shapes(input_shapes, proto), act_bytes=act_bytes)
-    return MemoryAnalysisPass(ceiling, source=source).run(proto, ctx).data
+    ctx = build_context(proto, input_shapes, act_bytes)
+    return MemoryAnalysisPass(ceiling, source=source_name(model)).run(proto, ctx).data
 
 
 def compile(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceiling,  # noqa: A001 - the product's verb

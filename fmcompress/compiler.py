@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .data import DEFAULT_MEAN, DEFAULT_SCALE, DEFAULT_STD, Dataset, InputSpec, load_dataset
+from .data import DEFAULT_MEAN, DEFAULT_SCALE, DEFAULT_STD, Dataset, input_specs, load_dataset
 from .errors import InputError, VerificationError
 from .metrics import count_flops, fidelity, ort_latency, ort_session, run_ort
 from .modelio import load_model
@@ -33,7 +33,7 @@ from .passes.insert import Projection
 from .passes.memory import MemoryAnalysisPass
 from .passes.plan import Plan, PlanPass
 from .report import AnalysisReport
-from .shapes import graph_inputs, infer_tensor_infos, parse_input_shapes, resolve_input_shapes
+from .shapes import graph_inputs, parse_input_shapes, resolve_input_shapes
 from .units import Ceiling, parse_ceiling
 
 METHODS = ("pca",)
@@ -74,15 +74,15 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
         raise InputError(f"unknown method {options.method!r}; available: {', '.join(METHODS)}")
     started = time.perf_counter()
     model = load_model(source)
-    ctx = _context(model, options)
+    ctx = build_context(model, options.input_shapes, options.act_bytes)
     ceiling = options.ceiling if isinstance(options.ceiling, Ceiling) else parse_ceiling(options.ceiling)
-    before = MemoryAnalysisPass(ceiling, source=_source_name(source)).run(model, ctx).data
+    before = MemoryAnalysisPass(ceiling, source=source_name(source)).run(model, ctx).data
     ctx.results["memory"] = before
     plan = PlanPass(ceiling).run(model, ctx).data
     log(f"plan: {len(plan.maps)} map(s) above {plan.ceiling} ({plan.ceiling_bytes} B)")
     if plan_only:
         return CompileResult(None, plan, before, report={"plan": plan.to_dict()})
-    dataset = _dataset(model, ctx, options, log)
+    dataset = _dataset(model, ctx, options, _num_classes(model, before), log)
     calibration, held_out = dataset.split(options.held_out_fraction, seed=options.seed)
     executor = _executor(model)
     timings = {"analysis_and_plan": time.perf_counter() - started}
@@ -90,31 +90,30 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     timings["calibration"] = time.perf_counter() - started - timings["analysis_and_plan"]
     folded, fold_log = _fold(model, plan, projections, ctx, options)
     check = verify_against_executor(folded, executor, projections, held_out, options.batch_size)
-    after = _check_ceiling(folded, plan.ceiling_bytes, ctx, _source_name(source))
+    after = _check_ceiling(folded, plan.ceiling_bytes, ctx, source_name(source))
     log("verified: onnx.checker, onnxruntime, executor agreement, ceiling")
-    figures = measure(model, folded, held_out, ctx, options, log)
+    figures = measure(model, folded, held_out, before, after, options, log)
     timings["total"] = time.perf_counter() - started
     report = _report(source, options, plan, dataset, calibration, held_out, before, after, fold_log,
                      check, figures, timings)
     return CompileResult(folded, plan, before, after, report)
 
 
-def _source_name(source: str | os.PathLike | onnx.ModelProto) -> str:
+def source_name(source: str | os.PathLike | onnx.ModelProto) -> str:
     return "<ModelProto>" if isinstance(source, onnx.ModelProto) else str(source)
 
 
-def _context(model: onnx.ModelProto, options: CompileOptions) -> PassContext:
-    if options.act_bytes is not None and options.act_bytes < 1:
-        raise InputError(f"--act-bytes must be at least 1, got {options.act_bytes}")
-    pinned = parse_input_shapes(options.input_shapes, model)
-    return PassContext(input_shapes=resolve_input_shapes(model, pinned), act_bytes=options.act_bytes)
+def build_context(model: onnx.ModelProto, input_shapes: Any, act_bytes: int | None) -> PassContext:
+    """The pass context of one model: checked bytes per element and resolved input shapes."""
+    if act_bytes is not None and act_bytes < 1:
+        raise InputError(f"--act-bytes must be at least 1, got {act_bytes}")
+    pinned = parse_input_shapes(input_shapes, model)
+    return PassContext(input_shapes=resolve_input_shapes(model, pinned), act_bytes=act_bytes)
 
 
-def _dataset(model: onnx.ModelProto, ctx: PassContext, options: CompileOptions, log: Log) -> Dataset:
-    specs = [InputSpec(inp.name, ctx.input_shapes[inp.name],
-                       onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
-             for inp in graph_inputs(model)]
-    classes = _num_classes(model, ctx)
+def _dataset(model: onnx.ModelProto, ctx: PassContext, options: CompileOptions, classes: int | None,
+             log: Log) -> Dataset:
+    specs = input_specs(model, ctx.input_shapes)
     dataset = load_dataset(options.data, specs, num_samples=options.num_samples, mean=options.mean,
                            std=options.std, scale=options.scale, seed=options.seed, num_classes=classes)
     if len(dataset) < 2:
@@ -124,13 +123,10 @@ def _dataset(model: onnx.ModelProto, ctx: PassContext, options: CompileOptions, 
     return dataset
 
 
-def _num_classes(model: onnx.ModelProto, ctx: PassContext) -> int | None:
+def _num_classes(model: onnx.ModelProto, analysis: AnalysisReport) -> int | None:
     """Classes of a classifier's first output ([N, classes]), to check labels against."""
-    infos = infer_tensor_infos(model, ctx.input_shapes)
-    first = infos.get(model.graph.output[0].name)
-    if first is not None and len(first.shape) == 2:
-        return int(first.shape[1])
-    return None
+    first = analysis.tensor_shapes.get(model.graph.output[0].name)
+    return int(first[1]) if first is not None and len(first) == 2 else None
 
 
 def _executor(model: onnx.ModelProto):
@@ -234,24 +230,20 @@ def _check_ceiling(model: onnx.ModelProto, ceiling_bytes: int, ctx: PassContext,
     return after
 
 
-def measure(original: onnx.ModelProto, compressed: onnx.ModelProto, held_out: Dataset, ctx: PassContext,
-            options: CompileOptions, log: Log) -> dict[str, Any]:
+def measure(original: onnx.ModelProto, compressed: onnx.ModelProto, held_out: Dataset, before: AnalysisReport,
+            after: AnalysisReport, options: CompileOptions, log: Log) -> dict[str, Any]:
     """Fidelity on held-out data, FLOPs and onnxruntime latency, original against compressed."""
     reference = run_ort(original, held_out.batches(options.batch_size))
     candidate = run_ort(compressed, held_out.batches(options.batch_size))
     quality = fidelity(reference, candidate, held_out.labels).to_dict()
-    flops = {"before": _flops(original, ctx), "after": _flops(compressed, ctx)}
+    flops = {"before": count_flops(original, before.tensor_shapes),
+             "after": count_flops(compressed, after.tensor_shapes)}
     flops["ratio"] = flops["after"] / flops["before"] if flops["before"] else None
     one = {name: array[:1] for name, array in held_out.inputs.items()}
     latency = ort_latency({"original": original, "compressed": compressed}, one, repeats=options.latency_repeats)
     latency["ratio"] = latency["compressed"] / latency["original"]
     log(f"fidelity: {_fidelity_line(quality)}; latency ratio {latency['ratio']:.2f}")
     return {"fidelity": quality, "flops": flops, "latency_ms": latency}
-
-
-def _flops(model: onnx.ModelProto, ctx: PassContext) -> int:
-    infos = infer_tensor_infos(model, ctx.input_shapes)
-    return count_flops(model, {name: info.shape for name, info in infos.items()})
 
 
 def _fidelity_line(quality: dict[str, Any]) -> str:
@@ -268,19 +260,19 @@ def _fidelity_line(quality: dict[str, Any]) -> str:
 def _report(source, options: CompileOptions, plan: Plan, dataset: Dataset, calibration: Dataset,
             held_out: Dataset, before: AnalysisReport, after: AnalysisReport, fold_log: dict[str, Any],
             check: dict[str, Any], figures: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
-    after_bytes = {m.name: m for m in after.stored}
+    after_maps = {m.name: m for m in after.stored}
     maps = []
     for planned in plan.maps:
         stored = fold_log.get(planned.name, {}).get("stored", planned.name)
         entry = {"name": planned.name, "shape": planned.shape, "C": planned.channels, "k": planned.k,
                  "bytes_before": planned.bytes_before, "bytes_after": planned.bytes_after, "stored_as": stored,
-                 "stored_shape": after_bytes[stored].shape if stored in after_bytes else None,
+                 "stored_shape": after_maps[stored].shape if stored in after_maps else None,
                  "fold": fold_log.get(planned.name, {})}
         maps.append(entry)
     return {
         "schema_version": 1,
         "fmcompress_version": __version__,
-        "model": _source_name(source),
+        "model": source_name(source),
         "method": options.method,
         "ceiling": plan.ceiling,
         "ceiling_bytes": plan.ceiling_bytes,
@@ -311,12 +303,14 @@ def verify_pair(original_source, compressed_source, *, ceiling: Ceiling | str | 
         raise VerificationError(f"{compressed_source}: fails onnx.checker: {str(exc).splitlines()[0]}") from None
     options = CompileOptions(ceiling=ceiling or "1", input_shapes=input_shapes, act_bytes=act_bytes, data=data,
                              num_samples=num_samples, batch_size=batch_size)
-    ctx = _context(original, options)
-    ceiling_bytes = _ceiling_for_verify(ceiling, compressed, original, ctx)
+    ctx = build_context(original, input_shapes, act_bytes)
+    parsed = parse_ceiling(ceiling) if isinstance(ceiling, str) else ceiling
+    before = MemoryAnalysisPass(parsed, source=str(original_source)).run(original, ctx).data
+    ceiling_bytes = before.ceiling_bytes if parsed is not None else _recorded_ceiling(compressed)
     after = MemoryAnalysisPass(Ceiling(bytes=ceiling_bytes) if ceiling_bytes else None,
                                source=str(compressed_source)).run(compressed, ctx).data
-    dataset = _dataset(original, ctx, options, log)
-    figures = measure(original, compressed, dataset, ctx, options, log)
+    dataset = _dataset(original, ctx, options, _num_classes(original, before), log)
+    figures = measure(original, compressed, dataset, before, after, options, log)
     over = after.over_ceiling() if ceiling_bytes else []
     return {"ceiling_bytes": ceiling_bytes, "over_ceiling": [m.name for m in over],
             "peaks": after.peaks, "data": {"source": dataset.source, "surrogate": dataset.surrogate,
@@ -333,12 +327,8 @@ def _same_interface(original: onnx.ModelProto, compressed: onnx.ModelProto) -> N
                          "compressed version")
 
 
-def _ceiling_for_verify(ceiling: Ceiling | str | None, compressed: onnx.ModelProto, original: onnx.ModelProto,
-                        ctx: PassContext) -> int | None:
-    """The flag's ceiling (a relative one resolved on the original), else the compressed model's metadata."""
-    if ceiling is not None:
-        parsed = ceiling if isinstance(ceiling, Ceiling) else parse_ceiling(ceiling)
-        return MemoryAnalysisPass(parsed).run(original, ctx).data.ceiling_bytes
+def _recorded_ceiling(compressed: onnx.ModelProto) -> int | None:
+    """The ceiling `compile` recorded in the compressed model's metadata, if any."""
     meta = {p.key: p.value for p in compressed.metadata_props}
     value = meta.get("fmcompress.ceiling_bytes")
     return int(value) if value and value.isdigit() else None

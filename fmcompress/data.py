@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+from .shapes import graph_inputs
 
 DEFAULT_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)  # ImageNet, in [0, 1] pixel units
 DEFAULT_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -100,17 +101,14 @@ class Dataset:
         return self.subset(np.sort(order[held:])), self.subset(np.sort(order[:held]))
 
 
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The specs of a model's real inputs (initializers listed as inputs excluded)."""
-    weights = {init.name for init in model.graph.initializer}
+def input_specs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> list[InputSpec]:
+    """The specs of a model's real inputs; `shapes` (resolved input shapes) replace declared dims."""
     specs = []
-    for value in model.graph.input:
-        if value.name in weights:
-            continue
+    for value in graph_inputs(model):
         tensor = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-        specs.append(InputSpec(value.name, dims, dtype))
+        declared = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        dims = tuple((shapes or {}).get(value.name, declared))
+        specs.append(InputSpec(value.name, dims, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
     return specs
 
 

@@ -329,11 +329,11 @@ def _constant_value(node: onnx.NodeProto, initializers: dict[str, onnx.TensorPro
 
 def _verify(proto: onnx.ModelProto, example: np.ndarray, expected: list[np.ndarray]) -> float:
     """onnx.checker, then onnxruntime against torch; returns the max abs difference."""
-    import onnxruntime as ort
+    from .metrics import ort_session
 
     try:
         onnx.checker.check_model(proto)
-        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort_session(proto)
         actual = session.run(None, {INPUT_NAME: example})
     except Exception as exc:  # checker and onnxruntime raise their own types
         raise VerificationError(f"the exported model does not run: {_first_line(exc)}") from None

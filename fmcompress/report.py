@@ -70,11 +70,14 @@ class AnalysisReport:
     live: list[LivePoint]
     strict_live: list[LivePoint]
     summary: dict[str, ViewSummary] = field(default_factory=dict)
+    # every tensor's static shape (weights included), for FLOPs and later passes; not serialised
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, *, source: str, input_shapes: dict[str, tuple[int, ...]], act_bytes: int | None,
               ceiling: Ceiling | None, stored: list[FeatureMap], strict: list[FeatureMap],
-              live: list[LivePoint], strict_live: list[LivePoint]) -> AnalysisReport:
+              live: list[LivePoint], strict_live: list[LivePoint],
+              tensor_shapes: dict[str, tuple[int, ...]] | None = None) -> AnalysisReport:
         ceiling_bytes = None
         if ceiling is not None:
             largest = max((m.bytes for m in stored if m.role != "input"), default=0)
@@ -84,12 +87,10 @@ class AnalysisReport:
         report = cls(source=source, input_shapes={k: list(v) for k, v in input_shapes.items()},
                      act_bytes=act_bytes, ceiling=str(ceiling) if ceiling else None,
                      ceiling_bytes=ceiling_bytes, stored=stored, strict=strict, live=live,
-                     strict_live=strict_live)
-        report.summary = {
-            "stored": _summarise(stored, live),
-            "live": _summarise(stored, live),
-            "strict": _summarise(strict, strict_live),
-        }
+                     strict_live=strict_live, tensor_shapes=dict(tensor_shapes or {}))
+        stored_summary = _summarise(stored, live)  # the live view lists the same maps
+        report.summary = {"stored": stored_summary, "live": stored_summary,
+                          "strict": _summarise(strict, strict_live)}
         return report
 
     @property
@@ -105,6 +106,7 @@ class AnalysisReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["tensor_shapes"]
         data["schema_version"] = SCHEMA_VERSION
         data["peaks"] = self.peaks
         data["over_ceiling"] = [m.name for m in self.over_ceiling()]

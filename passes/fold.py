@@ -52,18 +52,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from fmcompress.errors import UnsupportedOpError
 
-from .base import PassContext, PassResult
 from .graphutil import (
     Namer,
     constant_value,
     conv1x1,
     conv_bias,
-    export_like,
     group_one_conv_weight,
     new_variable,
     optional_constant,
@@ -111,17 +108,14 @@ class _State:
 class FoldProjectionsPass(ProjectionPass):
     name = "fold-projections"
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        graph, infos = self._import(model, ctx)
-        if not self.projections:
-            return PassResult(model, modified=False, data={})
+    def _rewrite(self, graph: gs.Graph, infos: dict[str, MapInfo]) -> dict[str, dict]:
         graph.toposort()
         state = _State(graph, Namer(graph), self.projections, infos)
         for node in list(graph.nodes):
             _visit(state, node)
         _expand_graph_outputs(state)
         _refuse_subgraph_reads(state)
-        return PassResult(export_like(graph, model), modified=True, data=state.data)
+        return state.data
 
 
 # ---------------------------------------------------------------- the walk

@@ -130,23 +130,31 @@ def _rank_and_channels(tensor: gs.Tensor, inferred: tuple[int | None, int | None
 
 
 class ProjectionPass(Pass):
-    """Shared start of the passes that take projections: import the graph and check them."""
+    """Shared frame of the passes that take projections: import, check, rewrite, export.
+
+    Subclasses implement `_rewrite(graph, infos) -> data`; with no projections the
+    model is returned unchanged.
+    """
 
     def __init__(self, projections: dict[str, Projection]):
         self.projections = projections
 
-    def _import(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[gs.Graph, dict[str, MapInfo]]:
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         graph = gs.import_onnx(model)
-        return graph, validate_projections(model, graph, self.projections, ctx.input_shapes)
+        infos = validate_projections(model, graph, self.projections, ctx.input_shapes)
+        if not self.projections:
+            return PassResult(model, modified=False, data={})
+        data = self._rewrite(graph, infos)
+        return PassResult(export_like(graph, model), modified=True, data=data)
+
+    def _rewrite(self, graph: gs.Graph, infos: dict[str, MapInfo]) -> dict[str, dict]:
+        raise NotImplementedError
 
 
 class InsertProjectionsPass(ProjectionPass):
     name = "insert-projections"
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        graph, infos = self._import(model, ctx)
-        if not self.projections:
-            return PassResult(model, modified=False, data={})
+    def _rewrite(self, graph: gs.Graph, infos: dict[str, MapInfo]) -> dict[str, dict]:
         namer = Namer(graph)
         tensors = graph.tensors()
         data = {}
@@ -159,5 +167,5 @@ class InsertProjectionsPass(ProjectionPass):
             conv1x1(graph, namer, f"fmc/P/{name}", source, projection.P.astype(dtype), z, rank)
             conv1x1(graph, namer, f"fmc/U/{name}", z, projection.U.astype(dtype), x, rank)
             data[name] = {"stored": z.name}
-        return PassResult(export_like(graph, model), modified=True, data=data)
+        return data
 

@@ -291,6 +291,7 @@ class MemoryAnalysisPass(Pass):
             source=self.source, input_shapes=shapes, act_bytes=ctx.act_bytes, ceiling=self.ceiling,
             stored=stored, strict=strict,
             live=_live_curve(stored, stored_steps.labels), strict_live=_live_curve(strict, strict_steps.labels),
+            tensor_shapes={name: info.shape for name, info in infos.items()},
         )
         return PassResult(model, modified=False, data=report)
 

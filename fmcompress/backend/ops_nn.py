@@ -110,13 +110,19 @@ def _pool_check(ctx: NodeCtx) -> str | None:
     return None
 
 
+def _torch_pool_pads_ok(pads: list[int], kernel: list[int]) -> bool:
+    """torch pooling pads itself only symmetrically and by at most half the kernel."""
+    n = len(kernel)
+    return pads[:n] == pads[n:] and all(2 * p <= k for p, k in zip(pads[:n], kernel, strict=False))
+
+
 @op("MaxPool", check=_pool_check)
 def max_pool(ctx: NodeCtx, x: torch.Tensor) -> torch.Tensor:
     kernel = list(ctx.attr("kernel_shape"))
     n = len(kernel)
     strides, dilations, pads = _geometry(ctx, x, kernel)
     ceil = bool(ctx.attr("ceil_mode", 0))
-    if pads[:n] == pads[n:] and all(2 * p <= k for p, k in zip(pads[:n], kernel, strict=False)):
+    if _torch_pool_pads_ok(pads, kernel):
         return _MAX_POOL[n](x, kernel, strides, pads[:n], dilations, ceil_mode=ceil)
     padded = F.pad(x, _torch_pads(pads), value=-math.inf)
     return _MAX_POOL[n](padded, kernel, strides, 0, dilations, ceil_mode=ceil)
@@ -130,7 +136,7 @@ def average_pool(ctx: NodeCtx, x: torch.Tensor) -> torch.Tensor:
     ceil = bool(ctx.attr("ceil_mode", 0))
     include = bool(ctx.attr("count_include_pad", 0))
     pool = _AVG_POOL[n]
-    if pads[:n] == pads[n:] and all(2 * p <= k for p, k in zip(pads[:n], kernel, strict=False)):
+    if _torch_pool_pads_ok(pads, kernel):
         return pool(x, kernel, strides, pads[:n], ceil_mode=ceil, count_include_pad=include)
     padded = F.pad(x, _torch_pads(pads))
     mean = pool(padded, kernel, strides, 0, ceil_mode=ceil)
