@@ -24,12 +24,12 @@ import onnx
 from . import __version__
 from .data import DEFAULT_MEAN, DEFAULT_SCALE, DEFAULT_STD, Dataset, input_specs, load_dataset
 from .errors import InputError, VerificationError
+from .featuremaps import Projection
 from .metrics import count_flops, fidelity, ort_latency, ort_session, run_ort
 from .modelio import load_model
 from .passes import PassContext
 from .passes.fold import FoldProjectionsPass
 from .passes.fold_bn import FoldBatchNormPass
-from .passes.insert import Projection
 from .passes.memory import MemoryAnalysisPass
 from .passes.plan import Plan, PlanPass
 from .report import AnalysisReport

@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .errors import InputError, UnsupportedOpError, VerificationError
 from .modelio import save_model_atomic
+from .onnxutil import constant_node_value
 
 MIN_OPSET = 17
 RELATIVE_TOLERANCE = 1e-3
@@ -319,9 +321,9 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
 
 
 def _constant_value(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
-    if node.op_type == "Constant" and not node.domain and len(node.attribute) == 1 \
-            and node.attribute[0].name == "value":
-        return node.attribute[0].t
+    value = constant_node_value(node)
+    if value is not None:
+        return numpy_helper.from_array(value)
     if node.op_type == "Identity" and not node.domain and node.input[0] in initializers:
         return initializers[node.input[0]]
     return None

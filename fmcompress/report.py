@@ -8,36 +8,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .featuremaps import FeatureMap
 from .modelio import write_bytes_atomic
 from .units import Ceiling, format_bytes
 
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class FeatureMap:
-    """One tensor of a view. `role` is input, map or output; only maps can be compressed."""
-
-    name: str
-    shape: list[int]
-    dtype: str
-    bytes: int
-    role: str
-    producer: str
-    producer_op: str
-    group: str
-    consumers: list[str]
-    step: int  # execution step of the view that produces it (0 for graph inputs)
-    last_use: int  # step of the last reader (the last step for graph outputs; -1 if unread)
-    over_ceiling: bool = False
-
-    @property
-    def compressible(self) -> bool:
-        """A map between groups, [N, C, H, W] or [N, C, L], with at least 2 channels.
-
-        Graph inputs and outputs never are.
-        """
-        return self.role == "map" and len(self.shape) in (3, 4) and self.shape[1] >= 2
 
 
 @dataclass

@@ -55,6 +55,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from fmcompress.errors import UnsupportedOpError
+from fmcompress.featuremaps import Projection
 
 from .graphutil import (
     Namer,
@@ -67,7 +68,7 @@ from .graphutil import (
     optional_input,
     set_conv_params,
 )
-from .insert import MapInfo, Projection, ProjectionPass
+from .insert import MapInfo, ProjectionPass
 
 SIMPLE_PUSH_OPS = ("GlobalAveragePool", "AveragePool", "Identity")
 

@@ -15,6 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import shape_inference
 
+from fmcompress.onnxutil import constant_attr_value
+
 CONV_OPS = ("Conv", "ConvTranspose")
 
 
@@ -24,14 +26,7 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         return np.asarray(tensor.values)
     if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant":
         return None
-    attrs = tensor.inputs[0].attrs
-    if "value" in attrs:
-        return np.asarray(attrs["value"].values)
-    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
-                       ("value_int", np.int64), ("value_ints", np.int64)):
-        if key in attrs:
-            return np.asarray(attrs[key], dtype=dtype)
-    return None
+    return constant_attr_value(tensor.inputs[0].attrs)
 
 
 def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:

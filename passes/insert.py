@@ -20,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fmcompress.errors import InputError
+from fmcompress.featuremaps import Projection
 from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
@@ -33,32 +34,6 @@ from .graphutil import (
     new_variable,
     tensor_ranks_and_channels,
 )
-
-
-@dataclass
-class Projection:
-    """One feature map's learned projections: Z = P X is stored, consumers read U Z."""
-
-    P: np.ndarray  # (k, C) float32
-    U: np.ndarray  # (C, k) float32
-
-    def __post_init__(self) -> None:
-        self.P = np.asarray(self.P, dtype=np.float32)
-        self.U = np.asarray(self.U, dtype=np.float32)
-        if self.P.ndim != 2 or self.U.ndim != 2:
-            raise InputError(f"projection P and U must be matrices, got shapes {self.P.shape} and {self.U.shape}")
-        if self.U.shape != self.P.shape[::-1] or 0 in self.P.shape:
-            raise InputError(f"projection shapes disagree: P is {self.P.shape}, U is {self.U.shape}; expected (k, C) and (C, k)")
-        if not (np.isfinite(self.P).all() and np.isfinite(self.U).all()):
-            raise InputError("projection P or U holds NaN or infinite values")
-
-    @property
-    def k(self) -> int:
-        return int(self.P.shape[0])
-
-    @property
-    def C(self) -> int:  # noqa: N802 - the paper's name
-        return int(self.P.shape[1])
 
 
 @dataclass(frozen=True)

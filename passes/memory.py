@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from fmcompress.onnxutil import constant_node_value
 from fmcompress.report import AnalysisReport, FeatureMap, LivePoint
 from fmcompress.shapes import TensorInfo, graph_inputs, infer_tensor_infos, resolve_input_shapes
 from fmcompress.units import Ceiling
@@ -111,11 +112,7 @@ class GraphIndex:
         if name in self.constants:
             return numpy_helper.to_array(self.constants[name])
         node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
-        return None
+        return constant_node_value(node) if node is not None else None
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):

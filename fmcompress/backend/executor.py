@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedOpError
 from ..modelio import load_model
+from ..onnxutil import constant_node_value
 from . import ops_math, ops_nn, ops_resize, ops_tensor  # noqa: F401  (they fill the op table)
 from .registry import CHECKS, OPS, NodeCtx, RunState
 
@@ -94,15 +95,10 @@ def _node_ctx(node: onnx.NodeProto, opset: int, consts: dict[int, np.ndarray], s
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:
-    attr = node.attribute[0]
-    kind = attr.name
-    if kind == "value":
-        return numpy_helper.to_array(attr.t)
-    values = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
-              "value_ints": np.int64}
-    if kind not in values:
-        raise UnsupportedOpError(f"unsupported ops: Constant({kind}) x1")
-    return np.array(onnx.helper.get_attribute_value(attr), dtype=values[kind])
+    value = constant_node_value(node)
+    if value is None:
+        raise UnsupportedOpError(f"unsupported ops: Constant({node.attribute[0].name}) x1")
+    return value
 
 
 def _topological(nodes: list[_Node], available: set[str]) -> list[_Node]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmcompress.passes.insert import Projection
+from fmcompress.featuremaps import Projection
 
 
 def mix_channels(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
