@@ -55,7 +55,11 @@ class CompileOptions:
     held_out_fraction: float = 0.25
     batch_size: int = 16
     seed: int = 0
-    latency_repeats: int = 20
+    latency_repeats: int = 20  # timed runs per model per round
+    latency_rounds: int = 5  # interleaved rounds; the report gives the median and spread
+    threads: int = 1  # onnxruntime intra-op threads for the latency figures
+    min_agreement: float | None = None  # fidelity gate: held-out top-1 agreement, 0..1
+    max_accuracy_drop: float | None = None  # fidelity gate: accuracy points lost (needs labels)
 
 
 @dataclass
