@@ -6,7 +6,8 @@ Models: the zoo ResNet-18 at 224 (exported here), PP-OCR's classifier (1,3,48,19
 and YOLOv8n (1,3,320,320) from their PyPI wheels; surrogate calibration data.
 Each row is one full compile (plan, PCA over the calibration part, folding,
 verification, fidelity on the held-out part, onnxruntime latency of compressed
-over original measured side by side in the same run).
+over original: interleaved rounds in the same run, median of the per-round ratios
+and its range over rounds, with --threads intra-op threads).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def models(workdir: Path) -> dict[str, tuple[Path, list[str]]]:
 
 def row(name: str, seconds: float, report: dict) -> str:
     fid, lat = report["fidelity"], report["latency_ms"]
+    low, high = lat["spread"]["ratio"]
     top1 = f"{fid['top1_agreement']:.1%}" if fid["top1_agreement"] is not None else "n/a"
     return (f"| {name} | {report['ceiling']} | {len(report['maps'])} | {seconds:.1f} | {top1} | "
             f"{fid['cosine_similarity']:.4f} | {fid['relative_error']:.3f} | {lat['original']:.2f} | "
-            f"{lat['compressed']:.2f} | {lat['ratio']:.2f} | {report['flops']['ratio']:.3f} |")
+            f"{lat['compressed']:.2f} | {lat['ratio']:.2f} ({low:.2f}-{high:.2f}) | {report['flops']['ratio']:.3f} |")
 
 
 def main() -> None:
@@ -44,17 +46,20 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--ceiling", action="append", help="ceilings to run (default: 4x and 256KB)")
     parser.add_argument("--model", action="append", help="models to run (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for latency")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds")
     args = parser.parse_args()
     ceilings = args.ceiling or ["4x", "256KB"]
     print("| model | ceiling | maps | compile s | top-1 agree | cosine | rel. error | ort ms before | "
-          "ort ms after | latency ratio | FLOPs ratio |")
+          "ort ms after | latency ratio (range) | FLOPs ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as workdir:
         for name, (path, shapes) in models(Path(workdir)).items():
             if args.model and name not in args.model:
                 continue
             for ceiling in ceilings:
-                options = CompileOptions(ceiling=ceiling, input_shapes=shapes, num_samples=args.num_samples)
+                options = CompileOptions(ceiling=ceiling, input_shapes=shapes, num_samples=args.num_samples,
+                                         threads=args.threads, latency_rounds=args.rounds)
                 start = time.perf_counter()
                 try:
                     result = compile_model(path, options)

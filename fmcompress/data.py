@@ -70,6 +70,7 @@ class Dataset:
     source: str = ""
     surrogate: bool = False
     skipped: int = 0  # corrupt files that were skipped
+    skipped_files: tuple[str, ...] = ()  # their paths (the first few are named in warnings)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values()))) if self.inputs else 0
@@ -83,11 +84,18 @@ class Dataset:
             labels = None if self.labels is None else self.labels[start:stop]
             yield {name: array[start:stop] for name, array in self.inputs.items()}, labels
 
+    def torch_batches(self, batch_size: int, names: Sequence[str]):
+        """The inputs as tuples of torch tensors in `names` order (for the torch executor)."""
+        import torch
+
+        for inputs, _ in self.batches(batch_size):
+            yield tuple(torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in names)
+
     def subset(self, indices: np.ndarray) -> Dataset:
         """The samples at `indices`, same source and flags."""
         labels = None if self.labels is None else self.labels[indices]
         inputs = {name: array[indices] for name, array in self.inputs.items()}
-        return Dataset(inputs, labels, self.source, self.surrogate, self.skipped)
+        return Dataset(inputs, labels, self.source, self.surrogate, self.skipped, self.skipped_files)
 
     def split(self, held_out_fraction: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:
         """Deterministic (calibration, held_out) split; both parts are non-empty."""
@@ -99,6 +107,33 @@ class Dataset:
         held = min(total - 1, max(1, round(total * held_out_fraction)))
         order = np.random.default_rng(seed).permutation(total)
         return self.subset(np.sort(order[held:])), self.subset(np.sort(order[:held]))
+
+
+MIN_HELD_OUT = 32  # fewer held-out samples than this make the fidelity figures coarse
+NAMED_SKIPS = 3
+
+
+def data_warnings(dataset: Dataset, held_out: Dataset | None = None) -> list[str]:
+    """What makes calibration or fidelity figures weak: constant inputs, a tiny held-out part, bad files."""
+    warnings = []
+    for name, array in dataset.inputs.items():
+        flat = array.reshape(len(array), -1)
+        if not flat.size:
+            continue
+        if not np.any(flat):
+            warnings.append(f"input {name!r} is all zeros in every sample: projections fitted on it mean little")
+        elif np.all(flat == flat[:1]):
+            warnings.append(f"input {name!r} is the same in every sample: projections fitted on it mean little")
+        elif np.all(flat.max(axis=1) == flat.min(axis=1)):
+            warnings.append(f"input {name!r} is constant within every sample: projections fitted on it mean little")
+    if held_out is not None and len(held_out) < MIN_HELD_OUT:
+        warnings.append(f"only {len(held_out)} held-out sample(s) (fewer than {MIN_HELD_OUT}): the fidelity "
+                        "figures are coarse; pass more --num-samples")
+    if dataset.skipped:
+        named = ", ".join(dataset.skipped_files[:NAMED_SKIPS])
+        more = f" and {dataset.skipped - NAMED_SKIPS} more" if dataset.skipped > NAMED_SKIPS else ""
+        warnings.append(f"{dataset.skipped} unreadable file(s) skipped: {named}{more}")
+    return warnings
 
 
 def input_specs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> list[InputSpec]:
@@ -361,20 +396,21 @@ def _image_folder_dataset(folder: Path, spec: InputSpec, norm: _Normalizer, num_
         raise InputError(f"{folder}: no images ({kinds}) in it or in its class subfolders")
     if labels is not None and num_classes is not None and class_count > num_classes:
         raise InputError(f"{folder}: {class_count} class subfolders but the model has {num_classes} classes")
-    samples, kept, skipped = [], [], 0
+    samples, kept, skipped = [], [], []
     for index in np.random.default_rng(seed).permutation(len(files)):
         if len(samples) == num_samples:
             break
         sample = _read_image(files[index], norm)
         if sample is None:
-            skipped += 1
+            skipped.append(str(files[index]))
             continue
         samples.append(sample)
         kept.append(index)
     if not samples:
         raise InputError(f"{folder}: none of its {len(files)} image(s) could be read")
     label_array = None if labels is None else np.asarray(labels, dtype=np.int64)[kept]
-    return Dataset({spec.name: np.stack(samples)}, label_array, f"images:{folder}", skipped=skipped)
+    return Dataset({spec.name: np.stack(samples)}, label_array, f"images:{folder}", skipped=len(skipped),
+                   skipped_files=tuple(skipped))
 
 
 # --------------------------------------------------------------------- surrogate

@@ -2,7 +2,7 @@
 
 * `fidelity`: how closely a compressed model's outputs follow the original's.
 * `count_flops`: arithmetic cost from the graph and its tensor shapes.
-* `ort_latency`: onnxruntime latency of several models, measured side by side.
+* `ort_latency`: onnxruntime latency of a model pair, interleaved rounds, median and spread.
 * `run_ort`: run a model over a dataset's batches, outputs stacked.
 """
 
@@ -207,29 +207,66 @@ def _session_feeds(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray
     return {name: feeds[name] for name in names}
 
 
-def ort_latency(models: Mapping[str, ModelLike], feeds: Mapping[str, np.ndarray], *,
-                repeats: int = 30, warmup: int = 5, threads: int | None = None) -> dict[str, float]:
-    """Median latency in ms of each model on `feeds`, measured side by side.
+@dataclass(frozen=True)
+class LatencyFigures:
+    """Side-by-side onnxruntime latency of a (reference, candidate) pair.
 
-    Repetitions are interleaved round robin (rotating which model goes first),
-    so machine noise such as frequency scaling or a busy neighbour hits every
-    model alike and the figures stay comparable.
+    Each round times `repeats` runs of both models back to back (the order alternates
+    between rounds) and keeps each model's median; the figures are the medians over
+    rounds, the ratio is the median of the per-round ratios, and the spreads are the
+    smallest and largest per-round values, so noise shows instead of hiding in one number.
     """
-    if repeats < 1 or warmup < 0:
-        raise InputError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    runs = {name: _runner(ort_session(model, threads), feeds) for name, model in models.items()}
-    for run in runs.values():
+
+    reference_ms: float
+    candidate_ms: float
+    ratio: float
+    reference_spread_ms: tuple[float, float]
+    candidate_spread_ms: tuple[float, float]
+    ratio_spread: tuple[float, float]
+    rounds: int
+    repeats: int
+    threads: int | None
+
+    def to_dict(self, reference: str = "original", candidate: str = "compressed") -> dict[str, Any]:
+        return {reference: self.reference_ms, candidate: self.candidate_ms, "ratio": self.ratio,
+                "spread": {reference: list(self.reference_spread_ms), candidate: list(self.candidate_spread_ms),
+                           "ratio": list(self.ratio_spread)},
+                "rounds": self.rounds, "repeats": self.repeats, "threads": self.threads}
+
+
+def ort_latency(reference: ModelLike, candidate: ModelLike, feeds: Mapping[str, np.ndarray], *,
+                rounds: int = 5, repeats: int = 20, warmup: int = 3, threads: int | None = 1) -> LatencyFigures:
+    """Latency of `candidate` against `reference` on `feeds`, interleaved rounds (see LatencyFigures)."""
+    if rounds < 1 or repeats < 1 or warmup < 0:
+        raise InputError(f"need rounds >= 1, repeats >= 1 and warmup >= 0, got {rounds}, {repeats} and {warmup}")
+    runs = [_runner(ort_session(model, threads), feeds) for model in (reference, candidate)]
+    for run in runs:
         for _ in range(warmup):
             run()
-    names = list(runs)
-    timings: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names) if names else 0
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            runs[name]()
-            timings[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: float(np.median(times)) for name, times in timings.items()}
+    medians: list[list[float]] = [[], []]
+    for round_ in range(rounds):
+        order = (0, 1) if round_ % 2 == 0 else (1, 0)
+        for which in order:
+            medians[which].append(float(np.median(_time_runs(runs[which], repeats))))
+    ratios = [c / r for r, c in zip(*medians, strict=True)]
+    return LatencyFigures(
+        reference_ms=float(np.median(medians[0])), candidate_ms=float(np.median(medians[1])),
+        ratio=float(np.median(ratios)), reference_spread_ms=_spread(medians[0]),
+        candidate_spread_ms=_spread(medians[1]), ratio_spread=_spread(ratios), rounds=rounds, repeats=repeats,
+        threads=threads)
+
+
+def _time_runs(run, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    return float(min(values)), float(max(values))
 
 
 def _runner(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]):
@@ -283,3 +320,31 @@ def _chunks(feeds: dict[str, np.ndarray], size: int | None):
                 part = np.concatenate([part, np.repeat(part[-1:], size - real, axis=0)])
             chunk[name] = part
         yield chunk, real
+
+
+def batch_is_free(model: ModelLike, specs: Iterable[Any]) -> bool:
+    """Whether the model really runs at batch 2 (one onnxruntime trial on zeros).
+
+    Graphs that fix the batch at 1 (a Reshape to [1, -1], a batch-1 anchor constant)
+    either fail at batch 2 or return batch-1 outputs; `specs` are the inputs'
+    InputSpecs (name, shape with the batch first, dtype).
+    """
+    session = ort_session(model, threads=1)
+    specs = list(specs)
+    if _fixed_batch(session) is not None:
+        return False
+
+    def outputs_at(batch: int) -> list[np.ndarray] | None:
+        feeds = {spec.name: np.zeros((batch, *spec.shape[1:]), spec.dtype) for spec in specs}
+        try:
+            return session.run(None, feeds)
+        except Exception:  # onnxruntime raises its own types; any failure means "not at this batch"
+            return None
+
+    single, double = outputs_at(1), outputs_at(2)
+    if single is None:
+        raise InputError("onnxruntime cannot run the model on zeros of its input shapes at batch 1")
+    if double is None:
+        return False
+    return all(np.ndim(b) >= 1 and len(b) == 2 for a, b in zip(single, double, strict=True)
+               if np.ndim(a) >= 1 and len(a) == 1)

@@ -11,6 +11,7 @@ found in `result.data`. The pipeline stores every pass's data in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ class PassContext:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     act_bytes: int | None = None  # overrides the stored dtype's bytes per element
     results: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per pass name, set by Pipeline
     log: Callable[[str], None] = lambda message: None
 
 
@@ -56,8 +58,9 @@ class Pipeline:
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, PassContext]:
         ctx = ctx if ctx is not None else PassContext()
         for pass_ in self.passes:
-            ctx.log(f"pass {pass_.name}")
+            started = time.perf_counter()
             result = pass_.run(model, ctx)
             model = result.model
             ctx.results[pass_.name] = result.data
+            ctx.timings[pass_.name] = ctx.timings.get(pass_.name, 0.0) + time.perf_counter() - started
         return model, ctx

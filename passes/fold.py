@@ -16,7 +16,8 @@ b. U into a consumer Conv with group=1 reading it as input 0 (any kernel, stride
    ConvTranspose group=1 likewise on its input-channel axis 0.
 c. U pushed through spatially linear per-channel ops (they commute with it):
    GlobalAveragePool, AveragePool, Pad (constant 0, channel axis not padded),
-   Resize/Upsample (channel axis not resized; a `sizes` input gets k at dim 1),
+   Resize/Upsample (channel axis not resized; a `sizes` input gets k at dim 1; not
+   tf_crop_and_resize with a non-zero extrapolation_value, which is not linear),
    Identity, Dropout (inference, mask unused), Slice and Split along non-channel
    axes, Concat along a non-channel axis of inputs that all carry the same U
    (Concat(U T_i) = U Concat(T_i)). The op reads T; its outputs (renamed
@@ -109,9 +110,10 @@ class _State:
 class FoldProjectionsPass(ProjectionPass):
     name = "fold-projections"
 
-    def _rewrite(self, graph: gs.Graph, infos: dict[str, MapInfo]) -> dict[str, dict]:
+    def _rewrite(self, graph: gs.Graph, projections: dict[str, Projection],
+                 infos: dict[str, MapInfo]) -> dict[str, dict]:
         graph.toposort()
-        state = _State(graph, Namer(graph), self.projections, infos)
+        state = _State(graph, Namer(graph), projections, infos)
         for node in list(graph.nodes):
             _visit(state, node)
         _expand_graph_outputs(state)
@@ -271,6 +273,8 @@ def _pad_spares_channels(node: gs.Node, rank: int) -> bool:
 
 def _resize_spares_channels(state: _State, node: gs.Node, pend: Pending) -> bool:
     channels, k = pend.U.shape
+    if not _resize_is_linear(node):
+        return False
     axes = node.attrs.get("axes")
     axes_list = list(range(pend.rank)) if axes is None else [int(a) % pend.rank for a in axes]
     if 1 not in axes_list:
@@ -293,6 +297,14 @@ def _resize_spares_channels(state: _State, node: gs.Node, pend: Pending) -> bool
     new_sizes[position] = k
     node.inputs[3] = gs.Constant(state.namer(f"fmc/{_label(node)}/sizes"), new_sizes)
     return True
+
+
+def _resize_is_linear(node: gs.Node) -> bool:
+    """Resize is linear in its input except where tf_crop_and_resize writes a non-zero
+    extrapolation value outside the crop: Resize(U T) has e there, U Resize(T) has U (e...e)."""
+    if node.op != "Resize" or node.attrs.get("coordinate_transformation_mode") != "tf_crop_and_resize":
+        return True
+    return float(node.attrs.get("extrapolation_value", 0.0)) == 0.0
 
 
 def _slice_axes(node: gs.Node) -> list[int] | None:

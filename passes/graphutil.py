@@ -10,6 +10,8 @@ metadata and functions stay as they were.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -116,28 +118,31 @@ def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def tensor_ranks_and_channels(model: onnx.ModelProto) -> dict[str, tuple[int | None, int | None]]:
-    """(rank, dim 1) of every tensor that ONNX shape inference can type; None where unknown."""
+@dataclass(frozen=True)
+class InferredType:
+    """What ONNX shape inference says of a tensor; None where it cannot tell."""
+
+    rank: int | None
+    channels: int | None  # dim 1
+    dtype: np.dtype | None
+
+
+def inferred_types(model: onnx.ModelProto) -> dict[str, InferredType]:
+    """Rank, dim 1 and element dtype of every tensor that ONNX shape inference can type."""
     try:
         inferred = shape_inference.infer_shapes(model)
     except Exception:  # inference is a best effort: callers fall back on conv weights
         inferred = model
     graph = inferred.graph
-    found: dict[str, tuple[int | None, int | None]] = {}
+    found: dict[str, InferredType] = {}
     for value in [*graph.input, *graph.value_info, *graph.output]:
         tensor_type = value.type.tensor_type
+        dtype = (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+                 if tensor_type.elem_type else None)
         if not tensor_type.HasField("shape"):
+            found[value.name] = InferredType(None, None, dtype)
             continue
         dims = tensor_type.shape.dim
         channels = dims[1].dim_value if len(dims) > 1 and dims[1].HasField("dim_value") else None
-        found[value.name] = (len(dims), channels)
+        found[value.name] = InferredType(len(dims), channels, dtype)
     return found
-
-
-def elem_dtype(model: onnx.ModelProto, name: str) -> np.dtype:
-    """The numpy dtype of tensor `name` from value_info/inputs/outputs; float32 when not declared."""
-    graph = model.graph
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        if value.name == name and value.type.tensor_type.elem_type:
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
-    return np.dtype(np.float32)

@@ -26,13 +26,13 @@ from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 from .base import Pass, PassContext, PassResult
 from .graphutil import (
     CONV_OPS,
+    InferredType,
     Namer,
     constant_value,
     conv1x1,
-    elem_dtype,
     export_like,
+    inferred_types,
     new_variable,
-    tensor_ranks_and_channels,
 )
 
 
@@ -58,10 +58,9 @@ def validate_projections(model: onnx.ModelProto, graph: gs.Graph, projections: d
         raise InputError("projections must be a dict mapping tensor names to Projection objects")
     tensors = graph.tensors()
     inputs = {t.name for t in graph.inputs}
-    shapes = tensor_ranks_and_channels(model)
-    unknown = [n for n in projections if n in tensors and shapes.get(n, (None, None))[0] is None]
-    if unknown:
-        shapes.update(_exact_ranks_and_channels(model, input_shapes or {}))
+    types = inferred_types(model)
+    unknown = [n for n in projections if n in tensors and (n not in types or types[n].rank is None)]
+    exact = _exact_types(model, input_shapes or {}) if unknown else {}
     infos: dict[str, MapInfo] = {}
     for name, projection in projections.items():
         if not isinstance(projection, Projection):
@@ -73,26 +72,34 @@ def validate_projections(model: onnx.ModelProto, graph: gs.Graph, projections: d
             raise InputError(f"cannot project {name!r}: it is a graph input; graph inputs cannot be projected")
         if isinstance(tensor, gs.Constant) or constant_value(tensor) is not None:
             raise InputError(f"cannot project {name!r}: it is a constant, not a feature map")
-        rank, channels = _rank_and_channels(tensor, shapes.get(name, (None, None)))
+        inferred = types.get(name, InferredType(None, None, None))
+        if inferred.rank is None and name in exact:
+            inferred = InferredType(exact[name].rank, exact[name].channels, inferred.dtype or exact[name].dtype)
+        rank, channels = _rank_and_channels(tensor, inferred)
         if rank not in PROJECTABLE_RANKS:
             raise InputError(f"cannot project {name!r}: it is {'of unknown rank' if rank is None else f'{rank}-D'}, "
                              "not a 4-D NCHW or 3-D NCL feature map")
         if channels is not None and channels != projection.C:
             raise InputError(f"projection for {name!r} has C={projection.C} but the tensor has {channels} channels")
-        infos[name] = MapInfo(elem_dtype(model, name), rank)
+        dtype = inferred.dtype or _producer_weight_dtype(tensor) or np.dtype(np.float32)
+        if dtype.kind != "f":
+            raise InputError(f"cannot project {name!r}: it holds {dtype.name} values; only floating-point "
+                             "feature maps can be projected")
+        infos[name] = MapInfo(dtype, rank)
     return infos
 
 
-def _exact_ranks_and_channels(model: onnx.ModelProto,
-                              input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int | None, int | None]]:
+def _exact_types(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, InferredType]:
     infos = infer_tensor_infos(model, resolve_input_shapes(model, input_shapes))
-    return {name: (len(info.shape), info.shape[1] if len(info.shape) > 1 else None) for name, info in infos.items()}
+    return {name: InferredType(len(info.shape), info.shape[1] if len(info.shape) > 1 else None,
+                               np.dtype(info.dtype) if info.dtype is not None else None)
+            for name, info in infos.items()}
 
 
-def _rank_and_channels(tensor: gs.Tensor, inferred: tuple[int | None, int | None]) -> tuple[int | None, int | None]:
+def _rank_and_channels(tensor: gs.Tensor, inferred: InferredType) -> tuple[int | None, int | None]:
     """Shape inference's answer, else the producing conv's weight says it."""
-    if inferred[0] is not None:
-        return inferred
+    if inferred.rank is not None:
+        return inferred.rank, inferred.channels
     producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
     if producer is None or producer.op not in CONV_OPS:
         return None, None
@@ -104,36 +111,50 @@ def _rank_and_channels(tensor: gs.Tensor, inferred: tuple[int | None, int | None
     return weight.ndim, int(weight.shape[1]) * int(producer.attrs.get("group", 1))
 
 
+def _producer_weight_dtype(tensor: gs.Tensor) -> np.dtype | None:
+    """A conv's output has its weight's dtype (when shape inference could not type the tensor)."""
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is None or producer.op not in CONV_OPS or len(producer.inputs) < 2:
+        return None
+    weight = constant_value(producer.inputs[1])
+    return None if weight is None else weight.dtype
+
+
 class ProjectionPass(Pass):
     """Shared frame of the passes that take projections: import, check, rewrite, export.
 
-    Subclasses implement `_rewrite(graph, infos) -> data`; with no projections the
-    model is returned unchanged.
+    The projections are the constructor's, or else the fit pass's
+    (`ctx.results["fit"]`), so the pass works alone and inside a Pipeline.
+    Subclasses implement `_rewrite(graph, projections, infos) -> data`; with no
+    projections the model is returned unchanged.
     """
 
-    def __init__(self, projections: dict[str, Projection]):
+    def __init__(self, projections: dict[str, Projection] | None = None):
         self.projections = projections
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        projections = self.projections if self.projections is not None else ctx.results.get("fit") or {}
         graph = gs.import_onnx(model)
-        infos = validate_projections(model, graph, self.projections, ctx.input_shapes)
-        if not self.projections:
+        infos = validate_projections(model, graph, projections, ctx.input_shapes)
+        if not projections:
             return PassResult(model, modified=False, data={})
-        data = self._rewrite(graph, infos)
+        data = self._rewrite(graph, projections, infos)
         return PassResult(export_like(graph, model), modified=True, data=data)
 
-    def _rewrite(self, graph: gs.Graph, infos: dict[str, MapInfo]) -> dict[str, dict]:
+    def _rewrite(self, graph: gs.Graph, projections: dict[str, Projection],
+                 infos: dict[str, MapInfo]) -> dict[str, dict]:
         raise NotImplementedError
 
 
 class InsertProjectionsPass(ProjectionPass):
     name = "insert-projections"
 
-    def _rewrite(self, graph: gs.Graph, infos: dict[str, MapInfo]) -> dict[str, dict]:
+    def _rewrite(self, graph: gs.Graph, projections: dict[str, Projection],
+                 infos: dict[str, MapInfo]) -> dict[str, dict]:
         namer = Namer(graph)
         tensors = graph.tensors()
         data = {}
-        for name, projection in self.projections.items():
+        for name, projection in projections.items():
             x = tensors[name]
             source = new_variable(namer, f"{name}/fmc_src")
             x.inputs[0].outputs[x.inputs[0].outputs.index(x)] = source

@@ -69,9 +69,9 @@ def test_resnet18_compiles_with_the_surrogate_set(resnet18_224, tmp_path):
     assert broken.exit_code == 1 and "above the ceiling of 102400 B" in broken.output
 
 
-def test_python_api_and_pca_orthonormality(small_resnet):
+def test_python_api_compiles_under_the_ceiling(small_resnet):
     result = compile_model(small_resnet, CompileOptions(ceiling="4x", num_samples=8, batch_size=4,
-                                                        latency_repeats=2))
+                                                        latency_repeats=2, latency_rounds=2))
     assert result.plan.maps and result.after is not None
     assert not result.after.over_ceiling()
     assert result.report["fidelity"]["cosine_similarity"] > 0.5
@@ -206,25 +206,35 @@ def test_ctrl_c_during_calibration_exits_130_and_leaves_nothing(small_resnet, tm
 
 
 def test_output_may_not_overwrite_the_input(small_resnet, tmp_path):
+    before = small_resnet.read_bytes()
     result = invoke("compile", small_resnet, "--ceiling", "4x", "-o", small_resnet)
     assert result.exit_code == 2 and "overwrite" in result.output
+    assert small_resnet.read_bytes() == before
 
 
-def test_unknown_method_and_bad_normalisation(small_resnet):
-    assert invoke("compile", small_resnet, "--ceiling", "4x", "--method", "magic").exit_code == 2
-    bad_std = invoke("compile", small_resnet, "--ceiling", "4x", "--std", "0,1,1")
+def test_unknown_method_and_bad_normalisation(small_resnet, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert invoke("compile", small_resnet, "--ceiling", "4x", "--method", "magic", "-o", out).exit_code == 2
+    bad_std = invoke("compile", small_resnet, "--ceiling", "4x", "--std", "0,1,1", "-o", out)
     assert bad_std.exit_code == 2 and "--std" in bad_std.output
+    assert not out.exists() and not list(tmp_path.iterdir())
     with pytest.raises(InputError, match="method"):
         compile_model(small_resnet, CompileOptions(ceiling="4x", method="magic"))
 
 
-def test_plan_only_with_nothing_over_the_ceiling(small_resnet):
-    result = invoke("compile", small_resnet, "--ceiling", "1GB", "--plan-only")
+def test_plan_only_with_nothing_over_the_ceiling(small_resnet, tmp_path):
+    plan = tmp_path / "plan.json"
+    result = invoke("compile", small_resnet, "--ceiling", "1GB", "--plan-only", "--json", plan,
+                    "-o", tmp_path / "o.onnx")
     assert result.exit_code == 0 and "nothing to compress" in result.output
+    assert json.loads(plan.read_text())["maps"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
 
 def test_verify_rejects_a_missing_file_and_an_unrelated_model(small_resnet, tmp_path):
-    missing = invoke("verify", small_resnet, tmp_path / "nope.onnx")
+    report = tmp_path / "v.json"
+    missing = invoke("verify", small_resnet, tmp_path / "nope.onnx", "--json", report)
     assert missing.exit_code == 2 and "no such file" in missing.output
-    other = invoke("verify", small_resnet, real_model("ppocr-cls"))
+    other = invoke("verify", small_resnet, real_model("ppocr-cls"), "--json", report)
     assert other.exit_code == 2 and "different inputs or outputs" in other.output
+    assert not report.exists()

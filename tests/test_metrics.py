@@ -160,14 +160,40 @@ def _linear_model(batch: int | str, scale: float) -> onnx.ModelProto:
     return model
 
 
-def test_ort_latency_side_by_side() -> None:
+def test_ort_latency_interleaved_rounds() -> None:
     feeds = {"x": np.ones((1, 4), np.float32)}
-    timings = ort_latency({"a": _linear_model(1, 2.0), "b": _linear_model(1, 3.0).SerializeToString()},
-                          feeds, repeats=5, warmup=1, threads=1)
-    assert set(timings) == {"a", "b"}
-    assert all(value > 0 for value in timings.values())
+    figures = ort_latency(_linear_model(1, 2.0), _linear_model(1, 3.0).SerializeToString(), feeds,
+                          rounds=3, repeats=4, warmup=1, threads=1)
+    assert figures.reference_ms > 0 and figures.candidate_ms > 0
+    low, high = figures.ratio_spread
+    assert low <= figures.ratio <= high
+    assert figures.reference_spread_ms[0] <= figures.reference_ms <= figures.reference_spread_ms[1]
+    report = figures.to_dict()
+    assert report["rounds"] == 3 and report["repeats"] == 4 and report["threads"] == 1
+    assert report["spread"]["ratio"] == [low, high]
     with pytest.raises(InputError, match="input"):
-        ort_latency({"a": _linear_model(1, 2.0)}, {"other": feeds["x"]})
+        ort_latency(_linear_model(1, 2.0), _linear_model(1, 2.0), {"other": feeds["x"]})
+    with pytest.raises(InputError, match="rounds"):
+        ort_latency(_linear_model(1, 2.0), _linear_model(1, 2.0), feeds, rounds=0)
+
+
+def test_ort_latency_sees_a_slower_candidate() -> None:
+    """A candidate doing ~50x the work must measure slower in every round (the ratio is not noise)."""
+    x = {"x": np.ones((1, 64), np.float32)}
+
+    def matmuls(count: int) -> onnx.ModelProto:
+        nodes, last = [], "x"
+        for i in range(count):
+            nodes.append(helper.make_node("MatMul", [last, "w"], [f"y{i}"]))
+            last = f"y{i}"
+        nodes.append(helper.make_node("Identity", [last], ["z"]))
+        graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                                  [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 64])],
+                                  [numpy_helper.from_array(np.eye(64, dtype=np.float32), "w")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    figures = ort_latency(matmuls(1), matmuls(200), x, rounds=3, repeats=5, warmup=2)
+    assert figures.ratio_spread[0] > 2
 
 
 def test_run_ort_fixed_batch_and_dynamic_batch() -> None:

@@ -1,0 +1,126 @@
+"""MeasurePass: what compression cost, measured on held-out data, and the fidelity gate.
+
+Rules:
+
+a. Fidelity: the original and the compressed model run in onnxruntime on the
+   held-out samples (never used for fitting); top-1 agreement and accuracy (when
+   labels exist) for classifier-shaped outputs, cosine similarity and relative
+   error for every output (`fmcompress.metrics.fidelity`).
+b. FLOPs before and after, from the graphs and their tensor shapes.
+c. Latency: both models in onnxruntime with `threads` intra-op threads on one
+   held-out sample, interleaved rounds, median and spread of each and of the ratio
+   (`fmcompress.metrics.ort_latency`).
+d. The gate: with `min_agreement`, top-1 agreement below it fails; with
+   `max_accuracy_drop` (points), an accuracy drop above it fails, and the gate needs
+   labels. A failure raises `VerificationError` (exit 1), so compile writes nothing.
+   Without a gate, top-1 agreement under 90% is a warning.
+
+Shapes come from `ctx.results["memory"]` (the original's analysis) and
+`ctx.results["verify"]["after"]` (the emitted model's) when present. The model is
+not changed; `result.data` is `{"fidelity", "flops", "latency_ms", "gate", "warnings"}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+
+from fmcompress.data import Dataset
+from fmcompress.errors import InputError, VerificationError
+from fmcompress.metrics import count_flops, fidelity, ort_latency, run_ort
+from fmcompress.report import AnalysisReport
+
+from .base import Pass, PassContext, PassResult
+from .memory import MemoryAnalysisPass
+
+LOW_AGREEMENT = 0.9
+
+
+class MeasurePass(Pass):
+    """Fidelity, FLOPs and latency of the model against `original`; enforces the fidelity gate."""
+
+    name = "measure"
+
+    def __init__(self, original: onnx.ModelProto, held_out: Dataset, *, batch_size: int = 16, threads: int = 1,
+                 rounds: int = 5, repeats: int = 20, min_agreement: float | None = None,
+                 max_accuracy_drop: float | None = None):
+        if min_agreement is not None and not 0 <= min_agreement <= 1:
+            raise InputError(f"--min-agreement must be between 0 and 1, got {min_agreement}")
+        if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
+            raise InputError(f"--max-accuracy-drop must be at least 0 points, got {max_accuracy_drop}")
+        if max_accuracy_drop is not None and held_out.labels is None:
+            raise InputError("--max-accuracy-drop needs labelled data (an .npz with `labels` or class subfolders)")
+        if threads < 1:
+            raise InputError(f"--threads must be at least 1, got {threads}")
+        self.original = original
+        self.held_out = held_out
+        self.batch_size = batch_size
+        self.threads = threads
+        self.rounds = rounds
+        self.repeats = repeats
+        self.min_agreement = min_agreement
+        self.max_accuracy_drop = max_accuracy_drop
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        reference = run_ort(self.original, self.held_out.batches(self.batch_size))
+        candidate = run_ort(model, self.held_out.batches(self.batch_size))
+        quality = fidelity(reference, candidate, self.held_out.labels).to_dict()
+        before = _analysis(self.original, ctx.results.get("memory"), ctx)
+        verified = ctx.results.get("verify") or {}
+        after = _analysis(model, verified.get("after"), ctx)
+        flops = {"before": count_flops(self.original, before.tensor_shapes),
+                 "after": count_flops(model, after.tensor_shapes)}
+        flops["ratio"] = flops["after"] / flops["before"] if flops["before"] else None
+        one = {name: array[:1] for name, array in self.held_out.inputs.items()}
+        latency = ort_latency(self.original, model, one, rounds=self.rounds, repeats=self.repeats,
+                              threads=self.threads).to_dict()
+        gate, warnings = self._gate(quality)
+        ctx.log(f"fidelity: {fidelity_line(quality)}; latency ratio {latency['ratio']:.2f} "
+                f"({latency['spread']['ratio'][0]:.2f}-{latency['spread']['ratio'][1]:.2f})")
+        return PassResult(model, modified=False, data={"fidelity": quality, "flops": flops, "latency_ms": latency,
+                                                      "gate": gate, "warnings": warnings})
+
+    def _gate(self, quality: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Rule d: raises VerificationError when the held-out fidelity misses the gate."""
+        agreement = quality.get("top1_agreement")
+        drop = _accuracy_drop_points(quality)
+        gate = {"min_agreement": self.min_agreement, "max_accuracy_drop": self.max_accuracy_drop,
+                "accuracy_drop_points": drop, "passed": True}
+        failures = []
+        if self.min_agreement is not None:
+            if agreement is None:
+                failures.append("no top-1 agreement to gate on (the outputs are not class scores)")
+            elif agreement < self.min_agreement:
+                failures.append(f"top-1 agreement {agreement:.2%} < {self.min_agreement:.2%}")
+        if self.max_accuracy_drop is not None and drop is not None and drop > self.max_accuracy_drop:
+            failures.append(f"accuracy drop {drop:.2f} points > {self.max_accuracy_drop:g}")
+        if failures:
+            raise VerificationError(f"fidelity gate missed on {len(self.held_out)} held-out samples: "
+                                    + "; ".join(failures) + "; nothing was written")
+        warnings = []
+        if self.min_agreement is None and self.max_accuracy_drop is None and agreement is not None \
+                and agreement < LOW_AGREEMENT:
+            warnings.append(f"top-1 agreement with the original is only {agreement:.1%} on held-out data "
+                            "(below 90%); gate it with --min-agreement in CI")
+        return gate, warnings
+
+
+def _analysis(model: onnx.ModelProto, known: AnalysisReport | None, ctx: PassContext) -> AnalysisReport:
+    return known if isinstance(known, AnalysisReport) else MemoryAnalysisPass().run(model, ctx).data
+
+
+def _accuracy_drop_points(quality: dict[str, Any]) -> float | None:
+    before, after = quality.get("accuracy_reference"), quality.get("accuracy_candidate")
+    return None if before is None or after is None else 100.0 * (before - after)
+
+
+def fidelity_line(quality: dict[str, Any]) -> str:
+    parts = []
+    if quality.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {quality['top1_agreement']:.1%}")
+    if quality.get("accuracy_candidate") is not None:
+        parts.append(f"accuracy {quality['accuracy_reference']:.1%} -> {quality['accuracy_candidate']:.1%}")
+    parts.append(f"cosine {quality['cosine_similarity']:.4f}")
+    parts.append(f"relative error {quality['relative_error']:.3g}")
+    return ", ".join(parts)

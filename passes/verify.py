@@ -1,0 +1,121 @@
+"""VerifyPass: the emitted model is exactly what was planned, or compile writes nothing.
+
+Checks, in order; the first that fails raises `VerificationError` (exit 1):
+
+a. `onnx.checker` with `full_check` (types and shapes inferred through the graph).
+b. onnxruntime loads it.
+c. On held-out samples its outputs equal the training backend's: the original model
+   run by the torch executor with U P applied at every projected map (the
+   projections of `ctx.results["fit"]`). Relative error at most 1e-4 for float32
+   models; float16 and bfloat16 models round at every op, so 1e-2.
+d. The memory analysis re-run on it finds every compressible stored map at or
+   under the plan's ceiling (`ctx.results["plan"]`). The analysis recognises the
+   projection and expansion convs by their structure, not their names, so the
+   verdict survives renaming tools.
+
+The model is not changed; `result.data` holds the figures of each check and the
+analysis of the emitted model (`"after"`, an `AnalysisReport`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from fmcompress.data import Dataset
+from fmcompress.errors import InputError, VerificationError
+from fmcompress.featuremaps import Projection
+from fmcompress.metrics import ort_session, run_ort
+from fmcompress.units import Ceiling
+
+from .base import Pass, PassContext, PassResult
+from .fit import torch_executor
+from .memory import MemoryAnalysisPass
+
+FLOAT32_TOLERANCE = 1e-4
+HALF_TOLERANCE = 1e-2
+HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def agreement_tolerance(model: onnx.ModelProto) -> float:
+    """Relative error allowed between the emitted model and the executor (rule c)."""
+    types = {value.type.tensor_type.elem_type for value in [*model.graph.input, *model.graph.output]}
+    return HALF_TOLERANCE if types & set(HALF_TYPES) else FLOAT32_TOLERANCE
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
+
+
+def check_model(model: onnx.ModelProto, what: str = "the emitted model") -> None:
+    """Rule a: onnx.checker's full check, as one-line VerificationError."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # the checker raises several exception types
+        raise VerificationError(f"{what} fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+class VerifyPass(Pass):
+    """Checks an emitted model against its original (rules a-d); the model is unchanged."""
+
+    name = "verify"
+
+    def __init__(self, original: onnx.ModelProto, held_out: Dataset, *, batch_size: int = 16, samples: int = 8,
+                 projections: dict[str, Projection] | None = None, ceiling_bytes: int | None = None):
+        self.original = original
+        self.held_out = held_out
+        self.batch_size = batch_size
+        self.samples = samples
+        self.projections = projections
+        self.ceiling_bytes = ceiling_bytes
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        check_model(model)
+        projections = self.projections if self.projections is not None else ctx.results.get("fit", {})
+        subset = self.held_out.subset(np.arange(min(self.samples, len(self.held_out))))
+        worst = self._executor_agreement(model, projections, subset)
+        after = self._ceiling(model, ctx)
+        data: dict[str, Any] = {"checker": "ok", "onnxruntime": "ok", "executor_relative_error": worst,
+                                "tolerance": agreement_tolerance(model), "samples": len(subset), "after": after}
+        return PassResult(model, modified=False, data=data)
+
+    def _executor_agreement(self, model: onnx.ModelProto, projections: dict[str, Projection],
+                            subset: Dataset) -> float:
+        """Rules b and c."""
+        import torch
+
+        from fmcompress.backend.projection import install_projections
+
+        try:
+            session = ort_session(model)
+        except InputError as exc:
+            raise VerificationError(str(exc)) from None
+        emitted = run_ort(session, subset.batches(self.batch_size))
+        executor = torch_executor(self.original)
+        install_projections(executor, projections)
+        with torch.no_grad():
+            outputs = [executor(*batch) for batch in subset.torch_batches(self.batch_size, executor.input_names)]
+        reference = [torch.cat(parts).float().numpy() for parts in zip(*outputs, strict=True)]
+        worst = max(relative_error(e, r) for e, r in zip(emitted, reference, strict=True))
+        tolerance = agreement_tolerance(model)
+        if not worst <= tolerance:
+            raise VerificationError(f"the emitted model disagrees with the training backend: relative error "
+                                    f"{worst:.3g} > {tolerance:g}")
+        return worst
+
+    def _ceiling(self, model: onnx.ModelProto, ctx: PassContext):
+        """Rule d."""
+        plan = ctx.results.get("plan")
+        ceiling_bytes = self.ceiling_bytes if self.ceiling_bytes is not None else getattr(plan, "ceiling_bytes", None)
+        if ceiling_bytes is None:
+            raise InputError("the verify pass needs a ceiling: run PlanPass first or pass ceiling_bytes=")
+        after = MemoryAnalysisPass(Ceiling(bytes=ceiling_bytes)).run(model, ctx).data
+        over = after.over_ceiling()
+        if over:
+            names = ", ".join(f"{m.name} ({m.bytes} B)" for m in over[:5])
+            raise VerificationError(f"{len(over)} stored feature map(s) of the emitted model are above the "
+                                    f"ceiling of {ceiling_bytes} B: {names}")
+        return after
