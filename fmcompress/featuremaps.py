@@ -31,11 +31,26 @@ class FeatureMap:
 
     @property
     def compressible(self) -> bool:
-        """A map between groups, [N, C, H, W] or [N, C, L], with at least 2 channels.
+        """A floating-point map between groups, [N, C, H, W] or [N, C, L], with at least 2 channels."""
+        return self.role == "map" and self.floating and len(self.shape) in (3, 4) and self.shape[1] >= 2
 
-        Graph inputs and outputs never are.
+    @property
+    def floating(self) -> bool:
+        return self.dtype.startswith(("float", "bfloat"))
+
+    @property
+    def not_compressible_reason(self) -> str | None:
+        """Why the tool never compresses this tensor (reported only), or None when it may.
+
+        Graph inputs and outputs belong to the caller; an integer map is already
+        quantized (projecting it would need requantization). Other maps that are not
+        compressible (2-D, one channel) are left to the planner, which calls them infeasible.
         """
-        return self.role == "map" and len(self.shape) in (3, 4) and self.shape[1] >= 2
+        if self.role != "map":
+            return f"graph {self.role}"
+        if self.floating:
+            return None
+        return "integer dtype" if self.dtype.startswith(("int", "uint")) else f"{self.dtype} dtype"
 
 
 @dataclass

@@ -23,7 +23,11 @@ _RATIO_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*[xX]\s*$")
 
 @dataclass(frozen=True)
 class Ceiling:
-    """A memory ceiling: absolute bytes, or the largest stored feature map divided by `ratio`."""
+    """A memory ceiling: absolute bytes, or the largest compressible stored map divided by `ratio`.
+
+    Which map is the largest compressible one is the analysis's call (AnalysisReport):
+    graph inputs, graph outputs and integer maps never set a relative ceiling.
+    """
 
     bytes: int | None = None
     ratio: float | None = None
@@ -34,7 +38,7 @@ class Ceiling:
         return self.ratio is not None
 
     def resolve(self, largest_map_bytes: int) -> int:
-        """Absolute ceiling in bytes; a relative one is floor(largest / ratio)."""
+        """Absolute ceiling in bytes; a relative one is floor(largest compressible map / ratio)."""
         if self.bytes is not None:
             return self.bytes
         assert self.ratio is not None
@@ -57,7 +61,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_ceiling(text: str) -> Ceiling:
-    """Parse a ceiling: an absolute size, or `Nx` (largest stored feature map / N, N > 1)."""
+    """Parse a ceiling: an absolute size, or `Nx` (largest compressible stored map / N, N > 1)."""
     text = str(text).strip()
     if text.startswith("-"):
         raise InputError(f"invalid ceiling {text!r}: must be positive")

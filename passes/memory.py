@@ -1,6 +1,6 @@
 """Memory analysis pass: which feature maps a model stores, and how big they are.
 
-Rules (DESIGN.md, "Memory accounting"), applied to a model with static shapes:
+Rules (docs/design.md, "Memory accounting"), applied to a model with static shapes:
 
 * Feature maps are tensors computed from the model's inputs. Weights (initializers,
   Constant outputs), anything computed from constants alone, and shape arithmetic
@@ -14,24 +14,42 @@ Rules (DESIGN.md, "Memory accounting"), applied to a model with static shapes:
   chain; two chains competing for one Add give it to the chain that is not a
   candidate for expand-on-read. Pure view ops (Reshape, Flatten, Squeeze,
   Unsqueeze) chain like elementwise ops. A pooling node right after an activation
-  and a projection conv we inserted (`fmc/P/...`) join the chain. The chain stops
-  after QuantizeLinear (its integer output is what is stored).
+  and a *projection conv* join the chain. The chain stops after QuantizeLinear (its
+  integer output is what is stored).
   *Expand on read*: a group that is a 1x1 Conv (any stride, group=1) followed only
   by per-channel affine ops, whose output has a single consumer that is an
   elementwise node of another group, is computed inside that group from its own
-  stored input (ResNet's downsample conv); so is our explicit expansion conv
-  `fmc/U/...` whatever its consumer, and a DequantizeLinear (its consumer reads
-  the integer tensor). Their outputs are not stored.
+  stored input (ResNet's downsample conv); so is an *expansion conv* that reads a
+  stored map with nothing chained after it, whatever its consumer, and a
+  DequantizeLinear (its consumer reads the integer tensor). Their outputs are not stored.
+  Projection and expansion convs (the P and U that compile inserts) are recognised by
+  structure, never by node name, so renaming tools (onnxslim, re-saving) change nothing.
+  Both are a *channel mix*: a group=1 1x1 Conv, stride 1, no padding, a constant
+  weight and no bias or an all-zero one. A projection conv narrows (C -> k < C), is
+  the only consumer of a chain's tip, and feeds no elementwise op but Identity/Dropout
+  (compile folds BatchNorm first and reads Z through an expansion conv elsewhere). An
+  expansion conv widens (k -> C > k), writes no graph output, and either has one
+  reader that could not have folded it (not a group=1 Conv reading it as its data
+  input) or reads a projection conv's output C -> k -> C. Genuine layers differ:
+  BatchNorm folding leaves a bias, and an activation or BatchNorm follows.
   The stored maps are the graph inputs and the tensors that leave a group.
 * **live**: along the graph's node order, the peak of the summed bytes of stored
   maps alive at once (from the producing node to the last consumer; graph inputs
   from the start, graph outputs to the end).
 
 Bytes are numel * bytes per element of the stored dtype, or `ctx.act_bytes`.
+
+Ceilings: a map is over the ceiling when its bytes exceed it. A relative ceiling
+(`4x`) divides the largest *compressible* stored map (a floating-point 3-D or 4-D map
+between groups, FeatureMap.compressible); graph inputs, graph outputs and integer
+maps are reported against the ceiling but never set it and are never compressed.
+The report carries the parsed ceiling and a key of the graph's wiring (`graph_key`),
+so that a later pass reuses it only for the same graph, ceiling, shapes and act_bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -60,6 +78,7 @@ POOLING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPo
 AFFINE_PER_CHANNEL = {"BatchNormalization", "Identity", "Add", "Sub", "Mul", "Div"}
 SHAPE_OPS = {"Shape", "Size"}
 CHAINABLE = UNARY_ELEMENTWISE | BINARY_ELEMENTWISE | VIEW_OPS
+PASS_THROUGH = {"Identity", "Dropout"}  # compile pushes U through them (fold rule c)
 
 
 @dataclass
@@ -133,6 +152,68 @@ def is_pointwise_conv(node: onnx.NodeProto, index: GraphIndex) -> bool:
     return kernel is not None and all(k == 1 for k in kernel)
 
 
+def channel_mixing(node: onnx.NodeProto, index: GraphIndex) -> tuple[int, int] | None:
+    """(C_out, C_in) of a pure per-pixel channel mix: a group=1 1x1 Conv with stride 1, no
+    padding and no (or an all-zero) bias, its weight a constant; None for any other node.
+
+    This is the form of the projection (P) and expansion (U) convs that compile inserts.
+    """
+    if not is_pointwise_conv(node, index):
+        return None
+    if any(s != 1 for s in _attr(node, "strides", [])) or any(p != 0 for p in _attr(node, "pads", [])):
+        return None
+    weight = index.constant_value(node.input[1])
+    bias_name = node.input[2] if len(node.input) > 2 else ""
+    bias = index.constant_value(bias_name) if bias_name else None
+    if weight is None or weight.ndim < 3 or (bias_name and bias is None):
+        return None  # a computed weight or bias
+    if bias is not None and np.any(bias):
+        return None
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def is_projection_conv(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """A channel mix that narrows (C -> k < C) and whose output feeds no elementwise op.
+
+    Compile folds BatchNorm before projecting and puts an expansion conv before any
+    elementwise reader of Z, so a genuine bias-free conv followed by BatchNorm or an
+    activation is not taken for one.
+    """
+    mix = channel_mixing(node, index)
+    if mix is None or mix[0] >= mix[1]:
+        return False
+    readers = index.consumers.get(node.output[0], [])
+    return not any(r.op_type in CHAINABLE - PASS_THROUGH for r in readers)
+
+
+def is_expansion_conv(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """A channel mix that widens (k -> C > k), does not write a graph output, and is either
+
+    * read by one node that could not have folded it: compile's fold pass puts one
+      before each such reader, and folds U into a group=1 Conv reading it as its data input;
+    * or the second half of a P -> U pair (C -> k -> C), as the insertion pass writes them.
+
+    A genuine bias-free widening 1x1 conv read by several nodes (PP-OCRv4's FPN inputs) is neither.
+    """
+    mix = channel_mixing(node, index)
+    out = node.output[0]
+    if mix is None or mix[0] <= mix[1] or out in index.outputs:
+        return False
+    readers = index.consumers.get(out, [])
+    if len(readers) == 1 and not _folds_into(readers[0], out, index):
+        return True
+    producer = index.producer.get(node.input[0])
+    return (producer is not None and is_projection_conv(producer, index)
+            and channel_mixing(producer, index) == mix[::-1])
+
+
+def _folds_into(reader: onnx.NodeProto, tensor: str, index: GraphIndex) -> bool:
+    """`reader` is a group=1 Conv/ConvTranspose with a constant weight that reads `tensor` as its data input only."""
+    return (reader.op_type in {"Conv", "ConvTranspose"} and _attr(reader, "group", 1) == 1 and len(reader.input) > 1
+            and reader.input[0] == tensor and tensor not in reader.input[1:]
+            and index.constant_value(reader.input[1]) is not None)
+
+
 class GroupBuilder:
     """Forms the kernel groups of the stored view, walking nodes in graph order.
 
@@ -189,8 +270,8 @@ class GroupBuilder:
     def _joins(self, group: Group, node: onnx.NodeProto) -> bool:
         if node.op_type in POOLING:
             return group.ends_in_activation
-        if node.op_type == "Conv" and node.name.startswith("fmc/P/"):
-            return True
+        if is_projection_conv(node, self.index):
+            return True  # Z = P X is computed in the producer's epilogue: X is never stored
         if node.op_type not in CHAINABLE:
             return False
         external = [i for i in self.index.data_inputs(node) if i != group.tip]
@@ -221,16 +302,26 @@ class GroupBuilder:
         return node is not None and is_pointwise_conv(node, self.index)
 
     def _mark_on_the_fly(self) -> None:
-        for group in self.groups:
-            out = group.tip
-            if out in self.index.outputs:
-                continue
-            consumers = self.index.consumers.get(out, [])
-            head = group.head
-            if len(group.nodes) == 1 and (head.op_type == "DequantizeLinear" or head.name.startswith("fmc/U/")) or (len(consumers) == 1 and self.group_of.get(id(consumers[0])) is not group
-                  and consumers[0].op_type in UNARY_ELEMENTWISE | BINARY_ELEMENTWISE
-                  and self._feeds_expand_on_read(out)):
+        for group in self.groups:  # in graph order: a producer's group is marked before its readers'
+            if group.tip not in self.index.outputs and self._expands_on_read(group):
                 group.on_the_fly = True
+
+    def _expands_on_read(self, group: Group) -> bool:
+        head, out = group.head, group.tip
+        if len(group.nodes) == 1 and head.op_type == "DequantizeLinear":
+            return True
+        if len(group.nodes) == 1 and is_expansion_conv(head, self.index) and self._reads_stored(head):
+            return True
+        consumers = self.index.consumers.get(out, [])
+        return (len(consumers) == 1 and self.group_of.get(id(consumers[0])) is not group
+                and consumers[0].op_type in UNARY_ELEMENTWISE | BINARY_ELEMENTWISE
+                and self._feeds_expand_on_read(out))
+
+    def _reads_stored(self, node: onnx.NodeProto) -> bool:
+        """Its data input is a graph input or leaves a group that is stored (not itself computed on read)."""
+        producer = self.index.producer.get(node.input[0])
+        group = self.group_of.get(id(producer)) if producer is not None else None
+        return group is None or not group.on_the_fly
 
 
 def _converging_region(index: GraphIndex, tip: str, consumers: list[onnx.NodeProto],
@@ -288,9 +379,22 @@ class MemoryAnalysisPass(Pass):
             source=self.source, input_shapes=shapes, act_bytes=ctx.act_bytes, ceiling=self.ceiling,
             stored=stored, strict=strict,
             live=_live_curve(stored, stored_steps.labels), strict_live=_live_curve(strict, strict_steps.labels),
-            tensor_shapes={name: info.shape for name, info in infos.items()},
+            tensor_shapes={name: info.shape for name, info in infos.items()}, graph_key=graph_key(model),
         )
         return PassResult(model, modified=False, data=report)
+
+
+def graph_key(model: onnx.ModelProto) -> str:
+    """A digest of the graph's wiring: nodes, tensor names, interface and weight shapes (not values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    graph = model.graph
+    for node in graph.node:
+        digest.update(f"{node.op_type}({','.join(node.input)})->{','.join(node.output)};".encode())
+    for init in graph.initializer:
+        digest.update(f"{init.name}{list(init.dims)};".encode())
+    for value in [*graph.input, *graph.output]:
+        digest.update(value.name.encode() + b";")
+    return digest.hexdigest()
 
 
 @dataclass

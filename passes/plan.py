@@ -1,18 +1,24 @@
 """Plan pass: which stored feature maps to compress, and to what rank.
 
-Rules (DESIGN.md, Price & Tanner's ceiling compression), on the stored view:
+Rules (Price & Tanner's ceiling compression; docs/design.md section 2), on the stored view:
 
-* every compressible map (a 4-D or 3-D map between kernel groups) above the ceiling gets
-  rank k = floor(ceiling_bytes / (H * W (or L) * bytes_per_element)), 1 <= k < C, and is
-  stored as Z = P X with k channels;
-* k < 1 (one channel of the map alone is above the ceiling), or an over-ceiling map
-  that cannot be projected (not 3-D or 4-D), makes the plan infeasible: InputError naming
-  the map and the smallest feasible ceiling;
-* graph inputs and outputs above the ceiling are reported, never compressed;
-* a relative ceiling (`4x`) is resolved once, on the original model.
+* every compressible map (FeatureMap.compressible: a floating-point 4-D or 3-D map
+  between kernel groups) above the ceiling gets rank
+  k = floor(ceiling_bytes / (N * H * W (or N * L) * bytes_per_element)), 1 <= k < C,
+  and is stored as Z = P X with k channels; the maps are listed in execution order;
+* k < 1 (one channel of the map alone is above the ceiling), or an over-ceiling
+  floating-point map that cannot be projected (not 3-D or 4-D, or one channel), makes
+  the plan infeasible: InputError naming the maps and the smallest feasible ceiling
+  (the largest of what each needs: one channel's bytes, or the whole map's);
+* graph inputs, graph outputs and integer (quantized) maps above the ceiling are
+  never compressed: `not_compressible` lists them, each with a `reason`
+  ("graph input", "graph output", "integer dtype"), in execution order;
+* a relative ceiling (`4x`) is resolved by the analysis, on the largest compressible map.
 
-Entry point: `PlanPass(ceiling).run(model, ctx)`; reuses `ctx.results["memory"]`
-when an analysis of the same model is already there. `result.data` is a `Plan`.
+Entry point: `PlanPass(ceiling).run(model, ctx)`; reuses `ctx.results["memory"]` only
+when it is an analysis of the same graph (`graph_key`) at the same ceiling, resolved
+input shapes and act_bytes, else runs the analysis again and stores it there.
+`result.data` is a `Plan`.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from typing import Any
 import onnx
 
 from fmcompress.errors import InputError
-from fmcompress.report import AnalysisReport, FeatureMap
+from fmcompress.featuremaps import FeatureMap
+from fmcompress.report import AnalysisReport
+from fmcompress.shapes import resolve_input_shapes
 from fmcompress.units import Ceiling, format_bytes
 
 from .base import Pass, PassContext, PassResult
-from .memory import MemoryAnalysisPass
+from .memory import MemoryAnalysisPass, graph_key
 
 
 @dataclass
@@ -55,10 +63,13 @@ class Plan:
     not_compressible: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {"schema_version": PLAN_SCHEMA_VERSION, **asdict(self)}
         for entry in data["maps"]:
             entry["C"] = entry["shape"][1]
         return data
+
+
+PLAN_SCHEMA_VERSION = 1  # of Plan.to_dict(), the `compile --plan-only --json` file
 
 
 def bytes_per_element(fmap: FeatureMap) -> int:
@@ -75,43 +86,58 @@ class PlanPass(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         report = ctx.results.get("memory")
-        if not isinstance(report, AnalysisReport) or report.ceiling_bytes is None:
-            report = MemoryAnalysisPass(self.ceiling).run(model, ctx).data
+        if not (isinstance(report, AnalysisReport) and self._matches(report, model, ctx)):
+            report = MemoryAnalysisPass(self.ceiling, source=getattr(report, "source", "")).run(model, ctx).data
             ctx.results["memory"] = report
         return PassResult(model, modified=False, data=plan_from_report(report))
 
+    def _matches(self, report: AnalysisReport, model: onnx.ModelProto, ctx: PassContext) -> bool:
+        """The earlier analysis was of this graph, at this ceiling, input shapes and act_bytes."""
+        spec = report.ceiling_spec
+        return (spec is not None and (spec.bytes, spec.ratio) == (self.ceiling.bytes, self.ceiling.ratio)
+                and report.act_bytes == ctx.act_bytes and report.graph_key == graph_key(model)
+                and report.input_shapes == {name: list(dims) for name, dims in
+                                            resolve_input_shapes(model, ctx.input_shapes).items()})
+
 
 def plan_from_report(report: AnalysisReport) -> Plan:
-    assert report.ceiling_bytes is not None and report.ceiling is not None
-    ceiling = report.ceiling_bytes
+    """Rules above, on an analysis made with a ceiling; maps in execution order."""
+    if report.ceiling_bytes is None or report.ceiling is None:
+        raise ValueError("plan_from_report needs an analysis made with a ceiling")
     planned: list[PlannedMap] = []
     infeasible: list[tuple[FeatureMap, int]] = []  # (map, the ceiling it needs)
-    skipped = []
+    skipped: list[dict[str, Any]] = []
     for fmap in report.stored:
         if not fmap.over_ceiling:
             continue
-        if fmap.role != "map":
-            skipped.append({"name": fmap.name, "role": fmap.role, "shape": fmap.shape, "bytes": fmap.bytes})
-            continue
-        if not fmap.compressible:
+        reason = fmap.not_compressible_reason
+        if reason is not None:
+            skipped.append({"name": fmap.name, "role": fmap.role, "shape": list(fmap.shape), "dtype": fmap.dtype,
+                            "bytes": fmap.bytes, "reason": reason, "step": fmap.step})
+        elif not fmap.compressible:
             infeasible.append((fmap, fmap.bytes))
-            continue
-        plane = math.prod(fmap.shape[2:]) * fmap.shape[0] * bytes_per_element(fmap)
-        k = ceiling // plane
-        if k < 1:
-            infeasible.append((fmap, plane))
-            continue
-        planned.append(PlannedMap(name=fmap.name, shape=list(fmap.shape), k=int(k), bytes_before=fmap.bytes,
-                                  bytes_after=int(k * plane), producer=fmap.producer, step=fmap.step))
+        else:
+            plane = _plane_bytes(fmap)
+            k = report.ceiling_bytes // plane
+            if k < 1:
+                infeasible.append((fmap, plane))
+                continue
+            planned.append(PlannedMap(name=fmap.name, shape=list(fmap.shape), k=int(k), bytes_before=fmap.bytes,
+                                      bytes_after=int(k * plane), producer=fmap.producer, step=fmap.step))
     if infeasible:
         raise InputError(_infeasible_message(infeasible, report))
     planned.sort(key=lambda m: m.step)
-    return Plan(ceiling=report.ceiling, ceiling_bytes=ceiling, act_bytes=report.act_bytes, maps=planned,
-                not_compressible=skipped)
+    skipped.sort(key=lambda entry: entry["step"])
+    return Plan(ceiling=report.ceiling, ceiling_bytes=report.ceiling_bytes, act_bytes=report.act_bytes,
+                maps=planned, not_compressible=skipped)
+
+
+def _plane_bytes(fmap: FeatureMap) -> int:
+    """Bytes of one channel: N * H * W (or N * L) elements."""
+    return math.prod(fmap.shape[2:]) * fmap.shape[0] * bytes_per_element(fmap)
 
 
 def _infeasible_message(infeasible: list[tuple[FeatureMap, int]], report: AnalysisReport) -> str:
-    worst, needed = max(infeasible, key=lambda pair: pair[1])
     feasible = max(need for _, need in infeasible)
     names = ", ".join(f"{m.name} {'x'.join(map(str, m.shape))}" for m, _ in infeasible[:3])
     more = f" and {len(infeasible) - 3} more" if len(infeasible) > 3 else ""

@@ -195,7 +195,7 @@ def test_graph_inputs_trip_the_gate_only_when_included(tmp_path):
     runner = CliRunner()
     passed = runner.invoke(main, ["analyze", str(path), "--ceiling", "600", "--fail-over-ceiling"])
     assert passed.exit_code == 0, passed.output
-    assert "over (input)" in passed.output and "1 graph input/output(s) over it" in passed.output
+    assert "over (graph input)" in passed.output and "over it but not compressible: 1 graph input" in passed.output
     gated = runner.invoke(main, ["analyze", str(path), "--ceiling", "600", "--fail-over-ceiling", "--include-inputs", "-q"])
     assert gated.exit_code == 1 and "x" in gated.output
 
@@ -208,6 +208,45 @@ def test_table_modes_and_plot(resnet18_224, tmp_path):
     plot = tmp_path / "m.png"
     assert runner.invoke(main, ["analyze", str(resnet18_224), "--ceiling", "4x", "--plot", str(plot), "-q"]).exit_code == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def recognizer_like_model() -> onnx.ModelProto:
+    """A text recognizer's shape: conv maps, then a [1, 96, 64] softmax output larger than any of them."""
+    nodes = [conv("c1", "x", "w1", "a"), helper.make_node("Relu", ["a"], ["r"]),
+             conv("c2", "r", "w2", "b"), helper.make_node("Relu", ["b"], ["r2"]),
+             conv("c3", "r2", "w3", "logits", k=1),
+             helper.make_node("Reshape", ["logits", "target"], ["seq"]),
+             helper.make_node("Softmax", ["seq"], ["probs"], axis=1)]
+    inits = [weight("w1", 8, 4, 3, 3), weight("w2", 16, 8, 3, 3), weight("w3", 96, 16, 1, 1),
+             numpy_helper.from_array(np.array([1, 96, 64], np.int64), "target")]
+    return make_model(nodes, inits, "probs", (1, 96, 64))
+
+
+def test_relative_ceiling_divides_the_largest_compressible_map_not_the_output(tmp_path):
+    model = recognizer_like_model()
+    sizes = {m.name: m.bytes for m in analyze(model).stored}
+    assert sizes == {"x": 1024, "r": 2048, "r2": 4096, "probs": 96 * 64 * 4}  # the output is the largest
+    report = analyze(model, ceiling="4x")
+    assert report.ceiling_bytes == 4096 // 4  # r2, the largest compressible map
+    assert [m.name for m in report.over_ceiling()] == ["r", "r2"]
+    path, json_path = tmp_path / "rec.onnx", tmp_path / "a.json"
+    onnx.save(model, str(path))
+    result = CliRunner().invoke(main, ["analyze", str(path), "--ceiling", "4x", "--json", str(json_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(json_path.read_text())
+    assert data["ceiling_bytes"] == 1024
+    assert (data["over_ceiling"], data["not_compressible_over_ceiling"]) == (["r", "r2"], ["probs"])
+    assert "over (graph output)" in result.output
+
+
+def test_relative_ceiling_needs_a_compressible_map(tmp_path):
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    model = make_model(nodes, [weight("w", 10, 256)], "y", (1, 10))
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, str(path))
+    message = run_bad([str(path), "--ceiling", "4x"], tmp_path)
+    assert "largest compressible stored map" in message and "has none" in message
+    assert analyze(model, ceiling="100").ceiling_bytes == 100  # an absolute ceiling needs none
 
 
 # --- real models from PyPI wheels ---------------------------------------------------------
