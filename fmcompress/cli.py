@@ -6,7 +6,9 @@ Exit codes: 0 success; 1 a broken ceiling or failed verification (CI gate);
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +29,18 @@ INPUT_SHAPE_HELP = (
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {_one_line(message)}", err=True)
     sys.exit(code)
+
+
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _warn(messages: Any) -> None:
+    """Every warning as `warning: ...` on stderr (also with -q)."""
+    for message in messages or []:
+        click.echo(f"warning: {_one_line(message)}", err=True)
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -44,15 +56,48 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
         except MemoryError:
             _fail("out of memory", EXIT_USAGE)
+        except OSError as exc:  # a safety net: an OS failure is one line, not a traceback
+            if exc.errno == errno.EPIPE:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}", EXIT_USAGE)
 
     return wrapper
 
 
+def _click_message(exc: click.ClickException) -> str:
+    """click's message on one line, lower-case like ours, with where to find help."""
+    message = _one_line(exc.format_message()).rstrip(".")
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
 class _Group(click.Group):
-    """Shows click usage errors as one line, exit 2 (click's default code too)."""
+    """Shows click's own errors (usage, bad values, unknown options or commands) as one
+    `error: ...` line with click's exit code (2 for usage errors); --help stays as it is."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            _fail(_click_message(exc), exc.exit_code)
+        except click.Abort:
+            _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            sys.exit(1)  # stdout closed early (`| head`): click's behaviour
+        sys.exit(code if isinstance(code, int) else 0)  # --help and --version return their exit code
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, no_args_is_help=False, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fmcompress")
 def main() -> None:
     """Make every feature map of a CNN fit under a memory ceiling.
@@ -63,6 +108,87 @@ def main() -> None:
     fmcompress verify model.onnx model.fmc.onnx     # checks and fidelity
     fmcompress export resnet18 --input-shape 1,3,224,224 -o r18.onnx
     """
+
+
+REPORT_FILES = ("report.json", "report.md", "memory.png")  # what compiler.write_report writes
+
+
+def _check_outputs(outputs: list[tuple[Path | None, str]], inputs: list[Path | None]) -> None:
+    """Every output path checked before any work (modelio.check_output_path), and no two the same."""
+    from .modelio import check_output_path
+
+    seen: dict[str, Path] = {}
+    for path, kind in outputs:
+        if path is None:
+            continue
+        check_output_path(path, kind, inputs=inputs)
+        files = [path] if kind == "file" else [path / name for name in REPORT_FILES]
+        if kind == "dir":
+            for file in files:
+                check_output_path(file, "file", inputs=inputs)
+        for file in files:
+            key = os.path.realpath(file)
+            if key in seen:
+                raise click.UsageError(f"{seen[key]} and {file} are the same file; give different outputs")
+            seen[key] = file
+
+
+def _options(*declarations: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def apply(command: Any) -> Any:
+        for declaration in reversed(declarations):
+            command = declaration(command)
+        return command
+
+    return apply
+
+
+def data_options(num_samples: int) -> Callable[[Any], Any]:
+    """The input and data options `compile` and `verify` share (one declaration for both)."""
+    return _options(
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]DIMS", help=INPUT_SHAPE_HELP),
+        click.option("--act-bytes", type=click.IntRange(min=1, max=8),
+                     help="Bytes per element instead of the stored dtype's (1 to plan int8)."),
+        click.option("--data", type=click.Path(path_type=Path),
+                     help="Data: an .npz (one array per input, optional `labels`) or a folder of images (class "
+                          "subfolders give labels). Default: surrogate photographs shipped with scikit-image."),
+        click.option("--num-samples", type=click.IntRange(min=2), default=num_samples, show_default=True,
+                     help="Samples to use (a quarter is held out for the fidelity figures)."),
+        click.option("--mean", help="Image normalisation mean per channel [default: 0.485,0.456,0.406]."),
+        click.option("--std", help="Image normalisation std per channel [default: 0.229,0.224,0.225]."),
+        click.option("--scale", type=float, help="Pixel scale before normalisation [default: 1/255]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the data split and subsampling."),
+        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="onnxruntime intra-op threads (latency figures)."),
+    )
+
+
+def _normalisation(mean: str | None, std: str | None, scale: float | None) -> dict[str, Any]:
+    from .data import DEFAULT_MEAN, DEFAULT_SCALE, DEFAULT_STD
+
+    return {"mean": _floats(mean, "--mean") or DEFAULT_MEAN, "std": _floats(std, "--std") or DEFAULT_STD,
+            "scale": DEFAULT_SCALE if scale is None else scale}
+
+
+def _not_compressible_note(entries: Any, ceiling_bytes: int | None) -> str:
+    """`; not compressible and above the ceiling: output 'probs' (1.0 MiB), ...` or ''."""
+    from .units import format_bytes
+
+    parts = []
+    for entry in entries or []:
+        if isinstance(entry, str):
+            parts.append(f"'{entry}'")
+            continue
+        size = entry.get("bytes")
+        if ceiling_bytes is not None and size is not None and size <= ceiling_bytes:
+            continue
+        role = entry.get("role", "tensor")
+        parts.append(f"{role} '{entry.get('name')}'" + (f" ({format_bytes(size)})" if size is not None else ""))
+    if not parts:
+        return ""
+    shown = ", ".join(parts[:5]) + (f" and {len(parts) - 5} more" if len(parts) > 5 else "")
+    return f"; not compressible and above the ceiling: {shown}"
 
 
 @main.command()
@@ -84,15 +210,19 @@ def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mod
             top: int | None, json_path: Path | None, plot_path: Path | None, fail_over_ceiling: bool,
             include_inputs: bool, quiet: bool) -> None:
     """Find the feature maps of MODEL above a memory ceiling (the peak-memory analysis pass)."""
-    from . import api, report
+    from . import api
+    from . import render as report
+    from .modelio import output_transaction
 
     if fail_over_ceiling and not ceiling:
         raise click.UsageError("--fail-over-ceiling needs --ceiling")
+    _check_outputs([(json_path, "file"), (plot_path, "file")], [model])
     result = api.analyze(model, ceiling=ceiling, input_shapes=list(input_shapes), act_bytes=act_bytes)
-    if json_path:
-        result.write_json(json_path)
-    if plot_path:
-        report.plot_memory(result, plot_path)
+    with output_transaction():  # the JSON and the plot land together or not at all
+        if json_path:
+            result.write_json(json_path)
+        if plot_path:
+            report.plot_memory(result, plot_path)
     if not quiet:
         report.print_analysis(result, mode=mode, top=top)
     if fail_over_ceiling:
@@ -107,19 +237,26 @@ def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mod
 @click.option("--input-shape", required=True, metavar="DIMS", help="Input shape to export with, e.g. 1,3,224,224.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Where to write the ONNX file.")
 @click.option("--weights", type=click.Path(path_type=Path),
-              help="A state_dict file, loaded with torch.load(weights_only=True).")
+              help="A state_dict file, loaded with torch.load(weights_only=True). Without it the zoo "
+                   "models are untrained (seeded random weights).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 to 23).")
 @handle_errors
 def export(source: str, input_shape: str, output: Path, weights: Path | None, opset: int) -> None:
     """Export a PyTorch model to ONNX (eval mode, BatchNorm folded), checked against torch.
 
     SOURCE is a zoo name (resnet18, vgg16_bn, mobilenet_v2, and their _small
-    variants) or an importable factory `package.module:function`.
+    variants) or an importable factory `package.module:function`. The zoo models
+    are untrained (seeded random weights) unless --weights is given.
+
+    The batch dim is dynamic unless the graph fixes it (checked by one run at
+    another batch size): then it is exported with the given batch, and a warning says so.
     """
     from . import frontend
     from .shapes import parse_dims
 
+    _check_outputs([(output, "file")], [weights])
     result = frontend.export_model(source, parse_dims(input_shape), output, weights=weights, opset=opset)
+    _warn(result.warnings)
     click.echo(f"wrote {result.path} (onnxruntime vs torch: max abs difference {result.max_abs_diff:.3g})")
 
 
@@ -129,9 +266,10 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+        raise click.BadParameter(f"{what} must be comma-separated numbers, got {text!r}",
+                                 ctx=click.get_current_context(silent=True)) from None
     if what == "--std" and any(v <= 0 for v in values):
-        raise click.BadParameter("--std values must be positive")
+        raise click.BadParameter("--std values must be positive", ctx=click.get_current_context(silent=True))
     return values
 
 
@@ -145,20 +283,15 @@ def _default_output(model: Path) -> Path:
 @click.option("--ceiling", required=True, help=CEILING_HELP)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the compressed model [default: MODEL.fmc.onnx].")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]DIMS", help=INPUT_SHAPE_HELP)
-@click.option("--act-bytes", type=click.IntRange(min=1, max=8), help="Bytes per element instead of the stored dtype's.")
 @click.option("--method", type=click.Choice(["pca"]), default="pca", show_default=True,
               help="How projections are found: pca = top-k eigenvectors of the channel second moment.")
-@click.option("--data", type=click.Path(path_type=Path),
-              help="Calibration data: an .npz (one array per input, optional `labels`) or a folder of images "
-                   "(class subfolders give labels). Default: surrogate photographs shipped with scikit-image.")
-@click.option("--num-samples", type=click.IntRange(min=2), default=256, show_default=True,
-              help="Samples to use (a quarter is held out for the fidelity figures).")
-@click.option("--mean", help="Image normalisation mean per channel [default: 0.485,0.456,0.406].")
-@click.option("--std", help="Image normalisation std per channel [default: 0.229,0.224,0.225].")
-@click.option("--scale", type=float, help="Pixel scale before normalisation [default: 1/255].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data split and subsampling.")
+@data_options(num_samples=256)
+@click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="FLOAT",
+              help="Fidelity gate: fail (exit 1, nothing written) when the held-out top-1 agreement with "
+                   "the original is below this (0..1, e.g. 0.99).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="POINTS",
+              help="Fidelity gate: fail (exit 1, nothing written) when accuracy drops by more than this many "
+                   "points (needs labels in --data).")
 @click.option("--plan-only", is_flag=True, help="Only plan (maps and ranks); with --json, write the plan there.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report (or the plan with --plan-only) as JSON.")
@@ -166,61 +299,66 @@ def _default_output(model: Path) -> Path:
               help="Write report.json, report.md and memory.png into this folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @handle_errors
-def compile_command(model: Path, ceiling: str, output: Path | None, input_shapes: tuple[str, ...],
-                    act_bytes: int | None, method: str, data: Path | None, num_samples: int, mean: str | None,
-                    std: str | None, scale: float | None, batch_size: int, seed: int, plan_only: bool,
+def compile_command(model: Path, ceiling: str, output: Path | None, method: str, input_shapes: tuple[str, ...],
+                    act_bytes: int | None, data: Path | None, num_samples: int, mean: str | None,
+                    std: str | None, scale: float | None, batch_size: int, seed: int, threads: int,
+                    min_agreement: float | None, max_accuracy_drop: float | None, plan_only: bool,
                     json_path: Path | None, report_dir: Path | None, quiet: bool) -> None:
     """Compress MODEL so that every stored feature map fits under --ceiling.
 
     Plans a rank per map above the ceiling, fits projections on calibration data,
     folds them into the graph, verifies the result (onnx.checker, onnxruntime,
-    agreement with the training backend, the ceiling) and writes it atomically.
+    agreement with the training backend, the ceiling, the fidelity gates) and writes it
+    atomically. Graph inputs and outputs are never compressed: the last line names those
+    above the ceiling.
     """
     import json
 
     from .compiler import CompileOptions, compile_model, write_report
-    from .data import DEFAULT_MEAN, DEFAULT_SCALE, DEFAULT_STD
-    from .modelio import save_model_atomic, write_bytes_atomic
+    from .modelio import output_transaction, save_model_atomic, write_bytes_atomic
 
     output = output or _default_output(model)
-    if not plan_only and output.resolve() == model.resolve():
-        raise click.UsageError("the output would overwrite the input model; choose another -o")
+    _check_outputs([(None if plan_only else output, "file"), (json_path, "file"),
+                    (None if plan_only else report_dir, "dir")], [model, data])
     options = CompileOptions(
         ceiling=ceiling, input_shapes=list(input_shapes), act_bytes=act_bytes, method=method, data=data,
-        num_samples=num_samples, mean=_floats(mean, "--mean") or DEFAULT_MEAN,
-        std=_floats(std, "--std") or DEFAULT_STD, scale=DEFAULT_SCALE if scale is None else scale,
-        batch_size=batch_size, seed=seed)
+        num_samples=num_samples, **_normalisation(mean, std, scale), batch_size=batch_size, seed=seed,
+        threads=threads, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
     log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     result = compile_model(model, options, plan_only=plan_only, log=log)
+    _warn(result.report.get("warnings", []))
+    ceiling_bytes = result.plan.ceiling_bytes
+    blocked = _not_compressible_note(result.report.get("not_compressible", result.plan.not_compressible),
+                                     ceiling_bytes)
     if plan_only:
         if json_path:
             write_bytes_atomic(json.dumps(result.plan.to_dict(), indent=2).encode(), json_path)
         for entry in result.plan.maps:
             click.echo(f"{entry.name}  {'x'.join(map(str, entry.shape))}  k={entry.k}")
         if not result.plan.maps:
-            click.echo(f"nothing to compress: every stored map is at or under {result.plan.ceiling_bytes} B")
+            click.echo(f"nothing to compress: every compressible stored map is at or under {ceiling_bytes} B"
+                       f"{blocked}")
         return
-    save_model_atomic(result.model, output)
-    if json_path:
-        write_bytes_atomic(json.dumps(result.report, indent=2).encode(), json_path)
-    if report_dir:
-        write_report(result, report_dir)
-    click.echo(f"wrote {output}: {len(result.plan.maps)} map(s) compressed, every stored map <= "
-               f"{result.plan.ceiling_bytes} B")
+    with output_transaction():  # the model, the JSON and the report land together or not at all
+        save_model_atomic(result.model, output)
+        if json_path:
+            write_bytes_atomic(json.dumps(result.report, indent=2).encode(), json_path)
+        if report_dir:
+            write_report(result, report_dir)
+    click.echo(f"wrote {output}: {len(result.plan.maps)} map(s) compressed; every compressible stored map <= "
+               f"{ceiling_bytes} B{blocked}")
 
 
 @main.command()
 @click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("compressed", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--ceiling", help=CEILING_HELP + " Default: the ceiling recorded in COMPRESSED's metadata.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]DIMS", help=INPUT_SHAPE_HELP)
-@click.option("--data", type=click.Path(path_type=Path), help="Data as for compile (default: surrogate photographs).")
-@click.option("--num-samples", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--act-bytes", type=click.IntRange(min=1, max=8), help="Bytes per element instead of the stored dtype's.")
+@data_options(num_samples=64)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the figures as JSON.")
 @handle_errors
-def verify(original: Path, compressed: Path, ceiling: str | None, input_shapes: tuple[str, ...], data: Path | None,
-           num_samples: int, act_bytes: int | None, json_path: Path | None) -> None:
+def verify(original: Path, compressed: Path, ceiling: str | None, input_shapes: tuple[str, ...],
+           act_bytes: int | None, data: Path | None, num_samples: int, mean: str | None, std: str | None,
+           scale: float | None, batch_size: int, seed: int, threads: int, json_path: Path | None) -> None:
     """Check COMPRESSED against ORIGINAL: onnx.checker, the ceiling, fidelity. Exit 1 if the ceiling is broken."""
     import json
 
@@ -228,16 +366,23 @@ def verify(original: Path, compressed: Path, ceiling: str | None, input_shapes: 
     from .errors import CeilingError
     from .modelio import write_bytes_atomic
 
+    _check_outputs([(json_path, "file")], [original, compressed, data])
     figures = verify_pair(original, compressed, ceiling=ceiling, input_shapes=list(input_shapes), data=data,
-                          num_samples=num_samples, act_bytes=act_bytes,
+                          num_samples=num_samples, batch_size=batch_size, act_bytes=act_bytes,
+                          **_normalisation(mean, std, scale), seed=seed, threads=threads,
                           log=lambda message: click.echo(message, err=True))
+    _warn(figures.get("warnings", []))
     if json_path:
         write_bytes_atomic(json.dumps(figures, indent=2).encode(), json_path)
     if figures["over_ceiling"]:
         raise CeilingError(f"{len(figures['over_ceiling'])} stored feature map(s) above the ceiling of "
                            f"{figures['ceiling_bytes']} B: {', '.join(figures['over_ceiling'][:10])}")
-    ceiling_note = f"every stored map <= {figures['ceiling_bytes']} B" if figures["ceiling_bytes"] else "no ceiling given"
-    click.echo(f"ok: {ceiling_note}")
+    if figures["ceiling_bytes"]:
+        blocked = _not_compressible_note(figures.get("not_compressible", figures.get("not_compressible_over_ceiling")),
+                                         figures["ceiling_bytes"])
+        click.echo(f"ok: every compressible stored map <= {figures['ceiling_bytes']} B{blocked}")
+    else:
+        click.echo("ok: no ceiling given or recorded")
 
 
 if __name__ == "__main__":

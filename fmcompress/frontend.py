@@ -10,7 +10,10 @@ emits GlobalAveragePool/Flatten/Gemm, honours opset 17 and takes a fraction of a
 while the dynamo exporter cannot go below opset 18 and emits ReduceMean/Reshape.
 
 Every export is checked before anything is written: onnx.checker, then onnxruntime on a
-random input against torch (relative error above 1e-3 raises VerificationError).
+random input against torch (relative error above 1e-3 raises VerificationError). Then one
+trial at another batch size: a graph that fixes the batch (a hard-coded `x.view(1, -1)`, a
+batch-1 constant) fails there or gives wrong shapes or values, and is exported again with
+a static batch of the requested size (ExportResult.dynamic_batch False, and a warning).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import InputError, UnsupportedOpError, VerificationError
-from .modelio import save_model_atomic
+from .modelio import check_output_path, save_model_atomic
 from .onnxutil import constant_node_value
 
 MIN_OPSET = 17
@@ -51,6 +54,8 @@ class ExportResult:
     input_names: list[str]
     output_names: list[str]
     opset: int
+    dynamic_batch: bool = True  # False: the graph fixes the batch, exported with a static one
+    warnings: tuple[str, ...] = ()
 
 
 def export_model(source: str, input_shape: Sequence[int], output: str | os.PathLike, *,
@@ -59,10 +64,12 @@ def export_model(source: str, input_shape: Sequence[int], output: str | os.PathL
     """Export a zoo model (`resnet18`, ...) or a factory `package.module:function` to ONNX.
 
     `weights` is a state_dict file (raw, or under a "state_dict"/"model" key) loaded with
-    torch.load(weights_only=True); the zoo models otherwise get their seeded initialisation.
+    torch.load(weights_only=True); the zoo models are otherwise untrained (their seeded
+    random initialisation).
     """
     from fmcompress import models
 
+    check_output_path(output, "file", inputs=[weights])
     _check_opset(opset)
     shape = _check_shape(input_shape)
     if source in models.MODEL_NAMES and len(shape) != 4:
@@ -82,20 +89,30 @@ def export_module(module: Any, input_shape: Sequence[int], output: str | os.Path
         raise InputError(f"expected a torch.nn.Module, got {type(module).__name__}")
     _check_opset(opset)
     shape = _check_shape(input_shape)
-    path = _check_output_path(output)
+    path = check_output_path(output, "file")
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(*shape, generator=generator)
+    warnings_: list[str] = []
     with _eval_mode(module):
         expected = _run_torch(module, example)
         output_names = [OUTPUT_NAME] if len(expected) == 1 else [f"{OUTPUT_NAME}_{i}" for i in range(len(expected))]
         proto = _torch_to_onnx(module, example, output_names, opset)
-    _constants_to_initializers(proto.graph)
-    max_abs_diff = _verify(proto, example.numpy(), expected) if check else float("nan")
-    try:
-        save_model_atomic(proto, path)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return ExportResult(path, max_abs_diff, [INPUT_NAME], output_names, opset)
+        _constants_to_initializers(proto.graph)
+        max_abs_diff = float("nan")
+        dynamic = True
+        if check:
+            session = _session(proto)
+            max_abs_diff = _verify(session, proto, example.numpy(), expected)
+            problem = _batch_trial(session, example.numpy(), expected)
+            if problem is not None:
+                dynamic = False
+                proto = _torch_to_onnx(module, example, output_names, opset, dynamic_batch=False)
+                _constants_to_initializers(proto.graph)
+                max_abs_diff = _verify(_session(proto), proto, example.numpy(), expected)
+                warnings_.append(f"the graph fixes the batch size ({problem}); exported with a static batch "
+                                 f"of {shape[0]}: it runs only at batch {shape[0]}")
+    save_model_atomic(proto, path)
+    return ExportResult(path, max_abs_diff, [INPUT_NAME], output_names, opset, dynamic, tuple(warnings_))
 
 
 def load_factory(spec: str) -> Any:
@@ -218,13 +235,6 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _check_output_path(output: str | os.PathLike) -> Path:
-    path = Path(output)
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory; give a file name for the ONNX model")
-    return path
-
-
 @contextlib.contextmanager
 def _eval_mode(module: Any) -> Iterator[None]:
     """Put `module` in eval mode, then give every submodule back its own training flag."""
@@ -282,11 +292,12 @@ def _silence_fds(*fds: int) -> Iterator[None]:
                 os.close(copy)
 
 
-def _torch_to_onnx(module: Any, example: Any, output_names: list[str], opset: int) -> onnx.ModelProto:
+def _torch_to_onnx(module: Any, example: Any, output_names: list[str], opset: int, *,
+                   dynamic_batch: bool = True) -> onnx.ModelProto:
     import torch
 
     buffer = io.BytesIO()
-    dynamic_axes = {name: {0: BATCH_DIM} for name in [INPUT_NAME, *output_names]}
+    dynamic_axes = {name: {0: BATCH_DIM} for name in [INPUT_NAME, *output_names]} if dynamic_batch else None
     try:
         with _quiet():
             torch.onnx.export(module, (example,), buffer, input_names=[INPUT_NAME], output_names=output_names,
@@ -329,27 +340,65 @@ def _constant_value(node: onnx.NodeProto, initializers: dict[str, onnx.TensorPro
     return None
 
 
-def _verify(proto: onnx.ModelProto, example: np.ndarray, expected: list[np.ndarray]) -> float:
-    """onnx.checker, then onnxruntime against torch; returns the max abs difference."""
+def _session(proto: onnx.ModelProto) -> Any:
+    """onnx.checker, then an onnxruntime session."""
     from .metrics import ort_session
 
     try:
         onnx.checker.check_model(proto)
-        session = ort_session(proto)
-        actual = session.run(None, {INPUT_NAME: example})
+        return ort_session(proto)
     except Exception as exc:  # checker and onnxruntime raise their own types
+        raise VerificationError(f"the exported model does not run: {_first_line(exc)}") from None
+
+
+def _verify(session: Any, proto: onnx.ModelProto, example: np.ndarray, expected: list[np.ndarray]) -> float:
+    """onnxruntime against torch; returns the max abs difference."""
+    try:
+        actual = session.run(None, {INPUT_NAME: example})
+    except Exception as exc:  # onnxruntime raises its own types
         raise VerificationError(f"the exported model does not run: {_first_line(exc)}") from None
     max_abs_diff = 0.0
     for name, want, got in zip(proto.graph.output, expected, actual, strict=True):
         if want.shape != got.shape:
             raise VerificationError(f"output {name.name!r}: onnxruntime shape {got.shape} != torch {want.shape}")
-        diff = float(np.max(np.abs(want - got), initial=0.0))
-        scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-12)
-        if not np.isfinite(diff) or diff / scale > RELATIVE_TOLERANCE:
+        diff = _relative_diff(want, got)
+        if diff is None:
+            diff = float(np.max(np.abs(want - got), initial=0.0))
+            scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-12)
             raise VerificationError(f"output {name.name!r}: onnxruntime differs from torch by {diff:.3g} "
                                     f"(relative {diff / scale:.3g} > {RELATIVE_TOLERANCE:g})")
         max_abs_diff = max(max_abs_diff, diff)
     return max_abs_diff
+
+
+def _relative_diff(want: np.ndarray, got: np.ndarray) -> float | None:
+    """The max abs difference, or None when it is above RELATIVE_TOLERANCE of want's magnitude."""
+    diff = float(np.max(np.abs(want - got), initial=0.0))
+    scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-12)
+    return diff if np.isfinite(diff) and diff / scale <= RELATIVE_TOLERANCE else None
+
+
+def _batch_trial(session: Any, example: np.ndarray, expected: list[np.ndarray]) -> str | None:
+    """One run at another batch size (2, or 3 when exporting at 2); None when it behaves.
+
+    The trial batch is the example's first sample followed by other random samples, so each
+    output's first row must equal the export-shape run's first row (samples are independent
+    in eval mode), and every output must have the trial batch as its leading dim.
+    """
+    trial = 2 if example.shape[0] != 2 else 3
+    others = np.random.default_rng(1).standard_normal((trial - 1, *example.shape[1:])).astype(example.dtype)
+    batch = np.concatenate([example[:1], others])
+    try:
+        actual = session.run(None, {INPUT_NAME: batch})
+    except Exception as exc:  # onnxruntime raises its own types
+        return f"onnxruntime fails at batch {trial}: {_first_line(exc)}"
+    for want, got in zip(expected, actual, strict=True):
+        wanted_shape = (trial, *want.shape[1:])
+        if tuple(got.shape) != wanted_shape:
+            return f"at batch {trial} an output has shape {tuple(got.shape)}, not {wanted_shape}"
+        if _relative_diff(want[:1], got[:1]) is None:
+            return f"at batch {trial} the first sample's output changes"
+    return None
 
 
 __all__ = ["ExportResult", "export_model", "export_module", "load_factory", "load_weights"]

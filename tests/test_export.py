@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import collections
 import importlib
+import os
+import stat
 import textwrap
 
 import numpy as np
@@ -64,6 +66,34 @@ FACTORY_SOURCE = '''
 
     def raises():
         raise ValueError("boom\\nsecond line")
+
+    class BatchOne(nn.Module):
+        """A hard-coded x.view(1, -1): at batch 2 the Gemm gets the wrong width and fails."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(1, -1))
+
+    class BatchOneShape(nn.Module):
+        """A hard-coded reshape(1, 4, -1): at batch 2 it runs, and silently returns one row."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)).reshape(1, 4, -1).mean(-1)
+
+    def batch_one():
+        torch.manual_seed(0)
+        return BatchOne()
+
+    def batch_one_shape():
+        torch.manual_seed(0)
+        return BatchOneShape()
 '''
 
 
@@ -185,6 +215,7 @@ def test_export_is_quiet(factories, tmp_path, capfd):
 @pytest.mark.parametrize("spec", [f"{FACTORY_MODULE}:tiny", f"{FACTORY_MODULE}:Holder.build"])
 def test_factory_export_matches_torch(factories, tmp_path, spec):
     result = export_model(spec, TINY, tmp_path / "f.onnx")
+    assert result.dynamic_batch and result.warnings == ()
     x = np.random.default_rng(4).standard_normal((5, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(_ort_run(result.path, x), _torch_run(factories.tiny().eval(), x),
                                rtol=1e-5, atol=1e-5)
@@ -402,3 +433,89 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, args, message):
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     _assert_nothing_written(out)
+
+
+# --- graphs that fix the batch: exported with a static batch ---------------------------------
+
+
+@pytest.mark.parametrize(("factory", "problem"), [("batch_one", "onnxruntime fails at batch 2"),
+                                                  ("batch_one_shape", "an output has shape (1, 4), not (2, 4)")])
+def test_a_graph_that_fixes_the_batch_gets_a_static_batch(factories, tmp_path, factory, problem):
+    result = export_model(f"{FACTORY_MODULE}:{factory}", TINY, tmp_path / "b.onnx")
+    assert result.dynamic_batch is False
+    assert len(result.warnings) == 1 and problem in result.warnings[0]
+    assert "static batch of 1" in result.warnings[0]
+    model = onnx.load(str(result.path))
+    for value in [*model.graph.input, *model.graph.output]:
+        first = value.type.tensor_type.shape.dim[0]
+        assert (first.dim_value, first.dim_param) == (1, ""), value.name
+    x = np.random.default_rng(7).standard_normal(TINY).astype(np.float32)
+    np.testing.assert_allclose(_ort_run(result.path, x), _torch_run(getattr(factories, factory)().eval(), x),
+                               rtol=1e-5, atol=1e-5)
+    assert list(tmp_path.iterdir()) == [result.path]
+
+
+def test_cli_export_says_when_the_batch_is_static(factories, tmp_path):
+    result = _cli(f"{FACTORY_MODULE}:batch_one", "--input-shape", "1,3,8,8", "-o", tmp_path / "b.onnx")
+    assert result.exit_code == 0, result.output
+    (warning,) = result.stderr.splitlines()
+    assert warning.startswith("warning: the graph fixes the batch size (onnxruntime fails at batch 2")
+    assert warning.endswith("exported with a static batch of 1: it runs only at batch 1")
+    assert result.stdout.startswith(f"wrote {tmp_path / 'b.onnx'}")
+    assert onnx.load(str(tmp_path / "b.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_cli_export_of_a_dynamic_model_warns_nothing(factories, tmp_path):
+    result = _cli(f"{FACTORY_MODULE}:tiny", "--input-shape", "1,3,8,8", "-o", tmp_path / "t.onnx")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert onnx.load(str(tmp_path / "t.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+# --- help and outputs ---------------------------------------------------------------------------
+
+
+def test_export_help_says_the_zoo_is_untrained():
+    result = _cli("--help")
+    assert result.exit_code == 0
+    assert "zoo models are untrained (seeded random weights) unless --weights is given" in " ".join(
+        result.stdout.split())
+
+
+def test_cli_export_writes_through_a_symlink_with_a_normal_mode(factories, tmp_path):
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "real.onnx")
+    old = os.umask(0o027)
+    try:
+        result = _cli(f"{FACTORY_MODULE}:tiny", "--input-shape", "1,3,8,8", "-o", tmp_path / "link.onnx")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "link.onnx").is_symlink()
+    assert stat.S_IMODE(os.stat(tmp_path / "real.onnx").st_mode) == 0o640
+    onnx.checker.check_model(onnx.load(str(tmp_path / "real.onnx")))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "weights"])
+def test_cli_export_refuses_bad_outputs_before_building_the_model(tmp_path, monkeypatch, kind):
+    import fmcompress.models
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr(fmcompress.models, "get_model", forbidden)
+    out = tmp_path / "out.onnx"
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    if kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "device":
+        out.symlink_to("/dev/null")
+    else:
+        out = weights
+    result = _cli("resnet18_small", "--input-shape", "1,3,32,32", "-o", out, "--weights", weights)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert {"fifo": "is a FIFO", "device": "is a character device", "weights": "would overwrite the input"}[kind] \
+        in result.stderr
+    assert weights.read_bytes() == b"weights"
+    assert kind != "fifo" or stat.S_ISFIFO(os.lstat(out).st_mode)
+    assert kind != "device" or os.readlink(out) == "/dev/null"
