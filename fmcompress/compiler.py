@@ -297,9 +297,10 @@ def _recorded_ceiling(compressed: onnx.ModelProto) -> int | None:
 def write_report(result: CompileResult, folder: str | os.PathLike) -> None:
     """report.json, report.md and memory.png (before/after with the ceiling line)."""
     from .modelio import write_bytes_atomic
-    from .report import plot_memory, render_compile_markdown
+    from .render import plot_memory, render_compile_markdown
 
     folder = Path(folder)
     write_bytes_atomic(json.dumps(result.report, indent=2).encode(), folder / "report.json")
     write_bytes_atomic(render_compile_markdown(result.report).encode(), folder / "report.md")
-    plot_memory(result.before, folder / "memory.png", after=result.after)
+    stored_as = {entry["name"]: entry["stored_as"] for entry in result.report.get("maps", [])}
+    plot_memory(result.before, folder / "memory.png", after=result.after, stored_as=stored_as)
