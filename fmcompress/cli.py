@@ -20,7 +20,8 @@ from .errors import EXIT_INTERRUPTED, EXIT_USAGE, FmcError
 
 CEILING_HELP = (
     "Memory ceiling per stored feature map: a size (256KB, 256KiB, 0.25MB, 262144) "
-    "or a ratio of the largest stored feature map (4x). KB = KiB = 1024 bytes."
+    "or a ratio of the largest compressible stored map (4x; graph inputs, outputs and integer "
+    "maps do not count). KB = KiB = 1024 bytes."
 )
 INPUT_SHAPE_HELP = (
     "Pin an input's shape: NAME=1,3,224,224, or bare dims (1,3,224,224) for a "
@@ -203,7 +204,7 @@ def _not_compressible_note(entries: Any, ceiling_bytes: int | None) -> str:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG of map sizes and live memory.")
 @click.option("--fail-over-ceiling", is_flag=True, help="Exit 1 when a stored feature map exceeds the ceiling (CI gate).")
-@click.option("--include-inputs", is_flag=True, help="Let graph inputs above the ceiling trip --fail-over-ceiling.")
+@click.option("--include-inputs", is_flag=True, help="Let graph inputs, outputs and integer maps above the ceiling trip --fail-over-ceiling.")
 @click.option("-q", "--quiet", is_flag=True, help="No table; only errors and the gate's verdict.")
 @handle_errors
 def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mode: str, act_bytes: int | None,
