@@ -9,11 +9,11 @@ import onnx
 import onnxruntime as ort
 import onnxslim
 import pytest
+from modeltools import random_projections
 from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress import analyze
 from fmcompress.compiler import build_context
-from fmcompress.featuremaps import Projection
 from fmcompress.passes import memory
 from fmcompress.passes.fold import FoldProjectionsPass
 from fmcompress.passes.insert import InsertProjectionsPass
@@ -29,11 +29,7 @@ def compress(model: onnx.ModelProto, pass_class) -> tuple[onnx.ModelProto, Plan,
     """Plan at 4x and project every planned map with a random orthonormal P (U = P^T)."""
     ctx = build_context(model, None, None)
     plan = PlanPass(parse_ceiling("4x")).run(model, ctx).data
-    rng = np.random.default_rng(0)
-    projections = {}
-    for fmap in plan.maps:
-        q, _ = np.linalg.qr(rng.standard_normal((fmap.channels, fmap.k)))
-        projections[fmap.name] = Projection(q.T, q)
+    projections = random_projections(plan)
     result = pass_class(projections).run(model, ctx)
     return result.model, plan, result.data
 

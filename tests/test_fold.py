@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from modeltools import with_float_type
 from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress.errors import InputError, UnsupportedOpError
@@ -768,45 +769,23 @@ def test_tf_crop_and_resize_is_crossed_only_when_linear(extrapolation, expected)
     assert list(data[x]["consumers"].values())[0] == expected
 
 
-def _as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph with float16 weights, input and output (no value_info: passes must infer dtypes)."""
-    half = onnx.ModelProto.FromString(model.SerializeToString())
-    for init in half.graph.initializer:
-        if init.data_type == TensorProto.FLOAT:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
-    for value in [*half.graph.input, *half.graph.output]:
-        value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    del half.graph.value_info[:]
-    return half
-
-
 @pytest.mark.parametrize("pass_class", [FoldProjectionsPass, InsertProjectionsPass])
 def test_float16_model_gets_float16_projection_weights(pass_class):
     b = GraphBuilder()
     x = b.node("Relu", [b.conv("x", 8, 16)])  # P folds into the conv, or an explicit P after the Relu
     y = b.node("Sigmoid", [x])  # explicit U before a nonlinear consumer
-    model = _as_float16(b.model([b.conv(y, 16, 4), b.conv(x, 16, 4, k=3, pads=[1, 1, 1, 1])]))
+    model = with_float_type(b.model([b.conv(y, 16, 4), b.conv(x, 16, 4, k=3, pads=[1, 1, 1, 1])]), TensorProto.FLOAT16)
     result = pass_class({x: projection(16, 4)})(model, PassContext())
     onnx.checker.check_model(result.model, full_check=True)
     new = [i for i in result.model.graph.initializer if i.name.startswith("fmc/")]
     assert new and {i.data_type for i in new} == {TensorProto.FLOAT16}
     feeds = {"x": np.random.default_rng(2).standard_normal((1, 8, 8, 8)).astype(np.float16)}
     got = run(result.model, feeds)
-    want = run(InsertProjectionsPass({x: projection(16, 4)})(_float32_of(model), PassContext()).model,
+    want = run(InsertProjectionsPass({x: projection(16, 4)})(with_float_type(model, TensorProto.FLOAT), PassContext()).model,
                {"x": feeds["x"].astype(np.float32)})
     for g, w in zip(got, want, strict=True):
         assert g.dtype == np.float16
         assert rel_err(g, w) < 1e-2  # float16 rounding
-
-
-def _float32_of(model: onnx.ModelProto) -> onnx.ModelProto:
-    single = onnx.ModelProto.FromString(model.SerializeToString())
-    for init in single.graph.initializer:
-        if init.data_type == TensorProto.FLOAT16:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
-    for value in [*single.graph.input, *single.graph.output]:
-        value.type.tensor_type.elem_type = TensorProto.FLOAT
-    return single
 
 
 def test_integer_map_cannot_be_projected():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from modeltools import with_float_type
 from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress.compiler import CompileOptions, build_context, ceiling_verdict, compile_model
@@ -124,13 +125,7 @@ def test_a_graph_that_fixes_the_batch_runs_at_batch_1(tmp_path):
 
 
 def test_a_float16_model_compiles_to_float16_weights(small_resnet, tmp_path):
-    model = onnx.load(str(small_resnet))
-    for init in model.graph.initializer:
-        if init.data_type == TensorProto.FLOAT:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
-    for value in [*model.graph.input, *model.graph.output]:
-        value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    del model.graph.value_info[:]
+    model = with_float_type(onnx.load(str(small_resnet)), TensorProto.FLOAT16)
     result = compile_model(model, CompileOptions(ceiling="4x", **QUICK))
     onnx.checker.check_model(result.model, full_check=True)
     float_types = {i.data_type for i in result.model.graph.initializer if i.data_type != TensorProto.INT64}

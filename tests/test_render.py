@@ -12,13 +12,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from modeltools import random_projections
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
 from fmcompress import analyze
 from fmcompress.cli import main
 from fmcompress.compiler import build_context
-from fmcompress.featuremaps import Projection
 from fmcompress.passes.fold import FoldProjectionsPass
 from fmcompress.passes.plan import PlanPass
 from fmcompress.render import (
@@ -114,11 +114,7 @@ def compressed_pair(zoo_onnx):
     model = onnx.load(str(zoo_onnx("resnet18_small", (1, 3, 32, 32))))
     ctx = build_context(model, None, None)
     plan = PlanPass(parse_ceiling("4x")).run(model, ctx).data
-    rng = np.random.default_rng(0)
-    projections = {}
-    for fmap in plan.maps:
-        q, _ = np.linalg.qr(rng.standard_normal((fmap.channels, fmap.k)))
-        projections[fmap.name] = Projection(q.T, q)
+    projections = random_projections(plan)
     result = FoldProjectionsPass(projections).run(model, ctx)
     before = analyze(model, ceiling="4x")
     after = analyze(result.model, ceiling=str(plan.ceiling_bytes))

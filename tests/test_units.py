@@ -30,3 +30,14 @@ def test_format_bytes():
     assert format_bytes(200704) == "196.0 KiB"
     assert format_bytes(512) == "512 B"
     assert format_bytes(3 * 1024**2) == "3.0 MiB"
+
+
+def test_light_modules_do_not_import_onnxruntime_or_torch():
+    """`import fmcompress.units` (and the package itself) must stay cheap: the API loads on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fmcompress, fmcompress.units, fmcompress.errors, fmcompress.featuremaps; "
+            "print(sorted(m for m in ('onnxruntime', 'torch', 'rich', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
