@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import fields, replace
 
 import onnx
 
@@ -11,6 +12,7 @@ from .compiler import CompileOptions, CompileResult, build_context, compile_mode
 from .modelio import load_model
 from .passes.memory import MemoryAnalysisPass
 from .report import AnalysisReport
+from .training import TrainConfig
 from .units import Ceiling, parse_ceiling
 
 
@@ -34,10 +36,15 @@ def compile(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceilin
     """Compress `model` so that every stored feature map fits under `ceiling`.
 
     Options are those of `CompileOptions` (input_shapes, act_bytes, method, data,
-    num_samples, mean, std, scale, batch_size, seed, ...). Returns a CompileResult
-    whose `model` is the verified ONNX model and `report` the compile report; nothing
-    is written to disk.
+    num_samples, mean, std, scale, batch_size, seed, min_agreement, ...) and of
+    `fmcompress.training.TrainConfig` for the learned and random methods (epochs, lr,
+    loss, schedule, target, ...). Returns a CompileResult whose `model` is the verified
+    ONNX model and `report` the compile report; nothing is written to disk.
     """
+    training_fields = {f.name for f in fields(TrainConfig)} - {"batch_size", "seed"}
+    training = {key: options.pop(key) for key in list(options) if key in training_fields}
+    if training:
+        options["training"] = replace(options.get("training", TrainConfig()), **training)
     return compile_model(model, CompileOptions(ceiling=ceiling, **options), plan_only=plan_only)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -165,6 +166,42 @@ def data_options(num_samples: int) -> Callable[[Any], Any]:
     )
 
 
+def training_options() -> Callable[[Any], Any]:
+    """The settings of `--method learned|random` (fmcompress.training.TrainConfig)."""
+    return _options(
+        click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Training epochs over the calibration part (after the greedy stages)."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+                     help="Learning rate (cosine decay to 0 over the run)."),
+        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True),
+        click.option("--loss", type=click.Choice(["kd", "ce", "kd+ce"]), default="kd", show_default=True,
+                     help="kd: distillation from the original's outputs (KL for class scores, per time step "
+                          "for sequences, MSE otherwise); ce: cross-entropy on the labels; kd+ce: both."),
+        click.option("--schedule", type=click.Choice(["joint", "greedy"]), default="joint", show_default=True,
+                     help="joint: all maps at once; greedy: add one map a stage (--stage-epochs), then joint."),
+        click.option("--stage-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Greedy schedule: epochs per added map."),
+        click.option("--max-samples", type=click.IntRange(min=1),
+                     help="Samples per epoch (a seeded subset of the calibration part) [default: all]."),
+        click.option("--augment", type=click.Choice(["none", "light"]), default="light", show_default=True,
+                     help="light: shifts of up to 2 positions and 2% noise on every training batch."),
+        click.option("--feature-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Weight of the projected maps' relative reconstruction error in the loss."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where to train: auto = CUDA when available."),
+        click.option("--target", type=click.FloatRange(0, 1, min_open=True), metavar="FLOAT",
+                     help="Stop once the held-out score (accuracy with labels, else top-1 agreement, else "
+                          "cosine) reaches this; otherwise the best epoch is kept."),
+        click.option("--resume", is_flag=True,
+                     help="Continue a stopped run from its checkpoint (OUTPUT.ckpt, or --checkpoint)."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Training checkpoint, written after every epoch [default: OUTPUT.ckpt; removed "
+                          "after a successful compile]."),
+        click.option("--json-log", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Write training progress as JSON lines (one event a line) to this file."),
+    )
+
+
 def _normalisation(mean: str | None, std: str | None, scale: float | None) -> dict[str, Any]:
     from .data import DEFAULT_MEAN, DEFAULT_SCALE, DEFAULT_STD
 
@@ -284,9 +321,12 @@ def _default_output(model: Path) -> Path:
 @click.option("--ceiling", required=True, help=CEILING_HELP)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the compressed model [default: MODEL.fmc.onnx].")
-@click.option("--method", type=click.Choice(["pca"]), default="pca", show_default=True,
-              help="How projections are found: pca = top-k eigenvectors of the channel second moment.")
+@click.option("--method", type=click.Choice(["learned", "pca", "random"]), default="learned", show_default=True,
+              help="How projections are found: pca = top-k eigenvectors of the channel second moment; "
+                   "learned = pca, then trained end to end through the frozen network; random = random "
+                   "orthonormal, then trained.")
 @data_options(num_samples=256)
+@training_options()
 @click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="FLOAT",
               help="Fidelity gate: fail (exit 1, nothing written) when the held-out top-1 agreement with "
                    "the original is below this (0..1, e.g. 0.99).")
@@ -303,6 +343,9 @@ def _default_output(model: Path) -> Path:
 def compile_command(model: Path, ceiling: str, output: Path | None, method: str, input_shapes: tuple[str, ...],
                     act_bytes: int | None, data: Path | None, num_samples: int, mean: str | None,
                     std: str | None, scale: float | None, batch_size: int, seed: int, threads: int,
+                    epochs: int, lr: float, optimizer: str, loss: str, schedule: str, stage_epochs: int,
+                    max_samples: int | None, augment: str, feature_weight: float, device: str,
+                    target: float | None, resume: bool, checkpoint: Path | None, json_log: Path | None,
                     min_agreement: float | None, max_accuracy_drop: float | None, plan_only: bool,
                     json_path: Path | None, report_dir: Path | None, quiet: bool) -> None:
     """Compress MODEL so that every stored feature map fits under --ceiling.
@@ -313,20 +356,46 @@ def compile_command(model: Path, ceiling: str, output: Path | None, method: str,
     atomically. Graph inputs and outputs are never compressed: the last line names those
     above the ceiling.
     """
-    import json
 
-    from .compiler import CompileOptions, compile_model, write_report
-    from .modelio import output_transaction, save_model_atomic, write_bytes_atomic
+    from .compiler import CompileOptions
+    from .render import training_monitor
+    from .training import TrainConfig
 
     output = output or _default_output(model)
+    trains = method != "pca" and not plan_only
+    checkpoint = (checkpoint or _default_checkpoint(model, output)) if trains else None
+    primary = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes and talks
+    quiet = quiet or not primary
     _check_outputs([(None if plan_only else output, "file"), (json_path, "file"),
-                    (None if plan_only else report_dir, "dir")], [model, data])
-    options = CompileOptions(
-        ceiling=ceiling, input_shapes=list(input_shapes), act_bytes=act_bytes, method=method, data=data,
-        num_samples=num_samples, **_normalisation(mean, std, scale), batch_size=batch_size, seed=seed,
-        threads=threads, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+                    (None if plan_only else report_dir, "dir"), (checkpoint, "file"), (json_log, "file")],
+                   [model, data])
+    training = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, loss=loss, schedule=schedule,
+                           stage_epochs=stage_epochs, max_samples=max_samples, augment=augment,
+                           feature_weight=feature_weight, device=device, target=target)
     log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
-    result = compile_model(model, options, plan_only=plan_only, log=log)
+    with training_monitor(quiet=quiet, json_log=json_log if primary else None, log=log) as monitor:
+        options = CompileOptions(
+            ceiling=ceiling, input_shapes=list(input_shapes), act_bytes=act_bytes, method=method, data=data,
+            num_samples=num_samples, **_normalisation(mean, std, scale), batch_size=batch_size, seed=seed,
+            threads=threads, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
+            training=training, checkpoint=checkpoint if primary else None, resume=resume, monitor=monitor)
+        result = _compile_resumably(model, options, plan_only, log, checkpoint)
+    if not primary:
+        return
+    try:
+        _write_compile_outputs(result, output, json_path, report_dir, plan_only)
+    finally:
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)  # only an interrupted run keeps its checkpoint
+
+
+def _write_compile_outputs(result: Any, output: Path, json_path: Path | None, report_dir: Path | None,
+                           plan_only: bool) -> None:
+    import json
+
+    from .compiler import write_report
+    from .modelio import output_transaction, save_model_atomic, write_bytes_atomic
+
     _warn(result.report.get("warnings", []))
     ceiling_bytes = result.plan.ceiling_bytes
     blocked = _not_compressible_note(result.report.get("not_compressible", result.plan.not_compressible),
@@ -348,6 +417,33 @@ def compile_command(model: Path, ceiling: str, output: Path | None, method: str,
             write_report(result, report_dir)
     click.echo(f"wrote {output}: {len(result.plan.maps)} map(s) compressed; every compressible stored map <= "
                f"{ceiling_bytes} B{blocked}")
+
+
+def _compile_resumably(model: Path, options: Any, plan_only: bool, log: Callable[[str], None],
+                       checkpoint: Path | None) -> Any:
+    """compile_model; on Ctrl-C during training, say where the checkpoint is and how to resume."""
+    from .compiler import compile_model
+    from .errors import Interrupted
+
+    try:
+        return compile_model(model, options, plan_only=plan_only, log=log)
+    except KeyboardInterrupt:
+        if checkpoint is not None and checkpoint.exists():
+            raise Interrupted(f"interrupted; no model was written. The training checkpoint {checkpoint} holds the "
+                              "last finished epoch: run the same command with --resume to continue") from None
+        raise
+    except BaseException:
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
+        raise
+
+
+def _default_checkpoint(model: Path, output: Path) -> Path:
+    """A per-(model, output) file in the user's cache, so that nothing appears beside the output
+    before it is written, and `--resume` finds the run again."""
+    key = hashlib.sha256(f"{model.resolve()}\0{output.resolve()}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "fmcompress" / "checkpoints" / f"{output.name}.{key}.ckpt"
 
 
 @main.command()

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from .featuremaps import Projection
 from .metrics import batch_is_free
 from .modelio import load_model
 from .passes import PassContext, Pipeline
-from .passes.fit import METHODS, FitProjectionsPass
+from .passes.fit import DEFAULT_METHOD, METHODS, FitProjectionsPass
 from .passes.fold import FoldProjectionsPass
 from .passes.fold_bn import FoldBatchNormPass
 from .passes.measure import MeasurePass
@@ -44,6 +44,7 @@ from .passes.plan import Plan, PlanPass
 from .passes.verify import VerifyPass, check_model
 from .report import AnalysisReport
 from .shapes import graph_inputs, parse_input_shapes, resolve_input_shapes
+from .training import TrainConfig, check_device
 from .units import Ceiling, parse_ceiling
 
 REPORT_SCHEMA_VERSION = 2
@@ -56,7 +57,7 @@ class CompileOptions:
     ceiling: Ceiling | str
     input_shapes: Any = None  # ["x=1,3,224,224"] or {"x": (1, 3, 224, 224)}
     act_bytes: int | None = None
-    method: str = "pca"
+    method: str = DEFAULT_METHOD
     data: str | os.PathLike | None = None  # .npz, image folder, or None for the surrogate set
     num_samples: int = 256
     mean: tuple[float, ...] = DEFAULT_MEAN
@@ -70,6 +71,10 @@ class CompileOptions:
     threads: int = 1  # onnxruntime intra-op threads for the latency figures
     min_agreement: float | None = None  # fidelity gate: held-out top-1 agreement, 0..1
     max_accuracy_drop: float | None = None  # fidelity gate: accuracy points lost (needs labels)
+    training: TrainConfig = field(default_factory=TrainConfig)  # learned / random methods
+    checkpoint: str | os.PathLike | None = None  # training checkpoint file, written after every epoch
+    resume: bool = False  # continue from `checkpoint`
+    monitor: Callable[[str, dict[str, Any]], None] | None = None  # training progress events
 
 
 @dataclass
@@ -87,6 +92,10 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     """Run the whole pipeline in memory; raise InputError / VerificationError on failure."""
     if options.method not in METHODS:
         raise InputError(f"unknown method {options.method!r}; available: {', '.join(METHODS)}")
+    training = replace(options.training, batch_size=options.batch_size, seed=options.seed)
+    if options.method != "pca":
+        training.check()
+        check_device(training.device)
     started = time.perf_counter()
     model = load_model(source)
     ctx = build_context(model, options.input_shapes, options.act_bytes, log)
@@ -102,8 +111,12 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     dataset = _dataset(model, ctx, options, _num_classes(model, before), log)
     calibration, held_out = dataset.split(options.held_out_fraction, seed=options.seed)
     warnings += data_warnings(dataset, held_out)
+    training = replace(training, batch_size=batch_size)
+    fit = FitProjectionsPass(calibration, held_out, method=options.method, batch_size=batch_size,
+                             training=training, checkpoint=options.checkpoint, resume=options.resume,
+                             monitor=options.monitor)
     folded, ctx = Pipeline([
-        FitProjectionsPass(calibration, method=options.method, batch_size=batch_size),
+        fit,
         FoldBatchNormPass(),
         FoldProjectionsPass(),
         VerifyPass(model, held_out, batch_size=batch_size),
@@ -117,6 +130,7 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     warnings += ctx.results["measure"]["warnings"]
     timings = {"total": time.perf_counter() - started, **ctx.timings}
     report = _report(source, options, plan, dataset, calibration, held_out, ctx, batch_size, warnings, timings)
+    report["training"] = _training_report(fit, training)
     return CompileResult(folded, plan, before, after, report, projections=ctx.results["fit"])
 
 
@@ -192,6 +206,16 @@ def _set_metadata(model: onnx.ModelProto, plan: Plan, options: CompileOptions) -
     model.metadata_props.extend(kept)
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
+
+
+def _training_report(fit: FitProjectionsPass, config: TrainConfig) -> dict[str, Any] | None:
+    """What training did (null for pca): settings, the epoch history, the best epoch and its score."""
+    result = fit.training
+    if result is None:
+        return None
+    return {"config": asdict(config), "device": result.device, "world_size": result.world_size,
+            "metric": result.metric, "best_epoch": result.best_epoch, "best_score": result.best_score,
+            "stopped_early": result.stopped_early, "history": [asdict(r) for r in result.history]}
 
 
 def ceiling_verdict(after: AnalysisReport, ceiling_bytes: int) -> dict[str, Any]:

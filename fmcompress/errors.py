@@ -41,3 +41,10 @@ class VerificationError(FmcError):
     """An emitted model failed verification. Exit 1."""
 
     exit_code = EXIT_GATE
+
+
+class Interrupted(FmcError):
+    """Ctrl-C with something to say (e.g. how to resume training). Exit 130."""
+
+    exit_code = EXIT_INTERRUPTED
+

@@ -16,11 +16,13 @@ this module only draws it. Rules of the presentation:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -390,3 +392,66 @@ def _md_verification(report: Mapping[str, Any]) -> list[str]:
         verdict = "<=" if check.get("ceiling_ok", True) else ">"
         parts.append(f"largest compressible stored map after {check['max_stored_bytes_after']:,} B {verdict} ceiling")
     return ["## Verification", "", ", ".join(parts) + ".", ""]
+
+
+# ------------------------------------------------------------------ training progress
+
+@contextlib.contextmanager
+def training_monitor(*, quiet: bool = False, json_log: str | os.PathLike | None = None,
+                     log: Callable[[str], None] = lambda message: None) -> Iterator[Callable[[str, dict], None]]:
+    """A monitor for fmcompress.backend.train's events, shown as the place allows.
+
+    On a terminal: a rich progress bar per epoch (stage, epoch, step, loss, held-out
+    score, ETA). Elsewhere (CI logs): one line per epoch through `log`. Nothing with
+    `quiet`. `json_log`: every event as one JSON line, flushed as it happens.
+    """
+    handle = open(json_log, "w", encoding="utf-8") if json_log else None  # noqa: SIM115 - closed below
+    console = Console(stderr=True)
+    progress = None
+    if not quiet and console.is_terminal:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console)
+        progress.start()
+    task: list[Any] = []
+
+    def monitor(event: str, fields: dict) -> None:
+        if handle is not None:
+            handle.write(json.dumps({"event": event, **fields}) + "\n")
+            handle.flush()
+        if quiet:
+            return
+        if progress is not None:
+            _progress_event(progress, task, event, fields)
+        elif event == "epoch_end":
+            log(_epoch_line(fields))
+
+    try:
+        yield monitor
+    finally:
+        if progress is not None:
+            progress.stop()
+        if handle is not None:
+            handle.close()
+
+
+def _progress_event(progress, task: list[Any], event: str, fields: dict) -> None:
+    if event == "epoch_start":
+        description = f"{fields['stage']} epoch {fields['epoch']}/{fields['epochs']}"
+        task[:] = [progress.add_task(description, total=fields["steps"], status="")]
+    elif event == "step" and task:
+        progress.update(task[0], advance=1, status=f"loss {fields['loss']:.4g}")
+    elif event == "epoch_end" and task:
+        progress.update(task[0], status=_epoch_line(fields))
+
+
+def _epoch_line(fields: dict) -> str:
+    return (f"epoch {fields['epoch']} ({fields['stage']}, {fields['active_maps']} map(s)): loss {fields['loss']:.4g}, "
+            f"held-out {fields['metric']} {fields['score']:.4f} (best {fields['best']:.4f})")

@@ -4,21 +4,29 @@ Rules:
 
 * The maps and ranks come from the plan (`ctx.results["plan"]`, a `Plan`, or the
   constructor). Nothing planned: no projections, no data read.
-* One projection per planned map, fitted in network order with every earlier
-  projection in place, so each map is fitted on what the compressed network will
-  feed it.
-* `pca` (Tai et al.'s compression-aware projection without its compensation):
-  P = the top-k eigenvectors of the uncentred channel second moment E[x x^T] over
-  the calibration data (a bounded random subset of positions per batch), U = P^T.
+* `pca` (Tai et al.'s compression-aware projection without its compensation): one
+  projection per planned map, fitted in network order with every earlier projection
+  in place, so each map is fitted on what the compressed network will feed it.
+  P = the top-k eigenvectors of the uncentred channel second moment E[x x^T] over the
+  calibration data (a bounded random subset of positions per batch), U = P^T.
   Uncentred, because the folded model has no bias to carry a mean and zero padding
   must commute with U.
-* Only calibration data is read: the held-out part stays unseen for the fidelity figures.
-* The model is not changed; `result.data` maps tensor names to `Projection`s.
+* `learned` (the default; Price & Tanner): the PCA projections, then P and U of every
+  map trained end to end through the frozen network (`fmcompress.backend.train`:
+  distillation from the original model's outputs, its rules a-h).
+* `random`: random orthonormal projections trained the same way (the paper's
+  initialisation, for comparison).
+* Only calibration data is trained on; the held-out part scores each epoch (the best
+  epoch is kept, `target` stops early) and stays unseen by the gradients.
+* The model is not changed; `result.data` maps tensor names to `Projection`s, and
+  `self.training` keeps the `TrainResult` (history, best epoch) of a trained method.
 
-Entry point: `FitProjectionsPass(calibration, method="pca").run(model, ctx)`.
+Entry point: `FitProjectionsPass(calibration, held_out, method="learned").run(model, ctx)`.
 """
 
 from __future__ import annotations
+
+import os
 
 import onnx
 
@@ -29,7 +37,8 @@ from fmcompress.featuremaps import Projection
 from .base import Pass, PassContext, PassResult
 from .plan import Plan
 
-METHODS = ("pca",)
+METHODS = ("learned", "pca", "random")
+DEFAULT_METHOD = "learned"
 
 
 def torch_executor(model: onnx.ModelProto):
@@ -46,14 +55,23 @@ class FitProjectionsPass(Pass):
 
     name = "fit"
 
-    def __init__(self, calibration: Dataset, *, method: str = "pca", batch_size: int = 16,
-                 plan: Plan | None = None):
+    def __init__(self, calibration: Dataset, held_out: Dataset | None = None, *, method: str = DEFAULT_METHOD,
+                 batch_size: int = 16, plan: Plan | None = None, training=None,
+                 checkpoint: str | os.PathLike | None = None, resume: bool = False, monitor=None):
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        if method != "pca" and held_out is None:
+            raise InputError(f"method {method!r} needs a held-out part to score its epochs")
         self.calibration = calibration
+        self.held_out = held_out
         self.method = method
         self.batch_size = batch_size
         self.plan = plan
+        self.config = training  # a TrainConfig, or None for the defaults
+        self.checkpoint = checkpoint
+        self.resume = resume
+        self.monitor = monitor
+        self.training = None  # the TrainResult after a trained run
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         plan = self.plan or ctx.results.get("plan")
@@ -61,15 +79,39 @@ class FitProjectionsPass(Pass):
             raise InputError("the fit pass needs a plan: run PlanPass first or pass plan=")
         if not plan.maps:
             return PassResult(model, modified=False, data={})
-        from fmcompress.backend.projection import fit_pca
-
         executor = torch_executor(model)
         maps = [(m.name, m.channels, m.k) for m in plan.maps]
+        if self.method == "random":
+            from fmcompress.backend.train import random_projections
+
+            initial = random_projections(maps, seed=self.config.seed if self.config else 0)
+        else:
+            initial = self._pca(executor, maps, plan, ctx)
+        if self.method == "pca":
+            return PassResult(model, modified=False, data=initial)
+        return PassResult(model, modified=False, data=self._train(executor, maps, initial, ctx))
+
+    def _pca(self, executor, maps, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
+        from fmcompress.backend.projection import fit_pca
+
         names = list(executor.input_names)
 
         def progress(i: int, name: str) -> None:
             ctx.log(f"pca {i + 1}/{len(maps)}: {name} {plan.maps[i].channels} -> {plan.maps[i].k} channels")
 
-        projections: dict[str, Projection] = fit_pca(
-            executor, maps, lambda: self.calibration.torch_batches(self.batch_size, names), progress=progress)
-        return PassResult(model, modified=False, data=projections)
+        return fit_pca(executor, maps, lambda: self.calibration.torch_batches(self.batch_size, names),
+                       progress=progress)
+
+    def _train(self, executor, maps, initial: dict[str, Projection], ctx: PassContext) -> dict[str, Projection]:
+        from fmcompress.backend.train import ProjectionTrainer, TrainConfig
+
+        config = self.config or TrainConfig(batch_size=self.batch_size)
+        trainer = ProjectionTrainer(executor, [name for name, _, _ in maps], initial, config,
+                                    checkpoint=self.checkpoint, resume=self.resume, monitor=self.monitor)
+        assert self.held_out is not None
+        self.training = trainer.fit(self.calibration.inputs, self.calibration.labels,
+                                    self.held_out.inputs, self.held_out.labels)
+        best = self.training
+        ctx.log(f"{self.method}: best held-out {best.metric} {best.best_score:.4f} at epoch {best.best_epoch}"
+                f"{' (stopped early at the target)' if best.stopped_early else ''}")
+        return self.training.projections

@@ -15,9 +15,10 @@ from PIL import Image
 from fmcompress.cli import main
 from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.errors import InputError
+from fmcompress.training import TrainConfig
 from fmcompress.thirdparty import REAL_MODELS, real_model
 
-FAST = ["--num-samples", "8", "--batch-size", "4", "-q"]
+FAST = ["--num-samples", "8", "--batch-size", "4", "--epochs", "1", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_resnet18_compiles_with_the_surrogate_set(resnet18_224, tmp_path):
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["fmcompress.method"] == "pca" and meta["fmcompress.ceiling_bytes"] == "200704"
+    assert meta["fmcompress.method"] == "learned" and meta["fmcompress.ceiling_bytes"] == "200704"
     assert len(json.loads(meta["fmcompress.plan"])) == 9
     assert all(n.name.startswith("fmc/") for n in model.graph.node if "fmc" in n.name)
     verified = invoke("verify", resnet18_224, out, "--num-samples", "4")
@@ -71,7 +72,8 @@ def test_resnet18_compiles_with_the_surrogate_set(resnet18_224, tmp_path):
 
 def test_python_api_compiles_under_the_ceiling(small_resnet):
     result = compile_model(small_resnet, CompileOptions(ceiling="4x", num_samples=8, batch_size=4,
-                                                        latency_repeats=2, latency_rounds=2))
+                                                        latency_repeats=2, latency_rounds=2,
+                                                        training=TrainConfig(epochs=1)))
     assert result.plan.maps and result.after is not None
     assert not result.after.over_ceiling()
     assert result.report["fidelity"]["cosine_similarity"] > 0.5

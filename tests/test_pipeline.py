@@ -23,7 +23,7 @@ from fmcompress.passes.plan import PlanPass
 from fmcompress.passes.verify import VerifyPass
 from fmcompress.units import parse_ceiling
 
-QUICK = {"num_samples": 8, "batch_size": 4, "latency_rounds": 2, "latency_repeats": 2}
+QUICK = {"num_samples": 8, "batch_size": 4, "latency_rounds": 2, "latency_repeats": 2, "method": "pca"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_a_pipeline_assembled_by_hand_equals_compile(small_resnet):
     calibration, held_out = dataset.split(0.25, seed=0)
     ceiling = parse_ceiling("4x")
     folded, ctx = Pipeline([
-        MemoryAnalysisPass(ceiling), PlanPass(ceiling), FitProjectionsPass(calibration, batch_size=4),
+        MemoryAnalysisPass(ceiling), PlanPass(ceiling), FitProjectionsPass(calibration, method="pca", batch_size=4),
         FoldBatchNormPass(), FoldProjectionsPass(), VerifyPass(model, held_out, batch_size=4),
         MeasurePass(model, held_out, batch_size=4, rounds=1, repeats=1),
     ]).run(model, ctx)
@@ -115,7 +115,7 @@ def test_a_graph_that_fixes_the_batch_runs_at_batch_1(tmp_path):
     path = tmp_path / "b1.onnx"
     _batch_one_classifier(path)
     result = compile_model(path, CompileOptions(ceiling="4x", num_samples=8, batch_size=4, latency_rounds=1,
-                                                latency_repeats=1))
+                                                latency_repeats=1, method="pca"))
     assert result.report["batch_size"] == 1
     assert any("only runs at batch 1" in w for w in result.report["warnings"])
     assert result.report["verification"]["ceiling_ok"] and result.plan.maps
@@ -176,7 +176,7 @@ def test_gate_flags_are_checked():
 def test_a_missed_gate_fails_compile(small_resnet):
     """At the smallest feasible ceiling PCA cannot keep every decision: a 100% gate must fail."""
     options = CompileOptions(ceiling="4KB", num_samples=48, batch_size=16, min_agreement=1.0, latency_rounds=1,
-                             latency_repeats=1)
+                             latency_repeats=1, method="pca")
     with pytest.raises(VerificationError, match="fidelity gate missed"):
         compile_model(small_resnet, options)
 
@@ -200,7 +200,7 @@ def test_skipped_files_are_named(small_resnet, tmp_path):
             tmp_path / f"{i}.png")
     for i in range(5):
         (tmp_path / f"bad{i}.jpg").write_bytes(b"not an image")
-    report = compile_model(small_resnet, CompileOptions(ceiling="4x", data=tmp_path, num_samples=20,
+    report = compile_model(small_resnet, CompileOptions(ceiling="4x", data=tmp_path, num_samples=20, method="pca",
                                                         batch_size=4, latency_rounds=1, latency_repeats=1)).report
     skipped = [w for w in report["warnings"] if "unreadable" in w]
     assert skipped and skipped[0].startswith("5 unreadable file(s) skipped: ") and "and 2 more" in skipped[0]

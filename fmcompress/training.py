@@ -1,0 +1,79 @@
+"""The settings of learned projections (torch-free, so that options and the CLI can hold them).
+
+The training itself is `fmcompress.backend.train`; its docstring states the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import InputError
+
+LOSSES = ("kd", "ce", "kd+ce")
+SCHEDULES = ("joint", "greedy")
+OPTIMIZERS = ("adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+AUGMENTATIONS = ("none", "light")
+PROBABILITY_TOLERANCE = 1e-3
+
+
+@dataclass
+class TrainConfig:
+    """What `compile --method learned|random` trains with (the CLI flags of the same names)."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 16
+    optimizer: str = "adam"
+    schedule: str = "joint"
+    stage_epochs: int = 1  # greedy: epochs per added map
+    loss: str = "kd"
+    temperature: float = 2.0
+    feature_weight: float = 0.0
+    augment: str = "light"
+    max_samples: int | None = None  # per epoch; None: the whole calibration part
+    seed: int = 0
+    device: str = "auto"
+    target: float | None = None  # stop once the held-out score reaches it
+
+    def check(self) -> None:
+        """One-line InputErrors for values that cannot train."""
+        if self.epochs < 1:
+            raise InputError(f"--epochs must be at least 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"--lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.stage_epochs < 1:
+            raise InputError(f"--stage-epochs must be at least 1, got {self.stage_epochs}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise InputError(f"--max-samples must be at least 1, got {self.max_samples}")
+        if not self.temperature > 0:
+            raise InputError(f"--temperature must be positive, got {self.temperature}")
+        if self.feature_weight < 0:
+            raise InputError(f"--feature-weight must be at least 0, got {self.feature_weight}")
+        if self.target is not None and not 0 < self.target <= 1:
+            raise InputError(f"--target must be in (0, 1], got {self.target}")
+        for value, allowed, flag in ((self.loss, LOSSES, "--loss"), (self.schedule, SCHEDULES, "--schedule"),
+                                     (self.optimizer, OPTIMIZERS, "--optimizer"),
+                                     (self.device, DEVICES, "--device"), (self.augment, AUGMENTATIONS, "--augment")):
+            if value not in allowed:
+                raise InputError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must agree on to be resumed (not the device or the early-stop target)."""
+        kept = {k: v for k, v in asdict(self).items() if k not in ("device", "target")}
+        return json.dumps(kept, sort_keys=True)
+
+
+def check_device(name: str) -> None:
+    """`--device cuda` on a machine without CUDA is a usage error, found before any work."""
+    if name != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+

@@ -1,0 +1,199 @@
+"""Learned projections: loss per output kind, schedules, checkpoints and resume, two-process DDP, flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from fmcompress.backend import OnnxModule
+from fmcompress.backend.train import (
+    ProjectionTrainer,
+    distillation_loss,
+    output_kinds,
+    plan_epochs,
+    random_projections,
+)
+from fmcompress.cli import main
+from fmcompress.errors import InputError
+from fmcompress.training import TrainConfig
+
+MAPS = [("r1", 16, 4), ("r2", 16, 4)]
+
+
+def tiny_classifier() -> onnx.ModelProto:
+    """Conv -> Relu (r1) -> Conv -> Relu (r2) -> GlobalAveragePool -> Flatten -> Gemm: 10 logits."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.4, "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, "w2"),
+             numpy_helper.from_array(rng.standard_normal((10, 16)).astype(np.float32), "fc")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def data(count: int, seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((count, 3, 8, 8)).astype(np.float32)}
+
+
+def train(config: TrainConfig, **kwargs):
+    trainer = ProjectionTrainer(OnnxModule(tiny_classifier()), [m[0] for m in MAPS], random_projections(MAPS, 1),
+                                config, **kwargs)
+    return trainer.fit(data(24, 0), None, data(8, 1), None)
+
+
+# ------------------------------------------------------------------------ output kinds
+
+
+def test_loss_kind_follows_the_output():
+    logits = torch.randn(4, 10)
+    probs = torch.softmax(torch.randn(4, 10), -1)
+    sequence = torch.softmax(torch.randn(4, 40, 97), -1)
+    detection = torch.rand(4, 84, 100) * 300  # YOLO-style [N, 4 + classes, anchors]: not distributions
+    feature = torch.randn(4, 8, 5, 5)
+    assert output_kinds([logits, probs, sequence, detection, feature]) == \
+        ["logits", "probs", "seq_probs", "regression", "regression"]
+
+
+def test_distillation_loss_is_zero_on_agreement_and_grows_with_disagreement():
+    for teacher in (torch.randn(6, 10), torch.softmax(torch.randn(6, 30, 12), -1), torch.rand(6, 84, 20)):
+        kinds = output_kinds([teacher])
+        same = distillation_loss([teacher], [teacher], kinds, temperature=2.0)
+        assert float(same) == pytest.approx(0.0, abs=1e-6)
+        near = distillation_loss([0.9 * teacher + 0.1 * teacher.mean(-1, keepdim=True)], [teacher], kinds, 2.0)
+        far = distillation_loss([teacher.flip(0)], [teacher], kinds, 2.0)
+        assert 0 < float(near) < float(far)
+
+
+def test_regression_loss_is_scale_free():
+    teacher = torch.rand(4, 84, 50)
+    kinds = output_kinds([teacher])
+    small = distillation_loss([teacher * 1.1], [teacher], kinds, 1.0)
+    large = distillation_loss([teacher * 1000 * 1.1], [teacher * 1000], kinds, 1.0)
+    assert float(small) == pytest.approx(float(large), rel=1e-4)
+
+
+# ------------------------------------------------------------------------- schedules
+
+
+def test_greedy_schedule_adds_one_map_a_stage():
+    config = TrainConfig(schedule="greedy", stage_epochs=2, epochs=3)
+    assert plan_epochs(3, config) == [("greedy 1/3", 1)] * 2 + [("greedy 2/3", 2)] * 2 + \
+        [("greedy 3/3", 3)] * 2 + [("joint", 3)] * 3
+    result = train(TrainConfig(schedule="greedy", epochs=1, batch_size=8, augment="none"))
+    assert [r.active_maps for r in result.history] == [1, 2, 2]
+    assert result.best_epoch >= 2  # only epochs with every map active are candidates
+
+
+def test_training_improves_on_random_projections():
+    result = train(TrainConfig(epochs=8, lr=1e-2, batch_size=8))
+    losses = [r.loss for r in result.history]
+    assert losses[-1] < losses[0] * 0.7
+    assert result.best_score >= result.history[0].score
+
+
+def test_target_stops_early():
+    result = train(TrainConfig(epochs=20, lr=1e-2, batch_size=8, target=1e-3))
+    assert result.stopped_early and len(result.history) == 1
+
+
+# ------------------------------------------------------------------ checkpoints, resume
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    config = TrainConfig(epochs=4, lr=5e-3, batch_size=8)
+    whole = train(config)
+
+    def stop_at_third(event: str, fields: dict) -> None:
+        if event == "epoch_start" and fields["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, checkpoint=checkpoint, monitor=stop_at_third)
+    assert checkpoint.exists()
+    resumed = train(config, checkpoint=checkpoint, resume=True)
+    assert [r.epoch for r in resumed.history] == [1, 2, 3, 4]
+    for name, _, _ in MAPS:
+        np.testing.assert_allclose(resumed.projections[name].P, whole.projections[name].P, atol=1e-6)
+        np.testing.assert_allclose(resumed.projections[name].U, whole.projections[name].U, atol=1e-6)
+
+
+def test_resume_refuses_a_foreign_or_missing_checkpoint(tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    train(TrainConfig(epochs=1, batch_size=8), checkpoint=checkpoint)
+    with pytest.raises(InputError, match="other maps, ranks or training settings"):
+        train(TrainConfig(epochs=1, batch_size=8, lr=0.5), checkpoint=checkpoint, resume=True)
+    with pytest.raises(InputError, match="no checkpoint"):
+        train(TrainConfig(epochs=1), checkpoint=tmp_path / "none.ckpt", resume=True)
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(InputError, match="not a readable checkpoint"):
+        train(TrainConfig(epochs=1), checkpoint=tmp_path / "junk.ckpt", resume=True)
+
+
+# -------------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.set_num_threads(1)
+    result = train(TrainConfig(epochs=3, lr=5e-3, batch_size=8, device="cpu"))
+    if rank == 0:
+        torch.save({n: (p.P, p.U) for n, p in result.projections.items()}, out)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    single = train(TrainConfig(epochs=3, lr=5e-3, batch_size=8, device="cpu"))
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    distributed = torch.load(out, weights_only=False)
+    for name, (P, U) in distributed.items():  # noqa: N806
+        np.testing.assert_allclose(P, single.projections[name].P, atol=1e-4)
+        np.testing.assert_allclose(U, single.projections[name].U, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ flags
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--device", "tpu"], "--device"),
+    (["--loss", "magic"], "--loss"), (["--schedule", "random"], "--schedule")])
+def test_bad_training_flags_are_one_line_usage_errors(tmp_path, flags, expected):
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_classifier(), str(path))
+    result = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "4x", *flags])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_a_usage_error(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_classifier(), str(path))
+    result = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "4x", "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
