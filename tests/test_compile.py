@@ -15,8 +15,8 @@ from PIL import Image
 from fmcompress.cli import main
 from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.errors import InputError
-from fmcompress.training import TrainConfig
 from fmcompress.thirdparty import REAL_MODELS, real_model
+from fmcompress.training import TrainConfig
 
 FAST = ["--num-samples", "8", "--batch-size", "4", "--epochs", "1", "-q"]
 

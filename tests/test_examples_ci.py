@@ -10,8 +10,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-
-from test_train import tiny_classifier
+from modeltools import tiny_classifier
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "ci" / "gate.sh"
 pytestmark = pytest.mark.skipif(shutil.which("fmcompress") is None, reason="needs the fmcompress command")

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from modeltools import tiny_classifier
 
 from fmcompress.backend import OnnxModule
 from fmcompress.backend.train import (
@@ -25,24 +25,6 @@ from fmcompress.errors import InputError
 from fmcompress.training import TrainConfig
 
 MAPS = [("r1", 16, 4), ("r2", 16, 4)]
-
-
-def tiny_classifier() -> onnx.ModelProto:
-    """Conv -> Relu (r1) -> Conv -> Relu (r2) -> GlobalAveragePool -> Flatten -> Gemm: 10 logits."""
-    rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c2"], ["r2"]),
-             helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
-    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.4, "w1"),
-             numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.2, "w2"),
-             numpy_helper.from_array(rng.standard_normal((10, 16)).astype(np.float32), "fc")]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def data(count: int, seed: int) -> dict[str, np.ndarray]:
