@@ -158,11 +158,16 @@ def load_dataset(
     seed: int = 0,
     num_classes: int | None = None,
 ) -> Dataset:
-    """Load calibration data from an .npz file, an image folder, or (None) the surrogate set."""
+    """Load calibration data from an .npz file, an image folder, a named dataset (`mnist`,
+    see fmcompress.datasets) or (None) the surrogate set."""
     if num_samples < 1:
         raise InputError(f"number of samples must be at least 1, got {num_samples}")
     if not specs:
         raise InputError("the model has no inputs to feed")
+    from .datasets import is_named, load_named  # named real datasets (`--data mnist`)
+
+    if source is not None and is_named(source):
+        return load_named(str(source), specs, num_samples=num_samples, num_classes=num_classes)
     if source is None:
         spec = _image_input(specs, "the built-in surrogate data")
         norm = _Normalizer.build(spec, mean, std, scale)

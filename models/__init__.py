@@ -4,18 +4,30 @@ ResNet-18, VGG-16 with BatchNorm and MobileNetV2, with torchvision's layer struc
 parameter names (a torchvision state_dict loads into them), for 224x224 ImageNet inputs and
 in `_small` variants for 32x32 inputs. `get_model` builds one with a reproducible
 initialisation and returns it in eval mode.
+
+`digits_resnet` (models/digits.py) is a small ResNet for 1x28x28 handwritten digits; unlike
+the others it ships trained: `digits_onnx_path()` is its committed ONNX export
+(examples/train_digits.py made it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from fmcompress.errors import InputError
 
+from .digits import (
+    DIGITS_INPUT_SHAPE,
+    DIGITS_ONNX,
+    DIGITS_TEST_ACCURACY,
+    DigitsResNet,
+    digits_resnet,
+)
 from .mobilenetv2 import MobileNetV2, mobilenet_v2, mobilenet_v2_small
 from .resnet import ResNet, resnet18, resnet18_small
 from .vgg import VGG, vgg16_bn, vgg16_bn_small
@@ -38,6 +50,7 @@ ZOO: dict[str, ZooEntry] = {
     "resnet18_small": ZooEntry(resnet18_small, 10, SMALL_INPUT_SHAPE),
     "vgg16_bn_small": ZooEntry(vgg16_bn_small, 10, SMALL_INPUT_SHAPE),
     "mobilenet_v2_small": ZooEntry(mobilenet_v2_small, 10, SMALL_INPUT_SHAPE),
+    "digits_resnet": ZooEntry(digits_resnet, 10, DIGITS_INPUT_SHAPE),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(ZOO)
 
@@ -90,11 +103,17 @@ def calibrate_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
 
 
 def default_input_shape(name: str) -> tuple[int, ...]:
-    """The input shape a zoo model is meant for: (1, 3, 224, 224) or (1, 3, 32, 32)."""
+    """The input shape a zoo model is meant for: (1, 3, 224, 224), (1, 3, 32, 32) or (1, 1, 28, 28)."""
     return _entry(name).input_shape
 
 
+def digits_onnx_path() -> Path:
+    """The committed, trained ONNX export of `digits_resnet` (models/digits_resnet.onnx)."""
+    return Path(__file__).resolve().with_name(DIGITS_ONNX)
+
+
 __all__ = [
-    "MODEL_NAMES", "ZOO", "MobileNetV2", "ResNet", "VGG", "calibrate_batchnorm", "default_input_shape", "get_model",
+    "DIGITS_TEST_ACCURACY", "MODEL_NAMES", "ZOO", "DigitsResNet", "MobileNetV2", "ResNet", "VGG", "calibrate_batchnorm",
+    "default_input_shape", "digits_onnx_path", "digits_resnet", "get_model",
     "mobilenet_v2", "mobilenet_v2_small", "resnet18", "resnet18_small", "vgg16_bn", "vgg16_bn_small",
 ]

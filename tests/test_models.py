@@ -150,7 +150,7 @@ def test_batchnorm_calibration_keeps_activations_alive():
 
 def test_registry_lists_every_model():
     assert set(MODEL_NAMES) == {"resnet18", "vgg16_bn", "mobilenet_v2",
-                                "resnet18_small", "vgg16_bn_small", "mobilenet_v2_small"}
+                                "resnet18_small", "vgg16_bn_small", "mobilenet_v2_small", "digits_resnet"}
 
 
 def test_unknown_model_names_the_known_ones():
