@@ -28,9 +28,10 @@ e. Adam (or SGD with momentum 0.9), cosine decay of the learning rate over all
    the epoch number, and the augmentation from the seed, the epoch and the step, so a
    resumed run repeats the uninterrupted one exactly.
 f. After every epoch the held-out part is scored with the student: accuracy with
-   labels, else top-1 agreement with the teacher, else output cosine similarity. The
-   best epoch's projections are kept; training stops early once the score reaches
-   `target`. Held-out data is never trained on.
+   labels, else top-1 agreement with the teacher, else output cosine similarity; ties
+   (a few hundred samples saturate a score) go to the lower held-out distillation
+   loss. The best epoch's projections are kept; training stops early once the score
+   reaches `target`. Held-out data is never trained on.
 g. A checkpoint after every epoch (`checkpoint`): projections, optimiser and
    scheduler state, history and the best state, written atomically. `resume`
    continues from it; a checkpoint of other maps, ranks or settings is refused.
@@ -149,6 +150,7 @@ class EpochRecord:
     loss: float
     score: float
     lr: float
+    held_out_loss: float = float("nan")
 
 
 @dataclass
@@ -228,11 +230,12 @@ class ProjectionTrainer:
             loss = self._train_epoch(model, optimizer, scheduler, calibration, calibration_labels, inputs, kinds,
                                      epoch, per_epoch)
             self._activate(len(self.names))  # the held-out score is always that of the full network
-            score = self._score(held_out, held_out_labels, teacher_held, inputs, kinds, metric, active)
-            record = EpochRecord(epoch + 1, stage, active, loss, score, optimizer.param_groups[0]["lr"])
+            score, held_loss = self._score(held_out, held_out_labels, teacher_held, inputs, kinds, metric)
+            record = EpochRecord(epoch + 1, stage, active, loss, score, optimizer.param_groups[0]["lr"], held_loss)
             state.history.append(record)
-            if active == len(self.names) and score > state.best_score:
+            if active == len(self.names) and (score, -held_loss) > (state.best_score, -state.best_loss):
                 state.best, state.best_score, state.best_epoch = self._snapshot(), score, epoch + 1
+                state.best_loss = held_loss
             self.monitor("epoch_end", asdict(record) | {"best": state.best_score, "metric": metric})
             self._save(epoch + 1, optimizer, scheduler, state)
             if cfg.target is not None and active == len(self.names) and score >= cfg.target:
@@ -305,19 +308,21 @@ class ProjectionTrainer:
             parts = [self._run(self.executor, batch, bypass=True) for batch in self._batches(data, inputs)]
         return [torch.cat(outs).cpu() for outs in zip(*parts, strict=True)]
 
-    def _score(self, data, labels, teacher, inputs, kinds, metric: str, active: int) -> float:
+    def _score(self, data, labels, teacher, inputs, kinds, metric: str) -> tuple[float, float]:
+        """(rule f's score, the held-out distillation loss that breaks ties between equal scores)."""
         self.executor.eval()
         with torch.no_grad():
             parts = [self._run(self.executor, batch, bypass=False) for batch in self._batches(data, inputs)]
         student = [torch.cat(outs).cpu() for outs in zip(*parts, strict=True)]
+        loss = float(distillation_loss(student, teacher, kinds, self.config.temperature))
         first_s, first_t = student[0].float(), teacher[0].float()
         if metric == "accuracy":
-            return float((first_s.argmax(-1).numpy() == labels).mean())
+            return float((first_s.argmax(-1).numpy() == labels).mean()), loss
         if metric == "agreement":
-            return float((first_s.argmax(-1) == first_t.argmax(-1)).float().mean())
+            return float((first_s.argmax(-1) == first_t.argmax(-1)).float().mean()), loss
         cosines = [F.cosine_similarity(s.float().flatten(1), t.float().flatten(1), dim=1).mean()
                    for s, t in zip(student, teacher, strict=True)]
-        return float(torch.stack(cosines).mean())
+        return float(torch.stack(cosines).mean()), loss
 
     def _batches(self, data: dict[str, np.ndarray], inputs: list[str]):
         total = len(next(iter(data.values())))
@@ -355,6 +360,7 @@ class ProjectionTrainer:
                    "projections": {n: (m.P.detach().cpu(), m.U.detach().cpu()) for n, m in self.projections.items()},
                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "best": {n: (p.P, p.U) for n, p in state.best.items()}, "best_score": state.best_score,
+                   "best_loss": state.best_loss,
                    "best_epoch": state.best_epoch, "history": [asdict(r) for r in state.history]}
         buffer = _torch_bytes(payload)
         write_bytes_atomic(buffer, self.checkpoint)
@@ -376,6 +382,7 @@ class ProjectionTrainer:
         scheduler.load_state_dict(payload["scheduler"])
         state.best = {n: Projection(P, U) for n, (P, U) in payload["best"].items()}
         state.best_score, state.best_epoch = payload["best_score"], payload["best_epoch"]
+        state.best_loss = payload.get("best_loss", math.inf)
         state.history = [EpochRecord(**r) for r in payload["history"]]
         return int(payload["epoch"])
 
@@ -385,6 +392,7 @@ class _RunState:
     best: dict[str, Projection]
     best_score: float
     best_epoch: int = -1
+    best_loss: float = math.inf
     history: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
 
