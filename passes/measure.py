@@ -5,7 +5,9 @@ Rules:
 a. Fidelity: the original and the compressed model run in onnxruntime on the
    held-out samples (never used for fitting); top-1 agreement and accuracy (when
    labels exist) for classifier-shaped outputs, cosine similarity and relative
-   error for every output (`fmcompress.metrics.fidelity`).
+   error for every output (`fmcompress.metrics.fidelity`); for a YOLO-style
+   detection output [N, 4 + classes, anchors], boxes after the model's own decoding
+   matched at IoU 0.5 (`boxes`: counts, precision, recall, F1).
 b. FLOPs before and after, from the graphs and their tensor shapes.
 c. Latency: both models in onnxruntime with `threads` intra-op threads on one
    held-out sample, interleaved rounds, median and spread of each and of the ratio
@@ -66,6 +68,7 @@ class MeasurePass(Pass):
         reference = run_ort(self.original, self.held_out.batches(self.batch_size))
         candidate = run_ort(model, self.held_out.batches(self.batch_size))
         quality = fidelity(reference, candidate, self.held_out.labels).to_dict()
+        quality["boxes"] = _box_figures(reference, candidate)
         before = _analysis(self.original, ctx.results.get("memory"), ctx)
         verified = ctx.results.get("verify") or {}
         after = _analysis(model, verified.get("after"), ctx)
@@ -104,6 +107,18 @@ class MeasurePass(Pass):
             warnings.append(f"top-1 agreement with the original is only {agreement:.1%} on held-out data "
                             "(below 90%); gate it with --min-agreement in CI")
         return gate, warnings
+
+
+def _box_figures(reference: list, candidate: list) -> dict[str, Any] | None:
+    """Rule a for detectors: a YOLO-style first output [N, 4 + classes, anchors] (anchors
+    outnumbering rows) is decoded as the model's own post-processing does, and boxes are
+    matched at IoU 0.5 between original and compressed (fmcompress.detection)."""
+    head = reference[0]
+    if head.ndim != 3 or not 5 <= head.shape[1] < head.shape[2]:
+        return None
+    from fmcompress.detection import box_agreement
+
+    return box_agreement(reference, candidate, layout="channels_first")
 
 
 def _analysis(model: onnx.ModelProto, known: AnalysisReport | None, ctx: PassContext) -> AnalysisReport:

@@ -10,7 +10,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from fmcompress.backend import OnnxModule
+from fmcompress.backend import OnnxModule, check_supported, unsupported_ops
 from fmcompress.errors import InputError, UnsupportedOpError
 
 
@@ -142,7 +142,28 @@ def test_unsupported_ops_are_all_named_with_counts() -> None:
     model = make_model(nodes, [x], [y], {"s": np.array([1, 1, 2, 2], np.float32)}, opset=18)
     with pytest.raises(UnsupportedOpError) as caught:
         OnnxModule(model)
-    assert str(caught.value) == "unsupported ops: Foo x3, com.example.Bar x1, Resize(antialias=1) x1"
+    assert str(caught.value) == "unsupported ops: Foo x3, com.example::Bar x1, Resize(antialias=1) x1"
+
+
+def test_unsupported_ops_counts_what_compile_would_refuse() -> None:
+    nodes = [helper.make_node("Foo", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Bar", ["b"], ["c"], domain="com.example"),
+             helper.make_node("Bar", ["c"], ["d"], domain="com.example"),
+             helper.make_node("Constant", [], ["k"], sparse_value=helper.make_sparse_tensor(
+                 numpy_helper.from_array(np.array([1.0], np.float32), "v"),
+                 numpy_helper.from_array(np.array([0], np.int64), "i"), [2])),
+             helper.make_node("MaxPool", ["d"], ["e", "idx"], kernel_shape=[2, 2]),
+             helper.make_node("Add", ["e", "k"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = make_model(nodes, [x], [y])
+    missing = unsupported_ops(model)
+    assert missing == {"com.example::Bar": 2, "Foo": 1, "Constant(sparse_value)": 1, "MaxPool(with indices output)": 1}
+    assert list(missing)[0] == "com.example::Bar"  # most frequent first
+    assert unsupported_ops(small_cnn()) == {}
+    check_supported(small_cnn())  # no error
+    with pytest.raises(UnsupportedOpError, match="^unsupported ops: com.example::Bar x2, Foo x1, "):
+        check_supported(model)
 
 
 def pinned_model() -> onnx.ModelProto:

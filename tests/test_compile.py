@@ -130,6 +130,8 @@ def test_yolov8n_compiles_and_verifies(tmp_path, ceiling):
     assert len(report["maps"]) >= 10
     assert report["verification"]["max_stored_bytes_after"] <= report["ceiling_bytes"]
     assert report["fidelity"]["cosine_similarity"] > 0.5
+    boxes = report["fidelity"]["boxes"]  # matched at IoU 0.5 after nudenet's decoding
+    assert boxes is not None and boxes["matched"] <= min(boxes["reference_boxes"], boxes["candidate_boxes"])
 
 
 # --- bad input: one line, the right exit code, nothing written, input untouched -----------

@@ -12,6 +12,11 @@ evaluated eagerly each forward, so shapes follow the runtime batch size.
 
 The graph runs with inference semantics whatever module.training says: BatchNorm
 uses its running statistics and Dropout is the identity (the base network is frozen).
+
+A run can also be split: start() binds the inputs, advance(frontier, stop) runs steps
+[position, stop) and trim() keeps only what later steps read, so a caller can pause at a
+step, keep that frontier, and resume from it later (the PCA fit resumes from the previous
+map instead of re-running the prefix). forward() is start() then advance() to the end.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from torch import nn
 from ..errors import InputError, UnsupportedOpError
 from ..modelio import load_model
 from ..onnxutil import constant_node_value
-from . import ops_math, ops_nn, ops_resize, ops_tensor  # noqa: F401  (they fill the op table)
+from . import ops_math, ops_nn, ops_resize, ops_rnn, ops_tensor  # noqa: F401  (they fill the op table)
 from .registry import CHECKS, OPS, NodeCtx, RunState
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -56,6 +61,15 @@ class _Node:
     outputs: tuple[str, ...]
 
 
+@dataclass
+class Frontier:
+    """A run paused between steps: steps [0, position) have run; `values` is its environment
+    (one entry per value slot; None where a value is not computed yet or already released)."""
+
+    values: list[Any]
+    position: int
+
+
 def _add_inplace(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device == b.device and a.dtype == b.dtype and a.shape == torch.broadcast_shapes(a.shape, b.shape):
         return a.add_(b)
@@ -66,23 +80,35 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
 
 
-def check_supported(model: onnx.ModelProto) -> None:
-    """Raise UnsupportedOpError naming every unsupported op (or op variant) and its count."""
+def unsupported_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """What the executor cannot run: op (or op variant) -> node count, most frequent first.
+
+    Keys are 'Op' for an unknown default-domain op, 'domain::Op' for another domain, and a
+    variant such as 'Resize(antialias=1)' or 'Constant(sparse_value)' where the op is known
+    but that attribute is not. Empty when the whole graph is supported.
+    """
     opset = _opset(model)
     missing: Counter[str] = Counter()
     for node in model.graph.node:
         if node.domain not in DEFAULT_DOMAINS:
-            missing[f"{node.domain}.{node.op_type}"] += 1
+            missing[f"{node.domain}::{node.op_type}"] += 1
         elif node.op_type == "Constant":
-            continue
+            if constant_node_value(node) is None:
+                missing[f"Constant({node.attribute[0].name if node.attribute else ''})"] += 1
         elif node.op_type not in OPS:
             missing[node.op_type] += 1
         elif node.op_type in CHECKS:
             reason = CHECKS[node.op_type](_node_ctx(node, opset, {}, RunState()))
             if reason:
                 missing[reason] += 1
+    return dict(missing.most_common())
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Raise UnsupportedOpError naming every unsupported op (or op variant) and its count."""
+    missing = unsupported_ops(model)
     if missing:
-        listed = ", ".join(f"{name} x{count}" for name, count in missing.most_common())
+        listed = ", ".join(f"{name} x{count}" for name, count in missing.items())
         raise UnsupportedOpError(f"unsupported ops: {listed}")
 
 
@@ -226,6 +252,12 @@ class OnnxModule(nn.Module):
             self._nodes.append((OPS[node.proto.op_type], ctx, ins, outs, tuple(frees[i])))
             self._producer.update({n: i for n in node.outputs if n})
         self._output_slots = tuple(self._slot[n] for n in self.output_names)
+        # for trim(): the last step reading each slot, and the slots that hold computed values
+        self._last_read = [-1] * (len(self._all_names) + 2)
+        for name, step in last_use.items():
+            self._last_read[self._slot[name]] = step
+        constant_slots = {self._slot[n] for n in constants if n in self._slot}
+        self._computed_slots = [i for i in range(len(self._all_names)) if i not in constant_slots]
 
     @staticmethod
     def _inplace_candidates(live: list[_Node], keep: set[str]) -> dict[int, str]:
@@ -275,6 +307,23 @@ class OnnxModule(nn.Module):
         self._rebuild_plan()
 
     def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        frontier = self.advance(self.start(*inputs), len(self._steps))
+        return tuple(frontier.values[s] for s in self._output_slots)
+
+    # ------------------------------------------------------------ running a range of steps
+
+    @property
+    def num_steps(self) -> int:
+        return len(self._steps)
+
+    def producer_step(self, tensor_name: str) -> int:
+        """The step that computes `tensor_name` (-1 for graph inputs and constants)."""
+        if tensor_name not in self._slot:
+            raise InputError(f"unknown tensor {tensor_name!r}: no value of that name in the graph")
+        return self._producer.get(tensor_name, -1)
+
+    def start(self, *inputs: Any) -> Frontier:
+        """A run before its first step: constants and the bound inputs (transforms on inputs applied)."""
         self._state.float_dtype = self._float_marker.dtype
         env: list[Any] = [None] * (len(self._all_names) + 2)  # + MISSING and DISCARD pseudo slots
         buffers = self._buffers
@@ -286,15 +335,54 @@ class OnnxModule(nn.Module):
             env[self._slot[name]] = tensor
         for slot, module in self._early:
             env[slot] = module(env[slot])
-        self._run(env)
-        return tuple(env[s] for s in self._output_slots)
+        return Frontier(env, 0)
+
+    def advance(self, frontier: Frontier, stop: int) -> Frontier:
+        """Run steps [frontier.position, stop) in place (transforms included); returns the frontier.
+
+        Exactly what forward() does over that range, so a run split at any step gives the same values.
+        """
+        if not frontier.position <= stop <= len(self._steps):
+            raise InputError(f"cannot run from step {frontier.position} to step {stop} "
+                             f"(the graph has {len(self._steps)} steps)")
+        self._state.float_dtype = self._float_marker.dtype
+        self._run(frontier.values, frontier.position, stop)
+        frontier.position = stop
+        return frontier
+
+    def value(self, frontier: Frontier, tensor_name: str) -> torch.Tensor | None:
+        """The value of `tensor_name` held by the frontier (None: not computed yet, or released)."""
+        return frontier.values[self._slot[tensor_name]]
+
+    def set_value(self, frontier: Frontier, tensor_name: str, value: torch.Tensor) -> None:
+        frontier.values[self._slot[tensor_name]] = value
+
+    def trim(self, frontier: Frontier, keep_outputs: bool = True) -> Frontier:
+        """Release every computed value no remaining step reads: what is left is the smallest state
+        the rest of the run needs (plus the graph outputs already computed, unless keep_outputs=False)."""
+        values, last_read, position = frontier.values, self._last_read, frontier.position
+        keep = set(self._output_slots) if keep_outputs else ()
+        for slot in self._computed_slots:
+            if values[slot] is not None and last_read[slot] < position and slot not in keep:
+                values[slot] = None
+        return frontier
+
+    def frontier_bytes(self, frontier: Frontier) -> int:
+        """Bytes of the computed tensors the frontier holds (constants excluded; shared storage once)."""
+        seen: dict[int, int] = {}
+        for slot in self._computed_slots:
+            value = frontier.values[slot]
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
 
     # ------------------------------------------------------------ execution
 
-    def _run(self, env: list[Any]) -> None:
+    def _run(self, env: list[Any], start: int, stop: int) -> None:
         step = None
         try:
-            for step in self._steps:
+            for step in self._steps[start:stop]:
                 fn, ctx, ins, outs, frees, post = step
                 result = fn(ctx, *[env[i] for i in ins])
                 if len(outs) == 1:

@@ -10,7 +10,7 @@ model has no bias to carry a mean, and zero padding must commute with U.
 
 from __future__ import annotations
 
-import contextlib
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -19,10 +19,14 @@ from torch import nn
 
 from fmcompress.featuremaps import Projection
 
+from .executor import Frontier
+
 
 def mix_channels(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """matrix (out x in) applied to axis 1 of x, per position."""
-    return torch.einsum("oc,nc...->no...", matrix.to(x.dtype), x)
+    # one broadcast matmul over [N, C, positions]: no permute copies (einsum's plan makes them)
+    mixed = torch.matmul(matrix.to(x.dtype), x.reshape(x.shape[0], x.shape[1], -1))
+    return mixed.reshape(x.shape[0], matrix.shape[0], *x.shape[2:])
 
 
 class ChannelProjection(nn.Module):
@@ -52,18 +56,25 @@ class SecondMomentRecorder(nn.Module):
         super().__init__()
         self.moment = torch.zeros(channels, channels, dtype=torch.float64)
         self.count = 0
+        self.batches = 0
         self.positions_per_batch = positions_per_batch
         self.generator = torch.Generator().manual_seed(seed)
         self.stop = stop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        vectors = x.detach().movedim(1, -1).reshape(-1, x.shape[1])
-        if vectors.shape[0] > self.positions_per_batch:
-            pick = torch.randperm(vectors.shape[0], generator=self.generator)[: self.positions_per_batch]
-            vectors = vectors[pick.to(vectors.device)]
+        flat = x.detach().reshape(x.shape[0], x.shape[1], -1)  # [N, C, positions]: a vector per position
+        total = flat.shape[0] * flat.shape[2]
+        if total > self.positions_per_batch:
+            # rows are numbered sample-major as in x.movedim(1, -1).reshape(-1, C); gathering only
+            # the picked ones avoids copying the whole map
+            pick = torch.randperm(total, generator=self.generator)[: self.positions_per_batch].to(x.device)
+            vectors = flat[pick // flat.shape[2], :, pick % flat.shape[2]]
+        else:
+            vectors = flat.movedim(1, -1).reshape(-1, flat.shape[1])
         vectors = vectors.to(torch.float64).cpu()
         self.moment += vectors.T @ vectors
         self.count += vectors.shape[0]
+        self.batches += 1
         if self.stop:
             raise StopForward
         return x
@@ -78,31 +89,141 @@ def pca_projection(moment: torch.Tensor, k: int) -> Projection:
     return Projection(P=P, U=P.T.copy())
 
 
+DEFAULT_CACHE_CAP = 4 << 30  # bytes; the default cache budget is min(this, available memory / 4)
+
+
 def fit_pca(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
             batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]], *,
             positions_per_batch: int = 4096, progress: Callable[[int, str], None] | None = None,
-            ) -> dict[str, Projection]:
-    """Fit one projection per (name, channels, k), in network order, earlier ones in place.
+            cache_bytes: int | None = None) -> dict[str, Projection]:
+    """Fit one projection per (name, channels, k), in list order, earlier ones in place.
 
-    `executor` is an OnnxModule; `batches()` yields input tuples and is called once a map
-    (one streaming pass each; the forward stops at the recorded tensor).
+    `executor` is an OnnxModule; `batches()` yields the same input tuples on every call.
+    Map i's second moment is taken with the projections of maps 0..i-1 applied, positions
+    subsampled with seed i, batches in order.
+
+    Cost: each map resumes every batch from the frontier cached after the previous map (the
+    activations alive at that step, the fitted projection applied) and runs only the steps up
+    to its own tensor, so the whole fit costs about one forward pass up to the last map.
+    Memory: the cache holds one frontier per calibration batch, at most `cache_bytes` in all
+    (default: a quarter of the available memory, at most 4 GiB; counted wherever the tensors
+    live). A batch whose frontier does not fit is re-run from its inputs for the next map,
+    as is every batch when a map comes earlier in the graph than the one before it: a small
+    budget costs time, never changes the result (0 gives the prefix-per-map cost).
     """
+    budget = _default_cache_bytes() if cache_bytes is None else max(int(cache_bytes), 0)
+    cache = _FrontierCache(executor, batches, budget)
     fitted: dict[str, Projection] = {}
     try:
         for i, (name, channels, k) in enumerate(maps):
-            recorder = SecondMomentRecorder(channels, positions_per_batch, seed=i)
+            recorder = SecondMomentRecorder(channels, positions_per_batch, seed=i, stop=False)
             executor.set_transform(name, recorder)
             with torch.no_grad():
-                for inputs in batches():
-                    with contextlib.suppress(StopForward):
-                        executor(*inputs)
+                cache.advance_to(name, recorder)
             fitted[name] = pca_projection(recorder.moment / max(recorder.count, 1), k)
-            executor.set_transform(name, ChannelProjection(fitted[name].P, fitted[name].U))
+            projection = ChannelProjection(fitted[name].P, fitted[name].U)
+            executor.set_transform(name, projection)
+            with torch.no_grad():
+                cache.apply(name, projection)
             if progress is not None:
                 progress(i, name)
     finally:
         executor.clear_transforms()
     return fitted
+
+
+def _default_cache_bytes() -> int:
+    available = _available_memory()
+    return DEFAULT_CACHE_CAP if available is None else min(DEFAULT_CACHE_CAP, available // 4)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable (Linux), else free physical pages; None where neither is known."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class _FrontierCache:
+    """Per calibration batch, its run paused right after the last fitted map (None: start over).
+
+    Invariant: a cached frontier holds the values of a run with every fitted projection that
+    lies before its position applied; a frontier past the next map's step cannot serve it.
+    """
+
+    def __init__(self, executor: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]],
+                 budget: int):
+        self.executor, self.batches, self.budget = executor, batches, budget
+        self.frontiers: list[Frontier | None] = []  # per batch; empty before the first pass
+        self.sizes: list[int] = []
+        self.held = 0
+
+    def advance_to(self, name: str, recorder: SecondMomentRecorder) -> None:
+        """Run every batch to just after `name`'s step, recording it once per batch."""
+        stop = self.executor.producer_step(name) + 1
+        for b, inputs in enumerate(self._inputs(name, stop)):
+            frontier = self._take(b, stop)
+            seen = recorder.batches
+            if frontier is None:
+                frontier = self.executor.start(*inputs)
+            self.executor.advance(frontier, stop)
+            if recorder.batches == seen:  # produced before this frontier (a map of the same step)
+                value = self.executor.value(frontier, name)
+                if value is None:  # released (nothing reads it later): recompute this batch
+                    frontier = self.executor.advance(self.executor.start(*inputs), stop)
+                else:
+                    recorder(value)
+            self._keep(b, frontier)
+
+    def apply(self, name: str, projection: nn.Module) -> None:
+        """Put the fitted projection at `name` in every cached frontier (where it is still read)."""
+        for b, frontier in enumerate(self.frontiers):
+            value = None if frontier is None else self.executor.value(frontier, name)
+            if value is None:
+                continue
+            self.executor.set_value(frontier, name, projection(value))
+            # a view (a Split output) becomes its own tensor: the frontier may have grown
+            size = self.executor.frontier_bytes(frontier)
+            self.held += size - self.sizes[b]
+            self.sizes[b] = size
+            if self.held > self.budget:
+                self.held -= size
+                self.frontiers[b], self.sizes[b] = None, 0
+
+    def _inputs(self, name: str, stop: int) -> Iterable[tuple[torch.Tensor, ...] | None]:
+        """The batches' inputs, or Nones when every batch resumes from its cached frontier."""
+        if self.frontiers and all(self._usable(f, name, stop) for f in self.frontiers):
+            return [None] * len(self.frontiers)
+        return self.batches()
+
+    def _usable(self, frontier: Frontier | None, name: str, stop: int) -> bool:
+        if frontier is None or frontier.position > stop:
+            return False
+        return frontier.position < stop or self.executor.value(frontier, name) is not None
+
+    def _take(self, b: int, stop: int) -> Frontier | None:
+        if b >= len(self.frontiers):
+            self.frontiers.append(None)
+            self.sizes.append(0)
+        frontier, self.frontiers[b] = self.frontiers[b], None
+        self.held -= self.sizes[b]
+        self.sizes[b] = 0
+        return frontier if frontier is not None and frontier.position <= stop else None
+
+    def _keep(self, b: int, frontier: Frontier) -> None:
+        self.executor.trim(frontier, keep_outputs=False)  # the fit never reads the outputs
+        size = self.executor.frontier_bytes(frontier)
+        if self.held + size <= self.budget:
+            self.frontiers[b], self.sizes[b] = frontier, size
+            self.held += size
 
 
 def install_projections(executor: nn.Module, projections: dict[str, Projection]) -> None:
