@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.thirdparty import REAL_MODELS, real_model
+from fmcompress.training import TrainConfig
 
 
 def models(workdir: Path) -> dict[str, tuple[Path, list[str]]]:
@@ -47,9 +48,13 @@ def main() -> None:
     parser.add_argument("--ceiling", action="append", help="ceilings to run (default: 4x and 256KB)")
     parser.add_argument("--model", action="append", help="models to run (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for latency")
+    parser.add_argument("--method", default="learned", help="pca, learned or random")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (learned, random)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds")
     args = parser.parse_args()
     ceilings = args.ceiling or ["4x", "256KB"]
+    print(f"method {args.method}, {args.num_samples} samples, onnxruntime threads {args.threads}, "
+          f"{args.rounds} interleaved latency rounds")
     print("| model | ceiling | maps | compile s | top-1 agree | cosine | rel. error | ort ms before | "
           "ort ms after | latency ratio (range) | FLOPs ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -59,7 +64,8 @@ def main() -> None:
                 continue
             for ceiling in ceilings:
                 options = CompileOptions(ceiling=ceiling, input_shapes=shapes, num_samples=args.num_samples,
-                                         threads=args.threads, latency_rounds=args.rounds)
+                                         threads=args.threads, latency_rounds=args.rounds, method=args.method,
+                                         training=TrainConfig(epochs=args.epochs))
                 start = time.perf_counter()
                 try:
                     result = compile_model(path, options)
