@@ -265,13 +265,32 @@ def _draw_live(ax, report: AnalysisReport, after: AnalysisReport | None) -> None
 # ---------------------------------------------------------------- report.md
 
 
+def _md_training(report: Mapping[str, Any]) -> list[str]:
+    """How the projections were trained (learned / random): settings, best epoch, the curve."""
+    training = report.get("training")
+    if not training:
+        return []
+    config = training.get("config", {})
+    lines = ["## Training", "",
+             f"{len(training.get('history', []))} epoch(s), {config.get('schedule')} schedule, "
+             f"{config.get('optimizer')} at lr {config.get('lr')}, loss {config.get('loss')}, on "
+             f"{training.get('device')}{' x' + str(training['world_size']) if training.get('world_size', 1) > 1 else ''}; "
+             f"best held-out {training.get('metric')} {training.get('best_score', float('nan')):.4f} at epoch "
+             f"{training.get('best_epoch')}{' (stopped early at the target)' if training.get('stopped_early') else ''}.",
+             "", "| epoch | stage | maps | train loss | held-out score |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['epoch']} | {r['stage']} | {r['active_maps']} | {r['loss']:.4g} | {r['score']:.4f} |"
+              for r in training.get("history", [])]
+    return [*lines, ""]
+
+
 def render_compile_markdown(report: Mapping[str, Any]) -> str:
     """report.md of `compile`: what was compressed, what it cost, how it was checked.
 
-    Optional parts (data, warnings, fidelity, flops, latency, peaks, not_compressible,
-    verification) are left out when the report lacks them.
+    Optional parts (data, warnings, fidelity, training, flops, latency, peaks,
+    not_compressible, verification) are left out when the report lacks them.
     """
-    sections = (_md_header, _md_warnings, _md_fidelity, _md_cost, _md_maps, _md_not_compressible, _md_verification)
+    sections = (_md_header, _md_warnings, _md_fidelity, _md_training, _md_cost, _md_maps, _md_not_compressible,
+                _md_verification)
     lines: list[str] = []
     for section in sections:
         lines += section(report)

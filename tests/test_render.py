@@ -222,3 +222,18 @@ def test_markdown_of_an_older_report_without_warnings_warns_on_low_agreement():
     report = full_report()
     del report["warnings"], report["gate"]
     assert "## Warnings\n\n- top-1 agreement is 75.0%" in render_compile_markdown(report)
+
+
+def test_markdown_shows_the_training_curve():
+    from fmcompress.render import render_compile_markdown
+
+    history = [{"epoch": i, "stage": "joint", "active_maps": 3, "loss": 1.0 / i, "score": 0.9 + i / 100,
+                "lr": 1e-3, "held_out_loss": 0.1} for i in (1, 2)]
+    report = {"model": "m.onnx", "ceiling": "4x", "ceiling_bytes": 10, "method": "learned", "maps": [],
+              "training": {"config": {"schedule": "joint", "optimizer": "adam", "lr": 0.003, "loss": "kd"},
+                           "device": "cpu", "world_size": 1, "metric": "agreement", "best_epoch": 2,
+                           "best_score": 0.92, "stopped_early": True, "history": history}}
+    markdown = render_compile_markdown(report)
+    assert "## Training" in markdown and "best held-out agreement 0.9200 at epoch 2 (stopped early" in markdown
+    assert "| 2 | joint | 3 | 0.5 | 0.9200 |" in markdown
+    assert "## Training" not in render_compile_markdown({**report, "training": None})
