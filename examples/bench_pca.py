@@ -17,7 +17,6 @@ The last column checks that both fits give the same projections.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 import time
@@ -31,34 +30,11 @@ from rich.table import Table
 
 from fmcompress.backend import OnnxModule
 from fmcompress.backend.projection import (
-    ChannelProjection,
-    SecondMomentRecorder,
-    StopForward,
     fit_pca,
-    pca_projection,
 )
 from fmcompress.compiler import CompileOptions, compile_model
-from fmcompress.featuremaps import Projection
 from fmcompress.frontend import export_model
 from fmcompress.thirdparty import real_model
-
-
-def fit_pca_prefix(executor: OnnxModule, maps, batches: Callable) -> dict[str, Projection]:
-    """The fit before the frontier cache: one pass per map, each batch from its inputs to the map."""
-    fitted: dict[str, Projection] = {}
-    try:
-        for i, (name, channels, k) in enumerate(maps):
-            recorder = SecondMomentRecorder(channels, 4096, seed=i)
-            executor.set_transform(name, recorder)
-            with torch.no_grad():
-                for inputs in batches():
-                    with contextlib.suppress(StopForward):
-                        executor(*inputs)
-            fitted[name] = pca_projection(recorder.moment / max(recorder.count, 1), k)
-            executor.set_transform(name, ChannelProjection(fitted[name].P, fitted[name].U))
-    finally:
-        executor.clear_transforms()
-    return fitted
 
 
 def forward_pass(executor: OnnxModule, batches: Callable) -> None:
@@ -89,7 +65,7 @@ def bench(label: str, path: Path, shape: tuple[int, ...], args) -> list[str]:
     runs: dict[str, list[float]] = {"forward": [], "old": [], "new": []}
     for _ in range(args.rounds):
         runs["forward"].append(timed(lambda: forward_pass(executor, batches))[0])
-        seconds, old = timed(lambda: fit_pca_prefix(executor, maps, batches))
+        seconds, old = timed(lambda: fit_pca(executor, maps, batches, cache_bytes=0))
         runs["old"].append(seconds)
         seconds, new = timed(lambda: fit_pca(executor, maps, batches))
         runs["new"].append(seconds)

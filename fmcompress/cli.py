@@ -151,8 +151,9 @@ def data_options(num_samples: int) -> Callable[[Any], Any]:
         click.option("--act-bytes", type=click.IntRange(min=1, max=8),
                      help="Bytes per element instead of the stored dtype's (1 to plan int8)."),
         click.option("--data", type=click.Path(path_type=Path),
-                     help="Data: an .npz (one array per input, optional `labels`) or a folder of images (class "
-                          "subfolders give labels). Default: surrogate photographs shipped with scikit-image."),
+                     help="Data: an .npz (one array per input, optional `labels`), a folder of images (class "
+                          "subfolders give labels), or `mnist` (the trained demo's labelled test split; it carries "
+                          "its own normalisation). Default: surrogate photographs shipped with scikit-image."),
         click.option("--num-samples", type=click.IntRange(min=2), default=num_samples, show_default=True,
                      help="Samples to use (a quarter is held out for the fidelity figures)."),
         click.option("--mean", help="Image normalisation mean per channel [default: 0.485,0.456,0.406]."),

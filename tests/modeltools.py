@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress.featuremaps import Projection
@@ -52,3 +53,15 @@ def tiny_classifier() -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+class ChannelBottleneck(torch.nn.Module):
+    """A trainable rank-k channel projection U P (two 1x1 convs), as fmcompress learns them."""
+
+    def __init__(self, channels: int, rank: int):
+        super().__init__()
+        self.p = torch.nn.Conv2d(channels, rank, 1, bias=False)
+        self.u = torch.nn.Conv2d(rank, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.p(x))

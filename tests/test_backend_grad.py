@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from modeltools import ChannelBottleneck
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -43,18 +44,6 @@ def small_cnn() -> onnx.ModelProto:
     return make_model(nodes, [x], [y], inits)
 
 
-class Projection(nn.Module):
-    """A rank-k channel bottleneck (U P), as fmcompress learns them."""
-
-    def __init__(self, channels: int, rank: int):
-        super().__init__()
-        self.p = nn.Conv2d(channels, rank, 1, bias=False)
-        self.u = nn.Conv2d(rank, channels, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.u(self.p(x))
-
-
 class Counting(nn.Module):
     def __init__(self, scale: float = 2.0):
         super().__init__()
@@ -67,7 +56,7 @@ class Counting(nn.Module):
 
 def test_backward_reaches_inner_transform_and_is_finite() -> None:
     module = OnnxModule(small_cnn())
-    projection = Projection(4, 2)
+    projection = ChannelBottleneck(4, 2)
     module.set_transform("r", projection)
     assert {id(p) for p in projection.parameters()} <= {id(p) for p in module.parameters()}
     assert all(not b.requires_grad for b in module.buffers())
@@ -80,7 +69,7 @@ def test_backward_reaches_inner_transform_and_is_finite() -> None:
 
 def test_gradcheck_float64_with_transform() -> None:
     module = OnnxModule(small_cnn()).double()
-    module.set_transform("r", Projection(4, 3).double())
+    module.set_transform("r", ChannelBottleneck(4, 3).double())
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
     assert module(x)[0].dtype == torch.float64
     assert torch.autograd.gradcheck(lambda t: module(t)[0], (x,), eps=1e-6, atol=1e-5)

@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from modeltools import ChannelBottleneck
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from torch import nn
@@ -345,23 +346,11 @@ def test_crnn_matches_onnxruntime_and_torch(crnn) -> None:
         assert_close(got.numpy(), want_torch, "torch", rel=1e-5)
 
 
-class Bottleneck(nn.Module):
-    """A trainable rank-k channel projection, as fmcompress learns them."""
-
-    def __init__(self, channels: int, rank: int):
-        super().__init__()
-        self.p = nn.Conv2d(channels, rank, 1, bias=False)
-        self.u = nn.Conv2d(rank, channels, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.u(self.p(x))
-
-
 def test_crnn_gradients_reach_a_projection_before_the_rnn(crnn) -> None:
     cell, native, model = crnn
     module = OnnxModule(model)
     conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[1].startswith("features.4"))
-    projection = Bottleneck(16, 4)
+    projection = ChannelBottleneck(16, 4)
     module.set_transform(conv.output[0], projection)
     x = torch.randn(2, 3, 16, 40, requires_grad=True)
     (y,) = module(x)
