@@ -24,18 +24,18 @@ from fmcompress.metrics import run_ort
 from fmcompress.models import digits_onnx_path
 from fmcompress.training import TrainConfig
 
-CONFIGS = {
+CONFIGS = {  # lr is relative: a map of C channels steps at lr / sqrt(C)
     "pca": ("pca", {}),
-    "10 epochs, lr 1e-3": ("learned", {"epochs": 10, "lr": 1e-3}),
     "10 epochs, lr 3e-3": ("learned", {"epochs": 10, "lr": 3e-3}),
-    "10 epochs, lr 3e-3, feature 0.5": ("learned", {"epochs": 10, "lr": 3e-3, "feature_weight": 0.5}),
-    "greedy 2/stage + 10": ("learned", {"epochs": 10, "schedule": "greedy", "stage_epochs": 2}),
-    "30 epochs, lr 1e-3": ("learned", {"epochs": 30, "lr": 1e-3}),
+    "10 epochs, lr 1e-2": ("learned", {"epochs": 10, "lr": 1e-2}),
     "30 epochs, lr 3e-3": ("learned", {"epochs": 30, "lr": 3e-3}),
-    "30 epochs, lr 3e-3, T 4": ("learned", {"epochs": 30, "lr": 3e-3, "temperature": 4.0}),
-    "60 epochs, lr 3e-3": ("learned", {"epochs": 60, "lr": 3e-3}),
-    "30 epochs, lr 3e-3, no augmentation": ("learned", {"epochs": 30, "lr": 3e-3, "augment": "none"}),
-    "random init, 30 epochs": ("random", {"epochs": 30, "lr": 1e-3}),
+    "30 epochs, lr 1e-2": ("learned", {"epochs": 30, "lr": 1e-2}),
+    "30 epochs, lr 3e-2": ("learned", {"epochs": 30, "lr": 3e-2}),
+    "30 epochs, lr 1e-2, feature 0.5": ("learned", {"epochs": 30, "lr": 1e-2, "feature_weight": 0.5}),
+    "30 epochs, lr 1e-2, T 4": ("learned", {"epochs": 30, "lr": 1e-2, "temperature": 4.0}),
+    "30 epochs, lr 1e-2, no augmentation": ("learned", {"epochs": 30, "lr": 1e-2, "augment": "none"}),
+    "greedy 2/stage + 30, lr 1e-2": ("learned", {"epochs": 30, "lr": 1e-2, "schedule": "greedy", "stage_epochs": 2}),
+    "random init, 30 epochs, lr 1e-2": ("random", {"epochs": 30, "lr": 1e-2}),
 }
 
 

@@ -172,8 +172,9 @@ def training_options() -> Callable[[Any], Any]:
     return _options(
         click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
                      help="Training epochs over the calibration part (after the greedy stages)."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True,
-                     help="Learning rate (cosine decay to 0 over the run)."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True,
+                     help="Learning rate relative to each map's scale (a map of C channels steps at "
+                          "lr/sqrt(C)), cosine decay to 0 over the run."),
         click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True),
         click.option("--loss", type=click.Choice(["kd", "ce", "kd+ce"]), default="kd", show_default=True,
                      help="kd: distillation from the original's outputs (KL for class scores, per time step "

@@ -24,7 +24,7 @@ class TrainConfig:
     """What `compile --method learned|random` trains with (the CLI flags of the same names)."""
 
     epochs: int = 10
-    lr: float = 3e-3
+    lr: float = 1e-2  # relative to each map's scale: a map of C channels steps at lr / sqrt(C)
     batch_size: int = 16
     optimizer: str = "adam"
     schedule: str = "joint"

@@ -23,15 +23,22 @@ c. Loss per output, from the teacher's output on the first batch (`output_kinds`
 d. Schedules: `joint` trains all maps together for `epochs`; `greedy` adds one map a
    stage in network order and trains all maps added so far for `stage_epochs`, then
    all of them jointly for `epochs` (the paper's schedule, shortened).
-e. Adam (or SGD with momentum 0.9), cosine decay of the learning rate over all
-   steps. Each epoch draws its order (and its `max_samples` subset) from the seed and
+e. Adam (or SGD with momentum 0.9), a linear warmup over the first epoch, then a
+   cosine decay of the learning rate over all steps. `lr` is relative to each map's scale: a map with C channels steps at
+   lr / sqrt(C) (the RMS of an orthonormal P's entries), since an absolute step that
+   suits 16 channels wrecks a map of 480 in a few Adam steps. Each epoch draws its order (and its `max_samples` subset) from the seed and
    the epoch number, and the augmentation from the seed, the epoch and the step, so a
    resumed run repeats the uninterrupted one exactly.
 f. After every epoch the held-out part is scored with the student: accuracy with
    labels, else top-1 agreement with the teacher, else output cosine similarity; ties
    (a few hundred samples saturate a score) go to the lower held-out distillation
    loss. The best epoch's projections are kept; training stops early once the score
-   reaches `target`. Held-out data is never trained on.
+   reaches `target`. The initialisation is scored first and is a candidate too, so
+   training never returns worse held-out figures than PCA. Held-out data is never
+   trained on.
+f'. An epoch whose held-out distillation loss is more than twice the best one
+   diverged: the best projections are restored, the optimiser's moments dropped and
+   the learning rate (and the rest of its schedule) multiplied by 0.3.
 g. A checkpoint after every epoch (`checkpoint`): projections, optimiser and
    scheduler state, history and the best state, written atomically. `resume`
    continues from it; a checkpoint of other maps, ranks or settings is refused.
@@ -74,6 +81,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 PROBABILITY_TOLERANCE = 1e-3
+DIVERGED = 2.0  # a held-out distillation loss this many times the best one means the epoch diverged
+BACKTRACK_FACTOR = 0.3
 
 
 class LearnedProjection(ChannelProjection):
@@ -159,6 +168,7 @@ class TrainResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: int = -1
     best_score: float = float("nan")
+    initial_score: float = float("nan")  # the initialisation's held-out score (PCA's, for learned)
     metric: str = ""
     stopped_early: bool = False
     device: str = "cpu"
@@ -166,6 +176,17 @@ class TrainResult:
 
 
 Monitor = Callable[[str, dict[str, Any]], None]  # (event, fields): "epoch_start", "step", "epoch_end"
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Rule e's schedule as a factor of the learning rate: a linear warmup over the first
+    epoch (Adam's first steps move every entry by the full lr, whatever its gradient), then
+    a cosine decay to 0."""
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / max(1, warmup_steps))
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+    return factor
 
 
 def plan_epochs(maps: int, config: TrainConfig) -> list[tuple[str, int]]:
@@ -209,10 +230,14 @@ class ProjectionTrainer:
         samples = len(next(iter(calibration.values())))
         per_epoch = min(samples, cfg.max_samples or samples)
         steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
-        parameters = [p for module in self.projections.values() for p in module.parameters()]
-        optimizer = (torch.optim.Adam(parameters, lr=cfg.lr) if cfg.optimizer == "adam"
-                     else torch.optim.SGD(parameters, lr=cfg.lr, momentum=0.9))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=len(epochs) * steps_per_epoch)
+        # one group a map, its step relative to the map's scale (rule e): an orthonormal P's
+        # entries have an RMS of 1/sqrt(C), so the same lr suits 16 and 960 channels alike
+        groups = [{"params": list(module.parameters()), "lr": cfg.lr / math.sqrt(module.P.shape[1])}
+                  for module in self.projections.values()]
+        optimizer = (torch.optim.Adam(groups, lr=cfg.lr) if cfg.optimizer == "adam"
+                     else torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(epochs) * steps_per_epoch,
+                                                                               steps_per_epoch))
         model = self._wrapped()
         teacher_held = self._teacher_outputs(held_out, inputs)
         kinds = output_kinds(teacher_held)
@@ -221,6 +246,10 @@ class ProjectionTrainer:
         metric = "accuracy" if held_out_labels is not None and kinds[0] in ("logits", "probs") else \
             "agreement" if kinds[0] in ("logits", "probs", "seq_probs") else "cosine"
         state = _RunState(best=self._snapshot(), best_score=-math.inf)
+        self._activate(len(self.names))
+        state.best_score, state.best_loss = self._score(held_out, held_out_labels, teacher_held, inputs, kinds, metric)
+        state.best_epoch = 0  # the initialisation is a candidate too: training never makes it worse
+        initial_score = state.best_score
         start_epoch = self._load(optimizer, scheduler, state) if self.resume else 0
         for epoch in range(start_epoch, len(epochs)):
             stage, active = epochs[epoch]
@@ -236,6 +265,8 @@ class ProjectionTrainer:
             if active == len(self.names) and (score, -held_loss) > (state.best_score, -state.best_loss):
                 state.best, state.best_score, state.best_epoch = self._snapshot(), score, epoch + 1
                 state.best_loss = held_loss
+            elif active == len(self.names) and held_loss > DIVERGED * state.best_loss:
+                self._backtrack(optimizer, scheduler, state.best)
             self.monitor("epoch_end", asdict(record) | {"best": state.best_score, "metric": metric})
             self._save(epoch + 1, optimizer, scheduler, state)
             if cfg.target is not None and active == len(self.names) and score >= cfg.target:
@@ -244,7 +275,8 @@ class ProjectionTrainer:
         if state.best_epoch < 0:  # resumed past the end, or nothing scored: keep what we have
             state.best = self._snapshot()
         return TrainResult(projections=state.best, history=state.history, best_epoch=state.best_epoch,
-                           best_score=state.best_score, metric=metric, stopped_early=state.stopped_early,
+                           best_score=state.best_score, initial_score=initial_score, metric=metric,
+                           stopped_early=state.stopped_early,
                            device=str(self.device), world_size=self.world)
 
     # -- steps
@@ -341,6 +373,17 @@ class ProjectionTrainer:
 
         device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.executor, device_ids=device_ids, find_unused_parameters=True)
+
+    def _backtrack(self, optimizer, scheduler, best: dict[str, Projection]) -> None:
+        """Rule f': a diverging epoch returns to the best projections at a lower learning rate."""
+        with torch.no_grad():
+            for name, projection in best.items():
+                self.projections[name].P.copy_(torch.from_numpy(projection.P))
+                self.projections[name].U.copy_(torch.from_numpy(projection.U))
+        optimizer.state.clear()
+        scheduler.base_lrs = [lr * BACKTRACK_FACTOR for lr in scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            group["lr"] *= BACKTRACK_FACTOR
 
     def _snapshot(self) -> dict[str, Projection]:
         return {name: m.to_projection() for name, m in self.projections.items()}
