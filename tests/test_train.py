@@ -166,6 +166,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.save({n: (p.P, p.U) for n, p in result.projections.items()}, out)
     import torch.distributed as dist
 
+    dist.barrier()  # both ranks done before the group goes: gloo aborts a process torn down mid-call
     dist.destroy_process_group()
 
 
