@@ -360,6 +360,7 @@ def compile_command(model: Path, ceiling: str, output: Path | None, method: str,
     """
 
     from .compiler import CompileOptions
+    from .errors import Interrupted
     from .render import training_monitor
     from .training import TrainConfig
 
@@ -375,19 +376,22 @@ def compile_command(model: Path, ceiling: str, output: Path | None, method: str,
                            stage_epochs=stage_epochs, max_samples=max_samples, augment=augment,
                            feature_weight=feature_weight, device=device, target=target)
     log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
-    with training_monitor(quiet=quiet, json_log=json_log if primary else None, log=log) as monitor:
-        options = CompileOptions(
-            ceiling=ceiling, input_shapes=list(input_shapes), act_bytes=act_bytes, method=method, data=data,
-            num_samples=num_samples, **_normalisation(mean, std, scale), batch_size=batch_size, seed=seed,
-            threads=threads, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
-            training=training, checkpoint=checkpoint if primary else None, resume=resume, monitor=monitor)
-        result = _compile_resumably(model, options, plan_only, log, checkpoint)
-    if not primary:
-        return
+    interrupted = False
     try:
-        _write_compile_outputs(result, output, json_path, report_dir, plan_only)
+        with training_monitor(quiet=quiet, json_log=json_log if primary else None, log=log) as monitor:
+            options = CompileOptions(
+                ceiling=ceiling, input_shapes=list(input_shapes), act_bytes=act_bytes, method=method, data=data,
+                num_samples=num_samples, **_normalisation(mean, std, scale), batch_size=batch_size, seed=seed,
+                threads=threads, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
+                training=training, checkpoint=checkpoint if primary else None, resume=resume, monitor=monitor)
+            result = _compile_resumably(model, options, plan_only, log, checkpoint)
+        if primary:
+            _write_compile_outputs(result, output, json_path, report_dir, plan_only)
+    except Interrupted:
+        interrupted = True
+        raise
     finally:
-        if checkpoint is not None:
+        if checkpoint is not None and primary and not interrupted:
             checkpoint.unlink(missing_ok=True)  # only an interrupted run keeps its checkpoint
 
 
@@ -433,10 +437,6 @@ def _compile_resumably(model: Path, options: Any, plan_only: bool, log: Callable
         if checkpoint is not None and checkpoint.exists():
             raise Interrupted(f"interrupted; no model was written. The training checkpoint {checkpoint} holds the "
                               "last finished epoch: run the same command with --resume to continue") from None
-        raise
-    except BaseException:
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)
         raise
 
 

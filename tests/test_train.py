@@ -203,3 +203,27 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "4x", "--device", "cuda"])
     assert result.exit_code == 2 and "no CUDA device" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
+    import fmcompress.backend.train as train_module
+
+    path, out, checkpoint = tmp_path / "tiny.onnx", tmp_path / "tiny.fmc.onnx", tmp_path / "run.ckpt"
+    onnx.save(tiny_classifier(), str(path))
+    save = train_module.ProjectionTrainer._save
+
+    def save_then_interrupt(self, epoch, *args):
+        save(self, epoch, *args)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    args = ["compile", str(path), "--ceiling", "1KB", "-o", str(out), "--checkpoint", str(checkpoint),
+            "--epochs", "2", "--num-samples", "16", "-q"]
+    monkeypatch.setattr(train_module.ProjectionTrainer, "_save", save_then_interrupt)
+    stopped = CliRunner().invoke(main, args)
+    assert stopped.exit_code == 130 and "--resume" in stopped.output
+    assert checkpoint.exists() and not out.exists()
+    monkeypatch.setattr(train_module.ProjectionTrainer, "_save", save)
+    resumed = CliRunner().invoke(main, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert out.exists() and not checkpoint.exists()

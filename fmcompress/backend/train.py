@@ -86,18 +86,24 @@ BACKTRACK_FACTOR = 0.3
 
 
 class LearnedProjection(ChannelProjection):
-    """U P x with trainable P, U; `bypass` makes it the identity (the teacher's pass)."""
+    """U P x with trainable P, U; `bypass` makes it the identity (the teacher's pass).
 
-    def __init__(self, P: np.ndarray, U: np.ndarray):  # noqa: N803 - the paper's names
+    With `track_reconstruction` (only when the loss uses it: it is a pass over the whole
+    map) the relative error of the last student pass is kept in `reconstruction`.
+    """
+
+    def __init__(self, P: np.ndarray, U: np.ndarray, track_reconstruction: bool = False):  # noqa: N803
         super().__init__(P, U)
         self.bypass = False
-        self.reconstruction: torch.Tensor | None = None  # relative error of the last student pass
+        self.track_reconstruction = track_reconstruction
+        self.reconstruction: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return x
         out = super().forward(x)
-        self.reconstruction = (out - x).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12)
+        if self.track_reconstruction and torch.is_grad_enabled():
+            self.reconstruction = (out - x).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12)
         return out
 
 
@@ -212,7 +218,8 @@ class ProjectionTrainer:
         self.executor = executor.to(self.device)
         for parameter in self.executor.parameters():
             parameter.requires_grad_(False)
-        self.projections = {name: LearnedProjection(initial[name].P, initial[name].U).to(self.device)
+        self.projections = {name: LearnedProjection(initial[name].P, initial[name].U,
+                                                    track_reconstruction=config.feature_weight > 0).to(self.device)
                             for name in self.names}
         for name, module in self.projections.items():
             self.executor.set_transform(name, module)
