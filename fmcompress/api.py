@@ -11,6 +11,7 @@ import onnx
 from .compiler import CompileOptions, CompileResult, build_context, compile_model, source_name
 from .modelio import load_model
 from .passes.memory import MemoryAnalysisPass
+from .passes.runtime import RuntimeMemoryPass
 from .report import AnalysisReport
 from .training import TrainConfig
 from .units import Ceiling, parse_ceiling
@@ -18,17 +19,22 @@ from .units import Ceiling, parse_ceiling
 
 def analyze(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceiling | None = None,
             input_shapes: Sequence[str] | dict[str, Sequence[int]] | None = None,
-            act_bytes: int | None = None) -> AnalysisReport:
+            act_bytes: int | None = None, runtime: str | None = None) -> AnalysisReport:
     """Run the memory analysis pass: every stored feature map, and which are above `ceiling`.
 
     `ceiling` is `"256KB"`, `"4x"`, ... or a Ceiling; `input_shapes` pins symbolic dims,
-    as `{"x": (1, 3, 224, 224)}` or CLI-style `["x=1,3,224,224"]`.
+    as `{"x": (1, 3, 224, 224)}` or CLI-style `["x=1,3,224,224"]`. With `runtime` (an
+    onnxruntime optimisation level: "extended", "all", "basic", "none") the report's
+    `runtime` view lists what onnxruntime allocates (passes/runtime.py), against the same ceiling.
     """
     proto = load_model(model)
     if isinstance(ceiling, str):
         ceiling = parse_ceiling(ceiling)
     ctx = build_context(proto, input_shapes, act_bytes)
-    return MemoryAnalysisPass(ceiling, source=source_name(model)).run(proto, ctx).data
+    report = MemoryAnalysisPass(ceiling, source=source_name(model)).run(proto, ctx).data
+    if runtime is not None:
+        report.runtime = RuntimeMemoryPass(runtime, report.ceiling_bytes).run(proto, ctx).data
+    return report
 
 
 def compile(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceiling,  # noqa: A001 - the product's verb

@@ -17,7 +17,8 @@ from typing import Any
 
 import click
 
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, FmcError
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, FmcError, InputError
+from .report import DEFAULT_ORT_LEVEL, ORT_LEVELS
 
 CEILING_HELP = (
     "Memory ceiling per stored feature map: a size (256KB, 256KiB, 0.25MB, 262144) "
@@ -235,9 +236,15 @@ def _not_compressible_note(entries: Any, ceiling_bytes: int | None) -> str:
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--ceiling", help=CEILING_HELP)
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]DIMS", help=INPUT_SHAPE_HELP)
-@click.option("--mode", type=click.Choice(["stored", "live", "strict"]), default="stored", show_default=True,
+@click.option("--mode", type=click.Choice(["stored", "live", "strict", "runtime"]), default="stored",
+              show_default=True,
               help="Which view the table lists: stored feature maps (kernel groups fused), "
-                   "the live set along the execution order, or every ONNX tensor.")
+                   "the live set along the execution order, every ONNX tensor, or what onnxruntime "
+                   "allocates (after its own fusions, in its execution order; --fail-over-ceiling then "
+                   "gates on those).")
+@click.option("--ort-level", type=click.Choice(ORT_LEVELS), default=DEFAULT_ORT_LEVEL, show_default=True,
+              help="onnxruntime's graph optimisations for the runtime view: extended (its portable fusions), "
+                   "all (adds the x86-only NCHWc layout), basic, none.")
 @click.option("--act-bytes", type=click.IntRange(min=1, max=8), help="Bytes per element instead of the stored dtype's (1 to plan int8).")
 @click.option("--top", type=click.IntRange(min=1), help="List only the N largest feature maps.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
@@ -246,8 +253,8 @@ def _not_compressible_note(entries: Any, ceiling_bytes: int | None) -> str:
 @click.option("--include-inputs", is_flag=True, help="Let graph inputs, outputs and integer maps above the ceiling trip --fail-over-ceiling.")
 @click.option("-q", "--quiet", is_flag=True, help="No table; only errors and the gate's verdict.")
 @handle_errors
-def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mode: str, act_bytes: int | None,
-            top: int | None, json_path: Path | None, plot_path: Path | None, fail_over_ceiling: bool,
+def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mode: str, ort_level: str,
+            act_bytes: int | None, top: int | None, json_path: Path | None, plot_path: Path | None, fail_over_ceiling: bool,
             include_inputs: bool, quiet: bool) -> None:
     """Find the feature maps of MODEL above a memory ceiling (the peak-memory analysis pass)."""
     from . import api
@@ -257,7 +264,13 @@ def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mod
     if fail_over_ceiling and not ceiling:
         raise click.UsageError("--fail-over-ceiling needs --ceiling")
     _check_outputs([(json_path, "file"), (plot_path, "file")], [model])
-    result = api.analyze(model, ceiling=ceiling, input_shapes=list(input_shapes), act_bytes=act_bytes)
+    options = {"ceiling": ceiling, "input_shapes": list(input_shapes), "act_bytes": act_bytes}
+    try:  # the runtime view is in every summary; only --mode runtime needs onnxruntime to load the model
+        result = api.analyze(model, runtime=ort_level, **options)
+    except InputError:
+        if mode == "runtime":
+            raise
+        result = api.analyze(model, **options)
     with output_transaction():  # the JSON and the plot land together or not at all
         if json_path:
             result.write_json(json_path)
@@ -266,10 +279,12 @@ def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mod
     if not quiet:
         report.print_analysis(result, mode=mode, top=top)
     if fail_over_ceiling:
-        offenders = result.over_ceiling(include_inputs=include_inputs)
+        runtime = mode == "runtime" and result.runtime is not None
+        offenders = result.runtime.over_ceiling() if runtime else result.over_ceiling(include_inputs=include_inputs)
         if offenders:
             names = ", ".join(m.name for m in offenders[:10]) + (" ..." if len(offenders) > 10 else "")
-            _fail(f"{len(offenders)} stored feature map(s) above the ceiling of {result.ceiling_bytes} bytes: {names}", 1)
+            what = "onnxruntime allocation(s)" if runtime else "stored feature map(s)"
+            _fail(f"{len(offenders)} {what} above the ceiling of {result.ceiling_bytes} bytes: {names}", 1)
 
 
 @main.command()

@@ -32,7 +32,7 @@ from rich.text import Text
 
 from .featuremaps import FeatureMap
 from .modelio import write_bytes_atomic
-from .report import AnalysisReport
+from .report import AnalysisReport, RuntimeView
 from .units import format_bytes
 
 LABELLED_MAPS = 5  # the largest maps named on memory.png
@@ -45,7 +45,12 @@ def print_analysis(report: AnalysisReport, mode: str = "stored", top: int | None
                    console: Console | None = None) -> None:
     """The table of one view (stored, live or strict), and a summary of all three."""
     console = console or Console()
-    if mode == "live":
+    if mode == "runtime":
+        if report.runtime is None:
+            raise ValueError("print_analysis(mode='runtime') needs a report made with a runtime view")
+        _print_table(console, _runtime_table(report, top, console.is_terminal))
+        _print_table(console, _runtime_alive_table(report.runtime, console.is_terminal))
+    elif mode == "live":
         _print_table(console, _live_table(report, top, console.is_terminal))
         _print_table(console, _alive_table(report, console.is_terminal))
     else:
@@ -122,16 +127,55 @@ def _alive_table(report: AnalysisReport, terminal: bool) -> Table:
     return table
 
 
+def _runtime_table(report: AnalysisReport, top: int | None, terminal: bool) -> Table:
+    """onnxruntime's allocations in its execution order; with `top`, only the N largest."""
+    view = report.runtime
+    assert view is not None
+    tensors = [t for t in view.tensors if t.role != "input"]
+    rows = sorted(sorted(tensors, key=lambda t: -t.bytes)[:top], key=lambda t: t.step) if top else tensors
+    table = _table(_title(report, f"runtime view (onnxruntime, {view.level} optimisations)"),
+                   [("step", "right"), ("tensor", "left"), ("shape", "left"), ("bytes", "right"),
+                    ("kernel", "left"), ("", "left")], terminal)
+    for tensor in rows:
+        note = "OVER" if tensor.over_ceiling else "view of its input" if tensor.bytes == 0 else ""
+        table.add_row(str(tensor.step), Text(tensor.name), _shape(tensor.shape), f"{tensor.bytes:,}",
+                      Text(tensor.producer_op), note, style="bold red" if tensor.over_ceiling else None)
+    return table
+
+
+def _runtime_alive_table(view: RuntimeView, terminal: bool) -> Table:
+    alive = sorted(view.alive_at(view.peak_step), key=lambda t: -t.bytes)
+    table = _table(f"allocated at the runtime peak (step {view.peak_step}, {format_bytes(view.peak_bytes)})",
+                   [("tensor", "left"), ("shape", "left"), ("bytes", "right"), ("written at", "right"),
+                    ("last read at", "right")], terminal)
+    for tensor in alive:
+        table.add_row(Text(tensor.name), _shape(tensor.shape), f"{tensor.bytes:,}", str(tensor.step),
+                      str(max(tensor.last_use, tensor.step)))
+    return table
+
+
+def runtime_summary(view: RuntimeView) -> str:
+    measured = (f", measured {format_bytes(view.measured_peak_bytes)}"
+                if view.measured_peak_bytes is not None else "")
+    return (f"runtime {format_bytes(view.peak_bytes)}{measured} (onnxruntime {view.level}; "
+            f"largest {format_bytes(view.largest_bytes)} {view.largest_name})")
+
+
 def _summary_lines(report: AnalysisReport) -> list[str]:
     s = report.summary
+    runtime = f", {runtime_summary(report.runtime)}" if report.runtime is not None else ""
     lines = [f"peaks: stored {format_bytes(s['stored'].largest_bytes)} ({s['stored'].largest_name}), "
              f"live {format_bytes(s['live'].live_peak_bytes)}, "
-             f"strict {format_bytes(s['strict'].largest_bytes)} (live {format_bytes(s['strict'].live_peak_bytes)})"]
+             f"strict {format_bytes(s['strict'].largest_bytes)} (live {format_bytes(s['strict'].live_peak_bytes)})"
+             + runtime]
     if report.ceiling_bytes is not None:
         blocked = Counter(m.not_compressible_reason for m in report.not_compressible_over_ceiling())
         reasons = ", ".join(f"{count} {reason}" for reason, count in blocked.items())
         lines.append(f"{len(report.over_ceiling())} stored feature map(s) over the ceiling"
                      + (f"; over it but not compressible: {reasons}" if blocked else ""))
+        if report.runtime is not None:
+            lines.append(f"{len(report.runtime.over_ceiling())} onnxruntime allocation(s) over the ceiling "
+                         "(graph inputs excepted)")
     return lines
 
 

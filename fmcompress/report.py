@@ -18,6 +18,10 @@ from .modelio import write_bytes_atomic
 from .units import Ceiling
 
 SCHEMA_VERSION = 1
+# onnxruntime graph optimisation levels of the runtime view (passes/runtime.py); extended is
+# what it does on every machine, all adds the x86-only NCHWc layout
+ORT_LEVELS = ("extended", "all", "basic", "none")
+DEFAULT_ORT_LEVEL = "extended"
 
 
 @dataclass
@@ -34,6 +38,43 @@ class ViewSummary:
     live_peak_bytes: int
     live_peak_step: int
     count: int
+
+
+@dataclass
+class RuntimeView:
+    """What onnxruntime allocates (passes/runtime.py): its tensors in execution order and their
+    live curve. Graph inputs are listed (role "input") but belong to the caller: never counted."""
+
+    level: str  # onnxruntime's graph optimisation level
+    tensors: list[FeatureMap]
+    live: list[LivePoint]
+    peak_bytes: int
+    peak_step: int
+    largest_bytes: int
+    largest_name: str
+    ceiling_bytes: int | None = None
+    measured_peak_bytes: int | None = None  # process peak growth of one run (fmcompress.memprobe)
+
+    @classmethod
+    def build(cls, *, level: str, tensors: list[FeatureMap], live: list[LivePoint],
+              ceiling_bytes: int | None = None) -> RuntimeView:
+        counted = [t for t in tensors if t.role != "input"]
+        largest = max(counted, key=lambda t: t.bytes, default=None)
+        peak = max(live, key=lambda p: p.bytes, default=None)
+        return cls(level=level, tensors=tensors, live=live, peak_bytes=peak.bytes if peak else 0,
+                   peak_step=peak.step if peak else -1, largest_bytes=largest.bytes if largest else 0,
+                   largest_name=largest.name if largest else "", ceiling_bytes=ceiling_bytes)
+
+    def over_ceiling(self) -> list[FeatureMap]:
+        return [t for t in self.tensors if t.over_ceiling]
+
+    def alive_at(self, step: int) -> list[FeatureMap]:
+        return [t for t in self.tensors if t.role != "input" and t.bytes and t.step <= step <= max(t.last_use, t.step)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["over_ceiling"] = [t.name for t in self.over_ceiling()]
+        return data
 
 
 @dataclass
@@ -55,6 +96,7 @@ class AnalysisReport:
     live: list[LivePoint]
     strict_live: list[LivePoint]
     summary: dict[str, ViewSummary] = field(default_factory=dict)
+    runtime: RuntimeView | None = None  # onnxruntime's allocations, when asked for (analyze --mode runtime)
     # not serialised: every tensor's static shape (weights included), for FLOPs and later passes;
     # the ceiling as parsed and a key of the analysed graph, to tell whether the report can be reused
     tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
@@ -82,9 +124,12 @@ class AnalysisReport:
     @property
     def peaks(self) -> dict[str, int]:
         """The headline figure of each view: largest stored map, live peak, largest tensor."""
-        return {"stored": self.summary["stored"].largest_bytes,
-                "live": self.summary["live"].live_peak_bytes,
-                "strict": self.summary["strict"].largest_bytes}
+        peaks = {"stored": self.summary["stored"].largest_bytes,
+                 "live": self.summary["live"].live_peak_bytes,
+                 "strict": self.summary["strict"].largest_bytes}
+        if self.runtime is not None:
+            peaks["runtime"] = self.runtime.peak_bytes
+        return peaks
 
     def over_ceiling(self, include_inputs: bool = False) -> list[FeatureMap]:
         """Stored maps above the ceiling; those never compressed (graph inputs and outputs,
@@ -102,7 +147,9 @@ class AnalysisReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: value for name, value in asdict(self).items()
-                if name not in ("tensor_shapes", "ceiling_spec", "graph_key")}
+                if name not in ("tensor_shapes", "ceiling_spec", "graph_key", "runtime")}
+        if self.runtime is not None:
+            data["runtime"] = self.runtime.to_dict()
         data["schema_version"] = SCHEMA_VERSION
         data["peaks"] = self.peaks
         data["over_ceiling"] = [m.name for m in self.over_ceiling()]

@@ -1,0 +1,130 @@
+"""Measure the memory one onnxruntime inference really takes: the process's peak growth.
+
+Rules:
+
+a. A fresh Python process (so nothing else's memory counts) loads the model with
+   onnxruntime's CPU provider, its memory arena and memory patterns off (every tensor
+   is a separate allocation, freed after its last use) and one thread, at the same
+   graph optimisation level as the runtime view.
+b. glibc's mmap threshold is pinned at 16 KiB (MALLOC_MMAP_THRESHOLD_), so that freed
+   tensors go back to the system at once instead of staying in the heap: the resident
+   set then follows the live tensors.
+c. One warm-up run (lazy initialisation, weight prepacking); then per round the peak
+   resident set is reset (`/proc/self/clear_refs`, Linux), one inference runs on a
+   random input created before the reset, and the peak growth over the resident set
+   just before the run is the figure. The input is the caller's and is not counted; the
+   outputs are. The median over rounds is returned.
+d. Where the platform cannot reset the peak (not Linux, no /proc access), the
+   measurement is unavailable: `measure_peak` returns None and says why in `reason`.
+
+Entry point: `measure_peak(model, input_shapes, level="extended") -> PeakMeasurement`.
+The probe runs as `python -m fmcompress.memprobe MODEL --shape NAME=DIMS ... --level L`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+MMAP_THRESHOLD = 16 * 1024
+
+
+@dataclass(frozen=True)
+class PeakMeasurement:
+    bytes: int | None  # median peak growth of one inference; None when it cannot be measured
+    rounds: list[int]
+    reason: str = ""
+
+
+def measure_peak(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[str, tuple[int, ...]], *,
+                 level: str = "extended", rounds: int = 3, timeout: float = 600) -> PeakMeasurement:
+    """Rules a-d, in a subprocess; `model` is a path or a ModelProto (written to a temporary file)."""
+    if not _can_reset_peak():
+        return PeakMeasurement(None, [], "the peak resident set cannot be reset here (needs Linux /proc)")
+    with tempfile.TemporaryDirectory(prefix="fmcompress-probe-") as folder:
+        path = Path(folder) / "model.onnx"
+        if isinstance(model, onnx.ModelProto):
+            onnx.save_model(model, str(path))
+        else:
+            path = Path(model)
+        shapes = [f"{name}={','.join(map(str, dims))}" for name, dims in input_shapes.items()]
+        command = [sys.executable, "-m", "fmcompress.memprobe", str(path), "--level", level, "--rounds", str(rounds)]
+        command += [arg for shape in shapes for arg in ("--shape", shape)]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return PeakMeasurement(None, [], f"the probe failed: {lines[-1] if lines else done.returncode}")
+    values = json.loads(done.stdout.strip().splitlines()[-1])["rounds"]
+    return PeakMeasurement(int(statistics.median(values)), values)
+
+
+def _can_reset_peak() -> bool:
+    return sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK)
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _probe(path: str, shapes: dict[str, tuple[int, ...]], level: str, rounds: int) -> list[int]:
+    """Rules a and c, inside the probe process."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from fmcompress.passes.runtime import ort_level
+
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort_level(level)
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for meta in session.get_inputs():
+        dims = shapes.get(meta.name) or tuple(d if isinstance(d, int) else 1 for d in meta.shape)
+        dtype = np.float16 if "float16" in meta.type else np.float32 if "float" in meta.type else np.int64
+        feeds[meta.name] = rng.random(dims).astype(dtype)
+    session.run(None, feeds)
+    growth = []
+    for _ in range(rounds):
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current resident set
+        base = _status_bytes("VmRSS")
+        session.run(None, feeds)
+        growth.append(_status_bytes("VmHWM") - base)
+    return growth
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fmcompress.memprobe", description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--shape", action="append", default=[], help="NAME=DIMS, e.g. x=1,3,224,224")
+    parser.add_argument("--level", default="extended")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    shapes = {}
+    for text in args.shape:
+        name, _, dims = text.partition("=")
+        shapes[name] = tuple(int(d) for d in dims.split(","))
+    print(json.dumps({"rounds": _probe(args.model, shapes, args.level, args.rounds)}))
+
+
+if __name__ == "__main__":
+    main()

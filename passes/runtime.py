@@ -1,0 +1,195 @@
+"""Runtime memory pass: the tensors onnxruntime really allocates, alive at once in its order.
+
+The stored view counts what an accelerator with on-chip fusion keeps between kernel
+groups. onnxruntime materialises more: every fused kernel's full-width output (Conv+Relu
+is one FusedConv, but its output exists; the conv before a projection is still full
+width), and the stem. This pass asks onnxruntime itself.
+
+Rules:
+
+a. onnxruntime optimises the model (input shapes pinned) at `level` (default
+   `extended`: its portable fusions, what it does on every machine; `all` adds the
+   x86-only NCHWc layout, `basic` and `none` less) and saves the optimised graph. Its
+   node order is onnxruntime's execution order (checked against the profiler's trace
+   in the tests).
+b. One run of the optimised graph on zeros, optimisations off, every node output exposed,
+   gives each tensor's exact shape and dtype (custom-domain fused kernels included).
+c. View ops (Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout) alias their input in
+   onnxruntime: their output allocates nothing and extends its source buffer's life.
+d. A tensor is alive from the step of its producer to the step of its last reader (graph
+   outputs to the end). Graph inputs belong to the caller: listed with role "input",
+   never counted in the peak. Initializers and constants never are tensors of the view.
+e. The peak is the largest sum of bytes alive at one step; bytes are numel * dtype size
+   (or `ctx.act_bytes`). onnxruntime's planner may also run some ops in place (Relu,
+   Add), so a measured process peak is at most a few percent lower
+   (`fmcompress.memprobe` measures it; examples/runtime_peak.py compares both).
+
+Entry point: `RuntimeMemoryPass(level="extended").run(model, ctx)`; the model is not
+changed; `result.data` is a `RuntimeView`, whose tensors are `FeatureMap`s (group = "").
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from fmcompress.errors import InputError
+from fmcompress.featuremaps import FeatureMap
+from fmcompress.report import DEFAULT_ORT_LEVEL, ORT_LEVELS, RuntimeView
+from fmcompress.shapes import graph_inputs, resolve_input_shapes, with_input_shapes
+
+from .base import Pass, PassContext, PassResult
+from .memory import _live_curve
+
+LEVELS = ORT_LEVELS
+DEFAULT_LEVEL = DEFAULT_ORT_LEVEL
+ALIAS_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
+
+
+def ort_level(level: str):
+    import onnxruntime as ort
+
+    levels = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    if level not in levels:
+        raise InputError(f"unknown onnxruntime optimisation level {level!r}; available: {', '.join(LEVELS)}")
+    return levels[level]
+
+
+def optimized_model(model: onnx.ModelProto, level: str = DEFAULT_LEVEL) -> onnx.ModelProto:
+    """The graph onnxruntime runs for `model` at `level`, nodes in its execution order (rule a)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort_level(level)
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="fmcompress-ort-") as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        options.optimized_model_filepath = path
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's errors are free text; keep the first line
+            raise InputError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from None
+        return onnx.load(path)
+
+
+def _tensor_values(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Rule b: every node output of the optimised graph, from one run on zeros."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(optimized)
+    names = [out for node in probe.graph.node for out in node.output if out]
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    feeds = {inp.name: np.zeros(shapes[inp.name], helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
+             for inp in graph_inputs(probe)}
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = session.run(None, feeds)
+    except Exception as exc:  # onnxruntime's errors are free text; keep the first line
+        raise InputError("onnxruntime cannot run its optimised graph to size the tensors: "
+                         f"{str(exc).strip().splitlines()[0][:300]}") from None
+    return {meta.name: value for meta, value in zip(session.get_outputs(), values, strict=True)}
+
+
+class RuntimeMemoryPass(Pass):
+    """Reports onnxruntime's allocations and their live peak; does not modify the model."""
+
+    name = "runtime"
+
+    def __init__(self, level: str = DEFAULT_LEVEL, ceiling_bytes: int | None = None):
+        ort_level(level)  # fail early on a bad level
+        self.level = level
+        self.ceiling_bytes = ceiling_bytes
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        shapes = resolve_input_shapes(model, ctx.input_shapes)
+        optimized = optimized_model(with_input_shapes(model, shapes), self.level)
+        values = _tensor_values(optimized, shapes)
+        tensors = runtime_tensors(optimized, shapes, values, ctx.act_bytes)
+        counted = [t for t in tensors if t.role != "input" and t.bytes > 0]
+        labels = [node.name or node.op_type for node in optimized.graph.node]
+        live = _live_curve(counted, labels)
+        ceiling = self.ceiling_bytes
+        for tensor in tensors:
+            tensor.over_ceiling = ceiling is not None and tensor.role != "input" and tensor.bytes > ceiling
+        view = RuntimeView.build(level=self.level, tensors=tensors, live=live, ceiling_bytes=ceiling)
+        return PassResult(model, modified=False, data=view)
+
+
+def runtime_tensors(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                    values: dict[str, np.ndarray], act_bytes: int | None) -> list[FeatureMap]:
+    """Rules c and d: graph inputs, then every node output in execution order."""
+    graph = optimized.graph
+    outputs = {o.name for o in graph.output}
+    last = len(graph.node) - 1
+    readers: dict[str, list[tuple[int, onnx.NodeProto]]] = {}
+    for step, node in enumerate(graph.node):
+        for name in node.input:
+            readers.setdefault(name, []).append((step, node))
+    owner: dict[str, str] = {}  # alias output -> the tensor whose buffer it shares
+    last_use: dict[str, int] = {}
+    for step, node in enumerate(graph.node):
+        for name in node.input:
+            buffer = owner.get(name, name)
+            last_use[buffer] = max(last_use.get(buffer, -1), last if name in outputs else step)
+        if node.op_type in ALIAS_OPS and node.input and node.input[0] in {*owner, *values, *shapes}:
+            owner[node.output[0]] = owner.get(node.input[0], node.input[0])
+        for name in node.output:
+            if name in outputs:
+                last_use[owner.get(name, name)] = last
+    tensors = []
+    for inp in graph_inputs(optimized):
+        dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        tensors.append(_tensor(inp.name, shapes[inp.name], dtype, "input", None, 0, last_use.get(inp.name, -1),
+                               readers, act_bytes))
+    for step, node in enumerate(graph.node):
+        for name in node.output:
+            if not name or name not in values:
+                continue
+            value = values[name]
+            role = "output" if name in outputs else "map"
+            aliased = name in owner
+            tensor = _tensor(name, value.shape, value.dtype, role, node, step,
+                             last if role == "output" else last_use.get(name, -1), readers, act_bytes)
+            if aliased:
+                tensor.bytes = 0  # rule c: shares its source's buffer
+            tensors.append(tensor)
+    return tensors
+
+
+def _tensor(name: str, shape, dtype, role: str, node: onnx.NodeProto | None, step: int, last_use: int,
+            readers: dict[str, list[tuple[int, onnx.NodeProto]]], act_bytes: int | None) -> FeatureMap:
+    dtype = np.dtype(dtype)
+    numel = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    return FeatureMap(name=name, shape=[int(d) for d in shape], dtype=str(dtype),
+                      bytes=numel * (act_bytes or dtype.itemsize), role=role,
+                      producer=node.name if node is not None else "",
+                      producer_op=_op_name(node) if node is not None else "", group="",
+                      consumers=[n.name or n.op_type for _, n in readers.get(name, [])],
+                      step=step, last_use=last_use)
+
+
+def _op_name(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def runtime_view(model: onnx.ModelProto | str | Path, input_shapes=None, *, level: str = DEFAULT_LEVEL,
+                 act_bytes: int | None = None, ceiling_bytes: int | None = None) -> RuntimeView:
+    """The runtime view of a model (a path or a ModelProto), for scripts and tests."""
+    from fmcompress.modelio import load_model
+
+    proto = load_model(model)
+    ctx = PassContext(input_shapes=dict(input_shapes or {}), act_bytes=act_bytes)
+    return RuntimeMemoryPass(level, ceiling_bytes).run(proto, ctx).data
