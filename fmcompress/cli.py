@@ -350,6 +350,13 @@ def _default_output(model: Path) -> Path:
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="POINTS",
               help="Fidelity gate: fail (exit 1, nothing written) when accuracy drops by more than this many "
                    "points (needs labels in --data).")
+@click.option("--runtime", type=click.Choice(["ort"]),
+              help="Make the ceiling hold for what this runtime allocates, not only for the stored maps: "
+                   "ort = onnxruntime. Spatially local chains are computed in row bands (exact), and only the "
+                   "ends of bands that cannot fit are projected; the report gives the runtime peak before and "
+                   "after, computed and measured.")
+@click.option("--ort-level", type=click.Choice(ORT_LEVELS), default=DEFAULT_ORT_LEVEL, show_default=True,
+              help="onnxruntime's graph optimisations that --runtime ort plans for.")
 @click.option("--plan-only", is_flag=True, help="Only plan (maps and ranks); with --json, write the plan there.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report (or the plan with --plan-only) as JSON.")
@@ -363,7 +370,8 @@ def compile_command(model: Path, ceiling: str, output: Path | None, method: str,
                     epochs: int, lr: float, optimizer: str, loss: str, schedule: str, stage_epochs: int,
                     max_samples: int | None, augment: str, feature_weight: float, device: str,
                     target: float | None, resume: bool, checkpoint: Path | None, json_log: Path | None,
-                    min_agreement: float | None, max_accuracy_drop: float | None, plan_only: bool,
+                    min_agreement: float | None, max_accuracy_drop: float | None, runtime: str | None,
+                    ort_level: str, plan_only: bool,
                     json_path: Path | None, report_dir: Path | None, quiet: bool) -> None:
     """Compress MODEL so that every stored feature map fits under --ceiling.
 
@@ -398,7 +406,8 @@ def compile_command(model: Path, ceiling: str, output: Path | None, method: str,
                 ceiling=ceiling, input_shapes=list(input_shapes), act_bytes=act_bytes, method=method, data=data,
                 num_samples=num_samples, **_normalisation(mean, std, scale), batch_size=batch_size, seed=seed,
                 threads=threads, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
-                training=training, checkpoint=checkpoint if primary else None, resume=resume, monitor=monitor)
+                training=training, checkpoint=checkpoint if primary else None, resume=resume, monitor=monitor,
+                runtime=runtime, ort_level=ort_level)
             result = _compile_resumably(model, options, plan_only, log, checkpoint)
         if primary:
             _write_compile_outputs(result, output, json_path, report_dir, plan_only)
@@ -423,7 +432,10 @@ def _write_compile_outputs(result: Any, output: Path, json_path: Path | None, re
                                      ceiling_bytes)
     if plan_only:
         if json_path:
-            write_bytes_atomic(json.dumps(result.plan.to_dict(), indent=2).encode(), json_path)
+            plan = result.plan.to_dict()
+            if "runtime_plan" in result.report:
+                plan["runtime_plan"] = result.report["runtime_plan"]
+            write_bytes_atomic(json.dumps(plan, indent=2).encode(), json_path)
         for entry in result.plan.maps:
             click.echo(f"{entry.name}  {'x'.join(map(str, entry.shape))}  k={entry.k}")
         if not result.plan.maps:

@@ -32,6 +32,7 @@ from .data import (
 )
 from .errors import InputError
 from .featuremaps import Projection
+from .memprobe import measure_peak
 from .metrics import batch_is_free
 from .modelio import load_model
 from .passes import PassContext, Pipeline
@@ -41,8 +42,10 @@ from .passes.fold_bn import FoldBatchNormPass
 from .passes.measure import MeasurePass
 from .passes.memory import MemoryAnalysisPass
 from .passes.plan import Plan, PlanPass
+from .passes.runtime import RuntimeMemoryPass
+from .passes.runtime_plan import RuntimePlan, RuntimePlanPass, TileToCeilingPass
 from .passes.verify import VerifyPass, check_model
-from .report import AnalysisReport
+from .report import DEFAULT_ORT_LEVEL, AnalysisReport
 from .shapes import graph_inputs, parse_input_shapes, resolve_input_shapes
 from .training import TrainConfig, check_device
 from .units import Ceiling, parse_ceiling
@@ -75,6 +78,9 @@ class CompileOptions:
     checkpoint: str | os.PathLike | None = None  # training checkpoint file, written after every epoch
     resume: bool = False  # continue from `checkpoint`
     monitor: Callable[[str, dict[str, Any]], None] | None = None  # training progress events
+    runtime: str | None = None  # "ort": the ceiling holds for onnxruntime's allocations (tiling + projections)
+    ort_level: str = DEFAULT_ORT_LEVEL  # onnxruntime's graph optimisations of the runtime view
+    measure_memory: bool = True  # with runtime: measure the process peak of both models (fmcompress.memprobe)
 
 
 @dataclass
@@ -102,10 +108,15 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     ceiling = as_ceiling(options.ceiling)
     Pipeline([MemoryAnalysisPass(ceiling, source=source_name(source)), PlanPass(ceiling)]).run(model, ctx)
     plan, before = ctx.results["plan"], ctx.results["memory"]
-    log(f"plan: {len(plan.maps)} map(s) above {plan.ceiling} ({plan.ceiling_bytes} B)")
+    runtime_plan = _plan_runtime(model, ctx, options, log) if options.runtime else None
+    plan = ctx.results["plan"]
+    log(f"plan: {len(plan.maps)} map(s) to project to fit {plan.ceiling} ({plan.ceiling_bytes} B)")
     if plan_only:
         warnings = _unsupported_warnings(model)
-        return CompileResult(None, plan, before, report={"plan": plan.to_dict(), "warnings": warnings})
+        report = {"plan": plan.to_dict(), "warnings": warnings}
+        if runtime_plan is not None:
+            report["runtime_plan"] = runtime_plan.to_dict()
+        return CompileResult(None, plan, before, report=report)
     warnings: list[str] = []
     batch_size = _batch_size(model, ctx, options.batch_size, warnings)
     dataset = _dataset(model, ctx, options, _num_classes(model, before), log)
@@ -115,11 +126,13 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     fit = FitProjectionsPass(calibration, held_out, method=options.method, batch_size=batch_size,
                              training=training, checkpoint=options.checkpoint, resume=options.resume,
                              monitor=options.monitor)
+    tiling = [TileToCeilingPass(plan.ceiling_bytes, options.ort_level)] if options.runtime else []
     folded, ctx = Pipeline([
         fit,
         FoldBatchNormPass(),
         FoldProjectionsPass(),
-        VerifyPass(model, held_out, batch_size=batch_size),
+        *tiling,
+        VerifyPass(model, held_out, batch_size=batch_size, runtime_level=options.ort_level if options.runtime else None),
         MeasurePass(model, held_out, batch_size=batch_size, threads=options.threads, rounds=options.latency_rounds,
                     repeats=options.latency_repeats, min_agreement=options.min_agreement,
                     max_accuracy_drop=options.max_accuracy_drop),
@@ -129,9 +142,60 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     after = ctx.results["verify"]["after"]
     warnings += ctx.results["measure"]["warnings"]
     timings = {"total": time.perf_counter() - started, **ctx.timings}
+    if options.runtime:  # both views' runtime peaks in the report's peaks
+        before.runtime, after.runtime = ctx.results["runtime"], ctx.results["verify"]["runtime"]
     report = _report(source, options, plan, dataset, calibration, held_out, ctx, batch_size, warnings, timings)
     report["training"] = _training_report(fit, training)
+    if options.runtime:
+        report["runtime"] = _runtime_report(model, folded, ctx, options)
     return CompileResult(folded, plan, before, after, report, projections=ctx.results["fit"])
+
+
+RUNTIMES = ("ort",)
+
+
+def _plan_runtime(model: onnx.ModelProto, ctx: PassContext, options: CompileOptions, log: Log) -> RuntimePlan:
+    """compile --runtime ort: plan tiling regions on the runtime view; project only their ends.
+
+    Where some allocation no region covers (a Resize or Concat of a feature pyramid, which
+    bands cannot cross), every stored map above the ceiling is projected as well: U is then
+    carried through those ops and they run narrow. TileToCeilingPass re-plans on the folded
+    graph and fails with the tensors that still do not fit.
+    """
+    if options.runtime not in RUNTIMES:
+        raise InputError(f"unknown runtime {options.runtime!r}; available: {', '.join(RUNTIMES)}")
+    plan: Plan = ctx.results["plan"]
+    ctx.results["runtime"] = RuntimeMemoryPass(options.ort_level, plan.ceiling_bytes).run(model, ctx).data
+    runtime_plan = RuntimePlanPass(allow_projection=True).run(model, ctx).data
+    maps = runtime_plan.projected
+    if runtime_plan.uncovered:
+        chosen = {m.name for m in maps}
+        maps = sorted([*maps, *(m for m in plan.maps if m.name not in chosen)], key=lambda m: m.step)
+        log(f"runtime plan: {len(runtime_plan.uncovered)} allocation(s) no band covers; projecting every "
+            f"stored map above the ceiling too")
+    ctx.results["plan"] = replace(plan, maps=maps)
+    log(f"runtime plan: {len(runtime_plan.regions)} tiled region(s), {len(maps)} projected map(s)")
+    return runtime_plan
+
+
+def _runtime_report(original: onnx.ModelProto, emitted: onnx.ModelProto, ctx: PassContext,
+                    options: CompileOptions) -> dict[str, Any]:
+    """Runtime peak before and after, computed and (where the platform allows) measured."""
+    before, after = ctx.results["runtime"], ctx.results["verify"]["runtime"]
+    shapes = resolve_input_shapes(original, ctx.input_shapes)
+    figures: dict[str, Any] = {"level": options.ort_level, "ceiling_bytes": after.ceiling_bytes}
+    for name, model, view in (("before", original, before), ("after", emitted, after)):
+        measured = measure_peak(model, shapes, level=options.ort_level) if options.measure_memory else None
+        view.measured_peak_bytes = measured.bytes if measured else None
+        figures[name] = {"computed_peak_bytes": view.peak_bytes, "measured_peak_bytes": view.measured_peak_bytes,
+                         "largest_bytes": view.largest_bytes, "largest_name": view.largest_name}
+    tiled = ctx.results["tile"]
+    figures["regions"] = [{"start": r.start, "end": r.end, "bands": r.bands, "projected_end": r.projected}
+                          for r in tiled["plan"].regions]
+    figures["tile_facts"] = [asdict(facts) for facts in tiled["regions"]]
+    figures["split_convs"] = tiled["split_convs"]
+    figures["lossless"] = not ctx.results["plan"].maps
+    return figures
 
 
 def source_name(source: str | os.PathLike | onnx.ModelProto) -> str:
@@ -238,7 +302,7 @@ def _report(source, options: CompileOptions, plan: Plan, dataset: Dataset, calib
                      "bytes_before": planned.bytes_before, "bytes_after": planned.bytes_after, "stored_as": stored,
                      "stored_shape": after_maps[stored].shape if stored in after_maps else None,
                      "fold": fold_log.get(planned.name, {})})
-    checks = {key: value for key, value in verified.items() if key != "after"}
+    checks = {key: value for key, value in verified.items() if key not in ("after", "runtime")}
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "fmcompress_version": __version__,

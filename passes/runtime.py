@@ -19,7 +19,13 @@ c. View ops (Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout) alias thei
 d. A tensor is alive from the step of its producer to the step of its last reader (graph
    outputs to the end). Graph inputs belong to the caller: listed with role "input",
    never counted in the peak. Initializers and constants never are tensors of the view.
-e. The peak is the largest sum of bytes alive at one step; bytes are numel * dtype size
+e. Convolution scratch: onnxruntime's CPU convolutions (MLAS) expand the whole input
+   (im2col, output positions x C/group*kh*kw elements) when a group's filter count
+   exceeds the output positions (late, low-resolution layers: 256 filters on 14x14),
+   unless the conv is a plain 1x1 GEMM; elsewhere they work in small per-thread segments.
+   That expansion is listed with role "workspace", alive at its conv's step only: it
+   counts in the peak, and against the ceiling like any other allocation.
+f. The peak is the largest sum of bytes alive at one step; bytes are numel * dtype size
    (or `ctx.act_bytes`). onnxruntime's planner may also run some ops in place (Relu,
    Add), so a measured process peak is at most a few percent lower
    (`fmcompress.memprobe` measures it; examples/runtime_peak.py compares both).
@@ -118,6 +124,7 @@ class RuntimeMemoryPass(Pass):
         optimized = optimized_model(with_input_shapes(model, shapes), self.level)
         values = _tensor_values(optimized, shapes)
         tensors = runtime_tensors(optimized, shapes, values, ctx.act_bytes)
+        tensors += conv_workspaces(optimized, values, ctx.act_bytes)
         counted = [t for t in tensors if t.role != "input" and t.bytes > 0]
         labels = [node.name or node.op_type for node in optimized.graph.node]
         live = _live_curve(counted, labels)
@@ -167,6 +174,40 @@ def runtime_tensors(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...
                 tensor.bytes = 0  # rule c: shares its source's buffer
             tensors.append(tensor)
     return tensors
+
+
+CONV_OPS = frozenset({("", "Conv"), ("ai.onnx", "Conv"), ("com.microsoft", "FusedConv")})
+
+
+def conv_workspace_elements(weight_shape: tuple[int, ...], output_shape: tuple[int, ...], group: int,
+                            strides: list[int], pads: list[int]) -> int:
+    """Rule e: elements of MLAS's full input expansion for one conv, 0 when it segments."""
+    filters = weight_shape[0] // max(group, 1)
+    positions = int(np.prod(output_shape[2:]))
+    depth = int(np.prod(weight_shape[1:]))  # K = C/group * kernel taps
+    plain_gemm = all(k == 1 for k in weight_shape[2:]) and all(s == 1 for s in strides) and not any(pads)
+    return positions * depth if filters > positions and not plain_gemm else 0
+
+
+def conv_workspaces(optimized: onnx.ModelProto, values: dict[str, np.ndarray],
+                    act_bytes: int | None) -> list[FeatureMap]:
+    """Rule e, one entry per conv that expands its input."""
+    weights = {init.name: tuple(init.dims) for init in optimized.graph.initializer}
+    scratch = []
+    for step, node in enumerate(optimized.graph.node):
+        if (node.domain, node.op_type) not in CONV_OPS or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        output = values.get(node.output[0])
+        if output is None or output.ndim < 3:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        elements = conv_workspace_elements(weights[node.input[1]], output.shape, int(attrs.get("group", 1)),
+                                           list(attrs.get("strides", [])), list(attrs.get("pads", [])))
+        if elements:
+            workspace = _tensor(f"{node.name or node.output[0]}:workspace", [elements], output.dtype, "workspace",
+                                node, step, step, {}, act_bytes)
+            scratch.append(workspace)
+    return scratch
 
 
 def _tensor(name: str, shape, dtype, role: str, node: onnx.NodeProto | None, step: int, last_use: int,

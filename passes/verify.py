@@ -12,6 +12,8 @@ d. The memory analysis re-run on it finds every compressible stored map at or
    under the plan's ceiling (`ctx.results["plan"]`). The analysis recognises the
    projection and expansion convs by their structure, not their names, so the
    verdict survives renaming tools.
+e. With `runtime_level` (compile --runtime ort): the runtime view re-run on it finds
+   every tensor onnxruntime allocates (graph inputs excepted) at or under the ceiling.
 
 The model is not changed; `result.data` holds the figures of each check and the
 analysis of the emitted model (`"after"`, an `AnalysisReport`).
@@ -64,13 +66,15 @@ class VerifyPass(Pass):
     name = "verify"
 
     def __init__(self, original: onnx.ModelProto, held_out: Dataset, *, batch_size: int = 16, samples: int = 8,
-                 projections: dict[str, Projection] | None = None, ceiling_bytes: int | None = None):
+                 projections: dict[str, Projection] | None = None, ceiling_bytes: int | None = None,
+                 runtime_level: str | None = None):
         self.original = original
         self.held_out = held_out
         self.batch_size = batch_size
         self.samples = samples
         self.projections = projections
         self.ceiling_bytes = ceiling_bytes
+        self.runtime_level = runtime_level
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         check_model(model)
@@ -80,6 +84,8 @@ class VerifyPass(Pass):
         after = self._ceiling(model, ctx)
         data: dict[str, Any] = {"checker": "ok", "onnxruntime": "ok", "executor_relative_error": worst,
                                 "tolerance": agreement_tolerance(model), "samples": len(subset), "after": after}
+        if self.runtime_level is not None:
+            data["runtime"] = self._runtime_ceiling(model, ctx, after.ceiling_bytes)
         return PassResult(model, modified=False, data=data)
 
     def _executor_agreement(self, model: onnx.ModelProto, projections: dict[str, Projection],
@@ -105,6 +111,18 @@ class VerifyPass(Pass):
             raise VerificationError(f"the emitted model disagrees with the training backend: relative error "
                                     f"{worst:.3g} > {tolerance:g}")
         return worst
+
+    def _runtime_ceiling(self, model: onnx.ModelProto, ctx: PassContext, ceiling_bytes: int):
+        """Rule e."""
+        from .runtime import RuntimeMemoryPass
+
+        view = RuntimeMemoryPass(self.runtime_level, ceiling_bytes).run(model, ctx).data
+        over = view.over_ceiling()
+        if over:
+            names = ", ".join(f"{t.name} ({t.bytes} B)" for t in over[:5])
+            raise VerificationError(f"{len(over)} onnxruntime allocation(s) of the emitted model are above the "
+                                    f"ceiling of {ceiling_bytes} B: {names}")
+        return view
 
     def _ceiling(self, model: onnx.ModelProto, ctx: PassContext):
         """Rule d."""

@@ -1,0 +1,229 @@
+"""RuntimePlanPass: which regions to tile, and which maps to project, so that every tensor
+onnxruntime allocates fits under the ceiling (compile --runtime ort).
+
+Inputs: the runtime view of the model (`ctx.results["runtime"]`, passes/runtime.py) made
+with the ceiling, and the stored view (`ctx.results["memory"]`) for what can be projected.
+Rules:
+
+a. The tensors to bring under the ceiling are the runtime view's allocations above it
+   (graph inputs excepted: the caller owns them), in execution order. Convolution
+   scratch (role "workspace") is SplitConvPass's job, after tiling.
+b. For the first one not yet covered, t, candidate regions (start, end) of
+   passes/tile.py contain t's producer: `end` is one of the next `window` tensors from
+   t on, `start` the nearest of the `window` tensors before t that makes a valid region (rule a of the
+   tile pass) and that fits (a graph input, a tensor at or under the ceiling, or a map an
+   earlier region projects). A region is feasible when some band count keeps every band
+   tensor at or under the ceiling (`bands_for_budget`).
+c. Tiling alone is lossless, so an end at or under the ceiling wins: the first feasible
+   one, which recomputes the fewest halo rows. Otherwise (`allow_projection`) the end is
+   a compressible stored map above the ceiling that compile projects to
+   k = ceiling // (bytes of one channel), so the concatenated band outputs are stored
+   narrow; of those the furthest feasible end wins, which needs the fewest projections.
+d. Everything the chosen region computes counts as covered; a tensor that no feasible
+   region covers is listed in `uncovered` (the caller reports it: the ceiling cannot
+   hold in onnxruntime).
+e. A plan made with `allow_projection` is for the original graph; compile folds the
+   projections, then plans again without them on the folded graph, where every region
+   end fits, and tiles with that second plan.
+
+Entry point: `RuntimePlanPass(allow_projection=True).run(model, ctx)`; the model is not
+changed; `result.data` is a `RuntimePlan`. `TileToCeilingPass(ceiling_bytes)` is rule e's
+second half: runtime view, plan without projections, tile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import onnx
+
+from fmcompress.errors import InputError, VerificationError
+from fmcompress.featuremaps import FeatureMap
+from fmcompress.report import AnalysisReport, RuntimeView
+from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
+
+from .base import Pass, PassContext, PassResult
+from .plan import PlannedMap, bytes_per_element
+from .runtime import DEFAULT_LEVEL, RuntimeMemoryPass
+from .split_conv import SplitConvPass
+from .tile import Region, TilePass, bands_for_budget, tileable_region
+
+
+@dataclass
+class PlannedRegion:
+    start: str
+    end: str
+    bands: int
+    projected: bool  # the end is a map compile projects (rule c)
+    covers: list[str]  # the over-ceiling runtime tensors it brings under the ceiling
+
+
+@dataclass
+class RuntimePlan:
+    ceiling_bytes: int
+    regions: list[PlannedRegion] = field(default_factory=list)
+    projected: list[PlannedMap] = field(default_factory=list)
+    uncovered: list[FeatureMap] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"ceiling_bytes": self.ceiling_bytes,
+                "regions": [vars(r) for r in self.regions],
+                "projected": [m.name for m in self.projected],
+                "uncovered": [{"name": t.name, "bytes": t.bytes, "producer_op": t.producer_op}
+                              for t in self.uncovered]}
+
+
+class RuntimePlanPass(Pass):
+    """Plans tiling regions (and projections at their ends) for the runtime view's ceiling."""
+
+    name = "runtime_plan"
+
+    def __init__(self, *, allow_projection: bool = True, window: int = 48):
+        self.allow_projection = allow_projection
+        self.window = window
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        view = ctx.results.get("runtime")
+        stored = ctx.results.get("memory")
+        if not isinstance(view, RuntimeView) or view.ceiling_bytes is None:
+            raise InputError("the runtime plan needs a runtime view made with a ceiling: run RuntimeMemoryPass first")
+        if self.allow_projection and not isinstance(stored, AnalysisReport):
+            raise InputError("the runtime plan needs the stored view to project: run MemoryAnalysisPass first")
+        planner = _Planner(model, ctx, view, stored, self.allow_projection, self.window)
+        return PassResult(model, modified=False, data=planner.plan())
+
+
+class _Planner:
+    def __init__(self, model: onnx.ModelProto, ctx: PassContext, view: RuntimeView, stored: AnalysisReport | None,
+                 allow_projection: bool, window: int):
+        self.model = model
+        self.ceiling = int(view.ceiling_bytes or 0)
+        self.view = view
+        self.act_bytes = ctx.act_bytes
+        self.shapes = resolve_input_shapes(model, ctx.input_shapes)
+        self.infos = infer_tensor_infos(model, self.shapes)
+        self.window = window
+        self.inputs = set(self.shapes)
+        self.order: list[str] = list(self.inputs) + [o for n in model.graph.node for o in n.output if o]
+        self.position = {name: i for i, name in enumerate(self.order)}
+        self.projectable = {m.name: m for m in stored.stored if m.compressible} if allow_projection and stored else {}
+        self.projected: dict[str, PlannedMap] = {}
+        self.regions: dict[tuple[str, str], Region] = {}
+
+    def plan(self) -> RuntimePlan:
+        result = RuntimePlan(self.ceiling)
+        covered: set[str] = set()
+        for tensor in self.view.over_ceiling():
+            if tensor.name in covered or tensor.role == "workspace":
+                continue
+            choice = self._best_region(tensor.name) if tensor.name in self.position else None
+            if choice is None:
+                result.uncovered.append(tensor)
+                continue
+            region, bands, projected = choice
+            inside = {n for node in region.nodes for n in node.output}
+            covered |= inside
+            if projected:
+                self.projected[region.end] = self._planned_map(self.projectable[region.end])
+            over = [t.name for t in self.view.over_ceiling() if t.name in inside]
+            result.regions.append(PlannedRegion(region.start, region.end, bands, projected, over))
+        result.projected = sorted(self.projected.values(), key=lambda m: m.step)
+        return result
+
+    def _best_region(self, tensor: str) -> tuple[Region, int, bool] | None:
+        """Rules b and c."""
+        first = self.position[tensor]
+        best_projected = None
+        for end in self.order[first:first + self.window]:
+            fits = self._bytes(end) <= self.ceiling
+            if not fits and not self._can_project(end):
+                continue
+            found = self._feasible(tensor, end)
+            if found is None:
+                continue
+            if fits:
+                return (*found, False)
+            best_projected = (*found, True)
+        return best_projected
+
+    def _feasible(self, tensor: str, end: str) -> tuple[Region, int] | None:
+        first = self.position[tensor]
+        for start in reversed(self.order[max(0, first - self.window):first]):
+            if not self._fits_as_start(start):
+                continue
+            region = self._region(start, end)
+            if region is None or tensor not in {o for n in region.nodes for o in n.output}:
+                continue
+            try:
+                bands = bands_for_budget(self.model, start, end, self.ceiling, self.act_bytes, region=region)
+            except InputError:
+                return None  # a start further back only widens the halo
+            return region, bands
+        return None
+
+    def _can_project(self, name: str) -> bool:
+        fmap = self.projectable.get(name)
+        return fmap is not None and _plane_bytes(fmap) <= self.ceiling
+
+    def _fits_as_start(self, name: str) -> bool:
+        return name in self.inputs or name in self.projected or self._bytes(name) <= self.ceiling
+
+    def _region(self, start: str, end: str) -> Region | None:
+        key = (start, end)
+        if key not in self.regions:
+            try:
+                self.regions[key] = tileable_region(self.model, start, end, self.shapes, infos=self.infos)
+            except InputError:
+                self.regions[key] = None  # type: ignore[assignment]
+        return self.regions[key]
+
+    def _bytes(self, name: str) -> int:
+        info = self.infos.get(name)
+        if info is None:
+            return 1 << 62
+        return info.numel * (self.act_bytes or info.dtype.itemsize)
+
+    def _planned_map(self, fmap: FeatureMap) -> PlannedMap:
+        plane = _plane_bytes(fmap)
+        k = max(1, min(fmap.shape[1] - 1, self.ceiling // plane))
+        return PlannedMap(name=fmap.name, shape=list(fmap.shape), k=int(k), bytes_before=fmap.bytes,
+                          bytes_after=int(k * plane), producer=fmap.producer, step=fmap.step)
+
+
+def _plane_bytes(fmap: FeatureMap) -> int:
+    return math.prod(fmap.shape[2:]) * fmap.shape[0] * bytes_per_element(fmap)
+
+
+def uncovered_message(uncovered: list[FeatureMap], ceiling_bytes: int) -> str:
+    names = ", ".join(f"{t.name} ({t.producer_op}, {t.bytes} B)" for t in uncovered[:3])
+    more = f" and {len(uncovered) - 3} more" if len(uncovered) > 3 else ""
+    return (f"{len(uncovered)} onnxruntime allocation(s) above the ceiling of {ceiling_bytes} B cannot be "
+            f"tiled or projected under it: {names}{more}")
+
+
+class TileToCeilingPass(Pass):
+    """Rule e: on a graph whose projections are folded, tile every region the ceiling needs.
+
+    Runs the runtime view, plans without projections, applies TilePass, then SplitConvPass
+    for convolution scratch above the ceiling; a tensor that no region covers raises
+    VerificationError (the planned projections should have made every region end fit).
+    `result.data` holds the plan, the tile pass's facts and the split convs.
+    """
+
+    name = "tile"
+
+    def __init__(self, ceiling_bytes: int, level: str = DEFAULT_LEVEL):
+        self.ceiling_bytes = ceiling_bytes
+        self.level = level
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        local = PassContext(input_shapes=ctx.input_shapes, act_bytes=ctx.act_bytes, log=ctx.log)
+        local.results["runtime"] = RuntimeMemoryPass(self.level, self.ceiling_bytes).run(model, local).data
+        plan = RuntimePlanPass(allow_projection=False).run(model, local).data
+        if plan.uncovered:
+            raise VerificationError(uncovered_message(plan.uncovered, self.ceiling_bytes))
+        tiled = TilePass([(r.start, r.end, r.bands) for r in plan.regions]).run(model, local)
+        split = SplitConvPass(self.ceiling_bytes).run(tiled.model, local)
+        return PassResult(split.model, modified=bool(plan.regions or split.data),
+                          data={"plan": plan, "regions": tiled.data, "split_convs": split.data})
