@@ -476,6 +476,47 @@ def _default_checkpoint(model: Path, output: Path) -> Path:
 
 
 @main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]DIMS", help=INPUT_SHAPE_HELP)
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Inputs to run: an .npz, a folder of images, or `mnist`; default: surrogate photographs.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Samples to run (every stored map of each is coded).")
+@click.option("--window", type=click.IntRange(1, 255), default=8, show_default=True,
+              help="DC-AC: how many previous planes of the same map may serve as a plane's reference.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the codec report as JSON.")
+@handle_errors
+def codec(model: Path, input_shapes: tuple[str, ...], data: Path | None, num_samples: int, window: int,
+          json_path: Path | None) -> None:
+    """How many bits per element MODEL's stored maps need under lossless int8 coding.
+
+    Each stored feature map is quantised to int8 (per-tensor scale from these samples)
+    and coded plane by plane: raw (8 bits), zstd, a per-plane entropy coder (baseline)
+    and DC-AC (each plane as the residual from the most similar of the previous
+    --window planes, where that is shorter). Works on compiled models too, so projection
+    and lossless coding stack. See docs/codec.md.
+    """
+    from . import codec as lossless
+    from .data import input_specs, load_dataset
+    from .modelio import load_model, write_bytes_atomic
+    from .render import print_codec
+    from .shapes import parse_input_shapes, resolve_input_shapes
+
+    _check_outputs([(json_path, "file")], [model, data])
+    proto = load_model(model)
+    shapes = resolve_input_shapes(proto, parse_input_shapes(list(input_shapes), proto))
+    dataset = load_dataset(data, input_specs(proto, shapes), num_samples=num_samples)
+    report = lossless.measure_model(proto, dataset.batches(1), window=window, input_shapes=list(input_shapes))
+    report.source = str(model)
+    if json_path:
+        import json
+
+        write_bytes_atomic(json.dumps(report.to_dict(), indent=2).encode(), json_path)
+    print_codec(report)
+
+
+@main.command()
 @click.argument("original", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("compressed", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--ceiling", help=CEILING_HELP + " Default: the ceiling recorded in COMPRESSED's metadata.")

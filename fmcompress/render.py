@@ -154,6 +154,22 @@ def _runtime_alive_table(view: RuntimeView, terminal: bool) -> Table:
     return table
 
 
+def print_codec(report: Any, console: Console | None = None) -> None:
+    """`fmcompress codec`: bits per element of each stored map, and the totals (a codec.CodecReport)."""
+    console = console or Console()
+    table = _table(f"lossless int8 coding of {Path(report.source).name}: {report.samples} sample(s), "
+                   f"DC-AC window {report.window}",
+                   [("feature map", "left"), ("shape", "left"), ("raw", "right"), ("zstd", "right"),
+                    ("baseline", "right"), ("DC-AC", "right"), ("gain", "right")], console.is_terminal)
+    for row in report.rows:
+        table.add_row(Text(row.name), _shape(row.shape), f"{row.raw_bpe:.1f}", f"{row.zstd_bpe:.3f}",
+                      f"{row.baseline_bpe:.3f}", f"{row.dcac_bpe:.3f}", f"{row.gain_percent:.1f}%")
+    _print_table(console, table)
+    console.print(Text(f"bits per element: raw {report.total_bpe('raw'):.1f}, zstd {report.total_bpe('zstd'):.3f}, "
+                       f"baseline {report.total_bpe('baseline'):.3f}, DC-AC {report.total_bpe('dcac'):.3f} "
+                       f"({report.gain_percent:.1f}% fewer than the baseline)"), soft_wrap=not console.is_terminal)
+
+
 def runtime_summary(view: RuntimeView) -> str:
     measured = (f", measured {format_bytes(view.measured_peak_bytes)}"
                 if view.measured_peak_bytes is not None else "")

@@ -1,0 +1,720 @@
+"""Lossless coding of int8 feature-map planes: a per-plane baseline and DC-AC.
+
+DC-AC (ISCAS 2021, "Deep correlation-based adaptive compression of feature map
+planes") codes each plane (one channel's H x W) as the residual from the most similar
+of the previous W planes of the same map, or on its own. `encode`/`decode` implement it
+and a baseline that differs only in that step; `measure_model` runs a model in
+onnxruntime and reports the bits per element of its stored maps. docs/codec.md has the
+stream format and how to read the figures.
+
+Rules:
+
+a. Planes. An int8 array of shape [..., C, H, W] holds G x C planes of H x W, G the
+   product of the leading dims; references stay inside one run of C planes (one
+   sample). A 2-D array [H, W] is one plane; a 1-D array [L] is one plane of one row;
+   a 0-D array is one 1x1 plane. Any size is allowed, empty ones included.
+b. Residuals wrap around: r = (x - x_ref) mod 256 on the int8 bit patterns, so the
+   alphabet stays at 256 symbols and x = (r + x_ref) mod 256 is exact.
+c. Symbols. A value v (int8, or a residual read as int8) becomes a token of a 32-letter
+   alphabet plus raw extra bits, sign and magnitude m = |v| apart: v = 0 is token 0;
+   0 < m < 8 is its own token (2m - 1, or 2m when negative); 8 <= m < 128 falls in one
+   of 8 buckets (the exponent of m and the bit after its leading one) with the sign,
+   tokens 15..30, and m's low e - 1 bits (2..5, e = floor(log2 m)) are stored verbatim;
+   v = -128 is token 31. The small alphabet keeps a model at 32 entries and the range
+   search of constriction's decoder short (256-letter tables decode under 50 MB/s); the
+   sign sits in the token, so nonnegative (ReLU) maps waste no bit on it.
+d. Models. Planes whose tokens are all one token without extra bits (all-zero planes) are
+   "constant" and cost only their model index. The others are clustered into K shared
+   token models (K in 1, 2, 4, ... 32, the one with the fewest total bits counting the
+   tables and the indices): Lloyd iterations that assign each plane to the model with
+   the smallest cross-entropy and rebuild each model from its planes' histogram. A model
+   is written as 32 five-bit codes: 0 for an unused token, else 1..31 for a frequency of
+   2^((code - 31) / 2) relative to the most frequent token.
+e. Reference choice (dcac), three steps. (1) For each plane, among "none" and the
+   previous W planes, the option with the smallest estimated code length: the empirical
+   entropy of its tokens (Miller-Madow corrected) plus its extra bits, on evenly spaced
+   sample positions (the same in every plane); a residual must beat "none" by
+   REF_MARGIN. The L1 norm of the residual, the obvious proxy, picks worse references on
+   ReLU maps (a sparse plane minus another sparse plane is less sparse) and loses to the
+   baseline. (2) The shared models are fitted to the chosen symbols, and a reference is
+   kept only where the residual costs less than the plane under them. (3) If the stream
+   without references is no longer, it is the one written. A stream that uses no
+   reference carries neither the reference table nor the indices (REFS_FLAG), so dcac
+   then costs exactly what the baseline costs.
+f. Entropy coder: constriction's ANS coder with categorical models built from the
+   written tables (perfect=False), one call per model; extra bits are bit-packed.
+g. Decoding checks the magic, version and a CRC-32 of the whole stream first, then
+   every count it reads, and raises InputError for anything wrong: a damaged stream is
+   never decoded into a wrong array.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import constriction
+import numpy as np
+import onnx
+import zstandard
+
+from .errors import InputError, VerificationError
+
+MAGIC = b"FMCC"
+VERSION = 1
+METHODS = ("baseline", "dcac")
+DTYPE_CODES = {1: np.dtype(np.int8)}
+MAX_WINDOW = 255
+MAX_DIMS = 8
+MAX_ELEMENTS = 1 << 34  # a header claiming more is refused before anything is allocated
+HEADER = struct.Struct("<4sBBBBB")  # magic, version, method, window, dtype, ndim
+SECTIONS = struct.Struct("<BII")  # models K, extras bytes, ANS words
+CRC = struct.Struct("<I")
+
+TOKENS = 32
+DIRECT = 8  # magnitudes below this are their own token (with the sign)
+BARE = 2 * DIRECT - 1  # tokens below this carry no extra bits; constant planes use them
+CODE_BITS = 5
+MAX_CODE = (1 << CODE_BITS) - 1
+MAX_MODELS = 32
+REFS_FLAG = 0x80  # in the models byte: the stream codes reference indices
+LLOYD_ROUNDS = 2
+REF_MARGIN = 0.01  # relative: a residual must be estimated 1% cheaper than the plane itself
+REF_SAMPLE_SHARE = 1 / 8  # sampled positions per candidate, as a share of the elements
+REF_MIN_SAMPLES = 64  # per plane (fewer saturate the entropy estimate)
+ZSTD_LEVEL = 3
+SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------- symbols
+
+
+def _symbol_tables() -> tuple[np.ndarray, ...]:
+    """Lookup tables from an int8 bit pattern (as uint8) to token and extra bits, and back.
+
+    Decoding goes through a code: the patterns ordered by (token, extra), so that a
+    token's patterns are TOKEN_BASE[token] + extra and UNCODE maps a code to its pattern.
+    """
+    values = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.int64)
+    magnitude, negative = np.abs(values), (values < 0).astype(np.int64)
+    exponent = np.floor(np.log2(np.maximum(magnitude, 1))).astype(np.int64)
+    token = np.zeros(256, np.int64)
+    nbits = np.zeros(256, np.int64)
+    direct = (magnitude > 0) & (magnitude < DIRECT)
+    token[direct] = 2 * magnitude[direct] - 1 + negative[direct]
+    escaped = (magnitude >= DIRECT) & (magnitude < 128)
+    half = (magnitude >> np.maximum(exponent - 1, 0)) & 1  # the bit after the leading one
+    bucket = 2 * (exponent - DIRECT.bit_length() + 1) + half
+    token[escaped] = 2 * DIRECT - 1 + 2 * bucket[escaped] + negative[escaped]
+    nbits[escaped] = exponent[escaped] - 1
+    token[magnitude == 128] = TOKENS - 1
+    extra = magnitude & ((1 << nbits) - 1)
+    token_bits = np.zeros(TOKENS, np.int64)
+    token_bits[token] = nbits
+    token_base = np.concatenate([[0], np.cumsum(1 << token_bits)[:-1]])
+    uncode = np.empty(256, np.uint8)
+    uncode[token_base[token] + extra] = np.arange(256, dtype=np.uint8)
+    return (token.astype(np.uint8), nbits.astype(np.uint8), extra.astype(np.uint8),
+            token_base.astype(np.uint8), token_bits.astype(np.uint8), uncode)
+
+
+TOKEN, NBITS, EXTRA, TOKEN_BASE, TOKEN_NBITS, UNCODE = _symbol_tables()
+EXTRA_WIDTHS = tuple(int(w) for w in np.unique(TOKEN_NBITS) if w)
+
+
+# ----------------------------------------------------------------------- quantisation
+
+
+def calibrate_scale(arrays: Iterable[np.ndarray]) -> float:
+    """The symmetric int8 scale max|x| / 127 over all `arrays` (1.0 when they are all zero)."""
+    peak = 0.0
+    seen = False
+    for array in arrays:
+        values = np.asarray(array)
+        if values.size == 0:
+            continue
+        seen = True
+        if not np.isfinite(values).all():
+            raise InputError("cannot calibrate an int8 scale: the data holds NaN or infinite values")
+        peak = max(peak, float(np.max(np.abs(values))))
+    if not seen:
+        raise InputError("cannot calibrate an int8 scale: no data")
+    return peak / 127.0 if peak > 0 else 1.0
+
+
+def quantize(array: np.ndarray, scale: float) -> np.ndarray:
+    """int8 q = clip(rint(x / scale), -127, 127): symmetric, so -128 never occurs.
+
+    np.rint rounds halves to even, as deployment runtimes do.
+    """
+    if not (np.isfinite(scale) and scale > 0):
+        raise InputError(f"the quantisation scale must be positive and finite, got {scale}")
+    values = np.asarray(array, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise InputError("cannot quantise NaN or infinite values")
+    return np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+
+
+# ----------------------------------------------------------------------------- planes
+
+
+def _plane_layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(G, C, HW): G runs of C planes of HW elements (rule a)."""
+    if len(shape) <= 2:
+        return 1, 1, int(np.prod(shape, dtype=np.int64))
+    return int(np.prod(shape[:-3], dtype=np.int64)), shape[-3], shape[-2] * shape[-1]
+
+
+def _parents(refs: np.ndarray) -> np.ndarray:
+    """Flat index of each plane's reference plane, or -1; refs is (G, C)."""
+    groups, channels = refs.shape
+    index = np.arange(groups * channels).reshape(groups, channels)
+    return np.where(refs > 0, index - refs, -1).ravel()
+
+
+def _residuals(planes: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Rule b: planes (P, HW) uint8 -> the coded symbols (residual where a plane has a ref)."""
+    parents = _parents(refs)
+    coded = planes.copy()
+    rows = np.flatnonzero(parents >= 0)
+    coded[rows] -= planes[parents[rows]]  # uint8 arithmetic wraps mod 256
+    return coded
+
+
+def _reconstruct(coded: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Undo `_residuals` by pointer jumping: log2(longest chain) vectorised rounds.
+
+    Invariant: value[p] = sum of the coded planes from p down to (excluding) parent[p];
+    each round adds the parent's partial sum and jumps the parent to its parent.
+    """
+    parents = _parents(refs)
+    values = coded.copy()
+    active = np.flatnonzero(parents >= 0)
+    while active.size:
+        above = parents[active]
+        values[active] += values[above]  # the right side is gathered before any write
+        parents[active] = parents[above]
+        active = active[parents[active] >= 0]
+    return values
+
+
+def _token_histograms(tokens: np.ndarray) -> np.ndarray:
+    """(P, TOKENS) counts of a (P, n) token array."""
+    planes = tokens.shape[0]
+    if tokens.size == 0:
+        return np.zeros((planes, TOKENS), np.int64)
+    index = tokens.astype(np.intp)
+    index += (np.arange(planes, dtype=np.intp) * TOKENS)[:, None]
+    return np.bincount(index.ravel(), minlength=planes * TOKENS).reshape(planes, TOKENS)
+
+
+def _entropy_bits(counts: np.ndarray) -> np.ndarray:
+    """Empirical code length (bits) of each row of counts, Miller-Madow corrected."""
+    totals = counts.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where(counts > 0, np.log2(np.maximum(totals, 1) / np.maximum(counts, 1)), 0.0)
+    used = (counts > 0).sum(axis=-1)
+    return (counts * logs).sum(axis=-1) + np.maximum(used - 1, 0) / (2 * np.log(2))
+
+
+def choose_references(planes: np.ndarray, groups: int, channels: int, window: int) -> np.ndarray:
+    """Rule e: (G, C) reference distances, 0 for none, for planes (G*C, HW) uint8."""
+    refs = np.zeros((groups, channels), np.int64)
+    window = min(window, channels - 1)
+    if window < 1 or planes.shape[1] == 0:
+        return refs
+    width = planes.shape[1]
+    samples = int(np.clip(width * REF_SAMPLE_SHARE / window, REF_MIN_SAMPLES, width))
+    positions = np.linspace(0, width - 1, samples).round().astype(np.intp)
+    sampled = planes[:, positions].reshape(groups, channels, samples)
+    best = _estimated_bits(sampled.reshape(-1, samples)).reshape(groups, channels)
+    best *= 1 - REF_MARGIN
+    for distance in range(1, window + 1):
+        residual = sampled[:, distance:] - sampled[:, :-distance]
+        cost = _estimated_bits(residual.reshape(-1, samples)).reshape(groups, channels - distance)
+        better = cost < best[:, distance:]
+        best[:, distance:][better] = cost[better]
+        refs[:, distance:][better] = distance
+    return refs
+
+
+def _estimated_bits(symbols: np.ndarray) -> np.ndarray:
+    """Estimated bits of each row of uint8 symbols: token entropy plus extra bits."""
+    tokens = TOKEN[symbols]
+    extra = NBITS[symbols].sum(axis=-1, dtype=np.int64)
+    return _entropy_bits(_token_histograms(tokens)) + extra
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _table_codes(counts: np.ndarray) -> np.ndarray:
+    """Rule d: the five-bit codes of a frequency table (..., n)."""
+    counts = np.asarray(counts, np.float64)
+    peak = np.maximum(counts.max(axis=-1, keepdims=True), 1)
+    with np.errstate(divide="ignore"):
+        codes = np.rint(MAX_CODE + 2 * np.log2(counts / peak))
+    return np.where(counts > 0, np.clip(codes, 1, MAX_CODE), 0).astype(np.uint8)
+
+
+def _table_probabilities(codes: np.ndarray) -> np.ndarray:
+    """The probabilities a table's codes stand for (rows sum to 1; all-zero rows stay 0)."""
+    weights = np.where(codes > 0, np.exp2((codes.astype(np.float64) - MAX_CODE) / 2), 0.0)
+    totals = weights.sum(axis=-1, keepdims=True)
+    return weights / np.where(totals > 0, totals, 1)
+
+
+def _table_cost(codes: np.ndarray) -> np.ndarray:
+    """Bits per token under each table (constriction gives unused tokens about 2^-24)."""
+    return -np.log2(np.maximum(_table_probabilities(codes), 2.0**-24))
+
+
+@dataclass
+class _Clustering:
+    assign: np.ndarray  # per non-constant plane, its model
+    codes: np.ndarray  # (K, TOKENS) table codes
+    bits: float  # estimated total: tokens, tables, indices
+
+
+def _cluster(histograms: np.ndarray) -> _Clustering:
+    """Rule d: the K shared models (K = 1, 2, 4, ...) with the fewest estimated bits.
+
+    K doubles while that saves bits; more models than that cost more in tables than they
+    save in tokens.
+    """
+    histograms = histograms.astype(np.float64)
+    best = _lloyd(histograms, 1)
+    k = 2
+    while k <= min(MAX_MODELS, histograms.shape[0]):
+        candidate = _lloyd(histograms, k)
+        if candidate.bits >= best.bits:
+            break
+        best, k = candidate, 2 * k
+    return best
+
+
+def _lloyd(histograms: np.ndarray, k: int) -> _Clustering:
+    """Lloyd iterations from a split of the planes sorted by mean token."""
+    sizes = histograms.sum(axis=1)
+    means = histograms @ np.arange(TOKENS, dtype=np.float64) / np.maximum(sizes, 1)
+    order = np.argsort(means, kind="stable")
+    cumulative = np.cumsum(sizes[order]) / max(float(sizes.sum()), 1.0)
+    assign = np.empty(len(order), np.int64)
+    assign[order] = np.minimum((cumulative * k).astype(np.int64), k - 1)
+    for _ in range(LLOYD_ROUNDS):
+        costs = histograms @ _table_cost(_models_of(histograms, assign, k)).T
+        assign = costs.argmin(axis=1)
+    used, assign = np.unique(assign, return_inverse=True)
+    codes = _models_of(histograms, assign, len(used))
+    costs = histograms @ _table_cost(codes).T
+    token_bits = float(costs[np.arange(len(assign)), assign].sum())
+    index_bits = float(_entropy_bits(np.bincount(assign)[None])[0])
+    return _Clustering(assign, codes, token_bits + index_bits + codes.size * CODE_BITS)
+
+
+def _models_of(histograms: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
+    """The table codes of each model: the summed histograms of its planes."""
+    members = np.zeros((k, len(assign)))
+    members[assign, np.arange(len(assign))] = 1.0
+    return _table_codes(members @ histograms)
+
+
+# ------------------------------------------------------------------------ bit packing
+
+
+def _pack_fixed(values: np.ndarray, width: int) -> np.ndarray:
+    """Bits of `values` (each `width` bits, most significant first), unpacked as 0/1 uint8."""
+    shifts = np.arange(width - 1, -1, -1, dtype=np.uint8)
+    return ((values[:, None] >> shifts) & 1).astype(np.uint8).ravel()
+
+
+def _unpack_fixed(bits: np.ndarray, width: int) -> np.ndarray:
+    weights = (1 << np.arange(width - 1, -1, -1)).astype(np.int64)
+    return bits.reshape(-1, width).astype(np.int64) @ weights
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+def _categorical(codes: np.ndarray):
+    return constriction.stream.model.Categorical(_table_probabilities(codes), perfect=False)
+
+
+def encode(array: np.ndarray, *, method: str = "dcac", window: int = 8) -> bytes:
+    """Code an int8 array losslessly; `decode` returns it exactly (see the rules above)."""
+    return encode_with_refs(array, method=method, window=window)[0]
+
+
+def encode_with_refs(array: np.ndarray, *, method: str = "dcac",
+                     window: int = 8) -> tuple[bytes, np.ndarray]:
+    """`encode`, and the reference distance of each plane, shape (G, C) (0: coded on its own)."""
+    array = np.asarray(array)
+    if array.dtype != np.int8:
+        raise InputError(f"the codec takes int8 arrays, got {array.dtype}")
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method == "dcac" and not 1 <= window <= MAX_WINDOW:
+        raise InputError(f"the dcac window must be 1..{MAX_WINDOW}, got {window}")
+    if array.ndim > MAX_DIMS:
+        raise InputError(f"the codec takes at most {MAX_DIMS} dims, got {array.ndim}")
+    shape = tuple(int(d) for d in array.shape)
+    if any(d >= 1 << 32 for d in shape):
+        raise InputError("a dimension of 2^32 or more cannot be coded")
+    groups, channels, width = _plane_layout(shape)
+    planes = np.ascontiguousarray(array).view(np.uint8).reshape(groups * channels, width)
+    stored_window = window if method == "dcac" else 0
+    refs = np.zeros((groups, channels), np.int64)
+    if method == "dcac":
+        refs = choose_references(planes, groups, channels, window)
+        if refs.any():
+            refs = _confirm_references(planes, refs)
+    header = HEADER.pack(MAGIC, VERSION, METHODS.index(method), stored_window, 1, len(shape))
+    header += struct.pack(f"<{len(shape)}I", *shape)
+    body = _encode_planes(_residuals(planes, refs), refs, stored_window)
+    if refs.any():  # the last word: references that do not pay for themselves are dropped
+        plain = _encode_planes(planes, np.zeros_like(refs), stored_window)
+        if len(plain) <= len(body):
+            body, refs = plain, np.zeros_like(refs)
+    stream = header + body
+    return stream + CRC.pack(zlib.crc32(stream)), refs
+
+
+def _confirm_references(planes: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Rule e, second look: keep a reference only where the residual is cheaper than the
+    plane itself under the shared models fitted to the chosen symbols (the estimate of
+    `choose_references` knows nothing of the models the planes will share)."""
+    rows = np.flatnonzero(refs.ravel())
+    residual = _token_histograms(np.take(TOKEN, _residuals(planes, refs)[rows])).astype(np.float64)
+    original = _token_histograms(np.take(TOKEN, planes[rows])).astype(np.float64)
+    mixed = _token_histograms(np.take(TOKEN, planes)).astype(np.float64)
+    mixed[rows] = residual
+    costs = _table_cost(_cluster(mixed).codes).T
+    keep = (residual @ costs).min(axis=1) < (original @ costs).min(axis=1)
+    confirmed = refs.ravel().copy()
+    confirmed[rows[~keep]] = 0
+    return confirmed.reshape(refs.shape)
+
+
+def _encode_planes(planes: np.ndarray, refs: np.ndarray, window: int) -> bytes:
+    tokens = np.take(TOKEN, planes)
+    histograms = _token_histograms(tokens)
+    nonzero = (histograms > 0).sum(axis=1)
+    first = histograms.argmax(axis=1)
+    constant = (nonzero <= 1) & (first < BARE)
+    varying = np.flatnonzero(~constant)
+    clustering = _cluster(histograms[varying]) if varying.size else None
+    k = 0 if clustering is None else clustering.codes.shape[0]
+    # model index per plane: 0..K-1 a shared model, K + t a constant plane of token t
+    index = (k + first).astype(np.int64)
+    if clustering is not None:
+        index[varying] = clustering.assign
+    index_codes = _table_codes(np.bincount(index, minlength=k + BARE))
+    code_parts = [index_codes]
+    coded_refs = bool(window and refs.any())  # no references: neither table nor indices
+    if coded_refs:
+        code_parts.append(_table_codes(np.bincount(refs.ravel(), minlength=window + 1)))
+    if clustering is not None:
+        code_parts.append(clustering.codes.ravel())
+    codes = np.concatenate(code_parts)
+    coder = constriction.stream.stack.AnsCoder()
+    order = np.argsort(index[varying], kind="stable") if varying.size else varying
+    for model in range(k - 1, -1, -1):  # ANS is last in, first out: the decoder reads 0..K-1
+        rows = varying[order][index[varying][order] == model]
+        coder.encode_reverse(tokens[rows].ravel().astype(np.int32), _categorical(clustering.codes[model]))
+    if coded_refs:
+        coder.encode_reverse(refs.ravel().astype(np.int32), _categorical(codes[len(index_codes):][:window + 1]))
+    if index.size:
+        coder.encode_reverse(index.astype(np.int32), _categorical(index_codes))
+    words = coder.get_compressed().astype("<u4").tobytes()
+    extras = _pack_extras(planes)
+    side = np.packbits(_pack_fixed(codes, CODE_BITS)).tobytes()
+    return SECTIONS.pack(k | (REFS_FLAG if coded_refs else 0), len(extras), len(words) // 4) + side + extras + words
+
+
+def _pack_extras(planes: np.ndarray) -> bytes:
+    """The raw extra bits of the escaped symbols, in plane order, most significant first."""
+    flat = planes.ravel()
+    symbols = flat[_escaped(np.take(TOKEN, flat))]
+    bits = np.unpackbits(np.take(EXTRA, symbols)[:, None], axis=1)  # (n, 8), most significant first
+    keep = np.arange(8)[None, :] >= 8 - np.take(NBITS, symbols)[:, None]
+    return np.packbits(bits[keep]).tobytes()
+
+
+def _escaped(tokens: np.ndarray) -> np.ndarray:
+    """Flat positions of the tokens that carry extra bits (BARE .. TOKENS - 2), by uint8 wrap."""
+    return np.flatnonzero(tokens - np.uint8(BARE) < np.uint8(TOKENS - 1 - BARE))
+
+
+def _read_extras(extras: bytes, widths: np.ndarray) -> np.ndarray:
+    """Read consecutive `widths`-bit values from `extras`: each lies in one 16-bit window."""
+    ends = np.cumsum(widths, dtype=np.int64)
+    total = int(ends[-1]) if ends.size else 0
+    if total > 8 * len(extras) or 8 * len(extras) - total >= 8:
+        raise InputError("codec stream damaged: the extra bits do not match the symbols")
+    starts = ends - widths
+    padded = np.frombuffer(extras + b"\0", np.uint8).astype(np.int32)
+    byte = starts >> 3
+    window = (padded[byte] << 8) | padded[byte + 1]
+    return (window >> (16 - (starts & 7) - widths)) & ((1 << widths) - 1)
+
+
+def zstd_bits(array: np.ndarray, level: int = ZSTD_LEVEL) -> int:
+    """Bits of the array's bytes compressed by zstandard (a general-purpose comparison)."""
+    data = np.ascontiguousarray(array).tobytes()
+    return 8 * len(zstandard.ZstdCompressor(level=level).compress(data))
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+class _Reader:
+    """Bounds-checked reads from a stream; every overrun is an InputError."""
+
+    def __init__(self, data: bytes, end: int):
+        self.data, self.pos, self.end = data, 0, end
+
+    def take(self, count: int, what: str) -> bytes:
+        if count < 0 or self.pos + count > self.end:
+            raise InputError(f"codec stream truncated or damaged: {what} runs past its end")
+        chunk = self.data[self.pos:self.pos + count]
+        self.pos += count
+        return chunk
+
+    def unpack(self, layout: struct.Struct, what: str) -> tuple:
+        return layout.unpack(self.take(layout.size, what))
+
+
+def decode(data: bytes) -> np.ndarray:
+    """The int8 array that `encode` coded into `data`; InputError if `data` is not such a stream."""
+    data = bytes(data)
+    if len(data) < HEADER.size + CRC.size or data[:4] != MAGIC:
+        raise InputError("not an fmcompress codec stream (bad magic or too short)")
+    if data[4] != VERSION:
+        raise InputError(f"codec stream version {data[4]} is not supported (this build reads {VERSION})")
+    (crc,) = CRC.unpack(data[-CRC.size:])
+    if zlib.crc32(data[:-CRC.size]) != crc:
+        raise InputError("codec stream damaged or truncated: checksum mismatch")
+    try:
+        return _decode_checked(data)
+    except InputError:
+        raise
+    except (ValueError, IndexError, OverflowError, RuntimeError, struct.error) as exc:
+        raise InputError(f"codec stream damaged: {type(exc).__name__}") from None
+
+
+def _decode_checked(data: bytes) -> np.ndarray:
+    reader = _Reader(data, len(data) - CRC.size)
+    _, _, method, window, dtype, ndim = reader.unpack(HEADER, "the header")
+    if method >= len(METHODS) or dtype not in DTYPE_CODES or ndim > MAX_DIMS:
+        raise InputError("codec stream damaged: unknown method, dtype or rank in the header")
+    if (METHODS[method] == "dcac") != (window > 0):
+        raise InputError("codec stream damaged: the window does not match the method")
+    shape = struct.unpack(f"<{ndim}I", reader.take(4 * ndim, "the shape"))
+    if int(np.prod(shape, dtype=np.float64)) > MAX_ELEMENTS:
+        raise InputError(f"codec stream claims {shape}: too many elements")
+    groups, channels, width = _plane_layout(shape)
+    flags, extras_size, word_count = reader.unpack(SECTIONS, "the section sizes")
+    k, coded_refs = flags & ~REFS_FLAG, bool(flags & REFS_FLAG)
+    if coded_refs and not window:
+        raise InputError("codec stream damaged: references in a baseline stream")
+    window = window if coded_refs else 0
+    if k > MAX_MODELS:
+        raise InputError(f"codec stream damaged: {k} models (at most {MAX_MODELS})")
+    code_count = (k + BARE) + (window + 1 if window else 0) + k * TOKENS
+    side = reader.take(-(-code_count * CODE_BITS // 8), "the model tables")
+    codes = _unpack_fixed(np.unpackbits(np.frombuffer(side, np.uint8))[:code_count * CODE_BITS],
+                          CODE_BITS).astype(np.uint8)
+    extras = reader.take(extras_size, "the extra bits")
+    words = np.frombuffer(reader.take(4 * word_count, "the coded symbols"), "<u4").astype(np.uint32)
+    if reader.pos != reader.end:
+        raise InputError("codec stream damaged: bytes left over after the coded symbols")
+    planes = _decode_planes(codes, k, window, groups, channels, width, words, extras)
+    return planes.reshape(-1).view(np.int8).reshape(shape)
+
+
+def _decode_planes(codes: np.ndarray, k: int, window: int, groups: int, channels: int,
+                   width: int, words: np.ndarray, extras: bytes) -> np.ndarray:
+    count = groups * channels
+    index_codes, rest = codes[:k + BARE], codes[k + BARE:]
+    ref_codes, model_codes = (rest[:window + 1], rest[window + 1:]) if window else (None, rest)
+    model_codes = model_codes.reshape(k, TOKENS)
+    coder = constriction.stream.stack.AnsCoder(words)
+    index = _decode_symbols(coder, index_codes, count) if count else np.zeros(0, np.int64)
+    refs = np.zeros(count, np.int64)
+    if window and count:
+        refs = _decode_symbols(coder, ref_codes, count)
+        if np.any(refs > np.tile(np.arange(channels), groups)):
+            raise InputError("codec stream damaged: a plane refers to one before its run")
+    tokens = np.empty((count, width), np.uint8)
+    constant = index >= k
+    tokens[constant] = (index[constant] - k).astype(np.uint8)[:, None]
+    for model in range(k):
+        rows = np.flatnonzero(index == model)
+        tokens[rows] = _decode_symbols(coder, model_codes[model], rows.size * width).reshape(-1, width)
+    if not coder.is_empty():
+        raise InputError("codec stream damaged: coded symbols left over")
+    planes = _apply_extras(tokens, extras)
+    return _reconstruct(planes, refs.reshape(groups, channels)) if window else planes
+
+
+def _decode_symbols(coder, codes: np.ndarray, count: int) -> np.ndarray:
+    if not codes.any():
+        raise InputError("codec stream damaged: an empty model table")
+    symbols = coder.decode(_categorical(codes), count)
+    if symbols.size and symbols.max() >= np.flatnonzero(codes).max() + 1:
+        raise InputError("codec stream damaged: a symbol outside its model")
+    return symbols
+
+
+def _apply_extras(tokens: np.ndarray, extras: bytes) -> np.ndarray:
+    """Tokens and extra bits back to the uint8 symbols (int8 bit patterns)."""
+    flat_tokens = tokens.ravel()
+    code = np.take(TOKEN_BASE, flat_tokens)
+    escaped = _escaped(flat_tokens)
+    widths = np.take(TOKEN_NBITS, flat_tokens[escaped]).astype(np.int32)
+    code[escaped] += _read_extras(extras, widths).astype(np.uint8)
+    return np.take(UNCODE, code).reshape(tokens.shape)
+
+
+# ------------------------------------------------------------------ model measurement
+
+
+@dataclass
+class CodecRow:
+    """One stored map: bits per element of each coding, over all samples."""
+
+    name: str
+    shape: list[int]  # as the model stores it, batch included
+    samples: int
+    elements: int  # over all samples
+    scale: float  # the per-tensor int8 scale
+    raw_bpe: float
+    zstd_bpe: float
+    baseline_bpe: float
+    dcac_bpe: float
+    residual_planes: float  # share of the planes dcac coded as a residual
+
+    @property
+    def gain_percent(self) -> float:
+        """How many fewer bits dcac needs than the baseline, in percent."""
+        return 100.0 * (1.0 - self.dcac_bpe / self.baseline_bpe) if self.baseline_bpe else 0.0
+
+
+@dataclass
+class CodecReport:
+    """Bits per element of a model's stored int8 maps: raw, zstd, baseline, dcac."""
+
+    source: str
+    window: int
+    samples: int
+    rows: list[CodecRow]
+    # seconds spent coding all maps, per method [encode, decode]: for MB/s, not for bits
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def elements(self) -> int:
+        return sum(row.elements for row in self.rows)
+
+    def total_bpe(self, coding: str) -> float:
+        """Element-weighted bits per element of `coding` (raw, zstd, baseline or dcac)."""
+        total = self.elements
+        bits = sum(getattr(row, f"{coding}_bpe") * row.elements for row in self.rows)
+        return bits / total if total else 0.0
+
+    @property
+    def gain_percent(self) -> float:
+        baseline = self.total_bpe("baseline")
+        return 100.0 * (1.0 - self.total_bpe("dcac") / baseline) if baseline else 0.0
+
+    def megabytes_per_second(self, method: str) -> tuple[float, float]:
+        """(encode, decode) MB/s of int8 map data (10^6 elements) for `method`."""
+        encode_s, decode_s = self.seconds.get(method, (0.0, 0.0))
+        mb = self.elements / 1e6
+        return (mb / encode_s if encode_s else 0.0, mb / decode_s if decode_s else 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        codings = ("raw", "zstd", "baseline", "dcac")
+        return {
+            "schema_version": SCHEMA_VERSION, "source": self.source, "window": self.window,
+            "samples": self.samples,
+            "maps": [{**asdict(row), "gain_percent": row.gain_percent} for row in self.rows],
+            "total": {"elements": self.elements, **{f"{c}_bpe": self.total_bpe(c) for c in codings},
+                      "gain_percent": self.gain_percent},
+            "megabytes_per_second": {
+                m: dict(zip(("encode", "decode"), self.megabytes_per_second(m), strict=True))
+                for m in METHODS},
+        }
+
+
+def coded_maps(model: onnx.ModelProto | str | os.PathLike,
+               input_shapes: Sequence[str] | Mapping[str, Sequence[int]] | None = None) -> list:
+    """The stored maps the study codes (FeatureMaps): role "map", floating dtype, 3-D or 4-D."""
+    from .api import analyze
+
+    report = analyze(model, input_shapes=input_shapes)
+    return [fmap for fmap in report.stored
+            if fmap.role == "map" and fmap.floating and len(fmap.shape) in (3, 4)]
+
+
+def measure_model(model: onnx.ModelProto | str | os.PathLike, batches: Iterable[Any], *,
+                  window: int = 8,
+                  input_shapes: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
+                  threads: int | None = None) -> CodecReport:
+    """Code every stored map of `model` on `batches` with raw, zstd, baseline and dcac.
+
+    `batches` are dicts of model inputs (or (dict, labels) pairs, as Dataset.batches gives).
+    Each map gets one int8 scale from all batches (calibrate_scale); each sample's map is
+    coded on its own, planes = channels (a 3-D map [N, C, L] gives C planes of 1 x L).
+    Every stream is decoded and compared: a mismatch raises VerificationError.
+    """
+    from .metrics import ort_session, run_ort
+    from .modelio import load_model
+
+    proto = load_model(model)
+    maps = coded_maps(proto, input_shapes)
+    if not maps:
+        raise InputError("the model stores no floating-point 3-D or 4-D feature map to code")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    present = {out.name for out in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=m.name) for m in maps if m.name not in present)
+    session = ort_session(probe, threads)
+    outputs = [out.name for out in session.get_outputs()]
+    values = dict(zip(outputs, run_ort(session, batches), strict=True))
+    seconds = {method: [0.0, 0.0] for method in METHODS}
+    rows = [_measure_map(fmap.name, fmap.shape, values[fmap.name], window, seconds) for fmap in maps]
+    source = proto.graph.name or "model" if isinstance(model, onnx.ModelProto) else str(model)
+    return CodecReport(source, window, len(values[maps[0].name]), rows, seconds)
+
+
+def _measure_map(name: str, shape: list[int], values: np.ndarray, window: int,
+                 seconds: dict[str, list[float]]) -> CodecRow:
+    scale = calibrate_scale([values])
+    quantized = quantize(values, scale)
+    if quantized.ndim == 3:  # [N, C, L]: C planes of one row each
+        quantized = quantized[:, :, None, :]
+    bits = {"zstd": 0, "baseline": 0, "dcac": 0}
+    residual = 0
+    for sample in quantized:
+        bits["zstd"] += zstd_bits(sample)
+        for method in METHODS:
+            start = time.perf_counter()
+            stream, refs = encode_with_refs(sample, method=method, window=window)
+            middle = time.perf_counter()
+            back = decode(stream)
+            seconds[method][0] += middle - start
+            seconds[method][1] += time.perf_counter() - middle
+            if not np.array_equal(back, sample):
+                raise VerificationError(f"{name}: the {method} stream did not decode to the map")
+            bits[method] += 8 * len(stream)
+        residual += int(np.count_nonzero(refs))
+    elements = int(quantized.size)
+    planes = quantized.shape[0] * quantized.shape[1]
+    return CodecRow(name, list(shape), len(quantized), elements, scale, 8.0,
+                    bits["zstd"] / elements, bits["baseline"] / elements, bits["dcac"] / elements,
+                    residual / planes if planes else 0.0)

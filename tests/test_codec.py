@@ -1,0 +1,212 @@
+"""The lossless int8 codec: round trips, damaged streams, dcac against the baseline, the study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from fmcompress import codec
+from fmcompress.errors import InputError
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_resnet.onnx"
+METHODS = ("baseline", "dcac")
+
+
+def round_trip(array: np.ndarray, method: str, window: int = 8) -> bytes:
+    stream = codec.encode(array, method=method, window=window)
+    back = codec.decode(stream)
+    assert back.dtype == np.int8
+    assert back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+    return stream
+
+
+def correlated_planes(channels: int = 24, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Each plane is the previous one shifted by a pixel, plus a little noise (a smooth field)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 1, (size, size))
+    for _ in range(24):  # smooth it, so that a one-pixel shift changes little
+        base = (base + np.roll(base, 1, 0) + np.roll(base, 1, 1) + np.roll(base, (1, 1), (0, 1))) / 4
+    base *= 100 / np.abs(base).max()
+    planes = []
+    for c in range(channels):
+        noise = rng.integers(-2, 3, (size, size))
+        planes.append(np.clip(np.roll(base, c, axis=1) + noise, -127, 127))
+    return np.stack(planes).astype(np.int8)[None]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (3, 5, 7), (9, 9), (17,), (), (1, 1, 1, 1), (4, 1, 1),
+                                   (3, 1, 12), (3, 12, 1), (2, 0, 4, 4), (0,)])
+def test_round_trip_shapes(method, shape):
+    rng = np.random.default_rng(len(shape))
+    round_trip(rng.integers(-128, 128, shape).astype(np.int8), method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_round_trip_special_values(method):
+    shape = (2, 6, 5, 5)
+    zeros = np.zeros(shape, np.int8)
+    assert len(round_trip(zeros, method)) < 64  # constant planes cost only their model index
+    round_trip(np.full(shape, -128, np.int8), method)
+    round_trip(np.full(shape, 127, np.int8), method)
+    constants = np.arange(12, dtype=np.int8).reshape(2, 6, 1, 1) * np.ones(shape, np.int8)
+    round_trip(constants, method)
+    extremes = np.where(np.random.default_rng(1).random(shape) < 0.5, -128, 127).astype(np.int8)
+    round_trip(extremes, method)
+    every_value = np.arange(-128, 128, dtype=np.int8).reshape(1, 4, 8, 8)
+    round_trip(every_value, method)
+    round_trip(correlated_planes(), method, window=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(array=st.integers(2, 4).flatmap(lambda rank: arrays(np.int8, st.tuples(
+           *[st.integers(0 if axis == 0 else 1, 5) for axis in range(rank)]))),
+       method=st.sampled_from(METHODS), window=st.integers(1, 6))
+def test_round_trip_property(array, method, window):
+    round_trip(array, method, window)
+
+
+def test_dcac_beats_baseline_on_correlated_planes():
+    maps = correlated_planes()
+    baseline = len(codec.encode(maps, method="baseline"))
+    dcac, refs = codec.encode_with_refs(maps, method="dcac")
+    assert len(dcac) < 0.85 * baseline
+    assert refs[0, 1:].all()  # every plane but the first refers to another
+
+
+def test_dcac_on_noise_costs_at_most_the_reference_indices():
+    noise = np.random.default_rng(2).integers(-128, 128, (1, 64, 16, 16)).astype(np.int8)
+    baseline = len(codec.encode(noise, method="baseline"))
+    dcac, refs = codec.encode_with_refs(noise, method="dcac")
+    assert np.count_nonzero(refs) < 16  # a residual of noise is noise: few planes take one
+    # the refs table (9 five-bit codes) and 64 reference indices, mostly 0
+    assert len(dcac) <= baseline + 32
+
+
+def test_encode_refuses_bad_input():
+    with pytest.raises(InputError, match="int8"):
+        codec.encode(np.zeros((2, 2), np.float32))
+    with pytest.raises(InputError, match="method"):
+        codec.encode(np.zeros((2, 2), np.int8), method="lz")
+    with pytest.raises(InputError, match="window"):
+        codec.encode(np.zeros((2, 2), np.int8), window=0)
+
+
+def test_damaged_streams_raise_input_error():
+    array = correlated_planes(channels=6, size=8)
+    for method in METHODS:
+        stream = codec.encode(array, method=method)
+        for cut in range(len(stream)):
+            with pytest.raises(InputError):
+                codec.decode(stream[:cut])
+        for position in range(0, len(stream), 3):
+            damaged = bytearray(stream)
+            damaged[position] ^= 0x5A
+            with pytest.raises(InputError):
+                codec.decode(bytes(damaged))
+        with pytest.raises(InputError):
+            codec.decode(stream + b"\0")
+    with pytest.raises(InputError, match="not an fmcompress"):
+        codec.decode(b"hello world, not a stream")
+
+
+def test_decode_rejects_a_consistent_but_unknown_version():
+    import zlib
+
+    stream = bytearray(codec.encode(np.zeros((2, 2), np.int8)))
+    stream[4] = 99
+    body = bytes(stream[:-4])
+    with pytest.raises(InputError, match="version 99"):
+        codec.decode(body + zlib.crc32(body).to_bytes(4, "little"))
+
+
+def test_quantize_and_calibrate():
+    x = np.array([-3.0, -0.5, 0.0, 0.26, 1.0, 2.0])
+    scale = codec.calibrate_scale([x, x / 2])
+    assert scale == pytest.approx(3.0 / 127)
+    q = codec.quantize(x, scale)
+    assert q.dtype == np.int8
+    assert q[0] == -127 and q[2] == 0 and q[-1] == round(2.0 / scale)
+    assert codec.quantize(np.array([1e9, -1e9]), 1.0).tolist() == [127, -127]  # clipped, never -128
+    assert codec.quantize(np.array([0.5, 1.5, 2.5]), 1.0).tolist() == [0, 2, 2]  # halves to even
+    assert codec.calibrate_scale([np.zeros((3, 3))]) == 1.0
+    with pytest.raises(InputError):
+        codec.calibrate_scale([np.array([np.nan])])
+    with pytest.raises(InputError):
+        codec.quantize(x, 0.0)
+
+
+def test_zstd_bits_counts_compressed_bytes():
+    assert codec.zstd_bits(np.zeros(100_000, np.int8)) < 8 * 200
+    noise = np.random.default_rng(3).integers(-128, 128, 10_000).astype(np.int8)
+    assert codec.zstd_bits(noise) > 8 * 9_900
+
+
+@pytest.fixture(scope="module")
+def digits_report():
+    from fmcompress.data import input_specs, load_dataset
+    from fmcompress.modelio import load_model
+
+    dataset = load_dataset("mnist", input_specs(load_model(DIGITS)), num_samples=6)
+    return codec.measure_model(DIGITS, dataset.batches(2), window=4)
+
+
+def test_measure_model_on_digits(digits_report):
+    report = digits_report
+    names = [row.name for row in report.rows]
+    assert len(names) == 8 and all("Relu" in name for name in names)  # the Flatten is 2-D
+    assert report.samples == 6
+    for row in report.rows:
+        assert row.elements == 6 * int(np.prod(row.shape[1:]))
+        assert row.raw_bpe == 8.0
+        assert 0 < row.baseline_bpe < 8 and 0 < row.zstd_bpe < 8
+        # dcac only keeps references the shared models confirm: at worst the index overhead
+        assert row.dcac_bpe <= row.baseline_bpe + 0.02
+        assert row.gain_percent == pytest.approx(100 * (1 - row.dcac_bpe / row.baseline_bpe))
+    weights = np.array([row.elements for row in report.rows])
+    for coding in ("zstd", "baseline", "dcac"):
+        per_row = np.array([getattr(row, f"{coding}_bpe") for row in report.rows])
+        assert report.total_bpe(coding) == pytest.approx(float(per_row @ weights / weights.sum()))
+    data = report.to_dict()
+    assert data["schema_version"] == codec.SCHEMA_VERSION
+    assert data["total"]["elements"] == weights.sum()
+    assert data["total"]["gain_percent"] == pytest.approx(report.gain_percent)
+    assert all(rate > 0 for rate in report.megabytes_per_second("dcac"))
+
+
+def test_measure_model_on_a_compressed_model():
+    from fmcompress import api
+    from fmcompress.data import input_specs, load_dataset
+    from fmcompress.modelio import load_model
+
+    result = api.compile(DIGITS, ceiling="4x", method="pca", data="mnist", num_samples=64)
+    dataset = load_dataset("mnist", input_specs(load_model(DIGITS)), num_samples=3)
+    report = codec.measure_model(result.model, dataset.batches(3))
+    channels = {row.shape[1] for row in report.rows if row.shape[2:] == [28, 28]}
+    assert 4 in channels  # the projected 28x28 maps keep 4 of their 16 channels
+    assert all(row.dcac_bpe <= row.baseline_bpe + 0.05 for row in report.rows)
+
+
+def test_cli_codec_table_and_json(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from fmcompress.cli import main
+
+    report = tmp_path / "codec.json"
+    result = CliRunner().invoke(main, ["codec", "models/digits_resnet.onnx", "--data", "mnist", "--num-samples", "2",
+                                       "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["schema_version"] == 1 and data["samples"] == 2 and data["maps"]
+    assert f"DC-AC {data['total']['dcac_bpe']:.3f}" in result.output
+    assert data["total"]["dcac_bpe"] <= data["total"]["baseline_bpe"] < 8.0
+    missing = CliRunner().invoke(main, ["codec", str(tmp_path / "absent.onnx")])
+    assert missing.exit_code == 2 and missing.output.startswith("error: ")
