@@ -117,7 +117,7 @@ def plan_from_report(report: AnalysisReport) -> Plan:
         elif not fmap.compressible:
             infeasible.append((fmap, fmap.bytes))
         else:
-            plane = _plane_bytes(fmap)
+            plane = plane_bytes(fmap)
             k = report.ceiling_bytes // plane
             if k < 1:
                 infeasible.append((fmap, plane))
@@ -132,7 +132,7 @@ def plan_from_report(report: AnalysisReport) -> Plan:
                 maps=planned, not_compressible=skipped)
 
 
-def _plane_bytes(fmap: FeatureMap) -> int:
+def plane_bytes(fmap: FeatureMap) -> int:
     """Bytes of one channel: N * H * W (or N * L) elements."""
     return math.prod(fmap.shape[2:]) * fmap.shape[0] * bytes_per_element(fmap)
 

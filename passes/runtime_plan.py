@@ -33,7 +33,6 @@ second half: runtime view, plan without projections, tile.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import onnx
@@ -44,7 +43,7 @@ from fmcompress.report import AnalysisReport, RuntimeView
 from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
-from .plan import PlannedMap, bytes_per_element
+from .plan import PlannedMap, plane_bytes
 from .runtime import DEFAULT_LEVEL, RuntimeMemoryPass
 from .split_conv import SplitConvPass
 from .tile import Region, TilePass, bands_for_budget, tileable_region
@@ -164,7 +163,7 @@ class _Planner:
 
     def _can_project(self, name: str) -> bool:
         fmap = self.projectable.get(name)
-        return fmap is not None and _plane_bytes(fmap) <= self.ceiling
+        return fmap is not None and plane_bytes(fmap) <= self.ceiling
 
     def _fits_as_start(self, name: str) -> bool:
         return name in self.inputs or name in self.projected or self._bytes(name) <= self.ceiling
@@ -185,14 +184,10 @@ class _Planner:
         return info.numel * (self.act_bytes or info.dtype.itemsize)
 
     def _planned_map(self, fmap: FeatureMap) -> PlannedMap:
-        plane = _plane_bytes(fmap)
+        plane = plane_bytes(fmap)
         k = max(1, min(fmap.shape[1] - 1, self.ceiling // plane))
         return PlannedMap(name=fmap.name, shape=list(fmap.shape), k=int(k), bytes_before=fmap.bytes,
                           bytes_after=int(k * plane), producer=fmap.producer, step=fmap.step)
-
-
-def _plane_bytes(fmap: FeatureMap) -> int:
-    return math.prod(fmap.shape[2:]) * fmap.shape[0] * bytes_per_element(fmap)
 
 
 def uncovered_message(uncovered: list[FeatureMap], ceiling_bytes: int) -> str:
