@@ -190,7 +190,7 @@ def _runtime_report(original: onnx.ModelProto, emitted: onnx.ModelProto, ctx: Pa
         figures[name] = {"computed_peak_bytes": view.peak_bytes, "measured_peak_bytes": view.measured_peak_bytes,
                          "largest_bytes": view.largest_bytes, "largest_name": view.largest_name}
     tiled = ctx.results["tile"]
-    figures["regions"] = [{"start": r.start, "end": r.end, "bands": r.bands, "projected_end": r.projected}
+    figures["regions"] = [{"starts": r.starts, "end": r.end, "bands": r.bands, "projected_end": r.projected}
                           for r in tiled["plan"].regions]
     figures["tile_facts"] = [asdict(facts) for facts in tiled["regions"]]
     figures["split_convs"] = tiled["split_convs"]

@@ -18,7 +18,9 @@ c. View ops (Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout) alias thei
    onnxruntime: their output allocates nothing and extends its source buffer's life.
 d. A tensor is alive from the step of its producer to the step of its last reader (graph
    outputs to the end). Graph inputs belong to the caller: listed with role "input",
-   never counted in the peak. Initializers and constants never are tensors of the view.
+   never counted in the peak. Graph outputs count in the peak but, like the inputs, are
+   never held to a ceiling: the caller receives them whole. Initializers and constants
+   never are tensors of the view.
 e. Convolution scratch: onnxruntime's CPU convolutions (MLAS) expand the whole input
    (im2col, output positions x C/group*kh*kw elements) when a group's filter count
    exceeds the output positions (late, low-resolution layers: 256 filters on 14x14),
@@ -54,6 +56,7 @@ from .memory import _live_curve
 
 LEVELS = ORT_LEVELS
 DEFAULT_LEVEL = DEFAULT_ORT_LEVEL
+CEILED_ROLES = ("map", "workspace")  # graph inputs and outputs are the caller's (rule d)
 ALIAS_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
 
 
@@ -130,7 +133,7 @@ class RuntimeMemoryPass(Pass):
         live = _live_curve(counted, labels)
         ceiling = self.ceiling_bytes
         for tensor in tensors:
-            tensor.over_ceiling = ceiling is not None and tensor.role != "input" and tensor.bytes > ceiling
+            tensor.over_ceiling = ceiling is not None and tensor.role in CEILED_ROLES and tensor.bytes > ceiling
         view = RuntimeView.build(level=self.level, tensors=tensors, live=live, ceiling_bytes=ceiling)
         return PassResult(model, modified=False, data=view)
 

@@ -10,9 +10,10 @@ a. The tensors to bring under the ceiling are the runtime view's allocations abo
    scratch (role "workspace") is SplitConvPass's job, after tiling.
 b. For the first one not yet covered, t, candidate regions (start, end) of
    passes/tile.py contain t's producer: `end` is one of the next `window` tensors from
-   t on, `start` the nearest of the `window` tensors before t that makes a valid region (rule a of the
-   tile pass) and that fits (a graph input, a tensor at or under the ceiling, or a map an
-   earlier region projects). A region is feasible when some band count keeps every band
+   t on, `start` the nearest of the `window` tensors before t that makes a valid region
+   (rule a of the tile pass; what the region reads that was computed before `start`
+   becomes a side input, rule a') where every start fits (a graph input, a tensor at or
+   under the ceiling, or a map an earlier region projects). A region is feasible when some band count keeps every band
    tensor at or under the ceiling (`bands_for_budget`).
 c. Tiling alone is lossless, so an end at or under the ceiling wins: the first feasible
    one, which recomputes the fewest halo rows. Otherwise (`allow_projection`) the end is
@@ -51,7 +52,7 @@ from .tile import Region, TilePass, bands_for_budget, tileable_region
 
 @dataclass
 class PlannedRegion:
-    start: str
+    starts: list[str]  # the main start, then side inputs (tile rule a')
     end: str
     bands: int
     projected: bool  # the end is a map compile projects (rule c)
@@ -108,7 +109,10 @@ class _Planner:
         self.position = {name: i for i, name in enumerate(self.order)}
         self.projectable = {m.name: m for m in stored.stored if m.compressible} if allow_projection and stored else {}
         self.projected: dict[str, PlannedMap] = {}
-        self.regions: dict[tuple[str, str], Region] = {}
+        self.regions: dict[tuple[tuple[str, ...], str], Region] = {}
+        self.producers = {out: node for node in model.graph.node for out in node.output if out}
+        self.constants = {init.name for init in model.graph.initializer} - self.inputs
+        self.constants |= {node.output[0] for node in model.graph.node if node.op_type == "Constant"}
 
     def plan(self) -> RuntimePlan:
         result = RuntimePlan(self.ceiling)
@@ -126,7 +130,7 @@ class _Planner:
             if projected:
                 self.projected[region.end] = self._planned_map(self.projectable[region.end])
             over = [t.name for t in self.view.over_ceiling() if t.name in inside]
-            result.regions.append(PlannedRegion(region.start, region.end, bands, projected, over))
+            result.regions.append(PlannedRegion(list(region.starts), region.end, bands, projected, over))
         result.projected = sorted(self.projected.values(), key=lambda m: m.step)
         return result
 
@@ -151,7 +155,10 @@ class _Planner:
         for start in reversed(self.order[max(0, first - self.window):first]):
             if not self._fits_as_start(start):
                 continue
-            region = self._region(start, end)
+            starts = self._starts(start, end)
+            if starts is None:
+                continue
+            region = self._region(starts, end)
             if region is None or tensor not in {o for n in region.nodes for o in n.output}:
                 continue
             try:
@@ -165,10 +172,31 @@ class _Planner:
         fmap = self.projectable.get(name)
         return fmap is not None and plane_bytes(fmap) <= self.ceiling
 
+    def _starts(self, start: str, end: str) -> tuple[str, ...] | None:
+        """`start` and the side inputs (tile rule a') a region from it to `end` needs: the
+        tensors its nodes read that were computed before `start`; None if one does not fit."""
+        cutoff = self.position[start]
+        starts, seen, stack = [start], set(), [self.producers[end]]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for name in node.input:
+                if not name or name == start or name in self.constants or name in starts:
+                    continue
+                if name in self.producers and self.position[name] > cutoff:
+                    stack.append(self.producers[name])
+                elif self._fits_as_start(name):
+                    starts.append(name)
+                else:
+                    return None
+        return tuple(starts)
+
     def _fits_as_start(self, name: str) -> bool:
         return name in self.inputs or name in self.projected or self._bytes(name) <= self.ceiling
 
-    def _region(self, start: str, end: str) -> Region | None:
+    def _region(self, start: tuple[str, ...], end: str) -> Region | None:
         key = (start, end)
         if key not in self.regions:
             try:
@@ -218,7 +246,7 @@ class TileToCeilingPass(Pass):
         plan = RuntimePlanPass(allow_projection=False).run(model, local).data
         if plan.uncovered:
             raise VerificationError(uncovered_message(plan.uncovered, self.ceiling_bytes))
-        tiled = TilePass([(r.start, r.end, r.bands) for r in plan.regions]).run(model, local)
+        tiled = TilePass([(r.starts, r.end, r.bands) for r in plan.regions]).run(model, local)
         split = SplitConvPass(self.ceiling_bytes).run(tiled.model, local)
         return PassResult(split.model, modified=bool(plan.regions or split.data),
                           data={"plan": plan, "regions": tiled.data, "split_convs": split.data})

@@ -16,8 +16,14 @@ a. Region: the nodes that compute `end` from `start`, found by walking back from
    (ceil_mode 0); BatchNormalization (inference); elementwise unary ops (UNARY_OPS);
    elementwise Add/Sub/Mul/Div/Max/Min/Sum/Mean/PRelu whose operands are region
    tensors of the output's exact shape or constants that do not vary along H
-   (broadcast H dim 1). Extra outputs (MaxPool Indices, Dropout mask) must be unused.
-b. Rejected (InputError, one line): any other op (Resize, global pooling, Reshape,
+   (broadcast H dim 1); Split and Concat along the channel axis (every Split output
+   may be used); nearest Resize by integer factors (rule d'). Extra outputs (MaxPool
+   Indices, Dropout mask) must be unused.
+a'. Side inputs: `start` may be several tensors; the first is the main one, the others
+   are full tensors computed before the region (a finer pyramid level that a Concat
+   joins, an earlier map a residual Add reads). Each is sliced per band like `start`,
+   and each must be read by the region.
+b. Rejected (InputError, one line): any other op (linear Resize, global pooling, Reshape,
    Transpose, Softmax, ...), a non-4-D map, a non-constant weight or operand from
    outside the region, an intermediate that is a graph output or has a consumer
    outside the region (the full tensor would still be needed), a band whose rows
@@ -34,6 +40,10 @@ d. Row ranges, per band, walking the region backwards from `end`: a tensor's row
    what falls above becomes the band node's top pad, what falls below its bottom pad,
    so an inner band edge gets no pad and the image border keeps the original one.
    Columns are untouched: W pads as in the original (SAME_* resolved).
+d'. A nearest Resize by an integer factor f whose coordinates floor (asymmetric with
+   floor; half_pixel or pytorch_half_pixel with round_prefer_floor/ceil: output row r
+   reads input row r // f) reads rows [a // f, ceil(b / f)) for output rows [a, b); the
+   band computes f times as many rows, and its readers slice what they need.
 e. Pools: ceil_mode=1 becomes ceil_mode=0 with the extra bottom rows (and right
    columns) as explicit bottom (right) pad. That is exact for MaxPool (pads are -inf), LpPool (pads are 0) and
    AveragePool with count_include_pad=0 (pads are not counted); AveragePool with
@@ -102,6 +112,7 @@ class Window:
     kernel: int = 1  # undilated, for onnxruntime's pool pad < kernel check
     w_pads: Rows = (0, 0)  # left, right (auto_pad resolved); bands keep them
     macs_per_output: int = 0  # Conv: prod(weight.shape[1:]); pools and elementwise: 0
+    upsample: int = 1  # nearest Resize by an integer factor along H: out row r reads row r // upsample
 
 
 IDENTITY_WINDOW = Window()
@@ -109,14 +120,18 @@ IDENTITY_WINDOW = Window()
 
 @dataclass
 class Region:
-    """The validated nodes (graph order) computing `end` from `start`, with their shapes."""
+    """The validated nodes (graph order) computing `end` from its starts, with their shapes."""
 
-    start: str
+    starts: tuple[str, ...]  # the first is the main one; the others are side inputs (rule a')
     end: str
     nodes: list[onnx.NodeProto]
     infos: dict[str, TensorInfo]  # every region tensor, `start` and `end` included
     windows: dict[str, Window]  # by node key (first output name)
     region_inputs: dict[str, list[int]]  # node key -> indices of inputs that are region tensors
+
+    @property
+    def start(self) -> str:
+        return self.starts[0]
 
     @property
     def node_names(self) -> list[str]:
@@ -126,33 +141,38 @@ class Region:
         return self.infos[tensor].shape[2]
 
 
-def tileable_region(model: onnx.ModelProto, start: str, end: str,
+Starts = str | Sequence[str]
+
+
+def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
                     input_shapes: Mapping[str, Sequence[int]] | None = None, *,
                     infos: Mapping[str, TensorInfo] | None = None) -> Region:
-    """The nodes computing `end` from `start`, validated for tiling (rules a-b).
+    """The nodes computing `end` from `start` (a tensor, or several: rule a'), validated
+    for tiling (rules a-b).
 
     `infos` (every tensor's shape, from `infer_tensor_infos`) saves the shape inference
     when a planner tries many regions of one model."""
     graph = model.graph
+    starts = (start,) if isinstance(start, str) else tuple(start)
     producers = {out: node for node in graph.node for out in node.output if out}
     constants = _constant_names(graph)
-    nodes = _ancestors(graph, producers, constants, start, end)
+    nodes = _ancestors(graph, producers, constants, starts, end)
     if infos is None:
         shapes = resolve_input_shapes(model, {k: tuple(v) for k, v in (input_shapes or {}).items()})
         infos = infer_tensor_infos(model, shapes)
     members = {id(node) for node in nodes}
-    tensors = {start} | {name for node in nodes for name in node.output[:_used_outputs(node)] if name}
+    tensors = set(starts) | {name for node in nodes for name in node.output[:_used_outputs(node)] if name}
     _check_consumers(graph, nodes, members, end)
     windows: dict[str, Window] = {}
     region_inputs: dict[str, list[int]] = {}
     for node in nodes:
         key = node.output[0]
-        for name in [start, *node.input, key]:
+        for name in [*node.input, key]:
             if name in tensors and (name not in infos or len(infos[name].shape) != 4):
                 raise InputError(f"tile: tensor {name!r} is not a 4-D NCHW map with a static shape")
         region_inputs[key] = [i for i, name in enumerate(node.input) if name in tensors]
         windows[key] = _validate_node(node, tensors, constants, infos)
-    return Region(start, end, nodes, {t: infos[t] for t in tensors}, windows, region_inputs)
+    return Region(starts, end, nodes, {t: infos[t] for t in tensors}, windows, region_inputs)
 
 
 def _constant_names(graph: onnx.GraphProto) -> dict[str, np.ndarray | None]:
@@ -167,15 +187,18 @@ def _constant_names(graph: onnx.GraphProto) -> dict[str, np.ndarray | None]:
 
 
 def _ancestors(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
-               constants: Mapping[str, object], start: str, end: str) -> list[onnx.NodeProto]:
-    """Region nodes in graph order: everything between `start` and `end`, constants excluded."""
+               constants: Mapping[str, object], starts: tuple[str, ...], end: str) -> list[onnx.NodeProto]:
+    """Region nodes in graph order: everything between the starts and `end`, constants excluded."""
     if end not in producers:
         raise InputError(f"tile: tensor {end!r} is not produced by a node")
     graph_inputs = {inp.name for inp in graph.input}
-    if start not in producers and start not in graph_inputs:
-        raise InputError(f"tile: tensor {start!r} is neither a node output nor a graph input")
+    for start in starts:
+        if start not in producers and start not in graph_inputs:
+            raise InputError(f"tile: tensor {start!r} is neither a node output nor a graph input")
+    start = starts[0]
     seen: set[int] = set()
-    stack, reaches_start = [producers[end]], False
+    reached: set[str] = set()
+    stack = [producers[end]]
     while stack:
         node = stack.pop()
         if id(node) in seen:
@@ -184,17 +207,20 @@ def _ancestors(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
         for name in node.input:
             if not name or name in constants:
                 continue
-            if name == start:
-                reaches_start = True
+            if name in starts:
+                reached.add(name)
             elif name in producers:
                 stack.append(producers[name])
             else:
                 raise InputError(f"tile: {node.op_type} node {node.name!r} reads {name!r}, which is "
                                  f"neither computed from {start!r} nor a constant")
-    if not reaches_start:
+    if start not in reached:
         raise InputError(f"tile: {end!r} is not computed from {start!r}")
+    if set(starts) - reached:
+        raise InputError(f"tile: side input(s) {', '.join(sorted(set(starts) - reached))} are not read by "
+                         f"the region")
     nodes = [node for node in graph.node if id(node) in seen]
-    from_start = {start}
+    from_start = set(starts)
     for node in nodes:
         if any(name in from_start for name in node.input):
             from_start.update(node.output)
@@ -247,6 +273,8 @@ def _validate_node(node: onnx.NodeProto, tensors: set[str], constants: Mapping[s
         if op == "BatchNormalization" and attrs.get("training_mode", 0):
             raise InputError(f"{where}: training_mode=1 is not supported")
         return IDENTITY_WINDOW
+    if op == "Resize":
+        return _resize_window(node, attrs, tensors, constants, infos)
     if op in CHANNEL_OPS:
         rank = len(infos[node.output[0]].shape)
         if int(attrs.get("axis", 0)) % rank != 1:
@@ -264,6 +292,36 @@ def _validate_node(node: onnx.NodeProto, tensors: set[str], constants: Mapping[s
                 raise InputError(f"{where}: constant operand {name!r} varies along H")
         return IDENTITY_WINDOW
     raise InputError(f"{where}: {op} is not spatially local or not supported by tiling")
+
+
+NEAREST_MODES = {"asymmetric": ("floor",), "half_pixel": ("round_prefer_floor", "round_prefer_ceil"),
+                 "pytorch_half_pixel": ("round_prefer_floor", "round_prefer_ceil")}
+
+
+def _resize_window(node: onnx.NodeProto, attrs: Mapping, tensors: set[str],
+                   constants: Mapping[str, np.ndarray | None], infos: Mapping[str, TensorInfo]) -> Window:
+    """Rule d': nearest Resize by integer factors (N and C kept): output row r is input row r // f."""
+    where = f"tile: Resize node {node.name!r}"
+    mode = _text(attrs.get("mode", "nearest"))
+    transform = _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
+    nearest = _text(attrs.get("nearest_mode", "round_prefer_floor"))
+    if mode != "nearest" or nearest not in NEAREST_MODES.get(transform, ()):
+        raise InputError(f"{where}: only nearest resizing with floor-equivalent coordinates is tiled "
+                         f"(got {mode}, {transform}, {nearest})")
+    if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
+        raise InputError(f"{where}: only input 0 may come from the region")
+    if len(node.input) < 3 or not node.input[2] or (len(node.input) > 3 and node.input[3]):
+        raise InputError(f"{where}: needs constant scales (not sizes)")
+    scales = constants.get(node.input[2])
+    in_shape, out_shape = infos[node.input[0]].shape, infos[node.output[0]].shape
+    factors = [o / i for o, i in zip(out_shape, in_shape, strict=True)]
+    if scales is None or list(factors[:2]) != [1, 1] or any(f != int(f) or f < 1 for f in factors[2:]):
+        raise InputError(f"{where}: only integer upsampling of H and W is tiled (factors {factors})")
+    return Window(upsample=int(factors[2]))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _varies_along_h(value: np.ndarray | None) -> bool:
@@ -368,6 +426,14 @@ def _plan_band(region: Region, rows: Rows) -> BandPlan:
             plan.produced[name] = out
         window = region.windows[key]
         in_height = region.height(node.input[region.region_inputs[key][0]])  # input 0 may be a constant
+        if window.upsample > 1:  # rule d': whole input rows, so the band computes a multiple of the factor
+            read = (out[0] // window.upsample, -(-out[1] // window.upsample))
+            for name in node.output[:1]:
+                plan.produced[name] = (read[0] * window.upsample, read[1] * window.upsample)
+            plan.reads[(key, 0)] = read
+            have = plan.produced.get(node.input[0], read)
+            plan.produced[node.input[0]] = (min(have[0], read[0]), max(have[1], read[1]))
+            continue
         lo = out[0] * window.stride - window.pad_top
         hi = (out[1] - 1) * window.stride - window.pad_top + window.extent
         read = (max(lo, 0), min(hi, in_height))
@@ -417,7 +483,7 @@ def _band_tensor_bytes(region: Region, plan: BandPlan, act_bytes: int | None) ->
     return max(sizes)
 
 
-def peak_band_bytes(model: onnx.ModelProto, start: str, end: str, bands: int,
+def peak_band_bytes(model: onnx.ModelProto, start: Starts, end: str, bands: int,
                     act_bytes: int | None = None, *, region: Region | None = None,
                     input_shapes: Mapping[str, Sequence[int]] | None = None) -> int:
     """Bytes of the largest tensor any one band holds inside the region."""
@@ -425,7 +491,7 @@ def peak_band_bytes(model: onnx.ModelProto, start: str, end: str, bands: int,
     return max(_band_tensor_bytes(region, plan, act_bytes) for plan in plan_bands(region, bands))
 
 
-def bands_for_budget(model: onnx.ModelProto, start: str, end: str, budget_bytes: int,
+def bands_for_budget(model: onnx.ModelProto, start: Starts, end: str, budget_bytes: int,
                      act_bytes: int | None = None, *,
                      input_shapes: Mapping[str, Sequence[int]] | None = None,
                      region: Region | None = None) -> int:
@@ -479,14 +545,14 @@ class _Namer:
         return name
 
 
-def tile_region(model: onnx.ModelProto, start: str, end: str, bands: int,
+def tile_region(model: onnx.ModelProto, start: Starts, end: str, bands: int,
                 input_shapes: Mapping[str, Sequence[int]] | None = None,
                 chain: bool = True) -> onnx.ModelProto:
     """A copy of `model` computing `end` from `start` in `bands` row bands (rules c-h)."""
     return tile_region_with_facts(model, start, end, bands, input_shapes, chain=chain)[0]
 
 
-def tile_region_with_facts(model: onnx.ModelProto, start: str, end: str, bands: int,
+def tile_region_with_facts(model: onnx.ModelProto, start: Starts, end: str, bands: int,
                            input_shapes: Mapping[str, Sequence[int]] | None = None,
                            act_bytes: int | None = None,
                            chain: bool = True) -> tuple[onnx.ModelProto, TileResult]:
@@ -511,9 +577,10 @@ def _emit_band(region: Region, plan: BandPlan, index: int, namer: _Namer, graph:
                emitted: list[onnx.NodeProto], after: str | None) -> str:
     """Append band `index`'s nodes (rule f); returns the name of its `end` rows."""
     have: dict[str, tuple[str, Rows]] = {}  # region tensor -> (band tensor, its rows)
-    start_rows = plan.produced[region.start]
-    have[region.start] = (_slice(region.start, (0, region.height(region.start)), start_rows,
-                                 index, namer, graph, emitted, after), start_rows)
+    for start in region.starts:  # each waits for the previous band (rule g)
+        rows = plan.produced[start]
+        have[start] = (_slice(start, (0, region.height(start)), rows, index, namer, graph, emitted, after),
+                       rows)
     for node in region.nodes:
         key = node.output[0]
         inputs = list(node.input)

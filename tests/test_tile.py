@@ -307,12 +307,12 @@ def test_pass_interface():
 
 # ---------------------------------------------------------------- rejections
 
-def test_rejects_resize():
+def test_rejects_a_fractional_resize():
     chain = Chain((1, 3, 16, 16))
     chain.conv(4, 3, pads=[1, 1, 1, 1])
-    chain.node("Resize", [chain.last, "", chain.const("scales", [1, 1, 2, 2])], mode="nearest")
+    chain.node("Resize", [chain.last, "", chain.const("scales", [1, 1, 1.5, 1.5])], mode="nearest")
     chain.conv(4, 3)
-    with pytest.raises(InputError, match="Resize"):
+    with pytest.raises(InputError, match="integer upsampling"):
         tile_region(chain.model(), "x", chain.last, 2)
 
 
@@ -413,3 +413,56 @@ def test_concat_along_rows_is_rejected():
     chain.node("Concat", [a, "x"], axis=2)
     with pytest.raises(InputError, match="channel axis"):
         tileable_region(chain.model(), "x", chain.last)
+
+
+@pytest.mark.parametrize("transform, nearest", [("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"),
+                                                ("pytorch_half_pixel", "round_prefer_ceil")])
+@pytest.mark.parametrize("factor", [2, 3])
+def test_nearest_resize_inside_a_band(transform, nearest, factor):
+    chain = Chain((1, 4, 9, 7))
+    chain.conv(6, 3, pads=[1, 1, 1, 1])
+    scales = chain.const("scales", np.array([1, 1, factor, factor]))
+    chain.inits[-1] = numpy_helper.from_array(np.array([1, 1, factor, factor], np.float32), "scales")
+    chain.node("Resize", [chain.last, "", scales], mode="nearest", coordinate_transformation_mode=transform,
+               nearest_mode=nearest)
+    chain.conv(5, 3, pads=[1, 1, 1, 1])
+    model = chain.model()
+    x = np.random.default_rng(5).standard_normal((1, 4, 9, 7)).astype(np.float32)
+    expected = run(model, x)[0]
+    for bands in (2, 4, 9 * factor):
+        tiled = tile_region(model, "x", chain.last, bands)
+        onnx.checker.check_model(tiled, full_check=True)
+        np.testing.assert_allclose(run(tiled, x)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_resize_is_rejected():
+    chain = Chain((1, 4, 8, 8))
+    chain.inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    chain.node("Resize", ["x", "", "scales"], mode="linear")
+    with pytest.raises(InputError, match="nearest"):
+        tileable_region(chain.model(), "x", chain.last)
+
+
+def test_side_inputs_feature_pyramid():
+    """An FPN step: a coarse map upsampled and concatenated with a finer map computed earlier.
+    The region starts at the coarse map and takes the finer one as a side input (rule a')."""
+    chain = Chain((1, 3, 32, 24))
+    fine = chain.conv(8, 3, pads=[1, 1, 1, 1], strides=[2, 2])  # 16x12
+    chain.conv(16, 3, src=fine, pads=[1, 1, 1, 1], strides=[2, 2])  # 8x6
+    coarse = chain.node("Relu", [chain.last])
+    chain.inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    up = chain.node("Resize", [coarse, "", "scales"], mode="nearest")
+    joined = chain.node("Concat", [up, fine], axis=1)
+    chain.channels = 24
+    chain.conv(4, 3, src=joined, pads=[1, 1, 1, 1])
+    model = chain.model()
+    x = np.random.default_rng(6).standard_normal((1, 3, 32, 24)).astype(np.float32)
+    expected = run(model, x)[0]
+    with pytest.raises(InputError, match="neither computed from"):
+        tileable_region(model, coarse, chain.last)  # the finer map must be named as a side input
+    for bands in (2, 5, 16):
+        tiled = tile_region(model, [coarse, fine], chain.last, bands)
+        onnx.checker.check_model(tiled, full_check=True)
+        np.testing.assert_allclose(run(tiled, x)[0], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="not read by the region"):
+        tileable_region(model, [coarse, fine, "x"], chain.last)
