@@ -223,7 +223,11 @@ def _entropy_bits(counts: np.ndarray) -> np.ndarray:
 
 
 def choose_references(planes: np.ndarray, groups: int, channels: int, window: int) -> np.ndarray:
-    """Rule e: (G, C) reference distances, 0 for none, for planes (G*C, HW) uint8."""
+    """Rule e (1): (G, C) reference distances, 0 for none, for planes (G*C, HW) uint8.
+
+    All W + 1 candidates of all planes are estimated at once: one token lookup and one
+    bincount over (candidate, plane, token), so the cost does not grow with Python calls.
+    """
     refs = np.zeros((groups, channels), np.int64)
     window = min(window, channels - 1)
     if window < 1 or planes.shape[1] == 0:
@@ -232,22 +236,19 @@ def choose_references(planes: np.ndarray, groups: int, channels: int, window: in
     samples = int(np.clip(width * REF_SAMPLE_SHARE / window, REF_MIN_SAMPLES, width))
     positions = np.linspace(0, width - 1, samples).round().astype(np.intp)
     sampled = planes[:, positions].reshape(groups, channels, samples)
-    best = _estimated_bits(sampled.reshape(-1, samples)).reshape(groups, channels)
-    best *= 1 - REF_MARGIN
+    candidates = np.zeros((window + 1, groups, channels, samples), np.uint8)
+    candidates[0] = sampled
+    for distance in range(1, window + 1):  # W vectorised steps, not per element
+        np.subtract(sampled[:, distance:], sampled[:, :-distance],
+                    out=candidates[distance, :, distance:])
+    tokens = np.take(TOKEN, candidates).reshape(-1, samples)
+    histograms = _token_histograms(tokens)
+    cost = (_entropy_bits(histograms) + histograms @ TOKEN_NBITS.astype(np.float64))
+    cost = cost.reshape(window + 1, groups, channels)
+    cost[0] *= 1 - REF_MARGIN
     for distance in range(1, window + 1):
-        residual = sampled[:, distance:] - sampled[:, :-distance]
-        cost = _estimated_bits(residual.reshape(-1, samples)).reshape(groups, channels - distance)
-        better = cost < best[:, distance:]
-        best[:, distance:][better] = cost[better]
-        refs[:, distance:][better] = distance
-    return refs
-
-
-def _estimated_bits(symbols: np.ndarray) -> np.ndarray:
-    """Estimated bits of each row of uint8 symbols: token entropy plus extra bits."""
-    tokens = TOKEN[symbols]
-    extra = NBITS[symbols].sum(axis=-1, dtype=np.int64)
-    return _entropy_bits(_token_histograms(tokens)) + extra
+        cost[distance, :, :distance] = np.inf  # no plane before the run's start
+    return cost.argmin(axis=0)  # ties go to "none", then to the nearest plane
 
 
 # ----------------------------------------------------------------------------- models
@@ -341,8 +342,87 @@ def _unpack_fixed(bits: np.ndarray, width: int) -> np.ndarray:
 # ---------------------------------------------------------------------------- streams
 
 
-def _categorical(codes: np.ndarray):
-    return constriction.stream.model.Categorical(_table_probabilities(codes), perfect=False)
+@dataclass
+class _Coding:
+    """What one stream codes: every plane's symbols and how they are modelled (rule d)."""
+
+    symbols: np.ndarray  # (P, HW) uint8: the planes, or residuals where a plane has a ref
+    tokens: np.ndarray  # (P, HW) uint8 (rule c)
+    histograms: np.ndarray  # (P, TOKENS) token counts
+    varying: np.ndarray  # the indices of the non-constant planes
+    first: np.ndarray  # per plane its most frequent token (a constant plane's only one)
+    clustering: _Clustering | None  # the shared models of the varying planes
+
+    @property
+    def models(self) -> int:
+        return 0 if self.clustering is None else len(self.clustering.codes)
+
+    def index(self) -> np.ndarray:
+        """Model index per plane: 0..K-1 a shared model, K + t a constant plane of token t."""
+        index = (self.models + self.first).astype(np.int64)
+        if self.clustering is not None:
+            index[self.varying] = self.clustering.assign
+        return index
+
+
+def _coding(symbols: np.ndarray, tokens: np.ndarray, histograms: np.ndarray,
+            models: np.ndarray | None = None) -> _Coding:
+    """Constant planes, and shared models for the others: clustered afresh, or refitted
+    from the table codes `models` by one assignment step."""
+    first = histograms.argmax(axis=1)
+    varying = np.flatnonzero(((histograms > 0).sum(axis=1) > 1) | (first >= BARE))
+    clustering = None
+    if varying.size:
+        counts = histograms[varying].astype(np.float64)
+        clustering = _cluster(counts) if models is None else _refit(counts, models)
+    return _Coding(symbols, tokens, histograms, varying, first, clustering)
+
+
+def _analyse(symbols: np.ndarray) -> _Coding:
+    tokens = np.take(TOKEN, symbols)
+    return _coding(symbols, tokens, _token_histograms(tokens))
+
+
+def _stream_bits(coding: _Coding, refs: np.ndarray, window: int) -> float:
+    """Rule e (3): the estimated size of a stream (tokens, tables, indices, extra bits),
+    within a few bytes of the real one, so that dcac needs to write only one."""
+    bits = _coded_bits(np.bincount(coding.index(), minlength=coding.models + BARE))
+    if refs.any():
+        bits += _coded_bits(np.bincount(refs.ravel(), minlength=window + 1))
+    if coding.clustering is not None:
+        bits += coding.clustering.token_bits + coding.clustering.codes.size * CODE_BITS
+    return bits + float(coding.histograms.sum(axis=0) @ TOKEN_NBITS)
+
+
+def _coded_bits(counts: np.ndarray) -> float:
+    """Bits of symbols with these counts under the table made from them, table included."""
+    return float(counts @ _table_cost(_table_codes(counts))) + counts.size * CODE_BITS
+
+
+def _categorical(probabilities: np.ndarray) -> Any:
+    return constriction.stream.model.Categorical(probabilities, perfect=False)
+
+
+def _table_model(codes: np.ndarray) -> Any:
+    """The model of a table as it is, for model indices and reference distances."""
+    return _categorical(_table_probabilities(codes))
+
+
+def _token_models(codes: np.ndarray) -> tuple[Any, Any]:
+    """Rule f: (zero-flag model or None, token model) of a table.
+
+    A table with P(token 0) >= SPLIT_ZERO codes a zero flag per element and then only the
+    nonzero tokens (minus 1): the same information, but constriction's decoder searches a
+    2-letter table for every element and the 31-letter one only for the nonzero ones.
+    """
+    probabilities = _table_probabilities(codes)
+    if probabilities[0] < SPLIT_ZERO:
+        return None, _categorical(probabilities)
+    rest = probabilities[1:]
+    total = rest.sum()
+    if total <= 0:
+        raise InputError("codec stream damaged: an empty model table")
+    return _categorical(np.array([probabilities[0], total])), _categorical(rest / total)
 
 
 def encode(array: np.ndarray, *, method: str = "dcac", window: int = 8) -> bytes:
@@ -368,86 +448,114 @@ def encode_with_refs(array: np.ndarray, *, method: str = "dcac",
     groups, channels, width = _plane_layout(shape)
     planes = np.ascontiguousarray(array).view(np.uint8).reshape(groups * channels, width)
     stored_window = window if method == "dcac" else 0
+    coding = _analyse(planes)
     refs = np.zeros((groups, channels), np.int64)
     if method == "dcac":
         refs = choose_references(planes, groups, channels, window)
         if refs.any():
-            refs = _confirm_references(planes, refs)
+            coding, refs = _with_references(planes, refs, coding, window)
     header = HEADER.pack(MAGIC, VERSION, METHODS.index(method), stored_window, 1, len(shape))
     header += struct.pack(f"<{len(shape)}I", *shape)
-    body = _encode_planes(_residuals(planes, refs), refs, stored_window)
-    if refs.any():  # the last word: references that do not pay for themselves are dropped
-        plain = _encode_planes(planes, np.zeros_like(refs), stored_window)
-        if len(plain) <= len(body):
-            body, refs = plain, np.zeros_like(refs)
-    stream = header + body
+    stream = header + _write(coding, refs, stored_window)
     return stream + CRC.pack(zlib.crc32(stream)), refs
 
 
-def _confirm_references(planes: np.ndarray, refs: np.ndarray) -> np.ndarray:
-    """Rule e, second look: keep a reference only where the residual is cheaper than the
-    plane itself under the shared models fitted to the chosen symbols (the estimate of
-    `choose_references` knows nothing of the models the planes will share)."""
+def _with_references(planes: np.ndarray, refs: np.ndarray, plain: _Coding,
+                     window: int) -> tuple[_Coding, np.ndarray]:
+    """Rule e (2) and (3): the coding with the confirmed references, or `plain` (no refs).
+
+    A reference is kept only where the residual (tokens and extra bits) is cheaper than
+    the plane under the shared models fitted to the chosen symbols: the estimate of
+    `choose_references` knows nothing of the models the planes will share.
+    """
     rows = np.flatnonzero(refs.ravel())
-    residual = _token_histograms(np.take(TOKEN, _residuals(planes, refs)[rows])).astype(np.float64)
-    original = _token_histograms(np.take(TOKEN, planes[rows])).astype(np.float64)
-    mixed = _token_histograms(np.take(TOKEN, planes)).astype(np.float64)
-    mixed[rows] = residual
-    costs = _table_cost(_cluster(mixed).codes).T
-    keep = (residual @ costs).min(axis=1) < (original @ costs).min(axis=1)
-    confirmed = refs.ravel().copy()
-    confirmed[rows[~keep]] = 0
-    return confirmed.reshape(refs.shape)
+    residual = planes[rows] - planes[_parents(refs)[rows]]  # uint8 wraps mod 256 (rule b)
+    res_tokens = np.take(TOKEN, residual)
+    res_counts = _token_histograms(res_tokens)
+    mixed = plain.histograms.copy()
+    mixed[rows] = res_counts
+    models = _coding(planes, plain.tokens, mixed).clustering
+    if models is None:
+        return plain, np.zeros_like(refs)
+    costs = _table_cost(models.codes).T + TOKEN_NBITS[:, None]  # tokens and extra bits
+    keep = (res_counts @ costs).min(axis=1) < (plain.histograms[rows] @ costs).min(axis=1)
+    confirmed = np.zeros(refs.size, np.int64)
+    confirmed[rows[keep]] = refs.ravel()[rows[keep]]
+    confirmed = confirmed.reshape(refs.shape)
+    if not keep.any():
+        return plain, confirmed
+    symbols, tokens, counts = plain.symbols.copy(), plain.tokens.copy(), plain.histograms.copy()
+    symbols[rows[keep]], tokens[rows[keep]] = residual[keep], res_tokens[keep]
+    counts[rows[keep]] = res_counts[keep]
+    coding = _coding(symbols, tokens, counts, models.codes)
+    if _stream_bits(plain, np.zeros_like(refs), window) <= _stream_bits(coding, confirmed, window):
+        return plain, np.zeros_like(refs)
+    return coding, confirmed
 
 
-def _encode_planes(planes: np.ndarray, refs: np.ndarray, window: int) -> bytes:
-    tokens = np.take(TOKEN, planes)
-    histograms = _token_histograms(tokens)
-    nonzero = (histograms > 0).sum(axis=1)
-    first = histograms.argmax(axis=1)
-    constant = (nonzero <= 1) & (first < BARE)
-    varying = np.flatnonzero(~constant)
-    clustering = _cluster(histograms[varying]) if varying.size else None
-    k = 0 if clustering is None else clustering.codes.shape[0]
-    # model index per plane: 0..K-1 a shared model, K + t a constant plane of token t
-    index = (k + first).astype(np.int64)
-    if clustering is not None:
-        index[varying] = clustering.assign
+def _write(coding: _Coding, refs: np.ndarray, window: int) -> bytes:
+    """Everything after the header but the CRC (docs/codec.md, stream format)."""
+    k = coding.models
+    index = coding.index()
     index_codes = _table_codes(np.bincount(index, minlength=k + BARE))
     code_parts = [index_codes]
     coded_refs = bool(window and refs.any())  # no references: neither table nor indices
     if coded_refs:
-        code_parts.append(_table_codes(np.bincount(refs.ravel(), minlength=window + 1)))
-    if clustering is not None:
-        code_parts.append(clustering.codes.ravel())
-    codes = np.concatenate(code_parts)
+        ref_codes = _table_codes(np.bincount(refs.ravel(), minlength=window + 1))
+        code_parts.append(ref_codes)
     coder = constriction.stream.stack.AnsCoder()
-    order = np.argsort(index[varying], kind="stable") if varying.size else varying
-    for model in range(k - 1, -1, -1):  # ANS is last in, first out: the decoder reads 0..K-1
-        rows = varying[order][index[varying][order] == model]
-        coder.encode_reverse(tokens[rows].ravel().astype(np.int32), _categorical(clustering.codes[model]))
+    extras = b""
+    if coding.clustering is not None:
+        code_parts.append(coding.clustering.codes.ravel())
+        # coding order: the varying planes by model, in plane order within a model
+        order = coding.varying[np.argsort(coding.clustering.assign, kind="stable")]
+        tokens, symbols = coding.tokens[order].ravel(), coding.symbols[order].ravel()
+        ends = np.cumsum(np.bincount(coding.clustering.assign, minlength=k)) * coding.tokens.shape[1]
+        for model in range(k - 1, -1, -1):  # ANS is last in, first out: the decoder reads 0..K-1
+            start = ends[model - 1] if model else 0
+            _encode_tokens(coder, tokens[start:ends[model]], coding.clustering.codes[model])
+        extras = _pack_extras(symbols, tokens)
     if coded_refs:
-        coder.encode_reverse(refs.ravel().astype(np.int32), _categorical(codes[len(index_codes):][:window + 1]))
+        coder.encode_reverse(refs.ravel().astype(np.int32), _table_model(ref_codes))
     if index.size:
-        coder.encode_reverse(index.astype(np.int32), _categorical(index_codes))
+        coder.encode_reverse(index.astype(np.int32), _table_model(index_codes))
     words = coder.get_compressed().astype("<u4").tobytes()
-    extras = _pack_extras(planes)
-    side = np.packbits(_pack_fixed(codes, CODE_BITS)).tobytes()
-    return SECTIONS.pack(k | (REFS_FLAG if coded_refs else 0), len(extras), len(words) // 4) + side + extras + words
+    side = np.packbits(_pack_fixed(np.concatenate(code_parts), CODE_BITS)).tobytes()
+    sections = SECTIONS.pack(k | (REFS_FLAG if coded_refs else 0), len(extras), len(words) // 4)
+    return sections + side + extras + words
 
 
-def _pack_extras(planes: np.ndarray) -> bytes:
-    """The raw extra bits of the escaped symbols, in plane order, most significant first."""
-    flat = planes.ravel()
-    symbols = flat[_escaped(np.take(TOKEN, flat))]
-    bits = np.unpackbits(np.take(EXTRA, symbols)[:, None], axis=1)  # (n, 8), most significant first
-    keep = np.arange(8)[None, :] >= 8 - np.take(NBITS, symbols)[:, None]
-    return np.packbits(bits[keep]).tobytes()
+def _encode_tokens(coder: Any, tokens: np.ndarray, codes: np.ndarray) -> None:
+    """One model's tokens (rule f), pushed so that the decoder reads flags, then tokens."""
+    flag_model, token_model = _token_models(codes)
+    if flag_model is None:
+        coder.encode_reverse(tokens.astype(np.int32), token_model)
+        return
+    nonzero = tokens != 0
+    coder.encode_reverse(np.subtract(tokens[nonzero], 1, dtype=np.int32), token_model)
+    coder.encode_reverse(nonzero.astype(np.int32), flag_model)
 
 
-def _escaped(tokens: np.ndarray) -> np.ndarray:
-    """Flat positions of the tokens that carry extra bits (BARE .. TOKENS - 2), by uint8 wrap."""
-    return np.flatnonzero(tokens - np.uint8(BARE) < np.uint8(TOKENS - 1 - BARE))
+def _pack_extras(symbols: np.ndarray, tokens: np.ndarray) -> bytes:
+    """The raw extra bits of the escaped symbols, in coding order, most significant first.
+
+    Each value (2..5 bits) lies within one 16-bit window at its bit offset; the windows'
+    two bytes are summed into place with weighted bincounts (the bits never overlap, so
+    the sum is their OR): no per-symbol bit matrix.
+    """
+    widths_all = np.take(TOKEN_NBITS, tokens)
+    escaped = np.flatnonzero(widths_all)
+    if not escaped.size:
+        return b""
+    widths = widths_all[escaped].astype(np.int64)
+    ends = np.cumsum(widths)
+    starts = ends - widths
+    size = -(-int(ends[-1]) // 8)
+    window = np.take(EXTRA, symbols[escaped]).astype(np.int64) << (16 - (starts & 7) - widths)
+    byte = starts >> 3
+    packed = np.bincount(byte, window >> 8, minlength=size + 1)
+    packed += np.bincount(byte + 1, window & 0xFF, minlength=size + 1)
+    return packed[:size].astype(np.uint8).tobytes()
 
 
 def _read_extras(extras: bytes, widths: np.ndarray) -> np.ndarray:
@@ -550,35 +658,72 @@ def _decode_planes(codes: np.ndarray, k: int, window: int, groups: int, channels
         refs = _decode_symbols(coder, ref_codes, count)
         if np.any(refs > np.tile(np.arange(channels), groups)):
             raise InputError("codec stream damaged: a plane refers to one before its run")
-    tokens = np.empty((count, width), np.uint8)
-    constant = index >= k
-    tokens[constant] = (index[constant] - k).astype(np.uint8)[:, None]
-    for model in range(k):
-        rows = np.flatnonzero(index == model)
-        tokens[rows] = _decode_symbols(coder, model_codes[model], rows.size * width).reshape(-1, width)
+    sizes = np.bincount(index, minlength=k + BARE)[:k] * width
+    parts = [_decode_tokens(coder, model_codes[model], int(sizes[model])) for model in range(k)]
     if not coder.is_empty():
         raise InputError("codec stream damaged: coded symbols left over")
-    planes = _apply_extras(tokens, extras)
+    planes = np.empty((count, width), np.uint8)
+    constant = np.flatnonzero(index >= k)
+    planes[constant] = np.take(VALUE, index[constant] - k)[:, None]
+    order = np.argsort(index, kind="stable")[:count - constant.size]  # the coding order
+    planes[order] = _values(parts, extras, int(sizes.sum())).reshape(-1, width)
     return _reconstruct(planes, refs.reshape(groups, channels)) if window else planes
 
 
-def _decode_symbols(coder, codes: np.ndarray, count: int) -> np.ndarray:
+def _decode_symbols(coder: Any, codes: np.ndarray, count: int) -> np.ndarray:
     if not codes.any():
         raise InputError("codec stream damaged: an empty model table")
-    symbols = coder.decode(_categorical(codes), count)
+    symbols = coder.decode(_table_model(codes), count)
     if symbols.size and symbols.max() >= np.flatnonzero(codes).max() + 1:
         raise InputError("codec stream damaged: a symbol outside its model")
     return symbols
 
 
-def _apply_extras(tokens: np.ndarray, extras: bytes) -> np.ndarray:
-    """Tokens and extra bits back to the uint8 symbols (int8 bit patterns)."""
-    flat_tokens = tokens.ravel()
-    code = np.take(TOKEN_BASE, flat_tokens)
-    escaped = _escaped(flat_tokens)
-    widths = np.take(TOKEN_NBITS, flat_tokens[escaped]).astype(np.int32)
-    code[escaped] += _read_extras(extras, widths).astype(np.uint8)
-    return np.take(UNCODE, code).reshape(tokens.shape)
+def _decode_tokens(coder: Any, codes: np.ndarray,
+                   count: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """One model's `count` tokens (rule f): (zero flags or None, the tokens they do not
+    make zero, 0..31)."""
+    if not codes.any():
+        raise InputError("codec stream damaged: an empty model table")
+    flag_model, token_model = _token_models(codes)
+    flags = None
+    if flag_model is not None:
+        flags = coder.decode(flag_model, count)
+        count = int(np.count_nonzero(flags))
+    tokens = coder.decode(token_model, count)
+    if flags is not None:
+        tokens += 1
+    if tokens.size and tokens.max() > np.flatnonzero(codes).max():
+        raise InputError("codec stream damaged: a symbol outside its model")
+    return flags, tokens
+
+
+def _values(parts: list[tuple[np.ndarray | None, np.ndarray]], extras: bytes,
+            size: int) -> np.ndarray:
+    """The uint8 symbols (int8 bit patterns) of the decoded tokens, in coding order.
+
+    The lookups and extra bits run on the explicit tokens only; the zeros a flag stands
+    for are filled in by one masked assignment per model.
+    """
+    tokens = np.concatenate([t for _, t in parts]) if parts else np.zeros(0, np.int32)
+    values = np.take(VALUE, tokens)
+    widths_all = np.take(TOKEN_NBITS, tokens)
+    escaped = np.flatnonzero(widths_all)
+    widths = widths_all[escaped].astype(np.int32)
+    code = np.take(TOKEN_BASE, tokens[escaped]) + _read_extras(extras, widths)
+    values[escaped] = np.take(UNCODE, code)
+    if all(flags is None for flags, _ in parts):
+        return values
+    out = np.zeros(size, np.uint8)
+    start = done = 0
+    for flags, part in parts:
+        end = start + (part.size if flags is None else flags.size)
+        if flags is None:
+            out[start:end] = values[done:done + part.size]
+        else:
+            out[start:end][flags != 0] = values[done:done + part.size]
+        start, done = end, done + part.size
+    return out
 
 
 # ------------------------------------------------------------------ model measurement

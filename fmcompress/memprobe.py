@@ -2,7 +2,9 @@
 
 Rules:
 
-a. A fresh Python process (so nothing else's memory counts) loads the model with
+a. A fresh Python process (so nothing else's memory counts) loads the model, its input
+   shapes pinned as the runtime view pins them (a symbolic H or W would keep
+   onnxruntime from folding shape arithmetic such as a detector's anchor grid), with
    onnxruntime's CPU provider, its memory arena and memory patterns off (every tensor
    is a separate allocation, freed after its last use) and one thread, at the same
    graph optimisation level as the runtime view.
@@ -50,12 +52,12 @@ def measure_peak(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[
     """Rules a-d, in a subprocess; `model` is a path or a ModelProto (written to a temporary file)."""
     if not _can_reset_peak():
         return PeakMeasurement(None, [], "the peak resident set cannot be reset here (needs Linux /proc)")
+    from .modelio import load_model
+    from .shapes import with_input_shapes
+
     with tempfile.TemporaryDirectory(prefix="fmcompress-probe-") as folder:
         path = Path(folder) / "model.onnx"
-        if isinstance(model, onnx.ModelProto):
-            onnx.save_model(model, str(path))
-        else:
-            path = Path(model)
+        onnx.save_model(with_input_shapes(load_model(model), dict(input_shapes)), str(path))
         shapes = [f"{name}={','.join(map(str, dims))}" for name, dims in input_shapes.items()]
         command = [sys.executable, "-m", "fmcompress.memprobe", str(path), "--level", level, "--rounds", str(rounds)]
         command += [arg for shape in shapes for arg in ("--shape", shape)]
