@@ -33,16 +33,24 @@ d. Models. Planes whose tokens are all one token without extra bits (all-zero pl
 e. Reference choice (dcac), three steps. (1) For each plane, among "none" and the
    previous W planes, the option with the smallest estimated code length: the empirical
    entropy of its tokens (Miller-Madow corrected) plus its extra bits, on evenly spaced
-   sample positions (the same in every plane); a residual must beat "none" by
-   REF_MARGIN. The L1 norm of the residual, the obvious proxy, picks worse references on
-   ReLU maps (a sparse plane minus another sparse plane is less sparse) and loses to the
-   baseline. (2) The shared models are fitted to the chosen symbols, and a reference is
-   kept only where the residual costs less than the plane under them. (3) If the stream
-   without references is no longer, it is the one written. A stream that uses no
-   reference carries neither the reference table nor the indices (REFS_FLAG), so dcac
-   then costs exactly what the baseline costs.
+   sample positions (the same in every plane), all candidates in one bincount; a
+   residual must beat "none" by REF_MARGIN. The L1 norm of the residual, the obvious
+   proxy, picks worse references on ReLU maps (a sparse plane minus another sparse plane
+   is less sparse) and loses to the baseline. (2) The shared models of the plain planes
+   are refitted (one Lloyd step) to the chosen symbols, and a reference is kept only where
+   the residual (tokens and extra bits) costs less than the plane under them. (3) The
+   stream with references is written only if its estimated size (token cross-entropy
+   under the tables, tables, indices, extra bits: within a few bytes of the real one) is
+   smaller than that of the stream without; only one stream is ever encoded. A stream
+   that uses no reference carries neither the reference table nor the indices
+   (REFS_FLAG), so dcac then costs exactly what the baseline costs.
 f. Entropy coder: constriction's ANS coder with categorical models built from the
-   written tables (perfect=False), one call per model; extra bits are bit-packed.
+   written tables (perfect=False), one call per model over all its planes (coding order:
+   by model, plane order within). A model whose table gives token 0 a probability of at
+   least SPLIT_ZERO codes a zero flag per element, then only the nonzero tokens under
+   the table without token 0: the same information, but the decoder searches the
+   32-letter table only for the nonzero elements. Extra bits are bit-packed in coding
+   order.
 g. Decoding checks the magic, version and a CRC-32 of the whole stream first, then
    every count it reads, and raises InputError for anything wrong: a damaged stream is
    never decoded into a wrong array.
@@ -66,7 +74,7 @@ import zstandard
 from .errors import InputError, VerificationError
 
 MAGIC = b"FMCC"
-VERSION = 1
+VERSION = 2
 METHODS = ("baseline", "dcac")
 DTYPE_CODES = {1: np.dtype(np.int8)}
 MAX_WINDOW = 255
@@ -87,6 +95,7 @@ LLOYD_ROUNDS = 2
 REF_MARGIN = 0.01  # relative: a residual must be estimated 1% cheaper than the plane itself
 REF_SAMPLE_SHARE = 1 / 8  # sampled positions per candidate, as a share of the elements
 REF_MIN_SAMPLES = 64  # per plane (fewer saturate the entropy estimate)
+SPLIT_ZERO = 0.5  # a model with P(token 0) at least this codes zero flags (rule f)
 ZSTD_LEVEL = 3
 SCHEMA_VERSION = 1
 
@@ -125,6 +134,7 @@ def _symbol_tables() -> tuple[np.ndarray, ...]:
 
 TOKEN, NBITS, EXTRA, TOKEN_BASE, TOKEN_NBITS, UNCODE = _symbol_tables()
 EXTRA_WIDTHS = tuple(int(w) for w in np.unique(TOKEN_NBITS) if w)
+VALUE = UNCODE[TOKEN_BASE]  # per token, its symbol with extra bits 0 (a bare token's symbol)
 
 
 # ----------------------------------------------------------------------- quantisation
@@ -214,12 +224,16 @@ def _token_histograms(tokens: np.ndarray) -> np.ndarray:
 
 
 def _entropy_bits(counts: np.ndarray) -> np.ndarray:
-    """Empirical code length (bits) of each row of counts, Miller-Madow corrected."""
-    totals = counts.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logs = np.where(counts > 0, np.log2(np.maximum(totals, 1) / np.maximum(counts, 1)), 0.0)
-    used = (counts > 0).sum(axis=-1)
-    return (counts * logs).sum(axis=-1) + np.maximum(used - 1, 0) / (2 * np.log(2))
+    """Empirical code length (bits) of each row of whole-number counts, Miller-Madow
+    corrected: n log2 n - sum c log2 c, the c log2 c from a table (no log per count)."""
+    counts = np.asarray(counts, np.int64)
+    totals = counts.sum(axis=-1)
+    top = int(totals.max()) if totals.size else 0
+    levels = np.arange(top + 1, dtype=np.float64)
+    xlogx = levels * np.log2(np.maximum(levels, 1))
+    used = np.count_nonzero(counts, axis=-1)
+    bits = np.take(xlogx, totals) - np.take(xlogx, counts).sum(axis=-1)
+    return bits + np.maximum(used - 1, 0) / (2 * np.log(2))
 
 
 def choose_references(planes: np.ndarray, groups: int, channels: int, window: int) -> np.ndarray:
@@ -258,27 +272,35 @@ def _table_codes(counts: np.ndarray) -> np.ndarray:
     """Rule d: the five-bit codes of a frequency table (..., n)."""
     counts = np.asarray(counts, np.float64)
     peak = np.maximum(counts.max(axis=-1, keepdims=True), 1)
-    with np.errstate(divide="ignore"):
-        codes = np.rint(MAX_CODE + 2 * np.log2(counts / peak))
+    # counts are whole numbers: the floor of 0.5 only keeps log2 off zero (masked below)
+    codes = np.rint(MAX_CODE + 2 * np.log2(np.maximum(counts, 0.5) / peak))
     return np.where(counts > 0, np.clip(codes, 1, MAX_CODE), 0).astype(np.uint8)
+
+
+CODE_LOG = (np.arange(MAX_CODE + 1) - MAX_CODE) / 2  # log2 of a code's weight
+CODE_WEIGHT = np.where(np.arange(MAX_CODE + 1) > 0, np.exp2(CODE_LOG), 0.0)
+UNUSED_BITS = 24.0  # constriction gives unused tokens about 2^-24
 
 
 def _table_probabilities(codes: np.ndarray) -> np.ndarray:
     """The probabilities a table's codes stand for (rows sum to 1; all-zero rows stay 0)."""
-    weights = np.where(codes > 0, np.exp2((codes.astype(np.float64) - MAX_CODE) / 2), 0.0)
+    weights = np.take(CODE_WEIGHT, codes)
     totals = weights.sum(axis=-1, keepdims=True)
     return weights / np.where(totals > 0, totals, 1)
 
 
 def _table_cost(codes: np.ndarray) -> np.ndarray:
-    """Bits per token under each table (constriction gives unused tokens about 2^-24)."""
-    return -np.log2(np.maximum(_table_probabilities(codes), 2.0**-24))
+    """Bits per token under each table (lookups: this runs in every Lloyd step)."""
+    totals = np.take(CODE_WEIGHT, codes).sum(axis=-1, keepdims=True)
+    used = np.log2(np.maximum(totals, 1e-300)) - np.take(CODE_LOG, codes)
+    return np.where(codes > 0, used, UNUSED_BITS)
 
 
 @dataclass
 class _Clustering:
     assign: np.ndarray  # per non-constant plane, its model
     codes: np.ndarray  # (K, TOKENS) table codes
+    token_bits: float  # estimated bits of the tokens under the tables
     bits: float  # estimated total: tokens, tables, indices
 
 
@@ -310,12 +332,22 @@ def _lloyd(histograms: np.ndarray, k: int) -> _Clustering:
     for _ in range(LLOYD_ROUNDS):
         costs = histograms @ _table_cost(_models_of(histograms, assign, k)).T
         assign = costs.argmin(axis=1)
+    return _finish(histograms, assign)
+
+
+def _refit(histograms: np.ndarray, codes: np.ndarray) -> _Clustering:
+    """One Lloyd step from given tables: each plane to its cheapest, then the models rebuilt."""
+    return _finish(histograms, (histograms @ _table_cost(codes).T).argmin(axis=1))
+
+
+def _finish(histograms: np.ndarray, assign: np.ndarray) -> _Clustering:
+    """The models of an assignment (unused ones dropped) and its estimated bits."""
     used, assign = np.unique(assign, return_inverse=True)
     codes = _models_of(histograms, assign, len(used))
     costs = histograms @ _table_cost(codes).T
     token_bits = float(costs[np.arange(len(assign)), assign].sum())
     index_bits = float(_entropy_bits(np.bincount(assign)[None])[0])
-    return _Clustering(assign, codes, token_bits + index_bits + codes.size * CODE_BITS)
+    return _Clustering(assign, codes, token_bits, token_bits + index_bits + codes.size * CODE_BITS)
 
 
 def _models_of(histograms: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
@@ -474,7 +506,10 @@ def _with_references(planes: np.ndarray, refs: np.ndarray, plain: _Coding,
     res_counts = _token_histograms(res_tokens)
     mixed = plain.histograms.copy()
     mixed[rows] = res_counts
-    models = _coding(planes, plain.tokens, mixed).clustering
+    if plain.clustering is None:  # every plane constant: a residual cannot be cheaper
+        return plain, np.zeros_like(refs)
+    # one Lloyd step from the plain models, not a fresh clustering: fast, and close enough
+    models = _coding(planes, plain.tokens, mixed, plain.clustering.codes).clustering
     if models is None:
         return plain, np.zeros_like(refs)
     costs = _table_cost(models.codes).T + TOKEN_NBITS[:, None]  # tokens and extra bits
@@ -666,7 +701,7 @@ def _decode_planes(codes: np.ndarray, k: int, window: int, groups: int, channels
     constant = np.flatnonzero(index >= k)
     planes[constant] = np.take(VALUE, index[constant] - k)[:, None]
     order = np.argsort(index, kind="stable")[:count - constant.size]  # the coding order
-    planes[order] = _values(parts, extras, int(sizes.sum())).reshape(-1, width)
+    planes[order] = _values(parts, extras, int(sizes.sum())).reshape(order.size, width)
     return _reconstruct(planes, refs.reshape(groups, channels)) if window else planes
 
 

@@ -210,3 +210,21 @@ def test_cli_codec_table_and_json(tmp_path):
     assert data["total"]["dcac_bpe"] <= data["total"]["baseline_bpe"] < 8.0
     missing = CliRunner().invoke(main, ["codec", str(tmp_path / "absent.onnx")])
     assert missing.exit_code == 2 and missing.output.startswith("error: ")
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.3, 0.6, 0.95])
+def test_zero_flag_models_round_trip_and_match_the_estimate(zeros):
+    """Models with P(0) >= SPLIT_ZERO code zero flags (rule f); the stream size is what
+    `_stream_bits` estimates (rule e (3) relies on it), within a few bytes."""
+    rng = np.random.default_rng(int(zeros * 100))
+    values = rng.integers(-40, 41, (1, 32, 24, 24))
+    values[rng.random(values.shape) < zeros] = 0
+    array = values.astype(np.int8)
+    split = codec._table_probabilities(codec._analyse(
+        array.reshape(32, -1).view(np.uint8)).clustering.codes)[:, 0] >= codec.SPLIT_ZERO
+    assert split.any() == (zeros >= 0.6)
+    for method in METHODS:
+        stream = round_trip(array, method)
+        coding = codec._analyse(array.reshape(32, -1).view(np.uint8))
+        estimate = codec._stream_bits(coding, np.zeros((1, 32), np.int64), 0) / 8
+        assert abs(len(stream) - estimate) < 48  # header, CRC, padding and ANS flush
