@@ -105,7 +105,9 @@ class _Planner:
         self.infos = infer_tensor_infos(model, self.shapes)
         self.window = window
         self.inputs = set(self.shapes)
-        self.order: list[str] = list(self.inputs) + [o for n in model.graph.node for o in n.output if o]
+        # data tensors only: exporters such as paddle2onnx open the graph with hundreds of Constants
+        self.order: list[str] = list(self.inputs) + [o for n in model.graph.node if n.op_type != "Constant"
+                                                      for o in n.output if o]
         self.position = {name: i for i, name in enumerate(self.order)}
         self.projectable = {m.name: m for m in stored.stored if m.compressible} if allow_projection and stored else {}
         self.projected: dict[str, PlannedMap] = {}
