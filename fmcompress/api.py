@@ -37,9 +37,10 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceilin
     return report
 
 
-def compile(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceiling,  # noqa: A001 - the product's verb
+def compile(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceiling | None = None,  # noqa: A001
             plan_only: bool = False, **options) -> CompileResult:
-    """Compress `model` so that every stored feature map fits under `ceiling`.
+    """Compress `model` so that every stored feature map fits under `ceiling` (and/or, with
+    `traffic="3x"`, their total under that budget; `objective="traffic+latency"`).
 
     Options are those of `CompileOptions` (input_shapes, act_bytes, method, data,
     num_samples, mean, std, scale, batch_size, seed, min_agreement, ...) and of

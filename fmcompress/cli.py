@@ -335,7 +335,13 @@ def _default_output(model: Path) -> Path:
 
 @main.command(name="compile")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--ceiling", required=True, help=CEILING_HELP)
+@click.option("--ceiling", help=CEILING_HELP + " Required unless --traffic is given.")
+@click.option("--traffic", help="Budget on the total bytes of the stored feature maps (every stored map between "
+                                "kernel groups; graph inputs and outputs excluded): a ratio of that total (3x) or a "
+                                "size (2MB). Ranks are allocated greedily per map; with --ceiling both hold.")
+@click.option("--objective", type=click.Choice(["traffic", "traffic+latency"]), default="traffic",
+              show_default=True, help="With --traffic: traffic+latency prefers maps whose projections fold into "
+                                      "convs (no explicit 1x1 U before a depthwise conv or other non-foldable reader).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the compressed model [default: MODEL.fmc.onnx].")
 @click.option("--method", type=click.Choice(["learned", "pca", "random"]), default="learned", show_default=True,
@@ -364,7 +370,7 @@ def _default_output(model: Path) -> Path:
               help="Write report.json, report.md and memory.png into this folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @handle_errors
-def compile_command(model: Path, ceiling: str, output: Path | None, method: str, input_shapes: tuple[str, ...],
+def compile_command(model: Path, ceiling: str | None, traffic: str | None, objective: str, output: Path | None, method: str, input_shapes: tuple[str, ...],
                     act_bytes: int | None, data: Path | None, num_samples: int, mean: str | None,
                     std: str | None, scale: float | None, batch_size: int, seed: int, threads: int,
                     epochs: int, lr: float, optimizer: str, loss: str, schedule: str, stage_epochs: int,
@@ -373,7 +379,7 @@ def compile_command(model: Path, ceiling: str, output: Path | None, method: str,
                     min_agreement: float | None, max_accuracy_drop: float | None, runtime: str | None,
                     ort_level: str, plan_only: bool,
                     json_path: Path | None, report_dir: Path | None, quiet: bool) -> None:
-    """Compress MODEL so that every stored feature map fits under --ceiling.
+    """Compress MODEL so that every stored feature map fits under --ceiling (and/or their total under --traffic).
 
     Plans a rank per map above the ceiling, fits projections on calibration data,
     folds them into the graph, verifies the result (onnx.checker, onnxruntime,
@@ -387,6 +393,8 @@ def compile_command(model: Path, ceiling: str, output: Path | None, method: str,
     from .render import training_monitor
     from .training import TrainConfig
 
+    if ceiling is None and traffic is None:
+        raise click.UsageError("missing option '--ceiling' (or '--traffic')", ctx=click.get_current_context())
     output = output or _default_output(model)
     trains = method != "pca" and not plan_only
     checkpoint = (checkpoint or _default_checkpoint(model, output)) if trains else None
@@ -407,7 +415,7 @@ def compile_command(model: Path, ceiling: str, output: Path | None, method: str,
                 num_samples=num_samples, **_normalisation(mean, std, scale), batch_size=batch_size, seed=seed,
                 threads=threads, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
                 training=training, checkpoint=checkpoint if primary else None, resume=resume, monitor=monitor,
-                runtime=runtime, ort_level=ort_level)
+                runtime=runtime, ort_level=ort_level, traffic=traffic, objective=objective)
             result = _compile_resumably(model, options, plan_only, log, checkpoint)
         if primary:
             _write_compile_outputs(result, output, json_path, report_dir, plan_only)
@@ -433,8 +441,9 @@ def _write_compile_outputs(result: Any, output: Path, json_path: Path | None, re
     if plan_only:
         if json_path:
             plan = result.plan.to_dict()
-            if "runtime_plan" in result.report:
-                plan["runtime_plan"] = result.report["runtime_plan"]
+            for key in ("runtime_plan", "allocation"):
+                if key in result.report:
+                    plan[key] = result.report[key]
             write_bytes_atomic(json.dumps(plan, indent=2).encode(), json_path)
         for entry in result.plan.maps:
             click.echo(f"{entry.name}  {'x'.join(map(str, entry.shape))}  k={entry.k}")
@@ -449,7 +458,18 @@ def _write_compile_outputs(result: Any, output: Path, json_path: Path | None, re
         if report_dir:
             write_report(result, report_dir)
     click.echo(f"wrote {output}: {len(result.plan.maps)} map(s) compressed; every compressible stored map <= "
-               f"{ceiling_bytes} B{blocked}")
+               f"{ceiling_bytes} B{_traffic_note(result.report.get('allocation'))}{blocked}")
+
+
+def _traffic_note(allocation: dict[str, Any] | None) -> str:
+    """`; stored traffic 229.0 KiB -> 76.1 KiB (3.01x, budget 3x)` or ''."""
+    if not allocation:
+        return ""
+    from .units import format_bytes
+
+    return (f"; stored traffic {format_bytes(allocation['traffic_before_bytes'])} -> "
+            f"{format_bytes(allocation['traffic_after_bytes'])} ({allocation['traffic_ratio']:.2f}x, budget "
+            f"{allocation['budget']})")
 
 
 def _compile_resumably(model: Path, options: Any, plan_only: bool, log: Callable[[str], None],

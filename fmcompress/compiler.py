@@ -30,12 +30,13 @@ from .data import (
     input_specs,
     load_dataset,
 )
-from .errors import InputError
+from .errors import InputError, VerificationError
 from .featuremaps import Projection
 from .memprobe import measure_peak
 from .metrics import batch_is_free
 from .modelio import load_model
 from .passes import PassContext, Pipeline
+from .passes.allocate import OBJECTIVES, AllocatePass, Allocation, parse_traffic, stored_traffic
 from .passes.fit import DEFAULT_METHOD, METHODS, FitProjectionsPass
 from .passes.fold import FoldProjectionsPass
 from .passes.fold_bn import FoldBatchNormPass
@@ -57,7 +58,7 @@ Log = Callable[[str], None]
 
 @dataclass
 class CompileOptions:
-    ceiling: Ceiling | str
+    ceiling: Ceiling | str | None  # None: only a traffic budget (then `traffic` is required)
     input_shapes: Any = None  # ["x=1,3,224,224"] or {"x": (1, 3, 224, 224)}
     act_bytes: int | None = None
     method: str = DEFAULT_METHOD
@@ -81,6 +82,8 @@ class CompileOptions:
     runtime: str | None = None  # "ort": the ceiling holds for onnxruntime's allocations (tiling + projections)
     ort_level: str = DEFAULT_ORT_LEVEL  # onnxruntime's graph optimisations of the runtime view
     measure_memory: bool = True  # with runtime: measure the process peak of both models (fmcompress.memprobe)
+    traffic: Ceiling | str | None = None  # budget on the total stored traffic (passes/allocate.py): 3x, 2MB
+    objective: str = "traffic"  # or "traffic+latency": prefer maps whose projections fold
 
 
 @dataclass
@@ -103,25 +106,29 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
         training.check()
         check_device(training.device)
     started = time.perf_counter()
+    _check_budgets(options)
     model = load_model(source)
     ctx = build_context(model, options.input_shapes, options.act_bytes, log)
-    ceiling = as_ceiling(options.ceiling)
+    ceiling = as_ceiling(options.ceiling) if options.ceiling is not None else NO_CEILING
     Pipeline([MemoryAnalysisPass(ceiling, source=source_name(source)), PlanPass(ceiling)]).run(model, ctx)
     plan, before = ctx.results["plan"], ctx.results["memory"]
     runtime_plan = _plan_runtime(model, ctx, options, log) if options.runtime else None
     plan = ctx.results["plan"]
     log(f"plan: {len(plan.maps)} map(s) to project to fit {plan.ceiling} ({plan.ceiling_bytes} B)")
+    allocation, prepared = None, None
+    if options.traffic is not None:  # the allocation measures its proxies on the calibration part
+        prepared = _prepare_data(model, ctx, options, before, log)
+        allocation = _allocate(model, ctx, options, prepared, log)
+        plan = allocation.plan
     if plan_only:
         warnings = _unsupported_warnings(model)
         report = {"plan": plan.to_dict(), "warnings": warnings}
         if runtime_plan is not None:
             report["runtime_plan"] = runtime_plan.to_dict()
+        if allocation is not None:
+            report["allocation"] = allocation.to_dict()
         return CompileResult(None, plan, before, report=report)
-    warnings: list[str] = []
-    batch_size = _batch_size(model, ctx, options.batch_size, warnings)
-    dataset = _dataset(model, ctx, options, _num_classes(model, before), log)
-    calibration, held_out = dataset.split(options.held_out_fraction, seed=options.seed)
-    warnings += data_warnings(dataset, held_out)
+    batch_size, dataset, calibration, held_out, warnings = prepared or _prepare_data(model, ctx, options, before, log)
     training = replace(training, batch_size=batch_size)
     fit = FitProjectionsPass(calibration, held_out, method=options.method, batch_size=batch_size,
                              training=training, checkpoint=options.checkpoint, resume=options.resume,
@@ -138,20 +145,65 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
                     max_accuracy_drop=options.max_accuracy_drop),
     ]).run(model, ctx)
     log("verified: onnx.checker, onnxruntime, executor agreement, ceiling")
-    _set_metadata(folded, plan, options)
     after = ctx.results["verify"]["after"]
+    if allocation is not None:
+        _check_traffic(allocation, after, log)
+    _set_metadata(folded, plan, options, allocation)
     warnings += ctx.results["measure"]["warnings"]
     timings = {"total": time.perf_counter() - started, **ctx.timings}
     if options.runtime:  # both views' runtime peaks in the report's peaks
         before.runtime, after.runtime = ctx.results["runtime"], ctx.results["verify"]["runtime"]
     report = _report(source, options, plan, dataset, calibration, held_out, ctx, batch_size, warnings, timings)
     report["training"] = _training_report(fit, training)
+    report["allocation"] = allocation.to_dict(stored_traffic(after)) if allocation is not None else None
     if options.runtime:
         report["runtime"] = _runtime_report(model, folded, ctx, options)
     return CompileResult(folded, plan, before, after, report, projections=ctx.results["fit"])
 
 
 RUNTIMES = ("ort",)
+NO_CEILING = Ceiling(ratio=1.0, text="1x")  # --traffic alone: no map above the largest, so no cap
+
+
+def _check_budgets(options: CompileOptions) -> None:
+    if options.ceiling is None and options.traffic is None:
+        raise InputError("give a ceiling, a traffic budget, or both")
+    if options.traffic is not None and options.objective not in OBJECTIVES:
+        raise InputError(f"unknown objective {options.objective!r}; available: {', '.join(OBJECTIVES)}")
+    if options.traffic is not None and options.runtime:
+        raise InputError("a traffic budget does not combine with --runtime ort yet")
+
+
+def _prepare_data(model: onnx.ModelProto, ctx: PassContext, options: CompileOptions, before: AnalysisReport,
+                  log: Log) -> tuple[int, Dataset, Dataset, Dataset, list[str]]:
+    """The batch size the graph allows, the data and its calibration / held-out split, data warnings."""
+    warnings: list[str] = []
+    batch_size = _batch_size(model, ctx, options.batch_size, warnings)
+    dataset = _dataset(model, ctx, options, _num_classes(model, before), log)
+    calibration, held_out = dataset.split(options.held_out_fraction, seed=options.seed)
+    warnings += data_warnings(dataset, held_out)
+    return batch_size, dataset, calibration, held_out, warnings
+
+
+def _allocate(model: onnx.ModelProto, ctx: PassContext, options: CompileOptions, prepared: tuple,
+              log: Log) -> Allocation:
+    """--traffic: the greedy allocation (passes/allocate.py) replaces the ceiling's plan."""
+    batch_size, _, calibration, _, _ = prepared
+    budget = options.traffic if isinstance(options.traffic, Ceiling) else parse_traffic(str(options.traffic))
+    allocate = AllocatePass(budget, calibration, objective=options.objective, batch_size=batch_size,
+                            seed=options.seed)
+    Pipeline([allocate]).run(model, ctx)
+    return ctx.results["allocate"]
+
+
+def _check_traffic(allocation: Allocation, after: AnalysisReport, log: Log) -> None:
+    """The budget, on the emitted model's stored view (folding may only shrink what was planned)."""
+    traffic = stored_traffic(after)
+    if traffic > allocation.budget_bytes:
+        raise VerificationError(f"the emitted model stores {traffic} B of feature maps, above the traffic budget "
+                                f"{allocation.budget} ({allocation.budget_bytes} B); nothing was written")
+    log(f"traffic: {allocation.traffic_before} B -> {traffic} B "
+        f"({allocation.traffic_before / max(traffic, 1):.2f}x; budget {allocation.budget_bytes} B)")
 
 
 def _plan_runtime(model: onnx.ModelProto, ctx: PassContext, options: CompileOptions, log: Log) -> RuntimePlan:
@@ -257,7 +309,8 @@ def _num_classes(model: onnx.ModelProto, analysis: AnalysisReport) -> int | None
     return int(first[1]) if first is not None and len(first) == 2 else None
 
 
-def _set_metadata(model: onnx.ModelProto, plan: Plan, options: CompileOptions) -> None:
+def _set_metadata(model: onnx.ModelProto, plan: Plan, options: CompileOptions,
+                  allocation: Allocation | None = None) -> None:
     entries = {
         "fmcompress.version": __version__,
         "fmcompress.method": options.method,
@@ -265,6 +318,9 @@ def _set_metadata(model: onnx.ModelProto, plan: Plan, options: CompileOptions) -
         "fmcompress.ceiling_bytes": str(plan.ceiling_bytes),
         "fmcompress.plan": json.dumps([{"name": m.name, "C": m.channels, "k": m.k} for m in plan.maps]),
     }
+    if allocation is not None:
+        entries.update({"fmcompress.traffic": allocation.budget, "fmcompress.traffic_bytes": str(allocation.budget_bytes),
+                        "fmcompress.objective": allocation.objective})
     kept = [p for p in model.metadata_props if p.key not in entries]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
