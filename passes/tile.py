@@ -13,7 +13,7 @@ a. Region: the nodes that compute `end` from `start`, found by walking back from
    graph input, or a Constant node's output). Supported ops: Conv (2-D, any kernel,
    stride, dilation, group, pads, auto_pad; constant weight and bias); MaxPool,
    AveragePool (ceil_mode, pads, dilations, count_include_pad) and LpPool
-   (ceil_mode 0); BatchNormalization (inference); elementwise unary ops (UNARY_OPS);
+   (ceil_mode 0); ConvTranspose (rule d''); BatchNormalization (inference); elementwise unary ops (UNARY_OPS);
    elementwise Add/Sub/Mul/Div/Max/Min/Sum/Mean/PRelu whose operands are region
    tensors of the output's exact shape or constants that do not vary along H
    (broadcast H dim 1); Split and Concat along the channel axis (every Split output
@@ -44,6 +44,11 @@ d'. A nearest Resize by an integer factor f whose coordinates floor (asymmetric 
    floor; half_pixel or pytorch_half_pixel with round_prefer_floor/ceil: output row r
    reads input row r // f) reads rows [a // f, ceil(b / f)) for output rows [a, b); the
    band computes f times as many rows, and its readers slice what they need.
+d''. A ConvTranspose (stride s, extent e = d(k-1)+1, top pad p; explicit pads only) feeds
+   output row r from input rows i with r = i s - p + j d: output rows [a, b) read input
+   rows [ceil((a + p - e + 1) / s), floor((b - 1 + p) / s) + 1), clipped; the band's top
+   pad is a + p - (first row) s, and its bottom pad (or, where the band ends short, its
+   output_padding, below the stride) makes it compute exactly rows [a, b).
 e. Pools: ceil_mode=1 becomes ceil_mode=0 with the extra bottom rows (and right
    columns) as explicit bottom (right) pad. That is exact for MaxPool (pads are -inf), LpPool (pads are 0) and
    AveragePool with count_include_pad=0 (pads are not counted); AveragePool with
@@ -113,6 +118,8 @@ class Window:
     w_pads: Rows = (0, 0)  # left, right (auto_pad resolved); bands keep them
     macs_per_output: int = 0  # Conv: prod(weight.shape[1:]); pools and elementwise: 0
     upsample: int = 1  # nearest Resize by an integer factor along H: out row r reads row r // upsample
+    transposed: bool = False  # ConvTranspose: input row i feeds output rows i*stride - pad_top + [0, extent)
+    w_output_padding: int = 0  # ConvTranspose, kept by every band
 
 
 IDENTITY_WINDOW = Window()
@@ -263,9 +270,11 @@ def _validate_node(node: onnx.NodeProto, tensors: set[str], constants: Mapping[s
     where = f"tile: {op} node {node.name!r}"
     if node.domain not in ("", "ai.onnx"):
         raise InputError(f"{where}: custom-domain op {node.domain}::{op} is not supported")
-    if op in WINDOW_OPS:
+    if op in WINDOW_OPS or op == "ConvTranspose":
         if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
             raise InputError(f"{where}: weights and bias must be constants")
+        if op == "ConvTranspose":
+            return _transposed_window(node, attrs, constants, infos)
         return _window(node, attrs, constants, infos)
     if op in UNARY_OPS:
         if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
@@ -355,6 +364,47 @@ def _window(node: onnx.NodeProto, attrs: Mapping, constants: Mapping[str, np.nda
     return Window(extents[0], strides[0], top, bottom, int(kernel[0]), (left, right), macs)
 
 
+def _transposed_window(node: onnx.NodeProto, attrs: Mapping, constants: Mapping[str, np.ndarray | None],
+                       infos: Mapping[str, TensorInfo]) -> Window:
+    """Rule d'': a 2-D ConvTranspose with explicit pads (no auto_pad, no output_shape)."""
+    where = f"tile: ConvTranspose node {node.name!r}"
+    weight = constants.get(node.input[1])
+    if weight is None or weight.ndim != 4:
+        raise InputError(f"{where}: only 2-D transposed convs with a constant weight can be tiled")
+    if _text(attrs.get("auto_pad", "NOTSET")) != "NOTSET" or "output_shape" in attrs:
+        raise InputError(f"{where}: only explicit pads are tiled (no auto_pad, no output_shape)")
+    kernel = list(attrs.get("kernel_shape", weight.shape[2:]))
+    strides = [int(v) for v in attrs.get("strides", [1, 1])]
+    dilations = [int(v) for v in attrs.get("dilations", [1, 1])]
+    pads = [int(v) for v in attrs.get("pads", [0, 0, 0, 0])]
+    output_padding = [int(v) for v in attrs.get("output_padding", [0, 0])]
+    group = int(attrs.get("group", 1))
+    macs = weight.shape[0] // group * int(np.prod(kernel)) // max(1, strides[0] * strides[1])
+    return Window(extent=dilations[0] * (int(kernel[0]) - 1) + 1, stride=strides[0], pad_top=pads[0],
+                  pad_bottom=pads[2], kernel=int(kernel[0]), w_pads=(pads[1], pads[3]), macs_per_output=macs,
+                  transposed=True, w_output_padding=output_padding[1])
+
+
+def _transposed_rows(window: Window, out: Rows, in_height: int) -> tuple[Rows, Rows, int]:
+    """Rule d'': input rows, band pads and output padding that give exactly output rows `out`."""
+    a, b = out
+    s, p, e = window.stride, window.pad_top, window.extent
+    lo = max(0, -(-(a + p - e + 1) // s))
+    lo = min(lo, max(0, (a + p) // s))  # the band's first output row must not lie above row a
+    hi = min(in_height, (b - 1 + p) // s + 1)
+    top = a + p - lo * s
+    while True:
+        surplus = (hi - lo - 1) * s + e - top - (b - a)  # rows the band would compute below b
+        if surplus >= 0 or hi >= in_height:
+            break
+        hi += 1
+    if surplus >= 0:
+        return (lo, hi), (top, surplus), 0
+    if -surplus >= max(s, 1):
+        raise InputError("tile: a ConvTranspose band would need an output padding not below its stride")
+    return (lo, hi), (top, 0), -surplus
+
+
 def _ceil_columns(node: onnx.NodeProto, attrs: Mapping, pads: Rows, kernel: int, size: int,
                   out_size: int, stride: int, extent: int) -> int:
     """The right pad that makes ceil_mode=0 give the original columns (rule e)."""
@@ -401,6 +451,7 @@ class BandPlan:
     produced: dict[str, Rows] = field(default_factory=dict)  # tensor -> rows computed/sliced
     reads: dict[tuple[str, int], Rows] = field(default_factory=dict)  # (node key, input) -> rows
     pads: dict[str, Rows] = field(default_factory=dict)  # node key -> (top, bottom) band pads
+    output_padding: dict[str, int] = field(default_factory=dict)  # ConvTranspose key -> rows added below
 
 
 def band_rows(height: int, bands: int) -> list[Rows]:
@@ -426,6 +477,12 @@ def _plan_band(region: Region, rows: Rows) -> BandPlan:
             plan.produced[name] = out
         window = region.windows[key]
         in_height = region.height(node.input[region.region_inputs[key][0]])  # input 0 may be a constant
+        if window.transposed:  # rule d''
+            read, plan.pads[key], plan.output_padding[key] = _transposed_rows(window, out, in_height)
+            plan.reads[(key, 0)] = read
+            have = plan.produced.get(node.input[0], read)
+            plan.produced[node.input[0]] = (min(have[0], read[0]), max(have[1], read[1]))
+            continue
         if window.upsample > 1:  # rule d': whole input rows, so the band computes a multiple of the factor
             read = (out[0] // window.upsample, -(-out[1] // window.upsample))
             for name in node.output[:1]:
@@ -598,6 +655,8 @@ def _emit_band(region: Region, plan: BandPlan, index: int, namer: _Namer, graph:
             have[name] = (copy.output[-1], plan.produced[key])
         if key in plan.pads:
             _set_band_pads(copy, region.windows[key], plan.pads[key])
+        if key in plan.output_padding:
+            _set_output_padding(copy, region.windows[key], plan.output_padding[key])
         emitted.append(copy)
     return have[region.end][0]
 
@@ -650,6 +709,13 @@ def _set_band_pads(node: onnx.NodeProto, window: Window, pads: Rows) -> None:
     node.attribute.extend(keep)
     node.attribute.append(helper.make_attribute("pads", [pads[0], window.w_pads[0], pads[1],
                                                          window.w_pads[1]]))
+
+
+def _set_output_padding(node: onnx.NodeProto, window: Window, rows: int) -> None:
+    keep = [a for a in node.attribute if a.name != "output_padding"]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    node.attribute.append(helper.make_attribute("output_padding", [rows, window.w_output_padding]))
 
 
 def _replace_region(graph: onnx.GraphProto, region: Region, emitted: list[onnx.NodeProto]) -> None:

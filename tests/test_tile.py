@@ -466,3 +466,32 @@ def test_side_inputs_feature_pyramid():
         np.testing.assert_allclose(run(tiled, x)[0], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="not read by the region"):
         tileable_region(model, [coarse, fine, "x"], chain.last)
+
+
+@pytest.mark.parametrize("kernel, stride, pads, output_padding, dilation, group", [
+    (2, 2, [0, 0, 0, 0], [0, 0], 1, 1),  # PP-OCR's DB head
+    (3, 2, [1, 1, 1, 1], [1, 1], 1, 1),  # "same" upsampling
+    (4, 2, [1, 0, 2, 1], [0, 0], 1, 1),
+    (3, 1, [1, 1, 1, 1], [0, 0], 2, 1),
+    (3, 2, [0, 0, 0, 0], [1, 0], 1, 2),
+    (1, 3, [0, 0, 0, 0], [2, 2], 1, 1),  # kernel below the stride: rows of zeros plus bias
+])
+def test_conv_transpose_inside_a_band(kernel, stride, pads, output_padding, dilation, group):
+    chain = Chain((1, 4, 7, 6))
+    chain.conv(6, 3, pads=[1, 1, 1, 1])
+    rng = np.random.default_rng(7)
+    weight = chain.const("wt", rng.standard_normal((6, 8 // group, kernel, kernel)) * 0.3)
+    bias = chain.const("bt", rng.standard_normal(8) * 0.1)
+    chain.node("ConvTranspose", [chain.last, weight, bias], kernel_shape=[kernel, kernel], strides=[stride, stride],
+               pads=pads, output_padding=output_padding, dilations=[dilation, dilation], group=group)
+    chain.channels = 8
+    chain.node("Relu", [chain.last])
+    chain.conv(3, 3, pads=[1, 1, 1, 1])
+    model = chain.model()
+    x = rng.standard_normal((1, 4, 7, 6)).astype(np.float32)
+    expected = run(model, x)[0]
+    height = expected.shape[2]
+    for bands in sorted({2, 3, height // 2, height}):
+        tiled = tile_region(model, "x", chain.last, bands)
+        onnx.checker.check_model(tiled, full_check=True)
+        np.testing.assert_allclose(run(tiled, x)[0], expected, rtol=1e-5, atol=1e-5, err_msg=f"{bands} bands")
