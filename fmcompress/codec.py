@@ -26,31 +26,40 @@ c. Symbols. A value v (int8, or a residual read as int8) becomes a token of a 32
 d. Models. Planes whose tokens are all one token without extra bits (all-zero planes) are
    "constant" and cost only their model index. The others are clustered into K shared
    token models (K in 1, 2, 4, ... 32, the one with the fewest total bits counting the
-   tables and the indices): Lloyd iterations that assign each plane to the model with
-   the smallest cross-entropy and rebuild each model from its planes' histogram. A model
-   is written as 32 five-bit codes: 0 for an unused token, else 1..31 for a frequency of
+   tables and the indices). All K run at once: each starts from a split of the planes
+   sorted by mean token, takes LLOYD_ROUNDS assignment steps (each plane to the model
+   with the smallest cross-entropy, the models from their planes' histograms), and is
+   scored with the tables built from its final assignment. A model is written as 32
+   five-bit codes: 0 for an unused token, else 1..31 for a frequency of
    2^((code - 31) / 2) relative to the most frequent token.
-e. Reference choice (dcac), three steps. (1) For each plane, among "none" and the
-   previous W planes, the option with the smallest estimated code length: the empirical
-   entropy of its tokens (Miller-Madow corrected) plus its extra bits, on evenly spaced
-   sample positions (the same in every plane), all candidates in one bincount; a
-   residual must beat "none" by REF_MARGIN. The L1 norm of the residual, the obvious
-   proxy, picks worse references on ReLU maps (a sparse plane minus another sparse plane
-   is less sparse) and loses to the baseline. (2) The shared models of the plain planes
-   are refitted (one Lloyd step) to the chosen symbols, and a reference is kept only where
-   the residual (tokens and extra bits) costs less than the plane under them. (3) The
-   stream with references is written only if its estimated size (token cross-entropy
-   under the tables, tables, indices, extra bits: within a few bytes of the real one) is
-   smaller than that of the stream without; only one stream is ever encoded. A stream
-   that uses no reference carries neither the reference table nor the indices
-   (REFS_FLAG), so dcac then costs exactly what the baseline costs.
+e. Reference choice (dcac), three steps. (1) For each non-constant plane, among "none" and
+   the non-constant planes of the previous W, the option with the smallest estimated code
+   length: the empirical entropy of its tokens (Miller-Madow corrected) plus its extra
+   bits, on evenly spaced sample positions (the same in every plane), all candidates in
+   one bincount; a residual must beat "none" by REF_MARGIN. Where the candidates would
+   hold more sampled tokens than REF_BUDGET of the map's elements (many small planes), an
+   evenly spread subset within that budget is estimated first, and the map gets no
+   reference unless those save REF_SCREEN of the subset's estimated bits. The L1 norm of
+   the residual (or any per-symbol magnitude proxy) picks worse references: a sparse
+   plane minus another sparse plane is less sparse, and a shifted residual costs no more
+   than an unshifted one. (2) A reference is kept only where the residual (tokens and
+   extra bits) costs less than the plane under the cheapest of: the plain planes' shared
+   models, one model of all the chosen residuals, and those refitted (one Lloyd step) to
+   the chosen symbols; the stream's models are refitted (one Lloyd step) from all of them
+   to the kept symbols. (3) The stream with references is written only if its estimated
+   size (token cross-entropy under the tables, tables, indices, extra bits: within a few
+   bytes of the real one) is smaller than that of the stream without; only one stream is
+   ever encoded. A stream that uses no reference carries neither the reference table nor
+   the indices (REFS_FLAG), so dcac then costs exactly what the baseline costs.
 f. Entropy coder: constriction's ANS coder with categorical models built from the
    written tables (perfect=False), one call per model over all its planes (coding order:
-   by model, plane order within). A model whose table gives token 0 a probability of at
-   least SPLIT_ZERO codes a zero flag per element, then only the nonzero tokens under
-   the table without token 0: the same information, but the decoder searches the
-   32-letter table only for the nonzero elements. Extra bits are bit-packed in coding
-   order.
+   by model, plane order within). A model whose table gives token 0 a probability p of at
+   least SPLIT_ZERO codes zero flags, four to a symbol of a 16-letter model (the product
+   p^zeros (1 - p)^ones: the bits of four single flags), then only the nonzero tokens
+   under the table without token 0: the same information, but the decoder searches a
+   16-letter table per four elements and the 32-letter one only for the nonzero ones.
+   Extra bits are bit-packed grouped by width (2, 3, 4, 5), each group in coding order,
+   so that each group is packed and read at a fixed width.
 g. Decoding checks the magic, version and a CRC-32 of the whole stream first, then
    every count it reads, and raises InputError for anything wrong: a damaged stream is
    never decoded into a wrong array.
@@ -58,6 +67,7 @@ g. Decoding checks the magic, version and a CRC-32 of the whole stream first, th
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import time
@@ -74,7 +84,7 @@ import zstandard
 from .errors import InputError, VerificationError
 
 MAGIC = b"FMCC"
-VERSION = 2
+VERSION = 3
 METHODS = ("baseline", "dcac")
 DTYPE_CODES = {1: np.dtype(np.int8)}
 MAX_WINDOW = 255
@@ -91,10 +101,12 @@ CODE_BITS = 5
 MAX_CODE = (1 << CODE_BITS) - 1
 MAX_MODELS = 32
 REFS_FLAG = 0x80  # in the models byte: the stream codes reference indices
-LLOYD_ROUNDS = 2
+LLOYD_ROUNDS = 1
 REF_MARGIN = 0.01  # relative: a residual must be estimated 1% cheaper than the plane itself
 REF_SAMPLE_SHARE = 1 / 8  # sampled positions per candidate, as a share of the elements
 REF_MIN_SAMPLES = 64  # per plane (fewer saturate the entropy estimate)
+REF_BUDGET = 0.25  # sampled candidate tokens, as a share of the elements, before screening
+REF_SCREEN = 0.005  # the screened planes' references must save this share of their bits
 SPLIT_ZERO = 0.5  # a model with P(token 0) at least this codes zero flags (rule f)
 ZSTD_LEVEL = 3
 SCHEMA_VERSION = 1
@@ -135,6 +147,18 @@ def _symbol_tables() -> tuple[np.ndarray, ...]:
 TOKEN, NBITS, EXTRA, TOKEN_BASE, TOKEN_NBITS, UNCODE = _symbol_tables()
 EXTRA_WIDTHS = tuple(int(w) for w in np.unique(TOKEN_NBITS) if w)
 VALUE = UNCODE[TOKEN_BASE]  # per token, its symbol with extra bits 0 (a bare token's symbol)
+TOKEN_INT32 = TOKEN.astype(np.int32)
+TOKEN_NBITS_FLOAT = TOKEN_NBITS.astype(np.float64)
+ONES_TOKENS = np.ones(TOKENS)
+MILLER_MADOW = 1 / (2 * np.log(2))  # bits per used letter beyond the first
+PLANE_OFFSETS = np.arange(0, 1 << 16, TOKENS, dtype=np.uint16)  # plane * TOKENS, for bincounts
+SPARSE = 0.4  # below this share of nonzero tokens, histograms count only the nonzero ones
+ESCAPED = TOKEN_NBITS > 0  # per token: does it carry extra bits
+EXTRA_BITS = {width: ((EXTRA[:, None] >> np.arange(width - 1, -1, -1)) & 1).astype(np.uint8)
+              for width in EXTRA_WIDTHS}  # per width, per symbol: its low extra bits, MSB first
+NIBBLES = np.stack([np.arange(256) >> 4, np.arange(256) & 15], axis=1).astype(np.int32)
+QUAD_ONES = np.array([bin(q).count("1") for q in range(16)])  # nonzero flags in a quad symbol
+QUAD_FLAGS = ((np.arange(16)[:, None] >> np.arange(3, -1, -1)) & 1).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------- quantisation
@@ -176,8 +200,8 @@ def quantize(array: np.ndarray, scale: float) -> np.ndarray:
 def _plane_layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
     """(G, C, HW): G runs of C planes of HW elements (rule a)."""
     if len(shape) <= 2:
-        return 1, 1, int(np.prod(shape, dtype=np.int64))
-    return int(np.prod(shape[:-3], dtype=np.int64)), shape[-3], shape[-2] * shape[-1]
+        return 1, 1, math.prod(shape)
+    return math.prod(shape[:-3]), shape[-3], shape[-2] * shape[-1]
 
 
 def _parents(refs: np.ndarray) -> np.ndarray:
@@ -214,12 +238,23 @@ def _reconstruct(coded: np.ndarray, refs: np.ndarray) -> np.ndarray:
 
 
 def _token_histograms(tokens: np.ndarray) -> np.ndarray:
-    """(P, TOKENS) counts of a (P, n) token array."""
-    planes = tokens.shape[0]
+    """(P, TOKENS) counts of a (P, n) token array: one bincount over plane * TOKENS + token,
+    as uint16 while that fits; over the nonzero tokens only where they are few (ReLU maps),
+    the zeros then counted by difference."""
+    planes, width = tokens.shape
     if tokens.size == 0:
         return np.zeros((planes, TOKENS), np.int64)
-    index = tokens.astype(np.intp)
-    index += (np.arange(planes, dtype=np.intp) * TOKENS)[:, None]
+    if width >= 256 and np.count_nonzero(tokens) < SPARSE * tokens.size:
+        positions = np.flatnonzero(tokens.ravel() != 0)
+        index = positions // width * TOKENS + tokens.ravel().take(positions)
+        counts = np.bincount(index, minlength=planes * TOKENS).reshape(planes, TOKENS)
+        counts[:, 0] = width - counts.sum(axis=1)
+        return counts
+    if planes * TOKENS <= 1 << 16:
+        index = np.add(tokens, PLANE_OFFSETS[:planes, None], dtype=np.uint16)
+    else:
+        index = tokens.astype(np.intp)
+        index += (np.arange(planes, dtype=np.intp) * TOKENS)[:, None]
     return np.bincount(index.ravel(), minlength=planes * TOKENS).reshape(planes, TOKENS)
 
 
@@ -236,33 +271,78 @@ def _entropy_bits(counts: np.ndarray) -> np.ndarray:
     return bits + np.maximum(used - 1, 0) / (2 * np.log(2))
 
 
-def choose_references(planes: np.ndarray, groups: int, channels: int, window: int) -> np.ndarray:
+def choose_references(planes: np.ndarray, groups: int, channels: int, window: int,
+                      live: np.ndarray | None = None) -> np.ndarray:
     """Rule e (1): (G, C) reference distances, 0 for none, for planes (G*C, HW) uint8.
 
-    All W + 1 candidates of all planes are estimated at once: one token lookup and one
-    bincount over (candidate, plane, token), so the cost does not grow with Python calls.
+    Only `live` planes (default all; the encoder passes the non-constant ones) take or give
+    a reference. All W + 1 candidates of the planes are estimated at once (one token
+    lookup and one bincount). Where that would look at more sampled tokens than the map
+    has elements (REF_BUDGET: many small planes), an evenly spread subset of the planes
+    within that budget is estimated first, and the others only if the subset's references
+    save at least REF_SCREEN of its estimated bits.
     """
     refs = np.zeros((groups, channels), np.int64)
     window = min(window, channels - 1)
-    if window < 1 or planes.shape[1] == 0:
-        return refs
     width = planes.shape[1]
-    samples = int(np.clip(width * REF_SAMPLE_SHARE / window, REF_MIN_SAMPLES, width))
-    positions = np.linspace(0, width - 1, samples).round().astype(np.intp)
-    sampled = planes[:, positions].reshape(groups, channels, samples)
-    candidates = np.zeros((window + 1, groups, channels, samples), np.uint8)
-    candidates[0] = sampled
-    for distance in range(1, window + 1):  # W vectorised steps, not per element
-        np.subtract(sampled[:, distance:], sampled[:, :-distance],
-                    out=candidates[distance, :, distance:])
-    tokens = np.take(TOKEN, candidates).reshape(-1, samples)
-    histograms = _token_histograms(tokens)
-    cost = (_entropy_bits(histograms) + histograms @ TOKEN_NBITS.astype(np.float64))
-    cost = cost.reshape(window + 1, groups, channels)
-    cost[0] *= 1 - REF_MARGIN
-    for distance in range(1, window + 1):
-        cost[distance, :, :distance] = np.inf  # no plane before the run's start
-    return cost.argmin(axis=0)  # ties go to "none", then to the nearest plane
+    if window < 1 or width == 0:
+        return refs
+    count = groups * channels
+    live = np.ones(count, bool) if live is None else live
+    channel = np.tile(np.arange(channels), groups)
+    distances = np.arange(1, window + 1)
+    targets = np.flatnonzero(live & (channel > 0))
+    sources = targets[:, None] - distances
+    valid = (distances <= channel[targets, None]) & live[np.maximum(sources, 0)]
+    usable = valid.any(axis=1)
+    targets, sources, valid = targets[usable], np.maximum(sources[usable], 0), valid[usable]
+    if not targets.size:
+        return refs
+    samples = min(width, max(REF_MIN_SAMPLES, int(width * REF_SAMPLE_SHARE / window)))
+    sampled = planes  # evenly spaced positions, the same in every plane
+    if samples < width:
+        step = (width - 1) / (samples - 1)
+        sampled = planes.take(np.rint(np.arange(samples) * step).astype(np.intp), axis=1)
+    stride = -(-targets.size * (window + 1) * samples // max(int(REF_BUDGET * count * width), 1))
+    parts = [np.arange(targets.size)]
+    if stride > 1:  # screen every stride-th plane first
+        screened = np.zeros(targets.size, bool)
+        screened[::stride] = True
+        parts = [np.flatnonzero(screened), np.flatnonzero(~screened)]
+    for step, part in enumerate(parts):
+        best, own, cost = _reference_costs(sampled, targets[part], sources[part], valid[part])
+        chosen = cost < own * (1 - REF_MARGIN)
+        refs.ravel()[targets[part[chosen]]] = best[chosen]
+        if step == 0 and len(parts) > 1 and (own - cost)[chosen].sum() < REF_SCREEN * own.sum():
+            return np.zeros_like(refs)  # the map is not worth the search
+    return refs
+
+
+def _reference_costs(sampled: np.ndarray, targets: np.ndarray, sources: np.ndarray,
+                     valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per target: (best distance, estimated bits of the plane, of its best residual) on
+    the sampled positions (rule e (1)); `sources` (T, W) the candidate planes."""
+    own = sampled.take(targets, axis=0)
+    residuals = own[:, None, :] - sampled.take(sources, axis=0)  # uint8 wraps (rule b)
+    candidates = np.concatenate([own[:, None, :], residuals], axis=1)
+    cost = _sample_bits(candidates.reshape(-1, sampled.shape[1])).reshape(candidates.shape[:2])
+    cost[:, 1:][~valid] = np.inf
+    best = cost[:, 1:].argmin(axis=1)  # ties go to the nearest plane
+    return best + 1, cost[:, 0], cost[np.arange(len(best)), best + 1]
+
+
+def _sample_bits(symbols: np.ndarray) -> np.ndarray:
+    """Estimated code length of each row of symbols (R, S) uint8: the Miller-Madow
+    corrected empirical entropy of its tokens, plus their extra bits."""
+    rows, size = symbols.shape
+    index = np.take(TOKEN_INT32, symbols)
+    index += (np.arange(rows, dtype=np.int32) * TOKENS)[:, None]
+    counts = np.bincount(index.ravel(), minlength=rows * TOKENS).reshape(rows, TOKENS)
+    levels = np.arange(size + 1, dtype=np.float64)
+    # -sum c log2 c, and (used bins - 1) / (2 ln 2), as one lookup per bin
+    table = (levels > 0) * MILLER_MADOW - levels * np.log2(np.maximum(levels, 1))
+    fixed = size * np.log2(max(size, 1)) - MILLER_MADOW
+    return fixed + np.take(table, counts) @ ONES_TOKENS + counts @ TOKEN_NBITS_FLOAT
 
 
 # ----------------------------------------------------------------------------- models
@@ -280,6 +360,8 @@ def _table_codes(counts: np.ndarray) -> np.ndarray:
 CODE_LOG = (np.arange(MAX_CODE + 1) - MAX_CODE) / 2  # log2 of a code's weight
 CODE_WEIGHT = np.where(np.arange(MAX_CODE + 1) > 0, np.exp2(CODE_LOG), 0.0)
 UNUSED_BITS = 24.0  # constriction gives unused tokens about 2^-24
+TOKEN_INDEX = np.arange(TOKENS, dtype=np.float64)
+EMPTY_BITS = 1e9  # per token, under a model without planes: it never wins one
 
 
 def _table_probabilities(codes: np.ndarray) -> np.ndarray:
@@ -300,61 +382,110 @@ def _table_cost(codes: np.ndarray) -> np.ndarray:
 class _Clustering:
     assign: np.ndarray  # per non-constant plane, its model
     codes: np.ndarray  # (K, TOKENS) table codes
-    token_bits: float  # estimated bits of the tokens under the tables
+    plane_bits: np.ndarray  # per non-constant plane, its tokens' estimated bits under its model
     bits: float  # estimated total: tokens, tables, indices
+
+    @property
+    def token_bits(self) -> float:
+        """Estimated bits of all the tokens under the tables."""
+        return float(self.plane_bits.sum())
+
+
+def _model_costs(counts: np.ndarray) -> np.ndarray:
+    """Bits per token of the unquantised models of `counts` (K, TOKENS), unused tokens at
+    UNUSED_BITS; an empty model costs far more than any real one (it never wins a plane)."""
+    totals = counts.sum(axis=1, keepdims=True)
+    costs = np.log2(np.maximum(totals, 1)) - np.log2(np.maximum(counts, totals * 2.0 ** -UNUSED_BITS + 1e-300))
+    costs[totals[:, 0] == 0] = EMPTY_BITS
+    return costs
 
 
 def _cluster(histograms: np.ndarray) -> _Clustering:
-    """Rule d: the K shared models (K = 1, 2, 4, ...) with the fewest estimated bits.
+    """Rule d: the K shared models (K = 1, 2, 4, ... 32) with the fewest estimated bits.
 
-    K doubles while that saves bits; more models than that cost more in tables than they
-    save in tokens.
+    All candidate K run at once: one (sum of K) x planes cost matrix per Lloyd step, so the
+    number of numpy calls does not grow with the number of K tried. Each K starts from a
+    split of the planes sorted by mean token into K runs of equal size, takes LLOYD_ROUNDS
+    assignment steps under the unquantised models, then its written tables are built from
+    the final assignment and every K is scored with them (tokens, tables, indices).
     """
-    histograms = histograms.astype(np.float64)
-    best = _lloyd(histograms, 1)
-    k = 2
-    while k <= min(MAX_MODELS, histograms.shape[0]):
-        candidate = _lloyd(histograms, k)
-        if candidate.bits >= best.bits:
-            break
-        best, k = candidate, 2 * k
-    return best
-
-
-def _lloyd(histograms: np.ndarray, k: int) -> _Clustering:
-    """Lloyd iterations from a split of the planes sorted by mean token."""
+    count = len(histograms)
+    ks = 1 << np.arange(min(MAX_MODELS, count).bit_length())  # 1, 2, 4, ... <= planes
+    starts = ks - 1  # the first slot of each K: slots 0 | 1 2 | 3 4 5 6 | ...
+    slots = int(2 * ks[-1] - 1)
     sizes = histograms.sum(axis=1)
-    means = histograms @ np.arange(TOKENS, dtype=np.float64) / np.maximum(sizes, 1)
+    means = histograms @ TOKEN_INDEX / np.maximum(sizes, 1)
     order = np.argsort(means, kind="stable")
     cumulative = np.cumsum(sizes[order]) / max(float(sizes.sum()), 1.0)
-    assign = np.empty(len(order), np.int64)
-    assign[order] = np.minimum((cumulative * k).astype(np.int64), k - 1)
+    slot = np.empty((len(ks), count), np.int64)
+    slot[:, order] = np.minimum((cumulative * ks[:, None]).astype(np.int64), ks[:, None] - 1)
+    slot += starts[:, None]
+    columns = np.arange(count)
+    transposed = histograms.T
     for _ in range(LLOYD_ROUNDS):
-        costs = histograms @ _table_cost(_models_of(histograms, assign, k)).T
-        assign = costs.argmin(axis=1)
-    return _finish(histograms, assign)
+        costs = _model_costs(_members(slot * count + columns, slots, count) @ histograms) @ transposed
+        for level in range(1, len(ks)):  # K = 1 has nothing to choose
+            first = int(starts[level])
+            slot[level] = costs[first:first + int(ks[level])].argmin(axis=0) + first
+    flat = slot * count + columns
+    members = _members(flat, slots, count)
+    codes = _table_codes(members @ histograms)
+    plane_bits = (_table_cost(codes) @ transposed).take(flat)  # (levels, planes)
+    sizes_by_level = np.zeros((len(ks), int(ks[-1])), np.int64)
+    level_of_slot = np.repeat(np.arange(len(ks)), ks)
+    sizes_by_level[level_of_slot, np.arange(slots) - starts[level_of_slot]] = members.sum(axis=1)
+    used = np.count_nonzero(sizes_by_level, axis=1)
+    total = plane_bits.sum(axis=1) + _entropy_bits(sizes_by_level) + used * TOKENS * CODE_BITS
+    best = int(total.argmin())
+    first = int(starts[best])
+    live = np.flatnonzero(sizes_by_level[best])
+    renumber = np.zeros(int(ks[best]), np.int64)
+    renumber[live] = np.arange(live.size)
+    return _Clustering(renumber[slot[best] - first], codes[first + live], plane_bits[best],
+                       float(total[best]))
+
+
+def _index_bits(sizes: np.ndarray) -> float:
+    """`_entropy_bits` of one row of positive counts (model sizes), without the tables."""
+    total = float(sizes.sum())
+    return float(total * np.log2(total) - sizes @ np.log2(sizes) + (sizes.size - 1) * MILLER_MADOW)
+
+
+def _members(flat: np.ndarray, slots: int, count: int) -> np.ndarray:
+    """(slots, planes) 0/1 membership from flat slot * planes + plane indices."""
+    members = np.zeros(slots * count)
+    members[flat] = 1.0
+    return members.reshape(slots, count)
 
 
 def _refit(histograms: np.ndarray, codes: np.ndarray) -> _Clustering:
-    """One Lloyd step from given tables: each plane to its cheapest, then the models rebuilt."""
-    return _finish(histograms, (histograms @ _table_cost(codes).T).argmin(axis=1))
+    """One Lloyd step from given tables: each plane to its cheapest, then the models rebuilt.
+
+    Where more than MAX_MODELS tables would be used, only the MAX_MODELS with the most
+    planes are kept and the planes assigned again among them.
+    """
+    assign = (_table_cost(codes) @ histograms.T).argmin(axis=0)
+    sizes = np.bincount(assign, minlength=len(codes))
+    if np.count_nonzero(sizes) > MAX_MODELS:
+        codes = codes[np.sort(np.argsort(-sizes, kind="stable")[:MAX_MODELS])]
+        assign = (_table_cost(codes) @ histograms.T).argmin(axis=0)
+    return _finish(histograms, assign)
 
 
 def _finish(histograms: np.ndarray, assign: np.ndarray) -> _Clustering:
     """The models of an assignment (unused ones dropped) and its estimated bits."""
-    used, assign = np.unique(assign, return_inverse=True)
-    codes = _models_of(histograms, assign, len(used))
-    costs = histograms @ _table_cost(codes).T
-    token_bits = float(costs[np.arange(len(assign)), assign].sum())
-    index_bits = float(_entropy_bits(np.bincount(assign)[None])[0])
-    return _Clustering(assign, codes, token_bits, token_bits + index_bits + codes.size * CODE_BITS)
-
-
-def _models_of(histograms: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
-    """The table codes of each model: the summed histograms of its planes."""
-    members = np.zeros((k, len(assign)))
-    members[assign, np.arange(len(assign))] = 1.0
-    return _table_codes(members @ histograms)
+    sizes = np.bincount(assign)
+    live = np.flatnonzero(sizes)
+    renumber = np.zeros(sizes.size, np.int64)
+    renumber[live] = np.arange(live.size)
+    assign = renumber[assign]
+    count = len(assign)
+    flat = assign * count + np.arange(count)
+    codes = _table_codes(_members(flat, live.size, count) @ histograms)
+    plane_bits = (_table_cost(codes) @ histograms.T).take(flat)
+    index_bits = _index_bits(sizes[live])
+    return _Clustering(assign, codes, plane_bits,
+                       float(plane_bits.sum()) + index_bits + codes.size * CODE_BITS)
 
 
 # ------------------------------------------------------------------------ bit packing
@@ -402,7 +533,7 @@ def _coding(symbols: np.ndarray, tokens: np.ndarray, histograms: np.ndarray,
     """Constant planes, and shared models for the others: clustered afresh, or refitted
     from the table codes `models` by one assignment step."""
     first = histograms.argmax(axis=1)
-    varying = np.flatnonzero(((histograms > 0).sum(axis=1) > 1) | (first >= BARE))
+    varying = np.flatnonzero((np.count_nonzero(histograms, axis=1) > 1) | (first >= BARE))
     clustering = None
     if varying.size:
         counts = histograms[varying].astype(np.float64)
@@ -440,21 +571,35 @@ def _table_model(codes: np.ndarray) -> Any:
     return _categorical(_table_probabilities(codes))
 
 
-def _token_models(codes: np.ndarray) -> tuple[Any, Any]:
-    """Rule f: (zero-flag model or None, token model) of a table.
+def _token_models(codes: np.ndarray) -> list[tuple[Any, Any]]:
+    """Rule f: per table of `codes` (K, TOKENS), (zero-flag model or None, token model).
 
-    A table with P(token 0) >= SPLIT_ZERO codes a zero flag per element and then only the
-    nonzero tokens (minus 1): the same information, but constriction's decoder searches a
-    2-letter table for every element and the 31-letter one only for the nonzero ones.
+    A table with P(token 0) >= SPLIT_ZERO codes zero flags, four to a symbol of a 16-letter
+    model (the product of the four flags' probabilities: the same bits as one flag at a
+    time), then only the nonzero tokens (minus 1): the same information, but
+    constriction's decoder searches a 16-letter table per four elements and the 31-letter
+    one only for the nonzero ones. Encoder and decoder both build all K at once.
     """
     probabilities = _table_probabilities(codes)
-    if probabilities[0] < SPLIT_ZERO:
-        return None, _categorical(probabilities)
-    rest = probabilities[1:]
-    total = rest.sum()
-    if total <= 0:
-        raise InputError("codec stream damaged: an empty model table")
-    return _categorical(np.array([probabilities[0], total])), _categorical(rest / total)
+    zero = probabilities[:, :1]
+    rest = probabilities[:, 1:].sum(axis=1, keepdims=True)
+    quads = np.power(rest, QUAD_ONES) * np.power(zero, 4 - QUAD_ONES)
+    tokens = probabilities[:, 1:] / np.where(rest > 0, rest, 1)
+    models = []
+    for row, split in enumerate(zero[:, 0] >= SPLIT_ZERO):
+        if not split:
+            models.append((None, _categorical(probabilities[row])))
+        elif rest[row, 0] <= 0:
+            raise InputError("codec stream damaged: an empty model table")
+        else:
+            models.append((_categorical(quads[row]), _categorical(tokens[row])))
+    return models
+
+
+def _quads(nonzero: np.ndarray) -> np.ndarray:
+    """Zero flags (bool, 1 = nonzero token), four to a symbol, the first flag in bit 3; the
+    last symbol is padded with zero flags."""
+    return NIBBLES.take(np.packbits(nonzero), axis=0).ravel()[:-(-nonzero.size // 4)]
 
 
 def encode(array: np.ndarray, *, method: str = "dcac", window: int = 8) -> bytes:
@@ -483,7 +628,9 @@ def encode_with_refs(array: np.ndarray, *, method: str = "dcac",
     coding = _analyse(planes)
     refs = np.zeros((groups, channels), np.int64)
     if method == "dcac":
-        refs = choose_references(planes, groups, channels, window)
+        live = np.zeros(groups * channels, bool)
+        live[coding.varying] = True
+        refs = choose_references(planes, groups, channels, window, live)
         if refs.any():
             coding, refs = _with_references(planes, refs, coding, window)
     header = HEADER.pack(MAGIC, VERSION, METHODS.index(method), stored_window, 1, len(shape))
@@ -497,34 +644,36 @@ def _with_references(planes: np.ndarray, refs: np.ndarray, plain: _Coding,
     """Rule e (2) and (3): the coding with the confirmed references, or `plain` (no refs).
 
     A reference is kept only where the residual (tokens and extra bits) is cheaper than
-    the plane under the shared models fitted to the chosen symbols: the estimate of
-    `choose_references` knows nothing of the models the planes will share.
+    the plane under the plain planes' shared models (each under its cheapest): the
+    estimate of `choose_references` knows nothing of the models the planes will share.
+    The models are then refitted (one Lloyd step) to the symbols with those residuals.
     """
+    none = np.zeros_like(refs)
+    if plain.clustering is None:  # every plane constant: a residual cannot be cheaper
+        return plain, none
     rows = np.flatnonzero(refs.ravel())
-    residual = planes[rows] - planes[_parents(refs)[rows]]  # uint8 wraps mod 256 (rule b)
+    residual = planes.take(rows, axis=0) - planes.take(_parents(refs)[rows], axis=0)  # rule b
     res_tokens = np.take(TOKEN, residual)
     res_counts = _token_histograms(res_tokens)
+    # the plain models and one fitted to all the residuals: a refit from them has both
+    models = np.concatenate([plain.clustering.codes, _table_codes(res_counts.sum(axis=0))[None]])
     mixed = plain.histograms.copy()
     mixed[rows] = res_counts
-    if plain.clustering is None:  # every plane constant: a residual cannot be cheaper
-        return plain, np.zeros_like(refs)
-    # one Lloyd step from the plain models, not a fresh clustering: fast, and close enough
-    models = _coding(planes, plain.tokens, mixed, plain.clustering.codes).clustering
-    if models is None:
-        return plain, np.zeros_like(refs)
-    costs = _table_cost(models.codes).T + TOKEN_NBITS[:, None]  # tokens and extra bits
+    fitted = _coding(planes, plain.tokens, mixed, models).clustering
+    models = np.concatenate([models, fitted.codes])
+    costs = _table_cost(models).T + TOKEN_NBITS[:, None]  # tokens and extra bits
     keep = (res_counts @ costs).min(axis=1) < (plain.histograms[rows] @ costs).min(axis=1)
-    confirmed = np.zeros(refs.size, np.int64)
-    confirmed[rows[keep]] = refs.ravel()[rows[keep]]
-    confirmed = confirmed.reshape(refs.shape)
     if not keep.any():
-        return plain, confirmed
+        return plain, none
+    rows = rows[keep]
+    confirmed = np.zeros(refs.size, np.int64)
+    confirmed[rows] = refs.ravel()[rows]
+    confirmed = confirmed.reshape(refs.shape)
     symbols, tokens, counts = plain.symbols.copy(), plain.tokens.copy(), plain.histograms.copy()
-    symbols[rows[keep]], tokens[rows[keep]] = residual[keep], res_tokens[keep]
-    counts[rows[keep]] = res_counts[keep]
-    coding = _coding(symbols, tokens, counts, models.codes)
-    if _stream_bits(plain, np.zeros_like(refs), window) <= _stream_bits(coding, confirmed, window):
-        return plain, np.zeros_like(refs)
+    symbols[rows], tokens[rows], counts[rows] = residual[keep], res_tokens[keep], res_counts[keep]
+    coding = _coding(symbols, tokens, counts, models)
+    if _stream_bits(plain, none, window) <= _stream_bits(coding, confirmed, window):
+        return plain, none
     return coding, confirmed
 
 
@@ -542,14 +691,7 @@ def _write(coding: _Coding, refs: np.ndarray, window: int) -> bytes:
     extras = b""
     if coding.clustering is not None:
         code_parts.append(coding.clustering.codes.ravel())
-        # coding order: the varying planes by model, in plane order within a model
-        order = coding.varying[np.argsort(coding.clustering.assign, kind="stable")]
-        tokens, symbols = coding.tokens[order].ravel(), coding.symbols[order].ravel()
-        ends = np.cumsum(np.bincount(coding.clustering.assign, minlength=k)) * coding.tokens.shape[1]
-        for model in range(k - 1, -1, -1):  # ANS is last in, first out: the decoder reads 0..K-1
-            start = ends[model - 1] if model else 0
-            _encode_tokens(coder, tokens[start:ends[model]], coding.clustering.codes[model])
-        extras = _pack_extras(symbols, tokens)
+        extras = _write_tokens(coder, coding)
     if coded_refs:
         coder.encode_reverse(refs.ravel().astype(np.int32), _table_model(ref_codes))
     if index.size:
@@ -560,50 +702,62 @@ def _write(coding: _Coding, refs: np.ndarray, window: int) -> bytes:
     return sections + side + extras + words
 
 
-def _encode_tokens(coder: Any, tokens: np.ndarray, codes: np.ndarray) -> None:
-    """One model's tokens (rule f), pushed so that the decoder reads flags, then tokens."""
-    flag_model, token_model = _token_models(codes)
-    if flag_model is None:
-        coder.encode_reverse(tokens.astype(np.int32), token_model)
-        return
-    nonzero = tokens != 0
-    coder.encode_reverse(np.subtract(tokens[nonzero], 1, dtype=np.int32), token_model)
-    coder.encode_reverse(nonzero.astype(np.int32), flag_model)
+def _write_tokens(coder: Any, coding: _Coding) -> bytes:
+    """Push the tokens of the varying planes, by model (rule f); return their extra bits.
 
-
-def _pack_extras(symbols: np.ndarray, tokens: np.ndarray) -> bytes:
-    """The raw extra bits of the escaped symbols, in coding order, most significant first.
-
-    Each value (2..5 bits) lies within one 16-bit window at its bit offset; the windows'
-    two bytes are summed into place with weighted bincounts (the bits never overlap, so
-    the sum is their OR): no per-symbol bit matrix.
+    One pass over all the tokens finds the nonzero ones, sliced per model after.
     """
-    widths_all = np.take(TOKEN_NBITS, tokens)
-    escaped = np.flatnonzero(widths_all)
-    if not escaped.size:
-        return b""
-    widths = widths_all[escaped].astype(np.int64)
-    ends = np.cumsum(widths)
-    starts = ends - widths
-    size = -(-int(ends[-1]) // 8)
-    window = np.take(EXTRA, symbols[escaped]).astype(np.int64) << (16 - (starts & 7) - widths)
-    byte = starts >> 3
-    packed = np.bincount(byte, window >> 8, minlength=size + 1)
-    packed += np.bincount(byte + 1, window & 0xFF, minlength=size + 1)
-    return packed[:size].astype(np.uint8).tobytes()
+    clustering = coding.clustering
+    k = len(clustering.codes)
+    width = coding.tokens.shape[1]
+    # coding order: the varying planes by model, in plane order within a model
+    order = coding.varying[np.argsort(clustering.assign, kind="stable")]
+    tokens = np.take(coding.tokens, order, axis=0).ravel()
+    nonzero = tokens != 0
+    positions = np.flatnonzero(nonzero)
+    explicit = tokens.take(positions)
+    ends = np.cumsum(np.bincount(clustering.assign, minlength=k)) * width
+    cuts = np.searchsorted(positions, ends)
+    models = _token_models(clustering.codes)
+    for model in range(k - 1, -1, -1):  # ANS is last in, first out: the decoder reads 0..K-1
+        start, cut = (int(ends[model - 1]), int(cuts[model - 1])) if model else (0, 0)
+        flag_model, token_model = models[model]
+        if flag_model is None:
+            coder.encode_reverse(tokens[start:ends[model]].astype(np.int32), token_model)
+            continue
+        coder.encode_reverse(np.subtract(explicit[cut:cuts[model]], 1, dtype=np.int32), token_model)
+        coder.encode_reverse(_quads(nonzero[start:ends[model]]), flag_model)
+    return _pack_extras(np.take(coding.symbols, order, axis=0).ravel().take(positions))
+
+
+def _pack_extras(symbols: np.ndarray) -> bytes:
+    """The raw extra bits of `symbols` (uint8, those without extra bits skipped), grouped by
+    width (2, 3, 4, 5 bits), each group in the symbols' order, most significant bit first."""
+    widths = np.take(NBITS, symbols)
+    parts = [np.take(EXTRA_BITS[width], np.compress(widths == width, symbols), axis=0).ravel()
+             for width in EXTRA_WIDTHS]
+    return np.packbits(np.concatenate(parts)).tobytes()
 
 
 def _read_extras(extras: bytes, widths: np.ndarray) -> np.ndarray:
-    """Read consecutive `widths`-bit values from `extras`: each lies in one 16-bit window."""
-    ends = np.cumsum(widths, dtype=np.int64)
-    total = int(ends[-1]) if ends.size else 0
+    """The values `_pack_extras` wrote, for symbols whose extra bits have these `widths`."""
+    sizes = np.bincount(widths, minlength=max(EXTRA_WIDTHS) + 1)
+    total = int(sizes @ np.arange(sizes.size))
     if total > 8 * len(extras) or 8 * len(extras) - total >= 8:
         raise InputError("codec stream damaged: the extra bits do not match the symbols")
-    starts = ends - widths
-    padded = np.frombuffer(extras + b"\0", np.uint8).astype(np.int32)
-    byte = starts >> 3
-    window = (padded[byte] << 8) | padded[byte + 1]
-    return (window >> (16 - (starts & 7) - widths)) & ((1 << widths) - 1)
+    bits = np.unpackbits(np.frombuffer(extras, np.uint8))
+    values = np.zeros(widths.size, np.uint8)
+    start = 0
+    for width in EXTRA_WIDTHS:
+        end = start + int(sizes[width]) * width
+        group = bits[start:end].reshape(-1, width)
+        value = group[:, 0].copy()
+        for column in range(1, width):  # most significant first
+            value <<= 1
+            value |= group[:, column]
+        values.put(np.flatnonzero(widths == width), value)
+        start = end
+    return values
 
 
 def zstd_bits(array: np.ndarray, level: int = ZSTD_LEVEL) -> int:
@@ -694,7 +848,11 @@ def _decode_planes(codes: np.ndarray, k: int, window: int, groups: int, channels
         if np.any(refs > np.tile(np.arange(channels), groups)):
             raise InputError("codec stream damaged: a plane refers to one before its run")
     sizes = np.bincount(index, minlength=k + BARE)[:k] * width
-    parts = [_decode_tokens(coder, model_codes[model], int(sizes[model])) for model in range(k)]
+    if not model_codes.any(axis=1).all():
+        raise InputError("codec stream damaged: an empty model table")
+    models = _token_models(model_codes)
+    parts = [_decode_tokens(coder, models[model], model_codes[model], int(sizes[model]))
+             for model in range(k)]
     if not coder.is_empty():
         raise InputError("codec stream damaged: coded symbols left over")
     planes = np.empty((count, width), np.uint8)
@@ -714,20 +872,19 @@ def _decode_symbols(coder: Any, codes: np.ndarray, count: int) -> np.ndarray:
     return symbols
 
 
-def _decode_tokens(coder: Any, codes: np.ndarray,
+def _decode_tokens(coder: Any, models: tuple[Any, Any], codes: np.ndarray,
                    count: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """One model's `count` tokens (rule f): (zero flags or None, the tokens they do not
-    make zero, 0..31)."""
-    if not codes.any():
-        raise InputError("codec stream damaged: an empty model table")
-    flag_model, token_model = _token_models(codes)
+    """One model's `count` tokens (rule f): (zero flags as 0/1 uint8 or None, the tokens
+    they do not make zero, 0..31)."""
+    flag_model, token_model = models
     flags = None
     if flag_model is not None:
-        flags = coder.decode(flag_model, count)
-        count = int(np.count_nonzero(flags))
-    tokens = coder.decode(token_model, count)
-    if flags is not None:
+        quads = coder.decode(flag_model, -(-count // 4))
+        flags = np.take(QUAD_FLAGS, quads, axis=0).ravel()[:count]
+        tokens = coder.decode(token_model, int(np.count_nonzero(flags)))
         tokens += 1
+    else:
+        tokens = coder.decode(token_model, count)
     if tokens.size and tokens.max() > np.flatnonzero(codes).max():
         raise InputError("codec stream damaged: a symbol outside its model")
     return flags, tokens
@@ -737,27 +894,21 @@ def _values(parts: list[tuple[np.ndarray | None, np.ndarray]], extras: bytes,
             size: int) -> np.ndarray:
     """The uint8 symbols (int8 bit patterns) of the decoded tokens, in coding order.
 
-    The lookups and extra bits run on the explicit tokens only; the zeros a flag stands
-    for are filled in by one masked assignment per model.
+    The lookups and extra bits run on the explicit tokens only; the zeros that flags stand
+    for are filled in by one scatter of the explicit values over all models.
     """
     tokens = np.concatenate([t for _, t in parts]) if parts else np.zeros(0, np.int32)
     values = np.take(VALUE, tokens)
-    widths_all = np.take(TOKEN_NBITS, tokens)
-    escaped = np.flatnonzero(widths_all)
-    widths = widths_all[escaped].astype(np.int32)
-    code = np.take(TOKEN_BASE, tokens[escaped]) + _read_extras(extras, widths)
-    values[escaped] = np.take(UNCODE, code)
+    escaped = np.flatnonzero(np.take(ESCAPED, tokens))
+    explicit = tokens.take(escaped)
+    code = np.take(TOKEN_BASE, explicit) + _read_extras(extras, np.take(TOKEN_NBITS, explicit))
+    values.put(escaped, np.take(UNCODE, code))
     if all(flags is None for flags, _ in parts):
         return values
+    nonzero = np.concatenate([np.ones(part.size, np.uint8) if flags is None else flags
+                              for flags, part in parts])
     out = np.zeros(size, np.uint8)
-    start = done = 0
-    for flags, part in parts:
-        end = start + (part.size if flags is None else flags.size)
-        if flags is None:
-            out[start:end] = values[done:done + part.size]
-        else:
-            out[start:end][flags != 0] = values[done:done + part.size]
-        start, done = end, done + part.size
+    out.put(np.flatnonzero(nonzero.view(bool)), values)
     return out
 
 

@@ -228,3 +228,58 @@ def test_zero_flag_models_round_trip_and_match_the_estimate(zeros):
         coding = codec._analyse(array.reshape(32, -1).view(np.uint8))
         estimate = codec._stream_bits(coding, np.zeros((1, 32), np.int64), 0) / 8
         assert abs(len(stream) - estimate) < 48  # header, CRC, padding and ANS flush
+
+
+def test_decode_refuses_version_2_streams():
+    import zlib
+
+    stream = bytearray(codec.encode(np.zeros((2, 2), np.int8)))
+    assert stream[4] == codec.VERSION == 3  # zero flags in quads, extra bits by width
+    stream[4] = 2
+    body = bytes(stream[:-4])
+    with pytest.raises(InputError, match="version 2"):
+        codec.decode(body + zlib.crc32(body).to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 8, 9, 31])
+def test_zero_flag_quads_round_trip_any_length(size):
+    """Flags go four to a symbol (rule f); the last symbol is padded, whatever the length."""
+    rng = np.random.default_rng(size)
+    values = rng.integers(-40, 41, (1, 8, 1, size))
+    values[rng.random(values.shape) < 0.8] = 0
+    values[0, 0, 0, 0] = 3  # no plane all zero by chance
+    for method in METHODS:
+        round_trip(values.astype(np.int8), method)
+
+
+def test_extra_bits_grouped_by_width_round_trip():
+    symbols = np.arange(256, dtype=np.uint8)
+    packed = codec._pack_extras(symbols)
+    widths = codec.NBITS[symbols]
+    escaped = widths > 0
+    assert len(packed) == -(-int(widths.sum()) // 8)
+    np.testing.assert_array_equal(codec._read_extras(packed, widths[escaped]), codec.EXTRA[escaped])
+
+
+def test_cluster_picks_k_and_refit_keeps_at_most_max_models():
+    rng = np.random.default_rng(5)
+    tables = rng.dirichlet(np.full(codec.TOKENS, 0.3), size=70)
+    histograms = np.stack([rng.multinomial(400, tables[i % 70]) for i in range(280)]).astype(float)
+    clustering = codec._cluster(histograms)
+    assert 2 <= len(clustering.codes) <= codec.MAX_MODELS
+    assert clustering.bits == pytest.approx(codec._finish(histograms, clustering.assign).bits)
+    codes = codec._table_codes(histograms[:70])  # 70 distinct tables offered
+    refit = codec._refit(histograms, codes)
+    assert len(refit.codes) <= codec.MAX_MODELS and refit.assign.max() < len(refit.codes)
+
+
+def test_reference_screening(monkeypatch):
+    """Many small planes: a subset is estimated first (REF_BUDGET); the rest only if the
+    subset's references save REF_SCREEN of its bits."""
+    planes = correlated_planes(channels=200, size=8)[0].reshape(200, -1).view(np.uint8)
+    full = codec.choose_references(planes, 1, 200, 8)
+    assert np.count_nonzero(full) > 150  # screened, found worth it, then all searched
+    monkeypatch.setattr(codec, "REF_SCREEN", 1.0)  # no subset can save all its bits
+    assert not codec.choose_references(planes, 1, 200, 8).any()
+    monkeypatch.setattr(codec, "REF_BUDGET", 100.0)  # within budget: no screening
+    np.testing.assert_array_equal(codec.choose_references(planes, 1, 200, 8), full)
