@@ -946,6 +946,23 @@ class CodecReport:
     rows: list[CodecRow]
     # seconds spent coding all maps, per method [encode, decode]: for MB/s, not for bits
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    # a compiled model's projected maps: stored name -> channels of the original map (C for k)
+    projected: dict[str, int] = field(default_factory=dict)
+
+    def stacked(self) -> dict[str, Any] | None:
+        """Projection and lossless coding together, for a model `fmcompress compile` emitted:
+        the original maps' elements (a map stored with k of C channels had C / k times as
+        many), and how many times fewer bits DC-AC needs than the original maps in int8."""
+        if not self.projected:
+            return None
+        stored = self.elements
+        original = sum(row.elements * self.projected.get(row.name, row.shape[1]) / row.shape[1]
+                       for row in self.rows)
+        coded_bits = self.total_bpe("dcac") * stored
+        return {"original_elements": int(round(original)), "stored_elements": stored,
+                "projection_ratio": original / stored if stored else 1.0,
+                "lossless_ratio": 8 * stored / coded_bits if coded_bits else 1.0,
+                "total_ratio_vs_int8": 8 * original / coded_bits if coded_bits else 1.0}
 
     @property
     def elements(self) -> int:
@@ -979,6 +996,7 @@ class CodecReport:
             "megabytes_per_second": {
                 m: dict(zip(("encode", "decode"), self.megabytes_per_second(m), strict=True))
                 for m in METHODS},
+            "stacked": self.stacked(),
         }
 
 
@@ -1020,7 +1038,26 @@ def measure_model(model: onnx.ModelProto | str | os.PathLike, batches: Iterable[
     seconds = {method: [0.0, 0.0] for method in METHODS}
     rows = [_measure_map(fmap.name, fmap.shape, values[fmap.name], window, seconds) for fmap in maps]
     source = proto.graph.name or "model" if isinstance(model, onnx.ModelProto) else str(model)
-    return CodecReport(source, window, len(values[maps[0].name]), rows, seconds)
+    return CodecReport(source, window, len(values[maps[0].name]), rows, seconds,
+                       projected=_projected_channels(proto, [m.name for m in maps]))
+
+
+def _projected_channels(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    """A compiled model's stored maps that are projections: `X/fmc_k<k>` with X in the plan
+    that compile writes into the metadata (fmcompress.plan), mapped to X's channels."""
+    import json
+
+    meta = {prop.key: prop.value for prop in model.metadata_props}
+    try:
+        plan = {entry["name"]: int(entry["C"]) for entry in json.loads(meta.get("fmcompress.plan", "[]"))}
+    except (ValueError, KeyError, TypeError):
+        return {}
+    found = {}
+    for name in names:
+        original, _, rank = name.rpartition("/fmc_k")
+        if original in plan and rank.isdigit():
+            found[name] = plan[original]
+    return found
 
 
 def _measure_map(name: str, shape: list[int], values: np.ndarray, window: int,

@@ -168,6 +168,12 @@ def print_codec(report: Any, console: Console | None = None) -> None:
     console.print(Text(f"bits per element: raw {report.total_bpe('raw'):.1f}, zstd {report.total_bpe('zstd'):.3f}, "
                        f"baseline {report.total_bpe('baseline'):.3f}, DC-AC {report.total_bpe('dcac'):.3f} "
                        f"({report.gain_percent:.1f}% fewer than the baseline)"), soft_wrap=not console.is_terminal)
+    stacked = report.stacked()
+    if stacked is not None:
+        console.print(Text(f"with the projections: {stacked['projection_ratio']:.2f}x fewer elements than the "
+                           f"original maps, {stacked['lossless_ratio']:.2f}x fewer bits than int8 by DC-AC: "
+                           f"{stacked['total_ratio_vs_int8']:.2f}x fewer bits than the original maps in int8"),
+                      soft_wrap=not console.is_terminal)
 
 
 def runtime_summary(view: RuntimeView) -> str:

@@ -27,6 +27,11 @@ e. A plan made with `allow_projection` is for the original graph; compile folds 
    projections, then plans again without them on the folded graph, where every region
    end fits, and tiles with that second plan.
 
+f. Squeeze-excitation: a GlobalAveragePool whose input is above the ceiling is computed
+   from bands of that input (tile rule i), recomputed from the nearest start that fits;
+   its gate then reaches the region that multiplies the map as a per-channel side
+   input. Regions are planned on the graph so rewritten.
+
 Entry point: `RuntimePlanPass(allow_projection=True).run(model, ctx)`; the model is not
 changed; `result.data` is a `RuntimePlan`. `TileToCeilingPass(ceiling_bytes)` is rule e's
 second half: runtime view, plan without projections, tile.
@@ -47,7 +52,7 @@ from .base import Pass, PassContext, PassResult
 from .plan import PlannedMap, plane_bytes
 from .runtime import DEFAULT_LEVEL, RuntimeMemoryPass
 from .split_conv import SplitConvPass
-from .tile import Region, TilePass, bands_for_budget, tileable_region
+from .tile import Region, TilePass, bands_for_budget, pool_in_bands, tileable_region
 
 
 @dataclass
@@ -60,15 +65,24 @@ class PlannedRegion:
 
 
 @dataclass
+class PlannedPool:
+    start: tuple[str, ...]
+    pool: str  # a GlobalAveragePool node whose input is above the ceiling (tile rule i)
+    bands: int
+
+
+@dataclass
 class RuntimePlan:
     ceiling_bytes: int
     regions: list[PlannedRegion] = field(default_factory=list)
+    pools: list[PlannedPool] = field(default_factory=list)
     projected: list[PlannedMap] = field(default_factory=list)
     uncovered: list[FeatureMap] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"ceiling_bytes": self.ceiling_bytes,
                 "regions": [vars(r) for r in self.regions],
+                "pools": [vars(p) for p in self.pools],
                 "projected": [m.name for m in self.projected],
                 "uncovered": [{"name": t.name, "bytes": t.bytes, "producer_op": t.producer_op}
                               for t in self.uncovered]}
@@ -79,7 +93,7 @@ class RuntimePlanPass(Pass):
 
     name = "runtime_plan"
 
-    def __init__(self, *, allow_projection: bool = True, window: int = 48):
+    def __init__(self, *, allow_projection: bool = True, window: int = 96):
         self.allow_projection = allow_projection
         self.window = window
 
@@ -91,7 +105,13 @@ class RuntimePlanPass(Pass):
         if self.allow_projection and not isinstance(stored, AnalysisReport):
             raise InputError("the runtime plan needs the stored view to project: run MemoryAnalysisPass first")
         planner = _Planner(model, ctx, view, stored, self.allow_projection, self.window)
-        return PassResult(model, modified=False, data=planner.plan())
+        pools = planner.pools()
+        if pools:  # plan the regions on the graph whose pools run in bands (rule f)
+            planner = _Planner(with_pools_in_bands(model, pools, ctx), ctx, view, stored, self.allow_projection,
+                               self.window)
+        plan = planner.plan()
+        plan.pools = pools
+        return PassResult(model, modified=False, data=plan)
 
 
 class _Planner:
@@ -170,6 +190,35 @@ class _Planner:
             return region, bands
         return None
 
+    def pools(self) -> list[PlannedPool]:
+        """Rule f: every named GlobalAveragePool whose input is above the ceiling, with the
+        nearest start from which its input can be recomputed in bands that fit."""
+        planned = []
+        for node in self.model.graph.node:
+            if node.op_type != "GlobalAveragePool" or not node.name or self._bytes(node.input[0]) <= self.ceiling:
+                continue
+            found = self._pool_region(node.input[0])
+            if found is not None:
+                planned.append(PlannedPool(found[0].starts, node.name, found[1]))
+        return planned
+
+    def _pool_region(self, tensor: str) -> tuple[Region, int] | None:
+        first = self.position.get(tensor)
+        if first is None:
+            return None
+        for start in reversed(self.order[max(0, first - self.window):first]):
+            starts = self._starts(start, tensor) if self._fits_as_start(start) else None
+            if starts is None:
+                continue
+            try:
+                region = tileable_region(self.model, starts, tensor, self.shapes, infos=self.infos,
+                                         consumers_checked=False)
+                return region, bands_for_budget(self.model, starts, tensor, self.ceiling, self.act_bytes,
+                                                region=region)
+            except InputError:
+                continue
+        return None
+
     def _can_project(self, name: str) -> bool:
         fmap = self.projectable.get(name)
         return fmap is not None and plane_bytes(fmap) <= self.ceiling
@@ -187,13 +236,19 @@ class _Planner:
             for name in node.input:
                 if not name or name == start or name in self.constants or name in starts:
                     continue
-                if name in self.producers and self.position[name] > cutoff:
+                if self._per_channel(name) and self._fits_as_start(name):
+                    starts.append(name)  # a gate: read whole by every band (tile rule a')
+                elif name in self.producers and self.position[name] > cutoff:
                     stack.append(self.producers[name])
                 elif self._fits_as_start(name):
                     starts.append(name)
                 else:
                     return None
         return tuple(starts)
+
+    def _per_channel(self, name: str) -> bool:
+        info = self.infos.get(name)
+        return info is not None and len(info.shape) == 4 and info.shape[2:] == (1, 1)
 
     def _fits_as_start(self, name: str) -> bool:
         return name in self.inputs or name in self.projected or self._bytes(name) <= self.ceiling
@@ -218,6 +273,13 @@ class _Planner:
         k = max(1, min(fmap.shape[1] - 1, self.ceiling // plane))
         return PlannedMap(name=fmap.name, shape=list(fmap.shape), k=int(k), bytes_before=fmap.bytes,
                           bytes_after=int(k * plane), producer=fmap.producer, step=fmap.step)
+
+
+def with_pools_in_bands(model: onnx.ModelProto, pools: list[PlannedPool], ctx: PassContext) -> onnx.ModelProto:
+    """Rule f applied: each planned pool computed from bands of its input (tile rule i)."""
+    for planned in pools:
+        model = pool_in_bands(model, planned.start, planned.pool, planned.bands, ctx.input_shapes)
+    return model
 
 
 def uncovered_message(uncovered: list[FeatureMap], ceiling_bytes: int) -> str:
@@ -248,6 +310,7 @@ class TileToCeilingPass(Pass):
         plan = RuntimePlanPass(allow_projection=False).run(model, local).data
         if plan.uncovered:
             raise VerificationError(uncovered_message(plan.uncovered, self.ceiling_bytes))
+        model = with_pools_in_bands(model, plan.pools, local)
         tiled = TilePass([(r.starts, r.end, r.bands) for r in plan.regions]).run(model, local)
         split = SplitConvPass(self.ceiling_bytes).run(tiled.model, local)
         return PassResult(split.model, modified=bool(plan.regions or split.data),

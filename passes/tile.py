@@ -22,7 +22,9 @@ a. Region: the nodes that compute `end` from `start`, found by walking back from
 a'. Side inputs: `start` may be several tensors; the first is the main one, the others
    are full tensors computed before the region (a finer pyramid level that a Concat
    joins, an earlier map a residual Add reads). Each is sliced per band like `start`,
-   and each must be read by the region.
+   and each must be read by the region. A side input of one value per channel
+   ([N, C, 1, 1], a squeeze-excitation gate) is read whole by every band, like a
+   constant.
 b. Rejected (InputError, one line): any other op (linear Resize, global pooling, Reshape,
    Transpose, Softmax, ...), a non-4-D map, a non-constant weight or operand from
    outside the region, an intermediate that is a graph output or has a consumer
@@ -76,6 +78,10 @@ h. Region nodes and the value_info of their outputs are removed; constants are s
    by the bands; opset, ir_version and metadata are kept. result.data (and
    `TileResult`) per region: bands, rows per band, halo rows recomputed per node,
    MACs tiled vs untiled, largest band tensor in bytes.
+i. Squeeze-excitation: `pool_in_bands` computes a GlobalAveragePool from bands of its
+   input (recomputed from a region start, each band summed over H and W, the sums added
+   and scaled), so the pool never needs the whole map; the gate it leads to is then a
+   per-channel side input (rule a') of the region that multiplies the map by it.
 """
 
 from __future__ import annotations
@@ -135,6 +141,7 @@ class Region:
     infos: dict[str, TensorInfo]  # every region tensor, `start` and `end` included
     windows: dict[str, Window]  # by node key (first output name)
     region_inputs: dict[str, list[int]]  # node key -> indices of inputs that are region tensors
+    gates: frozenset[str] = frozenset()  # per-channel side inputs, read whole (rule a')
 
     @property
     def start(self) -> str:
@@ -153,7 +160,8 @@ Starts = str | Sequence[str]
 
 def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
                     input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-                    infos: Mapping[str, TensorInfo] | None = None) -> Region:
+                    infos: Mapping[str, TensorInfo] | None = None,
+                    consumers_checked: bool = True) -> Region:
     """The nodes computing `end` from `start` (a tensor, or several: rule a'), validated
     for tiling (rules a-b).
 
@@ -167,9 +175,16 @@ def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
     if infos is None:
         shapes = resolve_input_shapes(model, {k: tuple(v) for k, v in (input_shapes or {}).items()})
         infos = infer_tensor_infos(model, shapes)
+    # a side input of one value per channel (a squeeze-excitation gate) is read whole by every
+    # band, like a constant that does not vary along H (rule a')
+    gates = {name for name in starts[1:] if name in infos and len(infos[name].shape) == 4
+             and infos[name].shape[2:] == (1, 1)}
+    constants = {**constants, **{name: np.zeros(infos[name].shape, np.float32) for name in gates}}
     members = {id(node) for node in nodes}
-    tensors = set(starts) | {name for node in nodes for name in node.output[:_used_outputs(node)] if name}
-    _check_consumers(graph, nodes, members, end)
+    tensors = (set(starts) - gates) | {name for node in nodes for name in node.output[:_used_outputs(node)]
+                                       if name}
+    if consumers_checked:  # a recomputing copy (pool_in_bands) leaves the original nodes in place
+        _check_consumers(graph, nodes, members, end)
     windows: dict[str, Window] = {}
     region_inputs: dict[str, list[int]] = {}
     for node in nodes:
@@ -179,7 +194,7 @@ def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
                 raise InputError(f"tile: tensor {name!r} is not a 4-D NCHW map with a static shape")
         region_inputs[key] = [i for i, name in enumerate(node.input) if name in tensors]
         windows[key] = _validate_node(node, tensors, constants, infos)
-    return Region(starts, end, nodes, {t: infos[t] for t in tensors}, windows, region_inputs)
+    return Region(starts, end, nodes, {t: infos[t] for t in tensors}, windows, region_inputs, frozenset(gates))
 
 
 def _constant_names(graph: onnx.GraphProto) -> dict[str, np.ndarray | None]:
@@ -630,11 +645,75 @@ def tile_region_with_facts(model: onnx.ModelProto, start: Starts, end: str, band
     return tiled, _facts(region, plans, act_bytes)
 
 
+def pool_in_bands(model: onnx.ModelProto, start: Starts, pool: str, bands: int,
+                  input_shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
+    """Rule i: the GlobalAveragePool node `pool` computed from bands of its input.
+
+    The pool's input x is recomputed band by band from `start` (the region start -> x, as
+    `tile_region` would compute it), each band's rows summed (ReduceSum over H and W), the
+    sums added and scaled by 1 / (H W); the pool's output keeps its name. x itself is left
+    in the graph for its other readers (which a later region can tile, reading the pool's
+    result as a per-channel side input). Exact up to float summation order.
+    """
+    graph = model.graph
+    node = next((n for n in graph.node if n.name == pool), None)
+    if node is None or node.op_type != "GlobalAveragePool":
+        raise InputError(f"tile: no GlobalAveragePool node named {pool!r}")
+    region = tileable_region(model, start, node.input[0], input_shapes, consumers_checked=False)
+    plans = plan_bands(region, bands)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    graph = rewritten.graph
+    namer = _Namer(graph)
+    emitted: list[onnx.NodeProto] = []
+    partials: list[str] = []
+    for index, plan in enumerate(plans):
+        after = partials[-1] if partials else None
+        band = _emit_band(region, plan, index, namer, graph, emitted, after)
+        partials.append(_band_sum(band, namer, graph, emitted, _opset(rewritten)))
+    _, _, height, width = region.infos[region.end].shape
+    total = namer(f"{node.output[0]}/sum")
+    emitted.append(helper.make_node("Sum", partials, [total], name=namer(f"{pool}/sum")))
+    scale = namer(f"{node.output[0]}/scale")
+    dtype = np.dtype(region.infos[region.end].dtype)
+    graph.initializer.append(numpy_helper.from_array(np.array(1.0 / (height * width), dtype), scale))
+    emitted.append(helper.make_node("Mul", [total, scale], [node.output[0]], name=namer(f"{pool}/mean")))
+    kept: list[onnx.NodeProto] = []
+    for existing in graph.node:
+        if existing.name == pool and existing.op_type == "GlobalAveragePool":
+            kept.extend(emitted)
+        else:
+            kept.append(existing)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return rewritten
+
+
+def _band_sum(tensor: str, namer: _Namer, graph: onnx.GraphProto, emitted: list[onnx.NodeProto],
+              opset: int) -> str:
+    output = namer(f"{tensor}/rowsum")
+    if opset >= 13:
+        axes = namer(f"{output}/axes")
+        graph.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), axes))
+        emitted.append(helper.make_node("ReduceSum", [tensor, axes], [output], name=namer(f"{output}/op"),
+                                        keepdims=1))
+    else:
+        emitted.append(helper.make_node("ReduceSum", [tensor], [output], name=namer(f"{output}/op"),
+                                        axes=[2, 3], keepdims=1))
+    return output
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
 def _emit_band(region: Region, plan: BandPlan, index: int, namer: _Namer, graph: onnx.GraphProto,
                emitted: list[onnx.NodeProto], after: str | None) -> str:
     """Append band `index`'s nodes (rule f); returns the name of its `end` rows."""
     have: dict[str, tuple[str, Rows]] = {}  # region tensor -> (band tensor, its rows)
     for start in region.starts:  # each waits for the previous band (rule g)
+        if start in region.gates:
+            continue
         rows = plan.produced[start]
         have[start] = (_slice(start, (0, region.height(start)), rows, index, namer, graph, emitted, after),
                        rows)

@@ -283,3 +283,23 @@ def test_reference_screening(monkeypatch):
     assert not codec.choose_references(planes, 1, 200, 8).any()
     monkeypatch.setattr(codec, "REF_BUDGET", 100.0)  # within budget: no screening
     np.testing.assert_array_equal(codec.choose_references(planes, 1, 200, 8), full)
+
+
+def test_compiled_model_stacks_projection_and_coding(tmp_path):
+    """On a model compile emitted, the report knows the original maps' size (from the plan in
+    the metadata) and stacks projection and lossless coding."""
+    from fmcompress import api
+    from fmcompress.data import input_specs, load_dataset
+    from fmcompress.modelio import load_model
+
+    original = load_model("models/digits_resnet.onnx")
+    compiled = api.compile(original, ceiling="4x", method="pca", data="mnist", num_samples=64,
+                           latency_rounds=1, latency_repeats=1).model
+    dataset = load_dataset("mnist", input_specs(original, {}), num_samples=2)
+    before = codec.measure_model(original, dataset.batches(1))
+    after = codec.measure_model(compiled, dataset.batches(1))
+    stacked = after.stacked()
+    assert before.stacked() is None and stacked is not None
+    assert stacked["original_elements"] == before.elements  # every projected map found by name
+    assert stacked["projection_ratio"] > 1.5 and stacked["lossless_ratio"] > 1.0
+    assert stacked["total_ratio_vs_int8"] == pytest.approx(stacked["projection_ratio"] * stacked["lossless_ratio"])

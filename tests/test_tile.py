@@ -20,6 +20,7 @@ from fmcompress.passes.tile import (
     TilePass,
     bands_for_budget,
     peak_band_bytes,
+    pool_in_bands,
     tile_region,
     tile_region_with_facts,
     tileable_region,
@@ -495,3 +496,35 @@ def test_conv_transpose_inside_a_band(kernel, stride, pads, output_padding, dila
         tiled = tile_region(model, "x", chain.last, bands)
         onnx.checker.check_model(tiled, full_check=True)
         np.testing.assert_allclose(run(tiled, x)[0], expected, rtol=1e-5, atol=1e-5, err_msg=f"{bands} bands")
+
+
+def se_block() -> tuple[onnx.ModelProto, str, str]:
+    """conv -> x; gate = HardSigmoid(conv(Relu(conv(GlobalAveragePool(x))))); conv(x * gate)."""
+    chain = Chain((1, 3, 29, 17))
+    x = chain.conv(12, 3, pads=[1, 1, 1, 1], strides=[2, 2])
+    chain.node("GlobalAveragePool", [x], out="pooled")
+    pool = chain.nodes[-1].name
+    chain.conv(4, 1, src="pooled")
+    chain.node("Relu", [chain.last])
+    chain.conv(12, 1, in_ch=4)
+    gate = chain.node("HardSigmoid", [chain.last])
+    chain.node("Mul", [x, gate])
+    chain.channels = 12
+    chain.conv(6, 3, pads=[1, 1, 1, 1])
+    return chain.model(), pool, gate
+
+
+def test_squeeze_excitation_in_two_passes():
+    """Rule i, then the gate as a per-channel side input: the map is never whole."""
+    model, pool, gate = se_block()
+    end = model.graph.output[0].name
+    x = np.random.default_rng(8).standard_normal((1, 3, 29, 17)).astype(np.float32)
+    expected = run(model, x)[0]
+    with pytest.raises(InputError):
+        tileable_region(model, "x", end)  # the pool needs every row
+    for bands in (2, 3, 15):
+        pooled = pool_in_bands(model, "x", pool, bands)
+        assert "GlobalAveragePool" not in {n.op_type for n in pooled.graph.node}
+        tiled = tile_region(pooled, ["x", gate], end, bands)
+        onnx.checker.check_model(tiled, full_check=True)
+        np.testing.assert_allclose(run(tiled, x)[0], expected, rtol=1e-5, atol=1e-5)
