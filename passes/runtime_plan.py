@@ -8,14 +8,15 @@ Rules:
 a. The tensors to bring under the ceiling are the runtime view's allocations above it
    (graph inputs excepted: the caller owns them), in execution order. Convolution
    scratch (role "workspace") is SplitConvPass's job, after tiling.
-b. For the first one not yet covered, t, candidate regions (start, end) of
-   passes/tile.py contain t's producer: `end` is one of the next `window` tensors from
-   t on, `start` the nearest of the `window` tensors before t that makes a valid region
-   (rule a of the tile pass; what the region reads that was computed before `start`
-   becomes a side input, rule a') where every start fits (a graph input, a tensor at or
-   under the ceiling, or a map an earlier region projects). A region is feasible when some band count keeps every band
+b. For the first one not yet covered, t, candidate regions of passes/tile.py contain t's
+   producer: `end` is one of the next `window` tensors from t on; its starts are the
+   frontier found walking back from `end`, where every graph input and every tensor that
+   fits (at or under the ceiling, a map an earlier region projects, or one value per
+   channel) stops the walk (the main start, then side inputs: tile rule a'). The region
+   must be valid (tile rule a: no intermediate read outside it). A region is feasible when some band count keeps every band
    tensor at or under the ceiling (`bands_for_budget`).
-c. Tiling alone is lossless, so an end at or under the ceiling wins: the first feasible
+c. Tiling alone is lossless, so an end at or under the ceiling (or a graph output, which
+   the caller receives whole) wins: the first feasible
    one, which recomputes the fewest halo rows. Otherwise (`allow_projection`) the end is
    a compressible stored map above the ceiling that compile projects to
    k = ceiling // (bytes of one channel), so the concatenated band outputs are stored
@@ -93,7 +94,7 @@ class RuntimePlanPass(Pass):
 
     name = "runtime_plan"
 
-    def __init__(self, *, allow_projection: bool = True, window: int = 96):
+    def __init__(self, *, allow_projection: bool = True, window: int = 200):
         self.allow_projection = allow_projection
         self.window = window
 
@@ -108,7 +109,7 @@ class RuntimePlanPass(Pass):
         pools = planner.pools()
         if pools:  # plan the regions on the graph whose pools run in bands (rule f)
             planner = _Planner(with_pools_in_bands(model, pools, ctx), ctx, view, stored, self.allow_projection,
-                               self.window)
+                               self.window, candidates=planner.order)
         plan = planner.plan()
         plan.pools = pools
         return PassResult(model, modified=False, data=plan)
@@ -116,7 +117,7 @@ class RuntimePlanPass(Pass):
 
 class _Planner:
     def __init__(self, model: onnx.ModelProto, ctx: PassContext, view: RuntimeView, stored: AnalysisReport | None,
-                 allow_projection: bool, window: int):
+                 allow_projection: bool, window: int, candidates: list[str] | None = None):
         self.model = model
         self.ceiling = int(view.ceiling_bytes or 0)
         self.view = view
@@ -125,9 +126,13 @@ class _Planner:
         self.infos = infer_tensor_infos(model, self.shapes)
         self.window = window
         self.inputs = set(self.shapes)
+        self.outputs = {out.name for out in model.graph.output}
         # data tensors only: exporters such as paddle2onnx open the graph with hundreds of Constants
         self.order: list[str] = list(self.inputs) + [o for n in model.graph.node if n.op_type != "Constant"
                                                       for o in n.output if o]
+        if candidates is not None:  # the graph's own tensors, not the band copies a pool rewrite added
+            known = set(candidates)
+            self.order = [name for name in self.order if name in known]
         self.position = {name: i for i, name in enumerate(self.order)}
         self.projectable = {m.name: m for m in stored.stored if m.compressible} if allow_projection and stored else {}
         self.projected: dict[str, PlannedMap] = {}
@@ -161,7 +166,7 @@ class _Planner:
         first = self.position[tensor]
         best_projected = None
         for end in self.order[first:first + self.window]:
-            fits = self._bytes(end) <= self.ceiling
+            fits = self._bytes(end) <= self.ceiling or end in self.outputs  # the caller receives outputs whole
             if not fits and not self._can_project(end):
                 continue
             found = self._feasible(tensor, end)
@@ -173,22 +178,14 @@ class _Planner:
         return best_projected
 
     def _feasible(self, tensor: str, end: str) -> tuple[Region, int] | None:
-        first = self.position[tensor]
-        for start in reversed(self.order[max(0, first - self.window):first]):
-            if not self._fits_as_start(start):
-                continue
-            starts = self._starts(start, end)
-            if starts is None:
-                continue
-            region = self._region(starts, end)
-            if region is None or tensor not in {o for n in region.nodes for o in n.output}:
-                continue
-            try:
-                bands = bands_for_budget(self.model, start, end, self.ceiling, self.act_bytes, region=region)
-            except InputError:
-                return None  # a start further back only widens the halo
-            return region, bands
-        return None
+        starts = self._frontier(end)
+        region = self._region(starts, end)
+        if region is None or tensor not in {o for n in region.nodes for o in n.output}:
+            return None
+        try:
+            return region, bands_for_budget(self.model, starts, end, self.ceiling, self.act_bytes, region=region)
+        except InputError:
+            return None
 
     def pools(self) -> list[PlannedPool]:
         """Rule f: every named GlobalAveragePool whose input is above the ceiling, with the
@@ -203,48 +200,39 @@ class _Planner:
         return planned
 
     def _pool_region(self, tensor: str) -> tuple[Region, int] | None:
-        first = self.position.get(tensor)
-        if first is None:
+        if tensor not in self.producers:
             return None
-        for start in reversed(self.order[max(0, first - self.window):first]):
-            starts = self._starts(start, tensor) if self._fits_as_start(start) else None
-            if starts is None:
-                continue
-            try:
-                region = tileable_region(self.model, starts, tensor, self.shapes, infos=self.infos,
-                                         consumers_checked=False)
-                return region, bands_for_budget(self.model, starts, tensor, self.ceiling, self.act_bytes,
-                                                region=region)
-            except InputError:
-                continue
-        return None
+        starts = self._frontier(tensor)
+        try:
+            region = tileable_region(self.model, starts, tensor, self.shapes, infos=self.infos,
+                                     consumers_checked=False)
+            return region, bands_for_budget(self.model, starts, tensor, self.ceiling, self.act_bytes,
+                                            region=region)
+        except InputError:
+            return None
 
     def _can_project(self, name: str) -> bool:
         fmap = self.projectable.get(name)
         return fmap is not None and plane_bytes(fmap) <= self.ceiling
 
-    def _starts(self, start: str, end: str) -> tuple[str, ...] | None:
-        """`start` and the side inputs (tile rule a') a region from it to `end` needs: the
-        tensors its nodes read that were computed before `start`; None if one does not fit."""
-        cutoff = self.position[start]
-        starts, seen, stack = [start], set(), [self.producers[end]]
+    def _frontier(self, end: str) -> tuple[str, ...]:
+        """The starts of the region ending at `end` (rule b): walking back from `end`, every
+        graph input and every tensor that fits (under the ceiling, projected, or one value
+        per channel) stops the walk and is a start; the main one is the earliest."""
+        starts, seen, stack = [], set(), [self.producers[end]]
         while stack:
             node = stack.pop()
             if id(node) in seen:
                 continue
             seen.add(id(node))
             for name in node.input:
-                if not name or name == start or name in self.constants or name in starts:
+                if not name or name in self.constants or name in starts:
                     continue
-                if self._per_channel(name) and self._fits_as_start(name):
-                    starts.append(name)  # a gate: read whole by every band (tile rule a')
-                elif name in self.producers and self.position[name] > cutoff:
-                    stack.append(self.producers[name])
-                elif self._fits_as_start(name):
+                if name not in self.producers or self._fits_as_start(name):
                     starts.append(name)
                 else:
-                    return None
-        return tuple(starts)
+                    stack.append(self.producers[name])
+        return tuple(sorted(starts, key=lambda name: (self._per_channel(name), self.position.get(name, -1))))
 
     def _per_channel(self, name: str) -> bool:
         info = self.infos.get(name)

@@ -179,7 +179,8 @@ def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
     # band, like a constant that does not vary along H (rule a')
     gates = {name for name in starts[1:] if name in infos and len(infos[name].shape) == 4
              and infos[name].shape[2:] == (1, 1)}
-    constants = {**constants, **{name: np.zeros(infos[name].shape, np.float32) for name in gates}}
+    for name in gates:
+        constants.pin(name, np.zeros(infos[name].shape, np.float32))
     members = {id(node) for node in nodes}
     tensors = (set(starts) - gates) | {name for node in nodes for name in node.output[:_used_outputs(node)]
                                        if name}
@@ -197,15 +198,41 @@ def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
     return Region(starts, end, nodes, {t: infos[t] for t in tensors}, windows, region_inputs, frozenset(gates))
 
 
-def _constant_names(graph: onnx.GraphProto) -> dict[str, np.ndarray | None]:
-    """Tensors with a fixed value: initializers that are not graph inputs, Constant outputs."""
-    overridable = {inp.name for inp in graph.input}
-    found: dict[str, np.ndarray | None] = {
-        init.name: numpy_helper.to_array(init) for init in graph.initializer if init.name not in overridable}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            found[node.output[0]] = constant_attr_value(node_attrs(node))
-    return found
+class _Constants(Mapping):
+    """Tensors with a fixed value (initializers that are not graph inputs, Constant outputs),
+    converted to arrays only when read: a planner validates many regions of one graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        overridable = {inp.name for inp in graph.input}
+        self._sources: dict[str, object] = {
+            init.name: init for init in graph.initializer if init.name not in overridable}
+        self._sources.update({node.output[0]: node for node in graph.node if node.op_type == "Constant"})
+        self._values: dict[str, np.ndarray | None] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray | None:
+        if name not in self._values:
+            source = self._sources[name]
+            self._values[name] = (numpy_helper.to_array(source) if isinstance(source, onnx.TensorProto)
+                                  else constant_attr_value(node_attrs(source)))
+        return self._values[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sources
+
+    def pin(self, name: str, value: np.ndarray) -> None:
+        """Treat `name` as a constant with this value (a per-channel gate: rule a')."""
+        self._sources[name] = value
+        self._values[name] = value
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
+def _constant_names(graph: onnx.GraphProto) -> _Constants:
+    return _Constants(graph)
 
 
 def _ancestors(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
