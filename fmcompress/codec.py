@@ -107,6 +107,7 @@ REF_SAMPLE_SHARE = 1 / 8  # sampled positions per candidate, as a share of the e
 REF_MIN_SAMPLES = 64  # per plane (fewer saturate the entropy estimate)
 REF_BUDGET = 0.25  # sampled candidate tokens, as a share of the elements, before screening
 REF_SCREEN = 0.005  # the screened planes' references must save this share of their bits
+LOOKUP_SLICE = 1 << 16  # elements per slice of the decoder's table lookups
 SPLIT_ZERO = 0.5  # a model with P(token 0) at least this codes zero flags (rule f)
 ZSTD_LEVEL = 3
 SCHEMA_VERSION = 1
@@ -153,7 +154,9 @@ ONES_TOKENS = np.ones(TOKENS)
 MILLER_MADOW = 1 / (2 * np.log(2))  # bits per used letter beyond the first
 PLANE_OFFSETS = np.arange(0, 1 << 16, TOKENS, dtype=np.uint16)  # plane * TOKENS, for bincounts
 SPARSE = 0.4  # below this share of nonzero tokens, histograms count only the nonzero ones
-ESCAPED = TOKEN_NBITS > 0  # per token: does it carry extra bits
+EXTRA_SHIFT = int(TOKEN_NBITS.max())  # SYMBOL's index: token << EXTRA_SHIFT | extra bits
+SYMBOL = np.zeros(TOKENS << EXTRA_SHIFT, np.uint8)  # the decoder's one lookup (unused: 0)
+SYMBOL[(TOKEN.astype(np.intp) << EXTRA_SHIFT) | EXTRA] = np.arange(256, dtype=np.uint8)
 EXTRA_BITS = {width: ((EXTRA[:, None] >> np.arange(width - 1, -1, -1)) & 1).astype(np.uint8)
               for width in EXTRA_WIDTHS}  # per width, per symbol: its low extra bits, MSB first
 NIBBLES = np.stack([np.arange(256) >> 4, np.arange(256) & 15], axis=1).astype(np.int32)
@@ -740,24 +743,60 @@ def _pack_extras(symbols: np.ndarray) -> bytes:
 
 
 def _read_extras(extras: bytes, widths: np.ndarray) -> np.ndarray:
-    """The values `_pack_extras` wrote, for symbols whose extra bits have these `widths`."""
-    sizes = np.bincount(widths, minlength=max(EXTRA_WIDTHS) + 1)
-    total = int(sizes @ np.arange(sizes.size))
+    """The values `_pack_extras` wrote, for symbols whose extra bits have these `widths`
+    (0 for a symbol without extra bits: its value is 0)."""
+    values = np.zeros(widths.size, np.uint8)
+    _scatter_extras(extras, widths, values)
+    return values
+
+
+def _scatter_extras(extras: bytes, widths: np.ndarray, out: np.ndarray) -> None:
+    """Write the extra bits `_pack_extras` wrote into `out` (uint8), at the symbols whose
+    extra bits have these `widths` (0: none, left as they are): each width's group read
+    at its fixed width straight from the bytes (`_unpack_width`), then one scatter."""
+    mask = np.empty(widths.size, bool)  # one buffer for the four masks
+    positions = [np.flatnonzero(np.equal(widths, width, out=mask)) for width in EXTRA_WIDTHS]
+    total = sum(width * where.size for width, where in zip(EXTRA_WIDTHS, positions, strict=True))
     if total > 8 * len(extras) or 8 * len(extras) - total >= 8:
         raise InputError("codec stream damaged: the extra bits do not match the symbols")
-    bits = np.unpackbits(np.frombuffer(extras, np.uint8))
-    values = np.zeros(widths.size, np.uint8)
+    data = np.frombuffer(extras, np.uint8)
     start = 0
-    for width in EXTRA_WIDTHS:
-        end = start + int(sizes[width]) * width
-        group = bits[start:end].reshape(-1, width)
-        value = group[:, 0].copy()
-        for column in range(1, width):  # most significant first
-            value <<= 1
-            value |= group[:, column]
-        values.put(np.flatnonzero(widths == width), value)
-        start = end
-    return values
+    for width, where in zip(EXTRA_WIDTHS, positions, strict=True):
+        if where.size:
+            out[where] = _unpack_width(data, start, where.size, width)
+        start += width * where.size
+
+
+UNPACK_SHIFTS = {width: np.arange(7, -1, -1, dtype=np.uint64 if width > 4 else np.uint32) * width
+                 for width in EXTRA_WIDTHS}  # per width: where each of 8 values sits in w bytes
+
+
+def _unpack_width(data: np.ndarray, start: int, count: int, width: int) -> np.ndarray:
+    """`count` values of `width` bits (most significant first) from bit `start` of `data`,
+    as uint8: the bytes realigned to `start`, then 8 // width values from each byte, or
+    eight values from each `width` bytes (widths that do not divide 8)."""
+    size = -(-count * width // 8)
+    first, shift = divmod(start, 8)
+    rows = -(-count // 8)
+    aligned = np.zeros(rows * width, np.uint8)
+    chunk = data[first:first + size + 1]
+    if shift:
+        aligned[:size] = chunk[:size] << shift
+        aligned[:chunk.size - 1] |= chunk[1:] >> (8 - shift)
+    else:
+        aligned[:size] = chunk[:size]
+    if 8 % width == 0:
+        values = aligned[:, None] >> np.arange(8 - width, -1, -width, dtype=np.uint8)
+    else:
+        shifts = UNPACK_SHIFTS[width]
+        grouped = aligned.reshape(rows, width)
+        packed = grouped[:, 0].astype(shifts.dtype)
+        for column in range(1, width):
+            packed <<= 8
+            packed |= grouped[:, column]
+        values = (packed[:, None] >> shifts).astype(np.uint8)  # the cast keeps the low 8 bits
+    values &= (1 << width) - 1
+    return values.reshape(-1)[:count]
 
 
 def zstd_bits(array: np.ndarray, level: int = ZSTD_LEVEL) -> int:
@@ -894,21 +933,34 @@ def _values(parts: list[tuple[np.ndarray | None, np.ndarray]], extras: bytes,
             size: int) -> np.ndarray:
     """The uint8 symbols (int8 bit patterns) of the decoded tokens, in coding order.
 
-    The lookups and extra bits run on the explicit tokens only; the zeros that flags stand
-    for are filled in by one scatter of the explicit values over all models.
+    Per explicit token its extra bits' width (one lookup), the extra bits scattered into
+    a zeroed array, then one lookup SYMBOL[token << EXTRA_SHIFT | extra bits]; the zeros
+    that flags stand for are filled in by one scatter of the explicit values over all
+    models (none without flags: dense maps). The lookups run in slices, so that the intp
+    indices numpy's lookups need stay in the cache; the tokens are checked to lie in
+    their model (below TOKENS), so the lookups skip bounds checks.
     """
-    tokens = np.concatenate([t for _, t in parts]) if parts else np.zeros(0, np.int32)
-    values = np.take(VALUE, tokens)
-    escaped = np.flatnonzero(np.take(ESCAPED, tokens))
-    explicit = tokens.take(escaped)
-    code = np.take(TOKEN_BASE, explicit) + _read_extras(extras, np.take(TOKEN_NBITS, explicit))
-    values.put(escaped, np.take(UNCODE, code))
+    tokens = parts[0][1] if len(parts) == 1 else np.concatenate([np.zeros(0, np.int32)]
+                                                                 + [t for _, t in parts])
+    widths = np.empty(tokens.size, np.uint8)
+    for start in range(0, tokens.size, LOOKUP_SLICE):
+        stop = start + LOOKUP_SLICE
+        np.take(TOKEN_NBITS, tokens[start:stop].astype(np.intp), out=widths[start:stop], mode="clip")
+    extra = np.zeros(tokens.size, np.uint8)
+    _scatter_extras(extras, widths, extra)
+    values = widths  # the widths are done with: their buffer takes the values
+    for start in range(0, tokens.size, LOOKUP_SLICE):
+        stop = start + LOOKUP_SLICE
+        index = tokens[start:stop].astype(np.intp)
+        index <<= EXTRA_SHIFT
+        index |= extra[start:stop]
+        np.take(SYMBOL, index, out=values[start:stop], mode="clip")
     if all(flags is None for flags, _ in parts):
         return values
     nonzero = np.concatenate([np.ones(part.size, np.uint8) if flags is None else flags
                               for flags, part in parts])
     out = np.zeros(size, np.uint8)
-    out.put(np.flatnonzero(nonzero.view(bool)), values)
+    out[np.flatnonzero(nonzero.view(bool))] = values
     return out
 
 

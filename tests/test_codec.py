@@ -259,6 +259,36 @@ def test_extra_bits_grouped_by_width_round_trip():
     escaped = widths > 0
     assert len(packed) == -(-int(widths.sum()) // 8)
     np.testing.assert_array_equal(codec._read_extras(packed, widths[escaped]), codec.EXTRA[escaped])
+    # symbols without extra bits among them (width 0) read as 0
+    np.testing.assert_array_equal(codec._read_extras(packed, widths), codec.EXTRA)
+
+
+@pytest.mark.parametrize("width", codec.EXTRA_WIDTHS)
+def test_unpack_width_any_offset_and_count(width):
+    """The decoder reads each width's group at any bit offset, any count (padding included)."""
+    rng = np.random.default_rng(width)
+    for start in range(9):
+        for count in (0, 1, 7, 8, 9, 63, 200):
+            values = rng.integers(0, 1 << width, count, dtype=np.uint8)
+            bits = np.concatenate([rng.integers(0, 2, start, dtype=np.uint8),
+                                   codec._pack_fixed(values, width)])
+            data = np.packbits(bits)
+            np.testing.assert_array_equal(codec._unpack_width(data, start, count, width), values)
+
+
+def test_symbol_lookup_inverts_tokens_and_extra_bits():
+    symbols = np.arange(256, dtype=np.uint8)
+    index = (codec.TOKEN.astype(np.intp) << codec.EXTRA_SHIFT) | codec.EXTRA
+    np.testing.assert_array_equal(codec.SYMBOL[index], symbols)
+
+
+def test_large_dense_map_round_trip_across_lookup_slices():
+    """Dense maps (no zero flags) larger than one slice of the decoder's lookups."""
+    rng = np.random.default_rng(11)
+    values = np.clip(np.round(rng.laplace(0, 12, (1, 3, 200, 300))), -128, 127).astype(np.int8)
+    assert values.size > 2 * codec.LOOKUP_SLICE
+    for method in METHODS:
+        round_trip(values, method)
 
 
 def test_cluster_picks_k_and_refit_keeps_at_most_max_models():
