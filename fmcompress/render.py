@@ -470,9 +470,13 @@ def _md_verification(report: Mapping[str, Any]) -> list[str]:
     if not check:
         return []
     parts = [f"onnx.checker {check.get('checker', '?')}", f"onnxruntime {check.get('onnxruntime', '?')}"]
+    samples = f" on {check['samples']} held-out samples" if check.get("samples") else ""
+    if check.get("relative_error") is not None:
+        parts.append(f"relative error against the original with its projections inserted "
+                     f"{check['relative_error']:.2g}{samples}")
     if check.get("executor_relative_error") is not None:
-        parts.append(f"relative error against the training backend {check['executor_relative_error']:.2g}"
-                     + (f" on {check['samples']} held-out samples" if check.get("samples") else ""))
+        parts.append(f"against the training backend {check['executor_relative_error']:.2g}"
+                     + ("" if check.get("relative_error") is not None else samples))
     if check.get("max_stored_bytes_after") is not None:
         verdict = "<=" if check.get("ceiling_ok", True) else ">"
         parts.append(f"largest compressible stored map after {check['max_stored_bytes_after']:,} B {verdict} ceiling")

@@ -13,7 +13,7 @@ from fmcompress.compiler import CompileOptions, build_context, ceiling_verdict, 
 from fmcompress.data import load_dataset
 from fmcompress.errors import VerificationError
 from fmcompress.modelio import load_model
-from fmcompress.passes import Pipeline
+from fmcompress.passes import PassContext, Pipeline
 from fmcompress.passes.fit import FitProjectionsPass
 from fmcompress.passes.fold import FoldProjectionsPass
 from fmcompress.passes.fold_bn import FoldBatchNormPass
@@ -224,3 +224,29 @@ def test_plan_only_warns_about_ops_compile_will_refuse(tmp_path):
     result = compile_model(model, CompileOptions(ceiling="4x"), plan_only=True)
     assert result.plan.maps
     assert any("compile will refuse" in w and "Gelu" in w for w in result.report["warnings"])
+
+
+def test_verify_catches_a_wrong_rewrite():
+    """Rule c can fail: a folded weight changed after folding is refused."""
+    from modeltools import random_projections, tiny_classifier
+
+    from fmcompress.data import Dataset
+    from fmcompress.passes.fold import FoldProjectionsPass
+    from fmcompress.passes.plan import PlanPass
+    from fmcompress.passes.verify import VerifyPass
+    from fmcompress.units import parse_ceiling
+
+    model = tiny_classifier()
+    ctx = PassContext(input_shapes={"x": (1, 3, 8, 8)})
+    plan = PlanPass(parse_ceiling("2x")).run(model, ctx).data
+    ctx.results["plan"] = plan
+    projections = random_projections(plan)
+    folded = FoldProjectionsPass(projections).run(model, ctx).model
+    held_out = Dataset(inputs={"x": np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)})
+    data = VerifyPass(model, held_out, projections=projections).run(folded, ctx).data
+    assert data["relative_error"] <= 1e-4 and data["executor_relative_error"] <= 1e-4
+    broken = onnx.ModelProto.FromString(folded.SerializeToString())
+    weight = next(init for init in broken.graph.initializer if len(init.dims) == 4)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+    with pytest.raises(VerificationError, match="disagrees with the original with its projections inserted"):
+        VerifyPass(model, held_out, projections=projections).run(broken, ctx)
