@@ -13,7 +13,11 @@ Rules (Price & Tanner's ceiling compression; docs/design.md section 2), on the s
 * graph inputs, graph outputs and integer (quantized) maps above the ceiling are
   never compressed: `not_compressible` lists them, each with a `reason`
   ("graph input", "graph output", "integer dtype"), in execution order;
-* a relative ceiling (`4x`) is resolved by the analysis, on the largest compressible map.
+* a relative ceiling (`4x`) is resolved by the analysis, on the largest compressible map;
+* the fold pass carries U through a Resize (or Upsample, Identity, Dropout) and the
+  op then runs on the k channels: the narrow, upsampled tensor is stored too, so a map
+  read by a Resize takes the largest plane it is carried to, k = floor(ceiling /
+  max(plane of X, planes of its resized copies)) (with the model; `carried_planes`).
 
 Entry point: `PlanPass(ceiling).run(model, ctx)`; reuses `ctx.results["memory"]` only
 when it is an analysis of the same graph (`graph_key`) at the same ceiling, resolved
@@ -89,7 +93,7 @@ class PlanPass(Pass):
         if not (isinstance(report, AnalysisReport) and self._matches(report, model, ctx)):
             report = MemoryAnalysisPass(self.ceiling, source=getattr(report, "source", "")).run(model, ctx).data
             ctx.results["memory"] = report
-        return PassResult(model, modified=False, data=plan_from_report(report))
+        return PassResult(model, modified=False, data=plan_from_report(report, carried_planes(model, report)))
 
     def _matches(self, report: AnalysisReport, model: onnx.ModelProto, ctx: PassContext) -> bool:
         """The earlier analysis was of this graph, at this ceiling, input shapes and act_bytes."""
@@ -100,8 +104,40 @@ class PlanPass(Pass):
                                             resolve_input_shapes(model, ctx.input_shapes).items()})
 
 
-def plan_from_report(report: AnalysisReport) -> Plan:
-    """Rules above, on an analysis made with a ceiling; maps in execution order."""
+CARRYING_OPS = ("Resize", "Upsample", "Identity", "Dropout")  # U goes through them (fold rule c)
+
+
+def carried_planes(model: onnx.ModelProto, report: AnalysisReport) -> dict[str, int]:
+    """Per tensor, the most elements per channel (N * H * W) of what a projection's U is
+    carried to through Resize-like ops (their input 0), when that exceeds its own."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.input:
+            readers.setdefault(node.input[0], []).append(node)
+
+    def largest(name: str, seen: frozenset[str]) -> int:
+        best = 0
+        for node in readers.get(name, []):
+            out = node.output[0] if node.op_type in CARRYING_OPS else ""
+            shape = report.tensor_shapes.get(out)
+            if out and out not in seen and shape is not None and len(shape) >= 3:
+                best = max(best, shape[0] * math.prod(shape[2:]), largest(out, seen | {out}))
+        return best
+
+    carried = {}
+    for fmap in report.stored:
+        if fmap.compressible:
+            planes = largest(fmap.name, frozenset({fmap.name}))
+            if planes > fmap.shape[0] * math.prod(fmap.shape[2:]):
+                carried[fmap.name] = planes
+    return carried
+
+
+def plan_from_report(report: AnalysisReport, carried: dict[str, int] | None = None) -> Plan:
+    """Rules above, on an analysis made with a ceiling; maps in execution order.
+
+    `carried` (from `carried_planes`) gives, per map, the elements per channel of the
+    largest tensor its U is carried to; without it each map's own plane sets k."""
     if report.ceiling_bytes is None or report.ceiling is None:
         raise ValueError("plan_from_report needs an analysis made with a ceiling")
     planned: list[PlannedMap] = []
@@ -117,7 +153,7 @@ def plan_from_report(report: AnalysisReport) -> Plan:
         elif not fmap.compressible:
             infeasible.append((fmap, fmap.bytes))
         else:
-            plane = plane_bytes(fmap)
+            plane = max(plane_bytes(fmap), (carried or {}).get(fmap.name, 0) * bytes_per_element(fmap))
             k = report.ceiling_bytes // plane
             if k < 1:
                 infeasible.append((fmap, plane))

@@ -166,3 +166,36 @@ def test_an_analysis_made_otherwise_is_not_reused(change, expected):
     assert planned(model, ctx, ceiling) == expected
     fresh = ctx.results["memory"]
     assert fresh is not stale and fresh.ceiling == ceiling and fresh.act_bytes == ctx.act_bytes
+
+
+def test_a_map_read_by_a_resize_is_ranked_for_its_upsampled_copy():
+    """Fold carries U through the Resize, which then stores k channels at twice the size:
+    the rank must fit that copy too (found on PP-OCR's detector, whose compile failed its
+    ceiling check before)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fmcompress import api
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal(s) * 0.2).astype(np.float32), n)
+               for n, s in (("w0", (16, 3, 3, 3)), ("w1", (16, 3, 3, 3)), ("w2", (4, 16, 3, 3)))]
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c0"], ["coarse"]),
+             helper.make_node("Resize", ["coarse", "", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["lateral"]),
+             helper.make_node("Add", ["up", "lateral"], ["sum"]),
+             helper.make_node("Conv", ["sum", "w2"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "fpn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])],
+                              [*weights, scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    ceiling = 2 * 16 * 16 * 4  # 2 channels at 16x16, 8 at 8x8
+    plan = api.compile(model, ceiling=f"{ceiling}B", plan_only=True).plan
+    ranks = {m.name: m.k for m in plan.maps}
+    assert ranks["coarse"] == 2  # not 8: its upsampled copy holds 4x the positions
+    result = api.compile(model, ceiling=f"{ceiling}B", method="pca", num_samples=16, latency_rounds=1,
+                         latency_repeats=1)
+    assert result.report["verification"]["ceiling_ok"]
