@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from benchmodels import model_path
 
 from fmcompress import api
 from fmcompress.compiler import build_context
@@ -30,20 +31,7 @@ from fmcompress.modelio import load_model
 from fmcompress.passes.runtime import runtime_view
 from fmcompress.passes.runtime_plan import TileToCeilingPass
 from fmcompress.shapes import infer_tensor_infos
-from fmcompress.thirdparty import REAL_MODELS, real_model
 from fmcompress.units import format_bytes, parse_size
-
-ZOO = {"resnet18": (1, 3, 224, 224), "mobilenet_v2": (1, 3, 224, 224)}
-
-
-def model_path(name: str, workdir: Path) -> tuple[Path, tuple[int, ...]]:
-    if name in REAL_MODELS:
-        return real_model(name), REAL_MODELS[name].input_shape
-    from fmcompress.frontend import export_model
-
-    path = workdir / f"{name}.onnx"
-    export_model(name, ZOO[name], path)
-    return path, ZOO[name]
 
 
 def variants(path: Path, shape: tuple[int, ...], ceiling: str, samples: int):
@@ -67,7 +55,7 @@ def variants(path: Path, shape: tuple[int, ...], ceiling: str, samples: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(ZOO))
+    parser.add_argument("--models", default="resnet18,mobilenet_v2")
     parser.add_argument("--ceilings", default="256KB,512KB")
     parser.add_argument("--samples", type=int, default=32, help="calibration + held-out samples (pca)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
@@ -76,10 +64,9 @@ def main() -> None:
     print(header)
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
-            path, shape = model_path(name, Path(workdir))
+            path, shapes = model_path(name, Path(workdir))
             original = load_model(path)
-            input_name = original.graph.input[0].name
-            shapes = {input_name: shape}
+            (input_name, shape), = shapes.items()
             feeds = {input_name: np.random.default_rng(0).random(shape, dtype=np.float32)}
             base = measure_peak(original, shapes)
             view = runtime_view(original, shapes)

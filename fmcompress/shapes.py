@@ -161,7 +161,10 @@ def infer_tensor_infos(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     infos = _from_shape_inference(pinned)
     wanted = [out for node in pinned.graph.node for out in node.output if out]
     if any(name not in infos for name in wanted):
-        infos.update(_from_onnxruntime(pinned, shapes, [n for n in wanted if n not in infos]))
+        try:
+            infos.update(onnxruntime_tensor_infos(pinned, shapes, [n for n in wanted if n not in infos]))
+        except InputError as exc:
+            raise InputError(f"cannot determine tensor shapes: shape inference is incomplete and {exc}") from None
     return infos
 
 
@@ -181,14 +184,16 @@ def _from_shape_inference(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     return infos
 
 
-def _from_onnxruntime(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], names: list[str]) -> dict[str, TensorInfo]:
-    """Run once on zeros with `names` exposed as outputs; their real shapes and dtypes."""
+def onnxruntime_tensor_infos(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                             names: list[str]) -> dict[str, TensorInfo]:
+    """Run once on zeros, optimisations off, with `names` exposed as outputs: their real
+    shapes and dtypes (custom-domain kernels included)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {out.name for out in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in present)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names) if name not in present)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
@@ -201,7 +206,6 @@ def _from_onnxruntime(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
         custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
         hint = f" (custom-domain ops: {', '.join(custom)})" if custom else ""
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot determine tensor shapes: shape inference is incomplete and onnxruntime "
-                         f"cannot run the model{hint}: {first_line[:300]}") from None
+        raise InputError(f"onnxruntime cannot run the model{hint}: {first_line[:300]}") from None
     outputs = [out.name for out in session.get_outputs()]
     return {name: TensorInfo(tuple(np.shape(v)), np.asarray(v).dtype) for name, v in zip(outputs, values, strict=True)}

@@ -61,10 +61,15 @@ def conv_bias(node: gs.Node) -> np.ndarray | None:
 
 
 class Namer:
-    """Hands out node and tensor names not yet used in a graph."""
+    """Hands out node and tensor names not yet used in a graph (graphsurgeon or plain onnx)."""
 
-    def __init__(self, graph: gs.Graph):
-        self.taken = {node.name for node in graph.nodes} | set(graph.tensors())
+    def __init__(self, graph: gs.Graph | onnx.GraphProto):
+        if isinstance(graph, onnx.GraphProto):
+            self.taken = {node.name for node in graph.node}
+            self.taken |= {name for node in graph.node for name in [*node.input, *node.output]}
+            self.taken |= {t.name for t in [*graph.input, *graph.output, *graph.initializer]}
+        else:
+            self.taken = {node.name for node in graph.nodes} | set(graph.tensors())
 
     def __call__(self, base: str) -> str:
         name, n = base, 0

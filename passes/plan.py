@@ -153,19 +153,31 @@ def plan_from_report(report: AnalysisReport, carried: dict[str, int] | None = No
         elif not fmap.compressible:
             infeasible.append((fmap, fmap.bytes))
         else:
-            plane = max(plane_bytes(fmap), (carried or {}).get(fmap.name, 0) * bytes_per_element(fmap))
-            k = report.ceiling_bytes // plane
-            if k < 1:
+            plane = ranked_plane_bytes(fmap, carried)
+            if plane > report.ceiling_bytes:
                 infeasible.append((fmap, plane))
                 continue
-            planned.append(PlannedMap(name=fmap.name, shape=list(fmap.shape), k=int(k), bytes_before=fmap.bytes,
-                                      bytes_after=int(k * plane), producer=fmap.producer, step=fmap.step))
+            planned.append(planned_map(fmap, report.ceiling_bytes, carried))
     if infeasible:
         raise InputError(_infeasible_message(infeasible, report))
     planned.sort(key=lambda m: m.step)
     skipped.sort(key=lambda entry: entry["step"])
     return Plan(ceiling=report.ceiling, ceiling_bytes=report.ceiling_bytes, act_bytes=report.act_bytes,
                 maps=planned, not_compressible=skipped)
+
+
+def ranked_plane_bytes(fmap: FeatureMap, carried: dict[str, int] | None = None) -> int:
+    """The bytes of one channel that the rank must fit: the map's own, or the largest copy
+    its U is carried to (`carried_planes`)."""
+    return max(plane_bytes(fmap), (carried or {}).get(fmap.name, 0) * bytes_per_element(fmap))
+
+
+def planned_map(fmap: FeatureMap, ceiling_bytes: int, carried: dict[str, int] | None = None) -> PlannedMap:
+    """The rank rule: k = floor(ceiling / ranked plane), for a map whose ranked plane fits."""
+    plane = ranked_plane_bytes(fmap, carried)
+    k = ceiling_bytes // plane
+    return PlannedMap(name=fmap.name, shape=list(fmap.shape), k=int(k), bytes_before=fmap.bytes,
+                      bytes_after=int(k * plane), producer=fmap.producer, step=fmap.step)
 
 
 def plane_bytes(fmap: FeatureMap) -> int:

@@ -49,7 +49,13 @@ from onnx import helper
 from fmcompress.errors import InputError
 from fmcompress.featuremaps import FeatureMap
 from fmcompress.report import DEFAULT_ORT_LEVEL, ORT_LEVELS, RuntimeView
-from fmcompress.shapes import graph_inputs, resolve_input_shapes, with_input_shapes
+from fmcompress.shapes import (
+    TensorInfo,
+    graph_inputs,
+    onnxruntime_tensor_infos,
+    resolve_input_shapes,
+    with_input_shapes,
+)
 
 from .base import Pass, PassContext, PassResult
 from .memory import _live_curve
@@ -89,27 +95,13 @@ def optimized_model(model: onnx.ModelProto, level: str = DEFAULT_LEVEL) -> onnx.
         return onnx.load(path)
 
 
-def _tensor_values(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Rule b: every node output of the optimised graph, from one run on zeros."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(optimized)
-    names = [out for node in probe.graph.node for out in node.output if out]
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    feeds = {inp.name: np.zeros(shapes[inp.name], helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
-             for inp in graph_inputs(probe)}
+def _tensor_infos(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorInfo]:
+    """Rule b: every node output of the optimised graph, sized by one run on zeros."""
+    names = [out for node in optimized.graph.node for out in node.output if out]
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        values = session.run(None, feeds)
-    except Exception as exc:  # onnxruntime's errors are free text; keep the first line
-        raise InputError("onnxruntime cannot run its optimised graph to size the tensors: "
-                         f"{str(exc).strip().splitlines()[0][:300]}") from None
-    return {meta.name: value for meta, value in zip(session.get_outputs(), values, strict=True)}
+        return onnxruntime_tensor_infos(optimized, shapes, names)
+    except InputError as exc:
+        raise InputError(f"sizing the optimised graph's tensors: {exc}") from None
 
 
 class RuntimeMemoryPass(Pass):
@@ -125,9 +117,9 @@ class RuntimeMemoryPass(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         shapes = resolve_input_shapes(model, ctx.input_shapes)
         optimized = optimized_model(with_input_shapes(model, shapes), self.level)
-        values = _tensor_values(optimized, shapes)
-        tensors = runtime_tensors(optimized, shapes, values, ctx.act_bytes)
-        tensors += conv_workspaces(optimized, values, ctx.act_bytes)
+        infos = _tensor_infos(optimized, shapes)
+        tensors = runtime_tensors(optimized, shapes, infos, ctx.act_bytes)
+        tensors += conv_workspaces(optimized, infos, ctx.act_bytes)
         counted = [t for t in tensors if t.role != "input" and t.bytes > 0]
         labels = [node.name or node.op_type for node in optimized.graph.node]
         live = _live_curve(counted, labels)
@@ -139,7 +131,7 @@ class RuntimeMemoryPass(Pass):
 
 
 def runtime_tensors(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                    values: dict[str, np.ndarray], act_bytes: int | None) -> list[FeatureMap]:
+                    infos: dict[str, TensorInfo], act_bytes: int | None) -> list[FeatureMap]:
     """Rules c and d: graph inputs, then every node output in execution order."""
     graph = optimized.graph
     outputs = {o.name for o in graph.output}
@@ -154,7 +146,7 @@ def runtime_tensors(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...
         for name in node.input:
             buffer = owner.get(name, name)
             last_use[buffer] = max(last_use.get(buffer, -1), last if name in outputs else step)
-        if node.op_type in ALIAS_OPS and node.input and node.input[0] in {*owner, *values, *shapes}:
+        if node.op_type in ALIAS_OPS and node.input and node.input[0] in {*owner, *infos, *shapes}:
             owner[node.output[0]] = owner.get(node.input[0], node.input[0])
         for name in node.output:
             if name in outputs:
@@ -166,9 +158,9 @@ def runtime_tensors(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...
                                readers, act_bytes))
     for step, node in enumerate(graph.node):
         for name in node.output:
-            if not name or name not in values:
+            if not name or name not in infos:
                 continue
-            value = values[name]
+            value = infos[name]
             role = "output" if name in outputs else "map"
             aliased = name in owner
             tensor = _tensor(name, value.shape, value.dtype, role, node, step,
@@ -192,7 +184,7 @@ def conv_workspace_elements(weight_shape: tuple[int, ...], output_shape: tuple[i
     return positions * depth if filters > positions and not plain_gemm else 0
 
 
-def conv_workspaces(optimized: onnx.ModelProto, values: dict[str, np.ndarray],
+def conv_workspaces(optimized: onnx.ModelProto, infos: dict[str, TensorInfo],
                     act_bytes: int | None) -> list[FeatureMap]:
     """Rule e, one entry per conv that expands its input."""
     weights = {init.name: tuple(init.dims) for init in optimized.graph.initializer}
@@ -200,8 +192,8 @@ def conv_workspaces(optimized: onnx.ModelProto, values: dict[str, np.ndarray],
     for step, node in enumerate(optimized.graph.node):
         if (node.domain, node.op_type) not in CONV_OPS or len(node.input) < 2 or node.input[1] not in weights:
             continue
-        output = values.get(node.output[0])
-        if output is None or output.ndim < 3:
+        output = infos.get(node.output[0])
+        if output is None or len(output.shape) < 3:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         elements = conv_workspace_elements(weights[node.input[1]], output.shape, int(attrs.get("group", 1)),

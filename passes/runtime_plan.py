@@ -50,10 +50,10 @@ from fmcompress.report import AnalysisReport, RuntimeView
 from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
-from .plan import PlannedMap, plane_bytes
+from .plan import PlannedMap, carried_planes, planned_map, ranked_plane_bytes
 from .runtime import DEFAULT_LEVEL, RuntimeMemoryPass
 from .split_conv import SplitConvPass
-from .tile import Region, TilePass, bands_for_budget, pool_in_bands, tileable_region
+from .tile import Region, TilePass, bands_for_budget, pool_in_bands, tileable_region, walk_back
 
 
 @dataclass
@@ -135,6 +135,7 @@ class _Planner:
             self.order = [name for name in self.order if name in known]
         self.position = {name: i for i, name in enumerate(self.order)}
         self.projectable = {m.name: m for m in stored.stored if m.compressible} if allow_projection and stored else {}
+        self.carried = carried_planes(model, stored) if self.projectable else {}
         self.projected: dict[str, PlannedMap] = {}
         self.regions: dict[tuple[tuple[str, ...], str], Region] = {}
         self.producers = {out: node for node in model.graph.node for out in node.output if out}
@@ -155,7 +156,7 @@ class _Planner:
             inside = {n for node in region.nodes for n in node.output}
             covered |= inside
             if projected:
-                self.projected[region.end] = self._planned_map(self.projectable[region.end])
+                self.projected[region.end] = planned_map(self.projectable[region.end], self.ceiling, self.carried)
             over = [t.name for t in self.view.over_ceiling() if t.name in inside]
             result.regions.append(PlannedRegion(list(region.starts), region.end, bands, projected, over))
         result.projected = sorted(self.projected.values(), key=lambda m: m.step)
@@ -213,25 +214,14 @@ class _Planner:
 
     def _can_project(self, name: str) -> bool:
         fmap = self.projectable.get(name)
-        return fmap is not None and plane_bytes(fmap) <= self.ceiling
+        return fmap is not None and ranked_plane_bytes(fmap, self.carried) <= self.ceiling
 
     def _frontier(self, end: str) -> tuple[str, ...]:
         """The starts of the region ending at `end` (rule b): walking back from `end`, every
         graph input and every tensor that fits (under the ceiling, projected, or one value
         per channel) stops the walk and is a start; the main one is the earliest."""
-        starts, seen, stack = [], set(), [self.producers[end]]
-        while stack:
-            node = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            for name in node.input:
-                if not name or name in self.constants or name in starts:
-                    continue
-                if name not in self.producers or self._fits_as_start(name):
-                    starts.append(name)
-                else:
-                    stack.append(self.producers[name])
+        _, boundary = walk_back(end, self.producers, self.constants, self._fits_as_start)
+        starts = [name for name, _ in boundary]
         return tuple(sorted(starts, key=lambda name: (self._per_channel(name), self.position.get(name, -1))))
 
     def _per_channel(self, name: str) -> bool:
@@ -255,12 +245,6 @@ class _Planner:
         if info is None:
             return 1 << 62
         return info.numel * (self.act_bytes or info.dtype.itemsize)
-
-    def _planned_map(self, fmap: FeatureMap) -> PlannedMap:
-        plane = plane_bytes(fmap)
-        k = max(1, min(fmap.shape[1] - 1, self.ceiling // plane))
-        return PlannedMap(name=fmap.name, shape=list(fmap.shape), k=int(k), bytes_before=fmap.bytes,
-                          bytes_after=int(k * plane), producer=fmap.producer, step=fmap.step)
 
 
 def with_pools_in_bands(model: onnx.ModelProto, pools: list[PlannedPool], ctx: PassContext) -> onnx.ModelProto:

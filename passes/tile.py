@@ -86,7 +86,7 @@ i. Squeeze-excitation: `pool_in_bands` computes a GlobalAveragePool from bands o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,6 +98,7 @@ from fmcompress.onnxutil import constant_attr_value, node_attrs
 from fmcompress.shapes import TensorInfo, infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
+from .graphutil import Namer
 
 Rows = tuple[int, int]  # [lo, hi) along axis 2
 
@@ -235,6 +236,31 @@ def _constant_names(graph: onnx.GraphProto) -> _Constants:
     return _Constants(graph)
 
 
+def walk_back(end: str, producers: Mapping[str, onnx.NodeProto], constants: Mapping[str, object] | set[str],
+              stop: Callable[[str], bool]) -> tuple[set[int], list[tuple[str, onnx.NodeProto]]]:
+    """The nodes that compute `end` (as ids), walking back through producers, and where the
+    walk stopped: every (tensor, a node reading it) that `stop` accepts or no node
+    produces, in the order met. Constants are skipped."""
+    seen: set[int] = set()
+    boundary: list[tuple[str, onnx.NodeProto]] = []
+    met: set[str] = set()
+    stack = [producers[end]]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for name in node.input:
+            if not name or name in constants or name in met:
+                continue
+            if stop(name) or name not in producers:
+                met.add(name)
+                boundary.append((name, node))
+            else:
+                stack.append(producers[name])
+    return seen, boundary
+
+
 def _ancestors(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
                constants: Mapping[str, object], starts: tuple[str, ...], end: str) -> list[onnx.NodeProto]:
     """Region nodes in graph order: everything between the starts and `end`, constants excluded."""
@@ -245,24 +271,12 @@ def _ancestors(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
         if start not in producers and start not in graph_inputs:
             raise InputError(f"tile: tensor {start!r} is neither a node output nor a graph input")
     start = starts[0]
-    seen: set[int] = set()
-    reached: set[str] = set()
-    stack = [producers[end]]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        for name in node.input:
-            if not name or name in constants:
-                continue
-            if name in starts:
-                reached.add(name)
-            elif name in producers:
-                stack.append(producers[name])
-            else:
-                raise InputError(f"tile: {node.op_type} node {node.name!r} reads {name!r}, which is "
-                                 f"neither computed from {start!r} nor a constant")
+    seen, boundary = walk_back(end, producers, constants, lambda name: name in starts)
+    for name, reader in boundary:
+        if name not in starts:
+            raise InputError(f"tile: {reader.op_type} node {reader.name!r} reads {name!r}, which is "
+                             f"neither computed from {start!r} nor a constant")
+    reached = {name for name, _ in boundary}
     if start not in reached:
         raise InputError(f"tile: {end!r} is not computed from {start!r}")
     if set(starts) - reached:
@@ -629,21 +643,6 @@ class TileResult:
         return self.macs_tiled / self.macs_untiled if self.macs_untiled else 1.0
 
 
-class _Namer:
-    def __init__(self, graph: onnx.GraphProto):
-        self.taken = {node.name for node in graph.node}
-        self.taken |= {name for node in graph.node for name in [*node.input, *node.output]}
-        self.taken |= {t.name for t in [*graph.input, *graph.output, *graph.initializer]}
-
-    def __call__(self, base: str) -> str:
-        name, n = base, 0
-        while name in self.taken:
-            n += 1
-            name = f"{base}/{n}"
-        self.taken.add(name)
-        return name
-
-
 def tile_region(model: onnx.ModelProto, start: Starts, end: str, bands: int,
                 input_shapes: Mapping[str, Sequence[int]] | None = None,
                 chain: bool = True) -> onnx.ModelProto:
@@ -658,17 +657,9 @@ def tile_region_with_facts(model: onnx.ModelProto, start: Starts, end: str, band
     """`tile_region` and the facts about the tiled region."""
     region = tileable_region(model, start, end, input_shapes)
     plans = plan_bands(region, bands)
-    tiled = onnx.ModelProto()
-    tiled.CopyFrom(model)
-    graph = tiled.graph
-    namer = _Namer(graph)
-    emitted: list[onnx.NodeProto] = []
-    outputs: list[str] = []
-    for index, plan in enumerate(plans):
-        after = outputs[-1] if chain and outputs else None
-        outputs.append(_emit_band(region, plan, index, namer, graph, emitted, after))
+    tiled, namer, emitted, outputs = _emit_bands(model, region, plans, chain)
     emitted.append(helper.make_node("Concat", outputs, [end], name=namer(f"{end}_concat"), axis=2))
-    _replace_region(graph, region, emitted)
+    _replace_region(tiled.graph, region, emitted)
     return tiled, _facts(region, plans, act_bytes)
 
 
@@ -687,17 +678,11 @@ def pool_in_bands(model: onnx.ModelProto, start: Starts, pool: str, bands: int,
     if node is None or node.op_type != "GlobalAveragePool":
         raise InputError(f"tile: no GlobalAveragePool node named {pool!r}")
     region = tileable_region(model, start, node.input[0], input_shapes, consumers_checked=False)
-    plans = plan_bands(region, bands)
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(model)
+    opset = _opset(model)
+    rewritten, namer, emitted, partials = _emit_bands(
+        model, region, plan_bands(region, bands), True,
+        lambda band, namer, graph, emitted: _band_sum(band, namer, graph, emitted, opset))
     graph = rewritten.graph
-    namer = _Namer(graph)
-    emitted: list[onnx.NodeProto] = []
-    partials: list[str] = []
-    for index, plan in enumerate(plans):
-        after = partials[-1] if partials else None
-        band = _emit_band(region, plan, index, namer, graph, emitted, after)
-        partials.append(_band_sum(band, namer, graph, emitted, _opset(rewritten)))
     _, _, height, width = region.infos[region.end].shape
     total = namer(f"{node.output[0]}/sum")
     emitted.append(helper.make_node("Sum", partials, [total], name=namer(f"{pool}/sum")))
@@ -716,7 +701,24 @@ def pool_in_bands(model: onnx.ModelProto, start: Starts, pool: str, bands: int,
     return rewritten
 
 
-def _band_sum(tensor: str, namer: _Namer, graph: onnx.GraphProto, emitted: list[onnx.NodeProto],
+def _emit_bands(model: onnx.ModelProto, region: Region, plans: list[BandPlan], chain: bool,
+                per_band=None) -> tuple[onnx.ModelProto, Namer, list[onnx.NodeProto], list[str]]:
+    """A copy of `model` and the nodes of every band (rule f), not yet placed in it; each
+    band's last tensor, or what `per_band(band, namer, graph, emitted)` makes of it.
+    With `chain`, each band waits for the previous one's result (rule g)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    namer = Namer(copy.graph)
+    emitted: list[onnx.NodeProto] = []
+    results: list[str] = []
+    for index, plan in enumerate(plans):
+        after = results[-1] if chain and results else None
+        band = _emit_band(region, plan, index, namer, copy.graph, emitted, after)
+        results.append(per_band(band, namer, copy.graph, emitted) if per_band else band)
+    return copy, namer, emitted, results
+
+
+def _band_sum(tensor: str, namer: Namer, graph: onnx.GraphProto, emitted: list[onnx.NodeProto],
               opset: int) -> str:
     output = namer(f"{tensor}/rowsum")
     if opset >= 13:
@@ -734,7 +736,7 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def _emit_band(region: Region, plan: BandPlan, index: int, namer: _Namer, graph: onnx.GraphProto,
+def _emit_band(region: Region, plan: BandPlan, index: int, namer: Namer, graph: onnx.GraphProto,
                emitted: list[onnx.NodeProto], after: str | None) -> str:
     """Append band `index`'s nodes (rule f); returns the name of its `end` rows."""
     have: dict[str, tuple[str, Rows]] = {}  # region tensor -> (band tensor, its rows)
@@ -767,7 +769,7 @@ def _emit_band(region: Region, plan: BandPlan, index: int, namer: _Namer, graph:
     return have[region.end][0]
 
 
-def _slice(tensor: str, have: Rows, want: Rows, index: int, namer: _Namer, graph: onnx.GraphProto,
+def _slice(tensor: str, have: Rows, want: Rows, index: int, namer: Namer, graph: onnx.GraphProto,
            emitted: list[onnx.NodeProto], after: str | None = None) -> str:
     """`tensor` (holding rows `have`) narrowed to rows `want`; itself when they agree.
 
@@ -786,7 +788,7 @@ def _slice(tensor: str, have: Rows, want: Rows, index: int, namer: _Namer, graph
     return output
 
 
-def _after(starts: str, axes: str, tensor: str, namer: _Namer, graph: onnx.GraphProto,
+def _after(starts: str, axes: str, tensor: str, namer: Namer, graph: onnx.GraphProto,
            emitted: list[onnx.NodeProto]) -> str:
     """`starts` + 0, where the 0 is computed from `tensor`: a real data dependency (rule g).
 

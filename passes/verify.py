@@ -137,11 +137,7 @@ class VerifyPass(Pass):
         from .runtime import RuntimeMemoryPass
 
         view = RuntimeMemoryPass(self.runtime_level, ceiling_bytes).run(model, ctx).data
-        over = view.over_ceiling()
-        if over:
-            names = ", ".join(f"{t.name} ({t.bytes} B)" for t in over[:5])
-            raise VerificationError(f"{len(over)} onnxruntime allocation(s) of the emitted model are above the "
-                                    f"ceiling of {ceiling_bytes} B: {names}")
+        _refuse_over(view.over_ceiling(), "onnxruntime allocation(s)", ceiling_bytes)
         return view
 
     def _ceiling(self, model: onnx.ModelProto, ctx: PassContext):
@@ -151,9 +147,13 @@ class VerifyPass(Pass):
         if ceiling_bytes is None:
             raise InputError("the verify pass needs a ceiling: run PlanPass first or pass ceiling_bytes=")
         after = MemoryAnalysisPass(Ceiling(bytes=ceiling_bytes)).run(model, ctx).data
-        over = after.over_ceiling()
-        if over:
-            names = ", ".join(f"{m.name} ({m.bytes} B)" for m in over[:5])
-            raise VerificationError(f"{len(over)} stored feature map(s) of the emitted model are above the "
-                                    f"ceiling of {ceiling_bytes} B: {names}")
+        _refuse_over(after.over_ceiling(), "stored feature map(s)", ceiling_bytes)
         return after
+
+
+def _refuse_over(over: list, what: str, ceiling_bytes: int) -> None:
+    """Rules d and e: VerificationError naming the first tensors above the ceiling."""
+    if over:
+        names = ", ".join(f"{t.name} ({t.bytes} B)" for t in over[:5])
+        raise VerificationError(f"{len(over)} {what} of the emitted model are above the ceiling of "
+                                f"{ceiling_bytes} B: {names}")
