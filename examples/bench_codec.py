@@ -44,7 +44,16 @@ def resnet_like_maps(seed: int = 0) -> list[np.ndarray]:
     return maps
 
 
+def decoder_line() -> str:
+    """Which decoder runs: the compiled one (numba, the `codec` extra) or numpy's."""
+    jit = codec._jit_kernels()
+    if jit is None:
+        return "decoder: numpy (install the `codec` extra for the compiled one)"
+    return f"decoder: compiled (numba {jit.numba.__version__})"
+
+
 def bench_speed(rounds: int, window: int) -> None:
+    print(decoder_line())
     maps = resnet_like_maps()
     megabytes = sum(m.size for m in maps) / 1e6
     print(f"{len(maps)} maps, {megabytes:.2f} MB of int8 per round, {rounds} rounds, window {window}")
@@ -94,6 +103,7 @@ def bench_model(model: str, data: str | None, samples: int, input_shapes: list[s
     print(f"{'total (bits/element)':<53} {totals['raw']:5.1f} {totals['zstd']:6.3f} "
           f"{totals['baseline']:6.3f} {totals['dcac']:6.3f} {report.gain_percent:6.2f}")
     print(f"dcac gain over baseline: {report.gain_percent:.2f}% (the paper reports {PAPER_GAIN}%)")
+    print(decoder_line())
     for method in codec.METHODS:
         encode_rate, decode_rate = report.megabytes_per_second(method)
         print(f"{method:>8}: encode {encode_rate:.1f} MB/s, decode {decode_rate:.1f} MB/s over these maps")

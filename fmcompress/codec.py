@@ -756,9 +756,9 @@ def _scatter_extras(extras: bytes, widths: np.ndarray, out: np.ndarray) -> None:
     at its fixed width straight from the bytes (`_unpack_width`), then one scatter."""
     mask = np.empty(widths.size, bool)  # one buffer for the four masks
     positions = [np.flatnonzero(np.equal(widths, width, out=mask)) for width in EXTRA_WIDTHS]
-    total = sum(width * where.size for width, where in zip(EXTRA_WIDTHS, positions, strict=True))
-    if total > 8 * len(extras) or 8 * len(extras) - total >= 8:
-        raise InputError("codec stream damaged: the extra bits do not match the symbols")
+    counts = np.zeros(EXTRA_SHIFT + 1, np.int64)
+    counts[list(EXTRA_WIDTHS)] = [where.size for where in positions]
+    _check_extras(extras, counts)
     data = np.frombuffer(extras, np.uint8)
     start = 0
     for width, where in zip(EXTRA_WIDTHS, positions, strict=True):
@@ -911,27 +911,84 @@ def _decode_symbols(coder: Any, codes: np.ndarray, count: int) -> np.ndarray:
     return symbols
 
 
-def _decode_tokens(coder: Any, models: tuple[Any, Any], codes: np.ndarray,
-                   count: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """One model's `count` tokens (rule f): (zero flags as 0/1 uint8 or None, the tokens
-    they do not make zero, 0..31)."""
+@dataclass
+class _Part:
+    """One model's decoded tokens (rule f): `count` elements; `quads` the zero flags four to
+    a symbol (first flag in bit 3), or None where the model codes every token; `tokens`
+    the tokens the flags leave (all `count` without flags), 0..31."""
+
+    count: int
+    quads: np.ndarray | None
+    tokens: np.ndarray
+
+
+def _decode_tokens(coder: Any, models: tuple[Any, Any], codes: np.ndarray, count: int) -> _Part:
     flag_model, token_model = models
-    flags = None
+    quads = None
     if flag_model is not None:
         quads = coder.decode(flag_model, -(-count // 4))
-        flags = np.take(QUAD_FLAGS, quads, axis=0).ravel()[:count]
-        tokens = coder.decode(token_model, int(np.count_nonzero(flags)))
+        padding = (1 << (-count % 4)) - 1  # the flags past `count` in the last quad are clear
+        if quads.size and quads[-1] & padding:
+            raise InputError("codec stream damaged: zero flags past the end of a model")
+        tokens = coder.decode(token_model, int(np.take(QUAD_ONES, quads).sum()))
         tokens += 1
     else:
         tokens = coder.decode(token_model, count)
     if tokens.size and tokens.max() > np.flatnonzero(codes).max():
         raise InputError("codec stream damaged: a symbol outside its model")
-    return flags, tokens
+    return _Part(count, quads, tokens)
 
 
-def _values(parts: list[tuple[np.ndarray | None, np.ndarray]], extras: bytes,
-            size: int) -> np.ndarray:
-    """The uint8 symbols (int8 bit patterns) of the decoded tokens, in coding order.
+def _check_extras(extras: bytes, counts: np.ndarray) -> None:
+    """The extra bits must fill `extras` but for the last byte's padding; counts[w] is the
+    number of symbols with w extra bits."""
+    total = int(counts @ np.arange(counts.size))
+    if total > 8 * len(extras) or 8 * len(extras) - total >= 8:
+        raise InputError("codec stream damaged: the extra bits do not match the symbols")
+
+
+def _values(parts: list[_Part], extras: bytes, size: int) -> np.ndarray:
+    """The uint8 symbols (int8 bit patterns) of the decoded tokens, in coding order: in one
+    compiled pass where numba is installed (fmcompress.codec_jit), else with numpy."""
+    jit = _jit_kernels()
+    if jit is None:
+        return _values_numpy(parts, extras, size)
+    counts = np.zeros(EXTRA_SHIFT + 1, np.int64)
+    for part in parts:
+        jit.width_counts(part.tokens, TOKEN_NBITS, counts)
+    _check_extras(extras, counts)
+    widths = np.arange(counts.size)
+    cursors = np.concatenate([[0], np.cumsum(widths * counts)[:-1]])  # each width group's start
+    data = np.frombuffer(extras + bytes(2), np.uint8)  # codec_jit reads two bytes at a time
+    out = np.empty(size, np.uint8)
+    start = 0
+    for part in parts:
+        target = out[start:start + part.count]
+        if part.quads is None:
+            jit.fill_dense(part.tokens, data, cursors, TOKEN_NBITS, SYMBOL, EXTRA_SHIFT, target)
+        else:
+            jit.fill_flagged(part.quads, part.tokens, data, cursors, TOKEN_NBITS, SYMBOL,
+                             EXTRA_SHIFT, target)
+        start += part.count
+    return out
+
+
+_JIT_KERNELS: list[Any] = []  # [module or None] once tried
+
+
+def _jit_kernels() -> Any:
+    """fmcompress.codec_jit, or None where numba is not installed (then numpy decodes)."""
+    if not _JIT_KERNELS:
+        try:
+            from . import codec_jit
+        except ImportError:
+            codec_jit = None
+        _JIT_KERNELS.append(codec_jit)
+    return _JIT_KERNELS[0]
+
+
+def _values_numpy(parts: list[_Part], extras: bytes, size: int) -> np.ndarray:
+    """`_values` with numpy only.
 
     Per explicit token its extra bits' width (one lookup), the extra bits scattered into
     a zeroed array, then one lookup SYMBOL[token << EXTRA_SHIFT | extra bits]; the zeros
@@ -940,8 +997,8 @@ def _values(parts: list[tuple[np.ndarray | None, np.ndarray]], extras: bytes,
     indices numpy's lookups need stay in the cache; the tokens are checked to lie in
     their model (below TOKENS), so the lookups skip bounds checks.
     """
-    tokens = parts[0][1] if len(parts) == 1 else np.concatenate([np.zeros(0, np.int32)]
-                                                                 + [t for _, t in parts])
+    tokens = parts[0].tokens if len(parts) == 1 else np.concatenate([np.zeros(0, np.int32)]
+                                                                    + [p.tokens for p in parts])
     widths = np.empty(tokens.size, np.uint8)
     for start in range(0, tokens.size, LOOKUP_SLICE):
         stop = start + LOOKUP_SLICE
@@ -955,10 +1012,11 @@ def _values(parts: list[tuple[np.ndarray | None, np.ndarray]], extras: bytes,
         index <<= EXTRA_SHIFT
         index |= extra[start:stop]
         np.take(SYMBOL, index, out=values[start:stop], mode="clip")
-    if all(flags is None for flags, _ in parts):
+    if all(part.quads is None for part in parts):
         return values
-    nonzero = np.concatenate([np.ones(part.size, np.uint8) if flags is None else flags
-                              for flags, part in parts])
+    nonzero = np.concatenate([np.ones(part.count, np.uint8) if part.quads is None
+                              else np.take(QUAD_FLAGS, part.quads, axis=0).ravel()[:part.count]
+                              for part in parts])
     out = np.zeros(size, np.uint8)
     out[np.flatnonzero(nonzero.view(bool))] = values
     return out

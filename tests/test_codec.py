@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,32 @@ DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits_resnet.onnx"
 METHODS = ("baseline", "dcac")
 
 
+@contextmanager
+def numpy_decoder():
+    """Decode with the numpy path, as where numba is not installed."""
+    saved = list(codec._JIT_KERNELS)
+    codec._JIT_KERNELS[:] = [None]
+    try:
+        yield
+    finally:
+        codec._JIT_KERNELS[:] = saved
+
+
 def round_trip(array: np.ndarray, method: str, window: int = 8) -> bytes:
+    """Encode, then decode with the compiled kernels and with numpy: both give `array`."""
     stream = codec.encode(array, method=method, window=window)
-    back = codec.decode(stream)
-    assert back.dtype == np.int8
-    assert back.shape == array.shape
-    np.testing.assert_array_equal(back, array)
+    with numpy_decoder():
+        by_numpy = codec.decode(stream)
+    for back in (codec.decode(stream), by_numpy):
+        assert back.dtype == np.int8
+        assert back.shape == array.shape
+        np.testing.assert_array_equal(back, array)
     return stream
+
+
+def test_the_compiled_decoder_is_installed():
+    """The test extra installs numba, so that the tests above run both decoders."""
+    assert codec._jit_kernels() is not None
 
 
 def correlated_planes(channels: int = 24, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -114,6 +134,39 @@ def test_damaged_streams_raise_input_error():
             codec.decode(stream + b"\0")
     with pytest.raises(InputError, match="not an fmcompress"):
         codec.decode(b"hello world, not a stream")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_damage_behind_a_valid_checksum_never_misreads_memory(sparse):
+    """A stream damaged and given a matching CRC (a forgery, or a bug) goes past the
+    checksum: each decoder then raises InputError or returns an array of the coded shape,
+    never reads out of bounds (the compiled kernels skip bounds checks, so the checks
+    before them must hold) and both decoders agree."""
+    import zlib
+
+    rng = np.random.default_rng(3)
+    values = np.clip(np.round(rng.laplace(0, 20, (1, 6, 9, 11))), -128, 127)
+    if sparse:
+        values[rng.random(values.shape) < 0.8] = 0
+    stream = codec.encode(values.astype(np.int8), method="dcac")
+    # past the header and shape: a forged shape may legitimately decode to a huge array
+    # (constant planes cost almost nothing), which is the checksum's business
+    body = codec.HEADER.size + 4 * values.ndim
+    for position in range(body, len(stream) - 4):
+        for flip in (0x01, 0x80):
+            damaged = bytearray(stream[:-4])
+            damaged[position] ^= flip
+            forged = bytes(damaged) + zlib.crc32(damaged).to_bytes(4, "little")
+            results = []
+            for decoder in (nullcontext, numpy_decoder):
+                with decoder():
+                    try:
+                        results.append(codec.decode(forged))
+                    except InputError:
+                        results.append(None)
+            if results[0] is not None and results[1] is not None:
+                assert results[0].shape == results[1].shape
+                np.testing.assert_array_equal(results[0], results[1])
 
 
 def test_decode_rejects_a_consistent_but_unknown_version():
