@@ -45,6 +45,7 @@ from .passes.memory import MemoryAnalysisPass
 from .passes.plan import Plan, PlanPass
 from .passes.runtime import RuntimeMemoryPass
 from .passes.runtime_plan import RuntimePlan, RuntimePlanPass, TileToCeilingPass
+from .passes.sink_concat import SinkConcatPass
 from .passes.verify import VerifyPass, check_model
 from .report import DEFAULT_ORT_LEVEL, AnalysisReport
 from .shapes import graph_inputs, parse_input_shapes, resolve_input_shapes
@@ -112,7 +113,7 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     ceiling = as_ceiling(options.ceiling) if options.ceiling is not None else NO_CEILING
     Pipeline([MemoryAnalysisPass(ceiling, source=source_name(source)), PlanPass(ceiling)]).run(model, ctx)
     plan, before = ctx.results["plan"], ctx.results["memory"]
-    runtime_plan = _plan_runtime(model, ctx, options, log) if options.runtime else None
+    runtime_plan, working = _plan_runtime(model, ctx, options, log) if options.runtime else (None, model)
     plan = ctx.results["plan"]
     log(f"plan: {len(plan.maps)} map(s) to project to fit {plan.ceiling} ({plan.ceiling_bytes} B)")
     allocation, prepared = None, None
@@ -124,11 +125,14 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
         warnings = _unsupported_warnings(model)
         report = {"plan": plan.to_dict(), "warnings": warnings}
         if runtime_plan is not None:
-            report["runtime_plan"] = runtime_plan.to_dict()
+            report["runtime_plan"] = {**runtime_plan.to_dict(), "sunk_concats": _sink_report(ctx)}
         if allocation is not None:
             report["allocation"] = allocation.to_dict()
         return CompileResult(None, plan, before, report=report)
-    batch_size, dataset, calibration, held_out, warnings = prepared or _prepare_data(model, ctx, options, before, log)
+    # the pipeline runs on `working` (the original, or with its Concats sunk for --runtime ort);
+    # verification and measurement compare with the original
+    batch_size, dataset, calibration, held_out, warnings = prepared or _prepare_data(working, ctx, options, before,
+                                                                                     log)
     training = replace(training, batch_size=batch_size)
     fit = FitProjectionsPass(calibration, held_out, method=options.method, batch_size=batch_size,
                              training=training, checkpoint=options.checkpoint, resume=options.resume,
@@ -143,7 +147,7 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
         MeasurePass(model, held_out, batch_size=batch_size, threads=options.threads, rounds=options.latency_rounds,
                     repeats=options.latency_repeats, min_agreement=options.min_agreement,
                     max_accuracy_drop=options.max_accuracy_drop),
-    ]).run(model, ctx)
+    ]).run(working, ctx)
     log("verified: onnx.checker, onnxruntime, executor agreement, ceiling")
     after = ctx.results["verify"]["after"]
     if allocation is not None:
@@ -206,28 +210,49 @@ def _check_traffic(allocation: Allocation, after: AnalysisReport, log: Log) -> N
         f"({allocation.traffic_before / max(traffic, 1):.2f}x; budget {allocation.budget_bytes} B)")
 
 
-def _plan_runtime(model: onnx.ModelProto, ctx: PassContext, options: CompileOptions, log: Log) -> RuntimePlan:
-    """compile --runtime ort: plan tiling regions on the runtime view; project only their ends.
+def _plan_runtime(model: onnx.ModelProto, ctx: PassContext, options: CompileOptions,
+                  log: Log) -> tuple[RuntimePlan, onnx.ModelProto]:
+    """compile --runtime ort: sink Concats above the ceiling below their per-position readers,
+    then plan tiling regions on the runtime view; project only their ends.
 
-    Where some allocation no region covers (a Resize or Concat of a feature pyramid, which
-    bands cannot cross), every stored map above the ceiling is projected as well: U is then
-    carried through those ops and they run narrow. TileToCeilingPass re-plans on the folded
-    graph and fails with the tensors that still do not fit.
+    SinkConcatPass (exact) runs first: a detection head's anchor Concat then never holds
+    every anchor at once. The plan is made on the graph it returns (its own stored and
+    runtime views), which the rest of the pipeline compiles; `ctx` keeps the original's
+    views for the report. Where some allocation no region covers (a Resize or Concat of a
+    feature pyramid, which bands cannot cross), every stored map above the ceiling is
+    projected as well: U is then carried through those ops and they run narrow.
+    TileToCeilingPass re-plans on the folded graph and fails with the tensors that still
+    do not fit. Returns the runtime plan and the graph to compile.
     """
     if options.runtime not in RUNTIMES:
         raise InputError(f"unknown runtime {options.runtime!r}; available: {', '.join(RUNTIMES)}")
     plan: Plan = ctx.results["plan"]
     ctx.results["runtime"] = RuntimeMemoryPass(options.ort_level, plan.ceiling_bytes).run(model, ctx).data
-    runtime_plan = RuntimePlanPass(allow_projection=True).run(model, ctx).data
+    sunk = SinkConcatPass(plan.ceiling_bytes).run(model, ctx)
+    ctx.results[SinkConcatPass.name] = sunk.data
+    working, planning, stored_plan = model, ctx, plan
+    if sunk.modified:
+        working = sunk.model
+        planning = PassContext(input_shapes=ctx.input_shapes, act_bytes=ctx.act_bytes, log=ctx.log)
+        fixed = Ceiling(bytes=plan.ceiling_bytes, text=plan.ceiling)
+        Pipeline([MemoryAnalysisPass(fixed), PlanPass(fixed),
+                  RuntimeMemoryPass(options.ort_level, plan.ceiling_bytes)]).run(working, planning)
+        stored_plan = planning.results["plan"]
+        log(f"runtime plan: {len(sunk.data)} Concat(s) sunk below their per-position readers (exact)")
+    runtime_plan = RuntimePlanPass(allow_projection=True).run(working, planning).data
     maps = runtime_plan.projected
     if runtime_plan.uncovered:
         chosen = {m.name for m in maps}
-        maps = sorted([*maps, *(m for m in plan.maps if m.name not in chosen)], key=lambda m: m.step)
+        maps = sorted([*maps, *(m for m in stored_plan.maps if m.name not in chosen)], key=lambda m: m.step)
         log(f"runtime plan: {len(runtime_plan.uncovered)} allocation(s) no band covers; projecting every "
             f"stored map above the ceiling too")
     ctx.results["plan"] = replace(plan, maps=maps)
     log(f"runtime plan: {len(runtime_plan.regions)} tiled region(s), {len(maps)} projected map(s)")
-    return runtime_plan
+    return runtime_plan, working
+
+
+def _sink_report(ctx: PassContext) -> list[dict[str, Any]]:
+    return [asdict(fact) for fact in ctx.results.get(SinkConcatPass.name) or []]
 
 
 def _runtime_report(original: onnx.ModelProto, emitted: onnx.ModelProto, ctx: PassContext,
@@ -246,6 +271,7 @@ def _runtime_report(original: onnx.ModelProto, emitted: onnx.ModelProto, ctx: Pa
                           for r in tiled["plan"].regions]
     figures["tile_facts"] = [asdict(facts) for facts in tiled["regions"]]
     figures["split_convs"] = tiled["split_convs"]
+    figures["sunk_concats"] = _sink_report(ctx)
     figures["lossless"] = not ctx.results["plan"].maps
     return figures
 

@@ -184,10 +184,11 @@ def _from_shape_inference(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     return infos
 
 
-def onnxruntime_tensor_infos(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                             names: list[str]) -> dict[str, TensorInfo]:
-    """Run once on zeros, optimisations off, with `names` exposed as outputs: their real
-    shapes and dtypes (custom-domain kernels included)."""
+def onnxruntime_values(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                       names: list[str]) -> dict[str, np.ndarray]:
+    """Run once on zeros, optimisations off, with `names` exposed as outputs: the values of
+    every graph output and of `names` (custom-domain kernels included); InputError if
+    onnxruntime cannot run the model."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -208,4 +209,12 @@ def onnxruntime_tensor_infos(model: onnx.ModelProto, shapes: dict[str, tuple[int
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"onnxruntime cannot run the model{hint}: {first_line[:300]}") from None
     outputs = [out.name for out in session.get_outputs()]
-    return {name: TensorInfo(tuple(np.shape(v)), np.asarray(v).dtype) for name, v in zip(outputs, values, strict=True)}
+    return dict(zip(outputs, values, strict=True))
+
+
+def onnxruntime_tensor_infos(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                             names: list[str]) -> dict[str, TensorInfo]:
+    """The real shapes and dtypes of `names` (and the graph outputs) from one onnxruntime
+    run on zeros (`onnxruntime_values`)."""
+    values = onnxruntime_values(model, shapes, names)
+    return {name: TensorInfo(tuple(np.shape(v)), np.asarray(v).dtype) for name, v in values.items()}

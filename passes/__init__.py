@@ -8,10 +8,11 @@ from .fold_bn import FoldBatchNormPass
 from .insert import InsertProjectionsPass
 from .runtime import RuntimeMemoryPass
 from .runtime_plan import RuntimePlanPass, TileToCeilingPass
+from .sink_concat import SinkConcatPass
 from .split_conv import SplitConvPass
 from .tile import TilePass, bands_for_budget, tile_region, tileable_region
 
 __all__ = ["Pass", "PassContext", "PassResult", "Pipeline"]
 __all__ += ["FoldBatchNormPass", "FoldProjectionsPass", "InsertProjectionsPass", "Projection"]
-__all__ += ["RuntimeMemoryPass", "RuntimePlanPass", "SplitConvPass", "TilePass", "TileToCeilingPass"]
+__all__ += ["RuntimeMemoryPass", "RuntimePlanPass", "SinkConcatPass", "SplitConvPass", "TilePass", "TileToCeilingPass"]
 __all__ += ["bands_for_budget", "tile_region", "tileable_region"]
