@@ -4,7 +4,8 @@
 
 For each model and ceiling, three ways to meet it:
   projections  `compile` as before: every stored map above the ceiling projected (pca)
-  tiling       row bands only (TileToCeilingPass on the original graph): lossless
+  tiling       exact rewrites only (SinkConcatPass, then TileToCeilingPass on the original
+               graph): lossless
   both         `compile --runtime ort`: tiling, and projections only where bands cannot fit
 and for each the runtime peak of one onnxruntime inference (measured in a fresh process,
 input excluded; computed by the runtime view in brackets), the FLOPs ratio and the latency
@@ -30,6 +31,7 @@ from fmcompress.metrics import count_flops, ort_latency
 from fmcompress.modelio import load_model
 from fmcompress.passes.runtime import runtime_view
 from fmcompress.passes.runtime_plan import TileToCeilingPass
+from fmcompress.passes.sink_concat import SinkConcatPass
 from fmcompress.shapes import infer_tensor_infos
 from fmcompress.units import format_bytes, parse_size
 
@@ -44,7 +46,9 @@ def variants(path: Path, shape: tuple[int, ...], ceiling: str, samples: int):
             if label == "tiling":
                 original = load_model(path)
                 ctx = build_context(original, shapes, None)
-                yield label, TileToCeilingPass(parse_size(ceiling)).run(original, ctx).model
+                budget = parse_size(ceiling)
+                sunk = SinkConcatPass(budget).run(original, ctx).model  # exact, like the tiling
+                yield label, TileToCeilingPass(budget).run(sunk, ctx).model
             else:
                 runtime = "ort" if label == "both" else None
                 yield label, api.compile(path, ceiling=ceiling, runtime=runtime, measure_memory=False,

@@ -12,7 +12,9 @@ b. For the first one not yet covered, t, candidate regions of passes/tile.py con
    producer: `end` is one of the next `window` tensors from t on; its starts are the
    frontier found walking back from `end`, where every graph input and every tensor that
    fits (at or under the ceiling, a map an earlier region projects, or one value per
-   channel) stops the walk (the main start, then side inputs: tile rule a'). The region
+   channel) stops the walk (the main start, then side inputs: tile rule a'), except
+   tensors computed from t: the region must contain t's producer, so a small tensor
+   between t and `end` (YOLOv8's C2f Split halves) is computed in bands too. The region
    must be valid (tile rule a: no intermediate read outside it). A region is feasible when some band count keeps every band
    tensor at or under the ceiling (`bands_for_budget`).
 c. Tiling alone is lossless, so an end at or under the ceiling (or a graph output, which
@@ -138,6 +140,7 @@ class _Planner:
         self.carried = carried_planes(model, stored) if self.projectable else {}
         self.projected: dict[str, PlannedMap] = {}
         self.regions: dict[tuple[tuple[str, ...], str], Region] = {}
+        self.downstream: dict[str, set[str]] = {}
         self.producers = {out: node for node in model.graph.node for out in node.output if out}
         self.constants = {init.name for init in model.graph.initializer} - self.inputs
         self.constants |= {node.output[0] for node in model.graph.node if node.op_type == "Constant"}
@@ -179,7 +182,7 @@ class _Planner:
         return best_projected
 
     def _feasible(self, tensor: str, end: str) -> tuple[Region, int] | None:
-        starts = self._frontier(end)
+        starts = self._frontier(end, self._downstream(tensor))
         region = self._region(starts, end)
         if region is None or tensor not in {o for n in region.nodes for o in n.output}:
             return None
@@ -216,13 +219,26 @@ class _Planner:
         fmap = self.projectable.get(name)
         return fmap is not None and ranked_plane_bytes(fmap, self.carried) <= self.ceiling
 
-    def _frontier(self, end: str) -> tuple[str, ...]:
+    def _frontier(self, end: str, downstream: set[str] = frozenset()) -> tuple[str, ...]:
         """The starts of the region ending at `end` (rule b): walking back from `end`, every
         graph input and every tensor that fits (under the ceiling, projected, or one value
-        per channel) stops the walk and is a start; the main one is the earliest."""
-        _, boundary = walk_back(end, self.producers, self.constants, self._fits_as_start)
+        per channel) stops the walk and is a start, except those in `downstream` (computed
+        from the tensor to cover, which the region must contain); the main one is the
+        earliest."""
+        _, boundary = walk_back(end, self.producers, self.constants,
+                                lambda name: name not in downstream and self._fits_as_start(name))
         starts = [name for name, _ in boundary]
         return tuple(sorted(starts, key=lambda name: (self._per_channel(name), self.position.get(name, -1))))
+
+    def _downstream(self, tensor: str) -> set[str]:
+        """The tensors computed from `tensor` (it excluded)."""
+        if tensor not in self.downstream:
+            found: set[str] = set()
+            for node in self.model.graph.node:  # graph order is topological
+                if any(name == tensor or name in found for name in node.input):
+                    found.update(name for name in node.output if name)
+            self.downstream[tensor] = found
+        return self.downstream[tensor]
 
     def _per_channel(self, name: str) -> bool:
         info = self.infos.get(name)
