@@ -45,11 +45,14 @@ def resnet_like_maps(seed: int = 0) -> list[np.ndarray]:
 
 
 def decoder_line() -> str:
-    """Which decoder runs: the compiled one (numba, the `codec` extra) or numpy's."""
+    """Which decoder runs: the compiled one (numba, the `codec` extra) or numpy's, and what
+    loading it costs once per process (not in the MB/s figures)."""
+    start = time.perf_counter()
     jit = codec._jit_kernels()
     if jit is None:
         return "decoder: numpy (install the `codec` extra for the compiled one)"
-    return f"decoder: compiled (numba {jit.numba.__version__})"
+    return (f"decoder: compiled (numba {jit.numba.__version__}), loaded in "
+            f"{time.perf_counter() - start:.2f} s once per process")
 
 
 def bench_speed(rounds: int, window: int) -> None:
