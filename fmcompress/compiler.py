@@ -113,7 +113,12 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     ceiling = as_ceiling(options.ceiling) if options.ceiling is not None else NO_CEILING
     Pipeline([MemoryAnalysisPass(ceiling, source=source_name(source)), PlanPass(ceiling)]).run(model, ctx)
     plan, before = ctx.results["plan"], ctx.results["memory"]
-    runtime_plan, working = _plan_runtime(model, ctx, options, log) if options.runtime else (None, model)
+    runtime_plan, working = None, model
+    if options.runtime:
+        runtime_plan, working = _plan_runtime(model, ctx, options, log)
+    elif options.traffic is None:
+        working, planning = _sink_concats(model, ctx, log)
+        ctx.results["plan"] = planning.results["plan"]
     plan = ctx.results["plan"]
     log(f"plan: {len(plan.maps)} map(s) to project to fit {plan.ceiling} ({plan.ceiling_bytes} B)")
     allocation, prepared = None, None
@@ -123,13 +128,13 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
         plan = allocation.plan
     if plan_only:
         warnings = _unsupported_warnings(model)
-        report = {"plan": plan.to_dict(), "warnings": warnings}
+        report = {"plan": plan.to_dict(), "warnings": warnings, "sunk_concats": _sink_report(ctx)}
         if runtime_plan is not None:
-            report["runtime_plan"] = {**runtime_plan.to_dict(), "sunk_concats": _sink_report(ctx)}
+            report["runtime_plan"] = runtime_plan.to_dict()
         if allocation is not None:
             report["allocation"] = allocation.to_dict()
         return CompileResult(None, plan, before, report=report)
-    # the pipeline runs on `working` (the original, or with its Concats sunk for --runtime ort);
+    # the pipeline runs on `working` (the original, or with its Concats sunk);
     # verification and measurement compare with the original
     batch_size, dataset, calibration, held_out, warnings = prepared or _prepare_data(working, ctx, options, before,
                                                                                      log)
@@ -143,7 +148,8 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
         FoldBatchNormPass(),
         FoldProjectionsPass(),
         *tiling,
-        VerifyPass(model, held_out, batch_size=batch_size, runtime_level=options.ort_level if options.runtime else None),
+        VerifyPass(model, held_out, batch_size=batch_size, runtime_level=options.ort_level if options.runtime else None,
+                   rewritten=working if working is not model else None),
         MeasurePass(model, held_out, batch_size=batch_size, threads=options.threads, rounds=options.latency_rounds,
                     repeats=options.latency_repeats, min_agreement=options.min_agreement,
                     max_accuracy_drop=options.max_accuracy_drop),
@@ -159,6 +165,7 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
         before.runtime, after.runtime = ctx.results["runtime"], ctx.results["verify"]["runtime"]
     report = _report(source, options, plan, dataset, calibration, held_out, ctx, batch_size, warnings, timings)
     report["training"] = _training_report(fit, training)
+    report["sunk_concats"] = _sink_report(ctx)
     report["allocation"] = allocation.to_dict(stored_traffic(after)) if allocation is not None else None
     if options.runtime:
         report["runtime"] = _runtime_report(model, folded, ctx, options)
@@ -228,17 +235,11 @@ def _plan_runtime(model: onnx.ModelProto, ctx: PassContext, options: CompileOpti
         raise InputError(f"unknown runtime {options.runtime!r}; available: {', '.join(RUNTIMES)}")
     plan: Plan = ctx.results["plan"]
     ctx.results["runtime"] = RuntimeMemoryPass(options.ort_level, plan.ceiling_bytes).run(model, ctx).data
-    sunk = SinkConcatPass(plan.ceiling_bytes).run(model, ctx)
-    ctx.results[SinkConcatPass.name] = sunk.data
-    working, planning, stored_plan = model, ctx, plan
-    if sunk.modified:
-        working = sunk.model
-        planning = PassContext(input_shapes=ctx.input_shapes, act_bytes=ctx.act_bytes, log=ctx.log)
-        fixed = Ceiling(bytes=plan.ceiling_bytes, text=plan.ceiling)
-        Pipeline([MemoryAnalysisPass(fixed), PlanPass(fixed),
-                  RuntimeMemoryPass(options.ort_level, plan.ceiling_bytes)]).run(working, planning)
-        stored_plan = planning.results["plan"]
-        log(f"runtime plan: {len(sunk.data)} Concat(s) sunk below their per-position readers (exact)")
+    working, planning = _sink_concats(model, ctx, log)
+    if working is not model:
+        planning.results["runtime"] = RuntimeMemoryPass(options.ort_level, plan.ceiling_bytes).run(working,
+                                                                                                   planning).data
+    stored_plan = planning.results["plan"]
     runtime_plan = RuntimePlanPass(allow_projection=True).run(working, planning).data
     maps = runtime_plan.projected
     if runtime_plan.uncovered:
@@ -249,6 +250,22 @@ def _plan_runtime(model: onnx.ModelProto, ctx: PassContext, options: CompileOpti
     ctx.results["plan"] = replace(plan, maps=maps)
     log(f"runtime plan: {len(runtime_plan.regions)} tiled region(s), {len(maps)} projected map(s)")
     return runtime_plan, working
+
+
+def _sink_concats(model: onnx.ModelProto, ctx: PassContext, log: Log) -> tuple[onnx.ModelProto, PassContext]:
+    """SinkConcatPass (exact) against the plan's ceiling: the graph to compile, and the
+    context that holds its stored view and plan (`ctx` itself when nothing was sunk; a
+    new one otherwise, so that `ctx` keeps the original's views for the report)."""
+    plan: Plan = ctx.results["plan"]
+    sunk = SinkConcatPass(plan.ceiling_bytes).run(model, ctx)
+    ctx.results[SinkConcatPass.name] = sunk.data
+    if not sunk.modified:
+        return model, ctx
+    planning = PassContext(input_shapes=ctx.input_shapes, act_bytes=ctx.act_bytes, log=ctx.log)
+    fixed = Ceiling(bytes=plan.ceiling_bytes, text=plan.ceiling)
+    Pipeline([MemoryAnalysisPass(fixed), PlanPass(fixed)]).run(sunk.model, planning)
+    log(f"plan: {len(sunk.data)} Concat(s) above the ceiling sunk below their per-position readers (exact)")
+    return sunk.model, planning
 
 
 def _sink_report(ctx: PassContext) -> list[dict[str, Any]]:
@@ -271,7 +288,6 @@ def _runtime_report(original: onnx.ModelProto, emitted: onnx.ModelProto, ctx: Pa
                           for r in tiled["plan"].regions]
     figures["tile_facts"] = [asdict(facts) for facts in tiled["regions"]]
     figures["split_convs"] = tiled["split_convs"]
-    figures["sunk_concats"] = _sink_report(ctx)
     figures["lossless"] = not ctx.results["plan"].maps
     return figures
 

@@ -14,6 +14,12 @@ c. On held-out samples its outputs equal the reference semantics run by the same
    two runtimes even unprojected. The training backend's agreement (the torch
    executor with U P applied, what the projections were fitted with) is reported as
    `executor_relative_error`, a figure beside the check.
+c'. Where compile planned on an exactly rewritten graph (`rewritten`: Concats sunk by
+   passes/sink_concat.py, whose piece tensors the projections may name), rule c's
+   reference is that graph with the projections inserted, and the rewritten graph
+   itself must equal the original in onnxruntime to the same tolerance
+   (`rewrite_relative_error`), so the chain emitted = rewritten + projections and
+   rewritten = original is checked link by link.
 d. The memory analysis re-run on it finds every compressible stored map at or
    under the plan's ceiling (`ctx.results["plan"]`). The analysis recognises the
    projection and expansion convs by their structure, not their names, so the
@@ -73,8 +79,10 @@ class VerifyPass(Pass):
 
     def __init__(self, original: onnx.ModelProto, held_out: Dataset, *, batch_size: int = 16, samples: int = 8,
                  projections: dict[str, Projection] | None = None, ceiling_bytes: int | None = None,
-                 runtime_level: str | None = None):
+                 runtime_level: str | None = None, rewritten: onnx.ModelProto | None = None):
         self.original = original
+        self.rewritten = rewritten
+        self.reference_graph = rewritten if rewritten is not None else original  # what the plan names
         self.held_out = held_out
         self.batch_size = batch_size
         self.samples = samples
@@ -92,6 +100,8 @@ class VerifyPass(Pass):
         data: dict[str, Any] = {"checker": "ok", "onnxruntime": "ok", "relative_error": worst,
                                 "executor_relative_error": self._executor_error(emitted, projections, subset),
                                 "tolerance": agreement_tolerance(model), "samples": len(subset), "after": after}
+        if self.rewritten is not None:
+            data["rewrite_relative_error"] = self._rewrite_agreement(subset)
         if self.runtime_level is not None:
             data["runtime"] = self._runtime_ceiling(model, ctx, after.ceiling_bytes)
         return PassResult(model, modified=False, data=data)
@@ -109,7 +119,7 @@ class VerifyPass(Pass):
         """Rule c."""
         from .insert import InsertProjectionsPass
 
-        reference_model = InsertProjectionsPass(projections).run(self.original, ctx).model
+        reference_model = InsertProjectionsPass(projections).run(self.reference_graph, ctx).model
         reference = run_ort(ort_session(reference_model), subset.batches(self.batch_size))
         worst = max(relative_error(e, r) for e, r in zip(emitted, reference, strict=True))
         tolerance = agreement_tolerance(reference_model)
@@ -125,12 +135,23 @@ class VerifyPass(Pass):
 
         from fmcompress.backend.projection import install_projections
 
-        executor = torch_executor(self.original)
+        executor = torch_executor(self.reference_graph)
         install_projections(executor, projections)
         with torch.no_grad():
             outputs = [executor(*batch) for batch in subset.torch_batches(self.batch_size, executor.input_names)]
         reference = [torch.cat(parts).float().numpy() for parts in zip(*outputs, strict=True)]
         return max(relative_error(e, r) for e, r in zip(emitted, reference, strict=True))
+
+    def _rewrite_agreement(self, subset: Dataset) -> float:
+        """Rule c': the exactly rewritten graph against the original, both in onnxruntime."""
+        rewritten, original = ([np.asarray(o) for o in run_ort(ort_session(m), subset.batches(self.batch_size))]
+                               for m in (self.rewritten, self.original))
+        worst = max(relative_error(a, b) for a, b in zip(rewritten, original, strict=True))
+        tolerance = agreement_tolerance(self.original)
+        if not worst <= tolerance:
+            raise VerificationError(f"the rewritten graph (Concats sunk) disagrees with the original: "
+                                    f"relative error {worst:.3g} > {tolerance:g}")
+        return worst
 
     def _runtime_ceiling(self, model: onnx.ModelProto, ctx: PassContext, ceiling_bytes: int):
         """Rule e."""

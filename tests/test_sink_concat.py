@@ -217,7 +217,7 @@ def test_yolov8n_compiles_at_512kb_with_runtime_ort():
                          method="pca", runtime="ort", num_samples=16, batch_size=8, measure_memory=False,
                          latency_rounds=1, latency_repeats=1)
     runtime = result.report["runtime"]
-    assert {fact["concat"] for fact in runtime["sunk_concats"]} == {"/model.22/Concat_6_output_0",
+    assert {fact["concat"] for fact in result.report["sunk_concats"]} == {"/model.22/Concat_6_output_0",
                                                                   "/model.22/Concat_output_0"}
     assert not result.plan.maps and runtime["lossless"]
     assert runtime["after"]["largest_bytes"] <= ceiling
@@ -237,3 +237,25 @@ def test_a_computed_operand_along_the_axis_is_sliced_per_piece():
     assert sum(n.op_type == "Slice" for n in result.model.graph.node) == len(LEVELS)
     feeds = {**_inputs(seed=7), "q": np.random.default_rng(8).standard_normal((1, BOX + CLS, 336)).astype(np.float32)}
     np.testing.assert_allclose(_run(result.model, feeds)[0], _run(model, feeds)[0], rtol=1e-6)
+
+
+def test_verify_checks_the_rewritten_graph_link_by_link():
+    """Rule c' of passes/verify.py: the sunk graph must equal the original, and the
+    projections' reference is built on it; a wrong constant in it is caught."""
+    from fmcompress.data import Dataset
+    from fmcompress.errors import VerificationError
+    from fmcompress.passes.verify import VerifyPass
+
+    model = head()
+    sunk = _sink(model).model
+    held_out = Dataset(inputs={name: np.concatenate([_inputs(seed=s)[name] for s in range(4)])
+                               for name in _inputs()})
+    ctx = PassContext()
+    ctx.results["plan"] = None
+    data = VerifyPass(model, held_out, projections={}, ceiling_bytes=1 << 30, rewritten=sunk).run(sunk, ctx).data
+    assert data["rewrite_relative_error"] <= 1e-6 and data["relative_error"] <= 1e-6
+    broken = onnx.ModelProto.FromString(sunk.SerializeToString())
+    weight = next(init for init in broken.graph.initializer if init.data_type == TensorProto.FLOAT and init.dims)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5 + 0.1, weight.name))
+    with pytest.raises(VerificationError, match="rewritten graph"):
+        VerifyPass(model, held_out, projections={}, ceiling_bytes=1 << 30, rewritten=broken).run(broken, ctx)
