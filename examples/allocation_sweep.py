@@ -8,7 +8,8 @@ For each model x budget x method, three allocations of the same total stored tra
 
 * uniform: the same ratio k/C on every compressible map, rounded so the total fits;
 * greedy: `--traffic` with `--objective traffic` (least estimated fidelity cost per byte);
-* greedy+latency: `--objective traffic+latency` (explicit U/P convs penalised).
+* greedy+latency: `--objective traffic+latency` (explicit U/P convs penalised), once
+  per `--latency-weights` value (labelled greedy+latency@w when more than one).
 
 Each is run through the pipeline compile runs (fit, fold, verify, measure) on the
 same data and split; the greedy proxies are measured once per model and budget and
@@ -54,6 +55,15 @@ ALLOCATIONS = (("uniform", "uniform", "traffic"), ("greedy", "greedy", "traffic"
                ("greedy+latency", "greedy", "traffic+latency"))
 
 
+def allocations(weights: list[float]) -> list[tuple[str, str, str, float]]:
+    """(label, strategy, objective, latency weight) of each row, the latency one per weight."""
+    rows = [(label, strategy, objective, 1.0) for label, strategy, objective in ALLOCATIONS[:2]]
+    label, strategy, objective = ALLOCATIONS[2]
+    for weight in weights:
+        rows.append((f"{label}@{weight:g}" if len(weights) > 1 else label, strategy, objective, weight))
+    return rows
+
+
 @dataclass
 class Task:
     name: str
@@ -88,11 +98,11 @@ def run_task(task: Task, args, rows: list[dict[str, Any]]) -> None:
     Pipeline([MemoryAnalysisPass(NO_CEILING), PlanPass(NO_CEILING)]).run(model, base)
     for budget in args.budgets:
         proxies = None  # the greedy proxies, measured once per budget
-        for label, strategy, objective in ALLOCATIONS:
+        for label, strategy, objective, weight in allocations(args.latency_weights):
             ctx = replace(base, results=dict(base.results), timings={})
             started = time.perf_counter()
             allocate = AllocatePass(budget, calibration, strategy=strategy, objective=objective,
-                                    batch_size=args.batch_size, proxies=proxies)
+                                    batch_size=args.batch_size, proxies=proxies, latency_weight=weight)
             Pipeline([allocate]).run(model, ctx)
             allocation = ctx.results["allocate"]
             if strategy == "greedy" and proxies is None:
@@ -157,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads of the latency figures")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per model per round")
+    parser.add_argument("--latency-weights", default="1",
+                        help="weights of the latency term, comma-separated: one greedy+latency row each")
     parser.add_argument("--out", default="allocation_sweep")
     args = parser.parse_args(argv)
     args.budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.latency_weights = [float(w) for w in args.latency_weights.split(",") if w.strip()]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:

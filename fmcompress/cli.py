@@ -342,6 +342,10 @@ def _default_output(model: Path) -> Path:
 @click.option("--objective", type=click.Choice(["traffic", "traffic+latency"]), default="traffic",
               show_default=True, help="With --traffic: traffic+latency prefers maps whose projections fold into "
                                       "convs (no explicit 1x1 U before a depthwise conv or other non-foldable reader).")
+@click.option("--latency-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="With --objective traffic+latency: how much a projection that needs explicit 1x1 convs "
+                   "costs, per unit of its MACs as a share of the model's, against held-out fidelity (0 is "
+                   "--objective traffic; lower it where small models lose accuracy to the latency term).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the compressed model [default: MODEL.fmc.onnx].")
 @click.option("--method", type=click.Choice(["learned", "pca", "random"]), default="learned", show_default=True,
@@ -370,7 +374,8 @@ def _default_output(model: Path) -> Path:
               help="Write report.json, report.md and memory.png into this folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @handle_errors
-def compile_command(model: Path, ceiling: str | None, traffic: str | None, objective: str, output: Path | None, method: str, input_shapes: tuple[str, ...],
+def compile_command(model: Path, ceiling: str | None, traffic: str | None, objective: str, latency_weight: float,
+                    output: Path | None, method: str, input_shapes: tuple[str, ...],
                     act_bytes: int | None, data: Path | None, num_samples: int, mean: str | None,
                     std: str | None, scale: float | None, batch_size: int, seed: int, threads: int,
                     epochs: int, lr: float, optimizer: str, loss: str, schedule: str, stage_epochs: int,
@@ -415,7 +420,8 @@ def compile_command(model: Path, ceiling: str | None, traffic: str | None, objec
                 num_samples=num_samples, **_normalisation(mean, std, scale), batch_size=batch_size, seed=seed,
                 threads=threads, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,
                 training=training, checkpoint=checkpoint if primary else None, resume=resume, monitor=monitor,
-                runtime=runtime, ort_level=ort_level, traffic=traffic, objective=objective)
+                runtime=runtime, ort_level=ort_level, traffic=traffic, objective=objective,
+                latency_weight=latency_weight)
             result = _compile_resumably(model, options, plan_only, log, checkpoint)
         if primary:
             _write_compile_outputs(result, output, json_path, report_dir, plan_only)

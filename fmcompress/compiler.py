@@ -11,6 +11,7 @@ here: the caller writes the model and the report atomically once everything pass
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -85,6 +86,7 @@ class CompileOptions:
     measure_memory: bool = True  # with runtime: measure the process peak of both models (fmcompress.memprobe)
     traffic: Ceiling | str | None = None  # budget on the total stored traffic (passes/allocate.py): 3x, 2MB
     objective: str = "traffic"  # or "traffic+latency": prefer maps whose projections fold
+    latency_weight: float = 1.0  # traffic+latency: the weight of the latency term (passes/allocate.py rule f)
 
 
 @dataclass
@@ -181,6 +183,8 @@ def _check_budgets(options: CompileOptions) -> None:
         raise InputError("give a ceiling, a traffic budget, or both")
     if options.traffic is not None and options.objective not in OBJECTIVES:
         raise InputError(f"unknown objective {options.objective!r}; available: {', '.join(OBJECTIVES)}")
+    if not (options.latency_weight >= 0 and math.isfinite(options.latency_weight)):
+        raise InputError(f"the latency weight must be a finite number >= 0, got {options.latency_weight}")
     if options.traffic is not None and options.runtime:
         raise InputError("a traffic budget does not combine with --runtime ort yet")
 
@@ -202,6 +206,7 @@ def _allocate(model: onnx.ModelProto, ctx: PassContext, options: CompileOptions,
     batch_size, _, calibration, _, _ = prepared
     budget = options.traffic if isinstance(options.traffic, Ceiling) else parse_traffic(str(options.traffic))
     allocate = AllocatePass(budget, calibration, objective=options.objective, batch_size=batch_size,
+                            latency_weight=options.latency_weight,
                             seed=options.seed)
     Pipeline([allocate]).run(model, ctx)
     return ctx.results["allocate"]

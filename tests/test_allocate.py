@@ -67,10 +67,11 @@ def data(count: int = 32) -> Dataset:
     return Dataset({"x": np.random.default_rng(1).standard_normal((count, 3, 16, 16)).astype(np.float32)})
 
 
-def allocate(model: onnx.ModelProto, budget: str, objective: str = "traffic"):
+def allocate(model: onnx.ModelProto, budget: str, objective: str = "traffic", latency_weight: float = 1.0):
     ctx = build_context(model, None, None)
     Pipeline([MemoryAnalysisPass(NO_CEILING), PlanPass(NO_CEILING),
-              AllocatePass(budget, data(), objective=objective, batch_size=8)]).run(model, ctx)
+              AllocatePass(budget, data(), objective=objective, batch_size=8,
+                           latency_weight=latency_weight)]).run(model, ctx)
     return ctx.results["allocate"], ctx
 
 
@@ -144,6 +145,8 @@ def test_traffic_and_latency_prefers_the_map_whose_projection_folds():
     assert traffic.ranks == {"a": 4, "b": 8}  # equal cost: the earlier map
     assert latency.ranks == {"a": 8, "b": 4}
     assert latency.traffic_planned <= latency.budget_bytes
+    unweighted, _ = allocate(model, "12KB", objective="traffic+latency", latency_weight=0.0)
+    assert unweighted.ranks == traffic.ranks and unweighted.latency_weight == 0.0
 
 
 # --- the command line ------------------------------------------------------------------------
@@ -176,6 +179,7 @@ def test_cli_traffic_writes_the_allocation_section(model_path, tmp_path):
     ([], "missing option '--ceiling'"),
     (["--traffic", "100x"], "smallest feasible budget"),
     (["--traffic", "lots"], "invalid traffic budget"),
+    (["--traffic", "2x", "--objective", "traffic+latency", "--latency-weight", "-1"], "--latency-weight"),
 ])
 def test_cli_budget_errors_exit_2_on_one_line(model_path, tmp_path, args, message):
     result = run("compile", model_path, *args, "-o", tmp_path / "m.onnx", "--data", model_path.parent / "data.npz",
