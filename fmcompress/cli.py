@@ -19,6 +19,7 @@ import click
 
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, FmcError, InputError
 from .report import DEFAULT_ORT_LEVEL, ORT_LEVELS
+from .training import AUGMENTATIONS
 
 CEILING_HELP = (
     "Memory ceiling per stored feature map: a size (256KB, 256KiB, 0.25MB, 262144) "
@@ -186,8 +187,10 @@ def training_options() -> Callable[[Any], Any]:
                      help="Greedy schedule: epochs per added map."),
         click.option("--max-samples", type=click.IntRange(min=1),
                      help="Samples per epoch (a seeded subset of the calibration part) [default: all]."),
-        click.option("--augment", type=click.Choice(["none", "light"]), default="light", show_default=True,
-                     help="light: shifts of up to 2 positions and 2% noise on every training batch."),
+        click.option("--augment", type=click.Choice(list(AUGMENTATIONS)), default="light", show_default=True,
+                     help="light: shifts of up to 2 positions and 2% noise on every training batch; splice: "
+                          "also half the samples take 20-50% of their width from another sample (new text "
+                          "lines for distillation), then light."),
         click.option("--feature-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="Weight of the projected maps' relative reconstruction error in the loss."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

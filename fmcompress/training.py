@@ -15,7 +15,7 @@ LOSSES = ("kd", "ce", "kd+ce")
 SCHEDULES = ("joint", "greedy")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
-AUGMENTATIONS = ("none", "light")
+AUGMENTATIONS = ("none", "light", "splice")
 PROBABILITY_TOLERANCE = 1e-3
 
 

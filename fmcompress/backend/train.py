@@ -459,12 +459,34 @@ def random_projections(maps: Sequence[tuple[str, int, int]], seed: int) -> dict[
 
 def _augment(x: torch.Tensor, kind: str, seeds: Sequence[int]) -> torch.Tensor:
     """`light`: per sample, a shift of up to 2 positions along each spatial axis (zero fill) and
-    noise at 2% of the sample's std. Each sample's draw comes from its own seed (rule e), so a
-    sample is augmented alike whichever rank or batch it lands in."""
+    noise at 2% of the sample's std. `splice`: first, each sample's columns in a span of 20-50%
+    of its width come, with probability 1/2, from another sample of the batch (for text lines
+    that is another real-looking line: new inputs for distillation, which needs no labels),
+    then `light`. Each sample's draw comes from its own seed (rule e), so a sample is augmented
+    alike whichever batch it lands in (`splice`'s partner is drawn among the batch's samples,
+    which a distributed run splits between ranks)."""
     if kind == "none" or not x.is_floating_point() or x.dim() < 3:
         return x
-    return torch.stack([_augment_one(sample, torch.Generator().manual_seed(seed))
-                        for sample, seed in zip(x, seeds, strict=True)])
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    if kind == "splice":
+        x = _splice(x, generators)
+    return torch.stack([_augment_one(sample, generator) for sample, generator in zip(x, generators, strict=True)])
+
+
+def _splice(x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Per sample, with probability 1/2, a span of 20-50% of the last axis copied from a
+    partner in the batch (itself when the batch has one sample)."""
+    out = x.clone()
+    width = x.shape[-1]
+    for i, generator in enumerate(generators):
+        draw = torch.rand(3, generator=generator)
+        partner = int(torch.randint(0, len(x), (1,), generator=generator))
+        if draw[0] >= 0.5 or partner == i:
+            continue
+        span = max(1, int(width * (0.2 + 0.3 * float(draw[1]))))
+        start = int((width - span) * float(draw[2]))
+        out[i, ..., start:start + span] = x[partner, ..., start:start + span]
+    return out
 
 
 def _augment_one(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
