@@ -64,6 +64,11 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-30))
 
 
+def worst_relative_error(outputs: list[np.ndarray], references: list[np.ndarray]) -> float:
+    """The largest relative error over paired outputs."""
+    return max(relative_error(a, b) for a, b in zip(outputs, references, strict=True))
+
+
 def check_model(model: onnx.ModelProto, what: str = "the emitted model") -> None:
     """Rule a: onnx.checker's full check, as one-line VerificationError."""
     try:
@@ -121,7 +126,7 @@ class VerifyPass(Pass):
 
         reference_model = InsertProjectionsPass(projections).run(self.reference_graph, ctx).model
         reference = run_ort(ort_session(reference_model), subset.batches(self.batch_size))
-        worst = max(relative_error(e, r) for e, r in zip(emitted, reference, strict=True))
+        worst = worst_relative_error(emitted, reference)
         tolerance = agreement_tolerance(reference_model)
         if not worst <= tolerance:
             raise VerificationError(f"the emitted model disagrees with the original with its projections "
@@ -140,13 +145,13 @@ class VerifyPass(Pass):
         with torch.no_grad():
             outputs = [executor(*batch) for batch in subset.torch_batches(self.batch_size, executor.input_names)]
         reference = [torch.cat(parts).float().numpy() for parts in zip(*outputs, strict=True)]
-        return max(relative_error(e, r) for e, r in zip(emitted, reference, strict=True))
+        return worst_relative_error(emitted, reference)
 
     def _rewrite_agreement(self, subset: Dataset) -> float:
         """Rule c': the exactly rewritten graph against the original, both in onnxruntime."""
-        rewritten, original = ([np.asarray(o) for o in run_ort(ort_session(m), subset.batches(self.batch_size))]
-                               for m in (self.rewritten, self.original))
-        worst = max(relative_error(a, b) for a, b in zip(rewritten, original, strict=True))
+        rewritten = run_ort(ort_session(self.rewritten), subset.batches(self.batch_size))
+        original = run_ort(ort_session(self.original), subset.batches(self.batch_size))
+        worst = worst_relative_error(rewritten, original)
         tolerance = agreement_tolerance(self.original)
         if not worst <= tolerance:
             raise VerificationError(f"the rewritten graph (Concats sunk) disagrees with the original: "
