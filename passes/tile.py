@@ -266,6 +266,8 @@ def _ancestors(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
     """Region nodes in graph order: everything between the starts and `end`, constants excluded."""
     if end not in producers:
         raise InputError(f"tile: tensor {end!r} is not produced by a node")
+    if not starts:
+        raise InputError(f"tile: {end!r} reads no tensor computed at run time that a region could start from")
     graph_inputs = {inp.name for inp in graph.input}
     for start in starts:
         if start not in producers and start not in graph_inputs:

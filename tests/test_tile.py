@@ -334,6 +334,15 @@ def test_rejects_intermediate_used_outside():
         tile_region(model, "x", chain.last, 2)
 
 
+def test_rejects_a_region_without_starts():
+    """A planner may find no run-time tensor behind a map (PP-OCRv4's recognizer has one):
+    an InputError it can skip, not an IndexError."""
+    chain = Chain((1, 3, 16, 16))
+    chain.conv(4, 3)
+    with pytest.raises(InputError, match="reads no tensor"):
+        tileable_region(chain.model(), (), chain.last)
+
+
 def test_rejects_non_constant_weights():
     chain = Chain((1, 3, 16, 16))
     weight = chain.node("Relu", [chain.const("w_raw", np.ones((4, 3, 3, 3)))])
