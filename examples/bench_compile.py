@@ -1,18 +1,24 @@
-"""Compile benchmark: wall time, fidelity and latency ratio of `compile` on three models.
+"""Compile benchmark: wall time, fidelity and latency ratio of `compile` on five models.
 
-    python examples/bench_compile.py [--num-samples 256] [--ceiling 4x]
+    python examples/bench_compile.py [--num-samples 256] [--ceiling 4x] [--model NAME ...]
+        [--samples-per-epoch 512]
 
-Models: the zoo ResNet-18 at 224 (exported here), PP-OCR's classifier (1,3,48,192)
-and YOLOv8n (1,3,320,320) from their PyPI wheels; surrogate calibration data.
-Each row is one full compile (plan, PCA over the calibration part, folding,
-verification, fidelity on the held-out part, onnxruntime latency of compressed
-over original: interleaved rounds in the same run, median of the per-round ratios
-and its range over rounds, with --threads intra-op threads).
+Models: the trained digits demo (`models/`, its real test split via `--data mnist`),
+the zoo ResNet-18 at 224 (exported here), PP-OCR's classifier (1,3,48,192) and
+recognizer (1,3,48,320) and YOLOv8n (1,3,320,320) from their PyPI wheels; surrogate
+calibration data for all but the demo. Each row is one full compile (plan, PCA over
+the calibration part, training for `learned`, folding, verification, fidelity on the
+held-out part, onnxruntime latency of compressed over original: interleaved rounds in
+the same run, median of the per-round ratios and its range over rounds, with --threads
+intra-op threads). `fit s` is the projections' pass (PCA and training); `s/epoch` the
+median wall time of an epoch (its steps and the held-out score), each epoch drawing
+`--samples-per-epoch` samples (all of the calibration part when it has fewer).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +26,7 @@ from pathlib import Path
 from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.thirdparty import REAL_MODELS, real_model
 from fmcompress.training import TrainConfig
+from models import digits_onnx_path
 
 
 def models(workdir: Path) -> dict[str, tuple[Path, list[str]]]:
@@ -27,9 +34,12 @@ def models(workdir: Path) -> dict[str, tuple[Path, list[str]]]:
 
     r18 = workdir / "resnet18.onnx"
     export_model("resnet18", (1, 3, 224, 224), r18)
-    shape = {name: [",".join(map(str, REAL_MODELS[name].input_shape))] for name in ("ppocr-cls", "yolov8n")}
-    return {"resnet18-224": (r18, []),
+    shape = {name: [",".join(map(str, REAL_MODELS[name].input_shape))]
+             for name in ("ppocr-cls", "ppocr-rec", "yolov8n")}
+    return {"demo": (digits_onnx_path(), []),
+            "resnet18-224": (r18, []),
             "ppocr-cls": (real_model("ppocr-cls"), shape["ppocr-cls"]),
+            "ppocr-rec": (real_model("ppocr-rec"), shape["ppocr-rec"]),
             "yolov8n-320": (real_model("yolov8n"), shape["yolov8n"])}
 
 
@@ -37,7 +47,10 @@ def row(name: str, seconds: float, report: dict) -> str:
     fid, lat = report["fidelity"], report["latency_ms"]
     low, high = lat["spread"]["ratio"]
     top1 = f"{fid['top1_agreement']:.1%}" if fid["top1_agreement"] is not None else "n/a"
-    return (f"| {name} | {report['ceiling']} | {len(report['maps'])} | {seconds:.1f} | {top1} | "
+    fit = report["timings_s"].get("fit", float("nan"))
+    history = (report.get("training") or {}).get("history", [])
+    per_epoch = f"{statistics.median(epoch['seconds'] for epoch in history):.1f}" if history else "-"
+    return (f"| {name} | {report['ceiling']} | {len(report['maps'])} | {seconds:.1f} | {fit:.1f} | {per_epoch} | {top1} | "
             f"{fid['cosine_similarity']:.4f} | {fid['relative_error']:.3f} | {lat['original']:.2f} | "
             f"{lat['compressed']:.2f} | {lat['ratio']:.2f} ({low:.2f}-{high:.2f}) | {report['flops']['ratio']:.3f} |")
 
@@ -51,21 +64,24 @@ def main() -> None:
     parser.add_argument("--method", default="learned", help="pca, learned or random")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (learned, random)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds")
+    parser.add_argument("--samples-per-epoch", type=int, default=512, help="training samples per epoch")
     args = parser.parse_args()
     ceilings = args.ceiling or ["4x", "256KB"]
     print(f"method {args.method}, {args.num_samples} samples, onnxruntime threads {args.threads}, "
           f"{args.rounds} interleaved latency rounds")
-    print("| model | ceiling | maps | compile s | top-1 agree | cosine | rel. error | ort ms before | "
+    print("| model | ceiling | maps | compile s | fit s | s/epoch | top-1 agree | cosine | rel. error | ort ms before | "
           "ort ms after | latency ratio (range) | FLOPs ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as workdir:
         for name, (path, shapes) in models(Path(workdir)).items():
             if args.model and name not in args.model:
                 continue
             for ceiling in ceilings:
                 options = CompileOptions(ceiling=ceiling, input_shapes=shapes, num_samples=args.num_samples,
+                                         data="mnist" if name == "demo" else None,
                                          threads=args.threads, latency_rounds=args.rounds, method=args.method,
-                                         training=TrainConfig(epochs=args.epochs))
+                                         training=TrainConfig(epochs=args.epochs,
+                                                              max_samples=args.samples_per_epoch))
                 start = time.perf_counter()
                 try:
                     result = compile_model(path, options)

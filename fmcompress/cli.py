@@ -19,7 +19,7 @@ import click
 
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, FmcError, InputError
 from .report import DEFAULT_ORT_LEVEL, ORT_LEVELS
-from .training import AUGMENTATIONS
+from .training import AUGMENTATIONS, FEATURE_REFERENCES
 
 CEILING_HELP = (
     "Memory ceiling per stored feature map: a size (256KB, 256KiB, 0.25MB, 262144) "
@@ -190,9 +190,15 @@ def training_options() -> Callable[[Any], Any]:
         click.option("--augment", type=click.Choice(list(AUGMENTATIONS)), default="light", show_default=True,
                      help="light: shifts of up to 2 positions and 2% noise on every training batch; splice: "
                           "also half the samples take 20-50% of their width from another sample (new text "
-                          "lines for distillation), then light."),
+                          "lines for distillation), then light; strong: splice, then each image stretched "
+                          "0.8-1.25x along its width and its contrast and brightness changed, then light."),
         click.option("--feature-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Weight of the projected maps' relative reconstruction error in the loss."),
+                     help="Weight of feature distillation at the projected maps: each projected map's "
+                          "relative error against --feature-reference."),
+        click.option("--feature-reference", type=click.Choice(list(FEATURE_REFERENCES)), default="teacher",
+                     show_default=True,
+                     help="teacher: the map the original computes there from the same input; self: the "
+                          "map's own input (each projection's reconstruction error alone)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where to train: auto = CUDA when available."),
         click.option("--target", type=click.FloatRange(0, 1, min_open=True), metavar="FLOAT",
@@ -382,7 +388,7 @@ def compile_command(model: Path, ceiling: str | None, traffic: str | None, objec
                     act_bytes: int | None, data: Path | None, num_samples: int, mean: str | None,
                     std: str | None, scale: float | None, batch_size: int, seed: int, threads: int,
                     epochs: int, lr: float, optimizer: str, loss: str, schedule: str, stage_epochs: int,
-                    max_samples: int | None, augment: str, feature_weight: float, device: str,
+                    max_samples: int | None, augment: str, feature_weight: float, feature_reference: str, device: str,
                     target: float | None, resume: bool, checkpoint: Path | None, json_log: Path | None,
                     min_agreement: float | None, max_accuracy_drop: float | None, runtime: str | None,
                     ort_level: str, plan_only: bool,
@@ -413,7 +419,8 @@ def compile_command(model: Path, ceiling: str | None, traffic: str | None, objec
                    [model, data])
     training = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, loss=loss, schedule=schedule,
                            stage_epochs=stage_epochs, max_samples=max_samples, augment=augment,
-                           feature_weight=feature_weight, device=device, target=target)
+                           feature_weight=feature_weight, feature_reference=feature_reference, device=device,
+                           target=target)
     log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     interrupted = False
     try:

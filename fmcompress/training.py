@@ -15,7 +15,8 @@ LOSSES = ("kd", "ce", "kd+ce")
 SCHEDULES = ("joint", "greedy")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
-AUGMENTATIONS = ("none", "light", "splice")
+AUGMENTATIONS = ("none", "light", "splice", "strong")
+FEATURE_REFERENCES = ("teacher", "self")
 PROBABILITY_TOLERANCE = 1e-3
 
 
@@ -32,6 +33,7 @@ class TrainConfig:
     loss: str = "kd"
     temperature: float = 2.0
     feature_weight: float = 0.0
+    feature_reference: str = "teacher"  # what a projected map is compared with (train.py, rule c)
     augment: str = "light"
     max_samples: int | None = None  # per epoch; None: the whole calibration part
     seed: int = 0
@@ -58,7 +60,8 @@ class TrainConfig:
             raise InputError(f"--target must be in (0, 1], got {self.target}")
         for value, allowed, flag in ((self.loss, LOSSES, "--loss"), (self.schedule, SCHEDULES, "--schedule"),
                                      (self.optimizer, OPTIMIZERS, "--optimizer"),
-                                     (self.device, DEVICES, "--device"), (self.augment, AUGMENTATIONS, "--augment")):
+                                     (self.device, DEVICES, "--device"), (self.augment, AUGMENTATIONS, "--augment"),
+                                     (self.feature_reference, FEATURE_REFERENCES, "--feature-reference")):
             if value not in allowed:
                 raise InputError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
 

@@ -68,6 +68,27 @@ def test_regression_loss_is_scale_free():
     assert float(small) == pytest.approx(float(large), rel=1e-4)
 
 
+@pytest.mark.parametrize("reference", ["teacher", "self"])
+def test_feature_distillation_compares_with_its_reference(reference):
+    """Rule c: `teacher` measures the student's projected map against the map the teacher's
+    (bypassed, gradient-free) pass saw at the same place; `self` against the student's own input."""
+    from fmcompress.backend.train import LearnedProjection
+
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((8, 3)))
+    module = LearnedProjection(q.T.astype(np.float32), q.astype(np.float32), reference)
+    teacher_map, student_map = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    module.bypass = True
+    with torch.no_grad():
+        assert module(teacher_map) is teacher_map
+    module.bypass = False
+    out = module(student_map)
+    expected = teacher_map if reference == "teacher" else student_map
+    error = (out - expected).pow(2).sum() / expected.pow(2).sum()
+    assert float(module.reconstruction) == pytest.approx(float(error), rel=1e-5)
+    module.reconstruction.backward()
+    assert module.P.grad is not None and module.P.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------- schedules
 
 
@@ -130,6 +151,30 @@ def test_splice_takes_a_span_of_columns_from_another_sample_reproducibly():
     assert torch.equal(_augment(batch, "none", seeds), batch)
     result = train(TrainConfig(epochs=1, batch_size=8, augment="splice"))
     assert result.history
+
+
+def test_strong_augmentation_stretches_and_changes_contrast_reproducibly():
+    from fmcompress.backend.train import _photometric, _stretch
+
+    ramp = torch.linspace(0, 1, 40).expand(3, 16, 40).contiguous()  # one image: brightness rises with x
+    stretched = [_stretch(ramp, torch.Generator().manual_seed(seed)) for seed in range(8)]
+    assert all(out.shape == ramp.shape for out in stretched)
+    # narrower (zero padding on the right) or wider (the ramp cut, so it rises faster) than the original
+    assert any(out[0, 0, -1] == 0 for out in stretched) and any(out[0, 0, 20] > ramp[0, 0, 20] + 0.05
+                                                                for out in stretched)
+    changed = _photometric(ramp, torch.Generator().manual_seed(3))
+    ratio = (changed.std() / ramp.std()).item()
+    assert 0.7 - 1e-4 <= ratio <= 1.3 + 1e-4 and abs(ratio - 1) > 1e-3
+    batch = torch.rand(4, 3, 16, 40)
+    torch.testing.assert_close(_augment_batch(batch, "strong"), _augment_batch(batch, "strong"))
+    result = train(TrainConfig(epochs=1, batch_size=8, augment="strong"))
+    assert result.history
+
+
+def _augment_batch(batch: torch.Tensor, kind: str) -> torch.Tensor:
+    from fmcompress.backend.train import _augment
+
+    return _augment(batch, kind, list(range(len(batch))))
 
 
 def test_target_stops_early():
@@ -207,7 +252,8 @@ def test_two_gloo_processes_match_one(tmp_path):
 
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--device", "tpu"], "--device"),
-    (["--loss", "magic"], "--loss"), (["--schedule", "random"], "--schedule")])
+    (["--loss", "magic"], "--loss"), (["--schedule", "random"], "--schedule"),
+    (["--feature-reference", "student"], "--feature-reference")])
 def test_bad_training_flags_are_one_line_usage_errors(tmp_path, flags, expected):
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_classifier(), str(path))

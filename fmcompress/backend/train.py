@@ -18,8 +18,11 @@ c. Loss per output, from the teacher's output on the first batch (`output_kinds`
    * anything else (detection maps, box regressions): MSE divided by the teacher's
      mean square, so outputs of any scale weigh alike.
    `ce` replaces KD with cross-entropy on the labels (class outputs only), `kd+ce`
-   adds both. `feature_weight` adds each map's relative reconstruction error
-   ||U P x - x||^2 / ||x||^2 (feature-level distillation at the projected maps).
+   adds both. `feature_weight` adds feature-level distillation at the projected maps:
+   the mean over maps of ||U P x - t||^2 / ||t||^2, where t is the map the teacher
+   computed there from the same batch (`feature_reference` `teacher`: the student is
+   told where errors from earlier maps took it, at every map), or x itself (`self`:
+   each projection's own reconstruction error).
 d. Schedules: `joint` trains all maps together for `epochs`; `greedy` adds one map a
    stage in network order and trains all maps added so far for `stage_epochs`, then
    all of them jointly for `epochs` (the paper's schedule, shortened).
@@ -55,6 +58,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,22 +92,30 @@ BACKTRACK_FACTOR = 0.3
 class LearnedProjection(ChannelProjection):
     """U P x with trainable P, U; `bypass` makes it the identity (the teacher's pass).
 
-    With `track_reconstruction` (only when the loss uses it: it is a pass over the whole
-    map) the relative error of the last student pass is kept in `reconstruction`.
+    With a `feature_reference` (only when the loss uses it: it is a pass over the whole
+    map) the relative error of the last student pass is kept in `reconstruction`: against
+    the map the teacher's last pass saw here (`teacher`), or against the student's own
+    input (`self`, the reconstruction error of this projection alone).
     """
 
-    def __init__(self, P: np.ndarray, U: np.ndarray, track_reconstruction: bool = False):  # noqa: N803
+    def __init__(self, P: np.ndarray, U: np.ndarray, feature_reference: str | None = None):  # noqa: N803
         super().__init__(P, U)
         self.bypass = False
-        self.track_reconstruction = track_reconstruction
+        self.feature_reference = feature_reference
+        self.teacher_map: torch.Tensor | None = None
         self.reconstruction: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
+            if self.feature_reference == "teacher" and not torch.is_grad_enabled():
+                self.teacher_map = x
             return x
         out = super().forward(x)
-        if self.track_reconstruction and torch.is_grad_enabled():
-            self.reconstruction = (out - x).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12)
+        if self.feature_reference and torch.is_grad_enabled():
+            reference = self.teacher_map if self.feature_reference == "teacher" else x
+            if reference is None or reference.shape != out.shape:
+                reference = x
+            self.reconstruction = (out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
         return out
 
 
@@ -166,6 +178,7 @@ class EpochRecord:
     score: float
     lr: float
     held_out_loss: float = float("nan")
+    seconds: float = 0.0  # wall time of the epoch: training steps and the held-out score
 
 
 @dataclass
@@ -218,8 +231,8 @@ class ProjectionTrainer:
         self.executor = executor.to(self.device)
         for parameter in self.executor.parameters():
             parameter.requires_grad_(False)
-        self.projections = {name: LearnedProjection(initial[name].P, initial[name].U,
-                                                    track_reconstruction=config.feature_weight > 0).to(self.device)
+        reference = config.feature_reference if config.feature_weight > 0 else None
+        self.projections = {name: LearnedProjection(initial[name].P, initial[name].U, reference).to(self.device)
                             for name in self.names}
         for name, module in self.projections.items():
             self.executor.set_transform(name, module)
@@ -263,11 +276,13 @@ class ProjectionTrainer:
             self._activate(active)
             self.monitor("epoch_start", {"epoch": epoch + 1, "epochs": len(epochs), "stage": stage,
                                          "steps": steps_per_epoch})
+            started = time.perf_counter()
             loss = self._train_epoch(model, optimizer, scheduler, calibration, calibration_labels, inputs, kinds,
                                      epoch, per_epoch)
             self._activate(len(self.names))  # the held-out score is always that of the full network
             score, held_loss = self._score(held_out, held_out_labels, teacher_held, inputs, kinds, metric)
-            record = EpochRecord(epoch + 1, stage, active, loss, score, optimizer.param_groups[0]["lr"], held_loss)
+            record = EpochRecord(epoch + 1, stage, active, loss, score, optimizer.param_groups[0]["lr"], held_loss,
+                                 time.perf_counter() - started)
             state.history.append(record)
             if active == len(self.names) and (score, -held_loss) > (state.best_score, -state.best_loss):
                 state.best, state.best_score, state.best_epoch = self._snapshot(), score, epoch + 1
@@ -464,13 +479,41 @@ def _augment(x: torch.Tensor, kind: str, seeds: Sequence[int]) -> torch.Tensor:
     that is another real-looking line: new inputs for distillation, which needs no labels),
     then `light`. Each sample's draw comes from its own seed (rule e), so a sample is augmented
     alike whichever batch it lands in (`splice`'s partner is drawn among the batch's samples,
-    which a distributed run splits between ranks)."""
+    which a distributed run splits between ranks). `strong`: `splice`, then each image
+    stretched along its width (`_stretch`) and its contrast and brightness changed
+    (`_photometric`), then `light`."""
     if kind == "none" or not x.is_floating_point() or x.dim() < 3:
         return x
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    if kind == "splice":
+    if kind in ("splice", "strong"):
         x = _splice(x, generators)
+    if kind == "strong":
+        x = torch.stack([_photometric(_stretch(sample, generator), generator)
+                         for sample, generator in zip(x, generators, strict=True)])
     return torch.stack([_augment_one(sample, generator) for sample, generator in zip(x, generators, strict=True)])
+
+
+def _stretch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One sample [C, ..., W] resampled along its last axis by a factor in [0.8, 1.25]
+    (log-uniform), then cut or zero-padded on the right back to W: glyphs of other widths
+    (zero is what a recognizer's preprocessing pads a short line with)."""
+    if x.dim() != 3:
+        return x
+    width = x.shape[-1]
+    factor = math.exp(math.log(0.8) + (math.log(1.25) - math.log(0.8)) * float(torch.rand(1, generator=generator)))
+    resized = F.interpolate(x[None], size=(x.shape[1], max(1, round(width * factor))), mode="bilinear",
+                            align_corners=False)[0]
+    if resized.shape[-1] >= width:
+        return resized[..., :width]
+    return F.pad(resized, (0, width - resized.shape[-1]))
+
+
+def _photometric(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Contrast times [0.7, 1.3] about the sample's mean, brightness +-10% of its std."""
+    contrast, brightness = 0.7 + 0.6 * float(torch.rand(1, generator=generator)), \
+        0.2 * float(torch.rand(1, generator=generator)) - 0.1
+    mean, std = x.mean(), x.std().clamp_min(1e-6)
+    return (x - mean) * contrast + mean + brightness * std
 
 
 def _splice(x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
