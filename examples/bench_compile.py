@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from fmcompress.compiler import CompileOptions, compile_model
+from fmcompress.models import digits_onnx_path
 from fmcompress.thirdparty import REAL_MODELS, real_model
 from fmcompress.training import TrainConfig
-from models import digits_onnx_path
 
 
 def models(workdir: Path) -> dict[str, tuple[Path, list[str]]]:
