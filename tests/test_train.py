@@ -98,6 +98,7 @@ def test_greedy_schedule_adds_one_map_a_stage():
         [("greedy 3/3", 3)] * 2 + [("joint", 3)] * 3
     result = train(TrainConfig(schedule="greedy", epochs=1, batch_size=8, augment="none"))
     assert [r.active_maps for r in result.history] == [1, 2, 2]
+    assert all(r.seconds > 0 for r in result.history)  # each epoch's wall time, for reports and benchmarks
     assert result.best_epoch in (0, 2)  # the initialisation or an epoch with every map active
 
 
