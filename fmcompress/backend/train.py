@@ -494,9 +494,9 @@ def _augment(x: torch.Tensor, kind: str, seeds: Sequence[int]) -> torch.Tensor:
 
 
 def _stretch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One sample [C, ..., W] resampled along its last axis by a factor in [0.8, 1.25]
-    (log-uniform), then cut or zero-padded on the right back to W: glyphs of other widths
-    (zero is what a recognizer's preprocessing pads a short line with)."""
+    """One image [C, H, W] resampled along W by a factor in [0.8, 1.25] (log-uniform), then
+    cut or zero-padded on the right back to W: glyphs of other widths (zero is what a
+    recognizer's preprocessing pads a short line with). Other ranks are left as they are."""
     if x.dim() != 3:
         return x
     width = x.shape[-1]
@@ -510,8 +510,8 @@ def _stretch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def _photometric(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Contrast times [0.7, 1.3] about the sample's mean, brightness +-10% of its std."""
-    contrast, brightness = 0.7 + 0.6 * float(torch.rand(1, generator=generator)), \
-        0.2 * float(torch.rand(1, generator=generator)) - 0.1
+    contrast = 0.7 + 0.6 * float(torch.rand(1, generator=generator))
+    brightness = 0.2 * float(torch.rand(1, generator=generator)) - 0.1
     mean, std = x.mean(), x.std().clamp_min(1e-6)
     return (x - mean) * contrast + mean + brightness * std
 
