@@ -29,18 +29,19 @@ from fmcompress.thirdparty import REAL_MODELS, real_model
 from fmcompress.training import TrainConfig
 
 
-def models(workdir: Path) -> dict[str, tuple[Path, list[str]]]:
+def models(workdir: Path) -> dict[str, tuple[Path, list[str], str | None]]:
+    """name: (model, --input-shape values, --data: None for the surrogate photographs)."""
     from fmcompress.frontend import export_model
 
     r18 = workdir / "resnet18.onnx"
     export_model("resnet18", (1, 3, 224, 224), r18)
     shape = {name: [",".join(map(str, REAL_MODELS[name].input_shape))]
              for name in ("ppocr-cls", "ppocr-rec", "yolov8n")}
-    return {"demo": (digits_onnx_path(), []),
-            "resnet18-224": (r18, []),
-            "ppocr-cls": (real_model("ppocr-cls"), shape["ppocr-cls"]),
-            "ppocr-rec": (real_model("ppocr-rec"), shape["ppocr-rec"]),
-            "yolov8n-320": (real_model("yolov8n"), shape["yolov8n"])}
+    return {"demo": (digits_onnx_path(), [], "mnist"),
+            "resnet18-224": (r18, [], None),
+            "ppocr-cls": (real_model("ppocr-cls"), shape["ppocr-cls"], None),
+            "ppocr-rec": (real_model("ppocr-rec"), shape["ppocr-rec"], None),
+            "yolov8n-320": (real_model("yolov8n"), shape["yolov8n"], None)}
 
 
 def row(name: str, seconds: float, report: dict) -> str:
@@ -73,12 +74,12 @@ def main() -> None:
           "ort ms after | latency ratio (range) | FLOPs ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as workdir:
-        for name, (path, shapes) in models(Path(workdir)).items():
+        for name, (path, shapes, data) in models(Path(workdir)).items():
             if args.model and name not in args.model:
                 continue
             for ceiling in ceilings:
                 options = CompileOptions(ceiling=ceiling, input_shapes=shapes, num_samples=args.num_samples,
-                                         data="mnist" if name == "demo" else None,
+                                         data=data,
                                          threads=args.threads, latency_rounds=args.rounds, method=args.method,
                                          training=TrainConfig(epochs=args.epochs,
                                                               max_samples=args.samples_per_epoch))

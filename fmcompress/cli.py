@@ -19,7 +19,7 @@ import click
 
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, FmcError, InputError
 from .report import DEFAULT_ORT_LEVEL, ORT_LEVELS
-from .training import AUGMENTATIONS, FEATURE_REFERENCES
+from .training import AUGMENTATIONS, DEVICES, FEATURE_REFERENCES, LOSSES, OPTIMIZERS, SCHEDULES
 
 CEILING_HELP = (
     "Memory ceiling per stored feature map: a size (256KB, 256KiB, 0.25MB, 262144) "
@@ -177,11 +177,11 @@ def training_options() -> Callable[[Any], Any]:
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True,
                      help="Learning rate relative to each map's scale (a map of C channels steps at "
                           "lr/sqrt(C)), cosine decay to 0 over the run."),
-        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True),
-        click.option("--loss", type=click.Choice(["kd", "ce", "kd+ce"]), default="kd", show_default=True,
+        click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adam", show_default=True),
+        click.option("--loss", type=click.Choice(list(LOSSES)), default="kd", show_default=True,
                      help="kd: distillation from the original's outputs (KL for class scores, per time step "
                           "for sequences, MSE otherwise); ce: cross-entropy on the labels; kd+ce: both."),
-        click.option("--schedule", type=click.Choice(["joint", "greedy"]), default="joint", show_default=True,
+        click.option("--schedule", type=click.Choice(list(SCHEDULES)), default="joint", show_default=True,
                      help="joint: all maps at once; greedy: add one map a stage (--stage-epochs), then joint."),
         click.option("--stage-epochs", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Greedy schedule: epochs per added map."),
@@ -199,7 +199,7 @@ def training_options() -> Callable[[Any], Any]:
                      show_default=True,
                      help="teacher: the map the original computes there from the same input; self: the "
                           "map's own input (each projection's reconstruction error alone)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+        click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True,
                      help="Where to train: auto = CUDA when available."),
         click.option("--target", type=click.FloatRange(0, 1, min_open=True), metavar="FLOAT",
                      help="Stop once the held-out score (accuracy with labels, else top-1 agreement, else "

@@ -17,7 +17,6 @@ OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "light", "splice", "strong")
 FEATURE_REFERENCES = ("teacher", "self")
-PROBABILITY_TOLERANCE = 1e-3
 
 
 @dataclass

@@ -71,17 +71,14 @@ from torch import nn
 
 from fmcompress.errors import InputError
 from fmcompress.featuremaps import Projection
-from fmcompress.training import TrainConfig
+from fmcompress.training import TrainConfig, check_device
 
 from .projection import ChannelProjection
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-        return torch.device("cuda")
-    return torch.device("cpu")
+    check_device(name)
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 PROBABILITY_TOLERANCE = 1e-3
@@ -113,8 +110,6 @@ class LearnedProjection(ChannelProjection):
         out = super().forward(x)
         if self.feature_reference and torch.is_grad_enabled():
             reference = self.teacher_map if self.feature_reference == "teacher" else x
-            if reference is None or reference.shape != out.shape:
-                reference = x
             self.reconstruction = (out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
         return out
 
@@ -487,10 +482,9 @@ def _augment(x: torch.Tensor, kind: str, seeds: Sequence[int]) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     if kind in ("splice", "strong"):
         x = _splice(x, generators)
-    if kind == "strong":
-        x = torch.stack([_photometric(_stretch(sample, generator), generator)
-                         for sample, generator in zip(x, generators, strict=True)])
-    return torch.stack([_augment_one(sample, generator) for sample, generator in zip(x, generators, strict=True)])
+    strong = kind == "strong"
+    return torch.stack([_augment_one(_photometric(_stretch(sample, generator), generator) if strong else sample,
+                                     generator) for sample, generator in zip(x, generators, strict=True)])
 
 
 def _stretch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
