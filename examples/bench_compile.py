@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from fmcompress.compiler import CompileOptions, compile_model
+from fmcompress.metrics import gated_agreement
 from fmcompress.models import digits_onnx_path
 from fmcompress.thirdparty import REAL_MODELS, real_model
 from fmcompress.training import TrainConfig
@@ -47,7 +48,8 @@ def models(workdir: Path) -> dict[str, tuple[Path, list[str], str | None]]:
 def row(name: str, seconds: float, report: dict) -> str:
     fid, lat = report["fidelity"], report["latency_ms"]
     low, high = lat["spread"]["ratio"]
-    top1 = f"{fid['top1_agreement']:.1%}" if fid["top1_agreement"] is not None else "n/a"
+    what, agreement = gated_agreement(fid)
+    top1 = "n/a" if agreement is None else f"{agreement:.1%}" + (" (sequence)" if what.startswith("sequence") else "")
     fit = report["timings_s"].get("fit", float("nan"))
     history = (report.get("training") or {}).get("history", [])
     per_epoch = f"{statistics.median(epoch['seconds'] for epoch in history):.1f}" if history else "-"
@@ -70,7 +72,7 @@ def main() -> None:
     ceilings = args.ceiling or ["4x", "256KB"]
     print(f"method {args.method}, {args.num_samples} samples, onnxruntime threads {args.threads}, "
           f"{args.rounds} interleaved latency rounds")
-    print("| model | ceiling | maps | compile s | fit s | s/epoch | top-1 agree | cosine | rel. error | ort ms before | "
+    print("| model | ceiling | maps | compile s | fit s | s/epoch | agreement | cosine | rel. error | ort ms before | "
           "ort ms after | latency ratio (range) | FLOPs ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as workdir:

@@ -31,6 +31,7 @@ class Fidelity:
     """Agreement of a candidate model's outputs with the reference model's."""
 
     top1_agreement: float | None  # share of samples whose argmax class matches
+    sequence_agreement: float | None  # [N, T, classes] distributions: share of samples whose every step matches
     accuracy_reference: float | None
     accuracy_candidate: float | None
     cosine_similarity: float  # mean per-sample cosine, averaged over outputs
@@ -56,12 +57,41 @@ def fidelity(reference_outputs: list[np.ndarray], candidate_outputs: list[np.nda
         if labels is not None:
             truth = _checked_labels(labels, ref_classes.shape)
             acc_ref, acc_cand = float(np.mean(ref_pred == truth)), float(np.mean(cand_pred == truth))
+    sequence = sequence_agreement(reference[0], candidate[0]) if is_sequence_head(reference[0]) else None
     cosine = float(np.mean([_mean_cosine(r, c) for r, c in zip(reference, candidate, strict=True)]))
     diff_sq = sum(float(np.sum((c - r) ** 2)) for r, c in zip(reference, candidate, strict=True))
     ref_sq = sum(float(np.sum(r**2)) for r in reference)
     relative = _ratio(np.sqrt(diff_sq), np.sqrt(ref_sq))
     max_abs = max(float(np.max(np.abs(c - r), initial=0.0)) for r, c in zip(reference, candidate, strict=True))
-    return Fidelity(top1, acc_ref, acc_cand, cosine, relative, max_abs)
+    return Fidelity(top1, sequence, acc_ref, acc_cand, cosine, relative, max_abs)
+
+
+PROBABILITY_TOLERANCE = 1e-3
+
+
+def rows_are_distributions(output: np.ndarray) -> bool:
+    """Every row along the last axis is >= 0 and sums to 1 (a softmax output)."""
+    sums = output.sum(axis=-1, dtype=np.float64)
+    return bool((output >= 0).all()) and bool((np.abs(sums - 1) < PROBABILITY_TOLERANCE).all())
+
+
+def is_sequence_head(output: np.ndarray) -> bool:
+    """[N, T, classes] with a distribution per step: a CTC or other sequence head."""
+    return output.ndim == 3 and output.shape[2] >= 2 and rows_are_distributions(output)
+
+
+def sequence_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Share of samples whose argmax at every step matches: their greedy decodings are equal,
+    which per-step agreement (mostly blank steps in a CTC head) hides."""
+    return float(np.mean((reference.argmax(-1) == candidate.argmax(-1)).all(axis=-1)))
+
+
+def gated_agreement(quality: Mapping[str, Any]) -> tuple[str, float | None]:
+    """The agreement figure a report leads with (and `--min-agreement` gates): top-1
+    agreement for class scores, else sequence agreement; (name, value or None)."""
+    if quality.get("top1_agreement") is not None:
+        return "top-1 agreement", quality["top1_agreement"]
+    return "sequence agreement", quality.get("sequence_agreement")
 
 
 def _check_pairs(reference: list[np.ndarray], candidate: list[np.ndarray]) -> None:

@@ -387,6 +387,7 @@ def _md_warnings(report: Mapping[str, Any]) -> list[str]:
 
 
 FIDELITY_ROWS = (("top1_agreement", "top-1 agreement with the original", "{:.2%}"),
+                 ("sequence_agreement", "sequence agreement with the original (every step)", "{:.2%}"),
                  ("accuracy_reference", "accuracy, original", "{:.2%}"),
                  ("accuracy_candidate", "accuracy, compressed", "{:.2%}"),
                  ("cosine_similarity", "output cosine similarity", "{:.4g}"),
@@ -399,7 +400,7 @@ def _md_fidelity(report: Mapping[str, Any]) -> list[str]:
     rows = [f"| {label} | {fmt.format(fidelity[key])} |" for key, label, fmt in FIDELITY_ROWS
             if fidelity.get(key) is not None]
     gate = report.get("gate") or {}
-    for key, label, fmt in (("min_agreement", "gate: minimum top-1 agreement", "{:.2%}"),
+    for key, label, fmt in (("min_agreement", "gate: minimum agreement", "{:.2%}"),
                             ("max_accuracy_drop", "gate: maximum accuracy drop (points)", "{:g}")):
         if gate.get(key) is not None:
             rows.append(f"| {label} | {fmt.format(gate[key])} |")

@@ -4,7 +4,8 @@ Rules:
 
 a. Fidelity: the original and the compressed model run in onnxruntime on the
    held-out samples (never used for fitting); top-1 agreement and accuracy (when
-   labels exist) for classifier-shaped outputs, cosine similarity and relative
+   labels exist) for classifier-shaped outputs; sequence agreement (every step's
+   argmax equal) for `[N, T, classes]` distributions such as CTC heads; cosine similarity and relative
    error for every output (`fmcompress.metrics.fidelity`); for a YOLO-style
    detection output [N, 4 + classes, anchors], boxes after the model's own decoding
    matched at IoU 0.5 (`boxes`: counts, precision, recall, F1).
@@ -12,10 +13,11 @@ b. FLOPs before and after, from the graphs and their tensor shapes.
 c. Latency: both models in onnxruntime with `threads` intra-op threads on one
    held-out sample, interleaved rounds, median and spread of each and of the ratio
    (`fmcompress.metrics.ort_latency`).
-d. The gate: with `min_agreement`, top-1 agreement below it fails; with
+d. The gate: with `min_agreement`, top-1 agreement (sequence agreement for a
+   sequence head) below it fails; with
    `max_accuracy_drop` (points), an accuracy drop above it fails, and the gate needs
    labels. A failure raises `VerificationError` (exit 1), so compile writes nothing.
-   Without a gate, top-1 agreement under 90% is a warning.
+   Without a gate, agreement under 90% is a warning.
 
 Shapes come from `ctx.results["memory"]` (the original's analysis) and
 `ctx.results["verify"]["after"]` (the emitted model's) when present. The model is
@@ -30,7 +32,7 @@ import onnx
 
 from fmcompress.data import Dataset
 from fmcompress.errors import InputError, VerificationError
-from fmcompress.metrics import count_flops, fidelity, ort_latency, run_ort
+from fmcompress.metrics import count_flops, fidelity, gated_agreement, ort_latency, run_ort
 from fmcompress.report import AnalysisReport
 
 from .base import Pass, PassContext, PassResult
@@ -86,16 +88,17 @@ class MeasurePass(Pass):
 
     def _gate(self, quality: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """Rule d: raises VerificationError when the held-out fidelity misses the gate."""
-        agreement = quality.get("top1_agreement")
+        what, agreement = gated_agreement(quality)
         drop = _accuracy_drop_points(quality)
         gate = {"min_agreement": self.min_agreement, "max_accuracy_drop": self.max_accuracy_drop,
                 "accuracy_drop_points": drop, "passed": True}
         failures = []
         if self.min_agreement is not None:
             if agreement is None:
-                failures.append("no top-1 agreement to gate on (the outputs are not class scores)")
+                failures.append("no agreement to gate on (the first output is neither class scores nor a "
+                                "sequence of class distributions)")
             elif agreement < self.min_agreement:
-                failures.append(f"top-1 agreement {agreement:.2%} < {self.min_agreement:.2%}")
+                failures.append(f"{what} {agreement:.2%} < {self.min_agreement:.2%}")
         if self.max_accuracy_drop is not None and drop is not None and drop > self.max_accuracy_drop:
             failures.append(f"accuracy drop {drop:.2f} points > {self.max_accuracy_drop:g}")
         if failures:
@@ -104,7 +107,7 @@ class MeasurePass(Pass):
         warnings = []
         if self.min_agreement is None and self.max_accuracy_drop is None and agreement is not None \
                 and agreement < LOW_AGREEMENT:
-            warnings.append(f"top-1 agreement with the original is only {agreement:.1%} on held-out data "
+            warnings.append(f"{what} with the original is only {agreement:.1%} on held-out data "
                             "(below 90%); gate it with --min-agreement in CI")
         return gate, warnings
 
@@ -132,8 +135,9 @@ def _accuracy_drop_points(quality: dict[str, Any]) -> float | None:
 
 def fidelity_line(quality: dict[str, Any]) -> str:
     parts = []
-    if quality.get("top1_agreement") is not None:
-        parts.append(f"top-1 agreement {quality['top1_agreement']:.1%}")
+    what, agreement = gated_agreement(quality)
+    if agreement is not None:
+        parts.append(f"{what} {agreement:.1%}")
     if quality.get("accuracy_candidate") is not None:
         parts.append(f"accuracy {quality['accuracy_reference']:.1%} -> {quality['accuracy_candidate']:.1%}")
     parts.append(f"cosine {quality['cosine_similarity']:.4f}")

@@ -37,8 +37,23 @@ def test_known_agreement_accuracy_cosine_and_errors() -> None:
     diff_norm = np.sqrt(2 + 2)  # sample 1 differs by (1, -1), sample 3 by (1, 1)
     assert result.relative_error == pytest.approx(diff_norm / np.sqrt(1 + 1 + 25 + 2))
     assert result.max_abs_error == pytest.approx(1.0)
-    assert set(result.to_dict()) == {"top1_agreement", "accuracy_reference", "accuracy_candidate",
-                                     "cosine_similarity", "relative_error", "max_abs_error"}
+    assert set(result.to_dict()) == {"top1_agreement", "sequence_agreement", "accuracy_reference",
+                                     "accuracy_candidate", "cosine_similarity", "relative_error", "max_abs_error"}
+    assert result.sequence_agreement is None
+
+
+def test_sequence_agreement_needs_every_step() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 10, 6)) * 5
+    reference = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)  # [N, T, classes] distributions
+    candidate = reference.copy()
+    candidate[1, 3] = np.roll(candidate[1, 3], 1)  # one step of sample 1 now argmaxes elsewhere
+    candidate[2] = 0.9 * candidate[2] + 0.1 / 6  # sample 2 flattened, every argmax kept
+    result = fidelity([reference], [candidate])
+    assert result.sequence_agreement == pytest.approx(0.75)
+    assert result.top1_agreement is None
+    # YOLO-style [N, 4 + classes, anchors] scores are no distributions: no sequence figure
+    assert fidelity([np.abs(logits)], [np.abs(logits)]).sequence_agreement is None
 
 
 def test_four_d_logits_and_several_outputs() -> None:

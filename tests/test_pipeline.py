@@ -160,6 +160,11 @@ def test_gate_rules():
     assert gate["accuracy_drop_points"] == pytest.approx(0.3)
     _, warnings = _measure(labelled)._gate(_quality(0.8))
     assert warnings and "below 90%" in warnings[0]
+    sequence = _quality(None) | {"sequence_agreement": 0.8}  # a CTC head has no top-1 figure
+    with pytest.raises(VerificationError, match="sequence agreement 80.00% < 90.00%"):
+        _measure(labelled, min_agreement=0.9)._gate(sequence)
+    with pytest.raises(VerificationError, match="no agreement to gate on"):
+        _measure(labelled, min_agreement=0.9)._gate(_quality(None))
 
 
 def test_gate_flags_are_checked():

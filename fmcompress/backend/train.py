@@ -33,7 +33,9 @@ e. Adam (or SGD with momentum 0.9), a linear warmup over the first epoch, then a
    the epoch number, and the augmentation from the seed, the epoch and the step, so a
    resumed run repeats the uninterrupted one exactly.
 f. After every epoch the held-out part is scored with the student: accuracy with
-   labels, else top-1 agreement with the teacher, else output cosine similarity; ties
+   labels, else top-1 agreement with the teacher (for a sequence head, the share of
+   samples whose every step agrees: what exact match after decoding needs), else
+   output cosine similarity; ties
    (a few hundred samples saturate a score) go to the lower held-out distillation
    loss. The best epoch's projections are kept; training stops early once the score
    reaches `target`. The initialisation is scored first and is a candidate too, so
@@ -71,6 +73,7 @@ from torch import nn
 
 from fmcompress.errors import InputError
 from fmcompress.featuremaps import Projection
+from fmcompress.metrics import is_sequence_head, rows_are_distributions, sequence_agreement
 from fmcompress.training import TrainConfig, check_device
 
 from .projection import ChannelProjection
@@ -81,7 +84,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-PROBABILITY_TOLERANCE = 1e-3
 DIVERGED = 2.0  # a held-out distillation loss this many times the best one means the epoch diverged
 BACKTRACK_FACTOR = 0.3
 
@@ -120,18 +122,14 @@ def output_kinds(outputs: Sequence[torch.Tensor]) -> list[str]:
     """Rule c: `logits`, `probs`, `seq_probs` or `regression` per output."""
     kinds = []
     for out in outputs:
+        values = out.detach().float().cpu().numpy()
         if out.dim() == 2 and out.shape[1] >= 2:
-            kinds.append("probs" if _rows_are_distributions(out) else "logits")
-        elif out.dim() == 3 and out.shape[2] >= 2 and _rows_are_distributions(out):
+            kinds.append("probs" if rows_are_distributions(values) else "logits")
+        elif is_sequence_head(values):
             kinds.append("seq_probs")
         else:
             kinds.append("regression")
     return kinds
-
-
-def _rows_are_distributions(out: torch.Tensor) -> bool:
-    sums = out.float().sum(-1)
-    return bool((out >= 0).all()) and bool(((sums - 1).abs() < PROBABILITY_TOLERANCE).all())
 
 
 def _log_probs(out: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
@@ -259,7 +257,8 @@ class ProjectionTrainer:
         if cfg.loss != "kd" and calibration_labels is None:
             raise InputError(f"--loss {cfg.loss} needs labelled data (an .npz with `labels` or class subfolders)")
         metric = "accuracy" if held_out_labels is not None and kinds[0] in ("logits", "probs") else \
-            "agreement" if kinds[0] in ("logits", "probs", "seq_probs") else "cosine"
+            "agreement" if kinds[0] in ("logits", "probs") else \
+            "sequence agreement" if kinds[0] == "seq_probs" else "cosine"
         state = _RunState(best=self._snapshot(), best_score=-math.inf)
         self._activate(len(self.names))
         state.best_score, state.best_loss = self._score(held_out, held_out_labels, teacher_held, inputs, kinds, metric)
@@ -369,6 +368,8 @@ class ProjectionTrainer:
             return float((first_s.argmax(-1).numpy() == labels).mean()), loss
         if metric == "agreement":
             return float((first_s.argmax(-1) == first_t.argmax(-1)).float().mean()), loss
+        if metric == "sequence agreement":
+            return sequence_agreement(first_t.numpy(), first_s.numpy()), loss
         cosines = [F.cosine_similarity(s.float().flatten(1), t.float().flatten(1), dim=1).mean()
                    for s, t in zip(student, teacher, strict=True)]
         return float(torch.stack(cosines).mean()), loss
