@@ -202,9 +202,8 @@ def training_options() -> Callable[[Any], Any]:
         click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True,
                      help="Where to train: auto = CUDA when available."),
         click.option("--target", type=click.FloatRange(0, 1, min_open=True), metavar="FLOAT",
-                     help="Stop once the held-out score (accuracy with labels, else top-1 agreement, sequence "
-                          "agreement for sequence heads, else cosine) reaches this; otherwise the best "
-                          "epoch is kept."),
+                     help="Stop once the held-out score (accuracy with labels, else top-1 agreement, else "
+                          "cosine) reaches this; otherwise the best epoch is kept."),
         click.option("--resume", is_flag=True,
                      help="Continue a stopped run from its checkpoint (OUTPUT.ckpt, or --checkpoint)."),
         click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
@@ -366,8 +365,8 @@ def _default_output(model: Path) -> Path:
 @training_options()
 @click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="FLOAT",
               help="Fidelity gate: fail (exit 1, nothing written) when the held-out top-1 agreement with "
-                   "the original (for [N, T, classes] sequence heads: the share of samples whose every step "
-                   "agrees) is below this (0..1, e.g. 0.99).")
+                   "the original (for [N, T, classes] sequence heads: the share of equal greedy CTC "
+                   "decodings) is below this (0..1, e.g. 0.99).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), metavar="POINTS",
               help="Fidelity gate: fail (exit 1, nothing written) when accuracy drops by more than this many "
                    "points (needs labels in --data).")

@@ -31,7 +31,7 @@ class Fidelity:
     """Agreement of a candidate model's outputs with the reference model's."""
 
     top1_agreement: float | None  # share of samples whose argmax class matches
-    sequence_agreement: float | None  # [N, T, classes] distributions: share of samples whose every step matches
+    sequence_agreement: float | None  # [N, T, classes] distributions: share of equal greedy CTC decodings
     accuracy_reference: float | None
     accuracy_candidate: float | None
     cosine_similarity: float  # mean per-sample cosine, averaged over outputs
@@ -81,9 +81,22 @@ def is_sequence_head(output: np.ndarray) -> bool:
 
 
 def sequence_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Share of samples whose argmax at every step matches: their greedy decodings are equal,
-    which per-step agreement (mostly blank steps in a CTC head) hides."""
-    return float(np.mean((reference.argmax(-1) == candidate.argmax(-1)).all(axis=-1)))
+    """Share of samples whose greedy CTC decodings are equal: each step's argmax, repeats
+    collapsed, the blank dropped. The blank is the class the reference predicts most often
+    (CTC heads predict it at most steps; PP-OCR's is 0, others use the last class). Per-step
+    agreement hides wrong strings among the blanks, and equal argmax at every step is far
+    stricter than the strings (a character one step earlier or later decodes the same)."""
+    reference_paths, candidate_paths = reference.argmax(-1), candidate.argmax(-1)
+    blank = int(np.bincount(reference_paths.ravel()).argmax())
+    same = [np.array_equal(ctc_labels(r, blank), ctc_labels(c, blank))
+            for r, c in zip(reference_paths, candidate_paths, strict=True)]
+    return float(np.mean(same))
+
+
+def ctc_labels(path: np.ndarray, blank: int) -> np.ndarray:
+    """One sample's argmax path [T] -> its labels: repeats collapsed, then blanks dropped."""
+    kept = path[np.concatenate(([True], path[1:] != path[:-1]))]
+    return kept[kept != blank]
 
 
 def gated_agreement(quality: Mapping[str, Any]) -> tuple[str, float | None]:

@@ -387,7 +387,7 @@ def _md_warnings(report: Mapping[str, Any]) -> list[str]:
 
 
 FIDELITY_ROWS = (("top1_agreement", "top-1 agreement with the original", "{:.2%}"),
-                 ("sequence_agreement", "sequence agreement with the original (every step)", "{:.2%}"),
+                 ("sequence_agreement", "sequence agreement with the original (CTC decodings)", "{:.2%}"),
                  ("accuracy_reference", "accuracy, original", "{:.2%}"),
                  ("accuracy_candidate", "accuracy, compressed", "{:.2%}"),
                  ("cosine_similarity", "output cosine similarity", "{:.4g}"),

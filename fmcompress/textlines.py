@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+from .metrics import ctc_labels
 
 ModelLike = onnx.ModelProto | bytes | str | os.PathLike
 
@@ -260,13 +261,7 @@ def ctc_greedy_decode(probs: np.ndarray, dictionary: Sequence[str]) -> list[str]
         raise InputError(f"CTC decoding needs [N, T, classes] scores, got shape {list(probs.shape)}")
     if probs.shape[2] != len(dictionary):
         raise InputError(f"the model scores {probs.shape[2]} classes but the dictionary has {len(dictionary)}")
-    texts = []
-    for best in probs.argmax(axis=2):
-        keep = np.ones(len(best), dtype=bool)
-        keep[1:] = best[1:] != best[:-1]
-        keep &= best != BLANK
-        texts.append("".join(dictionary[i] for i in best[keep]))
-    return texts
+    return ["".join(dictionary[i] for i in ctc_labels(best, BLANK)) for best in probs.argmax(axis=2)]
 
 
 def recognize(model: ModelLike, inputs: np.ndarray, *, dictionary: Sequence[str] | None = None,

@@ -4,8 +4,9 @@ Rules:
 
 a. Fidelity: the original and the compressed model run in onnxruntime on the
    held-out samples (never used for fitting); top-1 agreement and accuracy (when
-   labels exist) for classifier-shaped outputs; sequence agreement (every step's
-   argmax equal) for `[N, T, classes]` distributions such as CTC heads; cosine similarity and relative
+   labels exist) for classifier-shaped outputs; sequence agreement (equal
+   greedy CTC decodings, `fmcompress.metrics.sequence_agreement`) for `[N, T,
+   classes]` distributions such as CTC heads; cosine similarity and relative
    error for every output (`fmcompress.metrics.fidelity`); for a YOLO-style
    detection output [N, 4 + classes, anchors], boxes after the model's own decoding
    matched at IoU 0.5 (`boxes`: counts, precision, recall, F1).

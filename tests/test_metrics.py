@@ -42,18 +42,28 @@ def test_known_agreement_accuracy_cosine_and_errors() -> None:
     assert result.sequence_agreement is None
 
 
-def test_sequence_agreement_needs_every_step() -> None:
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(4, 10, 6)) * 5
-    reference = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)  # [N, T, classes] distributions
-    candidate = reference.copy()
-    candidate[1, 3] = np.roll(candidate[1, 3], 1)  # one step of sample 1 now argmaxes elsewhere
-    candidate[2] = 0.9 * candidate[2] + 0.1 / 6  # sample 2 flattened, every argmax kept
+def one_hot_steps(paths: list[list[int]], classes: int = 4) -> np.ndarray:
+    """[N, T, classes] distributions whose argmax at each step is the given path."""
+    out = np.full((len(paths), len(paths[0]), classes), 0.1 / (classes - 1))
+    for n, path in enumerate(paths):
+        out[n, np.arange(len(path)), path] = 0.9
+    return out
+
+
+def test_sequence_agreement_compares_greedy_ctc_decodings() -> None:
+    # blank = 0, the class the reference predicts most often
+    reference = one_hot_steps([[0, 1, 1, 0, 2, 0], [0, 3, 0, 0, 3, 0], [0, 0, 2, 0, 0, 0], [1, 0, 0, 2, 0, 0]])
+    candidate = one_hot_steps([[1, 1, 0, 0, 2, 2],  # "12" again, one step earlier and later: agrees
+                               [0, 3, 3, 0, 0, 0],  # "3" instead of "33": repeats merge only without a blank
+                               [0, 0, 2, 0, 0, 0],  # the same path
+                               [1, 0, 0, 0, 0, 0]])  # a character lost
     result = fidelity([reference], [candidate])
-    assert result.sequence_agreement == pytest.approx(0.75)
+    assert result.sequence_agreement == pytest.approx(0.5)
     assert result.top1_agreement is None
+    per_step = np.mean(reference.argmax(-1) == candidate.argmax(-1))
+    assert per_step == pytest.approx(18 / 24)  # mostly agreeing steps hide two wrong strings
     # YOLO-style [N, 4 + classes, anchors] scores are no distributions: no sequence figure
-    assert fidelity([np.abs(logits)], [np.abs(logits)]).sequence_agreement is None
+    assert fidelity([np.abs(reference) * 300], [np.abs(reference) * 300]).sequence_agreement is None
 
 
 def test_four_d_logits_and_several_outputs() -> None:

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from modeltools import tiny_classifier
 
 from fmcompress.backend import OnnxModule
-from fmcompress.backend.projection import ChannelProjection
 from fmcompress.backend.train import (
     ProjectionTrainer,
     distillation_loss,
@@ -108,41 +107,6 @@ def test_training_improves_on_random_projections():
     losses = [r.loss for r in result.history]
     assert losses[-1] < losses[0] * 0.7
     assert result.best_score >= result.history[0].score
-
-
-def sequence_head() -> onnx.ModelProto:
-    """tiny_classifier's convs, then r2 [N, 16, 8, 8] max-pooled to 2x2 and read as 4 steps of 16
-    classes, softmaxed per step."""
-    model = tiny_classifier()
-    graph = model.graph
-    del graph.node[4:]
-    graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 16, 4], np.int64), "steps"))
-    graph.node.extend([onnx.helper.make_node("MaxPool", ["r2"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
-                       onnx.helper.make_node("Reshape", ["pooled", "steps"], ["seq"]),
-                       onnx.helper.make_node("Transpose", ["seq"], ["tseq"], perm=[0, 2, 1]),
-                       onnx.helper.make_node("Softmax", ["tseq"], ["probs"], axis=-1)])
-    del graph.output[:]
-    graph.output.append(onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 4, 16]))
-    return model
-
-
-def test_a_sequence_head_is_scored_by_whole_sequence_agreement():
-    maps = [(name, channels, 12) for name, channels, _ in MAPS]
-    initial = random_projections(maps, 1)
-    held_out = torch.from_numpy(data(8, 1)["x"])
-    module = OnnxModule(sequence_head())
-    with torch.no_grad():
-        teacher = module(held_out)[0].argmax(-1)
-        for name, projection in initial.items():
-            module.set_transform(name, ChannelProjection(projection.P, projection.U))
-        student = module(held_out)[0].argmax(-1)
-    whole = float((teacher == student).all(-1).float().mean())
-    assert 0 < whole < float((teacher == student).float().mean()) < 1  # the two figures differ here
-    trainer = ProjectionTrainer(OnnxModule(sequence_head()), [m[0] for m in maps], initial,
-                                TrainConfig(epochs=1, batch_size=8))
-    result = trainer.fit(data(24, 0), None, data(8, 1), None)
-    assert result.metric == "sequence agreement"
-    assert result.initial_score == pytest.approx(whole)
 
 
 def test_the_initialisation_is_kept_when_training_only_hurts():
