@@ -55,6 +55,22 @@ def tiny_classifier() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def sequence_head() -> onnx.ModelProto:
+    """tiny_classifier's convs, then r2 [N, 16, 8, 8] max-pooled to 2x2 and read as 4 steps of 16
+    classes, softmaxed per step: the output shape of a CTC recognizer."""
+    model = tiny_classifier()
+    graph = model.graph
+    del graph.node[4:]
+    graph.initializer.append(numpy_helper.from_array(np.array([0, 16, 4], np.int64), "steps"))
+    graph.node.extend([helper.make_node("MaxPool", ["r2"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
+                       helper.make_node("Reshape", ["pooled", "steps"], ["seq"]),
+                       helper.make_node("Transpose", ["seq"], ["tseq"], perm=[0, 2, 1]),
+                       helper.make_node("Softmax", ["tseq"], ["probs"], axis=-1)])
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 4, 16]))
+    return model
+
+
 class ChannelBottleneck(torch.nn.Module):
     """A trainable rank-k channel projection U P (two 1x1 convs), as fmcompress learns them."""
 

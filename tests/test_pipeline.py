@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from modeltools import with_float_type
+from modeltools import sequence_head, with_float_type
 from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress.compiler import CompileOptions, build_context, ceiling_verdict, compile_model
@@ -165,6 +165,17 @@ def test_gate_rules():
         _measure(labelled, min_agreement=0.9)._gate(sequence)
     with pytest.raises(VerificationError, match="no agreement to gate on"):
         _measure(labelled, min_agreement=0.9)._gate(_quality(None))
+
+
+def test_a_sequence_head_reports_and_gates_on_sequence_agreement(tmp_path):
+    path, data = tmp_path / "seq.onnx", tmp_path / "x.npz"
+    onnx.save(sequence_head(), str(path))
+    np.savez(data, x=np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32))
+    options = dict(ceiling="2x", method="pca", data=str(data), num_samples=64, latency_rounds=1, latency_repeats=1)
+    fidelity = compile_model(path, CompileOptions(**options)).report["fidelity"]
+    assert fidelity["top1_agreement"] is None and 0 < fidelity["sequence_agreement"] < 1
+    with pytest.raises(VerificationError, match="sequence agreement"):
+        compile_model(path, CompileOptions(**options, min_agreement=1.0))
 
 
 def test_gate_flags_are_checked():
