@@ -21,6 +21,7 @@ import onnxruntime as ort
 from .errors import InputError
 
 ModelLike = onnx.ModelProto | bytes | str | Path
+PROBABILITY_TOLERANCE = 1e-3  # how far from 1 a softmax row may sum (float32 over thousands of classes)
 
 
 # ---------------------------------------------------------------------- fidelity
@@ -64,9 +65,6 @@ def fidelity(reference_outputs: list[np.ndarray], candidate_outputs: list[np.nda
     relative = _ratio(np.sqrt(diff_sq), np.sqrt(ref_sq))
     max_abs = max(float(np.max(np.abs(c - r), initial=0.0)) for r, c in zip(reference, candidate, strict=True))
     return Fidelity(top1, sequence, acc_ref, acc_cand, cosine, relative, max_abs)
-
-
-PROBABILITY_TOLERANCE = 1e-3
 
 
 def rows_are_distributions(output: np.ndarray) -> bool:

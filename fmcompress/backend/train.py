@@ -124,10 +124,10 @@ def output_kinds(outputs: Sequence[torch.Tensor]) -> list[str]:
     """Rule c: `logits`, `probs`, `seq_probs` or `regression` per output."""
     kinds = []
     for out in outputs:
-        values = out.detach().float().cpu().numpy()
+        # only class-shaped outputs are copied to numpy for the test (not, say, a detection map)
         if out.dim() == 2 and out.shape[1] >= 2:
-            kinds.append("probs" if rows_are_distributions(values) else "logits")
-        elif is_sequence_head(values):
+            kinds.append("probs" if rows_are_distributions(out.detach().float().cpu().numpy()) else "logits")
+        elif out.dim() == 3 and is_sequence_head(out.detach().float().cpu().numpy()):
             kinds.append("seq_probs")
         else:
             kinds.append("regression")
