@@ -107,7 +107,7 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
     options = CompileOptions(ceiling=ceiling, method=method, data=task.calibration(folder, args.num_samples),
                              num_samples=args.num_samples, input_shapes=[task.input_shape] if task.input_shape else None,
                              latency_repeats=1, latency_rounds=1, threads=args.threads,
-                             training=TrainConfig(epochs=args.epochs))
+                             training=TrainConfig(epochs=args.epochs, block_epochs=args.block_epochs))
     row: dict[str, Any] = {"model": task.name, "ceiling": ceiling, "method": method, "metric": task.metric}
     started = time.perf_counter()
     try:
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=256, help=f"calibration lines (at most {MAX_CALIBRATION})")
     parser.add_argument("--eval-samples", type=int, default=500, help="held-out lines scored per model")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="training epochs (random, learned)")
+    parser.add_argument("--block-epochs", type=int, default=TrainConfig.block_epochs,
+                        help="block reconstruction epochs per map before training (learned)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     parser.add_argument("--demo-data", default="mnist", help="--data of the demo model")
     parser.add_argument("--out", default="ceiling_sweep", help="folder for the table, JSON and plot")

@@ -24,6 +24,7 @@ class TrainConfig:
     """What `compile --method learned|random` trains with (the CLI flags of the same names)."""
 
     epochs: int = 10
+    block_epochs: int = 12  # learned: block reconstruction epochs per map before end-to-end training
     lr: float = 1e-2  # relative to each map's scale: a map of C channels steps at lr / sqrt(C)
     batch_size: int = 16
     optimizer: str = "adam"
@@ -43,6 +44,8 @@ class TrainConfig:
         """One-line InputErrors for values that cannot train."""
         if self.epochs < 1:
             raise InputError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.block_epochs < 0:
+            raise InputError(f"--block-epochs must be at least 0, got {self.block_epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InputError(f"--lr must be a positive number, got {self.lr}")
         if self.batch_size < 1:

@@ -11,9 +11,12 @@ Rules:
   calibration data (a bounded random subset of positions per batch), U = P^T.
   Uncentred, because the folded model has no bias to carry a mean and zero padding
   must commute with U.
-* `learned` (the default; Price & Tanner): the PCA projections, then P and U of every
-  map trained end to end through the frozen network (`fmcompress.backend.train`:
-  distillation from the original model's outputs, its rules a-h).
+* `learned` (the default; Price & Tanner): the PCA projections, each refined in
+  network order to reproduce what the original network computes after its block
+  (`block_epochs` per map, `fmcompress.backend.blockwise`, its rules a-e; 0 skips it),
+  then P and U of every map trained end to end through the frozen network
+  (`fmcompress.backend.train`: distillation from the original model's outputs, its
+  rules a-h).
 * `random`: random orthonormal projections trained the same way (the paper's
   initialisation, for comparison).
 * Only calibration data is trained on; the held-out part scores each epoch (the best
@@ -85,6 +88,8 @@ class FitProjectionsPass(Pass):
             from fmcompress.backend.train import random_projections
 
             initial = random_projections(maps, seed=self.config.seed if self.config else 0)
+        elif self.method == "learned" and self._config().block_epochs > 0:
+            initial = self._blockwise(executor, maps, plan, ctx)
         else:
             initial = self._pca(executor, maps, plan, ctx)
         if self.method == "pca":
@@ -102,10 +107,37 @@ class FitProjectionsPass(Pass):
         return fit_pca(executor, maps, lambda: self.calibration.torch_batches(self.batch_size, names),
                        progress=progress)
 
-    def _train(self, executor, maps, initial: dict[str, Projection], ctx: PassContext) -> dict[str, Projection]:
-        from fmcompress.backend.train import ProjectionTrainer, TrainConfig
+    def _blockwise(self, executor, maps, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
+        from fmcompress.backend.blockwise import fit_blockwise
+        from fmcompress.backend.train import resolve_device
 
-        config = self.config or TrainConfig(batch_size=self.batch_size)
+        config = self._config()
+        device = resolve_device(config.device)
+        names = list(executor.input_names)
+        batches = [tuple(t.to(device) for t in batch)
+                   for batch in self.calibration.torch_batches(config.batch_size, names)]
+
+        ranks = {m.name: (m.channels, m.k) for m in plan.maps}
+
+        def progress(i: int, name: str, first: float, last: float) -> None:
+            channels, k = ranks[name]
+            ctx.log(f"block {i + 1}/{len(maps)}: {name} {channels} -> {k} channels, loss {first:.4f} -> {last:.4f}")
+            if self.monitor is not None:
+                self.monitor("block", {"map": i + 1, "maps": len(maps), "name": name, "first_loss": first,
+                                       "loss": last})
+
+        return fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.lr,
+                             temperature=config.temperature, seed=config.seed, progress=progress)
+
+    def _config(self):
+        from fmcompress.training import TrainConfig
+
+        return self.config or TrainConfig(batch_size=self.batch_size)
+
+    def _train(self, executor, maps, initial: dict[str, Projection], ctx: PassContext) -> dict[str, Projection]:
+        from fmcompress.backend.train import ProjectionTrainer
+
+        config = self._config()
         trainer = ProjectionTrainer(executor, [name for name, _, _ in maps], initial, config,
                                     checkpoint=self.checkpoint, resume=self.resume, monitor=self.monitor)
         assert self.held_out is not None

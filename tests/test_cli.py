@@ -19,7 +19,7 @@ from fmcompress.compiler import CompileResult
 from fmcompress.errors import VerificationError
 from fmcompress.passes.plan import Plan, PlannedMap
 
-FAST = ["--num-samples", "8", "--batch-size", "4", "--epochs", "1", "-q"]
+FAST = ["--num-samples", "8", "--batch-size", "4", "--epochs", "1", "--block-epochs", "1", "-q"]
 DATA_OPTIONS = {"input_shapes", "act_bytes", "data", "num_samples", "mean", "std", "scale", "batch_size", "seed",
                 "threads"}
 

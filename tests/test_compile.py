@@ -18,7 +18,7 @@ from fmcompress.errors import InputError
 from fmcompress.thirdparty import REAL_MODELS, real_model
 from fmcompress.training import TrainConfig
 
-FAST = ["--num-samples", "8", "--batch-size", "4", "--epochs", "1", "-q"]
+FAST = ["--num-samples", "8", "--batch-size", "4", "--epochs", "1", "--block-epochs", "1", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_resnet18_compiles_with_the_surrogate_set(resnet18_224, tmp_path):
 def test_python_api_compiles_under_the_ceiling(small_resnet):
     result = compile_model(small_resnet, CompileOptions(ceiling="4x", num_samples=8, batch_size=4,
                                                         latency_repeats=2, latency_rounds=2,
-                                                        training=TrainConfig(epochs=1)))
+                                                        training=TrainConfig(epochs=1, block_epochs=1)))
     assert result.plan.maps and result.after is not None
     assert not result.after.over_ceiling()
     assert result.report["fidelity"]["cosine_similarity"] > 0.5

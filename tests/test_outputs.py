@@ -25,7 +25,7 @@ from fmcompress.cli import main
 from fmcompress.errors import InputError
 from fmcompress.modelio import check_output_path, output_transaction, write_bytes_atomic
 
-FAST = ["--num-samples", "8", "--batch-size", "4", "--epochs", "1", "-q"]
+FAST = ["--num-samples", "8", "--batch-size", "4", "--epochs", "1", "--block-epochs", "1", "-q"]
 
 
 def write_tiny_model(path: Path) -> Path:

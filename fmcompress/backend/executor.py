@@ -307,8 +307,7 @@ class OnnxModule(nn.Module):
         self._rebuild_plan()
 
     def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
-        frontier = self.advance(self.start(*inputs), len(self._steps))
-        return tuple(frontier.values[s] for s in self._output_slots)
+        return self.outputs(self.advance(self.start(*inputs), len(self._steps)))
 
     # ------------------------------------------------------------ running a range of steps
 
@@ -356,6 +355,19 @@ class OnnxModule(nn.Module):
 
     def set_value(self, frontier: Frontier, tensor_name: str, value: torch.Tensor) -> None:
         frontier.values[self._slot[tensor_name]] = value
+
+    def outputs(self, frontier: Frontier) -> tuple[torch.Tensor | None, ...]:
+        """The graph outputs the frontier holds (None where not computed yet)."""
+        return tuple(frontier.values[s] for s in self._output_slots)
+
+    def fork(self, frontier: Frontier) -> Frontier:
+        """A copy of the frontier whose computed tensors are cloned: running the copy (whose
+        in-place steps write into what they read) leaves the original's values intact."""
+        values = list(frontier.values)
+        for slot in self._computed_slots:
+            if isinstance(values[slot], torch.Tensor):
+                values[slot] = values[slot].clone()
+        return Frontier(values, frontier.position)
 
     def trim(self, frontier: Frontier, keep_outputs: bool = True) -> Frontier:
         """Release every computed value no remaining step reads: what is left is the smallest state
