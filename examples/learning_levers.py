@@ -24,20 +24,23 @@ from fmcompress.metrics import run_ort
 from fmcompress.models import digits_onnx_path
 from fmcompress.training import TrainConfig
 
-CONFIGS = {  # lr is relative: a map of C channels steps at lr / sqrt(C)
+CONFIGS = {  # lr is relative: a map of C channels steps at lr / sqrt(C); block_epochs 0: from plain PCA
     "pca": ("pca", {}),
-    "10 epochs, lr 3e-3": ("learned", {"epochs": 10, "lr": 3e-3}),
-    "10 epochs, lr 1e-2": ("learned", {"epochs": 10, "lr": 1e-2}),
-    "30 epochs, lr 3e-3": ("learned", {"epochs": 30, "lr": 3e-3}),
-    "30 epochs, lr 1e-2": ("learned", {"epochs": 30, "lr": 1e-2}),
-    "30 epochs, lr 3e-2": ("learned", {"epochs": 30, "lr": 3e-2}),
-    "30 epochs, lr 1e-2, feature 0.5 (self)": ("learned", {"epochs": 30, "lr": 1e-2, "feature_weight": 0.5,
+    "10 epochs, lr 3e-3": ("learned", {"block_epochs": 0, "epochs": 10, "lr": 3e-3}),
+    "10 epochs, lr 1e-2": ("learned", {"block_epochs": 0, "epochs": 10, "lr": 1e-2}),
+    "30 epochs, lr 3e-3": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 3e-3}),
+    "30 epochs, lr 1e-2": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2}),
+    "30 epochs, lr 3e-2": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 3e-2}),
+    "30 epochs, lr 1e-2, feature 0.5 (self)": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2, "feature_weight": 0.5,
                                                            "feature_reference": "self"}),
-    "30 epochs, lr 1e-2, feature 0.5 (teacher)": ("learned", {"epochs": 30, "lr": 1e-2, "feature_weight": 0.5}),
-    "30 epochs, lr 1e-2, T 4": ("learned", {"epochs": 30, "lr": 1e-2, "temperature": 4.0}),
-    "30 epochs, lr 1e-2, no augmentation": ("learned", {"epochs": 30, "lr": 1e-2, "augment": "none"}),
-    "greedy 2/stage + 30, lr 1e-2": ("learned", {"epochs": 30, "lr": 1e-2, "schedule": "greedy", "stage_epochs": 2}),
+    "30 epochs, lr 1e-2, feature 0.5 (teacher)": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2, "feature_weight": 0.5}),
+    "30 epochs, lr 1e-2, T 4": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2, "temperature": 4.0}),
+    "30 epochs, lr 1e-2, no augmentation": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2, "augment": "none"}),
+    "greedy 2/stage + 30, lr 1e-2": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2, "schedule": "greedy", "stage_epochs": 2}),
     "random init, 30 epochs, lr 1e-2": ("random", {"epochs": 30, "lr": 1e-2}),
+    "block 12/map, then 1 epoch, lr 1e-2": ("learned", {"epochs": 1, "lr": 1e-2}),
+    "block 12/map, then 10 epochs, lr 1e-2": ("learned", {"epochs": 10, "lr": 1e-2}),
+    "block 12/map, then 30 epochs, lr 1e-2": ("learned", {"epochs": 30, "lr": 1e-2}),
 }
 
 

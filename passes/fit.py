@@ -29,6 +29,7 @@ Entry point: `FitProjectionsPass(calibration, held_out, method="learned").run(mo
 
 from __future__ import annotations
 
+import math
 import os
 
 import onnx
@@ -121,10 +122,12 @@ class FitProjectionsPass(Pass):
 
         def progress(i: int, name: str, first: float, last: float) -> None:
             channels, k = ranks[name]
-            ctx.log(f"block {i + 1}/{len(maps)}: {name} {channels} -> {k} channels, loss {first:.4f} -> {last:.4f}")
+            refined = math.isfinite(last)
+            outcome = f"loss {first:.4f} -> {last:.4f}" if refined else "kept its PCA (nothing later reads it)"
+            ctx.log(f"block {i + 1}/{len(maps)}: {name} {channels} -> {k} channels, {outcome}")
             if self.monitor is not None:
-                self.monitor("block", {"map": i + 1, "maps": len(maps), "name": name, "first_loss": first,
-                                       "loss": last})
+                self.monitor("block", {"map": i + 1, "maps": len(maps), "name": name,
+                                       "first_loss": first if refined else None, "loss": last if refined else None})
 
         return fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.lr,
                              temperature=config.temperature, seed=config.seed, progress=progress)

@@ -84,3 +84,25 @@ def test_bad_block_epochs_is_a_usage_error(tmp_path, flags):
     result = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "4x", *flags])
     assert result.exit_code == 2 and "--block-epochs" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
+def test_compile_logs_one_block_event_a_map(tmp_path):
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from fmcompress.cli import main
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_classifier(), str(path))
+    result = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "4x", "--num-samples", "16",
+                                       "--batch-size", "4", "--epochs", "1", "--block-epochs", "2",
+                                       "--json-log", str(tmp_path / "log.jsonl"), "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    blocks = [e for e in events if e["event"] == "block"]
+    assert [e["map"] for e in blocks] == list(range(1, len(blocks) + 1)) and blocks[0]["maps"] == len(blocks) >= 1
+    assert all(e["loss"] is not None and e["loss"] <= e["first_loss"] * 1.5 for e in blocks)
+    assert events.index(blocks[-1]) < next(i for i, e in enumerate(events) if e["event"] == "epoch_start")
+    assert "block 1/" in result.output

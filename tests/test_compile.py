@@ -198,12 +198,14 @@ def test_unsupported_ops_are_named(tmp_path):
 
 
 def test_ctrl_c_during_calibration_exits_130_and_leaves_nothing(small_resnet, tmp_path, monkeypatch):
+    import fmcompress.backend.blockwise as blockwise
     import fmcompress.backend.projection as projection
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(projection, "fit_pca", interrupted)
+    monkeypatch.setattr(blockwise, "fit_blockwise", interrupted)  # learned's first stage
     message = run_bad([small_resnet, "--ceiling", "4x", "--report", tmp_path / "rep"], tmp_path, code=130)
     assert "interrupted" in message
     assert not (tmp_path / "rep").exists()
