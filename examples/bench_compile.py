@@ -10,7 +10,8 @@ calibration data for all but the demo. Each row is one full compile (plan, PCA o
 the calibration part, training for `learned`, folding, verification, fidelity on the
 held-out part, onnxruntime latency of compressed over original: interleaved rounds in
 the same run, median of the per-round ratios and its range over rounds, with --threads
-intra-op threads). `fit s` is the projections' pass (PCA and training); `s/epoch` the
+intra-op threads). `fit s` is the projections' pass (PCA, the block stage and training),
+`block s` learned's block reconstruction stage; `s/epoch` the
 median wall time of an epoch (its steps and the held-out score), each epoch drawing
 `--samples-per-epoch` samples (all of the calibration part when it has fewer).
 """
@@ -52,8 +53,10 @@ def row(name: str, seconds: float, report: dict) -> str:
     top1 = "n/a" if agreement is None else f"{agreement:.1%}" + (" (sequence)" if what.startswith("sequence") else "")
     fit = report["timings_s"].get("fit", float("nan"))
     history = (report.get("training") or {}).get("history", [])
+    block = ((report.get("training") or {}).get("block_stage") or {}).get("seconds")
+    block_s = "-" if block is None else f"{block:.1f}"
     per_epoch = f"{statistics.median(epoch['seconds'] for epoch in history):.1f}" if history else "-"
-    return (f"| {name} | {report['ceiling']} | {len(report['maps'])} | {seconds:.1f} | {fit:.1f} | {per_epoch} | {top1} | "
+    return (f"| {name} | {report['ceiling']} | {len(report['maps'])} | {seconds:.1f} | {fit:.1f} | {block_s} | {per_epoch} | {top1} | "
             f"{fid['cosine_similarity']:.4f} | {fid['relative_error']:.3f} | {lat['original']:.2f} | "
             f"{lat['compressed']:.2f} | {lat['ratio']:.2f} ({low:.2f}-{high:.2f}) | {report['flops']['ratio']:.3f} |")
 
@@ -72,9 +75,9 @@ def main() -> None:
     ceilings = args.ceiling or ["4x", "256KB"]
     print(f"method {args.method}, {args.num_samples} samples, onnxruntime threads {args.threads}, "
           f"{args.rounds} interleaved latency rounds")
-    print("| model | ceiling | maps | compile s | fit s | s/epoch | agreement | cosine | rel. error | ort ms before | "
+    print("| model | ceiling | maps | compile s | fit s | block s | s/epoch | agreement | cosine | rel. error | ort ms before | "
           "ort ms after | latency ratio (range) | FLOPs ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as workdir:
         for name, (path, shapes, data) in models(Path(workdir)).items():
             if args.model and name not in args.model:

@@ -382,6 +382,7 @@ def _training_report(fit: FitProjectionsPass, config: TrainConfig) -> dict[str, 
         return None
     return {"config": asdict(config), "device": result.device, "world_size": result.world_size,
             "metric": result.metric, "best_epoch": result.best_epoch, "best_score": result.best_score,
+            "initial_score": result.initial_score, "block_stage": fit.block_stage,
             "stopped_early": result.stopped_early, "history": [asdict(r) for r in result.history]}
 
 

@@ -343,7 +343,13 @@ def _md_training(report: Mapping[str, Any]) -> list[str]:
              f"{training.get('device')}{' x' + str(training['world_size']) if training.get('world_size', 1) > 1 else ''}; "
              f"best held-out {training.get('metric')} {training.get('best_score', float('nan')):.4f} at epoch "
              f"{training.get('best_epoch')}{' (stopped early at the target)' if training.get('stopped_early') else ''}.",
-             "", "| epoch | stage | maps | train loss | held-out score |", "| --- | --- | --- | --- | --- |"]
+             ""]
+    block = training.get("block_stage")
+    if block:
+        lines += [f"Block reconstruction first: {block['epochs']} epoch(s) a map over {len(block['maps'])} map(s) in "
+                  f"{block['seconds']:.1f} s; held-out {training.get('metric')} after it (epoch 0) "
+                  f"{training.get('initial_score', float('nan')):.4f}.", ""]
+    lines += ["| epoch | stage | maps | train loss | held-out score |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['epoch']} | {r['stage']} | {r['active_maps']} | {r['loss']:.4g} | {r['score']:.4f} |"
               for r in training.get("history", [])]
     return [*lines, ""]

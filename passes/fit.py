@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import onnx
 
@@ -76,6 +77,7 @@ class FitProjectionsPass(Pass):
         self.resume = resume
         self.monitor = monitor
         self.training = None  # the TrainResult after a trained run
+        self.block_stage: dict | None = None  # learned's block reconstruction: epochs, seconds, per-map losses
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         plan = self.plan or ctx.results.get("plan")
@@ -120,17 +122,25 @@ class FitProjectionsPass(Pass):
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
 
+        stage: dict = {"epochs": config.block_epochs, "seconds": 0.0, "maps": []}
+
         def progress(i: int, name: str, first: float, last: float) -> None:
             channels, k = ranks[name]
             refined = math.isfinite(last)
+            stage["maps"].append({"name": name, "first_loss": first if refined else None,
+                                  "loss": last if refined else None})
             outcome = f"loss {first:.4f} -> {last:.4f}" if refined else "kept its PCA (nothing later reads it)"
             ctx.log(f"block {i + 1}/{len(maps)}: {name} {channels} -> {k} channels, {outcome}")
             if self.monitor is not None:
                 self.monitor("block", {"map": i + 1, "maps": len(maps), "name": name,
                                        "first_loss": first if refined else None, "loss": last if refined else None})
 
-        return fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.lr,
-                             temperature=config.temperature, seed=config.seed, progress=progress)
+        started = time.perf_counter()
+        fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.lr,
+                               temperature=config.temperature, seed=config.seed, progress=progress)
+        stage["seconds"] = time.perf_counter() - started
+        self.block_stage = stage
+        return fitted
 
     def _config(self):
         from fmcompress.training import TrainConfig

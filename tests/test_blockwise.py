@@ -98,7 +98,8 @@ def test_compile_logs_one_block_event_a_map(tmp_path):
     onnx.save(tiny_classifier(), str(path))
     result = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "4x", "--num-samples", "16",
                                        "--batch-size", "4", "--epochs", "1", "--block-epochs", "2",
-                                       "--json-log", str(tmp_path / "log.jsonl"), "-o", str(tmp_path / "out.onnx")])
+                                       "--json-log", str(tmp_path / "log.jsonl"), "--json", str(tmp_path / "r.json"),
+                                       "-o", str(tmp_path / "out.onnx")])
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     blocks = [e for e in events if e["event"] == "block"]
@@ -106,3 +107,5 @@ def test_compile_logs_one_block_event_a_map(tmp_path):
     assert all(e["loss"] is not None and e["loss"] <= e["first_loss"] * 1.5 for e in blocks)
     assert events.index(blocks[-1]) < next(i for i, e in enumerate(events) if e["event"] == "epoch_start")
     assert "block 1/" in result.output
+    stage = json.loads((tmp_path / "r.json").read_text())["training"]["block_stage"]
+    assert stage["epochs"] == 2 and [m["loss"] for m in stage["maps"]] == [e["loss"] for e in blocks]

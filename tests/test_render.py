@@ -239,3 +239,8 @@ def test_markdown_shows_the_training_curve():
     assert "## Training" in markdown and "best held-out agreement 0.9200 at epoch 2 (stopped early" in markdown
     assert "| 2 | joint | 3 | 0.5 | 0.9200 |" in markdown
     assert "## Training" not in render_compile_markdown({**report, "training": None})
+    assert "Block reconstruction" not in markdown
+    report["training"] |= {"initial_score": 0.875, "block_stage": {"epochs": 12, "seconds": 3.25, "maps": [
+        {"name": "a", "first_loss": 0.5, "loss": 0.25}, {"name": "b", "first_loss": None, "loss": None}]}}
+    assert ("Block reconstruction first: 12 epoch(s) a map over 2 map(s) in 3.2 s; held-out agreement after it "
+            "(epoch 0) 0.8750.") in render_compile_markdown(report)
