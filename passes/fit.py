@@ -33,6 +33,7 @@ import math
 import os
 import time
 
+import numpy as np
 import onnx
 
 from fmcompress.data import Dataset
@@ -117,8 +118,11 @@ class FitProjectionsPass(Pass):
         config = self._config()
         device = resolve_device(config.device)
         names = list(executor.input_names)
-        batches = [tuple(t.to(device) for t in batch)
-                   for batch in self.calibration.torch_batches(config.batch_size, names)]
+        # it holds every batch's paused runs: --max-samples bounds that memory as it bounds an epoch
+        part = self.calibration
+        if config.max_samples is not None and config.max_samples < len(part):
+            part = part.subset(np.arange(config.max_samples))
+        batches = [tuple(t.to(device) for t in batch) for batch in part.torch_batches(config.batch_size, names)]
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
 

@@ -109,3 +109,27 @@ def test_compile_logs_one_block_event_a_map(tmp_path):
     assert "block 1/" in result.output
     stage = json.loads((tmp_path / "r.json").read_text())["training"]["block_stage"]
     assert stage["epochs"] == 2 and [m["loss"] for m in stage["maps"]] == [e["loss"] for e in blocks]
+
+
+def test_max_samples_bounds_the_block_stage(tmp_path, monkeypatch):
+    import fmcompress.backend.blockwise as module
+    from fmcompress.compiler import CompileOptions, compile_model
+    from fmcompress.training import TrainConfig
+
+    seen = []
+    real = module.fit_blockwise
+
+    def counting(executor, maps, batches, **kwargs):
+        seen.append(sum(len(batch[0]) for batch in batches))
+        return real(executor, maps, batches, **kwargs)
+
+    monkeypatch.setattr(module, "fit_blockwise", counting)
+    import onnx
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_classifier(), str(path))
+    for max_samples in (None, 5):
+        compile_model(str(path), CompileOptions(ceiling="4x", num_samples=32, batch_size=4, latency_rounds=1,
+                                                latency_repeats=1, training=TrainConfig(
+                                                    epochs=1, block_epochs=1, batch_size=4, max_samples=max_samples)))
+    assert seen == [24, 5]  # a quarter of the 32 samples is held out

@@ -20,7 +20,9 @@ d. P and U only, by Adam at lr / sqrt(C) (train.py's rule e) with a cosine decay
 e. Cost: the compressed and the original run are each paused before the block, one
    frontier per calibration batch (the tensors alive at that point), so an epoch of a
    map runs only its block: the stage costs about `epochs` passes of the network, plus
-   one forward pass of each run. A map that nothing downstream depends on keeps its PCA.
+   one forward pass of each run. Memory: the two paused runs and the block's target,
+   per batch (the fit pass passes at most `--max-samples` samples). A map that nothing
+   downstream depends on keeps its PCA.
 """
 
 from __future__ import annotations
