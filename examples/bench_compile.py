@@ -56,7 +56,8 @@ def row(name: str, seconds: float, report: dict) -> str:
     block = ((report.get("training") or {}).get("block_stage") or {}).get("seconds")
     block_s = "-" if block is None else f"{block:.1f}"
     per_epoch = f"{statistics.median(epoch['seconds'] for epoch in history):.1f}" if history else "-"
-    return (f"| {name} | {report['ceiling']} | {len(report['maps'])} | {seconds:.1f} | {fit:.1f} | {block_s} | {per_epoch} | {top1} | "
+    return (f"| {name} | {report['ceiling']} | {len(report['maps'])} | {seconds:.1f} | {fit:.1f} | {block_s} | "
+            f"{per_epoch} | {top1} | "
             f"{fid['cosine_similarity']:.4f} | {fid['relative_error']:.3f} | {lat['original']:.2f} | "
             f"{lat['compressed']:.2f} | {lat['ratio']:.2f} ({low:.2f}-{high:.2f}) | {report['flops']['ratio']:.3f} |")
 

@@ -393,7 +393,8 @@ def compile_command(model: Path, ceiling: str | None, traffic: str | None, objec
                     act_bytes: int | None, data: Path | None, num_samples: int, mean: str | None,
                     std: str | None, scale: float | None, batch_size: int, seed: int, threads: int,
                     epochs: int, block_epochs: int, lr: float, optimizer: str, loss: str, schedule: str,
-                    stage_epochs: int, max_samples: int | None, augment: str, feature_weight: float, feature_reference: str, device: str,
+                    stage_epochs: int, max_samples: int | None, augment: str, feature_weight: float,
+                    feature_reference: str, device: str,
                     target: float | None, resume: bool, checkpoint: Path | None, json_log: Path | None,
                     min_agreement: float | None, max_accuracy_drop: float | None, runtime: str | None,
                     ort_level: str, plan_only: bool,
@@ -422,8 +423,8 @@ def compile_command(model: Path, ceiling: str | None, traffic: str | None, objec
     _check_outputs([(None if plan_only else output, "file"), (json_path, "file"),
                     (None if plan_only else report_dir, "dir"), (checkpoint, "file"), (json_log, "file")],
                    [model, data])
-    training = TrainConfig(epochs=epochs, block_epochs=block_epochs, lr=lr, optimizer=optimizer, loss=loss, schedule=schedule,
-                           stage_epochs=stage_epochs, max_samples=max_samples, augment=augment,
+    training = TrainConfig(epochs=epochs, block_epochs=block_epochs, lr=lr, optimizer=optimizer, loss=loss,
+                           schedule=schedule, stage_epochs=stage_epochs, max_samples=max_samples, augment=augment,
                            feature_weight=feature_weight, feature_reference=feature_reference, device=device,
                            target=target)
     log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))

@@ -125,19 +125,16 @@ class FitProjectionsPass(Pass):
         batches = [tuple(t.to(device) for t in batch) for batch in part.torch_batches(config.batch_size, names)]
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
-
         stage: dict = {"epochs": config.block_epochs, "seconds": 0.0, "maps": []}
 
         def progress(i: int, name: str, first: float, last: float) -> None:
-            channels, k = ranks[name]
-            refined = math.isfinite(last)
-            stage["maps"].append({"name": name, "first_loss": first if refined else None,
-                                  "loss": last if refined else None})
+            refined = math.isfinite(last)  # NaN: nothing later reads the map, it keeps its PCA
+            record = {"name": name, "first_loss": first if refined else None, "loss": last if refined else None}
+            stage["maps"].append(record)
             outcome = f"loss {first:.4f} -> {last:.4f}" if refined else "kept its PCA (nothing later reads it)"
-            ctx.log(f"block {i + 1}/{len(maps)}: {name} {channels} -> {k} channels, {outcome}")
+            ctx.log(f"block {i + 1}/{len(maps)}: {name} {' -> '.join(map(str, ranks[name]))} channels, {outcome}")
             if self.monitor is not None:
-                self.monitor("block", {"map": i + 1, "maps": len(maps), "name": name,
-                                       "first_loss": first if refined else None, "loss": last if refined else None})
+                self.monitor("block", {"map": i + 1, "maps": len(maps), **record})
 
         started = time.perf_counter()
         fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.lr,

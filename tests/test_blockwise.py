@@ -39,7 +39,8 @@ def test_blocks_reproduce_the_outputs_better_than_pca():
     batches, _ = make_batches((16, 3, 8, 8), 4)
     pca = fit_pca(OnnxModule(model), TINY_MAPS, batches)
     losses = {}
-    refined = blockwise(model, TINY_MAPS, batches, progress=lambda i, name, first, last: losses.update({name: (first, last)}))
+    refined = blockwise(model, TINY_MAPS, batches,
+                        progress=lambda i, name, first, last: losses.update({name: (first, last)}))
     assert {name: (p.P.shape, p.U.shape) for name, p in refined.items()} == \
         {name: ((k, c), (c, k)) for name, c, k in TINY_MAPS}
     assert all(last < first for first, last in losses.values()), losses
