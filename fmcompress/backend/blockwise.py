@@ -39,7 +39,7 @@ from fmcompress.featuremaps import Projection
 
 from .executor import Frontier
 from .projection import ChannelProjection, SecondMomentRecorder, pca_projection
-from .train import _mix, distillation_loss, output_kinds
+from .train import distillation_loss, mix_seeds, output_kinds
 
 Progress = Callable[[int, str, float, float], None]  # (index, map, first epoch's loss, last epoch's loss)
 
@@ -147,7 +147,7 @@ def _refine(projection: ChannelProjection, runs: _PausedRuns, end: _BlockEnd, *,
     optimizer = torch.optim.Adam(projection.parameters(), lr=lr)
     total = max(1, epochs * len(runs.batches))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    generator = torch.Generator().manual_seed(_mix(*seed))
+    generator = torch.Generator().manual_seed(mix_seeds(*seed))
     means = []
     for _ in range(epochs):
         losses = []

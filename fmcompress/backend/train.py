@@ -314,7 +314,7 @@ class ProjectionTrainer:
                 continue  # every rank needs a sample, or the gradient all-reduce would wait forever
             batch = global_batch[self.rank::self.world]
             tensors = [_augment(torch.from_numpy(np.ascontiguousarray(data[name][batch])), cfg.augment,
-                                [_mix(cfg.seed, epoch, int(i), j) for i in batch]).to(self.device)
+                                [mix_seeds(cfg.seed, epoch, int(i), j) for i in batch]).to(self.device)
                        for j, name in enumerate(inputs)]
             with torch.no_grad():
                 teacher = self._run(self.executor, tensors, bypass=True)
@@ -543,7 +543,8 @@ def _augment_one(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return shifted + torch.randn(x.shape, generator=generator, dtype=x.dtype) * noise_scale
 
 
-def _mix(*values: int) -> int:
+def mix_seeds(*values: int) -> int:
+    """One 63-bit seed from several integers (the same on every platform and run)."""
     digest = hashlib.blake2b(json.dumps(values).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
