@@ -178,6 +178,9 @@ def training_options() -> Callable[[Any], Any]:
                      help="learned: first refine each projection, in network order, to reproduce what the "
                           "original computes after its block (the next compressed map, or the outputs), "
                           "for this many epochs per map; 0 starts end-to-end training from plain PCA."),
+        click.option("--block-lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True,
+                     help="The block stage's learning rate, relative as --lr is, cosine decay over each map's "
+                          "epochs."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True,
                      help="Learning rate relative to each map's scale (a map of C channels steps at "
                           "lr/sqrt(C)), cosine decay to 0 over the run."),
@@ -392,8 +395,8 @@ def compile_command(model: Path, ceiling: str | None, traffic: str | None, objec
                     output: Path | None, method: str, input_shapes: tuple[str, ...],
                     act_bytes: int | None, data: Path | None, num_samples: int, mean: str | None,
                     std: str | None, scale: float | None, batch_size: int, seed: int, threads: int,
-                    epochs: int, block_epochs: int, lr: float, optimizer: str, loss: str, schedule: str,
-                    stage_epochs: int, max_samples: int | None, augment: str, feature_weight: float,
+                    epochs: int, block_epochs: int, block_lr: float, lr: float, optimizer: str, loss: str,
+                    schedule: str, stage_epochs: int, max_samples: int | None, augment: str, feature_weight: float,
                     feature_reference: str, device: str,
                     target: float | None, resume: bool, checkpoint: Path | None, json_log: Path | None,
                     min_agreement: float | None, max_accuracy_drop: float | None, runtime: str | None,
@@ -423,8 +426,8 @@ def compile_command(model: Path, ceiling: str | None, traffic: str | None, objec
     _check_outputs([(None if plan_only else output, "file"), (json_path, "file"),
                     (None if plan_only else report_dir, "dir"), (checkpoint, "file"), (json_log, "file")],
                    [model, data])
-    training = TrainConfig(epochs=epochs, block_epochs=block_epochs, lr=lr, optimizer=optimizer, loss=loss,
-                           schedule=schedule, stage_epochs=stage_epochs, max_samples=max_samples, augment=augment,
+    training = TrainConfig(epochs=epochs, block_epochs=block_epochs, block_lr=block_lr, lr=lr, optimizer=optimizer,
+                           loss=loss, schedule=schedule, stage_epochs=stage_epochs, max_samples=max_samples, augment=augment,
                            feature_weight=feature_weight, feature_reference=feature_reference, device=device,
                            target=target)
     log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))

@@ -25,6 +25,7 @@ class TrainConfig:
 
     epochs: int = 10
     block_epochs: int = 12  # learned: block reconstruction epochs per map before end-to-end training
+    block_lr: float = 1e-2  # the block stage's rate, relative as lr is
     lr: float = 1e-2  # relative to each map's scale: a map of C channels steps at lr / sqrt(C)
     batch_size: int = 16
     optimizer: str = "adam"
@@ -46,8 +47,9 @@ class TrainConfig:
             raise InputError(f"--epochs must be at least 1, got {self.epochs}")
         if self.block_epochs < 0:
             raise InputError(f"--block-epochs must be at least 0, got {self.block_epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InputError(f"--lr must be a positive number, got {self.lr}")
+        for value, flag in ((self.lr, "--lr"), (self.block_lr, "--block-lr")):
+            if not (value > 0 and math.isfinite(value)):
+                raise InputError(f"{flag} must be a positive number, got {value}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.stage_epochs < 1:

@@ -137,7 +137,7 @@ class FitProjectionsPass(Pass):
                 self.monitor("block", {"map": i + 1, "maps": len(maps), **record})
 
         started = time.perf_counter()
-        fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.lr,
+        fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.block_lr,
                                temperature=config.temperature, seed=config.seed, progress=progress)
         stage["seconds"] = time.perf_counter() - started
         self.block_stage = stage
