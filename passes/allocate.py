@@ -388,7 +388,7 @@ def measure_proxies(model: onnx.ModelProto, proxies: list[MapProxy], probe_ranks
         reference = [executor(*inputs) for inputs in data.torch_batches(batch_size, names)]
     executor.clear_transforms()
     for proxy in proxies:
-        moment = recorders[proxy.name].moment / max(recorders[proxy.name].count, 1)
+        moment = recorders[proxy.name].mean_moment()
         proxy.energy_lost = _energy_lost(moment)
         proxy.probes = []
         for k in _probe_ranks(proxy, probe_ranks[proxy.name]):

@@ -32,14 +32,13 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - torch's convention
 from torch import nn
 
 from fmcompress.featuremaps import Projection
 
 from .executor import Frontier
 from .projection import ChannelProjection, SecondMomentRecorder, pca_projection
-from .train import distillation_loss, mix_seeds, output_kinds
+from .train import distillation_loss, mix_seeds, output_kinds, warmup_cosine
 
 Progress = Callable[[int, str, float, float], None]  # (index, map, first epoch's loss, last epoch's loss)
 
@@ -59,7 +58,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
             step = executor.producer_step(name)
             moment = runs.second_moment(name, channels, seed=i)
             start = pca_projection(moment, k)
-            projection = ChannelProjection(start.P, start.U).to(_device(executor))
+            projection = ChannelProjection(start.P, start.U).to(runs.batches[0][0].device)
             executor.set_transform(name, projection)
             later = [maps[j][0] for j in ordered[position + 1:] if executor.producer_step(maps[j][0]) > step]
             end = runs.block_end(later)
@@ -85,19 +84,18 @@ class _PausedRuns:
         self.compressed: list[Frontier | None] = [None] * len(self.batches)
         self.reference: list[Frontier | None] = [None] * len(self.batches)
         self.targets: list[tuple[torch.Tensor, ...]] = []
-        self.stop = 0
 
     def second_moment(self, name: str, channels: int, seed: int) -> torch.Tensor:
         """Pause the compressed runs before `name`'s step; its uncentred second moment there."""
-        self.stop = self.executor.producer_step(name)
+        stop = self.executor.producer_step(name)
         recorder = SecondMomentRecorder(channels, seed=seed, stop=False)
         with torch.no_grad():
             for b, inputs in enumerate(self.batches):
                 frontier = self.compressed[b] or self.executor.start(*inputs)
-                self.compressed[b] = self.executor.trim(self.executor.advance(frontier, self.stop), keep_outputs=False)
-                probe = self.executor.advance(self.executor.fork(frontier), self.stop + 1)
+                self.compressed[b] = self.executor.trim(self.executor.advance(frontier, stop), keep_outputs=False)
+                probe = self.executor.advance(self.executor.fork(frontier), stop + 1)
                 recorder(self.executor.value(probe, name))
-        return recorder.moment / max(recorder.count, 1)
+        return recorder.mean_moment()
 
     def block_end(self, later: Sequence[str]) -> _BlockEnd | None:
         """Rule b, found on the first batch with gradients on; the original's values there."""
@@ -143,20 +141,15 @@ class _BlockEnd:
 def _refine(projection: ChannelProjection, runs: _PausedRuns, end: _BlockEnd, *, epochs: int, lr: float,
             temperature: float, seed: tuple[int, int]) -> tuple[float, float]:
     """Rules c and d; (mean loss of the first epoch, of the last)."""
-    kinds = output_kinds(runs.targets[0]) if end.name is None else None
+    kinds = output_kinds(runs.targets[0]) if end.name is None else ["regression"]  # a map: scaled MSE
     optimizer = torch.optim.Adam(projection.parameters(), lr=lr)
-    total = max(1, epochs * len(runs.batches))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * len(runs.batches), 0))
     generator = torch.Generator().manual_seed(mix_seeds(*seed))
     means = []
     for _ in range(epochs):
         losses = []
         for b in torch.randperm(len(runs.batches), generator=generator).tolist():
-            student, target = runs.block_values(b, end), runs.targets[b]
-            if kinds is None:
-                loss = F.mse_loss(student[0], target[0]) / target[0].pow(2).mean().clamp_min(1e-12)
-            else:
-                loss = distillation_loss(student, target, kinds, temperature)
+            loss = distillation_loss(runs.block_values(b, end), runs.targets[b], kinds, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -164,8 +157,3 @@ def _refine(projection: ChannelProjection, runs: _PausedRuns, end: _BlockEnd, *,
             losses.append(float(loss.detach()))
         means.append(sum(losses) / len(losses))
     return (means[0], means[-1]) if means else (math.nan, math.nan)
-
-
-def _device(module: nn.Module) -> torch.device:
-    tensor = next(iter(module.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")

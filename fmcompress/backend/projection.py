@@ -61,6 +61,10 @@ class SecondMomentRecorder(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
         self.stop = stop
 
+    def mean_moment(self) -> torch.Tensor:
+        """E[x x^T] over the positions recorded so far."""
+        return self.moment / max(self.count, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().reshape(x.shape[0], x.shape[1], -1)  # [N, C, positions]: a vector per position
         total = flat.shape[0] * flat.shape[2]
@@ -120,7 +124,7 @@ def fit_pca(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
             executor.set_transform(name, recorder)
             with torch.no_grad():
                 cache.advance_to(name, recorder)
-            fitted[name] = pca_projection(recorder.moment / max(recorder.count, 1), k)
+            fitted[name] = pca_projection(recorder.mean_moment(), k)
             projection = ChannelProjection(fitted[name].P, fitted[name].U)
             executor.set_transform(name, projection)
             with torch.no_grad():
