@@ -132,6 +132,33 @@ def test_a_diverged_epoch_backtracks_to_the_best_at_a_lower_rate():
     assert scheduler.base_lrs == pytest.approx([0.03, 0.03])
 
 
+def test_an_epoch_that_leaves_nan_projections_is_never_kept(monkeypatch):
+    """Rule f': a non-finite held-out loss is a divergence, whatever the score says."""
+    from fmcompress.backend import train as train_module
+
+    def poisoned_epoch(self, *args, **kwargs):
+        with torch.no_grad():
+            for module in self.projections.values():
+                module.P.fill_(float("nan"))
+        return float("nan")
+
+    backtracks = []
+    original_backtrack = train_module.ProjectionTrainer._backtrack
+    monkeypatch.setattr(train_module.ProjectionTrainer, "_train_epoch", poisoned_epoch)
+    monkeypatch.setattr(train_module.ProjectionTrainer, "_backtrack",
+                        lambda self, *a: backtracks.append(1) or original_backtrack(self, *a))
+    result = train(TrainConfig(epochs=2, batch_size=8, augment="none"))
+    assert result.best_epoch == 0 and len(backtracks) == 2
+    assert all(np.isfinite(p.P).all() for p in result.projections.values())
+
+
+def test_a_transient_rise_is_not_a_divergence():
+    from fmcompress.backend.train import DIVERGED, diverged
+
+    assert not diverged(4.0, 1.0)  # what leaving the block stage's optimum costs for an epoch or two
+    assert diverged(DIVERGED * 1.01, 1.0) and diverged(float("nan"), 1.0) and diverged(float("inf"), 1.0)
+
+
 def test_splice_takes_a_span_of_columns_from_another_sample_reproducibly():
     from fmcompress.backend.train import _augment
 
