@@ -497,7 +497,8 @@ def training_monitor(*, quiet: bool = False, json_log: str | os.PathLike | None 
                      log: Callable[[str], None] = lambda message: None) -> Iterator[Callable[[str, dict], None]]:
     """A monitor for fmcompress.backend.train's events, shown as the place allows.
 
-    On a terminal: a rich progress bar per epoch (stage, epoch, step, loss, held-out
+    On a terminal: rich progress bars, one for the block stage (maps done, the last
+    one's block loss, ETA) and one per epoch (stage, epoch, step, loss, held-out
     score, ETA). Elsewhere (CI logs): one line per epoch through `log`. Nothing with
     `quiet`. `json_log`: every event as one JSON line, flushed as it happens.
     """
@@ -516,7 +517,7 @@ def training_monitor(*, quiet: bool = False, json_log: str | os.PathLike | None 
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console)
         progress.start()
-    task: list[Any] = []
+    tasks: dict[str, Any] = {}
 
     def monitor(event: str, fields: dict) -> None:
         if handle is not None:
@@ -525,7 +526,7 @@ def training_monitor(*, quiet: bool = False, json_log: str | os.PathLike | None 
         if quiet:
             return
         if progress is not None:
-            _progress_event(progress, task, event, fields)
+            _progress_event(progress, tasks, event, fields)
         elif event == "epoch_end":
             log(_epoch_line(fields))
 
@@ -538,14 +539,20 @@ def training_monitor(*, quiet: bool = False, json_log: str | os.PathLike | None 
             handle.close()
 
 
-def _progress_event(progress, task: list[Any], event: str, fields: dict) -> None:
-    if event == "epoch_start":
+def _progress_event(progress, tasks: dict[str, Any], event: str, fields: dict) -> None:
+    """One bar for the block stage (maps done), then one per epoch (steps done)."""
+    if event == "block":
+        if "block" not in tasks:
+            tasks["block"] = progress.add_task("block stage", total=fields["maps"], status="")
+        loss = "kept its PCA" if fields["loss"] is None else f"loss {fields['loss']:.4g}"
+        progress.update(tasks["block"], completed=fields["map"], status=f"map {fields['map']}: {loss}")
+    elif event == "epoch_start":
         description = f"{fields['stage']} epoch {fields['epoch']}/{fields['epochs']}"
-        task[:] = [progress.add_task(description, total=fields["steps"], status="")]
-    elif event == "step" and task:
-        progress.update(task[0], advance=1, status=f"loss {fields['loss']:.4g}")
-    elif event == "epoch_end" and task:
-        progress.update(task[0], status=_epoch_line(fields))
+        tasks["epoch"] = progress.add_task(description, total=fields["steps"], status="")
+    elif event == "step" and "epoch" in tasks:
+        progress.update(tasks["epoch"], advance=1, status=f"loss {fields['loss']:.4g}")
+    elif event == "epoch_end" and "epoch" in tasks:
+        progress.update(tasks["epoch"], status=_epoch_line(fields))
 
 
 def _epoch_line(fields: dict) -> str:

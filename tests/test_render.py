@@ -244,3 +244,26 @@ def test_markdown_shows_the_training_curve():
         {"name": "a", "first_loss": 0.5, "loss": 0.25}, {"name": "b", "first_loss": None, "loss": None}]}}
     assert ("Block reconstruction first: 12 epoch(s) a map over 2 map(s) in 3.2 s; held-out agreement after it "
             "(epoch 0) 0.8750.") in render_compile_markdown(report)
+
+
+def test_progress_shows_the_block_stage_then_each_epoch():
+    """A terminal's bars: maps done in the block stage, then steps done in each epoch."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from fmcompress.render import _progress_event
+
+    out = io.StringIO()
+    progress = Progress(console=Console(file=out, force_terminal=True, width=120))
+    tasks: dict = {}
+    for i, loss in enumerate([0.02, None, 0.05], start=1):
+        _progress_event(progress, tasks, "block", {"map": i, "maps": 3, "name": f"m{i}", "first_loss": loss,
+                                                   "loss": loss})
+    _progress_event(progress, tasks, "epoch_start", {"epoch": 1, "epochs": 2, "stage": "joint", "steps": 4})
+    for _ in range(4):
+        _progress_event(progress, tasks, "step", {"step": 1, "loss": 0.5})
+    block, epoch = (progress.tasks[tasks[key]] for key in ("block", "epoch"))
+    assert (block.completed, block.total, block.fields["status"]) == (3, 3, "map 3: loss 0.05")
+    assert (epoch.description, epoch.completed, epoch.total) == ("joint epoch 1/2", 4, 4)
+    _progress_event(progress, tasks, "block", {"map": 2, "maps": 3, "name": "m2", "first_loss": None, "loss": None})
+    assert progress.tasks[tasks["block"]].fields["status"] == "map 2: kept its PCA"
