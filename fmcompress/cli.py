@@ -177,7 +177,8 @@ def training_options() -> Callable[[Any], Any]:
         click.option("--block-epochs", type=click.IntRange(min=0), default=12, show_default=True,
                      help="learned: first refine each projection, in network order, to reproduce what the "
                           "original computes after its block (the next compressed map, or the outputs), "
-                          "for this many epochs per map; 0 starts end-to-end training from plain PCA."),
+                          "for this many epochs per map; 0 starts end-to-end training from plain PCA. "
+                          "Harder ceilings need more (PP-OCR's recognizer at 8x: 64)."),
         click.option("--block-lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True,
                      help="The block stage's learning rate, relative as --lr is, cosine decay over each map's "
                           "epochs."),
