@@ -195,7 +195,7 @@ class TrainResult:
     world_size: int = 1
 
 
-Monitor = Callable[[str, dict[str, Any]], None]  # (event, fields): "epoch_start", "step", "epoch_end"
+Monitor = Callable[[str, dict[str, Any]], None]  # (event, fields): "epoch_start", "step", "epoch_end" (and "block", from the fit pass)
 
 
 def diverged(held_out_loss: float, best_loss: float) -> bool:
