@@ -24,22 +24,25 @@ from fmcompress.metrics import run_ort
 from fmcompress.models import digits_onnx_path
 from fmcompress.training import TrainConfig
 
-CONFIGS = {  # lr is relative: a map of C channels steps at lr / sqrt(C); block_epochs 0: from plain PCA
+
+def from_pca(**settings) -> tuple[str, dict]:
+    """`learned` started from plain PCA (no block stage), as every row was before the stage existed."""
+    return "learned", {"block_epochs": 0, **settings}
+
+
+CONFIGS = {  # lr is relative: a map of C channels steps at lr / sqrt(C)
     "pca": ("pca", {}),
-    "10 epochs, lr 3e-3": ("learned", {"block_epochs": 0, "epochs": 10, "lr": 3e-3}),
-    "10 epochs, lr 1e-2": ("learned", {"block_epochs": 0, "epochs": 10, "lr": 1e-2}),
-    "30 epochs, lr 3e-3": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 3e-3}),
-    "30 epochs, lr 1e-2": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2}),
-    "30 epochs, lr 3e-2": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 3e-2}),
-    "30 epochs, lr 1e-2, feature 0.5 (self)": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2,
-                                                           "feature_weight": 0.5, "feature_reference": "self"}),
-    "30 epochs, lr 1e-2, feature 0.5 (teacher)": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2,
-                                                              "feature_weight": 0.5}),
-    "30 epochs, lr 1e-2, T 4": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2, "temperature": 4.0}),
-    "30 epochs, lr 1e-2, no augmentation": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2,
-                                                        "augment": "none"}),
-    "greedy 2/stage + 30, lr 1e-2": ("learned", {"block_epochs": 0, "epochs": 30, "lr": 1e-2, "schedule": "greedy",
-                                                 "stage_epochs": 2}),
+    "10 epochs, lr 3e-3": from_pca(epochs=10, lr=3e-3),
+    "10 epochs, lr 1e-2": from_pca(epochs=10, lr=1e-2),
+    "30 epochs, lr 3e-3": from_pca(epochs=30, lr=3e-3),
+    "30 epochs, lr 1e-2": from_pca(epochs=30, lr=1e-2),
+    "30 epochs, lr 3e-2": from_pca(epochs=30, lr=3e-2),
+    "30 epochs, lr 1e-2, feature 0.5 (self)": from_pca(epochs=30, lr=1e-2, feature_weight=0.5,
+                                                       feature_reference="self"),
+    "30 epochs, lr 1e-2, feature 0.5 (teacher)": from_pca(epochs=30, lr=1e-2, feature_weight=0.5),
+    "30 epochs, lr 1e-2, T 4": from_pca(epochs=30, lr=1e-2, temperature=4.0),
+    "30 epochs, lr 1e-2, no augmentation": from_pca(epochs=30, lr=1e-2, augment="none"),
+    "greedy 2/stage + 30, lr 1e-2": from_pca(epochs=30, lr=1e-2, schedule="greedy", stage_epochs=2),
     "random init, 30 epochs, lr 1e-2": ("random", {"epochs": 30, "lr": 1e-2}),
     "block 12/map, then 1 epoch, lr 1e-2": ("learned", {"epochs": 1, "lr": 1e-2}),
     "block 12/map, then 10 epochs, lr 1e-2": ("learned", {"epochs": 10, "lr": 1e-2}),

@@ -97,6 +97,10 @@ class Dataset:
         inputs = {name: array[indices] for name, array in self.inputs.items()}
         return Dataset(inputs, labels, self.source, self.surrogate, self.skipped, self.skipped_files)
 
+    def head(self, count: int) -> Dataset:
+        """The first `count` samples (all of them when there are fewer)."""
+        return self.subset(np.arange(min(count, len(self))))
+
     def split(self, held_out_fraction: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:
         """Deterministic (calibration, held_out) split; both parts are non-empty."""
         total = len(self)

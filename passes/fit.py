@@ -33,7 +33,6 @@ import math
 import os
 import time
 
-import numpy as np
 import onnx
 
 from fmcompress.data import Dataset
@@ -119,9 +118,7 @@ class FitProjectionsPass(Pass):
         device = resolve_device(config.device)
         names = list(executor.input_names)
         # it holds every batch's paused runs: --max-samples bounds that memory as it bounds an epoch
-        part = self.calibration
-        if config.max_samples is not None and config.max_samples < len(part):
-            part = part.subset(np.arange(config.max_samples))
+        part = self.calibration if config.max_samples is None else self.calibration.head(config.max_samples)
         batches = [tuple(t.to(device) for t in batch) for batch in part.torch_batches(config.batch_size, names)]
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}

@@ -98,7 +98,7 @@ class VerifyPass(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         check_model(model)
         projections = self.projections if self.projections is not None else ctx.results.get("fit", {})
-        subset = self.held_out.subset(np.arange(min(self.samples, len(self.held_out))))
+        subset = self.held_out.head(self.samples)
         emitted = self._emitted_outputs(model, subset)
         worst = self._reference_agreement(emitted, projections, subset, ctx)
         after = self._ceiling(model, ctx)

@@ -290,14 +290,15 @@ class ProjectionTrainer:
             record = EpochRecord(epoch + 1, stage, active, loss, score, optimizer.param_groups[0]["lr"], held_loss,
                                  time.perf_counter() - started)
             state.history.append(record)
-            if active == len(self.names) and diverged(held_loss, state.best_loss):
+            every_map = active == len(self.names)  # greedy stages with fewer maps are never kept nor backed off
+            if every_map and diverged(held_loss, state.best_loss):
                 self._backtrack(optimizer, scheduler, state.best)
-            elif active == len(self.names) and (score, -held_loss) > (state.best_score, -state.best_loss):
+            elif every_map and (score, -held_loss) > (state.best_score, -state.best_loss):
                 state.best, state.best_score, state.best_epoch = self._snapshot(), score, epoch + 1
                 state.best_loss = held_loss
             self.monitor("epoch_end", asdict(record) | {"best": state.best_score, "metric": metric})
             self._save(epoch + 1, optimizer, scheduler, state)
-            if cfg.target is not None and active == len(self.names) and score >= cfg.target:
+            if cfg.target is not None and every_map and score >= cfg.target:
                 state.stopped_early = epoch + 1 < len(epochs)
                 break
         if state.best_epoch < 0:  # resumed past the end, or nothing scored: keep what we have
