@@ -48,7 +48,7 @@ def decoder_line() -> str:
     """Which decoder runs: the compiled one (numba, the `codec` extra) or numpy's, and what
     loading it costs once per process (not in the MB/s figures)."""
     start = time.perf_counter()
-    jit = codec._jit_kernels()
+    jit = codec.compiled_kernels()
     if jit is None:
         return "decoder: numpy (install the `codec` extra for the compiled one)"
     return (f"decoder: compiled (numba {jit.numba.__version__}), loaded in "
@@ -85,9 +85,9 @@ def _rate(values: list[float]) -> str:
 def bench_model(model: str, data: str | None, samples: int, input_shapes: list[str] | None,
                 window: int) -> None:
     from fmcompress.data import input_specs, load_dataset
+    from fmcompress.evaluation.thirdparty import REAL_MODELS, real_model
     from fmcompress.modelio import load_model
     from fmcompress.shapes import parse_input_shapes, resolve_input_shapes
-    from fmcompress.thirdparty import REAL_MODELS, real_model
 
     path = real_model(model) if model in REAL_MODELS else model
     proto = load_model(path)

@@ -1,12 +1,12 @@
 """Compiled kernels for the codec's decoder (numba, the optional `codec` extra).
 
 The decoder's ANS step is constriction's; what follows it (extra bits read from their
-width groups, token and extra bits turned into int8 patterns, zero flags expanded) is a
-handful of numpy passes over every element, a third of the decoding time of a dense map.
-These kernels do the same in one compiled pass. fmcompress.codec uses them when numba
-imports and falls back to its numpy path otherwise; both give the same array (tested).
+width groups, token and extra bits turned into int8 patterns, zero flags expanded) takes
+a handful of numpy passes over every element. These kernels do the same in one compiled
+pass. fmcompress.codec.decoder uses them when numba imports and falls back to its numpy
+path otherwise; both give the same array (tested).
 
-The tables come from fmcompress.codec (passed in: one definition of the symbol layout).
+The tables come from fmcompress.codec.symbols (passed in: one definition of the layout).
 """
 
 from __future__ import annotations
