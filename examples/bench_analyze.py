@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import fmcompress
-from fmcompress.thirdparty import REAL_MODELS, real_model
+from fmcompress.evaluation.thirdparty import REAL_MODELS, real_model
 
 
 def models(workdir: Path) -> dict[str, tuple[Path, list[str]]]:

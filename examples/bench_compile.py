@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from fmcompress.compiler import CompileOptions, compile_model
+from fmcompress.evaluation.thirdparty import REAL_MODELS, real_model
 from fmcompress.metrics import gated_agreement
 from fmcompress.models import digits_onnx_path
-from fmcompress.thirdparty import REAL_MODELS, real_model
-from fmcompress.training import TrainConfig
+from fmcompress.train_config import TrainConfig
 
 
 def models(workdir: Path) -> dict[str, tuple[Path, list[str], str | None]]:

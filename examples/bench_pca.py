@@ -33,8 +33,8 @@ from fmcompress.backend.projection import (
     fit_pca,
 )
 from fmcompress.compiler import CompileOptions, compile_model
+from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.frontend import export_model
-from fmcompress.thirdparty import real_model
 
 
 def forward_pass(executor: OnnxModule, batches: Callable) -> None:

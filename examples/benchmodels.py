@@ -10,8 +10,8 @@ from pathlib import Path
 
 import onnx
 
+from fmcompress.evaluation.thirdparty import REAL_MODELS, real_model
 from fmcompress.shapes import graph_inputs
-from fmcompress.thirdparty import REAL_MODELS, real_model
 
 # zoo models (untrained weights: memory and time figures only) and the shape they are exported at
 ZOO = {"resnet18": (1, 3, 224, 224), "mobilenet_v2": (1, 3, 224, 224), "vgg16_bn_small": (1, 3, 32, 32)}

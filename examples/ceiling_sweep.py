@@ -36,12 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from fmcompress import textlines
 from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.errors import InputError, VerificationError
+from fmcompress.evaluation import textlines
+from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.passes.fit import METHODS
-from fmcompress.thirdparty import real_model
-from fmcompress.training import TrainConfig
+from fmcompress.train_config import TrainConfig
 
 MAX_CALIBRATION = 512
 CALIBRATION_SEED = 0

@@ -22,7 +22,7 @@ from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.datasets import mnist
 from fmcompress.metrics import run_ort
 from fmcompress.models import digits_onnx_path
-from fmcompress.training import TrainConfig
+from fmcompress.train_config import TrainConfig
 
 
 def from_pca(**settings) -> tuple[str, dict]:

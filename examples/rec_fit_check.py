@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from ceiling_sweep import CALIBRATION_SEED, EVAL_SEED
 
-from fmcompress import textlines
 from fmcompress.data import Dataset
-from fmcompress.thirdparty import real_model
+from fmcompress.evaluation import textlines
+from fmcompress.evaluation.thirdparty import real_model
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from benchmodels import ZOO, model_path
 
+from fmcompress.evaluation.thirdparty import REAL_MODELS
 from fmcompress.memprobe import measure_peak
 from fmcompress.passes.runtime import runtime_view
-from fmcompress.thirdparty import REAL_MODELS
 from fmcompress.units import format_bytes
 
 

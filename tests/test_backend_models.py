@@ -17,8 +17,8 @@ from skimage import data
 from skimage.transform import resize
 
 from fmcompress.backend import OnnxModule
+from fmcompress.evaluation.thirdparty import REAL_MODELS, real_model
 from fmcompress.models import get_model
-from fmcompress.thirdparty import REAL_MODELS, real_model
 
 SHAPES = {**{name: m.input_shape for name, m in REAL_MODELS.items()}, "ppocr-det": (1, 3, 320, 320)}
 

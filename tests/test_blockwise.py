@@ -115,7 +115,7 @@ def test_compile_logs_one_block_event_a_map(tmp_path):
 def test_max_samples_bounds_the_block_stage(tmp_path, monkeypatch):
     import fmcompress.backend.blockwise as module
     from fmcompress.compiler import CompileOptions, compile_model
-    from fmcompress.training import TrainConfig
+    from fmcompress.train_config import TrainConfig
 
     seen = []
     real = module.fit_blockwise

@@ -7,7 +7,7 @@ import pytest
 
 from fmcompress.detection import box_agreement, box_iou, decode_yolo, match_boxes, nms
 from fmcompress.errors import InputError
-from fmcompress.thirdparty import real_model
+from fmcompress.evaluation.thirdparty import real_model
 
 CLASSES = 3
 ANCHORS = 16

@@ -7,10 +7,10 @@ import string
 import numpy as np
 import pytest
 
-from fmcompress import textlines
 from fmcompress.data import InputSpec, load_dataset
 from fmcompress.errors import InputError
-from fmcompress.thirdparty import real_model
+from fmcompress.evaluation import textlines
+from fmcompress.evaluation.thirdparty import real_model
 
 try:
     textlines.find_fonts()

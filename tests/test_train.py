@@ -13,16 +13,12 @@ from click.testing import CliRunner
 from modeltools import tiny_classifier
 
 from fmcompress.backend import OnnxModule
-from fmcompress.backend.train import (
-    ProjectionTrainer,
-    distillation_loss,
-    output_kinds,
-    plan_epochs,
-    random_projections,
-)
+from fmcompress.backend.losses import distillation_loss, output_kinds
+from fmcompress.backend.schedule import plan_epochs
+from fmcompress.backend.trainer import ProjectionTrainer, random_projections
 from fmcompress.cli import main
 from fmcompress.errors import InputError
-from fmcompress.training import TrainConfig
+from fmcompress.train_config import TrainConfig
 
 MAPS = [("r1", 16, 4), ("r2", 16, 4)]
 
@@ -72,7 +68,7 @@ def test_regression_loss_is_scale_free():
 def test_feature_distillation_compares_with_its_reference(reference):
     """Rule c: `teacher` measures the student's projected map against the map the teacher's
     (bypassed, gradient-free) pass saw at the same place; `self` against the student's own input."""
-    from fmcompress.backend.train import LearnedProjection
+    from fmcompress.backend.trainer import LearnedProjection
 
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((8, 3)))
     module = LearnedProjection(q.T.astype(np.float32), q.astype(np.float32), reference)
@@ -134,7 +130,7 @@ def test_a_diverged_epoch_backtracks_to_the_best_at_a_lower_rate():
 
 def test_an_epoch_that_leaves_nan_projections_is_never_kept(monkeypatch):
     """Rule f': a non-finite held-out loss is a divergence, whatever the score says."""
-    from fmcompress.backend import train as train_module
+    from fmcompress.backend import trainer as train_module
 
     def poisoned_epoch(self, *args, **kwargs):
         with torch.no_grad():
@@ -153,18 +149,18 @@ def test_an_epoch_that_leaves_nan_projections_is_never_kept(monkeypatch):
 
 
 def test_a_transient_rise_is_not_a_divergence():
-    from fmcompress.backend.train import DIVERGED, diverged
+    from fmcompress.backend.schedule import DIVERGED, diverged
 
     assert not diverged(4.0, 1.0)  # what leaving the block stage's optimum costs for an epoch or two
     assert diverged(DIVERGED * 1.01, 1.0) and diverged(float("nan"), 1.0) and diverged(float("inf"), 1.0)
 
 
 def test_splice_takes_a_span_of_columns_from_another_sample_reproducibly():
-    from fmcompress.backend.train import _augment
+    from fmcompress.backend.augment import augment_batch
 
     batch = torch.stack([torch.full((3, 16, 40), float(i + 1)) for i in range(6)])  # sample i holds i + 1
     seeds = [11, 12, 13, 14, 15, 16]
-    once, again = _augment(batch, "splice", seeds), _augment(batch, "splice", seeds)
+    once, again = augment_batch(batch, "splice", seeds), augment_batch(batch, "splice", seeds)
     torch.testing.assert_close(once, again)  # the seeds decide everything (resume repeats it)
     spliced = 0
     for i in range(len(batch)):
@@ -176,21 +172,21 @@ def test_splice_takes_a_span_of_columns_from_another_sample_reproducibly():
             assert len(partners) == 1
             assert 8 - 2 <= int(torch.isin(column, torch.tensor(sorted(partners), dtype=column.dtype)).sum()) <= 20
     assert spliced >= 1
-    assert torch.equal(_augment(batch, "none", seeds), batch)
+    assert torch.equal(augment_batch(batch, "none", seeds), batch)
     result = train(TrainConfig(epochs=1, batch_size=8, augment="splice"))
     assert result.history
 
 
 def test_strong_augmentation_stretches_and_changes_contrast_reproducibly():
-    from fmcompress.backend.train import _photometric, _stretch
+    from fmcompress.backend.augment import photometric, stretch
 
     ramp = torch.linspace(0, 1, 40).expand(3, 16, 40).contiguous()  # one image: brightness rises with x
-    stretched = [_stretch(ramp, torch.Generator().manual_seed(seed)) for seed in range(8)]
+    stretched = [stretch(ramp, torch.Generator().manual_seed(seed)) for seed in range(8)]
     assert all(out.shape == ramp.shape for out in stretched)
     # narrower (zero padding on the right) or wider (the ramp cut, so it rises faster) than the original
     assert any(out[0, 0, -1] == 0 for out in stretched) and any(out[0, 0, 20] > ramp[0, 0, 20] + 0.05
                                                                 for out in stretched)
-    changed = _photometric(ramp, torch.Generator().manual_seed(3))
+    changed = photometric(ramp, torch.Generator().manual_seed(3))
     ratio = (changed.std() / ramp.std()).item()
     assert 0.7 - 1e-4 <= ratio <= 1.3 + 1e-4 and abs(ratio - 1) > 1e-3
     batch = torch.rand(4, 3, 16, 40)
@@ -200,9 +196,9 @@ def test_strong_augmentation_stretches_and_changes_contrast_reproducibly():
 
 
 def _augment_batch(batch: torch.Tensor, kind: str) -> torch.Tensor:
-    from fmcompress.backend.train import _augment
+    from fmcompress.backend.augment import augment_batch
 
-    return _augment(batch, kind, list(range(len(batch))))
+    return augment_batch(batch, kind, list(range(len(batch))))
 
 
 def test_target_stops_early():
@@ -302,7 +298,7 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(tmp_path):
 
 
 def test_ctrl_c_keeps_the_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
-    import fmcompress.backend.train as train_module
+    import fmcompress.backend.trainer as train_module
 
     path, out, checkpoint = tmp_path / "tiny.onnx", tmp_path / "tiny.fmc.onnx", tmp_path / "run.ckpt"
     onnx.save(tiny_classifier(), str(path))

@@ -1,6 +1,6 @@
 """Block reconstruction: each projection refined on what its block computes, in network order.
 
-The first stage of `learned`, between PCA and end-to-end training (`train.py`). PCA
+The first stage of `learned`, between PCA and end-to-end training (`trainer.py`). PCA
 makes each projection reconstruct its own map; what matters is what the network
 computes from it, and the errors of the projections before it. Rules:
 
@@ -12,9 +12,9 @@ b. Its block runs from map i's step to the first later planned map whose value d
    there from the same input, so a projection also corrects the errors that the ones
    before it left.
 c. Loss: at a map, the squared error divided by the target's mean square; at the
-   outputs, `train.distillation_loss` (KL at `temperature` for class outputs, scaled
+   outputs, `losses.distillation_loss` (KL at `temperature` for class outputs, scaled
    MSE for the rest).
-d. P and U only, by Adam at lr / sqrt(C) (train.py's rule e) with a cosine decay over
+d. P and U only, by Adam at lr / sqrt(C) (schedule.py's rule b) with a cosine decay over
    `epochs` passes of the calibration batches, in an order drawn from the seed and the
    map's index; no augmentation. The same seed gives the same projections.
 e. Cost: the compressed and the original run are each paused before the block, one
@@ -37,8 +37,9 @@ from torch import nn
 from fmcompress.featuremaps import Projection
 
 from .executor import Frontier
+from .losses import distillation_loss, output_kinds
 from .projection import ChannelProjection, SecondMomentRecorder, pca_projection
-from .train import distillation_loss, mix_seeds, output_kinds, warmup_cosine
+from .schedule import mix_seeds, warmup_cosine
 
 Progress = Callable[[int, str, float, float], None]  # (index, map, first epoch's loss, last epoch's loss)
 

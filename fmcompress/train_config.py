@@ -1,6 +1,7 @@
-"""The settings of learned projections (torch-free, so that options and the CLI can hold them).
+"""The settings of learned projections, torch-free so that options and the CLI can hold them.
 
-The training itself is `fmcompress.backend.train`; its docstring states the rules.
+The training itself is `fmcompress.backend.trainer` (and the backend modules it names);
+their docstrings state the rules.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class TrainConfig:
     loss: str = "kd"
     temperature: float = 2.0
     feature_weight: float = 0.0
-    feature_reference: str = "teacher"  # what a projected map is compared with (train.py, rule c)
+    feature_reference: str = "teacher"  # what a projected map is compared with (losses.py)
     augment: str = "light"
     max_samples: int | None = None  # per epoch; None: the whole calibration part
     seed: int = 0

@@ -1,4 +1,4 @@
-"""Rendered text lines with labels known by construction, and PP-OCR's cls / rec evaluated on them.
+"""Rendered text lines with labels known by construction, and PP-OCR's cls / rec scored on them.
 
 Real trained models need real-looking data to say anything about accuracy; text
 lines can be rendered with the fonts a machine has, so the label of every sample
@@ -46,8 +46,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import InputError
-from .metrics import ctc_labels
+from fmcompress.errors import InputError
+from fmcompress.metrics import ctc_labels, ort_session, run_ort
+
+from .thirdparty import real_model
 
 ModelLike = onnx.ModelProto | bytes | str | os.PathLike
 
@@ -246,7 +248,7 @@ def _check_count(n: int) -> None:
 
 def rec_dictionary(model: ModelLike | None = None) -> list[str]:
     """The recognizer's CTC classes: blank, the metadata dictionary, then space (rapidocr's order)."""
-    proto = _load(model if model is not None else _real("ppocr-rec"))
+    proto = _load(model if model is not None else real_model("ppocr-rec"))
     meta = {p.key: p.value for p in proto.metadata_props}
     if DICTIONARY_KEY not in meta:
         raise InputError(f"the model has no {DICTIONARY_KEY!r} metadata (the CTC dictionary); "
@@ -318,8 +320,6 @@ def cls_accuracy(model_or_path: ModelLike, inputs: np.ndarray, labels: np.ndarra
 
 def _run(model: onnx.ModelProto, inputs: np.ndarray, batch_size: int, threads: int | None):
     """The first output over `inputs`, one array per batch (a model with a fixed batch runs in chunks)."""
-    from .metrics import ort_session, run_ort
-
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
     session = ort_session(model, threads)
@@ -335,9 +335,3 @@ def _load(model: ModelLike) -> onnx.ModelProto:
     if isinstance(model, bytes):
         return onnx.load_from_string(model)
     return onnx.load(os.fspath(model))
-
-
-def _real(name: str) -> Path:
-    from .thirdparty import real_model
-
-    return real_model(name)

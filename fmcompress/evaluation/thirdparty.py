@@ -11,7 +11,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from fmcompress.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,98 @@
+"""Input augmentation for end-to-end training of projections (`--augment`), made for text lines.
+
+Distillation needs no labels, so an augmented batch is simply new inputs for the student
+and the teacher alike. Each sample's draw comes from its own seed (the trainer mixes the
+run's seed, the epoch and the sample's index), so a sample is augmented alike whichever
+batch it lands in and a resumed run repeats the uninterrupted one. Kinds:
+
+* `none`: the inputs as they are (so are integer inputs and inputs without spatial axes);
+* `light`: per sample, a shift of up to 2 positions along each spatial axis (zero fill)
+  and noise at 2% of the sample's std (`shift_and_noise`);
+* `splice`: first, each sample's columns in a span of 20-50% of its width come, with
+  probability 1/2, from another sample of the batch (for text lines that is another
+  real-looking line), then `light`. The partner is drawn among the batch's samples,
+  which a distributed run splits between ranks;
+* `strong`: `splice`, then each image stretched along its width (`stretch`) and its
+  contrast and brightness changed (`photometric`), then `light`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's convention
+
+
+def augment_batch(x: torch.Tensor, kind: str, seeds: Sequence[int]) -> torch.Tensor:
+    """The batch `x` [N, C, spatial...] augmented by `kind`, sample i drawn from `seeds[i]`."""
+    if kind == "none" or not x.is_floating_point() or x.dim() < 3:
+        return x
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    if kind in ("splice", "strong"):
+        x = splice(x, generators)
+    strong = kind == "strong"
+    samples = []
+    for sample, generator in zip(x, generators, strict=True):
+        if strong:
+            sample = photometric(stretch(sample, generator), generator)
+        samples.append(shift_and_noise(sample, generator))
+    return torch.stack(samples)
+
+
+def stretch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One image [C, H, W] resampled along W by a factor in [0.8, 1.25] (log-uniform), then
+    cut or zero-padded on the right back to W: glyphs of other widths (zero is what a
+    recognizer's preprocessing pads a short line with). Other ranks are left as they are."""
+    if x.dim() != 3:
+        return x
+    width = x.shape[-1]
+    draw = float(torch.rand(1, generator=generator))
+    factor = math.exp(math.log(0.8) + (math.log(1.25) - math.log(0.8)) * draw)
+    resized = F.interpolate(x[None], size=(x.shape[1], max(1, round(width * factor))), mode="bilinear",
+                            align_corners=False)[0]
+    if resized.shape[-1] >= width:
+        return resized[..., :width]
+    return F.pad(resized, (0, width - resized.shape[-1]))
+
+
+def photometric(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Contrast times [0.7, 1.3] about the sample's mean, brightness +-10% of its std."""
+    contrast = 0.7 + 0.6 * float(torch.rand(1, generator=generator))
+    brightness = 0.2 * float(torch.rand(1, generator=generator)) - 0.1
+    mean, std = x.mean(), x.std().clamp_min(1e-6)
+    return (x - mean) * contrast + mean + brightness * std
+
+
+def splice(x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Per sample, with probability 1/2, a span of 20-50% of the last axis copied from a
+    partner in the batch (itself when the batch has one sample)."""
+    out = x.clone()
+    width = x.shape[-1]
+    for i, generator in enumerate(generators):
+        draw = torch.rand(3, generator=generator)
+        partner = int(torch.randint(0, len(x), (1,), generator=generator))
+        if draw[0] >= 0.5 or partner == i:
+            continue
+        span = max(1, int(width * (0.2 + 0.3 * float(draw[1]))))
+        start = int((width - span) * float(draw[2]))
+        out[i, ..., start:start + span] = x[partner, ..., start:start + span]
+    return out
+
+
+def shift_and_noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`light` for one sample [C, spatial...]: shifted up to 2 positions per spatial axis
+    (zero fill), plus Gaussian noise at 2% of its std."""
+    noise_scale = 0.02 * float(x.std().clamp_min(1e-6))
+    shifted = x
+    for axis in range(1, x.dim()):
+        shift = int(torch.randint(-2, 3, (1,), generator=generator))
+        if shift:
+            shifted = torch.roll(shifted, shift, dims=axis)
+            index = torch.arange(x.shape[axis])
+            mask = (index < shift) if shift > 0 else (index >= x.shape[axis] + shift)
+            view = [1] * x.dim()
+            view[axis] = -1
+            shifted = shifted.masked_fill(mask.view(view), 0.0)
+    return shifted + torch.randn(x.shape, generator=generator, dtype=x.dtype) * noise_scale

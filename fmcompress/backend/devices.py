@@ -1,0 +1,49 @@
+"""Where training runs: the torch device and, under torchrun, the rank and the world.
+
+Rules:
+
+a. `--device auto` is CUDA when torch sees a device, else the CPU; `cuda` without one
+   is a usage error (`train_config.check_device`).
+b. Distributed: under torchrun (WORLD_SIZE > 1) the process group is initialised (gloo
+   on CPU, nccl on CUDA) and the student is wrapped in DistributedDataParallel. Each
+   rank takes its share (`rank::world`) of every global batch (the trainer slices it),
+   so gradients average to the single-process ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from fmcompress.train_config import check_device
+
+
+def resolve_device(name: str) -> torch.device:
+    """Rule a: the device `--device name` trains on."""
+    check_device(name)
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def setup_ranks(device: torch.device) -> tuple[int, int]:
+    """Rule b: (rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def wrap_for_ranks(module: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """Rule b: `module` itself in one process, else wrapped in DistributedDataParallel."""
+    if world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index or 0] if device.type == "cuda" else None
+    # maps outside a greedy stage are bypassed, so their projections get no gradient
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)

@@ -1,0 +1,65 @@
+"""When learned projections train on what: epochs, learning rate, seeds and the divergence test.
+
+Used by end-to-end training (`trainer.py`) and block reconstruction (`blockwise.py`).
+Rules:
+
+a. Schedules (`plan_epochs`): `joint` trains all maps together for `epochs`; `greedy`
+   adds one map a stage in network order and trains all maps added so far for
+   `stage_epochs`, then all of them jointly for `epochs` (the paper's schedule, shortened).
+b. Learning rate (`warmup_cosine`): a linear warmup over the first epoch, then a cosine
+   decay over all steps. `lr` is relative to each map's scale: a map with C channels
+   steps at lr / sqrt(C) (the RMS of an orthonormal P's entries), since an absolute step
+   that suits 16 channels wrecks a map of 480 in a few Adam steps.
+c. Seeds (`mix_seeds`): every draw (an epoch's order, a sample's augmentation) comes
+   from a seed mixed from the run's seed and where the draw happens, so a resumed run
+   repeats the uninterrupted one exactly.
+d. Divergence (`diverged`): an epoch whose held-out distillation loss is not finite or
+   more than `DIVERGED` times the best one diverged; the trainer then returns to the best
+   projections at `BACKTRACK_FACTOR` times the learning rate. Ten, not less: leaving the
+   block stage's fitted projections for a better optimum, the first epochs raise the
+   held-out loss more than threefold on the way, and cutting the rate there stalls the
+   run (PP-OCR's classifier at 4x).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+
+from fmcompress.train_config import TrainConfig
+
+DIVERGED = 10.0  # a held-out distillation loss this many times the best one means the epoch diverged
+BACKTRACK_FACTOR = 0.3
+
+
+def plan_epochs(maps: int, config: TrainConfig) -> list[tuple[str, int]]:
+    """Rule a: (stage name, number of active maps) for every epoch of the run."""
+    epochs: list[tuple[str, int]] = []
+    if config.schedule == "greedy":
+        for i in range(maps):
+            epochs += [(f"greedy {i + 1}/{maps}", i + 1)] * config.stage_epochs
+    return epochs + [("joint", maps)] * config.epochs
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Rule b's schedule as a factor of the learning rate: a linear warmup over the first
+    epoch (Adam's first steps move every entry by the full lr, whatever its gradient), then
+    a cosine decay to 0."""
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / max(1, warmup_steps))
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+    return factor
+
+
+def mix_seeds(*values: int) -> int:
+    """Rule c: one 63-bit seed from several integers (the same on every platform and run)."""
+    digest = hashlib.blake2b(json.dumps(values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def diverged(held_out_loss: float, best_loss: float) -> bool:
+    """Rule d: not finite, or more than DIVERGED times the best held-out loss so far."""
+    return not math.isfinite(held_out_loss) or held_out_loss > DIVERGED * best_loss
