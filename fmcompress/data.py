@@ -213,10 +213,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             return {key: archive[key] for key in archive.files}
     except ValueError as exc:
         if "pickle" in str(exc).lower():
-            raise InputError(f"{path}: holds object arrays; only numeric arrays are accepted") from None
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+            raise InputError(f"{path}: holds object arrays; only numeric arrays are accepted") from exc
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from exc
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
+        raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__})") from exc
 
 
 def _pick_key(arrays: dict[str, np.ndarray], spec: InputSpec, specs: list[InputSpec],

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import InputError, UnsupportedOpError, VerificationError
+from .errors import InputError, UnsupportedOpError, VerificationError, onnxruntime_errors
 from .modelio import check_output_path, save_model_atomic
 from .onnxutil import constant_node_value
 
@@ -129,8 +129,8 @@ def load_factory(spec: str) -> Any:
     module_name, attr_path = spec.split(":")
     try:
         target: Any = importlib.import_module(module_name)
-    except Exception as exc:  # any failure in user code is an input problem
-        raise InputError(f"cannot import module {module_name!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # a boundary: the user's module may raise anything while importing
+        raise InputError(f"cannot import module {module_name!r}: {_first_line(exc)}") from exc
     for attr in attr_path.split("."):
         if not hasattr(target, attr):
             raise InputError(f"{spec}: {getattr(target, '__name__', module_name)!s} has no attribute {attr!r}")
@@ -139,8 +139,8 @@ def load_factory(spec: str) -> Any:
         raise InputError(f"{spec}: {attr_path} is not callable (type {type(target).__name__})")
     try:
         module = target()
-    except Exception as exc:
-        raise InputError(f"{spec}: calling the factory failed: {_first_line(exc)}") from None
+    except Exception as exc:  # a boundary: the user's factory may raise anything
+        raise InputError(f"{spec}: calling the factory failed: {_first_line(exc)}") from exc
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"{spec}: the factory returned type {type(module).__name__}, not a torch.nn.Module")
     return module
@@ -157,8 +157,8 @@ def load_weights(module: Any, weights: str | os.PathLike) -> None:
         raise InputError(f"{path}: no such weights file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and unpickler errors vary
-        raise InputError(f"{path}: not a readable state_dict file ({_first_line(exc)})") from None
+    except Exception as exc:  # a boundary: unpickling a foreign file raises anything (KeyError on text)
+        raise InputError(f"{path}: not a readable state_dict file ({_first_line(exc)})") from exc
     state_dict = _unwrap_state_dict(loaded, path)
     state_dict = _strip_prefix(state_dict, "module.", module.state_dict())
     _check_keys(module.state_dict(), state_dict, path)
@@ -166,7 +166,7 @@ def load_weights(module: Any, weights: str | os.PathLike) -> None:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:  # e.g. size mismatch for layer1.0.conv1.weight
         details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-        raise InputError(f"{path}: weights do not fit the model: {'; '.join(details[:3]) or _first_line(exc)}") from None
+        raise InputError(f"{path}: weights do not fit the model: {'; '.join(details[:3]) or _first_line(exc)}") from exc
 
 
 def _unwrap_state_dict(loaded: Any, path: Path) -> Mapping[str, Any]:
@@ -253,8 +253,8 @@ def _run_torch(module: Any, example: Any) -> list[np.ndarray]:
     try:
         with torch.no_grad():
             result = module(example)
-    except Exception as exc:  # whatever the model raises, the shape is at fault
-        raise InputError(f"the model fails on input shape {tuple(example.shape)}: {_first_line(exc)}") from None
+    except Exception as exc:  # a boundary: whatever the user's model raises, the shape is at fault
+        raise InputError(f"the model fails on input shape {tuple(example.shape)}: {_first_line(exc)}") from exc
     outputs = list(result) if isinstance(result, (tuple, list)) else [result]
     if not outputs or not all(isinstance(t, torch.Tensor) for t in outputs):
         raise InputError(f"the model must return a tensor or a tuple of tensors, not {type(result).__name__}")
@@ -303,8 +303,8 @@ def _torch_to_onnx(module: Any, example: Any, output_names: list[str], opset: in
             torch.onnx.export(module, (example,), buffer, input_names=[INPUT_NAME], output_names=output_names,
                               opset_version=opset, dynamo=False, dynamic_axes=dynamic_axes,
                               do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL)
-    except Exception as exc:  # unsupported operators, opsets, tracing failures
-        raise UnsupportedOpError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+    except Exception as exc:  # a boundary: tracing runs the user's model; unsupported ops, opsets vary
+        raise UnsupportedOpError(f"torch.onnx.export failed: {_first_line(exc)}") from exc
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -347,16 +347,16 @@ def _session(proto: onnx.ModelProto) -> Any:
     try:
         onnx.checker.check_model(proto)
         return ort_session(proto)
-    except Exception as exc:  # checker and onnxruntime raise their own types
-        raise VerificationError(f"the exported model does not run: {_first_line(exc)}") from None
+    except (onnx.checker.ValidationError, InputError) as exc:  # ort_session words onnxruntime's errors
+        raise VerificationError(f"the exported model does not run: {_first_line(exc)}") from exc
 
 
 def _verify(session: Any, proto: onnx.ModelProto, example: np.ndarray, expected: list[np.ndarray]) -> float:
     """onnxruntime against torch; returns the max abs difference."""
     try:
         actual = session.run(None, {INPUT_NAME: example})
-    except Exception as exc:  # onnxruntime raises its own types
-        raise VerificationError(f"the exported model does not run: {_first_line(exc)}") from None
+    except onnxruntime_errors() as exc:
+        raise VerificationError(f"the exported model does not run: {_first_line(exc)}") from exc
     max_abs_diff = 0.0
     for name, want, got in zip(proto.graph.output, expected, actual, strict=True):
         if want.shape != got.shape:
@@ -390,7 +390,7 @@ def _batch_trial(session: Any, example: np.ndarray, expected: list[np.ndarray]) 
     batch = np.concatenate([example[:1], others])
     try:
         actual = session.run(None, {INPUT_NAME: batch})
-    except Exception as exc:  # onnxruntime raises its own types
+    except onnxruntime_errors() as exc:
         return f"onnxruntime fails at batch {trial}: {_first_line(exc)}"
     for want, got in zip(expected, actual, strict=True):
         wanted_shape = (trial, *want.shape[1:])

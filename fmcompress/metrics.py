@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import InputError
+from .errors import InputError, onnxruntime_errors
 
 ModelLike = onnx.ModelProto | bytes | str | Path
 PROBABILITY_TOLERANCE = 1e-3  # how far from 1 a softmax row may sum (float32 over thousands of classes)
@@ -236,8 +236,8 @@ def ort_session(model: ModelLike, threads: int | None = None) -> ort.InferenceSe
         source = str(source)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise InputError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+    except onnxruntime_errors() as exc:
+        raise InputError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
 
 
 def _session_feeds(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -379,7 +379,7 @@ def batch_is_free(model: ModelLike, specs: Iterable[Any]) -> bool:
         feeds = {spec.name: np.zeros((batch, *spec.shape[1:]), spec.dtype) for spec in specs}
         try:
             return session.run(None, feeds)
-        except Exception:  # onnxruntime raises its own types; any failure means "not at this batch"
+        except onnxruntime_errors():  # any failure means "not at this batch"
             return None
 
     single, double = outputs_at(1), outputs_at(2)

@@ -49,7 +49,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+        raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
     if not model.graph.node or not model.opset_import:
         raise InputError(f"{path}: not an ONNX model (no graph nodes or no opset)")
     if any(_uses_external_data(t) for t in _all_initializers(model.graph)):
@@ -112,7 +112,7 @@ def _stat(target: Path, shown: Path) -> os.stat_result | None:
     except NotADirectoryError:
         raise InputError(f"cannot write {shown}: a parent of it is a file, not a folder") from None
     except OSError as exc:  # ELOOP, EACCES on a parent, ...
-        raise InputError(f"cannot write {shown}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot write {shown}: {exc.strerror or exc}") from exc
 
 
 def _describe(mode: int) -> str | None:
@@ -158,7 +158,7 @@ def _check_parent(path: Path, parent: Path) -> None:
                 raise InputError(f"cannot write {path}: no existing parent folder") from None
             ancestor = ancestor.parent
         except OSError as exc:
-            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     if not stat.S_ISDIR(info.st_mode):
         raise InputError(f"cannot write {path}: {ancestor} is a file, not a folder")
     if not _access(ancestor, os.W_OK | os.X_OK):
@@ -198,7 +198,7 @@ class _Transaction:
                 self.renames.pop(0)
         except OSError as exc:
             self.rollback()
-            raise InputError(f"cannot write {target}: {exc.strerror or exc}") from None
+            raise InputError(f"cannot write {target}: {exc.strerror or exc}") from exc
 
     def rollback(self) -> None:
         for tmp, _ in self.renames:
@@ -287,5 +287,5 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
                 os.unlink(tmp)
         _remove_folders(created)
         if isinstance(exc, OSError):
-            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise

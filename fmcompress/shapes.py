@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import InputError
+from .errors import InputError, onnxruntime_errors
 
 Dim = int | str | None  # an int when static, the symbolic name (or None) otherwise
 
@@ -164,14 +164,15 @@ def infer_tensor_infos(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
         try:
             infos.update(onnxruntime_tensor_infos(pinned, shapes, [n for n in wanted if n not in infos]))
         except InputError as exc:
-            raise InputError(f"cannot determine tensor shapes: shape inference is incomplete and {exc}") from None
+            raise InputError(f"cannot determine tensor shapes: shape inference is incomplete and {exc}") from exc
     return infos
 
 
 def _from_shape_inference(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:  # inference gives up on some exporters' graphs; onnxruntime fills in
+    except Exception:  # a best-effort probe: inference gives up on some exporters' graphs (with
+        # InferenceError, ValidationError or a bare RuntimeError), and onnxruntime fills in
         inferred = model
     infos: dict[str, TensorInfo] = {}
     graph = inferred.graph
@@ -203,11 +204,11 @@ def onnxruntime_values(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
         feeds = {inp.name: np.zeros(shapes[inp.name], helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
                  for inp in graph_inputs(probe)}
         values = session.run(None, feeds)
-    except Exception as exc:  # onnxruntime's errors are free text; keep the first line
+    except onnxruntime_errors() as exc:  # free text; keep the first line
         custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
         hint = f" (custom-domain ops: {', '.join(custom)})" if custom else ""
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"onnxruntime cannot run the model{hint}: {first_line[:300]}") from None
+        raise InputError(f"onnxruntime cannot run the model{hint}: {first_line[:300]}") from exc
     outputs = [out.name for out in session.get_outputs()]
     return dict(zip(outputs, values, strict=True))
 

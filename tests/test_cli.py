@@ -4,6 +4,7 @@ shared by `compile` and `verify`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,10 +15,22 @@ from click.testing import CliRunner
 from test_outputs import assert_one_line_error, write_tiny_model
 
 import fmcompress.compiler
-from fmcompress.cli import compile_command, main, verify
-from fmcompress.compiler import CompileResult
+from fmcompress.cli import binding, compile_command, main, verify
+from fmcompress.compiler import RUNTIMES, CompileOptions, CompileResult
 from fmcompress.errors import VerificationError
+from fmcompress.passes.allocate import OBJECTIVES
+from fmcompress.passes.fit import METHODS
 from fmcompress.passes.plan import Plan, PlannedMap
+from fmcompress.report import ORT_LEVELS
+from fmcompress.train_config import (
+    AUGMENTATIONS,
+    DEVICES,
+    FEATURE_REFERENCES,
+    LOSSES,
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainConfig,
+)
 
 FAST = ["--num-samples", "8", "--batch-size", "4", "--epochs", "1", "--block-epochs", "1", "-q"]
 DATA_OPTIONS = {"input_shapes", "act_bytes", "data", "num_samples", "mean", "std", "scale", "batch_size", "seed",
@@ -204,10 +217,12 @@ def test_compile_and_verify_share_the_data_options():
     assert compile_params.keys() >= DATA_OPTIONS and verify_params.keys() >= DATA_OPTIONS
     for name in DATA_OPTIONS:
         mine, theirs = compile_params[name], verify_params[name]
-        assert (mine.opts, mine.help, type(mine.type), mine.multiple) == \
-               (theirs.opts, theirs.help, type(theirs.type), theirs.multiple), name
-        assert name == "num_samples" or mine.default == theirs.default, name
+        assert (mine.opts, type(mine.type), mine.multiple) == (theirs.opts, type(theirs.type), theirs.multiple), name
+        assert name == "num_samples" or (mine.default, mine.help) == (theirs.default, theirs.help), name
     assert (compile_params["num_samples"].default, verify_params["num_samples"].default) == (256, 64)
+    # compile holds a quarter out for its fidelity figures; verify scores every sample
+    assert "held out" in compile_params["num_samples"].help
+    assert "every one is scored" in verify_params["num_samples"].help
 
 
 def test_verify_passes_every_data_option_on(tiny, tmp_path, monkeypatch):
@@ -246,3 +261,69 @@ def test_verify_end_to_end_with_data_options(tiny, compiled, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1].startswith("ok: every compressible stored map <= 32768 B")
     assert json.loads((tmp_path / "v.json").read_text())["ceiling_bytes"] == 32768
+
+
+# --- 6: options bound to the option dataclasses --------------------------------------------
+
+
+def test_compile_without_flags_builds_the_dataclass_defaults(tiny, monkeypatch):
+    recorder = Recorder(CompileResult(None, _plan(0), None, report={"plan": {}, "warnings": []}))
+    monkeypatch.setattr(fmcompress.compiler, "compile_model", recorder)
+    assert invoke("compile", tiny, "--ceiling", "32KB", "--plan-only").exit_code == 0
+    options = recorder.calls[0][0][1]
+    defaults = CompileOptions(ceiling="32KB")
+    for field in dataclasses.fields(CompileOptions):
+        if field.name not in ("input_shapes", "monitor"):  # the CLI gives [] and its progress monitor
+            assert getattr(options, field.name) == getattr(defaults, field.name), field.name
+    assert options.input_shapes == [] and options.training == TrainConfig()
+
+
+def test_every_bound_option_reaches_its_field(tiny, monkeypatch, tmp_path):
+    recorder = Recorder(CompileResult(None, _plan(0), None, report={"plan": {}, "warnings": []}))
+    monkeypatch.setattr(fmcompress.compiler, "compile_model", recorder)
+    flags = {"--traffic": "3x", "--objective": "traffic+latency", "--latency-weight": "0.5", "--method": "random",
+             "--epochs": "3", "--block-epochs": "0", "--block-lr": "0.2", "--lr": "0.3", "--optimizer": "sgd",
+             "--loss": "ce", "--schedule": "greedy", "--stage-epochs": "2", "--max-samples": "5",
+             "--augment": "strong", "--feature-weight": "0.1", "--feature-reference": "self", "--device": "cpu",
+             "--target": "0.9", "--ort-level": "all", "--runtime": "ort", "--act-bytes": "1"}
+    args = [item for pair in flags.items() for item in pair]
+    result = invoke("compile", tiny, "--ceiling", "32KB", *args, "--resume", "--mean", "0.5", "--std", "2",
+                    "--scale", "1", "--checkpoint", tmp_path / "c.ckpt", "--plan-only")
+    assert result.exit_code == 0, result.output
+    options = recorder.calls[0][0][1]
+    assert (options.traffic, options.objective, options.latency_weight, options.method, options.ort_level,
+            options.runtime, options.act_bytes, options.resume, options.mean, options.std, options.scale) == \
+           ("3x", "traffic+latency", 0.5, "random", "all", "ort", 1, True, (0.5,), (2.0,), 1.0)
+    assert options.checkpoint is None  # --plan-only does not train
+    assert dataclasses.asdict(options.training) == {**dataclasses.asdict(TrainConfig()), **{
+        "epochs": 3, "block_epochs": 0, "block_lr": 0.2, "lr": 0.3, "optimizer": "sgd", "loss": "ce",
+        "schedule": "greedy", "stage_epochs": 2, "max_samples": 5, "augment": "strong", "feature_weight": 0.1,
+        "feature_reference": "self", "device": "cpu", "target": 0.9}}
+
+
+def test_choices_are_the_tuples_the_code_checks():
+    params = _params(compile_command)
+    expected = {"method": METHODS, "objective": OBJECTIVES, "runtime": RUNTIMES, "ort_level": ORT_LEVELS,
+                "optimizer": OPTIMIZERS, "loss": LOSSES, "schedule": SCHEDULES, "augment": AUGMENTATIONS,
+                "feature_reference": FEATURE_REFERENCES, "device": DEVICES}
+    for name, values in expected.items():
+        assert list(params[name].type.choices) == list(values), name
+
+
+def test_every_bound_option_is_declared_once_with_its_field_default():
+    rows = [*binding.DATA, *binding.TRAINING, *binding.BUDGET, binding.METHOD, *binding.GATES]
+    assert len({row.flag for row in rows}) == len(rows) == len({row.field for row in rows})
+    params = _params(compile_command)
+    for row in rows:
+        field = next(f for f in dataclasses.fields(row.owner) if f.name == row.field)
+        default = None if field.default is dataclasses.MISSING else field.default
+        assert params[row.field].default == default, row.flag
+        assert params[row.field].opts == [row.flag]
+
+
+def test_help_states_what_the_code_does():
+    compile_help = invoke("compile", "--help").stdout
+    assert "OUTPUT.ckpt" not in compile_help and "fmcompress/checkpoints" in compile_help
+    assert "%" not in compile_help
+    verify_help = invoke("verify", "--help").stdout
+    assert "held out" not in verify_help.replace("none is held out", "")

@@ -17,6 +17,11 @@ A run can also be split: start() binds the inputs, advance(frontier, stop) runs 
 [position, stop) and trim() keeps only what later steps read, so a caller can pause at a
 step, keep that frontier, and resume from it later (the PCA fit resumes from the previous
 map instead of re-running the prefix). forward() is start() then advance() to the end.
+
+Errors: an unsupported op or attribute variant is an UnsupportedOpError before any work;
+at run time a handler's own InputError passes through, torch's RuntimeError (data its
+weights reject) becomes an InputError naming the node, and anything else a handler raises
+is an InternalError naming the node, chained to the original (a bug, exit 3 in the CLI).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from ..errors import InputError, UnsupportedOpError
+from ..errors import FmcError, InputError, InternalError, UnsupportedOpError
 from ..modelio import load_model
 from ..onnxutil import constant_node_value
 from . import ops_math, ops_nn, ops_resize, ops_rnn, ops_tensor  # noqa: F401  (they fill the op table)
@@ -74,6 +79,15 @@ def _add_inplace(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device == b.device and a.dtype == b.dtype and a.shape == torch.broadcast_shapes(a.shape, b.shape):
         return a.add_(b)
     return OPS["Add"](None, a, b)
+
+
+def _where(ctx: NodeCtx) -> str:
+    return f"node {ctx.name!r} ({ctx.op_type})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -407,14 +421,18 @@ class OnnxModule(nn.Module):
                 for slot in frees:
                     env[slot] = None
                 env[DISCARD] = None
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        except (torch.OutOfMemoryError, FmcError):
+            raise  # a handler's own InputError already says what it rejects
+        except RuntimeError as exc:
+            # torch's verdict on the data: a shape or dtype the node's weights reject (inputs are
+            # only checked for rank and channels before the run), so the input is at fault
             if step is None:
                 raise
-            ctx = step[1]
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"node {ctx.name!r} ({ctx.op_type}) cannot run on these inputs: {detail}") from exc
+            raise InputError(f"{_where(step[1])} cannot run on these inputs: {_first_line(exc)}") from exc
+        except Exception as exc:  # anything else a handler raises is a bug in that handler
+            if step is None:
+                raise
+            raise InternalError(f"{_where(step[1])} failed: {_first_line(exc)}") from exc
 
     def _bind(self, inputs: tuple[Any, ...]) -> dict[str, torch.Tensor]:
         """Map the call's arguments to graph inputs, checking names, count and rank."""

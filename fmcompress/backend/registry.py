@@ -5,6 +5,8 @@ node per forward. `ctx` is the node's `NodeCtx`, built once in `OnnxModule.__ini
 with its attributes already parsed, so handlers do no protobuf work at run time.
 Missing optional inputs arrive as None. An op may also register `check(ctx)`, which
 returns a reason when an attribute variant is not supported (reported before any work).
+A handler that rejects a value on purpose raises InputError with a one-line reason; any
+other exception from a handler is treated as a bug in it (the executor's InternalError).
 """
 
 from __future__ import annotations

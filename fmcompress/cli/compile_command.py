@@ -1,0 +1,139 @@
+"""`fmcompress compile`: the options bound to CompileOptions, the run, the outputs written together."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+# compile_model and write_report are looked up on the module at call time (tests replace them)
+from .. import compiler
+from ..errors import Interrupted
+from .binding import BUDGET, GATES, METHOD, TRAINING, bound_options, compile_options, data_options
+from .failures import handle_errors, warn
+from .outputs import check_outputs, default_checkpoint, default_output, not_compressible_note
+
+Log = Callable[[str], None]
+
+
+@click.command(name="compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@bound_options(BUDGET)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the compressed model [default: MODEL.fmc.onnx].")
+@METHOD.option()
+@data_options()
+@bound_options(TRAINING)
+@click.option("--json-log", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write training progress as JSON lines (one event a line) to this file.")
+@bound_options(GATES)
+@click.option("--plan-only", is_flag=True, help="Only plan (maps and ranks); with --json, write the plan there.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report (or the plan with --plan-only) as JSON.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write report.json, report.md and memory.png into this folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@handle_errors
+def compile_command(model: Path, output: Path | None, json_log: Path | None, plan_only: bool,
+                    json_path: Path | None, report_dir: Path | None, quiet: bool, **bound: Any) -> None:
+    """Compress MODEL so that every stored feature map fits under --ceiling (and/or their total under --traffic).
+
+    Plans a rank per map above the ceiling, fits projections on calibration data,
+    folds them into the graph, verifies the result (onnx.checker, onnxruntime,
+    agreement with the training backend, the ceiling, the fidelity gates) and writes it
+    atomically. Graph inputs and outputs are never compressed: the last line names those
+    above the ceiling.
+    """
+    from ..render import training_monitor
+
+    if bound["ceiling"] is None and bound["traffic"] is None:
+        raise click.UsageError("missing option '--ceiling' (or '--traffic')", ctx=click.get_current_context())
+    output = output or default_output(model)
+    trains = bound["method"] != "pca" and not plan_only
+    checkpoint = (bound["checkpoint"] or default_checkpoint(model, output)) if trains else None
+    primary = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes and talks
+    quiet = quiet or not primary
+    check_outputs([(None if plan_only else output, "file"), (json_path, "file"),
+                   (None if plan_only else report_dir, "dir"), (checkpoint, "file"), (json_log, "file")],
+                  [model, bound["data"]])
+    log: Log = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    interrupted = False
+    try:
+        with training_monitor(quiet=quiet, json_log=json_log if primary else None, log=log) as monitor:
+            options = compile_options(bound, checkpoint=checkpoint if primary else None, monitor=monitor)
+            result = _compile_resumably(model, options, plan_only, log, checkpoint)
+        if primary:
+            _write_outputs(result, output, json_path, report_dir, plan_only)
+    except Interrupted:
+        interrupted = True
+        raise
+    finally:
+        if checkpoint is not None and primary and not interrupted:
+            checkpoint.unlink(missing_ok=True)  # only an interrupted run keeps its checkpoint
+
+
+def _compile_resumably(model: Path, options: compiler.CompileOptions, plan_only: bool, log: Log,
+                       checkpoint: Path | None) -> compiler.CompileResult:
+    """compile_model; on Ctrl-C during training, say where the checkpoint is and how to resume."""
+    try:
+        return compiler.compile_model(model, options, plan_only=plan_only, log=log)
+    except KeyboardInterrupt as exc:
+        if checkpoint is not None and checkpoint.exists():
+            raise Interrupted(f"interrupted; no model was written. The training checkpoint {checkpoint} holds the "
+                              "last finished epoch: run the same command with --resume to continue") from exc
+        raise
+
+
+def _write_outputs(result: compiler.CompileResult, output: Path, json_path: Path | None,
+                   report_dir: Path | None, plan_only: bool) -> None:
+    warn(result.report.get("warnings", []))
+    blocked = not_compressible_note(result.report.get("not_compressible", result.plan.not_compressible),
+                                    result.plan.ceiling_bytes)
+    if plan_only:
+        _write_plan(result, json_path, blocked)
+        return
+    import json
+
+    from ..modelio import output_transaction, save_model_atomic, write_bytes_atomic
+
+    with output_transaction():  # the model, the JSON and the report land together or not at all
+        save_model_atomic(result.model, output)
+        if json_path:
+            write_bytes_atomic(json.dumps(result.report, indent=2).encode(), json_path)
+        if report_dir:
+            compiler.write_report(result, report_dir)
+    click.echo(f"wrote {output}: {len(result.plan.maps)} map(s) compressed; every compressible stored map <= "
+               f"{result.plan.ceiling_bytes} B{_traffic_note(result.report.get('allocation'))}{blocked}")
+
+
+def _write_plan(result: compiler.CompileResult, json_path: Path | None, blocked: str) -> None:
+    """--plan-only: the plan as JSON (with the runtime plan and allocation), a line per map."""
+    import json
+
+    from ..modelio import write_bytes_atomic
+
+    if json_path:
+        plan = result.plan.to_dict()
+        for key in ("runtime_plan", "allocation"):
+            if key in result.report:
+                plan[key] = result.report[key]
+        write_bytes_atomic(json.dumps(plan, indent=2).encode(), json_path)
+    for entry in result.plan.maps:
+        click.echo(f"{entry.name}  {'x'.join(map(str, entry.shape))}  k={entry.k}")
+    if not result.plan.maps:
+        click.echo(f"nothing to compress: every compressible stored map is at or under "
+                   f"{result.plan.ceiling_bytes} B{blocked}")
+
+
+def _traffic_note(allocation: dict[str, Any] | None) -> str:
+    """`; stored traffic 229.0 KiB -> 76.1 KiB (3.01x, budget 3x)` or ''."""
+    if not allocation:
+        return ""
+    from ..units import format_bytes
+
+    return (f"; stored traffic {format_bytes(allocation['traffic_before_bytes'])} -> "
+            f"{format_bytes(allocation['traffic_after_bytes'])} ({allocation['traffic_ratio']:.2f}x, budget "
+            f"{allocation['budget']})")
