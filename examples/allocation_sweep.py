@@ -35,9 +35,10 @@ from typing import Any
 
 import onnx
 
-from fmcompress import textlines
 from fmcompress.compiler import NO_CEILING, build_context
 from fmcompress.data import Dataset, input_specs, load_dataset
+from fmcompress.evaluation import textlines
+from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.passes import Pipeline
 from fmcompress.passes.allocate import AllocatePass, stored_traffic
 from fmcompress.passes.fit import FitProjectionsPass
@@ -47,8 +48,7 @@ from fmcompress.passes.measure import MeasurePass
 from fmcompress.passes.memory import MemoryAnalysisPass
 from fmcompress.passes.plan import PlanPass
 from fmcompress.passes.verify import VerifyPass
-from fmcompress.thirdparty import real_model
-from fmcompress.training import TrainConfig
+from fmcompress.train_config import TrainConfig
 
 DEMO_PATH = Path(__file__).resolve().parents[1] / "models" / "digits_resnet.onnx"
 ALLOCATIONS = (("uniform", "uniform", "traffic"), ("greedy", "greedy", "traffic"),
@@ -104,7 +104,7 @@ def run_task(task: Task, args, rows: list[dict[str, Any]]) -> None:
             allocate = AllocatePass(budget, calibration, strategy=strategy, objective=objective,
                                     batch_size=args.batch_size, proxies=proxies, latency_weight=weight)
             Pipeline([allocate]).run(model, ctx)
-            allocation = ctx.results["allocate"]
+            allocation = ctx.allocation
             if strategy == "greedy" and proxies is None:
                 proxies = allocation.proxies
             for method in args.methods:
@@ -123,20 +123,20 @@ def run_task(task: Task, args, rows: list[dict[str, Any]]) -> None:
 def compile_rest(model: onnx.ModelProto, ctx, calibration: Dataset, held_out: Dataset, method: str,
                  args) -> dict[str, Any]:
     """fit -> fold BatchNorm -> fold projections -> verify -> measure, as compile runs them."""
-    ctx = replace(ctx, results=dict(ctx.results), timings={})
+    ctx = replace(ctx, timings={}, warnings=list(ctx.warnings))
     fit = FitProjectionsPass(calibration, held_out, method=method, batch_size=args.batch_size,
                              training=TrainConfig(epochs=args.epochs, batch_size=args.batch_size))
     _, ctx = Pipeline([fit, FoldBatchNormPass(), FoldProjectionsPass(),
                        VerifyPass(model, held_out, batch_size=args.batch_size),
                        MeasurePass(model, held_out, batch_size=args.batch_size, threads=args.threads,
                                    rounds=args.rounds, repeats=args.repeats)]).run(model, ctx)
-    measured = ctx.results["measure"]
+    measured = ctx.measurement
     fid = measured["fidelity"]
-    return {"traffic_after": stored_traffic(ctx.results["verify"]["after"]),
+    return {"traffic_after": stored_traffic(ctx.verification["after"]),
             "accuracy": fid["accuracy_candidate"], "accuracy_original": fid["accuracy_reference"],
             "agreement": fid["top1_agreement"], "cosine": fid["cosine_similarity"],
             "latency_ratio": measured["latency_ms"]["ratio"], "flops_ratio": measured["flops"]["ratio"],
-            "maps": len(ctx.results["plan"].maps)}
+            "maps": len(ctx.plan.maps)}
 
 
 def fidelity_text(row: dict[str, Any]) -> str:

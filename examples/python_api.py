@@ -13,11 +13,11 @@ import numpy as np
 import onnxruntime as ort
 
 import fmcompress
+from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.modelio import load_model
 from fmcompress.passes import PassContext, Pipeline
 from fmcompress.passes.fold_bn import FoldBatchNormPass
 from fmcompress.passes.memory import MemoryAnalysisPass
-from fmcompress.thirdparty import real_model
 from fmcompress.units import parse_ceiling
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     # Passes compose: fold BatchNorm, then analyse the folded graph.
     model, ctx = Pipeline([FoldBatchNormPass(), MemoryAnalysisPass(parse_ceiling("4x"))]).run(
         load_model(path), PassContext(input_shapes=shapes))
-    print(f"after BN folding: {len(model.graph.node)} nodes, {len(ctx.results['memory'].stored)} stored maps")
+    print(f"after BN folding: {len(model.graph.node)} nodes, {len(ctx.memory.stored)} stored maps")
 
     result = fmcompress.compile(path, ceiling="4x", input_shapes=shapes, num_samples=args.num_samples)
     print(f"compressed {len(result.plan.maps)} maps; largest stored map after: "

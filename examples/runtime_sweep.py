@@ -47,8 +47,8 @@ def variants(path: Path, shape: tuple[int, ...], ceiling: str, samples: int):
                 original = load_model(path)
                 ctx = build_context(original, shapes, None)
                 budget = parse_size(ceiling)
-                sunk = SinkConcatPass(budget).run(original, ctx).model  # exact, like the tiling
-                yield label, TileToCeilingPass(budget).run(sunk, ctx).model
+                sunk = SinkConcatPass(budget)(original, ctx).model  # exact, like the tiling
+                yield label, TileToCeilingPass(budget)(sunk, ctx).model
             else:
                 runtime = "ort" if label == "both" else None
                 yield label, api.compile(path, ceiling=ceiling, runtime=runtime, measure_memory=False,

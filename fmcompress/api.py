@@ -12,8 +12,8 @@ from .compiler import CompileOptions, CompileResult, build_context, compile_mode
 from .modelio import load_model
 from .passes.memory import MemoryAnalysisPass
 from .passes.runtime import RuntimeMemoryPass
-from .report import AnalysisReport
-from .training import TrainConfig
+from .reports.analysis import AnalysisReport
+from .train_config import TrainConfig
 from .units import Ceiling, parse_ceiling
 
 
@@ -31,9 +31,9 @@ def analyze(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceilin
     if isinstance(ceiling, str):
         ceiling = parse_ceiling(ceiling)
     ctx = build_context(proto, input_shapes, act_bytes)
-    report = MemoryAnalysisPass(ceiling, source=source_name(model)).run(proto, ctx).data
+    report = MemoryAnalysisPass(ceiling, source=source_name(model))(proto, ctx).data
     if runtime is not None:
-        report.runtime = RuntimeMemoryPass(runtime, report.ceiling_bytes).run(proto, ctx).data
+        report.runtime = RuntimeMemoryPass(runtime, report.ceiling_bytes)(proto, ctx).data
     return report
 
 
@@ -44,7 +44,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, *, ceiling: str | Ceilin
 
     Options are those of `CompileOptions` (input_shapes, act_bytes, method, data,
     num_samples, mean, std, scale, batch_size, seed, min_agreement, ...) and of
-    `fmcompress.training.TrainConfig` for the learned and random methods (epochs, lr,
+    `fmcompress.train_config.TrainConfig` for the learned and random methods (epochs, lr,
     loss, schedule, target, ...). Returns a CompileResult whose `model` is the verified
     ONNX model and `report` the compile report; nothing is written to disk.
     """

@@ -168,12 +168,22 @@ def infer_tensor_infos(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
     return infos
 
 
-def _from_shape_inference(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+# what ONNX shape inference raises on a graph it gives up on (some exporters' graphs)
+INFERENCE_ERRORS = (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, onnx.defs.SchemaError,
+                    RuntimeError)
+
+
+def best_effort_inference(model: onnx.ModelProto, **options: bool) -> onnx.ModelProto:
+    """ONNX shape inference, or the model as it is where inference gives up."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:  # a best-effort probe: inference gives up on some exporters' graphs (with
-        # InferenceError, ValidationError or a bare RuntimeError), and onnxruntime fills in
-        inferred = model
+        return onnx.shape_inference.infer_shapes(model, **options)
+    except INFERENCE_ERRORS:
+        return model
+
+
+def _from_shape_inference(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    # where inference stops short, onnxruntime fills in (infer_tensor_infos)
+    inferred = best_effort_inference(model, check_type=False, strict_mode=False, data_prop=True)
     infos: dict[str, TensorInfo] = {}
     graph = inferred.graph
     for value in [*graph.input, *graph.value_info, *graph.output]:
@@ -219,3 +229,30 @@ def onnxruntime_tensor_infos(model: onnx.ModelProto, shapes: dict[str, tuple[int
     run on zeros (`onnxruntime_values`)."""
     values = onnxruntime_values(model, shapes, names)
     return {name: TensorInfo(tuple(np.shape(v)), np.asarray(v).dtype) for name, v in values.items()}
+
+
+@dataclass(frozen=True)
+class InferredType:
+    """What ONNX shape inference says of a tensor; None where it cannot tell."""
+
+    rank: int | None
+    channels: int | None  # dim 1
+    dtype: np.dtype | None
+
+
+def inferred_types(model: onnx.ModelProto) -> dict[str, InferredType]:
+    """Rank, dim 1 and element dtype of every tensor that ONNX shape inference can type."""
+    inferred = best_effort_inference(model)  # where it gives up, callers fall back on conv weights
+    graph = inferred.graph
+    found: dict[str, InferredType] = {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = value.type.tensor_type
+        dtype = (np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+                 if tensor_type.elem_type else None)
+        if not tensor_type.HasField("shape"):
+            found[value.name] = InferredType(None, None, dtype)
+            continue
+        dims = tensor_type.shape.dim
+        channels = dims[1].dim_value if len(dims) > 1 and dims[1].HasField("dim_value") else None
+        found[value.name] = InferredType(len(dims), channels, dtype)
+    return found

@@ -2,8 +2,8 @@
 
 Rules:
 
-* The maps and ranks come from the plan (`ctx.results["plan"]`, a `Plan`, or the
-  constructor). Nothing planned: no projections, no data read.
+* The maps and ranks come from the plan (`ctx.plan`, or the constructor's); the data
+  from the constructor or else the pipeline (`ctx.calibration`, `ctx.held_out`). Nothing planned: no projections, no data read.
 * `pca` (Tai et al.'s compression-aware projection without its compensation): one
   projection per planned map, fitted in network order with every earlier projection
   in place, so each map is fitted on what the compressed network will feed it.
@@ -21,8 +21,9 @@ Rules:
   initialisation, for comparison).
 * Only calibration data is trained on; the held-out part scores each epoch (the best
   epoch is kept, `target` stops early) and stays unseen by the gradients.
-* The model is not changed; `result.data` maps tensor names to `Projection`s, and
-  `self.training` keeps the `TrainResult` (history, best epoch) of a trained method.
+* The model is not changed; `ctx.projections` (and `result.data`) maps tensor names to
+  `Projection`s, `ctx.projected_graph` is the graph those names refer to, and
+  `ctx.training` keeps what a trained method did (`TrainingRecord`).
 
 Entry point: `FitProjectionsPass(calibration, held_out, method="learned").run(model, ctx)`.
 """
@@ -32,6 +33,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, replace
+from typing import Any
 
 import onnx
 
@@ -40,6 +43,7 @@ from fmcompress.errors import InputError
 from fmcompress.featuremaps import Projection
 
 from .base import Pass, PassContext, PassResult
+from .graph import Model
 from .plan import Plan
 
 METHODS = ("learned", "pca", "random")
@@ -51,44 +55,75 @@ def torch_executor(model: onnx.ModelProto):
     try:
         from fmcompress.backend import OnnxModule
     except ImportError as exc:
-        raise InputError(f"this step needs torch: pip install 'fmcompress[torch]' ({exc})") from None
+        raise InputError(f"this step needs torch: pip install 'fmcompress[torch]' ({exc})") from exc
     return OnnxModule(model).eval()
+
+
+@dataclass
+class TrainingRecord:
+    """What a trained method did: its configuration, the trainer's result, the block stage."""
+
+    config: Any  # the TrainConfig used
+    result: Any = None  # the TrainResult (history, best epoch); None when nothing was trained
+    block_stage: dict | None = None  # learned's block reconstruction: epochs, seconds, per-map losses
 
 
 class FitProjectionsPass(Pass):
     """Fits one projection per planned map on calibration data; the model is unchanged."""
 
     name = "fit"
+    provides = ("projections", "projected_graph", "training")
 
-    def __init__(self, calibration: Dataset, held_out: Dataset | None = None, *, method: str = DEFAULT_METHOD,
-                 batch_size: int = 16, plan: Plan | None = None, training=None,
-                 checkpoint: str | os.PathLike | None = None, resume: bool = False, monitor=None):
+    def __init__(self, calibration: Dataset | None = None, held_out: Dataset | None = None, *,
+                 method: str = DEFAULT_METHOD, batch_size: int | None = None, plan: Plan | None = None,
+                 training=None, checkpoint: str | os.PathLike | None = None, resume: bool = False,
+                 monitor=None):
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-        if method != "pca" and held_out is None:
-            raise InputError(f"method {method!r} needs a held-out part to score its epochs")
-        self.calibration = calibration
+        self.calibration = calibration  # None: ctx.calibration (and ctx.held_out)
         self.held_out = held_out
         self.method = method
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # None: ctx.batch_size, else 16
         self.plan = plan
         self.config = training  # a TrainConfig, or None for the defaults
         self.checkpoint = checkpoint
         self.resume = resume
         self.monitor = monitor
-        self.training = None  # the TrainResult after a trained run
-        self.block_stage: dict | None = None  # learned's block reconstruction: epochs, seconds, per-map losses
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        plan = self.plan or ctx.results.get("plan")
+    @property
+    def requires(self) -> tuple[str, ...]:
+        needs = () if self.plan is not None else ("plan",)
+        return needs + (("calibration",) if self.calibration is None else ())
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        plan = self.plan or ctx.plan
         if not isinstance(plan, Plan):
             raise InputError("the fit pass needs a plan: run PlanPass first or pass plan=")
-        if not plan.maps:
-            return PassResult(model, modified=False, data={})
+        self._take_data(ctx)
+        ctx.projected_graph = model.copy()
+        ctx.projections = self._fit(model.proto(), plan, ctx) if plan.maps else {}
+        return PassResult(model, modified=False, data=ctx.projections)
+
+    def _take_data(self, ctx: PassContext) -> None:
+        """The constructor's data and batch size, else the pipeline's (PrepareDataPass)."""
+        if self.calibration is None:
+            self.calibration, self.held_out = ctx.calibration, ctx.held_out
+        if self.calibration is None:
+            raise InputError("the fit pass needs calibration data: run PrepareDataPass first or pass it")
+        if self.method != "pca" and self.held_out is None:
+            raise InputError(f"method {self.method!r} needs a held-out part to score its epochs")
+        if self.batch_size is None:
+            self.batch_size = ctx.batch_size or 16
+            if self.config is not None:
+                self.config = replace(self.config, batch_size=self.batch_size)
+
+    def _fit(self, model: onnx.ModelProto, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
         executor = torch_executor(model)
         maps = [(m.name, m.channels, m.k) for m in plan.maps]
+        if self.method != "pca":
+            ctx.training = TrainingRecord(self._config())
         if self.method == "random":
-            from fmcompress.backend.train import random_projections
+            from fmcompress.backend.trainer import random_projections
 
             initial = random_projections(maps, seed=self.config.seed if self.config else 0)
         elif self.method == "learned" and self._config().block_epochs > 0:
@@ -96,8 +131,8 @@ class FitProjectionsPass(Pass):
         else:
             initial = self._pca(executor, maps, plan, ctx)
         if self.method == "pca":
-            return PassResult(model, modified=False, data=initial)
-        return PassResult(model, modified=False, data=self._train(executor, maps, initial, ctx))
+            return initial
+        return self._train(executor, maps, initial, ctx)
 
     def _pca(self, executor, maps, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
         from fmcompress.backend.projection import fit_pca
@@ -112,7 +147,7 @@ class FitProjectionsPass(Pass):
 
     def _blockwise(self, executor, maps, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
         from fmcompress.backend.blockwise import fit_blockwise
-        from fmcompress.backend.train import resolve_device
+        from fmcompress.backend.devices import resolve_device
 
         config = self._config()
         device = resolve_device(config.device)
@@ -137,24 +172,24 @@ class FitProjectionsPass(Pass):
         fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.block_lr,
                                temperature=config.temperature, seed=config.seed, progress=progress)
         stage["seconds"] = time.perf_counter() - started
-        self.block_stage = stage
+        ctx.training.block_stage = stage
         return fitted
 
     def _config(self):
-        from fmcompress.training import TrainConfig
+        from fmcompress.train_config import TrainConfig
 
         return self.config or TrainConfig(batch_size=self.batch_size)
 
     def _train(self, executor, maps, initial: dict[str, Projection], ctx: PassContext) -> dict[str, Projection]:
-        from fmcompress.backend.train import ProjectionTrainer
+        from fmcompress.backend.trainer import ProjectionTrainer
 
         config = self._config()
         trainer = ProjectionTrainer(executor, [name for name, _, _ in maps], initial, config,
                                     checkpoint=self.checkpoint, resume=self.resume, monitor=self.monitor)
         assert self.held_out is not None
-        self.training = trainer.fit(self.calibration.inputs, self.calibration.labels,
-                                    self.held_out.inputs, self.held_out.labels)
-        best = self.training
+        best = trainer.fit(self.calibration.inputs, self.calibration.labels,
+                           self.held_out.inputs, self.held_out.labels)
+        ctx.training.result = best
         ctx.log(f"{self.method}: best held-out {best.metric} {best.best_score:.4f} at epoch {best.best_epoch}"
                 f"{' (stopped early at the target)' if best.stopped_early else ''}")
-        return self.training.projections
+        return best.projections

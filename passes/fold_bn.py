@@ -17,23 +17,25 @@ tensor (its name is kept); the BN node and any weights left unused are removed.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassContext, PassResult
-from .graphutil import CONV_OPS, Namer, constant_value, conv_bias, export_like, set_conv_params
+from .graph import Model
+from .graphutil import Namer, constant_value, conv_bias, set_conv_params
+from .ops import CONV_OPS
 
 
 class FoldBatchNormPass(Pass):
     name = "fold-bn"
+    provides = ("bn_folded",)
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        graph = gs.import_onnx(model)
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        graph = model.graph
         namer = Namer(graph)
-        folded = [bn.name for bn in list(graph.nodes) if _fold(graph, namer, bn)]
-        if not folded:
-            return PassResult(model, modified=False, data={"folded": []})
-        return PassResult(export_like(graph, model), modified=True, data={"folded": folded})
+        ctx.bn_folded = [bn.name for bn in list(graph.nodes) if _fold(graph, namer, bn)]
+        if ctx.bn_folded:
+            model.touched()
+        return PassResult(model, modified=bool(ctx.bn_folded), data={"folded": ctx.bn_folded})
 
 
 def _fold(graph: gs.Graph, namer: Namer, bn: gs.Node) -> bool:

@@ -10,16 +10,14 @@ metadata and functions stay as they were.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import shape_inference
 
 from fmcompress.onnxutil import constant_attr_value
 
-CONV_OPS = ("Conv", "ConvTranspose")
+from .ops import CONV_OPS
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
@@ -61,15 +59,11 @@ def conv_bias(node: gs.Node) -> np.ndarray | None:
 
 
 class Namer:
-    """Hands out node and tensor names not yet used in a graph (graphsurgeon or plain onnx)."""
+    """Hands out node and tensor names not yet used in a graphsurgeon graph, the one naming
+    helper of every rewriting pass."""
 
-    def __init__(self, graph: gs.Graph | onnx.GraphProto):
-        if isinstance(graph, onnx.GraphProto):
-            self.taken = {node.name for node in graph.node}
-            self.taken |= {name for node in graph.node for name in [*node.input, *node.output]}
-            self.taken |= {t.name for t in [*graph.input, *graph.output, *graph.initializer]}
-        else:
-            self.taken = {node.name for node in graph.nodes} | set(graph.tensors())
+    def __init__(self, graph: gs.Graph):
+        self.taken = {node.name for node in graph.nodes} | set(graph.tensors())
 
     def __call__(self, base: str) -> str:
         name, n = base, 0
@@ -78,6 +72,19 @@ class Namer:
             name = f"{base}/{n}"
         self.taken.add(name)
         return name
+
+
+def node_index(graph: gs.Graph, node: gs.Node) -> int:
+    """Where `node` itself is in `graph.nodes` (gs nodes compare by value, `list.index` by ==)."""
+    return next(i for i, other in enumerate(graph.nodes) if other is node)
+
+
+def detach(nodes: Iterable[gs.Node]) -> None:
+    """Unlink nodes from their tensors, so that a new node can be the only producer of their
+    outputs (or so that nodes built for a rewrite that was given up leave no trace)."""
+    for node in nodes:
+        node.inputs.clear()
+        node.outputs.clear()
 
 
 def set_conv_params(node: gs.Node, namer: Namer, weight: np.ndarray, bias: np.ndarray | None) -> None:
@@ -111,43 +118,3 @@ def conv1x1(graph: gs.Graph, namer: Namer, name: str, source: gs.Tensor, matrix:
 def new_variable(namer: Namer, base: str) -> gs.Variable:
     """A fresh tensor with no dtype/shape, so no (possibly stale) value_info is written for it."""
     return gs.Variable(namer(base))
-
-
-def export_like(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
-    """Clean, sort and export `graph` into a copy of `original` (keeps ir_version, opsets, metadata)."""
-    graph.cleanup().toposort()
-    exported = gs.export_onnx(graph, do_type_check=False)
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    model.graph.CopyFrom(exported.graph)
-    return model
-
-
-@dataclass(frozen=True)
-class InferredType:
-    """What ONNX shape inference says of a tensor; None where it cannot tell."""
-
-    rank: int | None
-    channels: int | None  # dim 1
-    dtype: np.dtype | None
-
-
-def inferred_types(model: onnx.ModelProto) -> dict[str, InferredType]:
-    """Rank, dim 1 and element dtype of every tensor that ONNX shape inference can type."""
-    try:
-        inferred = shape_inference.infer_shapes(model)
-    except Exception:  # inference is a best effort: callers fall back on conv weights
-        inferred = model
-    graph = inferred.graph
-    found: dict[str, InferredType] = {}
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        tensor_type = value.type.tensor_type
-        dtype = (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-                 if tensor_type.elem_type else None)
-        if not tensor_type.HasField("shape"):
-            found[value.name] = InferredType(None, None, dtype)
-            continue
-        dims = tensor_type.shape.dim
-        channels = dims[1].dim_value if len(dims) > 1 and dims[1].HasField("dim_value") else None
-        found[value.name] = InferredType(len(dims), channels, dtype)
-    return found

@@ -21,19 +21,17 @@ import onnx_graphsurgeon as gs
 
 from fmcompress.errors import InputError
 from fmcompress.featuremaps import Projection
-from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
+from fmcompress.shapes import InferredType, infer_tensor_infos, inferred_types, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
+from .graph import Model
 from .graphutil import (
-    CONV_OPS,
-    InferredType,
     Namer,
     constant_value,
     conv1x1,
-    export_like,
-    inferred_types,
     new_variable,
 )
+from .ops import CONV_OPS
 
 
 @dataclass(frozen=True)
@@ -123,8 +121,8 @@ def _producer_weight_dtype(tensor: gs.Tensor) -> np.dtype | None:
 class ProjectionPass(Pass):
     """Shared frame of the passes that take projections: import, check, rewrite, export.
 
-    The projections are the constructor's, or else the fit pass's
-    (`ctx.results["fit"]`), so the pass works alone and inside a Pipeline.
+    The projections are the constructor's, or else the fit pass's (`ctx.projections`),
+    so the pass works alone and inside a Pipeline.
     Subclasses implement `_rewrite(graph, projections, infos) -> data`; with no
     projections the model is returned unchanged.
     """
@@ -132,14 +130,21 @@ class ProjectionPass(Pass):
     def __init__(self, projections: dict[str, Projection] | None = None):
         self.projections = projections
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        projections = self.projections if self.projections is not None else ctx.results.get("fit") or {}
-        graph = gs.import_onnx(model)
-        infos = validate_projections(model, graph, projections, ctx.input_shapes)
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return ("projections",) if self.projections is None else ()
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        projections = self.projections if self.projections is not None else ctx.projections or {}
+        infos = validate_projections(model.proto(), model.graph, projections, ctx.input_shapes)
         if not projections:
-            return PassResult(model, modified=False, data={})
-        data = self._rewrite(graph, projections, infos)
-        return PassResult(export_like(graph, model), modified=True, data=data)
+            return self._result(model, ctx, {})
+        data = self._rewrite(model.graph, projections, infos)
+        model.touched()
+        return self._result(model, ctx, data)
+
+    def _result(self, model: Model, ctx: PassContext, data: dict[str, dict]) -> PassResult:
+        return PassResult(model, modified=bool(data), data=data)
 
     def _rewrite(self, graph: gs.Graph, projections: dict[str, Projection],
                  infos: dict[str, MapInfo]) -> dict[str, dict]:

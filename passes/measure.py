@@ -20,9 +20,9 @@ d. The gate: with `min_agreement`, top-1 agreement (sequence agreement for a
    labels. A failure raises `VerificationError` (exit 1), so compile writes nothing.
    Without a gate, agreement under 90% is a warning.
 
-Shapes come from `ctx.results["memory"]` (the original's analysis) and
-`ctx.results["verify"]["after"]` (the emitted model's) when present. The model is
-not changed; `result.data` is `{"fidelity", "flops", "latency_ms", "gate", "warnings"}`.
+Shapes come from `ctx.before` (the original's analysis) and `ctx.verification["after"]`
+(the emitted model's) when present. The model is not changed; `ctx.measurement` (and
+`result.data`) is `{"fidelity", "flops", "latency_ms", "gate", "warnings"}`.
 """
 
 from __future__ import annotations
@@ -34,27 +34,31 @@ import onnx
 from fmcompress.data import Dataset
 from fmcompress.errors import InputError, VerificationError
 from fmcompress.metrics import count_flops, fidelity, gated_agreement, ort_latency, run_ort
-from fmcompress.report import AnalysisReport
+from fmcompress.reports.analysis import AnalysisReport
 
-from .base import Pass, PassContext, PassResult
-from .memory import MemoryAnalysisPass
+from .base import PassContext, PassResult
+from .graph import Model
+from .memory import analyze_stored
+from .prepare_data import HeldOutPass
 
 LOW_AGREEMENT = 0.9
 
 
-class MeasurePass(Pass):
+class MeasurePass(HeldOutPass):
     """Fidelity, FLOPs and latency of the model against `original`; enforces the fidelity gate."""
 
     name = "measure"
+    provides = ("measurement",)
 
-    def __init__(self, original: onnx.ModelProto, held_out: Dataset, *, batch_size: int = 16, threads: int = 1,
+    def __init__(self, original: onnx.ModelProto | None = None, held_out: Dataset | None = None, *,
+                 batch_size: int | None = None, threads: int = 1,
                  rounds: int = 5, repeats: int = 20, min_agreement: float | None = None,
                  max_accuracy_drop: float | None = None):
         if min_agreement is not None and not 0 <= min_agreement <= 1:
             raise InputError(f"--min-agreement must be between 0 and 1, got {min_agreement}")
         if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
             raise InputError(f"--max-accuracy-drop must be at least 0 points, got {max_accuracy_drop}")
-        if max_accuracy_drop is not None and held_out.labels is None:
+        if max_accuracy_drop is not None and held_out is not None and held_out.labels is None:
             raise InputError("--max-accuracy-drop needs labelled data (an .npz with `labels` or class subfolders)")
         if threads < 1:
             raise InputError(f"--threads must be at least 1, got {threads}")
@@ -67,13 +71,24 @@ class MeasurePass(Pass):
         self.min_agreement = min_agreement
         self.max_accuracy_drop = max_accuracy_drop
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        self._take_context(ctx)
+        ctx.measurement = self._measure(model.proto(), ctx)
+        ctx.warnings += ctx.measurement["warnings"]
+        return PassResult(model, modified=False, data=ctx.measurement)
+
+    def _take_context(self, ctx: PassContext) -> None:
+        self._take_held_out(ctx)
+        if self.max_accuracy_drop is not None and self.held_out.labels is None:
+            raise InputError("--max-accuracy-drop needs labelled data (an .npz with `labels` or class subfolders)")
+
+    def _measure(self, model: onnx.ModelProto, ctx: PassContext) -> dict[str, Any]:
         reference = run_ort(self.original, self.held_out.batches(self.batch_size))
         candidate = run_ort(model, self.held_out.batches(self.batch_size))
         quality = fidelity(reference, candidate, self.held_out.labels).to_dict()
         quality["boxes"] = _box_figures(reference, candidate)
-        before = _analysis(self.original, ctx.results.get("memory"), ctx)
-        verified = ctx.results.get("verify") or {}
+        before = _analysis(self.original, ctx.before, ctx)
+        verified = ctx.verification or {}
         after = _analysis(model, verified.get("after"), ctx)
         flops = {"before": count_flops(self.original, before.tensor_shapes),
                  "after": count_flops(model, after.tensor_shapes)}
@@ -84,8 +99,7 @@ class MeasurePass(Pass):
         gate, warnings = self._gate(quality)
         ctx.log(f"fidelity: {fidelity_line(quality)}; latency ratio {latency['ratio']:.2f} "
                 f"({latency['spread']['ratio'][0]:.2f}-{latency['spread']['ratio'][1]:.2f})")
-        return PassResult(model, modified=False, data={"fidelity": quality, "flops": flops, "latency_ms": latency,
-                                                      "gate": gate, "warnings": warnings})
+        return {"fidelity": quality, "flops": flops, "latency_ms": latency, "gate": gate, "warnings": warnings}
 
     def _gate(self, quality: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """Rule d: raises VerificationError when the held-out fidelity misses the gate."""
@@ -126,7 +140,7 @@ def _box_figures(reference: list, candidate: list) -> dict[str, Any] | None:
 
 
 def _analysis(model: onnx.ModelProto, known: AnalysisReport | None, ctx: PassContext) -> AnalysisReport:
-    return known if isinstance(known, AnalysisReport) else MemoryAnalysisPass().run(model, ctx).data
+    return known if isinstance(known, AnalysisReport) else analyze_stored(model, ctx)
 
 
 def _accuracy_drop_points(quality: dict[str, Any]) -> float | None:

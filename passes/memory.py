@@ -58,27 +58,22 @@ import onnx
 from onnx import numpy_helper
 
 from fmcompress.onnxutil import constant_node_value
-from fmcompress.report import AnalysisReport, FeatureMap, LivePoint
+from fmcompress.reports.analysis import AnalysisReport, FeatureMap, LivePoint
 from fmcompress.shapes import TensorInfo, graph_inputs, infer_tensor_infos, resolve_input_shapes
 from fmcompress.units import Ceiling
 
 from .base import Pass, PassContext, PassResult
-
-ACTIVATIONS = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish",
-               "Tanh", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "ThresholdedRelu", "Celu"}
-UNARY_ELEMENTWISE = ACTIVATIONS | {
-    "BatchNormalization", "Identity", "Dropout", "Cast", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
-    "Floor", "Ceil", "Round", "Sign", "Not", "IsNaN", "IsInf", "QuantizeLinear", "Sin", "Cos",
-    "InstanceNormalization", "LayerNormalization", "LpNormalization", "Softmax", "LogSoftmax",
-}
-BINARY_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Min", "Max", "Mod", "Where", "Equal", "Less",
-                      "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Sum", "Mean"}
-VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
-POOLING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool"}
-AFFINE_PER_CHANNEL = {"BatchNormalization", "Identity", "Add", "Sub", "Mul", "Div"}
-SHAPE_OPS = {"Shape", "Size"}
-CHAINABLE = UNARY_ELEMENTWISE | BINARY_ELEMENTWISE | VIEW_OPS
-PASS_THROUGH = {"Identity", "Dropout"}  # compile pushes U through them (fold rule c)
+from .graph import Model
+from .ops import (
+    ACTIVATIONS,
+    AFFINE_PER_CHANNEL_OPS,
+    CHAINABLE_OPS,
+    FOLD_IDENTITY_OPS,
+    POOLING_OPS,
+    SHAPE_OPS,
+    STORED_BINARY_OPS,
+    STORED_UNARY_OPS,
+)
 
 
 @dataclass
@@ -183,7 +178,7 @@ def is_projection_conv(node: onnx.NodeProto, index: GraphIndex) -> bool:
     if mix is None or mix[0] >= mix[1]:
         return False
     readers = index.consumers.get(node.output[0], [])
-    return not any(r.op_type in CHAINABLE - PASS_THROUGH for r in readers)
+    return not any(r.op_type in CHAINABLE_OPS - FOLD_IDENTITY_OPS for r in readers)
 
 
 def is_expansion_conv(node: onnx.NodeProto, index: GraphIndex) -> bool:
@@ -268,11 +263,11 @@ class GroupBuilder:
                 self._absorb(group, region)
 
     def _joins(self, group: Group, node: onnx.NodeProto) -> bool:
-        if node.op_type in POOLING:
+        if node.op_type in POOLING_OPS:
             return group.ends_in_activation
         if is_projection_conv(node, self.index):
             return True  # Z = P X is computed in the producer's epilogue: X is never stored
-        if node.op_type not in CHAINABLE:
+        if node.op_type not in CHAINABLE_OPS:
             return False
         external = [i for i in self.index.data_inputs(node) if i != group.tip]
         if not external:
@@ -294,7 +289,7 @@ class GroupBuilder:
     def _feeds_expand_on_read(self, tensor: str) -> bool:
         """`tensor` ends a chain of a 1x1 conv and per-channel affine ops with constant operands."""
         node = self.index.producer.get(tensor)
-        while node is not None and node.op_type in AFFINE_PER_CHANNEL and self._one_data_input(node):
+        while node is not None and node.op_type in AFFINE_PER_CHANNEL_OPS and self._one_data_input(node):
             source = self.index.data_inputs(node)[0]
             if len(self.index.consumers[source]) != 1:
                 return False
@@ -314,7 +309,7 @@ class GroupBuilder:
             return True
         consumers = self.index.consumers.get(out, [])
         return (len(consumers) == 1 and self.group_of.get(id(consumers[0])) is not group
-                and consumers[0].op_type in UNARY_ELEMENTWISE | BINARY_ELEMENTWISE
+                and consumers[0].op_type in STORED_UNARY_OPS | STORED_BINARY_OPS
                 and self._feeds_expand_on_read(out))
 
     def _reads_stored(self, node: onnx.NodeProto) -> bool:
@@ -327,7 +322,7 @@ class GroupBuilder:
 def _converging_region(index: GraphIndex, tip: str, consumers: list[onnx.NodeProto],
                        max_nodes: int = 6) -> list[onnx.NodeProto] | None:
     """Elementwise nodes fed by `tip` and each other that converge on one sink (x*sigmoid(x))."""
-    elementwise = UNARY_ELEMENTWISE | BINARY_ELEMENTWISE
+    elementwise = STORED_UNARY_OPS | STORED_BINARY_OPS
     region: list[onnx.NodeProto] = []
     inside = {tip}
     queue = list(consumers)
@@ -359,29 +354,37 @@ class MemoryAnalysisPass(Pass):
     """
 
     name = "memory"
+    provides = ("memory", "before")
 
     def __init__(self, ceiling: Ceiling | None = None, source: str = ""):
         self.ceiling = ceiling
         self.source = source
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        shapes = resolve_input_shapes(model, ctx.input_shapes)
-        infos = infer_tensor_infos(model, shapes)
-        index = GraphIndex(model)
-        builder = GroupBuilder(index)
-        groups = builder.build()
-        stored_steps = _stored_steps(index, groups, builder.group_of)
-        strict_steps = _strict_steps(index)
-        stored = _stored_maps(index, groups, infos, ctx.act_bytes, stored_steps)
-        strict = [_feature_map(index, name, infos, ctx.act_bytes, None, strict_steps)
-                  for name in index.inputs + [o for n in index.nodes for o in n.output if o in index.data]]
-        report = AnalysisReport.build(
-            source=self.source, input_shapes=shapes, act_bytes=ctx.act_bytes, ceiling=self.ceiling,
-            stored=stored, strict=strict,
-            live=_live_curve(stored, stored_steps.labels), strict_live=_live_curve(strict, strict_steps.labels),
-            tensor_shapes={name: info.shape for name, info in infos.items()}, graph_key=graph_key(model),
-        )
-        return PassResult(model, modified=False, data=report)
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        ctx.memory = analyze_stored(model.proto(), ctx, self.ceiling, self.source)
+        ctx.before = ctx.before or ctx.memory
+        return PassResult(model, modified=False, data=ctx.memory)
+
+
+def analyze_stored(model: onnx.ModelProto, ctx: PassContext, ceiling: Ceiling | None = None,
+                   source: str = "") -> AnalysisReport:
+    """The stored, live and strict views of `model` (what the pass provides)."""
+    shapes = resolve_input_shapes(model, ctx.input_shapes)
+    infos = infer_tensor_infos(model, shapes)
+    index = GraphIndex(model)
+    builder = GroupBuilder(index)
+    groups = builder.build()
+    stored_steps = _stored_steps(index, groups, builder.group_of)
+    strict_steps = _strict_steps(index)
+    stored = _stored_maps(index, groups, infos, ctx.act_bytes, stored_steps)
+    strict = [_feature_map(index, name, infos, ctx.act_bytes, None, strict_steps)
+              for name in index.inputs + [o for n in index.nodes for o in n.output if o in index.data]]
+    return AnalysisReport.build(
+        source=source, input_shapes=shapes, act_bytes=ctx.act_bytes, ceiling=ceiling,
+        stored=stored, strict=strict,
+        live=_live_curve(stored, stored_steps.labels), strict_live=_live_curve(strict, strict_steps.labels),
+        tensor_shapes={name: info.shape for name, info in infos.items()}, graph_key=graph_key(model),
+    )
 
 
 def graph_key(model: onnx.ModelProto) -> str:

@@ -19,7 +19,7 @@ Rules (Price & Tanner's ceiling compression; docs/design.md section 2), on the s
   read by a Resize takes the largest plane it is carried to, k = floor(ceiling /
   max(plane of X, planes of its resized copies)) (with the model; `carried_planes`).
 
-Entry point: `PlanPass(ceiling).run(model, ctx)`; reuses `ctx.results["memory"]` only
+Entry point: `PlanPass(ceiling).run(model, ctx)`; reuses `ctx.memory` only
 when it is an analysis of the same graph (`graph_key`) at the same ceiling, resolved
 input shapes and act_bytes, else runs the analysis again and stores it there.
 `result.data` is a `Plan`.
@@ -35,12 +35,14 @@ import onnx
 
 from fmcompress.errors import InputError
 from fmcompress.featuremaps import FeatureMap
-from fmcompress.report import AnalysisReport
+from fmcompress.reports.analysis import AnalysisReport
 from fmcompress.shapes import resolve_input_shapes
 from fmcompress.units import Ceiling, format_bytes
 
 from .base import Pass, PassContext, PassResult
-from .memory import MemoryAnalysisPass, graph_key
+from .graph import Model
+from .memory import analyze_stored, graph_key
+from .ops import CARRYING_OPS
 
 
 @dataclass
@@ -84,27 +86,38 @@ class PlanPass(Pass):
     """Chooses a rank for every compressible stored map above the ceiling."""
 
     name = "plan"
+    provides = ("plan", "memory", "before")
 
-    def __init__(self, ceiling: Ceiling):
-        self.ceiling = ceiling
+    def __init__(self, ceiling: Ceiling | None = None):
+        self.ceiling = ceiling  # None: the current plan's, in bytes (re-planning a rewritten graph)
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        report = ctx.results.get("memory")
-        if not (isinstance(report, AnalysisReport) and self._matches(report, model, ctx)):
-            report = MemoryAnalysisPass(self.ceiling, source=getattr(report, "source", "")).run(model, ctx).data
-            ctx.results["memory"] = report
-        return PassResult(model, modified=False, data=plan_from_report(report, carried_planes(model, report)))
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return ("plan",) if self.ceiling is None else ()
 
-    def _matches(self, report: AnalysisReport, model: onnx.ModelProto, ctx: PassContext) -> bool:
-        """The earlier analysis was of this graph, at this ceiling, input shapes and act_bytes."""
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        proto = model.proto()
+        ceiling = self.ceiling or Ceiling(bytes=ctx.plan.ceiling_bytes, text=ctx.plan.ceiling)
+        report = ctx.memory
+        if not (isinstance(report, AnalysisReport) and self._matches(report, proto, ctx, ceiling)):
+            ctx.memory = report = analyze_stored(proto, ctx, ceiling, getattr(report, "source", ""))
+            ctx.before = ctx.before or report
+            ctx.plan = plan_from_report(report, carried_planes(proto, report))
+        elif self.ceiling is not None or ctx.plan is None:
+            ctx.plan = plan_from_report(report, carried_planes(proto, report))
+        return PassResult(model, modified=False, data=ctx.plan)
+
+    def _matches(self, report: AnalysisReport, model: onnx.ModelProto, ctx: PassContext,
+                 ceiling: Ceiling) -> bool:
+        """The earlier analysis was of this graph, at this ceiling, input shapes and act_bytes
+        (re-planning: at the current plan's ceiling bytes)."""
         spec = report.ceiling_spec
-        return (spec is not None and (spec.bytes, spec.ratio) == (self.ceiling.bytes, self.ceiling.ratio)
+        same_ceiling = (spec is not None and (spec.bytes, spec.ratio) == (ceiling.bytes, ceiling.ratio)
+                        or self.ceiling is None and report.ceiling_bytes == ceiling.bytes)
+        return (same_ceiling
                 and report.act_bytes == ctx.act_bytes and report.graph_key == graph_key(model)
                 and report.input_shapes == {name: list(dims) for name, dims in
                                             resolve_input_shapes(model, ctx.input_shapes).items()})
-
-
-CARRYING_OPS = ("Resize", "Upsample", "Identity", "Dropout")  # U goes through them (fold rule c)
 
 
 def carried_planes(model: onnx.ModelProto, report: AnalysisReport) -> dict[str, int]:

@@ -46,9 +46,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from fmcompress.errors import InputError
+from fmcompress.errors import InputError, onnxruntime_errors
 from fmcompress.featuremaps import FeatureMap
-from fmcompress.report import DEFAULT_ORT_LEVEL, ORT_LEVELS, RuntimeView
+from fmcompress.reports.analysis import DEFAULT_ORT_LEVEL, ORT_LEVELS, RuntimeView
 from fmcompress.shapes import (
     TensorInfo,
     graph_inputs,
@@ -58,12 +58,13 @@ from fmcompress.shapes import (
 )
 
 from .base import Pass, PassContext, PassResult
+from .graph import Model
 from .memory import _live_curve
+from .ops import RUNTIME_ALIAS_OPS
 
 LEVELS = ORT_LEVELS
 DEFAULT_LEVEL = DEFAULT_ORT_LEVEL
 CEILED_ROLES = ("map", "workspace")  # graph inputs and outputs are the caller's (rule d)
-ALIAS_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
 
 
 def ort_level(level: str):
@@ -90,8 +91,8 @@ def optimized_model(model: onnx.ModelProto, level: str = DEFAULT_LEVEL) -> onnx.
         options.optimized_model_filepath = path
         try:
             ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime's errors are free text; keep the first line
-            raise InputError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from None
+        except onnxruntime_errors() as exc:  # free text; keep the first line
+            raise InputError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from exc
         return onnx.load(path)
 
 
@@ -101,33 +102,52 @@ def _tensor_infos(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
     try:
         return onnxruntime_tensor_infos(optimized, shapes, names)
     except InputError as exc:
-        raise InputError(f"sizing the optimised graph's tensors: {exc}") from None
+        raise InputError(f"sizing the optimised graph's tensors: {exc}") from exc
 
 
 class RuntimeMemoryPass(Pass):
     """Reports onnxruntime's allocations and their live peak; does not modify the model."""
 
     name = "runtime"
+    provides = ("runtime", "runtime_before")
 
-    def __init__(self, level: str = DEFAULT_LEVEL, ceiling_bytes: int | None = None):
+    def __init__(self, level: str = DEFAULT_LEVEL, ceiling_bytes: int | None = None, *,
+                 plan_ceiling: bool = False):
         ort_level(level)  # fail early on a bad level
         self.level = level
         self.ceiling_bytes = ceiling_bytes
+        self.plan_ceiling = plan_ceiling  # the ceiling is the plan's (compile --runtime ort)
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        shapes = resolve_input_shapes(model, ctx.input_shapes)
-        optimized = optimized_model(with_input_shapes(model, shapes), self.level)
-        infos = _tensor_infos(optimized, shapes)
-        tensors = runtime_tensors(optimized, shapes, infos, ctx.act_bytes)
-        tensors += conv_workspaces(optimized, infos, ctx.act_bytes)
-        counted = [t for t in tensors if t.role != "input" and t.bytes > 0]
-        labels = [node.name or node.op_type for node in optimized.graph.node]
-        live = _live_curve(counted, labels)
-        ceiling = self.ceiling_bytes
-        for tensor in tensors:
-            tensor.over_ceiling = ceiling is not None and tensor.role in CEILED_ROLES and tensor.bytes > ceiling
-        view = RuntimeView.build(level=self.level, tensors=tensors, live=live, ceiling_bytes=ceiling)
-        return PassResult(model, modified=False, data=view)
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return ("plan",) if self.plan_ceiling else ()
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        ceiling = ctx.plan.ceiling_bytes if self.plan_ceiling else self.ceiling_bytes
+        key = ("runtime", self.level, ceiling, ctx.act_bytes, tuple(sorted(ctx.input_shapes.items())))
+        if key not in model.cache:  # re-run on an unchanged graph (nothing sunk): one optimisation
+            model.cache[key] = analyze_runtime(model.proto(), ctx, self.level, ceiling)
+        ctx.runtime = model.cache[key]
+        ctx.runtime_before = ctx.runtime_before or ctx.runtime
+        return PassResult(model, modified=False, data=ctx.runtime)
+
+
+def analyze_runtime(model: onnx.ModelProto, ctx: PassContext, level: str = DEFAULT_LEVEL,
+                    ceiling_bytes: int | None = None) -> RuntimeView:
+    """onnxruntime's allocations of `model` and their live peak (what the pass provides)."""
+    shapes = resolve_input_shapes(model, ctx.input_shapes)
+    optimized = optimized_model(with_input_shapes(model, shapes), level)
+    infos = _tensor_infos(optimized, shapes)
+    tensors = runtime_tensors(optimized, shapes, infos, ctx.act_bytes)
+    tensors += conv_workspaces(optimized, infos, ctx.act_bytes)
+    counted = [t for t in tensors if t.role != "input" and t.bytes > 0]
+    labels = [node.name or node.op_type for node in optimized.graph.node]
+    live = _live_curve(counted, labels)
+    ceiling = ceiling_bytes
+    for tensor in tensors:
+        tensor.over_ceiling = ceiling is not None and tensor.role in CEILED_ROLES and tensor.bytes > ceiling
+    view = RuntimeView.build(level=level, tensors=tensors, live=live, ceiling_bytes=ceiling)
+    return view
 
 
 def runtime_tensors(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
@@ -146,7 +166,7 @@ def runtime_tensors(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...
         for name in node.input:
             buffer = owner.get(name, name)
             last_use[buffer] = max(last_use.get(buffer, -1), last if name in outputs else step)
-        if node.op_type in ALIAS_OPS and node.input and node.input[0] in {*owner, *infos, *shapes}:
+        if node.op_type in RUNTIME_ALIAS_OPS and node.input and node.input[0] in {*owner, *infos, *shapes}:
             owner[node.output[0]] = owner.get(node.input[0], node.input[0])
         for name in node.output:
             if name in outputs:
@@ -228,4 +248,4 @@ def runtime_view(model: onnx.ModelProto | str | Path, input_shapes=None, *, leve
 
     proto = load_model(model)
     ctx = PassContext(input_shapes=dict(input_shapes or {}), act_bytes=act_bytes)
-    return RuntimeMemoryPass(level, ceiling_bytes).run(proto, ctx).data
+    return analyze_runtime(proto, ctx, level, ceiling_bytes)

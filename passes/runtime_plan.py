@@ -1,8 +1,8 @@
 """RuntimePlanPass: which regions to tile, and which maps to project, so that every tensor
 onnxruntime allocates fits under the ceiling (compile --runtime ort).
 
-Inputs: the runtime view of the model (`ctx.results["runtime"]`, passes/runtime.py) made
-with the ceiling, and the stored view (`ctx.results["memory"]`) for what can be projected.
+Inputs: the runtime view of the model (`ctx.runtime`, passes/runtime.py) made with the
+ceiling, and the stored view and its plan (`ctx.memory`, `ctx.plan`) for what can be projected.
 Rules:
 
 a. The tensors to bring under the ceiling are the runtime view's allocations above it
@@ -35,27 +35,33 @@ f. Squeeze-excitation: a GlobalAveragePool whose input is above the ceiling is c
    its gate then reaches the region that multiplies the map as a per-channel side
    input. Regions are planned on the graph so rewritten.
 
+g. The maps to project are the chosen region ends; where some allocation no region covers
+   (a Resize or Concat of a feature pyramid, which bands cannot cross), every stored map of
+   the plan above the ceiling is projected too: U is then carried through those ops and
+   they run narrow. `ctx.plan` keeps its ceiling and takes those maps.
+
 Entry point: `RuntimePlanPass(allow_projection=True).run(model, ctx)`; the model is not
-changed; `result.data` is a `RuntimePlan`. `TileToCeilingPass(ceiling_bytes)` is rule e's
+changed; `ctx.runtime_plan` and `result.data` are the `RuntimePlan`. `TileToCeilingPass(ceiling_bytes)` is rule e's
 second half: runtime view, plan without projections, tile.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
 from fmcompress.errors import InputError, VerificationError
 from fmcompress.featuremaps import FeatureMap
-from fmcompress.report import AnalysisReport, RuntimeView
+from fmcompress.reports.analysis import AnalysisReport, RuntimeView
 from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
-from .plan import PlannedMap, carried_planes, planned_map, ranked_plane_bytes
-from .runtime import DEFAULT_LEVEL, RuntimeMemoryPass
+from .graph import Model
+from .plan import Plan, PlannedMap, carried_planes, planned_map, ranked_plane_bytes
+from .runtime import DEFAULT_LEVEL, analyze_runtime
 from .split_conv import SplitConvPass
-from .tile import Region, TilePass, bands_for_budget, pool_in_bands, tileable_region, walk_back
+from .tile import Region, TilePass, bands_for_budget, pool_model, tileable_region, walk_back
 
 
 @dataclass
@@ -94,27 +100,54 @@ class RuntimePlan:
 class RuntimePlanPass(Pass):
     """Plans tiling regions (and projections at their ends) for the runtime view's ceiling."""
 
-    name = "runtime_plan"
+    name = "runtime-plan"
+    provides = ("runtime_plan", "plan")
 
     def __init__(self, *, allow_projection: bool = True, window: int = 200):
         self.allow_projection = allow_projection
         self.window = window
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        view = ctx.results.get("runtime")
-        stored = ctx.results.get("memory")
-        if not isinstance(view, RuntimeView) or view.ceiling_bytes is None:
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return ("runtime", "memory", "plan") if self.allow_projection else ("runtime",)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if ctx.runtime is None or ctx.runtime.ceiling_bytes is None:
             raise InputError("the runtime plan needs a runtime view made with a ceiling: run RuntimeMemoryPass first")
-        if self.allow_projection and not isinstance(stored, AnalysisReport):
+        if self.allow_projection and ctx.memory is None:
             raise InputError("the runtime plan needs the stored view to project: run MemoryAnalysisPass first")
-        planner = _Planner(model, ctx, view, stored, self.allow_projection, self.window)
-        pools = planner.pools()
-        if pools:  # plan the regions on the graph whose pools run in bands (rule f)
-            planner = _Planner(with_pools_in_bands(model, pools, ctx), ctx, view, stored, self.allow_projection,
-                               self.window, candidates=planner.order)
-        plan = planner.plan()
-        plan.pools = pools
+        ctx.runtime_plan = plan = plan_runtime(model.proto(), ctx, self.allow_projection, self.window)
+        if self.allow_projection and ctx.plan is not None:
+            ctx.plan = _projected_plan(ctx.plan, plan, ctx)
         return PassResult(model, modified=False, data=plan)
+
+
+def plan_runtime(model: onnx.ModelProto, ctx: PassContext, allow_projection: bool,
+                 window: int = 200) -> RuntimePlan:
+    """Rules a-f on `model`, with the runtime and stored views of `ctx`."""
+    view, stored = ctx.runtime, ctx.memory if allow_projection else None
+    planner = _Planner(model, ctx, view, stored, allow_projection, window)
+    pools = planner.pools()
+    if pools:  # plan the regions on the graph whose pools run in bands (rule f)
+        banded = Model.from_proto(model)  # a copy to plan on: the model itself stays as it is
+        with_pools_in_bands(banded, pools, ctx)
+        planner = _Planner(banded.proto(), ctx, view, stored, allow_projection, window,
+                           candidates=planner.order)
+    plan = planner.plan()
+    plan.pools = pools
+    return plan
+
+
+def _projected_plan(stored_plan: Plan, runtime_plan: RuntimePlan, ctx: PassContext) -> Plan:
+    """Rule g."""
+    maps = runtime_plan.projected
+    if runtime_plan.uncovered:
+        chosen = {m.name for m in maps}
+        maps = sorted([*maps, *(m for m in stored_plan.maps if m.name not in chosen)], key=lambda m: m.step)
+        ctx.log(f"runtime plan: {len(runtime_plan.uncovered)} allocation(s) no band covers; projecting every "
+                f"stored map above the ceiling too")
+    ctx.log(f"runtime plan: {len(runtime_plan.regions)} tiled region(s), {len(maps)} projected map(s)")
+    return replace(stored_plan, maps=maps)
 
 
 class _Planner:
@@ -263,11 +296,11 @@ class _Planner:
         return info.numel * (self.act_bytes or info.dtype.itemsize)
 
 
-def with_pools_in_bands(model: onnx.ModelProto, pools: list[PlannedPool], ctx: PassContext) -> onnx.ModelProto:
-    """Rule f applied: each planned pool computed from bands of its input (tile rule i)."""
+def with_pools_in_bands(model: Model, pools: list[PlannedPool], ctx: PassContext) -> None:
+    """Rule f applied to `model.graph`: each planned pool computed from bands of its input
+    (tile rule i)."""
     for planned in pools:
-        model = pool_in_bands(model, planned.start, planned.pool, planned.bands, ctx.input_shapes)
-    return model
+        pool_model(model, planned.start, planned.pool, planned.bands, ctx.input_shapes)
 
 
 def uncovered_message(uncovered: list[FeatureMap], ceiling_bytes: int) -> str:
@@ -286,20 +319,26 @@ class TileToCeilingPass(Pass):
     `result.data` holds the plan, the tile pass's facts and the split convs.
     """
 
-    name = "tile"
+    name = "tile-to-ceiling"
+    provides = ("tiling",)
 
-    def __init__(self, ceiling_bytes: int, level: str = DEFAULT_LEVEL):
-        self.ceiling_bytes = ceiling_bytes
+    def __init__(self, ceiling_bytes: int | None = None, level: str = DEFAULT_LEVEL):
+        self.ceiling_bytes = ceiling_bytes  # None: the plan's
         self.level = level
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return ("plan",) if self.ceiling_bytes is None else ()
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        ceiling = self.ceiling_bytes if self.ceiling_bytes is not None else ctx.plan.ceiling_bytes
         local = PassContext(input_shapes=ctx.input_shapes, act_bytes=ctx.act_bytes, log=ctx.log)
-        local.results["runtime"] = RuntimeMemoryPass(self.level, self.ceiling_bytes).run(model, local).data
-        plan = RuntimePlanPass(allow_projection=False).run(model, local).data
+        local.runtime = analyze_runtime(model.proto(), local, self.level, ceiling)
+        plan = plan_runtime(model.proto(), local, allow_projection=False)
         if plan.uncovered:
-            raise VerificationError(uncovered_message(plan.uncovered, self.ceiling_bytes))
-        model = with_pools_in_bands(model, plan.pools, local)
+            raise VerificationError(uncovered_message(plan.uncovered, ceiling))
+        with_pools_in_bands(model, plan.pools, local)
         tiled = TilePass([(r.starts, r.end, r.bands) for r in plan.regions]).run(model, local)
-        split = SplitConvPass(self.ceiling_bytes).run(tiled.model, local)
-        return PassResult(split.model, modified=bool(plan.regions or split.data),
-                          data={"plan": plan, "regions": tiled.data, "split_convs": split.data})
+        split = SplitConvPass(ceiling).run(model, local)
+        ctx.tiling = {"plan": plan, "regions": tiled.data, "split_convs": split.data}
+        return PassResult(model, modified=bool(plan.regions or split.data), data=ctx.tiling)

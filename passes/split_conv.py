@@ -13,6 +13,9 @@ b. It becomes ceil(M / positions) convs over the same input, each with at most
    axis that writes the original output name; the rest of the graph is untouched.
 c. The outputs are bitwise what one conv computes per filter, so the model's
    outputs are unchanged up to float rounding (tests check against onnxruntime).
+d. The rewrite edits `model.graph` in place: the parts and the Concat take the conv's
+   place in the node list, named `<conv>/split<i>`, `<conv>/concat` (unique, by `Namer`);
+   shapes come from ONNX shape inference of `model.proto()`.
 
 Entry point: `SplitConvPass(budget_bytes).run(model, ctx)`; `result.data` lists each split
 conv with its filter count and number of parts.
@@ -23,82 +26,77 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_graphsurgeon as gs
 
-from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
+from fmcompress.shapes import TensorInfo, infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
+from .graph import Model
+from .graphutil import Namer, constant_value, detach, optional_input
 from .runtime import conv_workspace_elements
 
 
 class SplitConvPass(Pass):
-    """Splits every conv whose input expansion would exceed `budget_bytes` (rules a-c)."""
+    """Splits every conv whose input expansion would exceed `budget_bytes` (rules a-d)."""
 
     name = "split-conv"
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        infos = infer_tensor_infos(model, resolve_input_shapes(model, ctx.input_shapes))
-        weights = {init.name: init for init in model.graph.initializer}
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        proto = model.proto()
+        infos = infer_tensor_infos(proto, resolve_input_shapes(proto, ctx.input_shapes))
+        namer = Namer(model.graph)
         split: list[dict] = []
-        nodes: list[onnx.NodeProto] = []
-        new_weights: list[onnx.TensorProto] = []
-        for node in model.graph.node:
-            parts = self._parts(node, weights, infos, ctx.act_bytes)
+        nodes: list[gs.Node] = []
+        for node in model.graph.nodes:
+            parts = self._parts(node, infos, ctx.act_bytes)
             if parts <= 1:
                 nodes.append(node)
                 continue
-            nodes += _split(node, weights, parts, new_weights)
-            split.append({"node": node.name, "filters": int(weights[node.input[1]].dims[0]), "parts": parts})
-        if not split:
-            return PassResult(model, modified=False, data=[])
-        rewritten = onnx.ModelProto()
-        rewritten.CopyFrom(model)
-        del rewritten.graph.node[:]
-        rewritten.graph.node.extend(nodes)
-        used = {name for node in nodes for name in node.input}
-        kept = [init for init in [*rewritten.graph.initializer, *new_weights] if init.name in used]
-        del rewritten.graph.initializer[:]
-        rewritten.graph.initializer.extend(kept)
-        return PassResult(rewritten, modified=True, data=split)
+            filters = int(node.inputs[1].shape[0])
+            split.append({"node": node.name, "filters": filters, "parts": parts})
+            nodes += _split(node, parts, namer)
+        if split:
+            model.graph.nodes = nodes
+            model.touched(sort=False)
+        return PassResult(model, modified=bool(split), data=split)
 
-    def _parts(self, node: onnx.NodeProto, weights: dict[str, onnx.TensorProto], infos, act_bytes) -> int:
+    def _parts(self, node: gs.Node, infos: dict[str, TensorInfo], act_bytes: int | None) -> int:
         """Rule a; the number of convs of rule b (1: leave it)."""
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        if node.op != "Conv" or node.domain not in (None, "", "ai.onnx") or len(node.inputs) < 2:
             return 1
-        weight = weights.get(node.input[1])
-        bias_ok = len(node.input) < 3 or not node.input[2] or node.input[2] in weights
-        info = infos.get(node.output[0])
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if weight is None or not bias_ok or info is None or len(info.shape) != 4 or attrs.get("group", 1) != 1:
+        weight = node.inputs[1]
+        bias = optional_input(node, 2)
+        info = infos.get(node.outputs[0].name)
+        constant_bias = bias is None or isinstance(bias, gs.Constant)
+        if (not isinstance(weight, gs.Constant) or not constant_bias or info is None or len(info.shape) != 4 or node.attrs.get("group", 1) != 1):
             return 1
-        elements = conv_workspace_elements(tuple(weight.dims), info.shape, 1, list(attrs.get("strides", [])),
-                                           list(attrs.get("pads", [])))
+        elements = conv_workspace_elements(tuple(weight.shape), info.shape, 1,
+                                           list(node.attrs.get("strides", [])),
+                                           list(node.attrs.get("pads", [])))
         if elements * (act_bytes or np.dtype(info.dtype).itemsize) <= self.budget_bytes:
             return 1
-        return math.ceil(weight.dims[0] / math.prod(info.shape[2:]))
+        return math.ceil(weight.shape[0] / math.prod(info.shape[2:]))
 
 
-def _split(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto], parts: int,
-           new_weights: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
-    """Rule b; the parts' weights go to `new_weights`."""
-    weight = numpy_helper.to_array(weights[node.input[1]])
-    bias = numpy_helper.to_array(weights[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
-    base = node.name or node.output[0]
+def _split(node: gs.Node, parts: int, namer: Namer) -> list[gs.Node]:
+    """Rule b: the parts and their Concat, which takes over the conv's output."""
+    source, output = node.inputs[0], node.outputs[0]
+    weight = constant_value(node.inputs[1])
+    bias_tensor = optional_input(node, 2)
+    bias = None if bias_tensor is None else constant_value(bias_tensor)
+    detach([node])  # so that the Concat can produce its output
+    base = node.name or output.name
     outputs, emitted = [], []
     for i, rows in enumerate(np.array_split(np.arange(weight.shape[0]), parts)):
-        w_name = f"{base}/split{i}/W"
-        new_weights.append(numpy_helper.from_array(weight[rows], w_name))
-        inputs = [node.input[0], w_name]
+        inputs = [source, gs.Constant(namer(f"{base}/split{i}/W"), weight[rows])]
         if bias is not None:
-            inputs.append(f"{base}/split{i}/B")
-            new_weights.append(numpy_helper.from_array(bias[rows], inputs[-1]))
-        outputs.append(f"{node.output[0]}/split{i}")
-        part = helper.make_node("Conv", inputs, [outputs[-1]], name=f"{base}/split{i}")
-        part.attribute.extend(node.attribute)
-        emitted.append(part)
-    emitted.append(helper.make_node("Concat", outputs, [node.output[0]], name=f"{base}/concat", axis=1))
+            inputs.append(gs.Constant(namer(f"{base}/split{i}/B"), bias[rows]))
+        outputs.append(gs.Variable(namer(f"{output.name}/split{i}")))
+        emitted.append(gs.Node("Conv", name=namer(f"{base}/split{i}"), attrs=dict(node.attrs),
+                               inputs=inputs, outputs=[outputs[-1]]))
+    emitted.append(gs.Node("Concat", name=namer(f"{base}/concat"), attrs={"axis": 1},
+                           inputs=outputs, outputs=[output]))
     return emitted

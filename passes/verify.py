@@ -6,7 +6,7 @@ a. `onnx.checker` with `full_check` (types and shapes inferred through the graph
 b. onnxruntime loads it.
 c. On held-out samples its outputs equal the reference semantics run by the same
    runtime: onnxruntime on the original model with explicit P and U convs at every
-   projected map (InsertProjectionsPass, the projections of `ctx.results["fit"]`).
+   projected map (InsertProjectionsPass, the projections of `ctx.projections`).
    Relative error at most 1e-4 for float32 models; float16 and bfloat16 models round
    at every op, so 1e-2. One runtime on both sides isolates the rewrites (folding,
    tiling, conv splitting) from run-time rounding: a model whose outputs amplify
@@ -14,21 +14,22 @@ c. On held-out samples its outputs equal the reference semantics run by the same
    two runtimes even unprojected. The training backend's agreement (the torch
    executor with U P applied, what the projections were fitted with) is reported as
    `executor_relative_error`, a figure beside the check.
-c'. Where compile planned on an exactly rewritten graph (`rewritten`: Concats sunk by
-   passes/sink_concat.py, whose piece tensors the projections may name), rule c's
+c'. Where compile planned on an exactly rewritten graph (`ctx.projected_graph` is not
+   the original: Concats sunk by passes/sink_concat.py, whose piece tensors the
+   projections may name), rule c's
    reference is that graph with the projections inserted, and the rewritten graph
    itself must equal the original in onnxruntime to the same tolerance
    (`rewrite_relative_error`), so the chain emitted = rewritten + projections and
    rewritten = original is checked link by link.
 d. The memory analysis re-run on it finds every compressible stored map at or
-   under the plan's ceiling (`ctx.results["plan"]`). The analysis recognises the
+   under the plan's ceiling (`ctx.plan`). The analysis recognises the
    projection and expansion convs by their structure, not their names, so the
    verdict survives renaming tools.
 e. With `runtime_level` (compile --runtime ort): the runtime view re-run on it finds
    every tensor onnxruntime allocates (graph inputs excepted) at or under the ceiling.
 
-The model is not changed; `result.data` holds the figures of each check and the
-analysis of the emitted model (`"after"`, an `AnalysisReport`).
+The model is not changed; `ctx.verification` (and `result.data`) holds the figures of
+each check and the analysis of the emitted model (`"after"`, an `AnalysisReport`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ from fmcompress.units import Ceiling
 
 from .base import Pass, PassContext, PassResult
 from .fit import torch_executor
-from .memory import MemoryAnalysisPass
+from .graph import Model
+from .memory import analyze_stored
+from .prepare_data import HeldOutPass
+from .runtime import analyze_runtime
 
 FLOAT32_TOLERANCE = 1e-4
 HALF_TOLERANCE = 1e-2
@@ -73,50 +77,73 @@ def check_model(model: onnx.ModelProto, what: str = "the emitted model") -> None
     """Rule a: onnx.checker's full check, as one-line VerificationError."""
     try:
         onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:  # the checker raises several exception types
-        raise VerificationError(f"{what} fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:  # >2GB: ValueError
+        raise VerificationError(f"{what} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
 
 
-class VerifyPass(Pass):
+class VerifyPass(HeldOutPass):
     """Checks an emitted model against its original (rules a-d); the model is unchanged."""
 
     name = "verify"
+    provides = ("verification",)
 
-    def __init__(self, original: onnx.ModelProto, held_out: Dataset, *, batch_size: int = 16, samples: int = 8,
+    def __init__(self, original: onnx.ModelProto | None = None, held_out: Dataset | None = None, *,
+                 batch_size: int | None = None, samples: int = 8,
                  projections: dict[str, Projection] | None = None, ceiling_bytes: int | None = None,
                  runtime_level: str | None = None, rewritten: onnx.ModelProto | None = None):
-        self.original = original
+        self.original = original  # None: the pipeline's input (ctx.original)
         self.rewritten = rewritten
-        self.reference_graph = rewritten if rewritten is not None else original  # what the plan names
-        self.held_out = held_out
-        self.batch_size = batch_size
+        self.held_out = held_out  # None: ctx.held_out
+        self.batch_size = batch_size  # None: ctx.batch_size, else 16
         self.samples = samples
-        self.projections = projections
-        self.ceiling_bytes = ceiling_bytes
+        self.projections = projections  # None: ctx.projections, on ctx.projected_graph
+        self.ceiling_bytes = ceiling_bytes  # None: the plan's
         self.runtime_level = runtime_level
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        check_model(model)
-        projections = self.projections if self.projections is not None else ctx.results.get("fit", {})
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return (*(("projections",) if self.projections is None else ()),
+                *(("held_out",) if self.held_out is None else ()),
+                *(("plan",) if self.ceiling_bytes is None else ()))
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        emitted_model = model.proto()
+        check_model(emitted_model)
+        self._take_context(ctx)
+        projections = self.projections if self.projections is not None else ctx.projections or {}
         subset = self.held_out.head(self.samples)
-        emitted = self._emitted_outputs(model, subset)
+        emitted = self._emitted_outputs(emitted_model, subset)
         worst = self._reference_agreement(emitted, projections, subset, ctx)
-        after = self._ceiling(model, ctx)
+        after = self._ceiling(emitted_model, ctx)
         data: dict[str, Any] = {"checker": "ok", "onnxruntime": "ok", "relative_error": worst,
                                 "executor_relative_error": self._executor_error(emitted, projections, subset),
-                                "tolerance": agreement_tolerance(model), "samples": len(subset), "after": after}
+                                "tolerance": agreement_tolerance(emitted_model), "samples": len(subset),
+                                "after": after}
         if self.rewritten is not None:
             data["rewrite_relative_error"] = self._rewrite_agreement(subset)
         if self.runtime_level is not None:
-            data["runtime"] = self._runtime_ceiling(model, ctx, after.ceiling_bytes)
+            data["runtime"] = self._runtime_ceiling(emitted_model, ctx, after.ceiling_bytes)
+        ctx.verification = data
         return PassResult(model, modified=False, data=data)
+
+    def _take_context(self, ctx: PassContext) -> None:
+        """The pipeline's input, held-out part, batch size and graph of the projections (rule c')."""
+        self._take_held_out(ctx)
+        if self.rewritten is None and ctx.projected_graph is not None:
+            graph = ctx.projected_graph.proto()
+            self.rewritten = graph if graph is not self.original else None
+
+    @property
+    def reference_graph(self) -> onnx.ModelProto:
+        """The graph the plan and the projections name."""
+        return self.rewritten if self.rewritten is not None else self.original
 
     def _emitted_outputs(self, model: onnx.ModelProto, subset: Dataset) -> list[np.ndarray]:
         """Rule b, and the emitted model's outputs."""
         try:
             session = ort_session(model)
         except InputError as exc:
-            raise VerificationError(str(exc)) from None
+            raise VerificationError(str(exc)) from exc
         return run_ort(session, subset.batches(self.batch_size))
 
     def _reference_agreement(self, emitted: list[np.ndarray], projections: dict[str, Projection],
@@ -124,7 +151,7 @@ class VerifyPass(Pass):
         """Rule c."""
         from .insert import InsertProjectionsPass
 
-        reference_model = InsertProjectionsPass(projections).run(self.reference_graph, ctx).model
+        reference_model = InsertProjectionsPass(projections).run(Model.of(self.reference_graph), ctx).model.proto()
         reference = run_ort(ort_session(reference_model), subset.batches(self.batch_size))
         worst = worst_relative_error(emitted, reference)
         tolerance = agreement_tolerance(reference_model)
@@ -160,19 +187,17 @@ class VerifyPass(Pass):
 
     def _runtime_ceiling(self, model: onnx.ModelProto, ctx: PassContext, ceiling_bytes: int):
         """Rule e."""
-        from .runtime import RuntimeMemoryPass
-
-        view = RuntimeMemoryPass(self.runtime_level, ceiling_bytes).run(model, ctx).data
+        view = analyze_runtime(model, ctx, self.runtime_level, ceiling_bytes)
         _refuse_over(view.over_ceiling(), "onnxruntime allocation(s)", ceiling_bytes)
         return view
 
     def _ceiling(self, model: onnx.ModelProto, ctx: PassContext):
         """Rule d."""
-        plan = ctx.results.get("plan")
+        plan = ctx.plan
         ceiling_bytes = self.ceiling_bytes if self.ceiling_bytes is not None else getattr(plan, "ceiling_bytes", None)
         if ceiling_bytes is None:
             raise InputError("the verify pass needs a ceiling: run PlanPass first or pass ceiling_bytes=")
-        after = MemoryAnalysisPass(Ceiling(bytes=ceiling_bytes)).run(model, ctx).data
+        after = analyze_stored(model, ctx, Ceiling(bytes=ceiling_bytes))
         _refuse_over(after.over_ceiling(), "stored feature map(s)", ceiling_bytes)
         return after
 
@@ -183,3 +208,24 @@ def _refuse_over(over: list, what: str, ceiling_bytes: int) -> None:
         names = ", ".join(f"{t.name} ({t.bytes} B)" for t in over[:5])
         raise VerificationError(f"{len(over)} {what} of the emitted model are above the ceiling of "
                                 f"{ceiling_bytes} B: {names}")
+
+
+class VerifyTrafficPass(Pass):
+    """compile --traffic: the emitted model's stored traffic (passes/allocate.py rule a) is
+    within the allocation's budget; folding may only shrink what was planned."""
+
+    name = "verify-traffic"
+    requires = ("allocation", "verification")
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        from .allocate import stored_traffic
+
+        allocation = ctx.allocation
+        traffic = stored_traffic(ctx.verification["after"])
+        if traffic > allocation.budget_bytes:
+            raise VerificationError(f"the emitted model stores {traffic} B of feature maps, above the traffic "
+                                    f"budget {allocation.budget} ({allocation.budget_bytes} B); nothing was "
+                                    f"written")
+        ctx.log(f"traffic: {allocation.traffic_before} B -> {traffic} B "
+                f"({allocation.traffic_before / max(traffic, 1):.2f}x; budget {allocation.budget_bytes} B)")
+        return PassResult(model, modified=False, data=traffic)

@@ -72,7 +72,7 @@ def allocate(model: onnx.ModelProto, budget: str, objective: str = "traffic", la
     Pipeline([MemoryAnalysisPass(NO_CEILING), PlanPass(NO_CEILING),
               AllocatePass(budget, data(), objective=objective, batch_size=8,
                            latency_weight=latency_weight)]).run(model, ctx)
-    return ctx.results["allocate"], ctx
+    return ctx.allocation, ctx
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_duplicated_channels_are_cut_before_a_full_rank_map():
     model = two_map_model(depthwise=False)
     allocation, ctx = allocate(model, "12KB")  # the two maps hold 16 KiB: 4 channels must go
     assert allocation.ranks == {"a": 4, "b": 8}
-    assert [(m.name, m.k) for m in ctx.results["plan"].maps] == [("a", 4)]
+    assert [(m.name, m.k) for m in ctx.plan.maps] == [("a", 4)]
     assert allocation.traffic_planned <= allocation.budget_bytes == 12 * 1024
     by_name = {p.name: p for p in allocation.proxies}
     assert by_name["a"].energy_lost[4] < 1e-6 < by_name["b"].energy_lost[4]

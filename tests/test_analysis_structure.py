@@ -14,12 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress import analyze
 from fmcompress.compiler import build_context
+from fmcompress.evaluation.thirdparty import REAL_MODELS, real_model
 from fmcompress.passes import memory
 from fmcompress.passes.fold import FoldProjectionsPass
 from fmcompress.passes.insert import InsertProjectionsPass
 from fmcompress.passes.memory import GraphIndex, is_expansion_conv, is_projection_conv
 from fmcompress.passes.plan import Plan, PlanPass
-from fmcompress.thirdparty import REAL_MODELS, real_model
 from fmcompress.units import parse_ceiling
 
 ZOO = [("resnet18_small", (1, 3, 32, 32)), ("mobilenet_v2_small", (1, 3, 32, 32))]
@@ -28,9 +28,9 @@ ZOO = [("resnet18_small", (1, 3, 32, 32)), ("mobilenet_v2_small", (1, 3, 32, 32)
 def compress(model: onnx.ModelProto, pass_class) -> tuple[onnx.ModelProto, Plan, dict]:
     """Plan at 4x and project every planned map with a random orthonormal P (U = P^T)."""
     ctx = build_context(model, None, None)
-    plan = PlanPass(parse_ceiling("4x")).run(model, ctx).data
+    plan = PlanPass(parse_ceiling("4x"))(model, ctx).data
     projections = random_projections(plan)
-    result = pass_class(projections).run(model, ctx)
+    result = pass_class(projections)(model, ctx)
     return result.model, plan, result.data
 
 

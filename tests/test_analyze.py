@@ -15,9 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 from fmcompress import analyze
 from fmcompress.cli import main
 from fmcompress.errors import InputError
+from fmcompress.evaluation.thirdparty import REAL_MODELS, real_model
 from fmcompress.passes import PassContext, Pipeline
 from fmcompress.passes.memory import MemoryAnalysisPass
-from fmcompress.thirdparty import REAL_MODELS, real_model
 
 RNG = np.random.default_rng(0)
 
@@ -159,7 +159,7 @@ def test_pipeline_runs_the_pass_and_keeps_its_result():
     model = make_model([conv("c1", "x", "w1", "y")], [weight("w1", 8, 4, 3, 3)], "y", (1, 8, 8, 8))
     out, ctx = Pipeline([MemoryAnalysisPass()]).run(model, PassContext())
     assert out is model
-    assert [m.name for m in ctx.results["memory"].stored] == ["x", "y"]
+    assert [m.name for m in ctx.memory.stored] == ["x", "y"]
 
 
 # --- the paper's ResNet-18 configuration -------------------------------------------------

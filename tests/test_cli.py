@@ -21,7 +21,7 @@ from fmcompress.errors import VerificationError
 from fmcompress.passes.allocate import OBJECTIVES
 from fmcompress.passes.fit import METHODS
 from fmcompress.passes.plan import Plan, PlannedMap
-from fmcompress.report import ORT_LEVELS
+from fmcompress.reports.analysis import ORT_LEVELS
 from fmcompress.train_config import (
     AUGMENTATIONS,
     DEVICES,

@@ -14,12 +14,12 @@ from modeltools import with_float_type
 from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress.errors import InputError, UnsupportedOpError
+from fmcompress.evaluation.thirdparty import REAL_MODELS, real_model
 from fmcompress.featuremaps import Projection
 from fmcompress.passes.base import PassContext
 from fmcompress.passes.fold import FoldProjectionsPass
 from fmcompress.passes.fold_bn import FoldBatchNormPass
 from fmcompress.passes.insert import InsertProjectionsPass
-from fmcompress.thirdparty import REAL_MODELS, real_model
 
 RNG_SEED = 0
 FLOAT = TensorProto.FLOAT

@@ -9,7 +9,7 @@ import pytest
 from modeltools import sequence_head, with_float_type
 from onnx import TensorProto, helper, numpy_helper
 
-from fmcompress.compiler import CompileOptions, build_context, ceiling_verdict, compile_model
+from fmcompress.compiler import CompileOptions, build_context, compile_model
 from fmcompress.data import load_dataset
 from fmcompress.errors import VerificationError
 from fmcompress.modelio import load_model
@@ -21,6 +21,7 @@ from fmcompress.passes.measure import MeasurePass
 from fmcompress.passes.memory import MemoryAnalysisPass
 from fmcompress.passes.plan import PlanPass
 from fmcompress.passes.verify import VerifyPass
+from fmcompress.reports.compile import ceiling_verdict
 from fmcompress.units import parse_ceiling
 
 QUICK = {"num_samples": 8, "batch_size": 4, "latency_rounds": 2, "latency_repeats": 2, "method": "pca"}
@@ -48,7 +49,7 @@ def test_a_pipeline_assembled_by_hand_equals_compile(small_resnet):
     for mine, theirs in zip(folded.graph.initializer, compiled.model.graph.initializer, strict=True):
         np.testing.assert_allclose(numpy_helper.to_array(mine), numpy_helper.to_array(theirs), rtol=1e-5, atol=1e-6)
     assert set(ctx.timings) == {"memory", "plan", "fit", "fold-bn", "fold-projections", "verify", "measure"}
-    assert ctx.results["verify"]["executor_relative_error"] <= 1e-4
+    assert ctx.verification["executor_relative_error"] <= 1e-4
 
 
 def _specs(model, ctx):
@@ -80,7 +81,7 @@ def test_report_figures_are_computed(small_resnet):
 
 
 def test_ceiling_verdict_is_computed_from_the_analysis(small_resnet):
-    analysis = MemoryAnalysisPass(parse_ceiling("4x")).run(load_model(small_resnet), build_context(
+    analysis = MemoryAnalysisPass(parse_ceiling("4x"))(load_model(small_resnet), build_context(
         load_model(small_resnet), None, None)).data
     verdict = ceiling_verdict(analysis, analysis.ceiling_bytes)
     assert verdict["ceiling_ok"] is False and len(verdict["over_ceiling"]) == 9
@@ -254,15 +255,15 @@ def test_verify_catches_a_wrong_rewrite():
 
     model = tiny_classifier()
     ctx = PassContext(input_shapes={"x": (1, 3, 8, 8)})
-    plan = PlanPass(parse_ceiling("2x")).run(model, ctx).data
-    ctx.results["plan"] = plan
+    plan = PlanPass(parse_ceiling("2x"))(model, ctx).data
+    ctx.plan = plan
     projections = random_projections(plan)
-    folded = FoldProjectionsPass(projections).run(model, ctx).model
+    folded = FoldProjectionsPass(projections)(model, ctx).model
     held_out = Dataset(inputs={"x": np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)})
-    data = VerifyPass(model, held_out, projections=projections).run(folded, ctx).data
+    data = VerifyPass(model, held_out, projections=projections)(folded, ctx).data
     assert data["relative_error"] <= 1e-4 and data["executor_relative_error"] <= 1e-4
     broken = onnx.ModelProto.FromString(folded.SerializeToString())
     weight = next(init for init in broken.graph.initializer if len(init.dims) == 4)
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
     with pytest.raises(VerificationError, match="disagrees with the original with its projections inserted"):
-        VerifyPass(model, held_out, projections=projections).run(broken, ctx)
+        VerifyPass(model, held_out, projections=projections)(broken, ctx)

@@ -1,6 +1,6 @@
 """The plan pass: ranks k = floor(ceiling / (N*H*W*bytes)), rank-3 maps, infeasible ceilings,
 maps that are never compressed (with a reason), execution order, and when an earlier analysis
-in ctx.results["memory"] may be reused."""
+in ctx.memory may be reused."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fmcompress.featuremaps import FeatureMap
 from fmcompress.passes import PassContext
 from fmcompress.passes.memory import MemoryAnalysisPass
 from fmcompress.passes.plan import PlanPass, plan_from_report
-from fmcompress.report import AnalysisReport
+from fmcompress.reports.analysis import AnalysisReport
 from fmcompress.units import parse_ceiling
 
 
@@ -110,13 +110,13 @@ def test_quantized_model_reports_its_integer_map_instead_of_planning_it():
     assert (q.dtype, q.bytes, q.over_ceiling, q.compressible) == ("uint8", 512, True, False)
     assert report.over_ceiling() == []  # nothing the tool could compress is over the ceiling
     assert report.to_dict()["not_compressible_over_ceiling"] == ["x", "q", "y"]
-    plan = PlanPass(parse_ceiling("256")).run(model, PassContext()).data
+    plan = PlanPass(parse_ceiling("256"))(model, PassContext()).data
     assert plan.maps == []
     assert [(e["name"], e["reason"]) for e in plan.not_compressible] == [
         ("x", "graph input"), ("q", "integer dtype"), ("y", "graph output")]
 
 
-# ---------------------------------------------------------------- reuse of ctx.results["memory"]
+# ---------------------------------------------------------------- reuse of ctx.memory
 
 
 def conv_model(height: str | int = 16, channels: int = 16) -> onnx.ModelProto:
@@ -134,15 +134,15 @@ def conv_model(height: str | int = 16, channels: int = 16) -> onnx.ModelProto:
 
 
 def planned(model: onnx.ModelProto, ctx: PassContext, ceiling: str) -> list[tuple[list[int], int]]:
-    return [(m.shape, m.k) for m in PlanPass(parse_ceiling(ceiling)).run(model, ctx).data.maps]
+    return [(m.shape, m.k) for m in PlanPass(parse_ceiling(ceiling))(model, ctx).data.maps]
 
 
 def test_a_matching_analysis_is_reused():
     model, ctx = conv_model(), PassContext()
-    earlier = MemoryAnalysisPass(parse_ceiling("4KB")).run(model, ctx).data
-    ctx.results["memory"] = earlier
+    earlier = MemoryAnalysisPass(parse_ceiling("4KB"))(model, ctx).data
+    ctx.memory = earlier
     assert planned(model, ctx, "4096") == [([1, 16, 16, 16], 4)]  # one channel of r is 1 KiB
-    assert ctx.results["memory"] is earlier
+    assert ctx.memory is earlier
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -154,8 +154,8 @@ def test_a_matching_analysis_is_reused():
 def test_an_analysis_made_otherwise_is_not_reused(change, expected):
     ctx = PassContext(input_shapes={"x": (1, 4, 16, 16)})
     model = conv_model("H")
-    stale = MemoryAnalysisPass(parse_ceiling("4KB")).run(model, ctx).data
-    ctx.results["memory"] = stale
+    stale = MemoryAnalysisPass(parse_ceiling("4KB"))(model, ctx).data
+    ctx.memory = stale
     ceiling = "8KB" if change == "ceiling" else "4KB"
     if change == "act_bytes":
         ctx.act_bytes = 1
@@ -164,7 +164,7 @@ def test_an_analysis_made_otherwise_is_not_reused(change, expected):
     elif change == "graph":
         model = conv_model("H", channels=32)
     assert planned(model, ctx, ceiling) == expected
-    fresh = ctx.results["memory"]
+    fresh = ctx.memory
     assert fresh is not stale and fresh.ceiling == ceiling and fresh.act_bytes == ctx.act_bytes
 
 

@@ -76,7 +76,7 @@ def test_split_conv_is_exact_and_removes_the_scratch():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 96, 6, 6])], [w, b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     before = onnx.ModelProto.FromString(model.SerializeToString())
-    result = SplitConvPass(budget_bytes=1024).run(model, PassContext())
+    result = SplitConvPass(budget_bytes=1024)(model, PassContext())
     assert result.data == [{"node": "conv", "filters": 96, "parts": 3}]  # 96 filters, 36 positions
     assert model == before  # the input model is untouched
     onnx.checker.check_model(result.model, full_check=True)
@@ -97,7 +97,7 @@ def test_compile_runtime_ort_holds_the_ceiling_in_onnxruntime_and_tiling_is_exac
     assert not after.over_ceiling() and after.peak_bytes == runtime["after"]["computed_peak_bytes"]
     assert runtime["regions"] and all(r["bands"] >= 2 for r in runtime["regions"])
     # exact: the same projections folded without tiling give the same outputs
-    untiled = FoldProjectionsPass(result.projections).run(model, PassContext()).model
+    untiled = FoldProjectionsPass(result.projections)(model, PassContext()).model
     x = np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32)
     np.testing.assert_allclose(_run(result.model, x), _run(untiled, x), rtol=1e-4, atol=1e-5)
     assert result.report["peaks"]["after"]["runtime"] == after.peak_bytes

@@ -9,10 +9,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress import api
+from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.passes import PassContext
+from fmcompress.passes.graph import Model
 from fmcompress.passes.runtime import runtime_view
 from fmcompress.passes.sink_concat import SinkConcatPass
-from fmcompress.thirdparty import real_model
 
 LEVELS = ((16, 16), (8, 8), (4, 4))  # H, W per level: 256 + 64 + 16 anchors
 BOX, CLS, BINS = 16, 3, 4  # box channels = 4 sides x BINS
@@ -133,7 +134,7 @@ CEILING = 18 * 1024
 
 
 def _sink(model: onnx.ModelProto, ceiling: int = CEILING):
-    return SinkConcatPass(ceiling).run(model, PassContext())
+    return SinkConcatPass(ceiling)(model, PassContext())
 
 
 @pytest.mark.parametrize("dynamic_grid", [False, True])
@@ -155,7 +156,7 @@ def test_head_is_exact_and_its_concats_are_gone(dynamic_grid):
 
 def test_symbolic_batch_stays_free():
     model = head(dynamic_grid=True, batch="batch")
-    result = SinkConcatPass(CEILING).run(model, PassContext(input_shapes={f"p{i}": (1, 8, h, w) for i, (h, w)
+    result = SinkConcatPass(CEILING)(model, PassContext(input_shapes={f"p{i}": (1, 8, h, w) for i, (h, w)
                                                                           in enumerate(LEVELS)}))
     assert result.modified
     feeds = _inputs(batch=3, seed=4)  # per-batch Reshape targets keep dim 0 (rule c)
@@ -199,12 +200,30 @@ def test_an_op_that_mixes_anchors_stops_the_sinking(op):
     np.testing.assert_allclose(_run(result.model, feeds)[0], _run(model, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_refused_candidate_leaves_no_trace_in_the_graph():
+    """Nodes built for a candidate that is then refused are unlinked again (rule e): every
+    tensor's producers and readers are nodes of the graph."""
+    tail = [helper.make_node("Sigmoid", ["cat"], ["sig"], name="sig"),
+            helper.make_node("Add", ["sig", "cat"], ["both"], name="both"),
+            helper.make_node("ReduceSum", ["both", "axes"], ["mixed"], name="mix", keepdims=1),
+            helper.make_node("Identity", ["mixed"], ["out"], name="out")]
+    proto = head(after_concat=tail)
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([2]), "axes"))
+    model = Model.from_proto(proto)
+    result = SinkConcatPass(CEILING).run(model, PassContext())
+    assert "cat" not in {fact.concat for fact in result.data}
+    placed = {id(node) for node in model.graph.nodes}
+    for tensor in model.graph.tensors().values():
+        assert all(id(node) in placed for node in [*tensor.inputs, *tensor.outputs]), tensor.name
+    assert len(model.graph.tensors()["cat"].inputs) == 1
+
+
 def test_a_concat_read_by_a_spatial_conv_stays():
     """A channel Concat before a 3x3 conv (a C2f block): the conv mixes every channel."""
     tail = [helper.make_node("Conv", ["lvl0", "w3"], ["out"], name="conv3", kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
     model = head(after_concat=tail, out_rank=4)
     model.graph.initializer.append(numpy_helper.from_array(np.ones((4, BOX + CLS, 3, 3), np.float32), "w3"))
-    result = SinkConcatPass(16 * 1024).run(model, PassContext())
+    result = SinkConcatPass(16 * 1024)(model, PassContext())
     assert not result.modified and result.model == model
 
 
@@ -251,11 +270,11 @@ def test_verify_checks_the_rewritten_graph_link_by_link():
     held_out = Dataset(inputs={name: np.concatenate([_inputs(seed=s)[name] for s in range(4)])
                                for name in _inputs()})
     ctx = PassContext()
-    ctx.results["plan"] = None
-    data = VerifyPass(model, held_out, projections={}, ceiling_bytes=1 << 30, rewritten=sunk).run(sunk, ctx).data
+    ctx.plan = None
+    data = VerifyPass(model, held_out, projections={}, ceiling_bytes=1 << 30, rewritten=sunk)(sunk, ctx).data
     assert data["rewrite_relative_error"] <= 1e-6 and data["relative_error"] <= 1e-6
     broken = onnx.ModelProto.FromString(sunk.SerializeToString())
     weight = next(init for init in broken.graph.initializer if init.data_type == TensorProto.FLOAT and init.dims)
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5 + 0.1, weight.name))
     with pytest.raises(VerificationError, match="rewritten graph"):
-        VerifyPass(model, held_out, projections={}, ceiling_bytes=1 << 30, rewritten=broken).run(broken, ctx)
+        VerifyPass(model, held_out, projections={}, ceiling_bytes=1 << 30, rewritten=broken)(broken, ctx)

@@ -299,7 +299,7 @@ def test_pass_interface():
     chain = stem(size=64)
     model = chain.model()
     ctx = PassContext()
-    result = TilePass([("x", chain.last, None)], budget_bytes=32 * 1024).run(model, ctx)
+    result = TilePass([("x", chain.last, None)], budget_bytes=32 * 1024)(model, ctx)
     assert result.modified and result.data[0].peak_band_bytes <= 32 * 1024
     assert not any(node.name == "n0_Conv" for node in result.model.graph.node)
     x = np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype(np.float32)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import EXIT_GATE, InputError
-from ..report import DEFAULT_ORT_LEVEL, ORT_LEVELS
+from ..reports.analysis import DEFAULT_ORT_LEVEL, ORT_LEVELS
 from .binding import CEILING_HELP, choice, row
 from .failures import fail, handle_errors
 from .outputs import check_outputs
@@ -44,8 +44,9 @@ def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mod
             fail_over_ceiling: bool, include_inputs: bool, quiet: bool) -> None:
     """Find the feature maps of MODEL above a memory ceiling (the peak-memory analysis pass)."""
     from .. import api
-    from .. import render as report
     from ..modelio import output_transaction
+    from ..reports.plot import plot_memory
+    from ..reports.terminal import print_analysis
 
     if fail_over_ceiling and not ceiling:
         raise click.UsageError("--fail-over-ceiling needs --ceiling")
@@ -61,9 +62,9 @@ def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mod
         if json_path:
             result.write_json(json_path)
         if plot_path:
-            report.plot_memory(result, plot_path)
+            plot_memory(result, plot_path)
     if not quiet:
-        report.print_analysis(result, mode=mode, top=top)
+        print_analysis(result, mode=mode, top=top)
     if fail_over_ceiling:
         runtime = mode == "runtime" and result.runtime is not None
         offenders = result.runtime.over_ceiling() if runtime else result.over_ceiling(include_inputs=include_inputs)
@@ -98,7 +99,7 @@ def codec(model: Path, input_shapes: tuple[str, ...], data: Path | None, num_sam
     from .. import codec as lossless
     from ..data import input_specs, load_dataset
     from ..modelio import load_model, write_bytes_atomic
-    from ..render import print_codec
+    from ..reports.terminal import print_codec
     from ..shapes import parse_input_shapes, resolve_input_shapes
 
     check_outputs([(json_path, "file")], [model, data])

@@ -20,7 +20,7 @@ import click
 from ..compiler import RUNTIMES, CompileOptions
 from ..passes.allocate import OBJECTIVES
 from ..passes.fit import METHODS
-from ..report import ORT_LEVELS
+from ..reports.analysis import ORT_LEVELS
 from ..train_config import (
     AUGMENTATIONS,
     DEVICES,

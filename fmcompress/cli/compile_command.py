@@ -47,7 +47,7 @@ def compile_command(model: Path, output: Path | None, json_log: Path | None, pla
     atomically. Graph inputs and outputs are never compressed: the last line names those
     above the ceiling.
     """
-    from ..render import training_monitor
+    from ..reports.progress import training_monitor
 
     if bound["ceiling"] is None and bound["traffic"] is None:
         raise click.UsageError("missing option '--ceiling' (or '--traffic')", ctx=click.get_current_context())

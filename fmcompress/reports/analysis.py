@@ -1,7 +1,7 @@
 """Typed reports of the memory analysis; their JSON is their serialisation.
 
-Data only: the tables, plots and markdown are in `fmcompress.render`, so importing
-this module pulls in neither rich nor matplotlib.
+Data only: the tables, plots and markdown that draw them are in the sibling modules
+(terminal, plot, markdown), so importing this module pulls in neither rich nor matplotlib.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .featuremaps import FeatureMap
-from .modelio import write_bytes_atomic
-from .units import Ceiling
+from ..errors import InputError
+from ..featuremaps import FeatureMap
+from ..modelio import write_bytes_atomic
+from ..units import Ceiling
 
 SCHEMA_VERSION = 1
 # onnxruntime graph optimisation levels of the runtime view (passes/runtime.py); extended is

@@ -1,0 +1,174 @@
+"""compile's report.md, drawn from report.json's dict (docs/json.md).
+
+One section a part of the report: header and data, warnings, fidelity, training, cost,
+compressed maps, maps over the ceiling that cannot be compressed, verification. Optional
+parts are left out when the report lacks them, so older reports still render.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..units import format_bytes
+from . import format_shape
+
+
+def _md_training(report: Mapping[str, Any]) -> list[str]:
+    """How the projections were trained (learned / random): settings, best epoch, the curve."""
+    training = report.get("training")
+    if not training:
+        return []
+    config = training.get("config", {})
+    lines = ["## Training", "",
+             f"{len(training.get('history', []))} epoch(s), {config.get('schedule')} schedule, "
+             f"{config.get('optimizer')} at lr {config.get('lr')}, loss {config.get('loss')}, on "
+             f"{training.get('device')}{' x' + str(training['world_size']) if training.get('world_size', 1) > 1 else ''}; "
+             f"best held-out {training.get('metric')} {training.get('best_score', float('nan')):.4f} at epoch "
+             f"{training.get('best_epoch')}{' (stopped early at the target)' if training.get('stopped_early') else ''}.",
+             ""]
+    block = training.get("block_stage")
+    if block:
+        lines += [f"Block reconstruction first: {block['epochs']} epoch(s) a map over {len(block['maps'])} map(s) in "
+                  f"{block['seconds']:.1f} s; held-out {training.get('metric')} after it (epoch 0) "
+                  f"{training.get('initial_score', float('nan')):.4f}.", ""]
+    lines += ["| epoch | stage | maps | train loss | held-out score |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['epoch']} | {r['stage']} | {r['active_maps']} | {r['loss']:.4g} | {r['score']:.4f} |"
+              for r in training.get("history", [])]
+    return [*lines, ""]
+
+
+def render_compile_markdown(report: Mapping[str, Any]) -> str:
+    """report.md of `compile`: what was compressed, what it cost, how it was checked.
+
+    Optional parts (data, warnings, fidelity, training, flops, latency, peaks,
+    not_compressible, verification) are left out when the report lacks them.
+    """
+    sections = (_md_header, _md_warnings, _md_fidelity, _md_training, _md_cost, _md_maps, _md_not_compressible,
+                _md_verification)
+    lines: list[str] = []
+    for section in sections:
+        lines += section(report)
+    return "\n".join(lines) + "\n"
+
+
+def _md_header(report: Mapping[str, Any]) -> list[str]:
+    lines = [f"# fmcompress report: {Path(str(report.get('model', 'model'))).name}", "",
+             f"Ceiling **{report.get('ceiling')}** ({report.get('ceiling_bytes', 0):,} B), method "
+             f"**{report.get('method', '?')}**, {len(report.get('maps', []))} feature map(s) compressed.", ""]
+    data = report.get("data")
+    if data:
+        surrogate = (" **Surrogate data** (photographs shipped with scikit-image), not the model's own data: "
+                     "fidelity is indicative only." if data.get("surrogate") else "")
+        lines += [f"Data: {data.get('samples')} samples from `{data.get('source')}` ({data.get('calibration')} "
+                  f"calibration, {data.get('held_out')} held out).{surrogate}", ""]
+    return lines
+
+
+def _md_warnings(report: Mapping[str, Any]) -> list[str]:
+    warnings = list(report.get("warnings") or [])
+    fidelity = report.get("fidelity") or {}
+    agreement = fidelity.get("top1_agreement")
+    if "warnings" not in report and agreement is not None and agreement < 0.9:  # reports without a warnings list
+        warnings.append(f"top-1 agreement is {agreement:.1%}: this projection loses much of the model's "
+                        "behaviour at this ceiling")
+    return ["## Warnings", "", *[f"- {w}" for w in warnings], ""] if warnings else []
+
+
+FIDELITY_ROWS = (("top1_agreement", "top-1 agreement with the original", "{:.2%}"),
+                 ("sequence_agreement", "sequence agreement with the original (CTC decodings)", "{:.2%}"),
+                 ("accuracy_reference", "accuracy, original", "{:.2%}"),
+                 ("accuracy_candidate", "accuracy, compressed", "{:.2%}"),
+                 ("cosine_similarity", "output cosine similarity", "{:.4g}"),
+                 ("relative_error", "output relative error", "{:.4g}"),
+                 ("max_abs_error", "output max abs error", "{:.4g}"))
+
+
+def _md_fidelity(report: Mapping[str, Any]) -> list[str]:
+    fidelity = report.get("fidelity") or {}
+    rows = [f"| {label} | {fmt.format(fidelity[key])} |" for key, label, fmt in FIDELITY_ROWS
+            if fidelity.get(key) is not None]
+    gate = report.get("gate") or {}
+    for key, label, fmt in (("min_agreement", "gate: minimum agreement", "{:.2%}"),
+                            ("max_accuracy_drop", "gate: maximum accuracy drop (points)", "{:g}")):
+        if gate.get(key) is not None:
+            rows.append(f"| {label} | {fmt.format(gate[key])} |")
+    return ["## Fidelity on held-out data", "", "| figure | value |", "| --- | --- |", *rows, ""] if rows else []
+
+
+def _md_cost(report: Mapping[str, Any]) -> list[str]:
+    lines = ["## Cost", ""]
+    flops = report.get("flops")
+    if flops:
+        ratio = f"x{flops['ratio']:.3f}" if flops.get("ratio") is not None else "ratio n/a"
+        lines += [f"FLOPs {flops['before']:,} -> {flops['after']:,} ({ratio}).", ""]
+    latency = report.get("latency_ms")
+    if latency and latency.get("original") is not None and latency.get("compressed") is not None:
+        lines += [_latency_line(latency), ""]
+    peaks = report.get("peaks")
+    if peaks:
+        lines += ["| view | before | after |", "| --- | --- | --- |"]
+        lines += [f"| {view} peak | {format_bytes(peaks['before'][view])} | {format_bytes(peaks['after'][view])} |"
+                  for view in ("stored", "live", "strict") if view in peaks.get("before", {})]
+        lines.append("")
+    return lines if len(lines) > 2 else []
+
+
+def _latency_line(latency: Mapping[str, Any]) -> str:
+    details = []
+    if latency.get("ratio") is not None:
+        details.append(f"ratio {latency['ratio']:.2f}")
+    spread = (latency.get("spread") or {}).get("ratio")
+    if spread:
+        details.append(f"per-round ratio {spread[0]:.2f} to {spread[1]:.2f}")
+    if latency.get("rounds"):
+        details.append(f"{latency['rounds']} interleaved rounds of {latency.get('repeats', '?')} runs")
+    if latency.get("threads"):
+        details.append(f"{latency['threads']} thread(s)")
+    details.append("measured side by side")
+    return f"onnxruntime latency {latency['original']:.2f} ms -> {latency['compressed']:.2f} ms ({', '.join(details)})."
+
+
+def _md_maps(report: Mapping[str, Any]) -> list[str]:
+    maps = report.get("maps") or []
+    if not maps:
+        return ["## Compressed maps", "", "None: every stored map was already at or under the ceiling.", ""]
+    lines = ["## Compressed maps", "", "| map | shape | C | k | bytes before | bytes after | stored as |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for entry in maps:
+        stored = entry.get("stored_as")
+        lines.append(f"| `{entry['name']}` | {format_shape(entry['shape'])} | {entry['C']} | {entry['k']} | "
+                     f"{entry['bytes_before']:,} | {entry['bytes_after']:,} | "
+                     f"{f'`{stored}`' if stored and stored != entry['name'] else ''} |")
+    return [*lines, ""]
+
+
+def _md_not_compressible(report: Mapping[str, Any]) -> list[str]:
+    entries = report.get("not_compressible") or []
+    if not entries:
+        return []
+    lines = ["## Over the ceiling, not compressible", "", "| tensor | shape | bytes | reason |",
+             "| --- | --- | --- | --- |"]
+    for entry in entries:
+        reason = entry.get("reason") or f"graph {entry.get('role', '?')}"
+        lines.append(f"| `{entry['name']}` | {format_shape(entry.get('shape', []))} | {entry.get('bytes', 0):,} | {reason} |")
+    return [*lines, ""]
+
+
+def _md_verification(report: Mapping[str, Any]) -> list[str]:
+    check = report.get("verification")
+    if not check:
+        return []
+    parts = [f"onnx.checker {check.get('checker', '?')}", f"onnxruntime {check.get('onnxruntime', '?')}"]
+    samples = f" on {check['samples']} held-out samples" if check.get("samples") else ""
+    if check.get("relative_error") is not None:
+        parts.append(f"relative error against the original with its projections inserted "
+                     f"{check['relative_error']:.2g}{samples}")
+    if check.get("executor_relative_error") is not None:
+        parts.append(f"against the training backend {check['executor_relative_error']:.2g}"
+                     + ("" if check.get("relative_error") is not None else samples))
+    if check.get("max_stored_bytes_after") is not None:
+        verdict = "<=" if check.get("ceiling_ok", True) else ">"
+        parts.append(f"largest compressible stored map after {check['max_stored_bytes_after']:,} B {verdict} ceiling")
+    return ["## Verification", "", ", ".join(parts) + ".", ""]

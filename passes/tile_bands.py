@@ -1,0 +1,175 @@
+"""Tiling, part 2: band plans, the rows every tensor of a region holds in each band
+(passes/tile.py rules c, d, d', d'', e), and the band count that fits a budget.
+
+Rules (the lettered list is passes/tile.py's; these are the ones this module computes):
+
+c. Bands split the rows of `end` like numpy.array_split (`band_rows`).
+d. Walking the region backwards, a tensor's rows are the hull of what its readers read;
+   a window reads [a*s - p, (b-1)*s - p + extent), clipped, the clipped part becoming the
+   band's own top and bottom pad. d' (upsampling) reads whole input rows; d'' (transposed)
+   finds pads and output padding that give exactly the band's rows.
+e. Pool bands whose pads reach the kernel, or that count padding AveragePool would not,
+   are rejected (InputError).
+
+Sizes: a band's largest tensor (`peak_band_bytes`) counts the Slice of each start, every
+node output and every narrowing Slice; `bands_for_budget` is the fewest bands under a budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from fmcompress.errors import InputError
+from fmcompress.onnxutil import node_attrs
+from fmcompress.shapes import TensorInfo
+
+from .ops import TILE_WINDOW_OPS
+from .tile_region import Region, Rows, Starts, Window, tileable_region, used_outputs
+
+
+@dataclass
+class BandPlan:
+    """What one band computes: rows of every tensor, rows each input read, pads per node."""
+
+    rows: Rows  # of `end`
+    produced: dict[str, Rows] = field(default_factory=dict)  # tensor -> rows computed/sliced
+    reads: dict[tuple[str, int], Rows] = field(default_factory=dict)  # (node key, input) -> rows
+    pads: dict[str, Rows] = field(default_factory=dict)  # node key -> (top, bottom) band pads
+    output_padding: dict[str, int] = field(default_factory=dict)  # ConvTranspose key -> rows added below
+
+
+def band_rows(height: int, bands: int) -> list[Rows]:
+    """numpy.array_split's bands: the first height % bands get one extra row (rule c)."""
+    if not 1 <= bands <= height:
+        raise InputError(f"tile: bands must be between 1 and the output height {height}, got {bands}")
+    base, extra = divmod(height, bands)
+    edges = np.cumsum([0] + [base + (i < extra) for i in range(bands)])
+    return [(int(edges[i]), int(edges[i + 1])) for i in range(bands)]
+
+
+def plan_bands(region: Region, bands: int) -> list[BandPlan]:
+    return [_plan_band(region, rows) for rows in band_rows(region.height(region.end), bands)]
+
+
+def _plan_band(region: Region, rows: Rows) -> BandPlan:
+    plan = BandPlan(rows, {region.end: rows})
+    for node in reversed(region.nodes):
+        key = node.output[0]
+        made = [plan.produced[name] for name in node.output[:used_outputs(node)] if name in plan.produced]
+        out = (min(r[0] for r in made), max(r[1] for r in made))  # every output in use has a reader
+        for name in node.output[:used_outputs(node)]:
+            plan.produced[name] = out
+        window = region.windows[key]
+        in_height = region.height(node.input[region.region_inputs[key][0]])  # input 0 may be a constant
+        if window.transposed:  # rule d''
+            read, plan.pads[key], plan.output_padding[key] = _transposed_rows(window, out, in_height)
+            plan.reads[(key, 0)] = read
+            have = plan.produced.get(node.input[0], read)
+            plan.produced[node.input[0]] = (min(have[0], read[0]), max(have[1], read[1]))
+            continue
+        if window.upsample > 1:  # rule d': whole input rows, so the band computes a multiple of the factor
+            read = (out[0] // window.upsample, -(-out[1] // window.upsample))
+            for name in node.output[:1]:
+                plan.produced[name] = (read[0] * window.upsample, read[1] * window.upsample)
+            plan.reads[(key, 0)] = read
+            have = plan.produced.get(node.input[0], read)
+            plan.produced[node.input[0]] = (min(have[0], read[0]), max(have[1], read[1]))
+            continue
+        lo = out[0] * window.stride - window.pad_top
+        hi = (out[1] - 1) * window.stride - window.pad_top + window.extent
+        read = (max(lo, 0), min(hi, in_height))
+        if read[0] >= read[1]:
+            raise InputError(f"tile: a band of {node.op_type} node {node.name!r} reads only padding; "
+                             f"use fewer bands")
+        if node.op_type in TILE_WINDOW_OPS:
+            plan.pads[key] = (read[0] - lo, hi - read[1])
+            _check_pool_pads(node, window, plan.pads[key], in_height, hi)
+        for index in region.region_inputs[key]:
+            need = read if node.op_type in TILE_WINDOW_OPS else out
+            plan.reads[(key, index)] = need
+            name = node.input[index]
+            have = plan.produced.get(name, need)
+            plan.produced[name] = (min(have[0], need[0]), max(have[1], need[1]))
+    return plan
+
+
+
+def _transposed_rows(window: Window, out: Rows, in_height: int) -> tuple[Rows, Rows, int]:
+    """Rule d'': input rows, band pads and output padding that give exactly output rows `out`."""
+    a, b = out
+    s, p, e = window.stride, window.pad_top, window.extent
+    lo = max(0, -(-(a + p - e + 1) // s))
+    lo = min(lo, max(0, (a + p) // s))  # the band's first output row must not lie above row a
+    hi = min(in_height, (b - 1 + p) // s + 1)
+    top = a + p - lo * s
+    while True:
+        surplus = (hi - lo - 1) * s + e - top - (b - a)  # rows the band would compute below b
+        if surplus >= 0 or hi >= in_height:
+            break
+        hi += 1
+    if surplus >= 0:
+        return (lo, hi), (top, surplus), 0
+    if -surplus >= max(s, 1):
+        raise InputError("tile: a ConvTranspose band would need an output padding not below its stride")
+    return (lo, hi), (top, 0), -surplus
+
+
+def _check_pool_pads(node: onnx.NodeProto, window: Window, pads: Rows, height: int, hi: int) -> None:
+    """Pool bands that onnxruntime would refuse or compute differently (rule e)."""
+    if node.op_type == "Conv":
+        return
+    where = f"tile: {node.op_type} node {node.name!r}"
+    if max(pads) >= window.kernel:
+        raise InputError(f"{where}: a band needs a pad of {max(pads)} rows, not below the kernel "
+                         f"({window.kernel}) as onnxruntime requires")
+    attrs = node_attrs(node)
+    if (node.op_type == "AveragePool" and attrs.get("count_include_pad", 0)
+            and hi > height + window.pad_bottom):
+        raise InputError(f"{where}: ceil_mode=1 with count_include_pad=1 overhangs the bottom "
+                         f"padding, which explicit pads cannot reproduce")
+
+
+def row_bytes(info: TensorInfo, act_bytes: int | None) -> int:
+    n, c, _, w = info.shape
+    return n * c * w * (act_bytes or np.dtype(info.dtype).itemsize)
+
+
+def band_tensor_bytes(region: Region, plan: BandPlan, act_bytes: int | None) -> int:
+    """Largest tensor of one band: the Slice of `start`, node outputs, the narrowing Slices."""
+    sizes = [(hi - lo) * row_bytes(region.infos[name], act_bytes)
+             for name, (lo, hi) in plan.produced.items()]
+    for node in region.nodes:
+        for index in region.region_inputs[node.output[0]]:
+            lo, hi = plan.reads[(node.output[0], index)]
+            sizes.append((hi - lo) * row_bytes(region.infos[node.input[index]], act_bytes))
+    return max(sizes)
+
+
+def peak_band_bytes(model: onnx.ModelProto, start: Starts, end: str, bands: int,
+                    act_bytes: int | None = None, *, region: Region | None = None,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None) -> int:
+    """Bytes of the largest tensor any one band holds inside the region."""
+    region = region or tileable_region(model, start, end, input_shapes)
+    return max(band_tensor_bytes(region, plan, act_bytes) for plan in plan_bands(region, bands))
+
+
+def bands_for_budget(model: onnx.ModelProto, start: Starts, end: str, budget_bytes: int,
+                     act_bytes: int | None = None, *,
+                     input_shapes: Mapping[str, Sequence[int]] | None = None,
+                     region: Region | None = None) -> int:
+    """The fewest bands whose largest band tensor fits in `budget_bytes`."""
+    region = region or tileable_region(model, start, end, input_shapes)
+    height = region.height(end)
+    for bands in range(1, height + 1):
+        try:
+            peak = peak_band_bytes(model, start, end, bands, act_bytes, region=region)
+        except InputError:  # e.g. a band lying wholly in padding: more bands will not help
+            break
+        if peak <= budget_bytes:
+            return bands
+    raise InputError(f"tile: even {height} one-row bands of {start!r} -> {end!r} do not fit in "
+                     f"{budget_bytes} bytes")

@@ -1,0 +1,289 @@
+"""Tiling, part 3: the band rewrite of a validated region, in place on `model.graph`
+(passes/tile.py rules f, g, h, i).
+
+Rules (the lettered list is passes/tile.py's; these are the ones this module writes):
+
+f. Per band i: a Slice of each start's rows, a copy of every region node with its band
+   pads (auto_pad removed, ceil_mode 0, extra outputs dropped), a Slice wherever a reader
+   needs fewer rows than its producer computed; a final Concat (axis 2) writes `end`
+   under its own name. New names come from one `Namer` of the graph (`<name>_band<i>`).
+g. The band nodes take the place of `end`'s producer in the node list, band 0 first; with
+   `chain`, band i+1's first Slices wait for band i's result through a zero computed from
+   it (an empty Slice, Cast, ReduceSum, Add), so every topological order runs the bands
+   one after the other.
+h. The region's nodes are detached and dropped; `model.touched()` then removes what only
+   they used. Constants are shared by the bands. `TileResult` holds the facts.
+i. `pool_in_bands`: a GlobalAveragePool computed as the scaled sum of per-band ReduceSums
+   of its input, recomputed from a region start; the input itself stays for its readers.
+
+The region is found on `model.proto()` (analysis); only `model.graph` is rewritten.
+`tile_region`, `tile_region_with_facts` and `pool_in_bands` take and return protos: thin
+edges for tests and tools over `tile_model` and `pool_model`, which the passes use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from fmcompress.errors import InputError
+
+from .graph import Model
+from .graphutil import Namer, detach, node_index
+from .tile_bands import BandPlan, band_tensor_bytes, plan_bands, row_bytes
+from .tile_region import Region, Rows, Starts, Window, tileable_region
+
+InputShapes = Mapping[str, Sequence[int]] | None
+
+
+@dataclass
+class TileResult:
+    """Facts about one tiled region (rule h)."""
+
+    start: str
+    end: str
+    bands: int
+    rows_per_band: list[int]
+    halo_rows: dict[str, int]  # node name -> output rows computed more than once
+    macs_untiled: int
+    macs_tiled: int
+    peak_band_bytes: int
+    nodes: list[str]
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_tiled / self.macs_untiled if self.macs_untiled else 1.0
+
+
+# ---------------------------------------------------------------- entry points
+
+def tile_model(model: Model, region: Region, bands: int, act_bytes: int | None = None,
+               chain: bool = True) -> TileResult:
+    """Rewrite `region` (found on `model.proto()`) of `model.graph` into `bands` bands."""
+    plans = plan_bands(region, bands)
+    emitter = _Emitter(model.graph, region, chain)
+    ends = emitter.emit(plans)
+    by_key = emitter.nodes
+    end_node = by_key[region.end]
+    position = node_index(model.graph, end_node)
+    end_tensor = end_node.outputs[0]
+    detach(by_key.values())
+    concat_name = emitter.namer(f"{region.end}_concat")
+    emitter.emitted.append(gs.Node("Concat", name=concat_name, attrs={"axis": 2}, inputs=ends,
+                                   outputs=[end_tensor]))
+    members = {id(node) for node in by_key.values()}
+    kept = [node for node in model.graph.nodes[:position] if id(node) not in members]
+    kept += emitter.emitted
+    kept += [node for node in model.graph.nodes[position + 1:] if id(node) not in members]
+    model.graph.nodes = kept
+    model.touched(sort=False)
+    return _facts(region, plans, act_bytes)
+
+
+def pool_model(model: Model, start: Starts, pool: str, bands: int,
+               input_shapes: InputShapes = None) -> None:
+    """Rule i on `model.graph`: the GlobalAveragePool node `pool` computed from bands of its input.
+
+    Its input x is recomputed band by band from `start` (as `tile_model` would compute it),
+    each band summed over H and W, the sums added and scaled by 1 / (H W); the pool's output
+    keeps its name, x stays for its other readers. Exact up to float summation order.
+    """
+    node = next((n for n in model.graph.nodes if n.name == pool), None)
+    if node is None or node.op != "GlobalAveragePool":
+        raise InputError(f"tile: no GlobalAveragePool node named {pool!r}")
+    region = tileable_region(model.proto(), start, node.inputs[0].name, input_shapes,
+                             consumers_checked=False)
+    emitter = _Emitter(model.graph, region, True, opset=_opset(model.header))
+    partials = emitter.emit(plan_bands(region, bands), band_sum=True)
+    _, _, height, width = region.infos[region.end].shape
+    namer, pooled = emitter.namer, node.outputs[0]
+    position = node_index(model.graph, node)
+    detach([node])
+    total = gs.Variable(namer(f"{pooled.name}/sum"))
+    emitter.emitted.append(gs.Node("Sum", name=namer(f"{pool}/sum"), inputs=partials,
+                                   outputs=[total]))
+    dtype = np.dtype(region.infos[region.end].dtype)
+    scale = gs.Constant(namer(f"{pooled.name}/scale"), np.array(1.0 / (height * width), dtype))
+    emitter.emitted.append(gs.Node("Mul", name=namer(f"{pool}/mean"), inputs=[total, scale],
+                                   outputs=[pooled]))
+    model.graph.nodes[position:position + 1] = emitter.emitted
+    model.touched(sort=False)
+
+
+def tile_region(model: onnx.ModelProto, start: Starts, end: str, bands: int,
+                input_shapes: InputShapes = None, chain: bool = True) -> onnx.ModelProto:
+    """A copy of `model` computing `end` from `start` in `bands` row bands (rules c-h)."""
+    return tile_region_with_facts(model, start, end, bands, input_shapes, chain=chain)[0]
+
+
+def tile_region_with_facts(model: onnx.ModelProto, start: Starts, end: str, bands: int,
+                           input_shapes: InputShapes = None, act_bytes: int | None = None,
+                           chain: bool = True) -> tuple[onnx.ModelProto, TileResult]:
+    """`tile_region` and the facts about the tiled region (an edge: proto in, proto out)."""
+    region = tileable_region(model, start, end, input_shapes)
+    tiled = Model.from_proto(model)
+    result = tile_model(tiled, region, bands, act_bytes, chain)
+    return tiled.proto(), result
+
+
+def pool_in_bands(model: onnx.ModelProto, start: Starts, pool: str, bands: int,
+                  input_shapes: InputShapes = None) -> onnx.ModelProto:
+    """`pool_model` on a copy of a proto (an edge: proto in, proto out)."""
+    pooled = Model.from_proto(model)
+    pool_model(pooled, start, pool, bands, input_shapes)
+    return pooled.proto()
+
+
+# ---------------------------------------------------------------- emission
+
+class _Emitter:
+    """The nodes of every band of one region (rules f-g), not yet placed in the graph."""
+
+    def __init__(self, graph: gs.Graph, region: Region, chain: bool, opset: int = 13):
+        self.region = region
+        self.chain = chain
+        self.opset = opset
+        self.namer = Namer(graph)
+        self.tensors: dict[str, gs.Tensor] = graph.tensors()
+        self.nodes = _region_nodes(graph, region)
+        self.emitted: list[gs.Node] = []
+
+    def emit(self, plans: list[BandPlan], band_sum: bool = False) -> list[gs.Tensor]:
+        """Every band's last tensor (or its sum over H and W: rule i), band 0 first."""
+        results: list[gs.Tensor] = []
+        for index, plan in enumerate(plans):
+            after = results[-1] if self.chain and results else None
+            band = self._band(plan, index, after)
+            results.append(self._band_sum(band) if band_sum else band)
+        return results
+
+    def _band(self, plan: BandPlan, index: int, after: gs.Tensor | None) -> gs.Tensor:
+        """Append band `index`'s nodes (rule f); returns the tensor of its `end` rows."""
+        region = self.region
+        have: dict[str, tuple[gs.Tensor, Rows]] = {}  # region tensor -> (band tensor, its rows)
+        for start in region.starts:  # each waits for the previous band (rule g)
+            if start in region.gates:
+                continue
+            rows = plan.produced[start]
+            whole = (0, region.height(start))
+            have[start] = (self._slice(self.tensors[start], whole, rows, index, after), rows)
+        for node in self.nodes.values():
+            key = node.outputs[0].name
+            inputs = list(node.inputs)
+            for i in region.region_inputs[key]:
+                band_tensor, rows = have[inputs[i].name]
+                inputs[i] = self._slice(band_tensor, rows, plan.reads[(key, i)], index)
+            name = self.namer(f"{node.name or key}_band{index}")
+            outputs = []
+            for tensor in node.outputs[:_used_outputs(node)]:
+                outputs.append(gs.Variable(self.namer(f"{tensor.name}_band{index}")))
+                have[tensor.name] = (outputs[-1], plan.produced[key])
+            attrs = dict(node.attrs)
+            if key in plan.pads:
+                _set_band_pads(attrs, region.windows[key], plan.pads[key])
+            if key in plan.output_padding:
+                attrs.pop("output_padding", None)
+                attrs["output_padding"] = [plan.output_padding[key],
+                                           region.windows[key].w_output_padding]
+            self.emitted.append(gs.Node(node.op, name=name, attrs=attrs, inputs=inputs,
+                                        outputs=outputs, domain=node.domain))
+        return have[region.end][0]
+
+    def _slice(self, tensor: gs.Tensor, have: Rows, want: Rows, index: int,
+               after: gs.Tensor | None = None) -> gs.Tensor:
+        """`tensor` (holding rows `have`) narrowed to rows `want`; itself when they agree.
+
+        `after`: a tensor this Slice must wait for (rule g), through a zero added to its starts.
+        """
+        if have == want and after is None:
+            return tensor
+        band = "" if f"_band{index}" in tensor.name else f"_band{index}"
+        output = self.namer(f"{tensor.name}{band}_rows{want[0]}_{want[1]}")
+        values = (want[0] - have[0], want[1] - have[0], 2)
+        params: list[gs.Tensor] = [self._ints(f"{output}/{part}", [value]) for part, value in
+                                   zip(("starts", "ends", "axes"), values, strict=True)]
+        if after is not None:
+            params[0] = self._after(params[0], params[2], after)
+        result = gs.Variable(output)
+        self.emitted.append(gs.Node("Slice", name=self.namer(f"{output}/slice"),
+                                    inputs=[tensor, *params], outputs=[result]))
+        return result
+
+    def _after(self, starts: gs.Tensor, axes: gs.Tensor, tensor: gs.Tensor) -> gs.Tensor:
+        """`starts` + 0, where the 0 is computed from `tensor`: a real data dependency (rule g).
+
+        The zero is the sum of an empty Slice of `tensor` (no element is read, so NaN or inf
+        cannot leak in); onnxruntime cannot constant-fold it as it folds Shape of static shapes.
+        """
+        base = self.namer(f"{starts.name}/after")
+        parts = ("zero", "empty_ends", "empty", "as_int", "sum")
+        names = [self.namer(f"{base}/{part}") for part in parts]
+        zero, empty_ends = (gs.Constant(name, np.zeros(1, np.int64)) for name in names[:2])
+        empty, as_int, total = (gs.Variable(name) for name in names[2:])
+        self._node("Slice", f"{base}/slice", [tensor, zero, empty_ends, axes], empty)
+        self._node("Cast", f"{base}/cast", [empty], as_int, to=onnx.TensorProto.INT64)
+        self._node("ReduceSum", f"{base}/sum", [as_int], total, keepdims=0)
+        result = gs.Variable(self.namer(f"{starts.name}/dep"))
+        self._node("Add", f"{base}/add", [starts, total], result)
+        return result
+
+    def _band_sum(self, tensor: gs.Tensor) -> gs.Tensor:
+        """Rule i: `tensor` summed over H and W, dims kept."""
+        output = gs.Variable(self.namer(f"{tensor.name}/rowsum"))
+        if self.opset >= 13:
+            axes = self._ints(f"{output.name}/axes", [2, 3])
+            self._node("ReduceSum", f"{output.name}/op", [tensor, axes], output, keepdims=1)
+        else:
+            self._node("ReduceSum", f"{output.name}/op", [tensor], output, axes=[2, 3], keepdims=1)
+        return output
+
+    def _ints(self, base: str, values: list[int]) -> gs.Constant:
+        return gs.Constant(self.namer(base), np.array(values, np.int64))
+
+    def _node(self, op: str, base: str, inputs: list[gs.Tensor], output: gs.Tensor,
+              **attrs: object) -> None:
+        self.emitted.append(gs.Node(op, name=self.namer(base), attrs=attrs, inputs=inputs,
+                                    outputs=[output]))
+
+
+def _used_outputs(node: gs.Node) -> int:
+    """`used_outputs` of a graphsurgeon node: every Split output, else only the first."""
+    return len(node.outputs) if node.op == "Split" else 1
+
+
+def _set_band_pads(attrs: dict, window: Window, pads: Rows) -> None:
+    """Explicit band pads along H, the resolved W pads; no auto_pad, ceil_mode 0 (rules d-e)."""
+    for name in ("pads", "auto_pad", "ceil_mode"):
+        attrs.pop(name, None)
+    attrs["pads"] = [pads[0], window.w_pads[0], pads[1], window.w_pads[1]]
+
+
+def _region_nodes(graph: gs.Graph, region: Region) -> dict[str, gs.Node]:
+    """The graph's nodes of `region` (found on its proto), by first output name, in region order."""
+    by_output = {node.outputs[0].name: node for node in graph.nodes if node.outputs}
+    return {node.output[0]: by_output[node.output[0]] for node in region.nodes}
+
+
+def _opset(header: onnx.ModelProto) -> int:
+    return next((o.version for o in header.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _facts(region: Region, plans: list[BandPlan], act_bytes: int | None) -> TileResult:
+    halo: dict[str, int] = {}
+    macs_untiled = macs_tiled = 0
+    for node in region.nodes:
+        key = node.output[0]
+        height = region.height(key)
+        computed = sum(plan.produced[key][1] - plan.produced[key][0] for plan in plans)
+        halo[node.name or key] = computed - height
+        per_row = row_bytes(region.infos[key], 1) * region.windows[key].macs_per_output
+        macs_untiled += per_row * height
+        macs_tiled += per_row * computed
+    return TileResult(region.start, region.end, len(plans), [p.rows[1] - p.rows[0] for p in plans],
+                      halo, macs_untiled, macs_tiled,
+                      max(band_tensor_bytes(region, plan, act_bytes) for plan in plans),
+                      region.node_names)

@@ -1,0 +1,400 @@
+"""Tiling, part 1: the region a band rewrite may cover, validated (passes/tile.py rules a-b),
+and how each of its nodes maps output rows to input rows (rules d, d', d'', e).
+
+Rules (the full list, lettered, is passes/tile.py's; these are the ones this module checks):
+
+a. Region: the nodes that compute `end` from its starts, walking back from `end`; every
+   other input they read is a constant. Which ops: `TILE_*_OPS` of passes/ops.py,
+   ConvTranspose and nearest Resize by integer factors.
+a'. Side inputs: the starts after the first; one value per channel ([N, C, 1, 1]) is read
+   whole by every band, like a constant.
+b. Anything else is an InputError of one line, raised here (never half-way through a rewrite).
+d. A node's `Window`: kernel extent, stride and pads along H (auto_pad SAME_* resolved),
+   W pads kept, d' (upsampling) and d'' (transposed) included.
+e. Pools: ceil_mode=1 turns into explicit right pads; what explicit pads cannot reproduce
+   is rejected.
+
+The analysis reads ONNX protos (it runs shape inference): `tileable_region(model.proto(), ...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from fmcompress.errors import InputError
+from fmcompress.onnxutil import constant_attr_value, node_attrs
+from fmcompress.shapes import TensorInfo, infer_tensor_infos, resolve_input_shapes
+
+from .ops import TILE_CHANNEL_OPS, TILE_SAME_SHAPE_OPS, TILE_SINGLE_MAP_OPS, TILE_WINDOW_OPS
+
+Rows = tuple[int, int]  # [lo, hi) along axis 2
+
+# ---------------------------------------------------------------- the region
+
+@dataclass(frozen=True)
+class Window:
+    """How a node's output rows map to input rows: [a*s - pad_top, (b-1)*s - pad_top + extent)."""
+
+    extent: int = 1  # d*(k-1) + 1
+    stride: int = 1
+    pad_top: int = 0
+    pad_bottom: int = 0  # explicit (auto_pad resolved), as in the original node
+    kernel: int = 1  # undilated, for onnxruntime's pool pad < kernel check
+    w_pads: Rows = (0, 0)  # left, right (auto_pad resolved); bands keep them
+    macs_per_output: int = 0  # Conv: prod(weight.shape[1:]); pools and elementwise: 0
+    upsample: int = 1  # nearest Resize by an integer factor along H: out row r reads row r // upsample
+    transposed: bool = False  # ConvTranspose: input row i feeds output rows i*stride - pad_top + [0, extent)
+    w_output_padding: int = 0  # ConvTranspose, kept by every band
+
+
+IDENTITY_WINDOW = Window()
+
+
+@dataclass
+class Region:
+    """The validated nodes (graph order) computing `end` from its starts, with their shapes."""
+
+    starts: tuple[str, ...]  # the first is the main one; the others are side inputs (rule a')
+    end: str
+    nodes: list[onnx.NodeProto]
+    infos: dict[str, TensorInfo]  # every region tensor, `start` and `end` included
+    windows: dict[str, Window]  # by node key (first output name)
+    region_inputs: dict[str, list[int]]  # node key -> indices of inputs that are region tensors
+    gates: frozenset[str] = frozenset()  # per-channel side inputs, read whole (rule a')
+
+    @property
+    def start(self) -> str:
+        return self.starts[0]
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node.name for node in self.nodes]
+
+    def height(self, tensor: str) -> int:
+        return self.infos[tensor].shape[2]
+
+
+Starts = str | Sequence[str]
+
+
+def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+                    infos: Mapping[str, TensorInfo] | None = None,
+                    consumers_checked: bool = True) -> Region:
+    """The nodes computing `end` from `start` (a tensor, or several: rule a'), validated
+    for tiling (rules a-b).
+
+    `infos` (every tensor's shape, from `infer_tensor_infos`) saves the shape inference
+    when a planner tries many regions of one model."""
+    graph = model.graph
+    starts = (start,) if isinstance(start, str) else tuple(start)
+    producers = {out: node for node in graph.node for out in node.output if out}
+    constants = _constant_names(graph)
+    nodes = _ancestors(graph, producers, constants, starts, end)
+    if infos is None:
+        shapes = resolve_input_shapes(model, {k: tuple(v) for k, v in (input_shapes or {}).items()})
+        infos = infer_tensor_infos(model, shapes)
+    # a side input of one value per channel (a squeeze-excitation gate) is read whole by every
+    # band, like a constant that does not vary along H (rule a')
+    gates = {name for name in starts[1:] if name in infos and len(infos[name].shape) == 4
+             and infos[name].shape[2:] == (1, 1)}
+    for name in gates:
+        constants.pin(name, np.zeros(infos[name].shape, np.float32))
+    members = {id(node) for node in nodes}
+    tensors = (set(starts) - gates) | {name for node in nodes for name in node.output[:used_outputs(node)]
+                                       if name}
+    if consumers_checked:  # a recomputing copy (pool_in_bands) leaves the original nodes in place
+        _check_consumers(graph, nodes, members, end)
+    windows: dict[str, Window] = {}
+    region_inputs: dict[str, list[int]] = {}
+    for node in nodes:
+        key = node.output[0]
+        for name in [*node.input, key]:
+            if name in tensors and (name not in infos or len(infos[name].shape) != 4):
+                raise InputError(f"tile: tensor {name!r} is not a 4-D NCHW map with a static shape")
+        region_inputs[key] = [i for i, name in enumerate(node.input) if name in tensors]
+        windows[key] = _validate_node(node, tensors, constants, infos)
+    return Region(starts, end, nodes, {t: infos[t] for t in tensors}, windows, region_inputs, frozenset(gates))
+
+
+class _Constants(Mapping):
+    """Tensors with a fixed value (initializers that are not graph inputs, Constant outputs),
+    converted to arrays only when read: a planner validates many regions of one graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        overridable = {inp.name for inp in graph.input}
+        self._sources: dict[str, object] = {
+            init.name: init for init in graph.initializer if init.name not in overridable}
+        self._sources.update({node.output[0]: node for node in graph.node if node.op_type == "Constant"})
+        self._values: dict[str, np.ndarray | None] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray | None:
+        if name not in self._values:
+            source = self._sources[name]
+            self._values[name] = (numpy_helper.to_array(source) if isinstance(source, onnx.TensorProto)
+                                  else constant_attr_value(node_attrs(source)))
+        return self._values[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sources
+
+    def pin(self, name: str, value: np.ndarray) -> None:
+        """Treat `name` as a constant with this value (a per-channel gate: rule a')."""
+        self._sources[name] = value
+        self._values[name] = value
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
+def _constant_names(graph: onnx.GraphProto) -> _Constants:
+    return _Constants(graph)
+
+
+def walk_back(end: str, producers: Mapping[str, onnx.NodeProto], constants: Mapping[str, object] | set[str],
+              stop: Callable[[str], bool]) -> tuple[set[int], list[tuple[str, onnx.NodeProto]]]:
+    """The nodes that compute `end` (as ids), walking back through producers, and where the
+    walk stopped: every (tensor, a node reading it) that `stop` accepts or no node
+    produces, in the order met. Constants are skipped."""
+    seen: set[int] = set()
+    boundary: list[tuple[str, onnx.NodeProto]] = []
+    met: set[str] = set()
+    stack = [producers[end]]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for name in node.input:
+            if not name or name in constants or name in met:
+                continue
+            if stop(name) or name not in producers:
+                met.add(name)
+                boundary.append((name, node))
+            else:
+                stack.append(producers[name])
+    return seen, boundary
+
+
+def _ancestors(graph: onnx.GraphProto, producers: dict[str, onnx.NodeProto],
+               constants: Mapping[str, object], starts: tuple[str, ...], end: str) -> list[onnx.NodeProto]:
+    """Region nodes in graph order: everything between the starts and `end`, constants excluded."""
+    if end not in producers:
+        raise InputError(f"tile: tensor {end!r} is not produced by a node")
+    if not starts:
+        raise InputError(f"tile: {end!r} reads no tensor computed at run time that a region could start from")
+    graph_inputs = {inp.name for inp in graph.input}
+    for start in starts:
+        if start not in producers and start not in graph_inputs:
+            raise InputError(f"tile: tensor {start!r} is neither a node output nor a graph input")
+    start = starts[0]
+    seen, boundary = walk_back(end, producers, constants, lambda name: name in starts)
+    for name, reader in boundary:
+        if name not in starts:
+            raise InputError(f"tile: {reader.op_type} node {reader.name!r} reads {name!r}, which is "
+                             f"neither computed from {start!r} nor a constant")
+    reached = {name for name, _ in boundary}
+    if start not in reached:
+        raise InputError(f"tile: {end!r} is not computed from {start!r}")
+    if set(starts) - reached:
+        raise InputError(f"tile: side input(s) {', '.join(sorted(set(starts) - reached))} are not read by "
+                         f"the region")
+    nodes = [node for node in graph.node if id(node) in seen]
+    from_start = set(starts)
+    for node in nodes:
+        if any(name in from_start for name in node.input):
+            from_start.update(node.output)
+    for node in nodes:
+        if node.output[0] not in from_start:  # e.g. a weight computed at run time
+            raise InputError(f"tile: {node.op_type} node {node.name!r} computes {node.output[0]!r} "
+                             f"without reading {start!r}; weights and operands must be constants")
+    return nodes
+
+
+def used_outputs(node: onnx.NodeProto) -> int:
+    """How many outputs a region node may have in use: every Split output, else only the first."""
+    return len(node.output) if node.op_type == "Split" else 1
+
+
+def _check_consumers(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], members: set[int],
+                     end: str) -> None:
+    """Every intermediate is read only inside the region; extra outputs are unused (rule b)."""
+    outside = {name for node in graph.node if id(node) not in members for name in node.input}
+    outside |= {out.name for out in graph.output}
+    for node in nodes:
+        for index, name in enumerate(node.output):
+            if not name or name == end:
+                continue
+            inside = any(name in other.input for other in nodes)
+            if index >= used_outputs(node) and (inside or name in outside):
+                raise InputError(f"tile: output {index} ({name!r}) of {node.op_type} node "
+                                 f"{node.name!r} is used; only single-output nodes can be tiled")
+            if index < used_outputs(node) and name in outside:
+                raise InputError(f"tile: intermediate {name!r} is used outside the region (or is a "
+                                 f"graph output), so the full tensor would still be needed")
+
+
+def _validate_node(node: onnx.NodeProto, tensors: set[str], constants: Mapping[str, np.ndarray | None],
+                   infos: Mapping[str, TensorInfo]) -> Window:
+    op, attrs = node.op_type, node_attrs(node)
+    where = f"tile: {op} node {node.name!r}"
+    if node.domain not in ("", "ai.onnx"):
+        raise InputError(f"{where}: custom-domain op {node.domain}::{op} is not supported")
+    if op in TILE_WINDOW_OPS or op == "ConvTranspose":
+        if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
+            raise InputError(f"{where}: weights and bias must be constants")
+        if op == "ConvTranspose":
+            return _transposed_window(node, attrs, constants, infos)
+        return _window(node, attrs, constants, infos)
+    if op in TILE_SINGLE_MAP_OPS:
+        if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
+            raise InputError(f"{where}: only input 0 may come from the region")
+        if op == "BatchNormalization" and attrs.get("training_mode", 0):
+            raise InputError(f"{where}: training_mode=1 is not supported")
+        return IDENTITY_WINDOW
+    if op == "Resize":
+        return _resize_window(node, attrs, tensors, constants, infos)
+    if op in TILE_CHANNEL_OPS:
+        rank = len(infos[node.output[0]].shape)
+        if int(attrs.get("axis", 0)) % rank != 1:
+            raise InputError(f"{where}: only the channel axis can be concatenated or split")
+        if any(name and name not in tensors for name in node.input[:1 if op == "Split" else None]):
+            raise InputError(f"{where}: every input must come from the region")
+        return IDENTITY_WINDOW
+    if op in TILE_SAME_SHAPE_OPS:
+        out_shape = infos[node.output[0]].shape
+        for name in node.input:
+            if name in tensors and infos[name].shape != out_shape:
+                raise InputError(f"{where}: operand {name!r} {infos[name].shape} is broadcast to "
+                                 f"{out_shape}; only same-shape region operands are supported")
+            if name not in tensors and _varies_along_h(constants[name]):
+                raise InputError(f"{where}: constant operand {name!r} varies along H")
+        return IDENTITY_WINDOW
+    raise InputError(f"{where}: {op} is not spatially local or not supported by tiling")
+
+
+NEAREST_MODES = {"asymmetric": ("floor",), "half_pixel": ("round_prefer_floor", "round_prefer_ceil"),
+                 "pytorch_half_pixel": ("round_prefer_floor", "round_prefer_ceil")}
+
+
+def _resize_window(node: onnx.NodeProto, attrs: Mapping, tensors: set[str],
+                   constants: Mapping[str, np.ndarray | None], infos: Mapping[str, TensorInfo]) -> Window:
+    """Rule d': nearest Resize by integer factors (N and C kept): output row r is input row r // f."""
+    where = f"tile: Resize node {node.name!r}"
+    mode = _text(attrs.get("mode", "nearest"))
+    transform = _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
+    nearest = _text(attrs.get("nearest_mode", "round_prefer_floor"))
+    if mode != "nearest" or nearest not in NEAREST_MODES.get(transform, ()):
+        raise InputError(f"{where}: only nearest resizing with floor-equivalent coordinates is tiled "
+                         f"(got {mode}, {transform}, {nearest})")
+    if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
+        raise InputError(f"{where}: only input 0 may come from the region")
+    if len(node.input) < 3 or not node.input[2] or (len(node.input) > 3 and node.input[3]):
+        raise InputError(f"{where}: needs constant scales (not sizes)")
+    scales = constants.get(node.input[2])
+    in_shape, out_shape = infos[node.input[0]].shape, infos[node.output[0]].shape
+    factors = [o / i for o, i in zip(out_shape, in_shape, strict=True)]
+    if scales is None or list(factors[:2]) != [1, 1] or any(f != int(f) or f < 1 for f in factors[2:]):
+        raise InputError(f"{where}: only integer upsampling of H and W is tiled (factors {factors})")
+    return Window(upsample=int(factors[2]))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _varies_along_h(value: np.ndarray | None) -> bool:
+    return value is None or (value.ndim >= 2 and value.shape[-2] != 1)
+
+
+def _window(node: onnx.NodeProto, attrs: Mapping, constants: Mapping[str, np.ndarray | None],
+            infos: Mapping[str, TensorInfo]) -> Window:
+    """The row mapping of a Conv or pool, auto_pad resolved into explicit pads (rule d)."""
+    where = f"tile: {node.op_type} node {node.name!r}"
+    macs = 0
+    if node.op_type == "Conv":
+        weight = constants.get(node.input[1])
+        if weight is None or weight.ndim != 4:
+            raise InputError(f"{where}: only 2-D convs with a constant weight can be tiled")
+        kernel = list(attrs.get("kernel_shape", weight.shape[2:]))
+        macs = int(np.prod(weight.shape[1:]))
+    else:
+        kernel = list(attrs["kernel_shape"])
+        if node.op_type == "LpPool" and attrs.get("ceil_mode", 0):
+            raise InputError(f"{where}: LpPool with ceil_mode=1 is not supported")
+    if len(kernel) != 2:
+        raise InputError(f"{where}: only 2-D windows can be tiled")
+    strides = [int(s) for s in attrs.get("strides", [1, 1])]
+    extents = [int(d) * (int(k) - 1) + 1 for d, k in zip(attrs.get("dilations", [1, 1]), kernel, strict=True)]
+    in_shape, out_shape = infos[node.input[0]].shape, infos[node.output[0]].shape
+    top, bottom = _resolved_pads(attrs, 0, in_shape[2], out_shape[2], strides[0], extents[0])
+    left, right = _resolved_pads(attrs, 1, in_shape[3], out_shape[3], strides[1], extents[1])
+    right = _ceil_columns(node, attrs, (left, right), int(kernel[1]), in_shape[3], out_shape[3],
+                          strides[1], extents[1])
+    return Window(extents[0], strides[0], top, bottom, int(kernel[0]), (left, right), macs)
+
+
+def _transposed_window(node: onnx.NodeProto, attrs: Mapping, constants: Mapping[str, np.ndarray | None],
+                       infos: Mapping[str, TensorInfo]) -> Window:
+    """Rule d'': a 2-D ConvTranspose with explicit pads (no auto_pad, no output_shape)."""
+    where = f"tile: ConvTranspose node {node.name!r}"
+    weight = constants.get(node.input[1])
+    if weight is None or weight.ndim != 4:
+        raise InputError(f"{where}: only 2-D transposed convs with a constant weight can be tiled")
+    if _text(attrs.get("auto_pad", "NOTSET")) != "NOTSET" or "output_shape" in attrs:
+        raise InputError(f"{where}: only explicit pads are tiled (no auto_pad, no output_shape)")
+    kernel = list(attrs.get("kernel_shape", weight.shape[2:]))
+    strides = [int(v) for v in attrs.get("strides", [1, 1])]
+    dilations = [int(v) for v in attrs.get("dilations", [1, 1])]
+    pads = [int(v) for v in attrs.get("pads", [0, 0, 0, 0])]
+    output_padding = [int(v) for v in attrs.get("output_padding", [0, 0])]
+    group = int(attrs.get("group", 1))
+    macs = weight.shape[0] // group * int(np.prod(kernel)) // max(1, strides[0] * strides[1])
+    return Window(extent=dilations[0] * (int(kernel[0]) - 1) + 1, stride=strides[0], pad_top=pads[0],
+                  pad_bottom=pads[2], kernel=int(kernel[0]), w_pads=(pads[1], pads[3]), macs_per_output=macs,
+                  transposed=True, w_output_padding=output_padding[1])
+
+
+def _ceil_columns(node: onnx.NodeProto, attrs: Mapping, pads: Rows, kernel: int, size: int,
+                  out_size: int, stride: int, extent: int) -> int:
+    """The right pad that makes ceil_mode=0 give the original columns (rule e)."""
+    right = pads[1]
+    overhang = (out_size - 1) * stride - pads[0] + extent - size - right  # ceil_mode's extra columns
+    if overhang > 0:
+        if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0):
+            raise InputError(f"tile: AveragePool node {node.name!r}: ceil_mode=1 with "
+                             f"count_include_pad=1 overhangs the right padding, which explicit "
+                             f"pads cannot reproduce")
+        right += overhang
+    if node.op_type != "Conv" and max(pads[0], right) >= kernel:
+        raise InputError(f"tile: {node.op_type} node {node.name!r}: ceil_mode=1 needs a right pad "
+                         f"of {right}, not below the kernel ({kernel}) as onnxruntime requires")
+    return right
+
+
+def _auto_pad(attrs: Mapping) -> str:
+    value = attrs.get("auto_pad", b"NOTSET")
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _resolved_pads(attrs: Mapping, axis: int, size: int, out_size: int, stride: int,
+                   extent: int) -> Rows:
+    """(begin, end) pads of spatial `axis`; SAME_* split the total pad as the ONNX spec says."""
+    auto_pad = _auto_pad(attrs)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        total = max(0, (out_size - 1) * stride + extent - size)
+        small = total // 2
+        return (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+    if auto_pad == "VALID":
+        return 0, 0
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    return int(pads[axis]), int(pads[axis + 2])
+
