@@ -15,7 +15,7 @@ Each is run through the pipeline compile runs (fit, fold, verify, measure) on th
 same data and split; the greedy proxies are measured once per model and budget and
 shared by both greedy rows. Fidelity is on the held-out quarter: accuracy for the
 trained demo (`--data mnist`) and PP-OCR's direction classifier (rendered text lines
-rotated 0/180 degrees, labels known by construction, fmcompress.textlines); for
+rotated 0/180 degrees, labels known by construction, fmcompress.evaluation.textlines); for
 MobileNetV2 (zoo, untrained weights: no accuracy means anything) top-1 agreement with
 the original and output cosine. Latency: onnxruntime, interleaved rounds, median
 ratio (compressed / original); FLOPs ratio likewise. Prints a Markdown table (also

@@ -15,7 +15,7 @@ seed) with the task's own metric:
 * demo (`models/digits_resnet.onnx` when it exists, `--data mnist`): the compile
   report's held-out accuracy before and after (skipped with a note when absent).
 
-Rendering and scoring are `fmcompress.textlines`. Prints a Markdown table (also
+Rendering and scoring are `fmcompress.evaluation.textlines`. Prints a Markdown table (also
 written to OUT/ceiling_sweep.md, with OUT/ceiling_sweep.json) and plots the metric
 against the ceiling, one line per method and one panel per model, with the
 original's figure dashed (OUT/ceiling_sweep.png). Methods that

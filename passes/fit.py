@@ -15,7 +15,7 @@ Rules:
   network order to reproduce what the original network computes after its block
   (`block_epochs` per map, `fmcompress.backend.blockwise`, its rules a-e; 0 skips it),
   then P and U of every map trained end to end through the frozen network
-  (`fmcompress.backend.train`: distillation from the original model's outputs, its
+  (`fmcompress.backend.trainer`: distillation from the original model's outputs, its
   rules a-h).
 * `random`: random orthonormal projections trained the same way (the paper's
   initialisation, for comparison).

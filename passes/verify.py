@@ -10,8 +10,8 @@ c. On held-out samples its outputs equal the reference semantics run by the same
    Relative error at most 1e-4 for float32 models; float16 and bfloat16 models round
    at every op, so 1e-2. One runtime on both sides isolates the rewrites (folding,
    tiling, conv splitting) from run-time rounding: a model whose outputs amplify
-   rounding (PP-OCR's detector, a sigmoid over large logits) differs by 3% between
-   two runtimes even unprojected. The training backend's agreement (the torch
+   rounding (a sigmoid over large logits, as in PP-OCR's detector) differs between two
+   runtimes by far more than the tolerance even unprojected (docs/results.md). The training backend's agreement (the torch
    executor with U P applied, what the projections were fitted with) is reported as
    `executor_relative_error`, a figure beside the check.
 c'. Where compile planned on an exactly rewritten graph (`ctx.projected_graph` is not

@@ -1,7 +1,7 @@
 """Shared fixtures (zoo models exported once per session) and automatic `real` marking.
 
 A test needs the third-party wheels (rapidocr-onnxruntime, nudenet) when it reaches
-`fmcompress.thirdparty.real_model`: directly, through a helper function of the tests,
+`fmcompress.evaluation.thirdparty.real_model`: directly, through a helper function of the tests,
 through a fixture (or a fixture's fixture), or in a decorator argument. Such tests get the
 `real` marker at collection, so `-m "not real"` never runs one by mistake.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-REAL_ENTRY = "real_model"  # fmcompress.thirdparty.real_model
+REAL_ENTRY = "real_model"  # fmcompress.evaluation.thirdparty.real_model
 
 
 @functools.cache

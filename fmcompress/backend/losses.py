@@ -50,8 +50,8 @@ def output_kinds(outputs: Sequence[torch.Tensor]) -> list[str]:
 
 
 def _log_probs(out: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    # the 1e-8 floor is measured, not a guard: PP-OCR's recognizer has 93% of its 6,625 probabilities
-    # below it, and matching those tails exactly (a floor at float32's smallest number) lost 4 points
+    # the floor is chosen by measurement, not a guard: a recognizer's many near-zero class
+    # probabilities are its tails, and matching them exactly costs accuracy (docs/results.md)
     scores = out.float().clamp_min(PROBABILITY_FLOOR).log() if kind in ("probs", "seq_probs") else out.float()
     return F.log_softmax(scores / temperature, dim=-1)
 
