@@ -3,10 +3,13 @@ onnxruntime and the training backend, reports, and every bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
@@ -14,9 +17,10 @@ from PIL import Image
 
 from fmcompress.cli import main
 from fmcompress.compiler import CompileOptions, compile_model
+from fmcompress.data import input_specs, load_dataset
 from fmcompress.errors import InputError
-from fmcompress.thirdparty import REAL_MODELS, real_model
-from fmcompress.training import TrainConfig
+from fmcompress.evaluation.thirdparty import REAL_MODELS, real_model
+from fmcompress.train_config import TrainConfig
 
 FAST = ["--num-samples", "8", "--batch-size", "4", "--epochs", "1", "--block-epochs", "1", "-q"]
 
@@ -45,6 +49,7 @@ def test_plan_only_gives_the_papers_resnet18_ranks(resnet18_224, tmp_path):
     assert not (tmp_path / "r18.fmc.onnx").exists()
 
 
+@pytest.mark.slow
 def test_resnet18_compiles_with_the_surrogate_set(resnet18_224, tmp_path):
     out, report_dir = tmp_path / "r18.fmc.onnx", tmp_path / "report"
     before = resnet18_224.read_bytes()
@@ -70,16 +75,72 @@ def test_resnet18_compiles_with_the_surrogate_set(resnet18_224, tmp_path):
     assert broken.exit_code == 1 and "above the ceiling of 102400 B" in broken.output
 
 
+def with_projections_inserted(model: onnx.ModelProto, projections: dict) -> onnx.ModelProto:
+    """The original model with every projected map X replaced by U (P X): two 1x1 convs
+    built here from the fitted matrices, the consumers rewired to read their output."""
+    model = copy.deepcopy(model)
+    graph = model.graph
+    nodes = list(graph.node)
+    for name, projection in projections.items():
+        stored, restored = f"{name}/test_P", f"{name}/test_U"
+        graph.initializer.extend([numpy_helper.from_array(projection.P[:, :, None, None], f"{stored}/w"),
+                                  numpy_helper.from_array(projection.U[:, :, None, None], f"{restored}/w")])
+        for node in nodes:
+            node.input[:] = [restored if i == name else i for i in node.input]
+        producer = next(i for i, node in enumerate(nodes) if name in node.output)
+        nodes[producer + 1:producer + 1] = [helper.make_node("Conv", [name, f"{stored}/w"], [stored]),
+                                            helper.make_node("Conv", [stored, f"{restored}/w"], [restored])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def numpy_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean over samples of the cosine between the flattened samples."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
+    return float(np.mean(np.sum(ref * cand, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(cand, axis=1)))
+
+
+@pytest.mark.slow
 def test_python_api_compiles_under_the_ceiling(small_resnet):
+    """The emitted model against routes built here: the original with the fitted P and U
+    inserted by hand (on fresh samples), and numpy's cosine on the held-out samples."""
     result = compile_model(small_resnet, CompileOptions(ceiling="4x", num_samples=8, batch_size=4,
                                                         latency_repeats=2, latency_rounds=2,
                                                         training=TrainConfig(epochs=1, block_epochs=1)))
     assert result.plan.maps and result.after is not None
     assert not result.after.over_ceiling()
-    assert result.report["fidelity"]["cosine_similarity"] > 0.5
     assert result.report["flops"]["after"] < result.report["flops"]["before"]
+    original = onnx.load(str(small_resnet))
+    assert {name: p.k for name, p in result.projections.items()} == {m.name: m.k for m in result.plan.maps}
+    assert all(p.k < p.C for p in result.projections.values())
+
+    specs = input_specs(original)
+    fresh = load_dataset(None, specs, num_samples=16, seed=1).inputs  # not the samples compile saw
+    (emitted,) = ort_outputs(result.model, fresh)
+    (hand_made,) = ort_outputs(with_projections_inserted(original, result.projections), fresh)
+    (unprojected,) = ort_outputs(original, fresh)
+    assert np.linalg.norm(emitted - hand_made) <= 1e-4 * np.linalg.norm(hand_made)
+    assert np.linalg.norm(emitted - unprojected) > 0.25 * np.linalg.norm(unprojected)  # really cut: 0.50 measured
+
+    held_out = load_dataset(None, specs, num_samples=8, seed=0).split(0.25, seed=0)[1].inputs
+    (reference,) = ort_outputs(original, held_out)
+    (candidate,) = ort_outputs(result.model, held_out)
+    cosine = numpy_cosine(reference, candidate)
+    assert result.report["fidelity"]["cosine_similarity"] == pytest.approx(cosine, abs=1e-6)
+    # measured: 0.933 on the held-out pair (PCA alone 0.924), 0.86-0.88 on fresh samples (seeds 1-3)
+    assert cosine > 0.85
+    assert numpy_cosine(unprojected, emitted) > 0.75
 
 
+def ort_outputs(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+@pytest.mark.slow
 def test_npz_data_with_labels_reports_accuracy(small_resnet, tmp_path):
     rng = np.random.default_rng(0)
     npz = tmp_path / "d.npz"
@@ -91,6 +152,7 @@ def test_npz_data_with_labels_reports_accuracy(small_resnet, tmp_path):
     assert report["data"]["labels"] is True and report["fidelity"]["accuracy_candidate"] is not None
 
 
+@pytest.mark.slow
 def test_image_folder_with_a_corrupt_file_is_counted(small_resnet, tmp_path):
     images = tmp_path / "images"
     for cls in ("cat", "dog"):
@@ -106,6 +168,7 @@ def test_image_folder_with_a_corrupt_file_is_counted(small_resnet, tmp_path):
 
 
 @pytest.mark.real
+@pytest.mark.slow
 @pytest.mark.parametrize("ceiling", ["4x", "64KB"])
 def test_ppocr_classifier_compiles_and_verifies(tmp_path, ceiling):
     out = tmp_path / "cls.fmc.onnx"
@@ -120,6 +183,7 @@ def test_ppocr_classifier_compiles_and_verifies(tmp_path, ceiling):
 
 
 @pytest.mark.real
+@pytest.mark.slow
 @pytest.mark.parametrize("ceiling", ["4x", "256KB"])
 def test_yolov8n_compiles_and_verifies(tmp_path, ceiling):
     out = tmp_path / "yolo.fmc.onnx"
@@ -129,9 +193,19 @@ def test_yolov8n_compiles_and_verifies(tmp_path, ceiling):
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["maps"]) >= 10
     assert report["verification"]["max_stored_bytes_after"] <= report["ceiling_bytes"]
-    assert report["fidelity"]["cosine_similarity"] > 0.5
-    boxes = report["fidelity"]["boxes"]  # matched at IoU 0.5 after nudenet's decoding
-    assert boxes is not None and boxes["matched"] <= min(boxes["reference_boxes"], boxes["candidate_boxes"])
+    # measured at both ceilings: cosine 0.996, relative error 0.09 on the 2 held-out samples
+    assert report["fidelity"]["cosine_similarity"] > 0.98 and report["fidelity"]["relative_error"] < 0.2
+    boxes = report["fidelity"]["boxes"]  # nudenet's decoding ran on every held-out image
+    assert boxes is not None and boxes["images"] == report["data"]["held_out"] == 2
+    # fresh samples through onnxruntime here: relative error 0.12 measured. The output
+    # [N, 4 + 18, anchors] is dominated by the box coordinates (pixels); the class scores
+    # (at most 0.3 on these photos) are not kept at these one-epoch settings.
+    original = real_model("yolov8n")
+    specs = input_specs(onnx.load(str(original)), {"images": (1, 3, 320, 320)})
+    fresh = load_dataset(None, specs, num_samples=4, seed=1).inputs["images"]
+    reference = np.concatenate([ort_outputs(original, {"images": x[None]})[0] for x in fresh])
+    candidate = np.concatenate([ort_outputs(out, {"images": x[None]})[0] for x in fresh])
+    assert np.linalg.norm(candidate - reference) < 0.25 * np.linalg.norm(reference)
 
 
 # --- bad input: one line, the right exit code, nothing written, input untouched -----------

@@ -108,6 +108,7 @@ def listing(folder: Path) -> set[str]:
 # --- symlinks are written through --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compile_writes_through_symlinks_to_their_targets(tiny, tmp_path):
     targets = tmp_path / "targets"
     targets.mkdir()

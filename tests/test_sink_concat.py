@@ -228,6 +228,7 @@ def test_a_concat_read_by_a_spatial_conv_stays():
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_yolov8n_compiles_at_512kb_with_runtime_ort():
     """The anchor Concat and level 0's channel Concat are sunk; every allocation fits, by
     exact rewrites alone (the stem's region walks through the C2f Split halves)."""

@@ -81,6 +81,11 @@ def _add_inplace(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return OPS["Add"](None, a, b)
 
 
+class StopForward(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by a module installed on a tensor (a recorder) once it has what it needs: the
+    run stops there, and the executor lets it through unwrapped."""
+
+
 def _where(ctx: NodeCtx) -> str:
     return f"node {ctx.name!r} ({ctx.op_type})"
 
@@ -179,7 +184,7 @@ class OnnxModule(nn.Module):
 
     def __init__(self, model: onnx.ModelProto | str | os.PathLike):
         super().__init__()
-        model = load_model(model)
+        model = load_model(model, normalize=False)  # runs the graph it is given
         check_supported(model)
         graph = model.graph
         self._opset = _opset(model)
@@ -421,8 +426,8 @@ class OnnxModule(nn.Module):
                 for slot in frees:
                     env[slot] = None
                 env[DISCARD] = None
-        except (torch.OutOfMemoryError, FmcError):
-            raise  # a handler's own InputError already says what it rejects
+        except (torch.OutOfMemoryError, FmcError, StopForward):
+            raise  # a handler's own InputError already says what it rejects; a recorder stops
         except RuntimeError as exc:
             # torch's verdict on the data: a shape or dtype the node's weights reject (inputs are
             # only checked for rank and channels before the run), so the input is at fault

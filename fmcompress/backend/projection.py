@@ -19,7 +19,7 @@ from torch import nn
 
 from fmcompress.featuremaps import Projection
 
-from .executor import Frontier
+from .executor import Frontier, StopForward
 
 
 def mix_channels(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -43,10 +43,6 @@ class ChannelProjection(nn.Module):
     def to_projection(self) -> Projection:
         return Projection(P=self.P.detach().cpu().numpy().astype(np.float32),
                           U=self.U.detach().cpu().numpy().astype(np.float32))
-
-
-class StopForward(Exception):  # noqa: N818 - control flow, not an error
-    """Raised by a recorder once it has what it needs: the rest of the graph is not run."""
 
 
 class SecondMomentRecorder(nn.Module):
