@@ -31,8 +31,8 @@ class FeatureMap:
 
     @property
     def compressible(self) -> bool:
-        """A floating-point map between groups, [N, C, H, W] or [N, C, L], with at least 2 channels."""
-        return self.role == "map" and self.floating and len(self.shape) in (3, 4) and self.shape[1] >= 2
+        """Compile can project it: `not_compressible_reason` is None."""
+        return self.not_compressible_reason is None
 
     @property
     def floating(self) -> bool:
@@ -40,17 +40,33 @@ class FeatureMap:
 
     @property
     def not_compressible_reason(self) -> str | None:
-        """Why the tool never compresses this tensor (reported only), or None when it may.
+        """Why the tool never compresses this tensor (a one-line reason), or None when it may.
 
-        Graph inputs and outputs belong to the caller; an integer map is already
-        quantized (projecting it would need requantization). Other maps that are not
-        compressible (2-D, one channel) are left to the planner, which calls them infeasible.
+        The one definition of compressible, which the analysis (over the ceiling, the
+        relative ceiling), the plan and the runtime plan share: graph inputs and outputs
+        belong to the caller; an integer map is already quantized (projecting it would
+        need requantization); the map's layout must be one a projection applies to
+        (`layout_reason`, the rule `passes/insert.py validate_projections` enforces).
         """
         if self.role != "map":
             return f"graph {self.role}"
-        if self.floating:
-            return None
-        return "integer dtype" if self.dtype.startswith(("int", "uint")) else f"{self.dtype} dtype"
+        if not self.floating:
+            return "integer dtype" if self.dtype.startswith(("int", "uint")) else f"{self.dtype} dtype"
+        return layout_reason(len(self.shape), self.shape[1] if len(self.shape) > 1 else None)
+
+
+PROJECTABLE_RANKS = (3, 4)  # [N, C, L] and [N, C, H, W]: P and U are 1x1 convs over axis 1
+
+
+def layout_reason(rank: int | None, channels: int | None) -> str | None:
+    """Why a map of this rank and channel count (axis 1; None: unknown) cannot be projected,
+    or None: only 4-D NCHW and 3-D NCL maps with at least 2 channels can."""
+    if rank not in PROJECTABLE_RANKS:
+        what = "map of unknown rank" if rank is None else f"{rank}-D map"
+        return f"{what}, not a 4-D NCHW or 3-D NCL map"
+    if channels is not None and channels < 2:
+        return "one channel: nothing to project"
+    return None
 
 
 @dataclass

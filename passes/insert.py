@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fmcompress.errors import InputError
-from fmcompress.featuremaps import Projection
+from fmcompress.featuremaps import PROJECTABLE_RANKS, Projection, layout_reason
 from fmcompress.shapes import InferredType, infer_tensor_infos, inferred_types, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
@@ -42,7 +42,6 @@ class MapInfo:
     rank: int  # 4 (NCHW) or 3 (NCL)
 
 
-PROJECTABLE_RANKS = (3, 4)
 
 
 def validate_projections(model: onnx.ModelProto, graph: gs.Graph, projections: dict[str, Projection],
@@ -74,9 +73,9 @@ def validate_projections(model: onnx.ModelProto, graph: gs.Graph, projections: d
         if inferred.rank is None and name in exact:
             inferred = InferredType(exact[name].rank, exact[name].channels, inferred.dtype or exact[name].dtype)
         rank, channels = _rank_and_channels(tensor, inferred)
-        if rank not in PROJECTABLE_RANKS:
-            raise InputError(f"cannot project {name!r}: it is {'of unknown rank' if rank is None else f'{rank}-D'}, "
-                             "not a 4-D NCHW or 3-D NCL feature map")
+        layout = layout_reason(rank, channels)  # the analysis's rule too (FeatureMap.compressible)
+        if layout is not None:
+            raise InputError(f"cannot project {name!r}: {layout}")
         if channels is not None and channels != projection.C:
             raise InputError(f"projection for {name!r} has C={projection.C} but the tensor has {channels} channels")
         dtype = inferred.dtype or _producer_weight_dtype(tensor) or np.dtype(np.float32)

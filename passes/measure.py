@@ -83,8 +83,8 @@ class MeasurePass(HeldOutPass):
             raise InputError("--max-accuracy-drop needs labelled data (an .npz with `labels` or class subfolders)")
 
     def _measure(self, model: onnx.ModelProto, ctx: PassContext) -> dict[str, Any]:
-        reference = run_ort(self.original, self.held_out.batches(self.batch_size))
-        candidate = run_ort(model, self.held_out.batches(self.batch_size))
+        reference = run_ort(self.original, self.held_out.batches(self.batch_size), batch_first=True)
+        candidate = run_ort(model, self.held_out.batches(self.batch_size), batch_first=True)
         quality = fidelity(reference, candidate, self.held_out.labels).to_dict()
         quality["boxes"] = _box_figures(reference, candidate)
         before = _analysis(self.original, ctx.before, ctx)

@@ -40,9 +40,12 @@ Rules (docs/design.md, "Memory accounting"), applied to a model with static shap
 Bytes are numel * bytes per element of the stored dtype, or `ctx.act_bytes`.
 
 Ceilings: a map is over the ceiling when its bytes exceed it. A relative ceiling
-(`4x`) divides the largest *compressible* stored map (a floating-point 3-D or 4-D map
-between groups, FeatureMap.compressible); graph inputs, graph outputs and integer
-maps are reported against the ceiling but never set it and are never compressed.
+(`4x`) divides the largest *compressible* stored map (FeatureMap.compressible, the one
+definition the plan and compile's projections share: a floating-point 4-D NCHW or 3-D
+NCL map between groups with at least 2 channels); graph inputs, graph outputs, integer
+maps and maps no projection applies to (2-D, 5-D, one channel) are reported against
+the ceiling with their reason (FeatureMap.not_compressible_reason) but never set it
+and are never compressed.
 The report carries the parsed ceiling and a key of the graph's wiring (`graph_key`),
 so that a later pass reuses it only for the same graph, ceiling, shapes and act_bytes.
 """

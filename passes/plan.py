@@ -6,13 +6,14 @@ Rules (Price & Tanner's ceiling compression; docs/design.md section 2), on the s
   between kernel groups) above the ceiling gets rank
   k = floor(ceiling_bytes / (N * H * W (or N * L) * bytes_per_element)), 1 <= k < C,
   and is stored as Z = P X with k channels; the maps are listed in execution order;
-* k < 1 (one channel of the map alone is above the ceiling), or an over-ceiling
-  floating-point map that cannot be projected (not 3-D or 4-D, or one channel), makes
-  the plan infeasible: InputError naming the maps and the smallest feasible ceiling
-  (the largest of what each needs: one channel's bytes, or the whole map's);
-* graph inputs, graph outputs and integer (quantized) maps above the ceiling are
-  never compressed: `not_compressible` lists them, each with a `reason`
-  ("graph input", "graph output", "integer dtype"), in execution order;
+* k < 1 (one channel of the map alone is above the ceiling) makes the plan
+  infeasible: InputError naming the maps and the smallest feasible ceiling
+  (the largest of what each needs: one channel's bytes);
+* graph inputs, graph outputs, integer (quantized) maps and maps no projection
+  applies to (not 4-D NCHW or 3-D NCL, one channel) above the ceiling are never
+  compressed: `not_compressible` lists them, each with its `reason`
+  (FeatureMap.not_compressible_reason: "graph input", "integer dtype", "5-D map, ..."),
+  in execution order;
 * a relative ceiling (`4x`) is resolved by the analysis, on the largest compressible map;
 * the fold pass carries U through a Resize (or Upsample, Identity, Dropout) and the
   op then runs on the k channels: the narrow, upsampled tensor is stored too, so a map
@@ -163,8 +164,6 @@ def plan_from_report(report: AnalysisReport, carried: dict[str, int] | None = No
         if reason is not None:
             skipped.append({"name": fmap.name, "role": fmap.role, "shape": list(fmap.shape), "dtype": fmap.dtype,
                             "bytes": fmap.bytes, "reason": reason, "step": fmap.step})
-        elif not fmap.compressible:
-            infeasible.append((fmap, fmap.bytes))
         else:
             plane = ranked_plane_bytes(fmap, carried)
             if plane > report.ceiling_bytes:

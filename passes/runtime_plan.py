@@ -38,7 +38,13 @@ f. Squeeze-excitation: a GlobalAveragePool whose input is above the ceiling is c
 g. The maps to project are the chosen region ends; where some allocation no region covers
    (a Resize or Concat of a feature pyramid, which bands cannot cross), every stored map of
    the plan above the ceiling is projected too: U is then carried through those ops and
-   they run narrow. `ctx.plan` keeps its ceiling and takes those maps.
+   they run narrow. `ctx.plan` keeps its ceiling and takes those maps. Before any data is
+   loaded, each such allocation must be one projecting can bring under the ceiling: a
+   planned map, a tensor U is pushed to from one (passes/ops.py FOLD_PUSH_OPS: it runs on
+   k channels), or one a region covers once every planned map and those tensors fit
+   (`_Planner.beyond_projection`); otherwise compile stops with `uncovered_message`
+   (VerificationError, exit 1), the refusal TileToCeilingPass would give after the fit.
+   Allocations the runtime view names but the graph does not are left to that pass.
 
 Entry point: `RuntimePlanPass(allow_projection=True).run(model, ctx)`; the model is not
 changed; `ctx.runtime_plan` and `result.data` are the `RuntimePlan`. `TileToCeilingPass(ceiling_bytes)` is rule e's
@@ -58,6 +64,7 @@ from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
 from .graph import Model
+from .ops import FOLD_PUSH_OPS
 from .plan import Plan, PlannedMap, carried_planes, planned_map, ranked_plane_bytes
 from .runtime import DEFAULT_LEVEL, analyze_runtime
 from .split_conv import SplitConvPass
@@ -116,8 +123,12 @@ class RuntimePlanPass(Pass):
             raise InputError("the runtime plan needs a runtime view made with a ceiling: run RuntimeMemoryPass first")
         if self.allow_projection and ctx.memory is None:
             raise InputError("the runtime plan needs the stored view to project: run MemoryAnalysisPass first")
-        ctx.runtime_plan = plan = plan_runtime(model.proto(), ctx, self.allow_projection, self.window)
+        plan, planner = _plan_and_planner(model.proto(), ctx, self.allow_projection, self.window)
+        ctx.runtime_plan = plan
         if self.allow_projection and ctx.plan is not None:
+            hopeless = planner.beyond_projection(plan.uncovered, ctx.plan.maps) if plan.uncovered else []
+            if hopeless:
+                raise VerificationError(uncovered_message(hopeless, plan.ceiling_bytes))
             ctx.plan = _projected_plan(ctx.plan, plan, ctx)
         return PassResult(model, modified=False, data=plan)
 
@@ -125,6 +136,12 @@ class RuntimePlanPass(Pass):
 def plan_runtime(model: onnx.ModelProto, ctx: PassContext, allow_projection: bool,
                  window: int = 200) -> RuntimePlan:
     """Rules a-f on `model`, with the runtime and stored views of `ctx`."""
+    return _plan_and_planner(model, ctx, allow_projection, window)[0]
+
+
+def _plan_and_planner(model: onnx.ModelProto, ctx: PassContext, allow_projection: bool,
+                      window: int = 200) -> tuple[RuntimePlan, _Planner]:
+    """`plan_runtime`, and the planner that made it (for rule g's check)."""
     view, stored = ctx.runtime, ctx.memory if allow_projection else None
     planner = _Planner(model, ctx, view, stored, allow_projection, window)
     pools = planner.pools()
@@ -135,7 +152,7 @@ def plan_runtime(model: onnx.ModelProto, ctx: PassContext, allow_projection: boo
                            candidates=planner.order)
     plan = planner.plan()
     plan.pools = pools
-    return plan
+    return plan, planner
 
 
 def _projected_plan(stored_plan: Plan, runtime_plan: RuntimePlan, ctx: PassContext) -> Plan:
@@ -172,6 +189,7 @@ class _Planner:
         self.projectable = {m.name: m for m in stored.stored if m.compressible} if allow_projection and stored else {}
         self.carried = carried_planes(model, stored) if self.projectable else {}
         self.projected: dict[str, PlannedMap] = {}
+        self.narrow: set[str] = set()  # rule g's check: tensors that fit once projections are folded
         self.regions: dict[tuple[tuple[str, ...], str], Region] = {}
         self.downstream: dict[str, set[str]] = {}
         self.producers = {out: node for node in model.graph.node for out in node.output if out}
@@ -203,7 +221,8 @@ class _Planner:
         first = self.position[tensor]
         best_projected = None
         for end in self.order[first:first + self.window]:
-            fits = self._bytes(end) <= self.ceiling or end in self.outputs  # the caller receives outputs whole
+            fits = self._bytes(end) <= self.ceiling or end in self.outputs or end in self.narrow
+            # (the caller receives outputs whole)
             if not fits and not self._can_project(end):
                 continue
             found = self._feasible(tensor, end)
@@ -278,7 +297,20 @@ class _Planner:
         return info is not None and len(info.shape) == 4 and info.shape[2:] == (1, 1)
 
     def _fits_as_start(self, name: str) -> bool:
-        return name in self.inputs or name in self.projected or self._bytes(name) <= self.ceiling
+        return (name in self.inputs or name in self.projected or name in self.narrow
+                or self._bytes(name) <= self.ceiling)
+
+    def beyond_projection(self, uncovered: list[FeatureMap], maps: list[PlannedMap]) -> list[FeatureMap]:
+        """Rule g's check: the uncovered allocations that projecting every map of `maps` cannot
+        bring under the ceiling. A planned map fits, and so does every tensor U is pushed to
+        from one (FOLD_PUSH_OPS, in graph order); any other allocation needs a region once
+        those fit (as starts and as ends). Names the graph lacks are not judged."""
+        self.narrow = {m.name for m in maps} | set(self.projected)
+        for node in self.model.graph.node:  # graph order is topological
+            if node.op_type in FOLD_PUSH_OPS and node.input and node.input[0] in self.narrow:
+                self.narrow.update(name for name in node.output if name)
+        return [t for t in uncovered if t.name in self.position and t.name not in self.narrow
+                and self._best_region(t.name) is None]
 
     def _region(self, start: tuple[str, ...], end: str) -> Region | None:
         key = (start, end)

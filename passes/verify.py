@@ -42,7 +42,7 @@ import onnx
 from fmcompress.data import Dataset
 from fmcompress.errors import InputError, VerificationError
 from fmcompress.featuremaps import Projection
-from fmcompress.metrics import ort_session, run_ort
+from fmcompress.metrics import ort_session, output_batch_axes, run_ort
 from fmcompress.units import Ceiling
 
 from .base import Pass, PassContext, PassResult
@@ -69,7 +69,11 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def worst_relative_error(outputs: list[np.ndarray], references: list[np.ndarray]) -> float:
-    """The largest relative error over paired outputs."""
+    """The largest relative error over paired outputs (equal shapes, or VerificationError)."""
+    for index, (a, b) in enumerate(zip(outputs, references, strict=True)):
+        if np.shape(a) != np.shape(b):
+            raise VerificationError(f"output {index}: shape {list(np.shape(a))} differs from the "
+                                    f"reference's {list(np.shape(b))}")
     return max(relative_error(a, b) for a, b in zip(outputs, references, strict=True))
 
 
@@ -99,6 +103,7 @@ class VerifyPass(HeldOutPass):
         self.projections = projections  # None: ctx.projections, on ctx.projected_graph
         self.ceiling_bytes = ceiling_bytes  # None: the plan's
         self.runtime_level = runtime_level
+        self._batch_axes: list[int] = []  # each output's batch axis (set with the emitted outputs)
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -144,7 +149,8 @@ class VerifyPass(HeldOutPass):
             session = ort_session(model)
         except InputError as exc:
             raise VerificationError(str(exc)) from exc
-        return run_ort(session, subset.batches(self.batch_size))
+        self._batch_axes = output_batch_axes(session, next(subset.batches(self.batch_size))[0])
+        return run_ort(session, subset.batches(self.batch_size), batch_first=True)
 
     def _reference_agreement(self, emitted: list[np.ndarray], projections: dict[str, Projection],
                              subset: Dataset, ctx: PassContext) -> float:
@@ -152,7 +158,7 @@ class VerifyPass(HeldOutPass):
         from .insert import InsertProjectionsPass
 
         reference_model = InsertProjectionsPass(projections).run(Model.of(self.reference_graph), ctx).model.proto()
-        reference = run_ort(ort_session(reference_model), subset.batches(self.batch_size))
+        reference = run_ort(ort_session(reference_model), subset.batches(self.batch_size), batch_first=True)
         worst = worst_relative_error(emitted, reference)
         tolerance = agreement_tolerance(reference_model)
         if not worst <= tolerance:
@@ -171,13 +177,14 @@ class VerifyPass(HeldOutPass):
         install_projections(executor, projections)
         with torch.no_grad():
             outputs = [executor(*batch) for batch in subset.torch_batches(self.batch_size, executor.input_names)]
-        reference = [torch.cat(parts).float().numpy() for parts in zip(*outputs, strict=True)]
+        reference = [torch.cat(parts, dim=axis).movedim(axis, 0).float().numpy()
+                     for parts, axis in zip(zip(*outputs, strict=True), self._batch_axes, strict=True)]
         return worst_relative_error(emitted, reference)
 
     def _rewrite_agreement(self, subset: Dataset) -> float:
         """Rule c': the exactly rewritten graph against the original, both in onnxruntime."""
-        rewritten = run_ort(ort_session(self.rewritten), subset.batches(self.batch_size))
-        original = run_ort(ort_session(self.original), subset.batches(self.batch_size))
+        rewritten = run_ort(ort_session(self.rewritten), subset.batches(self.batch_size), batch_first=True)
+        original = run_ort(ort_session(self.original), subset.batches(self.batch_size), batch_first=True)
         worst = worst_relative_error(rewritten, original)
         tolerance = agreement_tolerance(self.original)
         if not worst <= tolerance:

@@ -67,9 +67,11 @@ def test_infeasible_plan_names_the_maps_and_the_smallest_feasible_ceiling():
     assert {m.name: m.k for m in plan.maps} == {"wide": 4, "wider": 1}
 
 
-def test_a_float_map_that_cannot_be_projected_is_infeasible():
-    with pytest.raises(InputError, match=r"fc 1x100000 .* smallest feasible ceiling is 400000 B"):
-        plan_from_report(report_of([fmap("fc", [1, 100000], step=4), fmap("conv", [1, 16, 8, 8], step=1)], "1KB"))
+def test_a_float_map_that_cannot_be_projected_is_listed_with_its_reason():
+    plan = plan_from_report(report_of([fmap("fc", [1, 100000], step=4), fmap("conv", [1, 16, 8, 8], step=1)], "1KB"))
+    assert [m.name for m in plan.maps] == ["conv"]
+    assert [(e["name"], e["reason"]) for e in plan.not_compressible] == [
+        ("fc", "2-D map, not a 4-D NCHW or 3-D NCL map")]
 
 
 def test_graph_inputs_outputs_and_integer_maps_are_listed_with_a_reason():

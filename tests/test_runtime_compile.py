@@ -137,3 +137,50 @@ def test_cli_runtime_plan_only_and_report(tmp_path):
     for side in ("before", "after"):  # measured in a fresh process where /proc allows (a model this small
         measured = data["runtime"][side]["measured_peak_bytes"]  # may grow by no page at all)
         assert measured is None or (isinstance(measured, int) and measured >= 0)
+
+
+def _softmax_net() -> onnx.ModelProto:
+    """Conv, then a Softmax over all 1024 positions of each channel (no band can cross it), conv,
+    classifier: at 16KB the 64 KiB Softmax output can be neither tiled nor projected."""
+    rng = np.random.default_rng(0)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        scale = np.sqrt(np.prod(shape[1:]))
+        return numpy_helper.from_array((rng.standard_normal(shape) / scale).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["a0"]),
+             helper.make_node("Reshape", ["a0", "s3"], ["flat"]),
+             helper.make_node("Softmax", ["flat"], ["soft"], axis=2),
+             helper.make_node("Reshape", ["soft", "s4"], ["back"]),
+             helper.make_node("Conv", ["back", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a1"]),
+             helper.make_node("GlobalAveragePool", ["a1"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    inits = [weight("w0", 16, 3, 3, 3), weight("w1", 16, 16, 3, 3), weight("fc", 10, 16),
+             numpy_helper.from_array(np.array([1, 16, 1024], np.int64), "s3"),
+             numpy_helper.from_array(np.array([1, 16, 32, 32], np.int64), "s4")]
+    graph = helper.make_graph(nodes, "softmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_infeasible_runtime_plan_stops_before_data_and_fit(tmp_path, monkeypatch):
+    """Rule g: an allocation no band and no projection can bring under the ceiling (a Softmax
+    over every position) is refused at plan time: exit 1, the uncovered message, no data, no fit."""
+    from fmcompress.passes.fit import FitProjectionsPass
+    from fmcompress.passes.prepare_data import PrepareDataPass
+
+    calls = []
+    monkeypatch.setattr(FitProjectionsPass, "run", lambda self, model, ctx: calls.append("fit"))
+    monkeypatch.setattr(PrepareDataPass, "run", lambda self, model, ctx: calls.append("data"))
+    path, out = tmp_path / "softmax.onnx", tmp_path / "out.onnx"
+    onnx.save(_softmax_net(), path)
+    result = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "16KB", "--runtime", "ort",
+                                       "--method", "pca", "--num-samples", "8", "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "cannot be tiled or projected under it" in lines[0], result.output
+    assert "soft (Softmax, 65536 B)" in lines[0]
+    assert calls == [] and not out.exists()

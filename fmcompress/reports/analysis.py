@@ -82,8 +82,9 @@ class AnalysisReport:
     """What the memory analysis pass found. `stored` is the paper's view; see docs/design.md.
 
     A relative ceiling (`4x`) is resolved on the largest compressible stored map
-    (FeatureMap.compressible): graph inputs, graph outputs and integer maps are
-    reported against the ceiling but never set it.
+    (FeatureMap.compressible: what compile can project): graph inputs, graph outputs,
+    integer maps and maps of other layouts (2-D, 5-D, one channel) are reported against
+    the ceiling with their reason but never set it.
     """
 
     source: str
@@ -133,7 +134,7 @@ class AnalysisReport:
 
     def over_ceiling(self, include_inputs: bool = False) -> list[FeatureMap]:
         """Stored maps above the ceiling; those never compressed (graph inputs and outputs,
-        integer maps: FeatureMap.not_compressible_reason) only when asked."""
+        integer maps, other layouts: FeatureMap.not_compressible_reason) only when asked."""
         return [m for m in self.stored
                 if m.over_ceiling and (include_inputs or m.not_compressible_reason is None)]
 
