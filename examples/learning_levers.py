@@ -20,8 +20,8 @@ import numpy as np
 
 from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.datasets import mnist
-from fmcompress.metrics import run_ort
 from fmcompress.models import digits_onnx_path
+from fmcompress.ortrun import run_ort
 from fmcompress.train_config import TrainConfig
 
 

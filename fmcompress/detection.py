@@ -128,7 +128,7 @@ def box_agreement(reference_outputs: Sequence[np.ndarray] | np.ndarray,
                   image_size: tuple[int, int] | None = None) -> dict[str, Any]:
     """How well the candidate's decoded boxes reproduce the reference's, summed over images.
 
-    The outputs are what `fmcompress.metrics.run_ort` returns (a list with one array
+    The outputs are what `fmcompress.ortrun.run_ort` returns (a list with one array
     per graph output, samples on axis 0; the first output is the detection head) or
     that array itself. Returns reference_boxes, candidate_boxes, matched, precision,
     recall, f1, mean_iou (over matched pairs, None without any), images and the

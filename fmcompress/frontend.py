@@ -342,7 +342,7 @@ def _constant_value(node: onnx.NodeProto, initializers: dict[str, onnx.TensorPro
 
 def _session(proto: onnx.ModelProto) -> Any:
     """onnx.checker, then an onnxruntime session."""
-    from .metrics import ort_session
+    from .ortrun import ort_session
 
     try:
         onnx.checker.check_model(proto)

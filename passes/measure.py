@@ -33,7 +33,8 @@ import onnx
 
 from fmcompress.data import Dataset
 from fmcompress.errors import InputError, VerificationError
-from fmcompress.metrics import count_flops, fidelity, gated_agreement, ort_latency, run_ort
+from fmcompress.metrics import count_flops, fidelity, gated_agreement, ort_latency
+from fmcompress.ortrun import run_ort
 from fmcompress.reports.analysis import AnalysisReport
 
 from .base import PassContext, PassResult

@@ -34,7 +34,7 @@ from fmcompress.data import (
     load_dataset,
 )
 from fmcompress.errors import InputError
-from fmcompress.metrics import batch_is_free
+from fmcompress.ortrun import batch_is_free
 
 from .base import Pass, PassContext, PassResult
 from .graph import Model

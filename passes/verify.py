@@ -42,7 +42,7 @@ import onnx
 from fmcompress.data import Dataset
 from fmcompress.errors import InputError, VerificationError
 from fmcompress.featuremaps import Projection
-from fmcompress.metrics import ort_session, output_batch_axes, run_ort
+from fmcompress.ortrun import ort_session, output_batch_axes, run_ort
 from fmcompress.units import Ceiling
 
 from .base import Pass, PassContext, PassResult

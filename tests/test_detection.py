@@ -111,7 +111,7 @@ def test_real_yolov8n_agrees_with_itself_on_a_photograph():
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
 
-    from fmcompress.metrics import run_ort
+    from fmcompress.ortrun import run_ort
 
     photo = Image.fromarray(skimage_data.astronaut()).resize((320, 320), Image.Resampling.BILINEAR)
     x = (np.asarray(photo, dtype=np.float32) / 255).transpose(2, 0, 1)[None]  # RGB, [0, 1], as nudenet feeds it

@@ -12,7 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress.errors import InputError
-from fmcompress.metrics import count_flops, fidelity, ort_latency, run_ort
+from fmcompress.metrics import count_flops, fidelity, ort_latency
+from fmcompress.ortrun import run_ort
 
 # ---------------------------------------------------------------------- fidelity
 

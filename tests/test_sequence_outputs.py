@@ -14,7 +14,7 @@ import pytest
 
 from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.data import input_specs, load_dataset
-from fmcompress.metrics import ort_session, output_batch_axes, run_ort
+from fmcompress.ortrun import ort_session, output_batch_axes, run_ort
 
 torch = pytest.importorskip("torch")
 CLASSES, HEIGHT, WIDTH = 12, 16, 32

@@ -139,8 +139,8 @@ def measure_model(model: onnx.ModelProto | str | os.PathLike, batches: Iterable[
     coded on its own, planes = channels (a 3-D map [N, C, L] gives C planes of 1 x L).
     Every stream is decoded and compared: a mismatch raises VerificationError.
     """
-    from ..metrics import ort_session, run_ort
     from ..modelio import load_model
+    from ..ortrun import ort_session, run_ort
 
     proto = load_model(model)
     maps = coded_maps(proto, input_shapes)

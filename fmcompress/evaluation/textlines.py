@@ -47,7 +47,8 @@ import numpy as np
 import onnx
 
 from fmcompress.errors import InputError
-from fmcompress.metrics import ctc_labels, ort_session, run_ort
+from fmcompress.metrics import ctc_labels
+from fmcompress.ortrun import ort_session, run_ort
 
 from .thirdparty import real_model
 
