@@ -5,6 +5,11 @@ parameter names (a torchvision state_dict loads into them), for 224x224 ImageNet
 in `_small` variants for 32x32 inputs. `get_model` builds one with a reproducible
 initialisation and returns it in eval mode.
 
+models/catalog.py adds compact versions of twenty-odd other architectures (MobileNetV3,
+EfficientNet, DenseNet, Inception, ConvNeXt, a UNet, DeepLabV3, detectors, a CRNN, MobileViT,
+...) at small inputs, by family in models/mobile.py, lightweight.py, resnets.py,
+dense_inception.py, dense_prediction.py, sequence.py and hybrid.py.
+
 `digits_resnet` (models/digits.py) is a small ResNet for 1x28x28 handwritten digits; unlike
 the others it ships trained: `digits_onnx_path()` is its committed ONNX export
 (examples/train_digits.py made it).
@@ -21,6 +26,7 @@ from torch import nn
 
 from fmcompress.errors import InputError
 
+from .catalog import ARCHITECTURES
 from .digits import (
     DIGITS_INPUT_SHAPE,
     DIGITS_ONNX,
@@ -51,6 +57,8 @@ ZOO: dict[str, ZooEntry] = {
     "vgg16_bn_small": ZooEntry(vgg16_bn_small, 10, SMALL_INPUT_SHAPE),
     "mobilenet_v2_small": ZooEntry(mobilenet_v2_small, 10, SMALL_INPUT_SHAPE),
     "digits_resnet": ZooEntry(digits_resnet, 10, DIGITS_INPUT_SHAPE),
+    # the compact architectures of models/catalog.py (64x64 inputs mostly)
+    **{name: ZooEntry(*spec) for name, spec in ARCHITECTURES.items()},
 }
 MODEL_NAMES: tuple[str, ...] = tuple(ZOO)
 
@@ -103,7 +111,7 @@ def calibrate_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> None:
 
 
 def default_input_shape(name: str) -> tuple[int, ...]:
-    """The input shape a zoo model is meant for: (1, 3, 224, 224), (1, 3, 32, 32) or (1, 1, 28, 28)."""
+    """The input shape a zoo model is meant for: (1, 3, 224, 224), (1, 3, 64, 64), ..."""
     return _entry(name).input_shape
 
 

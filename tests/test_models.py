@@ -149,13 +149,16 @@ def test_batchnorm_calibration_keeps_activations_alive():
 
 
 def test_registry_lists_every_model():
-    assert set(MODEL_NAMES) == {"resnet18", "vgg16_bn", "mobilenet_v2",
-                                "resnet18_small", "vgg16_bn_small", "mobilenet_v2_small", "digits_resnet"}
+    from fmcompress.models.catalog import ARCHITECTURES
+
+    assert set(MODEL_NAMES) == {"resnet18", "vgg16_bn", "mobilenet_v2", "resnet18_small", "vgg16_bn_small",
+                                "mobilenet_v2_small", "digits_resnet", *ARCHITECTURES}
+    assert len(ARCHITECTURES) >= 22  # the compact zoo of models/catalog.py (tests/test_zoo.py)
 
 
 def test_unknown_model_names_the_known_ones():
-    with pytest.raises(InputError, match="unknown model 'resnet50'.*resnet18.*mobilenet_v2_small"):
-        get_model("resnet50")
+    with pytest.raises(InputError, match="unknown model 'resnet34'.*resnet18.*mobilenet_v2_small"):
+        get_model("resnet34")
     with pytest.raises(InputError, match="unknown model"):
         default_input_shape("alexnet")
 
