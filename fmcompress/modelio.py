@@ -28,14 +28,18 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import InputError
+from .normalize import normalize_model
 
 TWO_GB = 2**31
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Load an ONNX model, turning every way a file can be wrong into an InputError."""
+def load_model(source: str | os.PathLike | onnx.ModelProto, *, normalize: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, turning every way a file can be wrong into an InputError, and
+    normalise it (`fmcompress.normalize`: old IR, old opsets, computed weights); a current
+    model, and a current ModelProto passed in, come back as they are. `normalize=False`
+    (the torch executor, which runs the graph it is given) skips the normalisation."""
     if isinstance(source, onnx.ModelProto):
-        return source
+        return normalize_model(source) if normalize else source
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -54,7 +58,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise InputError(f"{path}: not an ONNX model (no graph nodes or no opset)")
     if any(_uses_external_data(t) for t in _all_initializers(model.graph)):
         raise InputError(f"{path}: models with external data are not supported; save the weights inside the .onnx file")
-    return model
+    return normalize_model(model) if normalize else model
 
 
 def _all_initializers(graph: onnx.GraphProto):

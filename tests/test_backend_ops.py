@@ -59,6 +59,23 @@ def C(id: str, op: str, inputs: list[Any], opsets: tuple[int, ...] = (17,), outp
 
 
 X4 = f32(2, 4, 6, 6)
+# onnx.reference's LRN sums over channels 0..N-1 only (its loop runs over the batch axis) and
+# takes 4-D inputs only: it serves where N == C (LRN-batch-equals-channels). onnxruntime takes
+# odd sizes and 4-D inputs only: every case is also checked against the definition
+# (test_lrn_matches_the_spec), the even and non-4-D ones against it alone
+REF_LRN = "onnx.reference's LRN loops over the batch axis, not the channels"
+LRN_CASES = [
+    Case("LRN-3", "LRN", [f32(2, 7, 5, 5)], {"size": 3}, ort_only=REF_LRN),
+    Case("LRN-5-alexnet", "LRN", [4 * f32(1, 9, 4, 4)], {"size": 5, "alpha": 1e-4, "beta": 0.75, "bias": 1.0},
+         ort_only=REF_LRN),
+    Case("LRN-2", "LRN", [f32(2, 6, 3, 3)], {"size": 2, "alpha": 0.5, "beta": 0.5, "bias": 2.0}, ort_only=REF_LRN),
+    Case("LRN-4", "LRN", [f32(1, 8, 3, 4)], {"size": 4, "alpha": 0.3, "beta": 1.2, "bias": 0.7}, ort_only=REF_LRN),
+    Case("LRN-wide", "LRN", [f32(1, 3, 4, 4)], {"size": 6, "alpha": 0.9, "beta": 0.6, "bias": 1.5},
+         ort_only=REF_LRN),
+    Case("LRN-1d", "LRN", [f32(2, 5, 7)], {"size": 3, "alpha": 0.2, "beta": 0.9, "bias": 1.1}, ort_only=REF_LRN),
+    Case("LRN-3d", "LRN", [f32(1, 6, 2, 3, 3)], {"size": 4, "alpha": 0.1, "beta": 0.75, "bias": 1.0},
+         ort_only=REF_LRN),
+]
 # onnx.reference applies opset-13 semantics to Softmax-11 (onnxruntime follows the spec: 2-D coercion)
 REF_SOFTMAX_11 = "onnx.reference ignores the opset-11 2-D coercion"
 CASES: list[Case] = [
@@ -147,6 +164,9 @@ CASES: list[Case] = [
       [X4, Init(f32(4)), Init(f32(4)), Init(f32(4)), Init(pos(4))], opsets=(11,), epsilon=1e-3,
       ort_only="onnx.reference BatchNormalization-9 uses batch statistics"),
     C("InstanceNormalization", "InstanceNormalization", [X4, Init(f32(4)), Init(f32(4))]),
+    # LRN, where onnxruntime runs it (odd sizes, 4-D)
+    *[case for case in LRN_CASES if case.attrs["size"] % 2 and case.inputs[0].ndim == 4],
+    C("LRN-batch-equals-channels", "LRN", [f32(4, 4, 3, 3)], size=3, alpha=0.4, beta=0.8, bias=1.3),
     C("LayerNormalization", "LayerNormalization", [f32(2, 3, 8), Init(f32(8)), Init(f32(8))]),
     C("LayerNormalization-axis1", "LayerNormalization", [f32(2, 3, 4), Init(f32(3, 4))], axis=1),
     # -------- pooling
@@ -330,3 +350,25 @@ def test_op_matches_onnxruntime_and_reference(case: Case, opset: int) -> None:
         assert_same(got, want_ort, "onnxruntime")
         if not case.ort_only:
             assert_same(got, want_ref, "onnx.reference")
+
+
+def lrn_by_definition(x: np.ndarray, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                      bias: float = 1.0) -> np.ndarray:
+    """ONNX LRN, channel by channel as the operator's definition reads (float64)."""
+    x = x.astype(np.float64)
+    square_sum = np.zeros_like(x)
+    channels = x.shape[1]
+    for c in range(channels):
+        begin = max(0, c - (size - 1) // 2)
+        end = min(channels - 1, c + (size - 1 + 1) // 2)  # c + ceil((size - 1) / 2)
+        square_sum[:, c] = (x[:, begin:end + 1] ** 2).sum(axis=1)
+    return x / (bias + alpha / size * square_sum) ** beta
+
+
+@pytest.mark.parametrize("case", LRN_CASES, ids=[case.id for case in LRN_CASES])
+def test_lrn_matches_the_spec(case: Case) -> None:
+    model, feeds = build(case, 17)
+    with torch.no_grad():
+        (actual,) = OnnxModule(model)(*[torch.from_numpy(v) for v in feeds.values()])
+    expected = lrn_by_definition(case.inputs[0], **case.attrs)
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,9 @@
-"""Convolution, pooling and normalisation ops (1-D to 3-D spatial)."""
+"""Convolution, pooling and normalisation ops (1-D to 3-D spatial).
+
+LRN follows the ONNX definition, not torch's `local_response_norm`: channel c sums the
+squares over [c - floor((size-1)/2), c + ceil((size-1)/2)] (torch centres an even window
+one channel lower), and y = x / (bias + alpha/size * sum)^beta.
+"""
 
 from __future__ import annotations
 
@@ -177,6 +182,17 @@ def batch_norm(ctx: NodeCtx, x: torch.Tensor, scale: torch.Tensor, bias: torch.T
 def instance_norm(ctx: NodeCtx, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     scale, bias = _matching(x, scale, bias)
     return F.instance_norm(x, weight=scale, bias=bias, eps=ctx.attr("epsilon", 1e-5))
+
+
+@op("LRN")
+def lrn(ctx: NodeCtx, x: torch.Tensor) -> torch.Tensor:
+    size = int(ctx.attr("size"))
+    alpha, beta, bias = ctx.attr("alpha", 1e-4), ctx.attr("beta", 0.75), ctx.attr("bias", 1.0)
+    squares = (x * x).reshape(x.shape[0], 1, x.shape[1], -1)  # channels as the pooled axis
+    front = (size - 1) // 2
+    padded = F.pad(squares, (0, 0, front, size - 1 - front))
+    mean = F.avg_pool2d(padded, (size, 1), stride=1).reshape(x.shape)  # sum / size
+    return x / (bias + alpha * mean).pow(beta)
 
 
 @op("LayerNormalization")
