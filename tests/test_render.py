@@ -199,7 +199,8 @@ def test_memory_figure_draws_the_maps_bytes_the_ceiling_and_the_live_curves(comp
         stored = after_by_name[fold_data[planned.name]["stored"]]
         assert after_at[position] == pytest.approx(stored.bytes / 1024)
     never = [m for m in before.stored + after.stored if m.not_compressible_reason]
-    assert len([bar for bar in bars if bar.get_hatch() == "//"]) == len(never) == 4  # input, output
+    assert len([bar for bar in bars if bar.get_hatch() == "//"]) == len(never)
+    assert {m.role for m in never} >= {"input", "output"}  # and the classifier's 2-D maps
     ceilings = [line.get_ydata()[0] for line in maps_axis.lines]
     assert ceilings == [pytest.approx(before.ceiling_bytes / 1024)]
     curves = [list(line.get_ydata()) for line in live_axis.lines]
