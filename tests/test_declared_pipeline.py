@@ -37,7 +37,7 @@ def _same_graph_as_compile(source, **options) -> None:
     ("digits", {"ceiling": "4x", "runtime": "ort"}),
     ("tiny", {"ceiling": "2x"}),
     ("sequence", {"ceiling": "2x"}),
-    ("digits", {"ceiling": None, "traffic": "2x"}),
+    pytest.param("digits", {"ceiling": None, "traffic": "2x"}, marks=pytest.mark.slow),
 ])
 def test_the_pipeline_gives_the_graph_compile_gives(name, options):
     source = {"digits": lambda: str(digits_onnx_path()), "tiny": tiny_classifier, "sequence": sequence_head}[name]()

@@ -100,6 +100,7 @@ def test_a_model_that_fits_passes_without_compiling(tmp_path):
 
 
 @needs_cli
+@pytest.mark.slow
 def test_a_gate_at_the_measured_agreement_passes(tmp_path):
     agreement = measured_agreement(tmp_path, "1KB", LEARNED)
     done = gate(tmp_path, "1KB", MIN_AGREEMENT=repr(agreement), COMPILE_ARGS=LEARNED)
@@ -114,6 +115,7 @@ def test_a_gate_at_the_measured_agreement_passes(tmp_path):
 
 
 @needs_cli
+@pytest.mark.slow
 def test_a_gate_above_the_measured_agreement_fails_the_job(tmp_path):
     agreement = measured_agreement(tmp_path, "256B", PCA_RANK_1)
     assert agreement < 1, "pca at 1 channel of 16 should lose some decisions of the tiny model"
