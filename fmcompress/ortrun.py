@@ -32,6 +32,7 @@ ModelLike = onnx.ModelProto | bytes | str | Path
 def ort_session(model: ModelLike, threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session with all graph optimizations on."""
     options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only: a refusal is said in our own one line
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads

@@ -85,7 +85,7 @@ def optimized_model(model: onnx.ModelProto, level: str = DEFAULT_LEVEL) -> onnx.
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort_level(level)
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a refusal is said in our own one line
     with tempfile.TemporaryDirectory(prefix="fmcompress-ort-") as folder:
         path = os.path.join(folder, "optimized.onnx")
         options.optimized_model_filepath = path
