@@ -39,7 +39,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *, normalize: bool =
     model, and a current ModelProto passed in, come back as they are. `normalize=False`
     (the torch executor, which runs the graph it is given) skips the normalisation."""
     if isinstance(source, onnx.ModelProto):
-        return normalize_model(source) if normalize else source
+        return normalize_model(_known_opset(source)) if normalize else source
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -58,7 +58,17 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *, normalize: bool =
         raise InputError(f"{path}: not an ONNX model (no graph nodes or no opset)")
     if any(_uses_external_data(t) for t in _all_initializers(model.graph)):
         raise InputError(f"{path}: models with external data are not supported; save the weights inside the .onnx file")
-    return normalize_model(model) if normalize else model
+    return normalize_model(_known_opset(model)) if normalize else model
+
+
+def _known_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A default-domain opset newer than the installed onnx knows is refused in one line."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise InputError(f"the model imports ONNX opset {opset.version}; the installed onnx knows "
+                             f"opsets up to {newest} (upgrade onnx, or export at opset {newest} or older)")
+    return model
 
 
 def _all_initializers(graph: onnx.GraphProto):

@@ -104,3 +104,16 @@ def test_computed_weights_over_two_gigabytes_are_refused_before_they_are_compute
     with pytest.raises(InputError, match="over the 2 GB protobuf limit") as caught:
         normalize_model(model)
     assert "\n" not in str(caught.value)
+
+
+def test_an_opset_newer_than_onnx_knows_is_refused_in_one_line(tmp_path):
+    from modeltools import tiny_classifier
+
+    model = tiny_classifier()
+    model.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
+    path = tmp_path / "future.onnx"
+    onnx.save(model, str(path))
+    for source in (model, path):
+        with pytest.raises(InputError, match=rf"opset {onnx.defs.onnx_opset_version() + 1};") as caught:
+            load_model(source)
+        assert "\n" not in str(caught.value)
