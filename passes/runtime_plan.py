@@ -33,7 +33,8 @@ e. A plan made with `allow_projection` is for the original graph; compile folds 
 f. Squeeze-excitation: a GlobalAveragePool whose input is above the ceiling is computed
    from bands of that input (tile rule i), recomputed from the nearest start that fits;
    its gate then reaches the region that multiplies the map as a per-channel side
-   input. Regions are planned on the graph so rewritten.
+   input. Regions are planned on the graph so rewritten; a map only the pool read (a
+   SqueezeNet's classifier conv) is then computed in its bands alone: covered.
 
 g. The maps to project are the chosen region ends; where some allocation no region covers
    (a Resize or Concat of a feature pyramid, which bands cannot cross), every stored map of
@@ -44,7 +45,12 @@ g. The maps to project are the chosen region ends; where some allocation no regi
    k channels), or one a region covers once every planned map and those tensors fit
    (`_Planner.beyond_projection`); otherwise compile stops with `uncovered_message`
    (VerificationError, exit 1), the refusal TileToCeilingPass would give after the fit.
-   Allocations the runtime view names but the graph does not are left to that pass.
+   Allocations the runtime view names but the graph does not (rule h finds none) are left to
+   that pass.
+
+h. Names (passes/runtime_names.py): an allocation the graph lacks (what onnxruntime inlines or
+   fuses) stands for the graph tensor it becomes, and a region covering it must also contain
+   the graph tensors above the ceiling that the fusion hides (they reappear in bands).
 
 Entry point: `RuntimePlanPass(allow_projection=True).run(model, ctx)`; the model is not
 changed; `ctx.runtime_plan` and `result.data` are the `RuntimePlan`. `TileToCeilingPass(ceiling_bytes)` is rule e's
@@ -67,6 +73,7 @@ from .graph import Model
 from .ops import FOLD_PUSH_OPS
 from .plan import Plan, PlannedMap, carried_planes, planned_map, ranked_plane_bytes
 from .runtime import DEFAULT_LEVEL, analyze_runtime
+from .runtime_names import fused_away, runtime_names
 from .split_conv import SplitConvPass
 from .tile import Region, TilePass, bands_for_budget, pool_model, tileable_region, walk_back
 
@@ -144,12 +151,16 @@ def _plan_and_planner(model: onnx.ModelProto, ctx: PassContext, allow_projection
     """`plan_runtime`, and the planner that made it (for rule g's check)."""
     view, stored = ctx.runtime, ctx.memory if allow_projection else None
     planner = _Planner(model, ctx, view, stored, allow_projection, window)
+    planner.aliases = runtime_names(model, view, planner.shapes)
     pools = planner.pools()
     if pools:  # plan the regions on the graph whose pools run in bands (rule f)
         banded = Model.from_proto(model)  # a copy to plan on: the model itself stays as it is
         with_pools_in_bands(banded, pools, ctx)
+        before = planner
         planner = _Planner(banded.proto(), ctx, view, stored, allow_projection, window,
-                           candidates=planner.order)
+                           candidates=before.order)
+        planner.aliases = before.aliases
+        planner.pooled = set(before.producers) - set(planner.producers)  # read only by a banded pool
     plan = planner.plan()
     plan.pools = pools
     return plan, planner
@@ -195,37 +206,61 @@ class _Planner:
         self.producers = {out: node for node in model.graph.node for out in node.output if out}
         self.constants = {init.name for init in model.graph.initializer} - self.inputs
         self.constants |= {node.output[0] for node in model.graph.node if node.op_type == "Constant"}
+        self.aliases: dict[str, str] = {}  # runtime name -> graph name (rule h)
+        self.pooled: set[str] = set()  # computed only in the bands of a pool (rule f)
 
     def plan(self) -> RuntimePlan:
         result = RuntimePlan(self.ceiling)
         covered: set[str] = set()
-        for tensor in self.view.over_ceiling():
-            if tensor.name in covered or tensor.role == "workspace":
+        for names, tensor in self._targets():
+            if all(name in covered or name in self.pooled for name in names):
                 continue
-            choice = self._best_region(tensor.name) if tensor.name in self.position else None
+            choice = self._best_region(names) if all(name in self.position for name in names) else None
             if choice is None:
-                result.uncovered.append(tensor)
+                if not any(t is tensor for t in result.uncovered):
+                    result.uncovered.append(tensor)
                 continue
             region, bands, projected = choice
             inside = {n for node in region.nodes for n in node.output}
             covered |= inside
             if projected:
                 self.projected[region.end] = planned_map(self.projectable[region.end], self.ceiling, self.carried)
-            over = [t.name for t in self.view.over_ceiling() if t.name in inside]
+            over = [t.name for t in self.view.over_ceiling() if self.aliases.get(t.name, t.name) in inside]
             result.regions.append(PlannedRegion(list(region.starts), region.end, bands, projected, over))
         result.projected = sorted(self.projected.values(), key=lambda m: m.step)
         return result
 
-    def _best_region(self, tensor: str) -> tuple[Region, int, bool] | None:
-        """Rules b and c."""
-        first = self.position[tensor]
+    def _targets(self) -> list[tuple[tuple[str, ...], FeatureMap]]:
+        """Rules a and h: (graph tensors, the allocation they stand for) in execution order; one
+        region must contain them all. With an allocation named by rule h come the graph tensors
+        above the ceiling its fusion hides (a Focus stem's row Slices): bands break the fusion,
+        and they reappear."""
+        present = {t.name for t in self.view.tensors}
+        targets = []
+        for tensor in self.view.over_ceiling():
+            if tensor.role == "workspace":
+                continue
+            name = self.aliases.get(tensor.name, tensor.name)
+            if name != tensor.name and name in self.producers:
+                hidden = {out for out in fused_away(self.model, name, self.producers, self.constants, present)
+                          if self._bytes(out) > self.ceiling}
+                group = (*sorted(hidden, key=lambda n: self.position.get(n, -1)), name)
+                targets.append((group, tensor))
+                continue
+            targets.append(((name,), tensor))
+        return targets
+
+    def _best_region(self, tensors: str | tuple[str, ...]) -> tuple[Region, int, bool] | None:
+        """Rules b and c, for a region that contains every one of `tensors`."""
+        tensors = (tensors,) if isinstance(tensors, str) else tensors
+        first = min(self.position[name] for name in tensors)
         best_projected = None
         for end in self.order[first:first + self.window]:
             fits = self._bytes(end) <= self.ceiling or end in self.outputs or end in self.narrow
             # (the caller receives outputs whole)
             if not fits and not self._can_project(end):
                 continue
-            found = self._feasible(tensor, end)
+            found = self._feasible(tensors, end)
             if found is None:
                 continue
             if fits:
@@ -233,10 +268,11 @@ class _Planner:
             best_projected = (*found, True)
         return best_projected
 
-    def _feasible(self, tensor: str, end: str) -> tuple[Region, int] | None:
-        starts = self._frontier(end, self._downstream(tensor))
+    def _feasible(self, tensors: tuple[str, ...], end: str) -> tuple[Region, int] | None:
+        downstream = set().union(*(self._downstream(name) for name in tensors))
+        starts = self._frontier(end, downstream)
         region = self._region(starts, end)
-        if region is None or tensor not in {o for n in region.nodes for o in n.output}:
+        if region is None or not set(tensors) <= {o for n in region.nodes for o in n.output}:
             return None
         try:
             return region, bands_for_budget(self.model, starts, end, self.ceiling, self.act_bytes, region=region)
@@ -309,8 +345,9 @@ class _Planner:
         for node in self.model.graph.node:  # graph order is topological
             if node.op_type in FOLD_PUSH_OPS and node.input and node.input[0] in self.narrow:
                 self.narrow.update(name for name in node.output if name)
-        return [t for t in uncovered if t.name in self.position and t.name not in self.narrow
-                and self._best_region(t.name) is None]
+        names = {t.name: self.aliases.get(t.name, t.name) for t in uncovered}
+        return [t for t in uncovered if names[t.name] in self.position and names[t.name] not in self.narrow
+                and self._best_region(names[t.name]) is None]
 
     def _region(self, start: tuple[str, ...], end: str) -> Region | None:
         key = (start, end)

@@ -13,7 +13,7 @@ a. Region: the nodes that compute `end` from `start`, found by walking back from
    graph input, or a Constant node's output). Supported ops: Conv (2-D, any kernel,
    stride, dilation, group, pads, auto_pad; constant weight and bias); MaxPool,
    AveragePool (ceil_mode, pads, dilations, count_include_pad) and LpPool
-   (ceil_mode 0); ConvTranspose (rule d''); BatchNormalization (inference); elementwise
+   (ceil_mode 0); ConvTranspose (rule d''); Slice (rule d'''); BatchNormalization (inference); elementwise
    unary ops (TILE_SINGLE_MAP_OPS of passes/ops.py); elementwise
    Add/Sub/Mul/Div/Max/Min/Sum/Mean/PRelu whose operands are region tensors of the
    output's exact shape or constants that do not vary along H
@@ -52,6 +52,11 @@ d''. A ConvTranspose (stride s, extent e = d(k-1)+1, top pad p; explicit pads on
    rows [ceil((a + p - e + 1) / s), floor((b - 1 + p) / s) + 1), clipped; the band's top
    pad is a + p - (first row) s, and its bottom pad (or, where the band ends short, its
    output_padding, below the stride) makes it compute exactly rows [a, b).
+d'''. Slice (constant starts, ends, axes, steps; not the batch axis): along W or C, with any
+   step, it is row-local (rows map to the same rows); along H with a step s > 0 and start p
+   (negative or out-of-range starts clamped as ONNX does) output rows [a, b) come from input
+   rows [p + a s, p + (b-1) s + 1), so each band's copy takes H start 0 and end (b-1) s + 1
+   on the rows sliced for it (a YOLOv5/YOLOX Focus stem: space to depth by strided Slices).
 e. Pools: ceil_mode=1 becomes ceil_mode=0 with the extra bottom rows (and right
    columns) as explicit bottom (right) pad. That is exact for MaxPool (pads are -inf), LpPool (pads are 0) and
    AveragePool with count_include_pad=0 (pads are not counted); AveragePool with
@@ -86,9 +91,10 @@ i. Squeeze-excitation: `pool_in_bands` computes a GlobalAveragePool from bands o
    and scaled), so the pool never needs the whole map; the gate it leads to is then a
    per-channel side input (rule a') of the region that multiplies the map by it.
 
-Modules: passes/tile_region.py finds and validates a region (rules a, a', b, and the row
-windows of d, d', d'', e); passes/tile_bands.py plans the bands (rules c, d, d', d'', e);
-passes/tile_emit.py rewrites `model.graph` in place (rules f-i).
+Modules: passes/tile_region.py finds and validates a region (rules a, a', b);
+passes/tile_windows.py gives the row windows of its nodes (d, d', d'', d''', e);
+passes/tile_bands.py plans the bands (rules c, d, d', d'', d''', e); passes/tile_emit.py
+rewrites `model.graph` in place (rules f-i).
 
 Entry point: `TilePass(regions, budget_bytes).run(model, ctx)`; `result.data` lists a
 `TileResult` per region. `tile_region`, `tile_region_with_facts` and `pool_in_bands` are
@@ -114,7 +120,8 @@ from .tile_emit import (
     tile_region,
     tile_region_with_facts,
 )
-from .tile_region import Region, Starts, Window, tileable_region, walk_back
+from .tile_region import Region, Starts, tileable_region, walk_back
+from .tile_windows import Window
 
 __all__ = ["BandPlan", "Region", "Starts", "TilePass", "TileResult", "Window", "band_rows",
            "bands_for_budget", "peak_band_bytes", "plan_bands", "pool_in_bands", "pool_model",

@@ -7,7 +7,8 @@ c. Bands split the rows of `end` like numpy.array_split (`band_rows`).
 d. Walking the region backwards, a tensor's rows are the hull of what its readers read;
    a window reads [a*s - p, (b-1)*s - p + extent), clipped, the clipped part becoming the
    band's own top and bottom pad. d' (upsampling) reads whole input rows; d'' (transposed)
-   finds pads and output padding that give exactly the band's rows.
+   finds pads and output padding that give exactly the band's rows; d''' (a Slice along H:
+   extent 1, stride its step, top pad -start) reads [start + a s, start + (b-1) s + 1).
 e. Pool bands whose pads reach the kernel, or that count padding AveragePool would not,
    are rejected (InputError).
 
@@ -28,7 +29,8 @@ from fmcompress.onnxutil import node_attrs
 from fmcompress.shapes import TensorInfo
 
 from .ops import TILE_WINDOW_OPS
-from .tile_region import Region, Rows, Starts, Window, tileable_region, used_outputs
+from .tile_region import Region, Starts, tileable_region, used_outputs
+from .tile_windows import Rows, Window
 
 
 @dataclass
@@ -89,7 +91,7 @@ def _plan_band(region: Region, rows: Rows) -> BandPlan:
             plan.pads[key] = (read[0] - lo, hi - read[1])
             _check_pool_pads(node, window, plan.pads[key], in_height, hi)
         for index in region.region_inputs[key]:
-            need = read if node.op_type in TILE_WINDOW_OPS else out
+            need = read if node.op_type in TILE_WINDOW_OPS or window.sliced else out
             plan.reads[(key, index)] = need
             name = node.input[index]
             have = plan.produced.get(name, need)

@@ -4,7 +4,8 @@
 Rules (the lettered list is passes/tile.py's; these are the ones this module writes):
 
 f. Per band i: a Slice of each start's rows, a copy of every region node with its band
-   pads (auto_pad removed, ceil_mode 0, extra outputs dropped), a Slice wherever a reader
+   pads (auto_pad removed, ceil_mode 0, extra outputs dropped; a Slice along H with its
+   band's start and end), a Slice wherever a reader
    needs fewer rows than its producer computed; a final Concat (axis 2) writes `end`
    under its own name. New names come from one `Namer` of the graph (`<name>_band<i>`).
 g. The band nodes take the place of `end`'s producer in the node list, band 0 first; with
@@ -35,7 +36,8 @@ from fmcompress.errors import InputError
 from .graph import Model
 from .graphutil import Namer, detach, node_index
 from .tile_bands import BandPlan, band_tensor_bytes, plan_bands, row_bytes
-from .tile_region import Region, Rows, Starts, Window, tileable_region
+from .tile_region import Region, Starts, tileable_region
+from .tile_windows import Rows, Window
 
 InputShapes = Mapping[str, Sequence[int]] | None
 
@@ -185,6 +187,8 @@ class _Emitter:
             attrs = dict(node.attrs)
             if key in plan.pads:
                 _set_band_pads(attrs, region.windows[key], plan.pads[key])
+            if region.windows[key].sliced:
+                inputs[1:3] = self._band_slice(inputs, region.windows[key], plan.reads[(key, 0)])
             if key in plan.output_padding:
                 attrs.pop("output_padding", None)
                 attrs["output_padding"] = [plan.output_padding[key],
@@ -192,6 +196,15 @@ class _Emitter:
             self.emitted.append(gs.Node(node.op, name=name, attrs=attrs, inputs=inputs,
                                         outputs=outputs, domain=node.domain))
         return have[region.end][0]
+
+    def _band_slice(self, inputs: list[gs.Tensor], window: Window, read: Rows) -> list[gs.Tensor]:
+        """Rule d''': a band's Slice along H starts at row 0 of the rows sliced for it and
+        ends after its last, (b-1) s + 1 rows on; its other axes keep their starts and ends."""
+        starts, ends = (_constant_values(tensor).copy() for tensor in inputs[1:3])
+        starts[window.slice_index] = 0
+        ends[window.slice_index] = read[1] - read[0]
+        return [gs.Constant(self.namer(f"{tensor.name}_band"), values)  # Tind kept: int32 or int64
+                for tensor, values in zip(inputs[1:3], (starts, ends), strict=True)]
 
     def _slice(self, tensor: gs.Tensor, have: Rows, want: Rows, index: int,
                after: gs.Tensor | None = None) -> gs.Tensor:
@@ -253,6 +266,13 @@ class _Emitter:
 def _used_outputs(node: gs.Node) -> int:
     """`used_outputs` of a graphsurgeon node: every Split output, else only the first."""
     return len(node.outputs) if node.op == "Split" else 1
+
+
+def _constant_values(tensor: gs.Tensor) -> np.ndarray:
+    """The value of a constant input: an initializer or a Constant node's output."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values).reshape(-1)
+    return np.asarray(tensor.inputs[0].attrs["value"].values).reshape(-1)
 
 
 def _set_band_pads(attrs: dict, window: Window, pads: Rows) -> None:

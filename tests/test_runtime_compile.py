@@ -184,3 +184,49 @@ def test_infeasible_runtime_plan_stops_before_data_and_fit(tmp_path, monkeypatch
     assert len(lines) == 1 and "cannot be tiled or projected under it" in lines[0], result.output
     assert "soft (Softmax, 65536 B)" in lines[0]
     assert calls == [] and not out.exists()
+
+
+def focus_net(size: int = 64) -> onnx.ModelProto:
+    """YOLOv5's Focus stem (strided Slices along H, then W, concatenated along channels), a
+    strided conv, HardSwish (inlined by onnxruntime), a classifier."""
+    rng = np.random.default_rng(1)
+    big, nodes, inits = 1 << 62, [], []
+
+    def ints(name: str, value: int) -> str:
+        inits.append(numpy_helper.from_array(np.array([value], np.int64), name))
+        return name
+
+    def strided(src: str, out: str, axis: int, start: int) -> None:
+        nodes.append(helper.make_node("Slice", [src, ints(f"{out}_s", start), ints(f"{out}_e", big),
+                                                ints(f"{out}_a", axis), ints(f"{out}_t", 2)], [out], name=out))
+
+    for r in (0, 1):
+        strided("x", f"rows{r}", 2, r)
+        for c in (0, 1):
+            strided(f"rows{r}", f"part{r}{c}", 3, c)
+    inits += [numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32),
+                                      name) for name, shape in (("w0", (16, 12, 3, 3)), ("fc", (10, 16)))]
+    nodes += [
+        helper.make_node("Concat", ["part00", "part10", "part01", "part11"], ["focus"], name="focus", axis=1),
+        helper.make_node("Conv", ["focus", "w0"], ["c0"], name="conv", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c0"], ["h0"], name="hswish"),
+        helper.make_node("GlobalAveragePool", ["h0"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "focus", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_focus_stem_and_inlined_hardswish_tile_losslessly():
+    """The strided Slices and onnxruntime's SpaceToDepth/Gather and HardSigmoid tensors that
+    stand for them are covered by bands from the input: nothing projected, ceiling held."""
+    ceiling = 20 * 1024
+    result = api.compile(focus_net(), ceiling=f"{ceiling}B", method="pca", runtime="ort", num_samples=8,
+                         measure_memory=False, latency_rounds=1, latency_repeats=2)
+    assert result.report["runtime"]["lossless"] and not result.report["maps"]
+    assert not runtime_view(result.model, ceiling_bytes=ceiling).over_ceiling()
+    x = np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(result.model, x), _run(focus_net(), x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,170 @@
+"""Tiling rules for the ops onnxruntime-facing models add: strided Slice (a Focus stem, tile rule
+d'''), and the runtime plan's names for what onnxruntime inlines or fuses (runtime_plan rule h).
+Every tiled model runs in onnxruntime next to the untiled one and must agree to 1e-5."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from test_tile import Chain, check_tiled, run
+
+from fmcompress.errors import InputError
+from fmcompress.passes.base import PassContext
+from fmcompress.passes.graph import Model
+from fmcompress.passes.runtime import analyze_runtime
+from fmcompress.passes.runtime_plan import TileToCeilingPass, plan_runtime
+from fmcompress.passes.tile import tileable_region
+
+
+def _slice(chain: Chain, src: str, starts, ends, axes, steps, dtype=np.int64, as_nodes: bool = False) -> str:
+    """A Slice of `src` whose parameters are initializers (or Constant nodes)."""
+    n = len(chain.nodes)
+    names = []
+    for part, values in zip(("starts", "ends", "axes", "steps"), (starts, ends, axes, steps), strict=True):
+        name = f"s{n}_{part}"
+        value = numpy_helper.from_array(np.array(values, dtype), name)
+        if as_nodes:
+            chain.nodes.append(helper.make_node("Constant", [], [name], name=f"{name}_const", value=value))
+        else:
+            chain.inits.append(value)
+        names.append(name)
+    return chain.node("Slice", [src, *names])
+
+
+def focus(chain: Chain, **kwargs) -> str:
+    """YOLOv5's Focus: x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]
+    as torch exports it (a Slice along H, then along W), concatenated along channels."""
+    big = 1 << 62
+    rows = [_slice(chain, "x", [r], [big], [2], [2], **kwargs) for r in (0, 1)]
+    parts = [_slice(chain, rows[r], [c], [big], [3], [2], **kwargs) for c in (0, 1) for r in (0, 1)]
+    chain.channels *= 4
+    return chain.node("Concat", parts, axis=1)
+
+
+@pytest.mark.parametrize("height", [32, 34])
+@pytest.mark.parametrize("as_nodes", [False, True])
+def test_focus_stem_in_bands(height, as_nodes):
+    chain = Chain((1, 3, height, 30))
+    focus(chain, as_nodes=as_nodes)
+    chain.conv(8, 3, pads=[1, 1, 1, 1])
+    chain.node("Sigmoid", [chain.last])
+    chain.conv(8, 3, pads=[1, 1, 1, 1], strides=[2, 2])
+    model = chain.model()
+    for bands in (1, 2, 3, out_rows(model, chain.last)):
+        check_tiled(model, "x", chain.last, bands)
+
+
+@pytest.mark.parametrize("start, end, step", [(3, 29, 3), (-20, -1, 2), (1, 1 << 30, 1), (-(1 << 30), 17, 4)])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_slice_along_rows_with_a_start_and_step(start, end, step, dtype):
+    """Crops and strides along H (negative and out-of-range bounds clamped), mixed with W."""
+    chain = Chain((1, 4, 31, 12))
+    chain.conv(6, 3, pads=[1, 1, 1, 1])
+    _slice(chain, chain.last, [1, start], [-1, end], [3, -2], [1, step], dtype=dtype)
+    chain.conv(5, 3, pads=[1, 0, 1, 0])
+    model = chain.model()
+    for bands in (2, 3, out_rows(model, chain.last)):
+        check_tiled(model, "x", chain.last, bands)
+
+
+def test_slice_along_channels_with_a_step_is_row_local():
+    chain = Chain((1, 8, 17, 9))
+    chain.conv(8, 3, pads=[1, 1, 1, 1])
+    _slice(chain, chain.last, [1], [8], [1], [3])
+    chain.channels = 3
+    chain.conv(4, 3, pads=[1, 1, 1, 1])
+    check_tiled(chain.model(), "x", chain.last, 4)
+
+
+@pytest.mark.parametrize("axes, steps, match", [([0], [1], "batch"), ([2], [-1], "positive step")])
+def test_slice_rejections(axes, steps, match):
+    chain = Chain((1, 4, 12, 12))
+    chain.conv(4, 3, pads=[1, 1, 1, 1])
+    _slice(chain, chain.last, [-1], [-(1 << 62)] if steps[0] < 0 else [1], axes, steps)
+    with pytest.raises(InputError, match=match):
+        tileable_region(chain.model(), "x", chain.last)
+
+
+def out_rows(model: onnx.ModelProto, end: str) -> int:
+    return tileable_region(model, "x", end).height(end)
+
+
+# ---------------------------------------------------------------- onnxruntime's names
+
+def hardswish_net(size: int = 64) -> onnx.ModelProto:
+    """Conv, HardSwish (an opset-14 function onnxruntime inlines into HardSigmoid and Mul),
+    strided conv, global pool: the MobileNetV3 stem."""
+    chain = Chain((1, 3, size, size))
+    chain.conv(16, 3, pads=[1, 1, 1, 1])
+    chain.node("HardSwish", [chain.last])
+    chain.conv(8, 3, pads=[1, 1, 1, 1], strides=[4, 4])
+    chain.node("GlobalAveragePool", [chain.last])
+    return chain.model(opset=17)
+
+
+def test_inlined_hardswish_maps_to_the_graph_tensor():
+    model = hardswish_net()
+    ceiling = 64 * 1024
+    ctx = PassContext(input_shapes={})
+    ctx.runtime = analyze_runtime(model, ctx, ceiling_bytes=ceiling)
+    foreign = [t.name for t in ctx.runtime.over_ceiling() if t.name.startswith("_inlfunc_HardSwish")]
+    assert foreign, "onnxruntime no longer inlines HardSwish: the test lost its point"
+    plan = plan_runtime(model, ctx, allow_projection=False)
+    assert not plan.uncovered
+    assert any(set(foreign) <= set(region.covers) for region in plan.regions)
+    tiled = Model.from_proto(model)
+    TileToCeilingPass(ceiling).run(tiled, PassContext(input_shapes={}))
+    after = analyze_runtime(tiled.proto(), PassContext(input_shapes={}), ceiling_bytes=ceiling)
+    assert not after.over_ceiling()
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(tiled.proto(), x)[0], run(model, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_focus_maps_to_the_graph_tensor():
+    """onnxruntime fuses the Focus Slices and Concat into SpaceToDepth and Gather; the plan
+    covers both (under their Concat's name) with the Slices the fusion hid, and the tiled
+    stem fits in onnxruntime."""
+    chain = Chain((1, 3, 64, 64))
+    focus(chain)
+    chain.conv(16, 3, pads=[1, 1, 1, 1])
+    chain.node("Relu", [chain.last])
+    chain.conv(8, 3, pads=[1, 1, 1, 1], strides=[4, 4])
+    model = chain.model(opset=17)
+    ceiling = 16 * 1024  # the row Slices (24 KiB) that SpaceToDepth hides are above it too
+    ctx = PassContext(input_shapes={})
+    ctx.runtime = analyze_runtime(model, ctx, ceiling_bytes=ceiling)
+    assert "space_to_depth_out" in {t.name for t in ctx.runtime.over_ceiling()}
+    plan = plan_runtime(model, ctx, allow_projection=False)
+    assert not plan.uncovered and [region.starts for region in plan.regions] == [["x"]]
+    tiled = Model.from_proto(model)
+    TileToCeilingPass(ceiling).run(tiled, PassContext(input_shapes={}))
+    after = analyze_runtime(tiled.proto(), PassContext(input_shapes={}), ceiling_bytes=ceiling)
+    assert not after.over_ceiling()
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(tiled.proto(), x)[0], run(model, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_map_read_only_by_a_banded_pool_is_covered():
+    """SqueezeNet's classifier: a wide 1x1 conv read only by GlobalAveragePool. Once the pool
+    runs in bands (runtime_plan rule f) the map exists only in bands: nothing is uncovered."""
+    chain = Chain((1, 8, 12, 12))
+    chain.conv(16, 3, pads=[1, 1, 1, 1])
+    chain.node("Relu", [chain.last])
+    chain.conv(200, 1)
+    chain.node("Relu", [chain.last])
+    chain.node("GlobalAveragePool", [chain.last])
+    chain.node("Flatten", [chain.last])
+    model = chain.model(opset=17)
+    ceiling = 32 * 1024
+    ctx = PassContext(input_shapes={})
+    ctx.runtime = analyze_runtime(model, ctx, ceiling_bytes=ceiling)
+    assert ctx.runtime.over_ceiling()
+    plan = plan_runtime(model, ctx, allow_projection=False)
+    assert plan.pools and not plan.uncovered
+    tiled = Model.from_proto(model)
+    TileToCeilingPass(ceiling).run(tiled, PassContext(input_shapes={}))
+    assert not analyze_runtime(tiled.proto(), PassContext(input_shapes={}), ceiling_bytes=ceiling).over_ceiling()
+    x = np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(run(tiled.proto(), x)[0], run(model, x)[0], rtol=1e-5, atol=1e-5)
