@@ -92,10 +92,13 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
     """
     check_options(options)
     ceiling = as_ceiling(options.ceiling) if options.ceiling is not None else NO_CEILING
-    passes: list[Pass] = [MemoryAnalysisPass(ceiling, source=source), PlanPass(ceiling)]
+    # with --runtime ort a map whose one channel is above the ceiling may still be tiled
+    strict = not options.runtime
+    passes: list[Pass] = [MemoryAnalysisPass(ceiling, source=source), PlanPass(ceiling, refuse_infeasible=strict)]
     if options.runtime:
-        passes += [RuntimeMemoryPass(options.ort_level, plan_ceiling=True), SinkConcatPass(), PlanPass(),
-                   RuntimeMemoryPass(options.ort_level, plan_ceiling=True), RuntimePlanPass()]
+        passes += [RuntimeMemoryPass(options.ort_level, plan_ceiling=True), SinkConcatPass(),
+                   PlanPass(refuse_infeasible=False), RuntimeMemoryPass(options.ort_level, plan_ceiling=True),
+                   RuntimePlanPass()]
     elif options.traffic is None:  # a traffic budget counts the maps as they are: nothing sunk
         passes += [SinkConcatPass(), PlanPass()]
     prepare = PrepareDataPass(options)

@@ -89,8 +89,9 @@ class PlanPass(Pass):
     name = "plan"
     provides = ("plan", "memory", "before")
 
-    def __init__(self, ceiling: Ceiling | None = None):
+    def __init__(self, ceiling: Ceiling | None = None, *, refuse_infeasible: bool = True):
         self.ceiling = ceiling  # None: the current plan's, in bytes (re-planning a rewritten graph)
+        self.refuse_infeasible = refuse_infeasible  # False: left to the runtime plan (--runtime ort)
 
     @property
     def requires(self) -> tuple[str, ...]:
@@ -103,10 +104,13 @@ class PlanPass(Pass):
         if not (isinstance(report, AnalysisReport) and self._matches(report, proto, ctx, ceiling)):
             ctx.memory = report = analyze_stored(proto, ctx, ceiling, getattr(report, "source", ""))
             ctx.before = ctx.before or report
-            ctx.plan = plan_from_report(report, carried_planes(proto, report))
+            ctx.plan = self._plan(proto, report)
         elif self.ceiling is not None or ctx.plan is None:
-            ctx.plan = plan_from_report(report, carried_planes(proto, report))
+            ctx.plan = self._plan(proto, report)
         return PassResult(model, modified=False, data=ctx.plan)
+
+    def _plan(self, model: onnx.ModelProto, report: AnalysisReport) -> Plan:
+        return plan_from_report(report, carried_planes(model, report), refuse_infeasible=self.refuse_infeasible)
 
     def _matches(self, report: AnalysisReport, model: onnx.ModelProto, ctx: PassContext,
                  ceiling: Ceiling) -> bool:
@@ -147,11 +151,15 @@ def carried_planes(model: onnx.ModelProto, report: AnalysisReport) -> dict[str, 
     return carried
 
 
-def plan_from_report(report: AnalysisReport, carried: dict[str, int] | None = None) -> Plan:
+def plan_from_report(report: AnalysisReport, carried: dict[str, int] | None = None, *,
+                     refuse_infeasible: bool = True) -> Plan:
     """Rules above, on an analysis made with a ceiling; maps in execution order.
 
     `carried` (from `carried_planes`) gives, per map, the elements per channel of the
-    largest tensor its U is carried to; without it each map's own plane sets k."""
+    largest tensor its U is carried to; without it each map's own plane sets k. With
+    `refuse_infeasible` False (compile --runtime ort, where row bands may split a map
+    whose single channel is above the ceiling), such maps are listed as not compressible
+    and left to the runtime plan, which refuses what no band covers."""
     if report.ceiling_bytes is None or report.ceiling is None:
         raise ValueError("plan_from_report needs an analysis made with a ceiling")
     planned: list[PlannedMap] = []
@@ -168,9 +176,14 @@ def plan_from_report(report: AnalysisReport, carried: dict[str, int] | None = No
             plane = ranked_plane_bytes(fmap, carried)
             if plane > report.ceiling_bytes:
                 infeasible.append((fmap, plane))
+                if not refuse_infeasible:
+                    skipped.append({"name": fmap.name, "role": fmap.role, "shape": list(fmap.shape),
+                                    "dtype": fmap.dtype, "bytes": fmap.bytes, "step": fmap.step,
+                                    "reason": f"one channel ({plane} B) is above the ceiling: left to "
+                                              "tiling"})
                 continue
             planned.append(planned_map(fmap, report.ceiling_bytes, carried))
-    if infeasible:
+    if infeasible and refuse_infeasible:
         raise InputError(_infeasible_message(infeasible, report))
     planned.sort(key=lambda m: m.step)
     skipped.sort(key=lambda entry: entry["step"])

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress import api
 from fmcompress.cli import main
-from fmcompress.errors import VerificationError
+from fmcompress.errors import InputError, VerificationError
 from fmcompress.passes import PassContext
 from fmcompress.passes.fold import FoldProjectionsPass
 from fmcompress.passes.runtime import conv_workspace_elements, runtime_view
@@ -230,3 +230,37 @@ def test_focus_stem_and_inlined_hardswish_tile_losslessly():
     assert not runtime_view(result.model, ceiling_bytes=ceiling).over_ceiling()
     x = np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype(np.float32)
     np.testing.assert_allclose(_run(result.model, x), _run(focus_net(), x), rtol=1e-4, atol=1e-5)
+
+
+def wide_net(size: int = 128) -> onnx.ModelProto:
+    """A 3x3 conv at full resolution (8 channels: one channel is size * size * 4 B), a 3x3
+    conv at stride 4, a global pool and a classifier."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              strides=[4, 4]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32), "fc")]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_map_whose_one_channel_is_above_the_ceiling_is_left_to_tiling():
+    """At 40KB one channel of a 128x128 map (64 KB) cannot fit at any rank, so the stored
+    plan alone refuses; with --runtime ort row bands split it, and compile holds, exactly."""
+    with pytest.raises(InputError, match="cannot fit even at rank 1"):
+        api.compile(wide_net(), ceiling="40KB", method="pca", num_samples=8, plan_only=True)
+    result = api.compile(wide_net(), ceiling="40KB", method="pca", runtime="ort", num_samples=8,
+                         measure_memory=False, latency_rounds=1, latency_repeats=1)
+    skipped = {entry["name"]: entry["reason"] for entry in result.report["not_compressible"]}
+    assert any("left to tiling" in reason for reason in skipped.values())
+    assert result.report["runtime"]["lossless"] and not result.report["maps"]
+    x = np.random.default_rng(4).standard_normal((1, 3, 128, 128)).astype(np.float32)
+    np.testing.assert_allclose(_run(result.model, x), _run(wide_net(), x), rtol=1e-4, atol=1e-5)
