@@ -494,3 +494,6 @@ def _surrogate_dataset(spec: InputSpec, norm: _Normalizer, num_samples: int, see
     picks = rng.integers(len(photos), size=num_samples)
     samples = np.stack([_surrogate_sample(photos[i], rng, norm) for i in picks])
     return Dataset({spec.name: samples}, None, "surrogate", surrogate=True)
+
+
+# ------------------------------------------------------------------ range statistics

@@ -1,6 +1,7 @@
 """Fidelity and cost figures of the compile report (numpy and onnxruntime only).
 
-* `fidelity`: how closely a compressed model's outputs follow the original's.
+* `fidelity`: how closely a compressed model's outputs follow the original's, overall and
+  per output (`output_figures`), per channel and group of a detection head's quantity axis.
 * `count_flops`: arithmetic cost from the graph and its tensor shapes.
 * `ort_latency`: onnxruntime latency of a model pair, interleaved rounds, median and spread.
 """
@@ -8,7 +9,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +21,9 @@ from .errors import InputError
 from .ortrun import ModelLike, ort_session, session_feeds
 
 PROBABILITY_TOLERANCE = 1e-3  # how far from 1 a softmax row may sum (float32 over thousands of classes)
+BOX_CHANNELS = 4  # a detection head's first quantities: box coordinates; the rest are scores
+MAX_HEAD_CHANNELS = 260  # 4 box coordinates + up to 256 scores
+ANCHORS_PER_CHANNEL = 4  # a detection head has at least this many anchors per quantity
 
 
 # ---------------------------------------------------------------------- fidelity
@@ -43,7 +47,8 @@ class Fidelity:
 
 def fidelity(reference_outputs: list[np.ndarray], candidate_outputs: list[np.ndarray],
              labels: np.ndarray | None = None) -> Fidelity:
-    """Compare outputs sample by sample (axis 0 is the sample axis of every output)."""
+    """Compare outputs sample by sample (axis 0 is the sample axis of every output); the
+    figures per output are `output_figures`."""
     _check_pairs(reference_outputs, candidate_outputs)
     reference = [np.asarray(out, dtype=np.float64) for out in reference_outputs]
     candidate = [np.asarray(out, dtype=np.float64) for out in candidate_outputs]
@@ -63,6 +68,67 @@ def fidelity(reference_outputs: list[np.ndarray], candidate_outputs: list[np.nda
     relative = _ratio(np.sqrt(diff_sq), np.sqrt(ref_sq))
     max_abs = max(float(np.max(np.abs(c - r), initial=0.0)) for r, c in zip(reference, candidate, strict=True))
     return Fidelity(top1, sequence, acc_ref, acc_cand, cosine, relative, max_abs)
+
+
+def output_figures(reference: list[np.ndarray], candidate: list[np.ndarray],
+                   names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per output (named by `names`, else `output{i}`; axis 0 the samples): `name`, `shape`
+    (as measured), `cosine_similarity` (mean per-sample cosine), `relative_error`,
+    `max_abs_error`, and `channels`: the `channel_figures` of a detection head
+    (`head_axis`), else None. The overall `fidelity` figures are not changed by these."""
+    _check_pairs(reference, candidate)
+    figures = []
+    for index, (ref_out, cand_out) in enumerate(zip(reference, candidate, strict=True)):
+        ref, cand = np.asarray(ref_out, dtype=np.float64), np.asarray(cand_out, dtype=np.float64)
+        name = names[index] if names is not None and index < len(names) else f"output{index}"
+        axis = head_axis(ref)
+        figures.append({"name": name, "shape": [int(d) for d in ref.shape], **_error_figures(ref, cand),
+                        "channels": None if axis is None else channel_figures(ref, cand, axis)})
+    return figures
+
+
+def head_axis(output: np.ndarray) -> int | None:
+    """The quantity axis of a detection head [N, K, anchors] (1) or [N, anchors, K] (2): the
+    shorter trailing axis, with 4 < K <= 260 and at least 4 anchors per quantity; None for
+    anything else, sequence heads (a distribution per step) included."""
+    if output.ndim != 3 or is_sequence_head(output):
+        return None
+    axis = 1 if output.shape[1] <= output.shape[2] else 2
+    quantities, anchors = output.shape[axis], output.shape[3 - axis]
+    ok = BOX_CHANNELS < quantities <= MAX_HEAD_CHANNELS and anchors >= ANCHORS_PER_CHANNEL * quantities
+    return axis if ok else None
+
+
+def channel_figures(reference: np.ndarray, candidate: np.ndarray, axis: int) -> dict[str, Any]:
+    """Figures per channel of the quantity `axis` and per group (`box`: the first 4,
+    `scores`: the rest): `cosine_similarity` (mean per-sample cosine over the anchors and the
+    group's channels), `relative_error`, `max_abs_error`, `correlation` (Pearson over every
+    sample and anchor, None where either side is constant)."""
+    ref, cand = np.moveaxis(reference, axis, 1), np.moveaxis(candidate, axis, 1)  # [N, K, anchors]
+    channels = [{"index": k, "group": "box" if k < BOX_CHANNELS else "scores",
+                 **_error_figures(ref[:, k], cand[:, k]), "correlation": correlation(ref[:, k], cand[:, k])}
+                for k in range(ref.shape[1])]
+    groups = [{"name": name, "channels": [start, stop], **_error_figures(ref[:, start:stop], cand[:, start:stop]),
+               "correlation": correlation(ref[:, start:stop], cand[:, start:stop])}
+              for name, start, stop in (("box", 0, BOX_CHANNELS), ("scores", BOX_CHANNELS, ref.shape[1]))]
+    return {"axis": axis, "layout": "channels_first" if axis == 1 else "channels_last",
+            "groups": groups, "channels": channels}
+
+
+def correlation(reference: np.ndarray, candidate: np.ndarray) -> float | None:
+    """Pearson correlation of all elements; None when either side is constant."""
+    ref = np.asarray(reference, dtype=np.float64).ravel()
+    cand = np.asarray(candidate, dtype=np.float64).ravel()
+    ref, cand = ref - ref.mean(), cand - cand.mean()
+    norms = float(np.linalg.norm(ref) * np.linalg.norm(cand))
+    return float(np.dot(ref, cand) / norms) if norms > 0 else None
+
+
+def _error_figures(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    diff = candidate - reference
+    return {"cosine_similarity": _mean_cosine(reference, candidate),
+            "relative_error": _ratio(float(np.linalg.norm(diff)), float(np.linalg.norm(reference))),
+            "max_abs_error": float(np.max(np.abs(diff), initial=0.0))}
 
 
 def rows_are_distributions(output: np.ndarray) -> bool:

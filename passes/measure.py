@@ -7,7 +7,8 @@ a. Fidelity: the original and the compressed model run in onnxruntime on the
    labels exist) for classifier-shaped outputs; sequence agreement (equal
    greedy CTC decodings, `fmcompress.metrics.sequence_agreement`) for `[N, T,
    classes]` distributions such as CTC heads; cosine similarity and relative
-   error for every output (`fmcompress.metrics.fidelity`); for a YOLO-style
+   error overall and per output, per channel and channel group (box, scores) of a
+   detection head's quantity axis (`fmcompress.metrics.fidelity`); for a YOLO-style
    detection output [N, 4 + classes, anchors], boxes after the model's own decoding
    matched at IoU 0.5 (`boxes`: counts, precision, recall, F1).
 b. FLOPs before and after, from the graphs and their tensor shapes.
@@ -33,7 +34,7 @@ import onnx
 
 from fmcompress.data import Dataset
 from fmcompress.errors import InputError, VerificationError
-from fmcompress.metrics import count_flops, fidelity, gated_agreement, ort_latency
+from fmcompress.metrics import count_flops, fidelity, gated_agreement, ort_latency, output_figures
 from fmcompress.ortrun import run_ort
 from fmcompress.reports.analysis import AnalysisReport
 
@@ -87,6 +88,7 @@ class MeasurePass(HeldOutPass):
         reference = run_ort(self.original, self.held_out.batches(self.batch_size), batch_first=True)
         candidate = run_ort(model, self.held_out.batches(self.batch_size), batch_first=True)
         quality = fidelity(reference, candidate, self.held_out.labels).to_dict()
+        quality["outputs"] = output_figures(reference, candidate, [out.name for out in self.original.graph.output])
         quality["boxes"] = _box_figures(reference, candidate)
         before = _analysis(self.original, ctx.before, ctx)
         verified = ctx.verification or {}

@@ -12,6 +12,9 @@ c. The batch size is the one asked for, or 1 when the graph fixes its batch
    dimension (said in `ctx.warnings`).
 d. What the data lacks (too few samples, no labels for a gate) is said in
    `ctx.warnings`.
+e. Where the model states the range its image input expects (a leading normalisation in
+   the graph, or metadata; fmcompress.input_range), calibration samples that clearly miss
+   it are said in `ctx.warnings`, with the `--scale`/`--mean`/`--std` that fit.
 
 The model is not changed; the pass sets `ctx.dataset`, `ctx.calibration`,
 `ctx.held_out` and `ctx.batch_size`.
@@ -34,6 +37,7 @@ from fmcompress.data import (
     load_dataset,
 )
 from fmcompress.errors import InputError
+from fmcompress.input_range import input_range_warnings
 from fmcompress.ortrun import batch_is_free
 
 from .base import Pass, PassContext, PassResult
@@ -71,6 +75,7 @@ class PrepareDataPass(Pass):
         ctx.calibration, ctx.held_out = ctx.dataset.split(self.options.held_out_fraction,
                                                           seed=self.options.seed)
         ctx.warnings += data_warnings(ctx.dataset, ctx.held_out)
+        ctx.warnings += input_range_warnings(proto, ctx.calibration.inputs)
         return PassResult(model, modified=False, data=ctx.dataset)
 
 

@@ -94,7 +94,40 @@ def _md_fidelity(report: Mapping[str, Any]) -> list[str]:
                             ("max_accuracy_drop", "gate: maximum accuracy drop (points)", "{:g}")):
         if gate.get(key) is not None:
             rows.append(f"| {label} | {fmt.format(gate[key])} |")
-    return ["## Fidelity on held-out data", "", "| figure | value |", "| --- | --- |", *rows, ""] if rows else []
+    if not rows:
+        return []
+    return ["## Fidelity on held-out data", "", "| figure | value |", "| --- | --- |", *rows, "",
+            *_md_output_figures(fidelity.get("outputs") or [])]
+
+
+def _md_output_figures(outputs: list[Mapping[str, Any]]) -> list[str]:
+    """Per output, and per channel group of a detection head; left out for one plain output
+    (the overall figures say it all)."""
+    if len(outputs) < 2 and not any(entry.get("channels") for entry in outputs):
+        return []
+    lines = ["| output | shape | cosine | relative error | max abs error | correlation |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for entry in outputs:
+        lines.append(f"| `{entry['name']}` | {format_shape(entry.get('shape', []))} | "
+                     f"{_figure_cells(entry)} | |")
+        channels = entry.get("channels") or {}
+        for group in channels.get("groups", []):
+            lines.append(f"| `{entry['name']}` {group['name']} (channels {group['channels'][0]}-"
+                         f"{group['channels'][1] - 1}) | | {_figure_cells(group)} | "
+                         f"{_correlations(group, channels.get('channels', []))} |")
+    return [*lines, ""]
+
+
+def _figure_cells(figures: Mapping[str, Any]) -> str:
+    return " | ".join(f"{figures[key]:.4g}" for key in ("cosine_similarity", "relative_error", "max_abs_error"))
+
+
+def _correlations(group: Mapping[str, Any], channels: list[Mapping[str, Any]]) -> str:
+    """The group's pooled correlation, and the range of its channels' correlations."""
+    pooled = "n/a" if group.get("correlation") is None else f"{group['correlation']:.4g}"
+    start, stop = group["channels"]
+    values = [c["correlation"] for c in channels if start <= c["index"] < stop and c.get("correlation") is not None]
+    return f"{pooled} ({min(values):.3g} to {max(values):.3g} per channel)" if len(values) > 1 else pooled
 
 
 def _md_cost(report: Mapping[str, Any]) -> list[str]:
