@@ -16,6 +16,8 @@ from .dense_prediction import deeplabv3_mobilenet, fpn_detector, unet, yolov5_fo
 from .hybrid import mobilevit
 from .lightweight import ghostnet, shufflenet_v2, squeezenet
 from .mobile import efficientnet_b0, mnasnet, mobilenet_v3_large, mobilenet_v3_small
+from .more import efficientnet_v2_s, mobilenet_v1, mobileone_s0, shufflenet_v1
+from .more_branches import hrnet_lite, resnet34, vovnet27_slim, wide_resnet16_4
 from .resnets import convnext_atto, regnety_200mf, repvgg_a0, resnet50, resnext50, se_resnet50
 from .sequence import crnn
 
@@ -46,4 +48,13 @@ ARCHITECTURES: dict[str, tuple[Callable[[int], nn.Module], int, tuple[int, ...]]
     "yolov5_focus": (yolov5_focus, 80, INPUT_64),
     "crnn": (crnn, 37, TEXT_LINE),
     "mobilevit": (mobilevit, 1000, INPUT_64),
+    # models/more.py and more_branches.py
+    "mobilenet_v1": (mobilenet_v1, 1000, INPUT_64),
+    "resnet34": (resnet34, 1000, INPUT_64),
+    "wide_resnet16_4": (wide_resnet16_4, 1000, INPUT_64),
+    "shufflenet_v1": (shufflenet_v1, 1000, INPUT_64),
+    "mobileone_s0": (mobileone_s0, 1000, INPUT_64),
+    "efficientnet_v2_s": (efficientnet_v2_s, 1000, INPUT_64),
+    "hrnet_lite": (hrnet_lite, 1000, INPUT_64),
+    "vovnet27_slim": (vovnet27_slim, 1000, INPUT_64),
 }

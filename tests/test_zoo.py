@@ -22,6 +22,7 @@ from fmcompress.models.catalog import ARCHITECTURES
 from fmcompress.ortrun import ort_session
 
 # the fast ones (export + compile in a few seconds each, one op family each); the rest are slow
+# (models/more*.py's eight, mobilenet_v1 to vovnet27_slim, take 5-25 s each: all slow)
 FAST = {
     "shufflenet_v2": "channel split, view/transpose shuffle",
     "squeezenet": "fire concats, no BatchNorm",
