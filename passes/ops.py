@@ -85,3 +85,12 @@ CHAINABLE_OPS = STORED_UNARY_OPS | STORED_BINARY_OPS | VIEW_OPS
 # ---------------------------------------------------------------- runtime view
 
 RUNTIME_ALIAS_OPS = VIEW_OPS | FOLD_IDENTITY_OPS  # onnxruntime reuses the input's buffer
+
+# ---------------------------------------------------------------- position chunking
+
+# what passes/chunk_positions.py (rule b) computes per chunk of positions after the product:
+# unary ops act on each element, binary ones with a constant that does not vary along the
+# positions, the softmax family over the last axis only
+CHUNK_UNARY_OPS = _ELEMENTWISE_UNARY | {"Clip", "Dropout"}
+CHUNK_BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu"})
+CHUNK_SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})

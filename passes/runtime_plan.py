@@ -69,6 +69,7 @@ from fmcompress.reports.analysis import AnalysisReport, RuntimeView
 from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
+from .chunk_positions import ChunkPositionsPass, chunk_uncovered
 from .graph import Model
 from .ops import FOLD_PUSH_OPS
 from .plan import Plan, PlannedMap, carried_planes, planned_map, ranked_plane_bytes
@@ -131,6 +132,7 @@ class RuntimePlanPass(Pass):
         if self.allow_projection and ctx.memory is None:
             raise InputError("the runtime plan needs the stored view to project: run MemoryAnalysisPass first")
         plan, planner = _plan_and_planner(model.proto(), ctx, self.allow_projection, self.window)
+        plan.uncovered = chunk_uncovered(model.proto(), plan.uncovered, plan.ceiling_bytes, ctx)
         ctx.runtime_plan = plan
         if self.allow_projection and ctx.plan is not None:
             hopeless = planner.beyond_projection(plan.uncovered, ctx.plan.maps) if plan.uncovered else []
@@ -404,10 +406,12 @@ class TileToCeilingPass(Pass):
         local = PassContext(input_shapes=ctx.input_shapes, act_bytes=ctx.act_bytes, log=ctx.log)
         local.runtime = analyze_runtime(model.proto(), local, self.level, ceiling)
         plan = plan_runtime(model.proto(), local, allow_projection=False)
+        plan.uncovered = chunk_uncovered(model.proto(), plan.uncovered, ceiling, local)  # chunked below
         if plan.uncovered:
             raise VerificationError(uncovered_message(plan.uncovered, ceiling))
         with_pools_in_bands(model, plan.pools, local)
         tiled = TilePass([(r.starts, r.end, r.bands) for r in plan.regions]).run(model, local)
         split = SplitConvPass(ceiling).run(model, local)
-        ctx.tiling = {"plan": plan, "regions": tiled.data, "split_convs": split.data}
-        return PassResult(model, modified=bool(plan.regions or split.data), data=ctx.tiling)
+        chunked = ChunkPositionsPass(ceiling).run(model, local)
+        ctx.tiling = {"plan": plan, "regions": tiled.data, "split_convs": split.data, "chunked": chunked.data}
+        return PassResult(model, modified=bool(plan.regions or split.data or chunked.data), data=ctx.tiling)

@@ -123,6 +123,7 @@ def _runtime(original: onnx.ModelProto, emitted: onnx.ModelProto, ctx: PassConte
                           for r in tiled["plan"].regions]
     figures["tile_facts"] = [asdict(facts) for facts in tiled["regions"]]
     figures["split_convs"] = tiled["split_convs"]
+    figures["chunked"] = tiled.get("chunked", [])
     figures["lossless"] = not ctx.plan.maps
     return figures
 
