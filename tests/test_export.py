@@ -315,7 +315,7 @@ class _Noisy(torch.nn.Module):
 
 
 BAD_SOURCES = {
-    "resnet34": "unknown model 'resnet34'; known: resnet18, .*or give a factory",
+    "resnet999": "unknown model 'resnet999'; known: resnet18, .*or give a factory",
     "a:b:c": "invalid factory",
     ":tiny": "invalid factory",
     f"{FACTORY_MODULE}:": "invalid factory",
@@ -418,7 +418,7 @@ def test_cli_export_writes_and_reports(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["resnet34", "--input-shape", "1,3,32,32"], "unknown model 'resnet34'"),
+    (["resnet999", "--input-shape", "1,3,32,32"], "unknown model 'resnet999'"),
     (["resnet18_small", "--input-shape", "1,3,a,32"], "invalid shape"),
     (["resnet18_small", "--input-shape", "3,32,32"], "takes a 4-D input"),
     (["resnet18_small", "--input-shape", "1,3,32,32", "--opset", "11"], "opset 11 is not supported"),
