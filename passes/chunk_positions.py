@@ -47,7 +47,6 @@ from .base import Pass, PassContext, PassResult
 from .graph import Model
 from .graphutil import Namer, constant_value, detach, optional_input
 from .ops import CHUNK_BINARY_OPS, CHUNK_SOFTMAX_OPS, CHUNK_UNARY_OPS
-from .runtime_names import runtime_names
 
 
 @dataclass
@@ -89,14 +88,13 @@ class ChunkPositionsPass(Pass):
 
 
 def chunk_uncovered(proto: onnx.ModelProto, uncovered: list[FeatureMap], budget_bytes: int,
-                    ctx: PassContext) -> list[FeatureMap]:
-    """Rule f."""
+                    ctx: PassContext, aliases: dict[str, str]) -> list[FeatureMap]:
+    """Rule f; `aliases` are the runtime plan's names of onnxruntime's tensors (runtime_names)."""
     if not uncovered:
         return uncovered
     covered = {name for cand in _candidates(Model.from_proto(proto), ctx, budget_bytes) for name in cand.tensors}
     if not covered:
         return uncovered
-    aliases = runtime_names(proto, ctx.runtime, resolve_input_shapes(proto, ctx.input_shapes)) if ctx.runtime else {}
     return [t for t in uncovered if aliases.get(t.name, t.name) not in covered]
 
 

@@ -132,7 +132,7 @@ class RuntimePlanPass(Pass):
         if self.allow_projection and ctx.memory is None:
             raise InputError("the runtime plan needs the stored view to project: run MemoryAnalysisPass first")
         plan, planner = _plan_and_planner(model.proto(), ctx, self.allow_projection, self.window)
-        plan.uncovered = chunk_uncovered(model.proto(), plan.uncovered, plan.ceiling_bytes, ctx)
+        plan.uncovered = chunk_uncovered(model.proto(), plan.uncovered, plan.ceiling_bytes, ctx, planner.aliases)
         ctx.runtime_plan = plan
         if self.allow_projection and ctx.plan is not None:
             hopeless = planner.beyond_projection(plan.uncovered, ctx.plan.maps) if plan.uncovered else []
@@ -405,8 +405,9 @@ class TileToCeilingPass(Pass):
         ceiling = self.ceiling_bytes if self.ceiling_bytes is not None else ctx.plan.ceiling_bytes
         local = PassContext(input_shapes=ctx.input_shapes, act_bytes=ctx.act_bytes, log=ctx.log)
         local.runtime = analyze_runtime(model.proto(), local, self.level, ceiling)
-        plan = plan_runtime(model.proto(), local, allow_projection=False)
-        plan.uncovered = chunk_uncovered(model.proto(), plan.uncovered, ceiling, local)  # chunked below
+        plan, planner = _plan_and_planner(model.proto(), local, allow_projection=False)
+        plan.uncovered = chunk_uncovered(model.proto(), plan.uncovered, ceiling, local,  # chunked below
+                                         planner.aliases)
         if plan.uncovered:
             raise VerificationError(uncovered_message(plan.uncovered, ceiling))
         with_pools_in_bands(model, plan.pools, local)
