@@ -39,7 +39,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *, normalize: bool =
     model, and a current ModelProto passed in, come back as they are. `normalize=False`
     (the torch executor, which runs the graph it is given) skips the normalisation."""
     if isinstance(source, onnx.ModelProto):
-        return normalize_model(_known_opset(source)) if normalize else source
+        return normalize_model(_checked(source)) if normalize else source
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -58,7 +58,18 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *, normalize: bool =
         raise InputError(f"{path}: not an ONNX model (no graph nodes or no opset)")
     if any(_uses_external_data(t) for t in _all_initializers(model.graph)):
         raise InputError(f"{path}: models with external data are not supported; save the weights inside the .onnx file")
-    return normalize_model(_known_opset(model)) if normalize else model
+    return normalize_model(_checked(model)) if normalize else model
+
+
+def _checked(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What every command needs of a model before normalising or analysing it (one-line
+    InputErrors): a known opset, initializers and attributes of the declared types."""
+    from .model_checks import check_attribute_types, check_initializers
+
+    _known_opset(model)
+    check_initializers(model.graph)
+    check_attribute_types(model)
+    return model
 
 
 def _known_opset(model: onnx.ModelProto) -> onnx.ModelProto:

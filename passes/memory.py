@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from fmcompress.model_checks import check_attribute_types, check_initializers, initializer_array
+from fmcompress.model_checks import initializer_array
 from fmcompress.onnxutil import constant_node_value
 from fmcompress.reports.analysis import AnalysisReport, FeatureMap, LivePoint
 from fmcompress.shapes import TensorInfo, graph_inputs, infer_tensor_infos, resolve_input_shapes
@@ -372,8 +372,6 @@ class MemoryAnalysisPass(Pass):
 def analyze_stored(model: onnx.ModelProto, ctx: PassContext, ceiling: Ceiling | None = None,
                    source: str = "") -> AnalysisReport:
     """The stored, live and strict views of `model` (what the pass provides)."""
-    check_initializers(model.graph)
-    check_attribute_types(model)
     shapes = resolve_input_shapes(model, ctx.input_shapes)
     infos = infer_tensor_infos(model, shapes)
     index = GraphIndex(model)
