@@ -3,15 +3,16 @@
 Regenerate the table:
 
     python examples/zoo.py --compact          # the compact architectures: ~15 min on 2 cores
-    python examples/zoo.py [--compact | --models NAME,...] [--light] [--real]
+    python examples/zoo.py --compact --input-size 224 --ceilings ort:512KB   # full size
+    python examples/zoo.py [--compact | --models NAME,...] [--light] [--real] [--input-size N]
                            [--ceilings 4x,ort:512KB] [--num-samples 8] [--subprocess]
 
 For each model (every name of `fmcompress.models.MODEL_NAMES` at its default input shape,
 the 224x224 ones included, which take minutes each; `--compact` only those of
-models/catalog.py, at 64x64 mostly; `--light` adds the onnx wheel's nine light models,
-`--real` the test extra's real models) it runs, through the command line's own code
-(click's test runner in this process, or with `--subprocess` a separate `fmcompress`
-process per step):
+models/catalog.py, at 64x64 mostly, or with `--input-size 224` at 224x224, text lines kept;
+`--light` adds the onnx wheel's nine light models, `--real` the test extra's real models)
+it runs, through the command line's own code (click's test runner in this process, or with
+`--subprocess` a separate `fmcompress` process per step):
 
   export   `fmcompress export NAME --input-shape DIMS` (zoo models only; checked against torch)
   analyze  `fmcompress analyze MODEL --ceiling 4x`
@@ -73,7 +74,11 @@ def subjects(args: argparse.Namespace) -> list[Subject]:
         if args.models
         else list(ARCHITECTURES if args.compact else MODEL_NAMES)
     )
-    chosen = [Subject(n, default_input_shape(n)) for n in names if n in MODEL_NAMES]
+    chosen = [
+        Subject(n, _sized(default_input_shape(n), args.input_size))
+        for n in names
+        if n in MODEL_NAMES
+    ]
     if args.light:
         for path in sorted(LIGHT_DIR.glob("light_*.onnx")):
             chosen.append(Subject(path.stem, _static_shape(path), path))
@@ -83,6 +88,13 @@ def subjects(args: argparse.Namespace) -> list[Subject]:
     if unknown:
         sys.exit(f"unknown zoo model(s): {', '.join(unknown)}; known: {', '.join(MODEL_NAMES)}")
     return chosen
+
+
+def _sized(shape: tuple[int, ...], size: int | None) -> tuple[int, ...]:
+    """A square zoo input resized to `size` x `size`; other shapes (text lines) are kept."""
+    if not size or len(shape) != 4 or shape[2] != shape[3]:
+        return shape
+    return (*shape[:2], size, size)
 
 
 def _static_shape(path: Path) -> tuple[int, ...]:
@@ -190,6 +202,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ceilings",
         default=DEFAULT_CEILINGS,
         help=f"compile ceilings, a column each; ort:C: --runtime ort (default {DEFAULT_CEILINGS})",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help="zoo models' input scaled to this shorter side (224: the full-size table)",
     )
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--subprocess", action="store_true", help="one fmcompress process per step")

@@ -96,17 +96,18 @@ def export_module(module: Any, input_shape: Sequence[int], output: str | os.Path
     with _eval_mode(module):
         expected = _run_torch(module, example)
         output_names = [OUTPUT_NAME] if len(expected) == 1 else [f"{OUTPUT_NAME}_{i}" for i in range(len(expected))]
-        proto = _torch_to_onnx(module, example, output_names, opset)
+        axes = _batch_axes(module, example.numpy(), expected)
+        proto = _torch_to_onnx(module, example, output_names, opset, batch_axes=axes)
         _constants_to_initializers(proto.graph)
         max_abs_diff = float("nan")
         dynamic = True
         if check:
             session = _session(proto)
             max_abs_diff = _verify(session, proto, example.numpy(), expected)
-            problem = _batch_trial(session, example.numpy(), expected)
+            problem = _batch_trial(session, example.numpy(), expected, axes)
             if problem is not None:
                 dynamic = False
-                proto = _torch_to_onnx(module, example, output_names, opset, dynamic_batch=False)
+                proto = _torch_to_onnx(module, example, output_names, opset)
                 _constants_to_initializers(proto.graph)
                 max_abs_diff = _verify(_session(proto), proto, example.numpy(), expected)
                 warnings_.append(f"the graph fixes the batch size ({problem}); exported with a static batch "
@@ -293,11 +294,16 @@ def _silence_fds(*fds: int) -> Iterator[None]:
 
 
 def _torch_to_onnx(module: Any, example: Any, output_names: list[str], opset: int, *,
-                   dynamic_batch: bool = True) -> onnx.ModelProto:
+                   batch_axes: Sequence[int] | None = None) -> onnx.ModelProto:
+    """`batch_axes`: each output's batch axis (1 for a time-major [T, N, C] output); None:
+    a static batch."""
     import torch
 
     buffer = io.BytesIO()
-    dynamic_axes = {name: {0: BATCH_DIM} for name in [INPUT_NAME, *output_names]} if dynamic_batch else None
+    dynamic_axes = None
+    if batch_axes is not None:
+        dynamic_axes = {INPUT_NAME: {0: BATCH_DIM}}
+        dynamic_axes.update({name: {axis: BATCH_DIM} for name, axis in zip(output_names, batch_axes, strict=True)})
     try:
         with _quiet():
             torch.onnx.export(module, (example,), buffer, input_names=[INPUT_NAME], output_names=output_names,
@@ -378,25 +384,51 @@ def _relative_diff(want: np.ndarray, got: np.ndarray) -> float | None:
     return diff if np.isfinite(diff) and diff / scale <= RELATIVE_TOLERANCE else None
 
 
-def _batch_trial(session: Any, example: np.ndarray, expected: list[np.ndarray]) -> str | None:
-    """One run at another batch size (2, or 3 when exporting at 2); None when it behaves.
-
-    The trial batch is the example's first sample followed by other random samples, so each
-    output's first row must equal the export-shape run's first row (samples are independent
-    in eval mode), and every output must have the trial batch as its leading dim.
-    """
+def _trial_batch(example: np.ndarray) -> np.ndarray:
+    """Another batch size (2, or 3 when exporting at 2): the example's first sample, then
+    other random samples."""
     trial = 2 if example.shape[0] != 2 else 3
     others = np.random.default_rng(1).standard_normal((trial - 1, *example.shape[1:])).astype(example.dtype)
-    batch = np.concatenate([example[:1], others])
+    return np.concatenate([example[:1], others])
+
+
+def _batch_axes(module: Any, example: np.ndarray, expected: list[np.ndarray]) -> list[int]:
+    """Each output's batch axis, read from torch at the trial batch: the one axis whose size
+    follows the batch (0 for [N, ...], 1 for a time-major [T, N, C]); 0 where none or several do
+    (the ONNX trial then says what is wrong)."""
+    import torch
+
+    batch = _trial_batch(example)
+    try:
+        trial = _run_torch(module, torch.from_numpy(batch))
+    except InputError:  # a model that fixes its batch may fail here; the ONNX trial says so
+        return [0] * len(expected)
+    axes = []
+    for want, got in zip(expected, trial, strict=True):
+        moved = [axis for axis, (a, b) in enumerate(zip(want.shape, got.shape, strict=False))
+                 if a == example.shape[0] and b == batch.shape[0]]
+        axes.append(moved[0] if len(moved) == 1 and want.ndim == got.ndim else 0)
+    return axes
+
+
+def _batch_trial(session: Any, example: np.ndarray, expected: list[np.ndarray],
+                 axes: Sequence[int]) -> str | None:
+    """One run at another batch size; None when it behaves.
+
+    Samples are independent in eval mode, so each output's first sample along its batch axis
+    must equal the export-shape run's, and every output must have the trial batch there.
+    """
+    batch = _trial_batch(example)
+    trial = batch.shape[0]
     try:
         actual = session.run(None, {INPUT_NAME: batch})
     except onnxruntime_errors() as exc:
         return f"onnxruntime fails at batch {trial}: {_first_line(exc)}"
-    for want, got in zip(expected, actual, strict=True):
-        wanted_shape = (trial, *want.shape[1:])
+    for want, got, axis in zip(expected, actual, axes, strict=True):
+        wanted_shape = tuple(trial if i == axis else n for i, n in enumerate(want.shape))
         if tuple(got.shape) != wanted_shape:
             return f"at batch {trial} an output has shape {tuple(got.shape)}, not {wanted_shape}"
-        if _relative_diff(want[:1], got[:1]) is None:
+        if _relative_diff(np.take(want, [0], axis=axis), np.take(got, [0], axis=axis)) is None:
             return f"at batch {trial} the first sample's output changes"
     return None
 

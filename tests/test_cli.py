@@ -88,7 +88,7 @@ CLICK_ERRORS = {
     "bad choice": (["analyze", "m.onnx", "--mode", "peak"], "'--mode'"),
     "out of range": (["verify", "a.onnx", "b.onnx", "--threads", "0"], "'--threads'"),
     "extra argument": (["analyze", "a.onnx", "b.onnx"], "unexpected extra argument"),
-    "missing export option": (["export", "resnet18_small", "-o", "x.onnx"], "missing option '--input-shape'"),
+    "missing export output": (["export", "resnet18_small"], "needs SOURCE and -o/--output"),
     "bad float list": (["compile", "m.onnx", "--ceiling", "4x", "--mean", "a,b"], "--mean"),
 }
 

@@ -519,3 +519,28 @@ def test_cli_export_refuses_bad_outputs_before_building_the_model(tmp_path, monk
     assert weights.read_bytes() == b"weights"
     assert kind != "fifo" or stat.S_ISFIFO(os.lstat(out).st_mode)
     assert kind != "device" or os.readlink(out) == "/dev/null"
+
+
+def test_a_time_major_output_keeps_its_batch_axis_dynamic(tmp_path):
+    """A CRNN's [T, N, classes] output: the batch is its axis 1, found by a torch run at another
+    batch, so the export stays batch-free and warns nothing."""
+    result = export_model("crnn", (1, 3, 32, 128), tmp_path / "crnn.onnx")
+    assert result.dynamic_batch and result.warnings == ()
+    dims = onnx.load(str(result.path)).graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["", "batch", ""]
+    x = np.random.default_rng(3).standard_normal((3, 3, 32, 128)).astype(np.float32)
+    from fmcompress.models import get_model
+    np.testing.assert_allclose(_ort_run(result.path, x), _torch_run(get_model("crnn").eval(), x),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_cli_export_takes_a_zoo_models_own_input_shape(tmp_path):
+    listing = _cli("--list")
+    assert listing.exit_code == 0 and "crnn" in listing.stdout and "1,3,32,128" in listing.stdout
+    result = _cli("mobilenet_v3_small", "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    dims = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims][1:] == [3, 64, 64]
+    factory = _cli("nowhere_xyz:f", "-o", tmp_path / "f.onnx")
+    assert factory.exit_code == 2 and "--input-shape is required for a factory" in factory.stderr
+    assert not (tmp_path / "f.onnx").exists()
