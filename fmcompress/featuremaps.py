@@ -5,7 +5,9 @@ Kept free of onnxruntime, torch and graph libraries so that every layer can impo
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +30,7 @@ class FeatureMap:
     step: int  # execution step of the view that produces it (0 for graph inputs)
     last_use: int  # step of the last reader (the last step for graph outputs; -1 if unread)
     over_ceiling: bool = False
+    channels_last: bool = False  # a 4-D [N, H, W, C] map (memory.py `channels_last`)
 
     @property
     def compressible(self) -> bool:
@@ -52,21 +55,43 @@ class FeatureMap:
             return f"graph {self.role}"
         if not self.floating:
             return "integer dtype" if self.dtype.startswith(("int", "uint")) else f"{self.dtype} dtype"
-        return layout_reason(len(self.shape), self.shape[1] if len(self.shape) > 1 else None)
+        return layout_reason(len(self.shape), self.shape[1] if len(self.shape) > 1 else None,
+                             self.channels_last)
 
 
 PROJECTABLE_RANKS = (3, 4)  # [N, C, L] and [N, C, H, W]: P and U are 1x1 convs over axis 1
 
 
-def layout_reason(rank: int | None, channels: int | None) -> str | None:
+def layout_reason(rank: int | None, channels: int | None, channels_last: bool = False) -> str | None:
     """Why a map of this rank and channel count (axis 1; None: unknown) cannot be projected,
-    or None: only 4-D NCHW and 3-D NCL maps with at least 2 channels can."""
+    or None: only 4-D NCHW and 3-D NCL maps with at least 2 channels can. A 4-D map whose
+    channels are on the last axis ([N, H, W, C], `channels_last`) cannot: P and U act on axis 1."""
+    if channels_last:
+        return "channel-last [N, H, W, C] map: P and U act on axis 1, its rows"
     if rank not in PROJECTABLE_RANKS:
         what = "map of unknown rank" if rank is None else f"{rank}-D map"
         return f"{what}, not a 4-D NCHW or 3-D NCL map"
     if channels is not None and channels < 2:
         return "one channel: nothing to project"
     return None
+
+
+OpView = tuple[str, Mapping[str, Any]]  # a node's op_type and attributes
+
+
+def channels_last(producer: OpView | None, readers: Iterable[tuple[str, Mapping[str, Any], int]]) -> bool:
+    """Whether a 4-D map is laid out [N, H, W, C], judged from its producer and its readers
+    (op_type, attributes, which input reads it): a Transpose moved axis 1 last to make it, a
+    Transpose moves its last axis back to 1, or a MatMul (as its left operand) or a
+    LayerNormalization over the last axis reads it (ConvNeXt's blocks, a detector head)."""
+    if producer is not None and producer[0] == "Transpose" and list(producer[1].get("perm", []))[-1:] == [1]:
+        return True
+    for op, attrs, index in readers:
+        if op == "Transpose" and list(attrs.get("perm", []))[1:2] == [3]:
+            return True
+        if (op == "MatMul" and index == 0) or (op == "LayerNormalization" and attrs.get("axis", -1) in (-1, 3)):
+            return True
+    return False
 
 
 @dataclass

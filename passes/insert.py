@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fmcompress.errors import InputError
-from fmcompress.featuremaps import PROJECTABLE_RANKS, Projection, layout_reason
+from fmcompress.featuremaps import PROJECTABLE_RANKS, Projection, channels_last, layout_reason
 from fmcompress.shapes import InferredType, infer_tensor_infos, inferred_types, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
@@ -73,7 +73,7 @@ def validate_projections(model: onnx.ModelProto, graph: gs.Graph, projections: d
         if inferred.rank is None and name in exact:
             inferred = InferredType(exact[name].rank, exact[name].channels, inferred.dtype or exact[name].dtype)
         rank, channels = _rank_and_channels(tensor, inferred)
-        layout = layout_reason(rank, channels)  # the analysis's rule too (FeatureMap.compressible)
+        layout = layout_reason(rank, channels, rank == 4 and _channels_last(tensor))  # the analysis's rule too
         if layout is not None:
             raise InputError(f"cannot project {name!r}: {layout}")
         if channels is not None and channels != projection.C:
@@ -84,6 +84,12 @@ def validate_projections(model: onnx.ModelProto, graph: gs.Graph, projections: d
                              "feature maps can be projected")
         infos[name] = MapInfo(dtype, rank)
     return infos
+
+
+def _channels_last(tensor: gs.Variable) -> bool:
+    producer = (tensor.inputs[0].op, tensor.inputs[0].attrs) if tensor.inputs else None
+    readers = [(node.op, node.attrs, [t.name for t in node.inputs].index(tensor.name)) for node in tensor.outputs]
+    return channels_last(producer, readers)
 
 
 def _exact_types(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, InferredType]:

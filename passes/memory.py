@@ -43,7 +43,8 @@ Ceilings: a map is over the ceiling when its bytes exceed it. A relative ceiling
 (`4x`) divides the largest *compressible* stored map (FeatureMap.compressible, the one
 definition the plan and compile's projections share: a floating-point 4-D NCHW or 3-D
 NCL map between groups with at least 2 channels); graph inputs, graph outputs, integer
-maps and maps no projection applies to (2-D, 5-D, one channel) are reported against
+maps and maps no projection applies to (2-D, 5-D, one channel, channel-last [N, H, W, C]
+4-D maps: `channels_last`) are reported against
 the ceiling with their reason (FeatureMap.not_compressible_reason) but never set it
 and are never compressed.
 The report carries the parsed ceiling and a key of the graph's wiring (`graph_key`),
@@ -59,8 +60,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from fmcompress.featuremaps import channels_last
 from fmcompress.model_checks import initializer_array
-from fmcompress.onnxutil import constant_node_value
+from fmcompress.onnxutil import constant_node_value, node_attrs
 from fmcompress.reports.analysis import AnalysisReport, FeatureMap, LivePoint
 from fmcompress.shapes import TensorInfo, graph_inputs, infer_tensor_infos, resolve_input_shapes
 from fmcompress.units import Ceiling
@@ -463,6 +465,9 @@ def _feature_map(index: GraphIndex, name: str, infos: dict[str, TensorInfo], act
         consumers=[c.name or c.op_type for c in consumers],
         step=steps.of_node[id(producer)] if producer is not None else 0,
         last_use=len(steps.labels) - 1 if role == "output" else last_use,
+        channels_last=len(info.shape) == 4 and channels_last(
+            (producer.op_type, node_attrs(producer)) if producer is not None else None,
+            [(c.op_type, node_attrs(c), list(c.input).index(name)) for c in consumers]),
     )
 
 
