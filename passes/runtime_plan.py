@@ -31,7 +31,9 @@ e. A plan made with `allow_projection` is for the original graph; compile folds 
    end fits, and tiles with that second plan.
 
 f. Squeeze-excitation: a GlobalAveragePool whose input is above the ceiling is computed
-   from bands of that input (tile rule i), recomputed from the nearest start that fits;
+   from bands of that input (tile rule i), recomputed from the nearest start that fits
+   (where none is near enough, as in a pre-activation ResNet whose every residual map is
+   above the ceiling, from the nearest map a projection makes fit, which is then projected);
    its gate then reaches the region that multiplies the map as a per-channel side
    input. Regions are planned on the graph so rewritten; a map only the pool read (a
    SqueezeNet's classifier conv) is then computed in its bands alone: covered.
@@ -75,6 +77,7 @@ from .ops import FOLD_PUSH_OPS
 from .plan import Plan, PlannedMap, carried_planes, planned_map, ranked_plane_bytes
 from .runtime import DEFAULT_LEVEL, analyze_runtime
 from .runtime_names import fused_away, runtime_names
+from .split_columns import SplitColumnsPass, split_uncovered
 from .split_conv import SplitConvPass
 from .tile import Region, TilePass, bands_for_budget, pool_model, tileable_region, walk_back
 
@@ -133,6 +136,7 @@ class RuntimePlanPass(Pass):
             raise InputError("the runtime plan needs the stored view to project: run MemoryAnalysisPass first")
         plan, planner = _plan_and_planner(model.proto(), ctx, self.allow_projection, self.window)
         plan.uncovered = chunk_uncovered(model.proto(), plan.uncovered, plan.ceiling_bytes, ctx, planner.aliases)
+        plan.uncovered = split_uncovered(model.proto(), plan.uncovered, plan.ceiling_bytes, ctx, planner.aliases)
         ctx.runtime_plan = plan
         if self.allow_projection and ctx.plan is not None:
             hopeless = planner.beyond_projection(plan.uncovered, ctx.plan.maps) if plan.uncovered else []
@@ -162,6 +166,7 @@ def _plan_and_planner(model: onnx.ModelProto, ctx: PassContext, allow_projection
         planner = _Planner(banded.proto(), ctx, view, stored, allow_projection, window,
                            candidates=before.order)
         planner.aliases = before.aliases
+        planner.projected = dict(before.projected)  # the starts of pools that recompute from a projection
         planner.pooled = set(before.producers) - set(planner.producers)  # read only by a banded pool
     plan = planner.plan()
     plan.pools = pools
@@ -291,12 +296,20 @@ class _Planner:
             found = self._pool_region(node.input[0])
             if found is not None:
                 planned.append(PlannedPool(found[0].starts, node.name, found[1]))
+                for start in found[0].starts:  # a start above the ceiling is projected (rule f)
+                    if not self._fits_as_start(start) and self._can_project(start):
+                        self.projected[start] = planned_map(self.projectable[start], self.ceiling, self.carried)
         return planned
 
     def _pool_region(self, tensor: str) -> tuple[Region, int] | None:
         if tensor not in self.producers:
             return None
-        starts = self._frontier(tensor)
+        found = self._pool_region_from(tensor, self._frontier(tensor))
+        if found is None and self.projectable:  # recompute from the nearest map a projection makes fit
+            found = self._pool_region_from(tensor, self._frontier(tensor, projecting=True))
+        return found
+
+    def _pool_region_from(self, tensor: str, starts: tuple[str, ...]) -> tuple[Region, int] | None:
         try:
             region = tileable_region(self.model, starts, tensor, self.shapes, infos=self.infos,
                                      consumers_checked=False)
@@ -309,14 +322,16 @@ class _Planner:
         fmap = self.projectable.get(name)
         return fmap is not None and ranked_plane_bytes(fmap, self.carried) <= self.ceiling
 
-    def _frontier(self, end: str, downstream: set[str] = frozenset()) -> tuple[str, ...]:
+    def _frontier(self, end: str, downstream: set[str] = frozenset(), projecting: bool = False) -> tuple[str, ...]:
         """The starts of the region ending at `end` (rule b): walking back from `end`, every
         graph input and every tensor that fits (under the ceiling, projected, or one value
-        per channel) stops the walk and is a start, except those in `downstream` (computed
-        from the tensor to cover, which the region must contain); the main one is the
-        earliest."""
-        _, boundary = walk_back(end, self.producers, self.constants,
-                                lambda name: name not in downstream and self._fits_as_start(name))
+        per channel; with `projecting`, also a map a projection would make fit) stops the walk
+        and is a start, except those in `downstream` (computed from the tensor to cover, which
+        the region must contain); the main one is the earliest."""
+        def stop(name: str) -> bool:
+            return name not in downstream and (self._fits_as_start(name) or (projecting and self._can_project(name)))
+
+        _, boundary = walk_back(end, self.producers, self.constants, stop)
         starts = [name for name, _ in boundary]
         return tuple(sorted(starts, key=lambda name: (self._per_channel(name), self.position.get(name, -1))))
 
@@ -408,11 +423,16 @@ class TileToCeilingPass(Pass):
         plan, planner = _plan_and_planner(model.proto(), local, allow_projection=False)
         plan.uncovered = chunk_uncovered(model.proto(), plan.uncovered, ceiling, local,  # chunked below
                                          planner.aliases)
+        plan.uncovered = split_uncovered(model.proto(), plan.uncovered, ceiling, local,  # split below
+                                         planner.aliases)
         if plan.uncovered:
             raise VerificationError(uncovered_message(plan.uncovered, ceiling))
         with_pools_in_bands(model, plan.pools, local)
         tiled = TilePass([(r.starts, r.end, r.bands) for r in plan.regions]).run(model, local)
         split = SplitConvPass(ceiling).run(model, local)
         chunked = ChunkPositionsPass(ceiling).run(model, local)
-        ctx.tiling = {"plan": plan, "regions": tiled.data, "split_convs": split.data, "chunked": chunked.data}
-        return PassResult(model, modified=bool(plan.regions or split.data or chunked.data), data=ctx.tiling)
+        columns = SplitColumnsPass(ceiling).run(model, local)
+        ctx.tiling = {"plan": plan, "regions": tiled.data, "split_convs": split.data, "chunked": chunked.data,
+                      "split_columns": columns.data}
+        modified = bool(plan.regions or split.data or chunked.data or columns.data)
+        return PassResult(model, modified=modified, data=ctx.tiling)

@@ -168,3 +168,32 @@ def test_map_read_only_by_a_banded_pool_is_covered():
     assert not analyze_runtime(tiled.proto(), PassContext(input_shapes={}), ceiling_bytes=ceiling).over_ceiling()
     x = np.random.default_rng(0).standard_normal((1, 8, 12, 12)).astype(np.float32)
     np.testing.assert_allclose(run(tiled.proto(), x)[0], run(model, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_pool_whose_every_start_is_above_the_ceiling_recomputes_from_a_projection():
+    """A pre-activation ResNet's head: every residual map is above the ceiling, so the banded
+    pool (runtime_plan rule f) can only recompute its input from a map that a projection
+    makes fit; compile plans that projection and the ceiling holds in onnxruntime."""
+    from fmcompress.compiler import CompileOptions, compile_model
+
+    chain = Chain((1, 3, 32, 32))
+    stem = chain.conv(32, 3, pads=[1, 1, 1, 1])
+    block = stem
+    for _ in range(6):  # pre-activation blocks: Relu, conv, Relu, conv, + identity
+        chain.node("Relu", [block])
+        chain.conv(32, 3, pads=[1, 1, 1, 1])
+        chain.node("Relu", [chain.last])
+        chain.conv(32, 3, pads=[1, 1, 1, 1])
+        block = chain.node("Add", [chain.last, block])
+    chain.node("Relu", [block])
+    chain.node("GlobalAveragePool", [chain.last])
+    chain.node("Flatten", [chain.last])
+    model = chain.model(opset=17)
+    ceiling = 64 * 1024  # a map is 128 KB; one band of a block's input and halo fits
+    options = CompileOptions(ceiling="64KB", runtime="ort", method="pca", num_samples=8, batch_size=4,
+                             latency_repeats=1, latency_rounds=1)
+    result = compile_model(model, options)
+    assert result.plan.maps  # the pool's start, projected
+    assert "GlobalAveragePool" not in {node.op_type for node in result.model.graph.node}  # pooled in bands
+    after = analyze_runtime(result.model, PassContext(input_shapes={}), ceiling_bytes=ceiling)
+    assert not after.over_ceiling()
