@@ -87,7 +87,7 @@ def _probe(path: str, shapes: dict[str, tuple[int, ...]], level: str, rounds: in
     import numpy as np
     import onnxruntime as ort
 
-    from fmcompress.passes.runtime import ort_level
+    from fmcompress.ortrun import ort_level
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False

@@ -29,11 +29,24 @@ ModelLike = onnx.ModelProto | bytes | str | Path
 # ---------------------------------------------------------------------- sessions
 
 
-def ort_session(model: ModelLike, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session with all graph optimizations on."""
+_LEVELS = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+
+
+def ort_level(level: str) -> ort.GraphOptimizationLevel:
+    """onnxruntime's graph optimisation level by its name here (`extended`, `all`, `basic`, `none`)."""
+    if level not in _LEVELS:
+        raise InputError(f"unknown onnxruntime optimisation level {level!r}; available: {', '.join(_LEVELS)}")
+    return _LEVELS[level]
+
+
+def ort_session(model: ModelLike, threads: int | None = None, level: str = "all") -> ort.InferenceSession:
+    """An onnxruntime CPU session, all graph optimizations on unless `level` says otherwise."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a refusal is said in our own one line
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = ort_level(level)
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

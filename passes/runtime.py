@@ -48,6 +48,7 @@ from onnx import helper
 
 from fmcompress.errors import InputError, onnxruntime_errors
 from fmcompress.featuremaps import FeatureMap
+from fmcompress.ortrun import ort_level
 from fmcompress.reports.analysis import DEFAULT_ORT_LEVEL, ORT_LEVELS, RuntimeView
 from fmcompress.shapes import (
     TensorInfo,
@@ -66,17 +67,6 @@ LEVELS = ORT_LEVELS
 DEFAULT_LEVEL = DEFAULT_ORT_LEVEL
 CEILED_ROLES = ("map", "workspace")  # graph inputs and outputs are the caller's (rule d)
 
-
-def ort_level(level: str):
-    import onnxruntime as ort
-
-    levels = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-    if level not in levels:
-        raise InputError(f"unknown onnxruntime optimisation level {level!r}; available: {', '.join(LEVELS)}")
-    return levels[level]
 
 
 def optimized_model(model: onnx.ModelProto, level: str = DEFAULT_LEVEL) -> onnx.ModelProto:
