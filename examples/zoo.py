@@ -19,6 +19,9 @@ it runs, through the command line's own code (click's test runner in this proces
   C        `fmcompress compile MODEL --ceiling C --method pca --num-samples 8` for each
            ceiling C of --ceilings; `ort:C` is `--runtime ort --ceiling C` (compile verifies
            its output: onnx.checker, onnxruntime, executor agreement, the ceiling)
+  tiling alone  (--smallest) the smallest ceiling, in KB, at which `compile --runtime ort
+           --plan-only` covers every onnxruntime allocation by tiling, projecting nothing:
+           what a lossless compile reaches (bisected between 1 KB and 8 MB)
 
 and prints one row per model: each step `ok` with its time, or its exit code and the
 one-line message the command printed (exit 1: a failed verification or ceiling, 2: the
@@ -29,6 +32,7 @@ coverage (which graphs go through), not accuracy.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -55,7 +59,11 @@ class Step:
 
     def cell(self) -> str:
         if self.code == 0:
-            return f"ok {self.seconds:.1f}s"
+            return (
+                f"{self.message} ({self.seconds:.0f}s)"
+                if self.message
+                else f"ok {self.seconds:.1f}s"
+            )
         return f"exit {self.code}: {self.message.replace('|', '/')}"
 
 
@@ -172,7 +180,44 @@ def cover(
         steps[ceiling] = run_cli(
             [*compile_argv(path, ceiling, out, args.num_samples), *shape], in_process
         )
+    if args.smallest:
+        steps[SMALLEST] = smallest_tiling_ceiling(path, shape, workdir)
     return steps
+
+
+SMALLEST = "tiling alone"
+
+
+def tiles_losslessly(path: Path, shape: list[str], kib: int, workdir: Path) -> bool:
+    """`compile --runtime ort --plan-only` at `kib` KiB succeeds with nothing to project."""
+    report = workdir / "plan.json"
+    argv = ["compile", str(path), "--runtime", "ort", "--ceiling", f"{kib}KB", "--plan-only"]
+    step = run_cli(
+        [*argv, "--json", str(report), "-o", str(workdir / "plan.onnx"), "-q", *shape], True
+    )
+    if step.code:
+        return False
+    plan = json.loads(report.read_text())
+    return not plan["maps"] and not plan["runtime_plan"]["projected"]
+
+
+def smallest_tiling_ceiling(path: Path, shape: list[str], workdir: Path) -> Step:
+    """The smallest ceiling (KiB, bisected over 1..MAX_KIB) that tiling alone reaches: the
+    runtime plan covers every allocation without projecting anything (lossless)."""
+    start = time.perf_counter()
+    low, high = 0, MAX_KIB  # low fails (or is 0), high is the candidate
+    if not tiles_losslessly(path, shape, high, workdir):
+        return Step(1, time.perf_counter() - start, f"above {MAX_KIB} KB")
+    while high - low > 1:
+        middle = (low + high) // 2
+        if tiles_losslessly(path, shape, middle, workdir):
+            high = middle
+        else:
+            low = middle
+    return Step(0, time.perf_counter() - start, f"{high} KB")
+
+
+MAX_KIB = 8192
 
 
 def table(rows: list[tuple[Subject, dict[str, Step]]], columns: list[str]) -> str:
@@ -210,6 +255,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="zoo models' input scaled to this shorter side (224: the full-size table)",
     )
     parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument(
+        "--smallest",
+        action="store_true",
+        help="add the smallest ceiling tiling alone reaches (bisected with --plan-only)",
+    )
     parser.add_argument("--subprocess", action="store_true", help="one fmcompress process per step")
     return parser.parse_args(argv)
 
@@ -217,7 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ceilings = [c.strip() for c in args.ceilings.split(",") if c.strip()]
-    columns = ["export", "analyze", *ceilings]
+    columns = ["export", "analyze", *ceilings, *([SMALLEST] if args.smallest else [])]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for subject in subjects(args):
