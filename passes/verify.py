@@ -17,7 +17,14 @@ c. On held-out samples its outputs equal the reference semantics run by the same
    map round differently (tiling alone, bitwise exact at `extended`, differed by 1e-5
    at `all` on the zoo's EfficientNetV2-S at 224x224, whose untrained logits reach 200,
    and compiled at 512KB by 3.9e-4); rule b still loads the model at `all`, the level a
-   user's session runs. The training backend's agreement (the torch
+   user's session runs. Folding U and P into weights rounds differently from explicit
+   convs, and a model amplifies that as it amplifies any rounding: where 1e-4 is exceeded,
+   the tolerance becomes 10 x the reference's own `rounding_sensitivity` (its outputs'
+   relative change when every input moves by one float32 rounding), at most 1e-2: ~1e-7
+   for the trained digits model, so 1e-4 stands, while the zoo's untrained nets, whose
+   logits reach the hundreds, move by 2e-5 on noise and 1e-3 on photographs
+   (EfficientNet-B0 at 224x224, 4x: error 9.5e-4). A wrong fold or band is off by far
+   more. The tolerance met is reported. The training backend's agreement (the torch
    executor with U P applied, what the projections were fitted with) is reported as
    `executor_relative_error`, a figure beside the check.
 c'. Where compile planned on an exactly rewritten graph (`ctx.projected_graph` is not
@@ -62,6 +69,31 @@ FLOAT32_TOLERANCE = 1e-4
 VERIFY_LEVEL = "extended"  # rule c: the rewrites' arithmetic, without layout-dependent kernels
 HALF_TOLERANCE = 1e-2
 HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+SENSITIVITY_FACTOR = 10  # rule c: allowed error per unit of the model's rounding amplification
+SENSITIVITY_CAP = 1e-2  # rule c: never looser than this, however chaotic the model
+
+
+def rounding_sensitivity(session: Any, subset: Dataset, batch_size: int, reference: list[np.ndarray]) -> float:
+    """How much the model's outputs move (relative error) when each input value moves by one
+    float32 rounding (a relative 2**-24, random sign, seeded): its amplification of rounding.
+    A trained classifier moves by ~1e-7; the zoo's untrained ones by 2e-5, their logits in the
+    hundreds."""
+    rng = np.random.default_rng(0)
+
+    def nudged():
+        for inputs, labels in subset.batches(batch_size):
+            yield {name: _nudge(array, rng) for name, array in inputs.items()}, labels
+
+    return worst_relative_error(run_ort(session, nudged(), batch_first=True), reference)
+
+
+def _nudge(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if array.dtype.kind != "f":
+        return array
+    step = np.finfo(array.dtype).eps / 2
+    return (array * (1 + step * rng.choice([-1.0, 1.0], size=array.shape))).astype(array.dtype)
 
 
 def agreement_tolerance(model: onnx.ModelProto) -> float:
@@ -125,12 +157,11 @@ class VerifyPass(HeldOutPass):
         projections = self.projections if self.projections is not None else ctx.projections or {}
         subset = self.held_out.head(self.samples)
         emitted = self._emitted_outputs(emitted_model, subset)
-        worst = self._reference_agreement(emitted, projections, subset, ctx)
+        worst, tolerance = self._reference_agreement(emitted, projections, subset, ctx)
         after = self._ceiling(emitted_model, ctx)
         data: dict[str, Any] = {"checker": "ok", "onnxruntime": "ok", "relative_error": worst,
                                 "executor_relative_error": self._executor_error(emitted, projections, subset),
-                                "tolerance": agreement_tolerance(emitted_model), "samples": len(subset),
-                                "after": after}
+                                "tolerance": tolerance, "samples": len(subset), "after": after}
         if self.rewritten is not None:
             data["rewrite_relative_error"] = self._rewrite_agreement(subset)
         if self.runtime_level is not None:
@@ -161,19 +192,22 @@ class VerifyPass(HeldOutPass):
         return run_ort(session, subset.batches(self.batch_size), batch_first=True)
 
     def _reference_agreement(self, emitted: list[np.ndarray], projections: dict[str, Projection],
-                             subset: Dataset, ctx: PassContext) -> float:
-        """Rule c."""
+                             subset: Dataset, ctx: PassContext) -> tuple[float, float]:
+        """Rule c: the worst relative error and the tolerance it met."""
         from .insert import InsertProjectionsPass
 
         reference_model = InsertProjectionsPass(projections).run(Model.of(self.reference_graph), ctx).model.proto()
-        reference = run_ort(ort_session(reference_model, level=VERIFY_LEVEL), subset.batches(self.batch_size),
-                            batch_first=True)
+        session = ort_session(reference_model, level=VERIFY_LEVEL)
+        reference = run_ort(session, subset.batches(self.batch_size), batch_first=True)
         worst = worst_relative_error(emitted, reference)
         tolerance = agreement_tolerance(reference_model)
+        if not worst <= tolerance:  # within what the model's own rounding amplification allows?
+            sensitivity = rounding_sensitivity(session, subset, self.batch_size, reference)
+            tolerance = max(tolerance, min(SENSITIVITY_FACTOR * sensitivity, SENSITIVITY_CAP))
         if not worst <= tolerance:
             raise VerificationError(f"the emitted model disagrees with the original with its projections "
-                                    f"inserted: relative error {worst:.3g} > {tolerance:g}")
-        return worst
+                                    f"inserted: relative error {worst:.3g} > {tolerance:.3g}")
+        return worst, tolerance
 
     def _executor_error(self, emitted: list[np.ndarray], projections: dict[str, Projection],
                         subset: Dataset) -> float:

@@ -267,3 +267,38 @@ def test_verify_catches_a_wrong_rewrite():
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
     with pytest.raises(VerificationError, match="disagrees with the original with its projections inserted"):
         VerifyPass(model, held_out, projections=projections)(broken, ctx)
+
+
+def test_rounding_sensitivity_is_the_models_own_amplification():
+    """Rule c's looser tolerance is earned by the model: the logistic map x -> 4x(1 - x) doubles
+    an error at each step, so twelve steps move the output under a one-rounding nudge of the
+    input by far more than one step does."""
+    from onnx import TensorProto, helper
+
+    from fmcompress.data import Dataset
+    from fmcompress.ortrun import ort_session, run_ort
+    from fmcompress.passes.verify import rounding_sensitivity
+
+    def logistic(steps: int) -> onnx.ModelProto:
+        inits = [numpy_helper.from_array(np.array(4.0, np.float32), "four"),
+                 numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+        nodes, last = [], "x"
+        for i in range(steps):
+            nodes += [helper.make_node("Sub", ["one", last], [f"r{i}"]),
+                      helper.make_node("Mul", [last, f"r{i}"], [f"p{i}"]),
+                      helper.make_node("Mul", ["four", f"p{i}"], [f"x{i}"])]
+            last = f"x{i}"
+        nodes.append(helper.make_node("Identity", [last], ["y"]))
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    data = Dataset(inputs={"x": np.random.default_rng(0).uniform(0.1, 0.9, (4, 64)).astype(np.float32)})
+    figures = []
+    for model in (logistic(1), logistic(12)):
+        session = ort_session(model, level="extended")
+        reference = run_ort(session, data.batches(4), batch_first=True)
+        figures.append(rounding_sensitivity(session, data, 4, reference))
+    one, twelve = figures
+    assert 0 < one < 1e-6  # about one rounding, relative
+    assert twelve > 100 * one  # errors double per step: 2**11 more, give or take
