@@ -7,7 +7,10 @@ a. A table belongs to the rule that reads it: its name says which pass and what 
 b. Tiling (passes/tile.py, rule a) needs ops whose rows map to the same rows. Its
    single-map ops read one region map (input 0) and constants: Clip (min and max are
    constants), Dropout and BatchNormalization belong here. Its same-shape ops combine
-   region maps of the output's exact shape with constants that do not vary along H.
+   region maps of the output's exact shape with constants that do not vary along the
+   rows. Its row-local ops act off the row axis of a channel-last tensor (LayerNormalization
+   over trailing axes, MatMul by a constant on the last axis), its layout ops move the row
+   axis (Transpose) or merge it with the axes after it (Reshape): tile rule a''.
 c. Concat sinking (passes/sink_concat.py, rule c) needs ops that act on every position of
    the sunk axis independently, with numpy broadcasting. There Clip is n-ary (its min and
    max may be computed tensors, sunk or sliced like any operand), and comparisons, logic,
@@ -39,6 +42,8 @@ TILE_WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})  # a k
 TILE_SINGLE_MAP_OPS = _ELEMENTWISE_UNARY | {"Clip", "Dropout", "BatchNormalization"}
 TILE_SAME_SHAPE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "PRelu"})
 TILE_CHANNEL_OPS = frozenset({"Concat", "Split"})  # along channels: rows map to the same rows
+TILE_ROW_LOCAL_OPS = frozenset({"LayerNormalization", "MatMul"})  # off the row axis (rule a'')
+TILE_LAYOUT_OPS = frozenset({"Transpose", "Reshape"})  # move or merge the row axis (rule a'')
 
 # ---------------------------------------------------------------- concat sinking (rule c)
 

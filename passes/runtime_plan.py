@@ -18,7 +18,8 @@ b. For the first one not yet covered, t, candidate regions of passes/tile.py con
    must be valid (tile rule a: no intermediate read outside it). A region is feasible when some band count keeps every band
    tensor at or under the ceiling (`bands_for_budget`).
 c. Tiling alone is lossless, so an end at or under the ceiling (or a graph output, which
-   the caller receives whole) wins: the first feasible
+   the caller receives whole, or one whose one reader is a Concat along its row axis whose
+   output is either: the bands are spliced into it, tile rule f') wins: the first feasible
    one, which recomputes the fewest halo rows. Otherwise (`allow_projection`) the end is
    a compressible stored map above the ceiling that compile projects to
    k = ceiling // (bytes of one channel), so the concatenated band outputs are stored
@@ -79,7 +80,15 @@ from .runtime import DEFAULT_LEVEL, analyze_runtime
 from .runtime_names import fused_away, runtime_names
 from .split_columns import SplitColumnsPass, split_uncovered
 from .split_conv import SplitConvPass
-from .tile import Region, TilePass, bands_for_budget, pool_model, tileable_region, walk_back
+from .tile import (
+    Region,
+    TilePass,
+    bands_for_budget,
+    pool_model,
+    row_axes,
+    tileable_region,
+    walk_back,
+)
 
 
 @dataclass
@@ -194,6 +203,7 @@ class _Planner:
         self.act_bytes = ctx.act_bytes
         self.shapes = resolve_input_shapes(model, ctx.input_shapes)
         self.infos = infer_tensor_infos(model, self.shapes)
+        self.layout = row_axes(model.graph, self.infos)  # every region's starts' row axes (tile rule a'')
         self.window = window
         self.inputs = set(self.shapes)
         self.outputs = {out.name for out in model.graph.output}
@@ -211,6 +221,10 @@ class _Planner:
         self.regions: dict[tuple[tuple[str, ...], str], Region] = {}
         self.downstream: dict[str, set[str]] = {}
         self.producers = {out: node for node in model.graph.node for out in node.output if out}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
         self.constants = {init.name for init in model.graph.initializer} - self.inputs
         self.constants |= {node.output[0] for node in model.graph.node if node.op_type == "Constant"}
         self.aliases: dict[str, str] = {}  # runtime name -> graph name (rule h)
@@ -265,15 +279,29 @@ class _Planner:
         for end in self.order[first:first + self.window]:
             fits = self._bytes(end) <= self.ceiling or end in self.outputs or end in self.narrow
             # (the caller receives outputs whole)
-            if not fits and not self._can_project(end):
+            splice = None if fits else self._splice_axis(end)
+            if not fits and splice is None and not self._can_project(end):
                 continue
             found = self._feasible(tensors, end)
             if found is None:
                 continue
-            if fits:
+            if fits or found[0].axes[end] == splice:
                 return (*found, False)
-            best_projected = (*found, True)
+            if self._can_project(end):
+                best_projected = (*found, True)
         return best_projected
+
+    def _splice_axis(self, end: str) -> int | None:
+        """Rule c: the axis of the Concat that alone reads `end`, when its output fits or is a
+        graph output (a region ending at `end` with its rows on that axis is spliced into it)."""
+        readers = self.readers.get(end, [])
+        if len(readers) != 1 or readers[0].op_type != "Concat" or end not in self.infos:
+            return None
+        concat = readers[0].output[0]
+        if self._bytes(concat) > self.ceiling and concat not in self.outputs:
+            return None
+        axis = next((a.i for a in readers[0].attribute if a.name == "axis"), 0)
+        return axis % len(self.infos[end].shape)
 
     def _feasible(self, tensors: tuple[str, ...], end: str) -> tuple[Region, int] | None:
         downstream = set().union(*(self._downstream(name) for name in tensors))
@@ -311,7 +339,7 @@ class _Planner:
 
     def _pool_region_from(self, tensor: str, starts: tuple[str, ...]) -> tuple[Region, int] | None:
         try:
-            region = tileable_region(self.model, starts, tensor, self.shapes, infos=self.infos,
+            region = tileable_region(self.model, starts, tensor, self.shapes, infos=self.infos, layout=self.layout,
                                      consumers_checked=False)
             return region, bands_for_budget(self.model, starts, tensor, self.ceiling, self.act_bytes,
                                             region=region)
@@ -370,7 +398,8 @@ class _Planner:
         key = (start, end)
         if key not in self.regions:
             try:
-                self.regions[key] = tileable_region(self.model, start, end, self.shapes, infos=self.infos)
+                self.regions[key] = tileable_region(self.model, start, end, self.shapes, infos=self.infos,
+                                                    layout=self.layout)
             except InputError:
                 self.regions[key] = None  # type: ignore[assignment]
         return self.regions[key]
@@ -400,7 +429,8 @@ class TileToCeilingPass(Pass):
     """Rule e: on a graph whose projections are folded, tile every region the ceiling needs.
 
     Runs the runtime view, plans without projections, applies TilePass, then SplitConvPass
-    for convolution scratch above the ceiling; a tensor that no region covers raises
+    for convolution scratch above the ceiling, ChunkPositionsPass and SplitColumnsPass for the
+    products bands cannot split (by positions, by column blocks); a tensor that no region covers raises
     VerificationError (the planned projections should have made every region end fit).
     `result.data` holds the plan, the tile pass's facts and the split convs.
     """

@@ -1,14 +1,17 @@
 """Tiling, part 2: band plans, the rows every tensor of a region holds in each band
-(passes/tile.py rules c, d, d', d'', e), and the band count that fits a budget.
+(passes/tile.py rules c, d, d', d'', e, a''), and the band count that fits a budget.
 
 Rules (the lettered list is passes/tile.py's; these are the ones this module computes):
 
-c. Bands split the rows of `end` like numpy.array_split (`band_rows`).
+c. Bands split the rows of `end` like numpy.array_split (`band_rows`); where an upsampling
+   node makes `end`, whole input rows when there are enough (`end_bands`).
 d. Walking the region backwards, a tensor's rows are the hull of what its readers read;
    a window reads [a*s - p, (b-1)*s - p + extent), clipped, the clipped part becoming the
    band's own top and bottom pad. d' (upsampling) reads whole input rows; d'' (transposed)
    finds pads and output padding that give exactly the band's rows; d''' (a Slice along H:
    extent 1, stride its step, top pad -start) reads [start + a s, start + (b-1) s + 1).
+a''. Rows are counted along each tensor's own row axis (`Region.axes`); a Reshape merging the
+   rows with the axes after them reads like d' (whole input rows, s positions each).
 e. Pool bands whose pads reach the kernel, or that count padding AveragePool would not,
    are rejected (InputError).
 
@@ -54,7 +57,19 @@ def band_rows(height: int, bands: int) -> list[Rows]:
 
 
 def plan_bands(region: Region, bands: int) -> list[BandPlan]:
-    return [_plan_band(region, rows) for rows in band_rows(region.height(region.end), bands)]
+    return [_plan_band(region, rows) for rows in end_bands(region, bands)]
+
+
+def end_bands(region: Region, bands: int) -> list[Rows]:
+    """Rule c: the rows of `end` per band; where an upsampling node (rules d', a'': a nearest
+    Resize, a merging Reshape, factor f) makes `end`, whole input rows when there are at
+    least `bands` of them, so that no band computes rows its neighbour needs."""
+    height = region.height(region.end)
+    producer = next(node for node in region.nodes if region.end in node.output)
+    unit = region.windows[producer.output[0]].upsample
+    if unit > 1 and height % unit == 0 and bands <= height // unit:
+        return [(a * unit, b * unit) for a, b in band_rows(height // unit, bands)]
+    return band_rows(height, bands)
 
 
 def _plan_band(region: Region, rows: Rows) -> BandPlan:
@@ -73,7 +88,7 @@ def _plan_band(region: Region, rows: Rows) -> BandPlan:
             have = plan.produced.get(node.input[0], read)
             plan.produced[node.input[0]] = (min(have[0], read[0]), max(have[1], read[1]))
             continue
-        if window.upsample > 1:  # rule d': whole input rows, so the band computes a multiple of the factor
+        if window.upsample > 1:  # rules d', a'': whole input rows, so the band computes a multiple of the factor
             read = (out[0] // window.upsample, -(-out[1] // window.upsample))
             for name in node.output[:1]:
                 plan.produced[name] = (read[0] * window.upsample, read[1] * window.upsample)
@@ -135,19 +150,20 @@ def _check_pool_pads(node: onnx.NodeProto, window: Window, pads: Rows, height: i
                          f"padding, which explicit pads cannot reproduce")
 
 
-def row_bytes(info: TensorInfo, act_bytes: int | None) -> int:
-    n, c, _, w = info.shape
-    return n * c * w * (act_bytes or np.dtype(info.dtype).itemsize)
+def row_bytes(info: TensorInfo, act_bytes: int | None, axis: int = 2) -> int:
+    """Bytes of one row of a tensor whose rows lie on `axis` (rule a'')."""
+    return info.numel // info.shape[axis] * (act_bytes or np.dtype(info.dtype).itemsize)
 
 
 def band_tensor_bytes(region: Region, plan: BandPlan, act_bytes: int | None) -> int:
     """Largest tensor of one band: the Slice of `start`, node outputs, the narrowing Slices."""
-    sizes = [(hi - lo) * row_bytes(region.infos[name], act_bytes)
+    sizes = [(hi - lo) * row_bytes(region.infos[name], act_bytes, region.axes[name])
              for name, (lo, hi) in plan.produced.items()]
     for node in region.nodes:
         for index in region.region_inputs[node.output[0]]:
             lo, hi = plan.reads[(node.output[0], index)]
-            sizes.append((hi - lo) * row_bytes(region.infos[node.input[index]], act_bytes))
+            name = node.input[index]
+            sizes.append((hi - lo) * row_bytes(region.infos[name], act_bytes, region.axes[name]))
     return max(sizes)
 
 

@@ -1,19 +1,25 @@
 """Tiling, part 3: the band rewrite of a validated region, in place on `model.graph`
-(passes/tile.py rules f, g, h, i).
+(passes/tile.py rules f, f', g, h, h', i).
 
 Rules (the lettered list is passes/tile.py's; these are the ones this module writes):
 
-f. Per band i: a Slice of each start's rows, a copy of every region node with its band
-   pads (auto_pad removed, ceil_mode 0, extra outputs dropped; a Slice along H with its
-   band's start and end), a Slice wherever a reader
-   needs fewer rows than its producer computed; a final Concat (axis 2) writes `end`
-   under its own name. New names come from one `Namer` of the graph (`<name>_band<i>`).
+f. Per band i: a Slice of each start's rows (along its row axis, rule a''), a copy of every
+   region node with its band pads (auto_pad removed, ceil_mode 0, extra outputs dropped; a
+   Slice along the rows with its band's start and end; a Reshape with its band's static
+   shape, the axes before the rows copied (0)), a Slice wherever a reader needs fewer rows
+   than its producer computed; a final Concat along `end`'s row axis writes `end` under its
+   own name. New names come from one `Namer` of the graph (`<name>_band<i>`).
+f'. Splice: when `end` is not a graph output and its one reader is a Concat along its row
+   axis, the band outputs take its place among that Concat's inputs; no `end` is written.
 g. The band nodes take the place of `end`'s producer in the node list, band 0 first; with
    `chain`, band i+1's first Slices wait for band i's result through a zero computed from
    it (an empty Slice, Cast, ReduceSum, Add), so every topological order runs the bands
    one after the other.
 h. The region's nodes are detached and dropped; `model.touched()` then removes what only
    they used. Constants are shared by the bands. `TileResult` holds the facts.
+h'. A Shape or Size node outside the region that reads an intermediate becomes its static
+   value, the batch dim read from the main start's Shape (every region tensor keeps it on
+   axis 0), in the node's place.
 i. `pool_in_bands`: a GlobalAveragePool computed as the scaled sum of per-band ReduceSums
    of its input, recomputed from a region start; the input itself stays for its readers.
 
@@ -35,8 +41,9 @@ from fmcompress.errors import InputError
 
 from .graph import Model
 from .graphutil import Namer, detach, node_index
+from .ops import SHAPE_OPS
 from .tile_bands import BandPlan, band_tensor_bytes, plan_bands, row_bytes
-from .tile_region import Region, Starts, tileable_region
+from .tile_region import Region, Starts, tileable_region, used_outputs
 from .tile_windows import Rows, Window
 
 InputShapes = Mapping[str, Sequence[int]] | None
@@ -73,17 +80,34 @@ def tile_model(model: Model, region: Region, bands: int, act_bytes: int | None =
     end_node = by_key[region.end]
     position = node_index(model.graph, end_node)
     end_tensor = end_node.outputs[0]
+    splice = _splice_reader(model.graph, region, end_tensor)
     detach(by_key.values())
-    concat_name = emitter.namer(f"{region.end}_concat")
-    emitter.emitted.append(gs.Node("Concat", name=concat_name, attrs={"axis": 2}, inputs=ends,
-                                   outputs=[end_tensor]))
+    if splice is not None:  # rule f'
+        inputs = [part for tensor in splice.inputs for part in (ends if tensor is end_tensor else [tensor])]
+        splice.inputs.clear()
+        splice.inputs.extend(inputs)
+    else:
+        concat_name = emitter.namer(f"{region.end}_concat")
+        emitter.emitted.append(gs.Node("Concat", name=concat_name, attrs={"axis": region.axes[region.end]},
+                                       inputs=ends, outputs=[end_tensor]))
     members = {id(node) for node in by_key.values()}
     kept = [node for node in model.graph.nodes[:position] if id(node) not in members]
     kept += emitter.emitted
     kept += [node for node in model.graph.nodes[position + 1:] if id(node) not in members]
-    model.graph.nodes = kept
+    model.graph.nodes = [new for node in kept for new in emitter.static_shape(node)]  # rule h'
     model.touched(sort=False)
     return _facts(region, plans, act_bytes)
+
+
+def _splice_reader(graph: gs.Graph, region: Region, end: gs.Tensor) -> gs.Node | None:
+    """Rule f': the Concat along `end`'s row axis that is its one reader, if `end` is not a
+    graph output."""
+    readers = list(end.outputs)
+    if any(out is end for out in graph.outputs) or len(readers) != 1 or readers[0].op != "Concat":
+        return None
+    rank = len(region.infos[region.end].shape)
+    concat = readers[0]
+    return concat if int(concat.attrs.get("axis", 0)) % rank == region.axes[region.end] else None
 
 
 def pool_model(model: Model, start: Starts, pool: str, bands: int,
@@ -99,6 +123,9 @@ def pool_model(model: Model, start: Starts, pool: str, bands: int,
         raise InputError(f"tile: no GlobalAveragePool node named {pool!r}")
     region = tileable_region(model.proto(), start, node.inputs[0].name, input_shapes,
                              consumers_checked=False)
+    if region.axes[region.end] not in (2, 3):  # the band sums run over H and W
+        raise InputError(f"tile: the input of {pool!r} has its rows on axis {region.axes[region.end]}, "
+                         f"not on H or W")
     emitter = _Emitter(model.graph, region, True, opset=_opset(model.header))
     partials = emitter.emit(plan_bands(region, bands), band_sum=True)
     _, _, height, width = region.infos[region.end].shape
@@ -153,6 +180,8 @@ class _Emitter:
         self.tensors: dict[str, gs.Tensor] = graph.tensors()
         self.nodes = _region_nodes(graph, region)
         self.emitted: list[gs.Node] = []
+        self.intermediates = {name for node in region.nodes for name in node.output[:used_outputs(node)]
+                              if name and name != region.end}
 
     def emit(self, plans: list[BandPlan], band_sum: bool = False) -> list[gs.Tensor]:
         """Every band's last tensor (or its sum over H and W: rule i), band 0 first."""
@@ -172,13 +201,15 @@ class _Emitter:
                 continue
             rows = plan.produced[start]
             whole = (0, region.height(start))
-            have[start] = (self._slice(self.tensors[start], whole, rows, index, after), rows)
+            have[start] = (self._slice(self.tensors[start], whole, rows, index, region.axes[start], after),
+                           rows)
         for node in self.nodes.values():
             key = node.outputs[0].name
             inputs = list(node.inputs)
             for i in region.region_inputs[key]:
                 band_tensor, rows = have[inputs[i].name]
-                inputs[i] = self._slice(band_tensor, rows, plan.reads[(key, i)], index)
+                inputs[i] = self._slice(band_tensor, rows, plan.reads[(key, i)], index,
+                                        region.axes[inputs[i].name])
             name = self.namer(f"{node.name or key}_band{index}")
             outputs = []
             for tensor in node.outputs[:_used_outputs(node)]:
@@ -189,13 +220,17 @@ class _Emitter:
                 _set_band_pads(attrs, region.windows[key], plan.pads[key])
             if region.windows[key].sliced:
                 inputs[1:3] = self._band_slice(inputs, region.windows[key], plan.reads[(key, 0)])
+            if node.op == "Reshape":
+                inputs[1] = self._band_shape(key, plan.produced[key], index)
+                attrs.pop("allowzero", None)  # its 0s copy the axes before the rows
             if key in plan.output_padding:
                 attrs.pop("output_padding", None)
                 attrs["output_padding"] = [plan.output_padding[key],
                                            region.windows[key].w_output_padding]
             self.emitted.append(gs.Node(node.op, name=name, attrs=attrs, inputs=inputs,
                                         outputs=outputs, domain=node.domain))
-        return have[region.end][0]
+        band_end, rows = have[region.end]  # an upsampling end may hold more rows than the band's
+        return self._slice(band_end, rows, plan.rows, index, region.axes[region.end])
 
     def _band_slice(self, inputs: list[gs.Tensor], window: Window, read: Rows) -> list[gs.Tensor]:
         """Rule d''': a band's Slice along H starts at row 0 of the rows sliced for it and
@@ -206,9 +241,17 @@ class _Emitter:
         return [gs.Constant(self.namer(f"{tensor.name}_band"), values)  # Tind kept: int32 or int64
                 for tensor, values in zip(inputs[1:3], (starts, ends), strict=True)]
 
-    def _slice(self, tensor: gs.Tensor, have: Rows, want: Rows, index: int,
+    def _band_shape(self, key: str, rows: Rows, index: int) -> gs.Constant:
+        """Rule a'': a band's Reshape target: 0 (copy) for the axes before the rows, the band's
+        positions along them, the static sizes after."""
+        axis, shape = self.region.axes[key], self.region.infos[key].shape
+        values = [0] * axis + [rows[1] - rows[0]] + list(shape[axis + 1:])
+        return self._ints(f"{key}_band{index}/shape", values)
+
+    def _slice(self, tensor: gs.Tensor, have: Rows, want: Rows, index: int, axis: int,
                after: gs.Tensor | None = None) -> gs.Tensor:
-        """`tensor` (holding rows `have`) narrowed to rows `want`; itself when they agree.
+        """`tensor` (holding rows `have` along `axis`) narrowed to rows `want`; itself when
+        they agree.
 
         `after`: a tensor this Slice must wait for (rule g), through a zero added to its starts.
         """
@@ -216,27 +259,28 @@ class _Emitter:
             return tensor
         band = "" if f"_band{index}" in tensor.name else f"_band{index}"
         output = self.namer(f"{tensor.name}{band}_rows{want[0]}_{want[1]}")
-        values = (want[0] - have[0], want[1] - have[0], 2)
+        values = (want[0] - have[0], want[1] - have[0], axis)
         params: list[gs.Tensor] = [self._ints(f"{output}/{part}", [value]) for part, value in
                                    zip(("starts", "ends", "axes"), values, strict=True)]
         if after is not None:
-            params[0] = self._after(params[0], params[2], after)
+            params[0] = self._after(params[0], after)
         result = gs.Variable(output)
         self.emitted.append(gs.Node("Slice", name=self.namer(f"{output}/slice"),
                                     inputs=[tensor, *params], outputs=[result]))
         return result
 
-    def _after(self, starts: gs.Tensor, axes: gs.Tensor, tensor: gs.Tensor) -> gs.Tensor:
+    def _after(self, starts: gs.Tensor, tensor: gs.Tensor) -> gs.Tensor:
         """`starts` + 0, where the 0 is computed from `tensor`: a real data dependency (rule g).
 
-        The zero is the sum of an empty Slice of `tensor` (no element is read, so NaN or inf
-        cannot leak in); onnxruntime cannot constant-fold it as it folds Shape of static shapes.
+        The zero is the sum of an empty Slice of `tensor` along axis 0 (no element is read, so
+        NaN or inf cannot leak in; axis 0 exists whatever the rank of the previous band's end);
+        onnxruntime cannot constant-fold it as it folds Shape of static shapes.
         """
         base = self.namer(f"{starts.name}/after")
-        parts = ("zero", "empty_ends", "empty", "as_int", "sum")
+        parts = ("zero", "empty_ends", "axes", "empty", "as_int", "sum")
         names = [self.namer(f"{base}/{part}") for part in parts]
-        zero, empty_ends = (gs.Constant(name, np.zeros(1, np.int64)) for name in names[:2])
-        empty, as_int, total = (gs.Variable(name) for name in names[2:])
+        zero, empty_ends, axes = (gs.Constant(name, np.zeros(1, np.int64)) for name in names[:3])
+        empty, as_int, total = (gs.Variable(name) for name in names[3:])
         self._node("Slice", f"{base}/slice", [tensor, zero, empty_ends, axes], empty)
         self._node("Cast", f"{base}/cast", [empty], as_int, to=onnx.TensorProto.INT64)
         self._node("ReduceSum", f"{base}/sum", [as_int], total, keepdims=0)
@@ -253,6 +297,35 @@ class _Emitter:
         else:
             self._node("ReduceSum", f"{output.name}/op", [tensor], output, axes=[2, 3], keepdims=1)
         return output
+
+    def static_shape(self, node: gs.Node) -> list[gs.Node]:
+        """Rule h': `node` itself, or, for a Shape or Size of a region intermediate, the nodes
+        that compute its value: the static sizes, the batch dim from the main start's Shape."""
+        if node.op not in SHAPE_OPS or not node.inputs or node.inputs[0].name not in self.intermediates:
+            return [node]
+        shape = self.region.infos[node.inputs[0].name].shape
+        output, base = node.outputs[0], f"{node.name or node.outputs[0].name}/static"
+        detach([node])
+        mark = len(self.emitted)  # the band nodes are placed already: what follows is this node's
+        batch = gs.Variable(self.namer(f"{base}/start_dims"))
+        self._node("Shape", f"{base}/start_shape", [self.tensors[self.region.start]], batch)
+        if node.op == "Size":
+            count = gs.Variable(self.namer(f"{base}/batch_dim"))
+            index = gs.Constant(self.namer(f"{base}/index"), np.array(0, np.int64))
+            self._node("Gather", f"{base}/batch", [batch, index], count)
+            per_item = gs.Constant(self.namer(f"{base}/per_item"), np.array(int(np.prod(shape[1:])), np.int64))
+            self._node("Mul", f"{base}/size", [count, per_item], output)
+            return self.emitted[mark:]
+        dims = list(range(len(shape)))[slice(node.attrs.get("start", 0), node.attrs.get("end"))]
+        sizes = self._ints(f"{base}/sizes", [shape[d] for d in dims if d != 0])
+        if 0 not in dims:
+            self._node("Identity", f"{base}/value", [sizes], output)
+            return self.emitted[mark:]
+        first = gs.Variable(self.namer(f"{base}/first_dim"))
+        bounds = [self._ints(f"{base}/{part}", [value]) for part, value in (("s", 0), ("e", 1), ("a", 0))]
+        self._node("Slice", f"{base}/first", [batch, *bounds], first)
+        self._node("Concat", f"{base}/value", [first, sizes], output, axis=0)
+        return self.emitted[mark:]
 
     def _ints(self, base: str, values: list[int]) -> gs.Constant:
         return gs.Constant(self.namer(base), np.array(values, np.int64))
@@ -300,7 +373,7 @@ def _facts(region: Region, plans: list[BandPlan], act_bytes: int | None) -> Tile
         height = region.height(key)
         computed = sum(plan.produced[key][1] - plan.produced[key][0] for plan in plans)
         halo[node.name or key] = computed - height
-        per_row = row_bytes(region.infos[key], 1) * region.windows[key].macs_per_output
+        per_row = row_bytes(region.infos[key], 1, region.axes[key]) * region.windows[key].macs_per_output
         macs_untiled += per_row * height
         macs_tiled += per_row * computed
     return TileResult(region.start, region.end, len(plans), [p.rows[1] - p.rows[0] for p in plans],

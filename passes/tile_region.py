@@ -1,15 +1,22 @@
-"""Tiling, part 1: the region a band rewrite may cover, validated (passes/tile.py rules a-b);
-how each of its nodes maps output rows to input rows is passes/tile_windows.py's.
+"""Tiling, part 1: the region a band rewrite may cover, validated (passes/tile.py rules a, a',
+a'', b); how each of its nodes maps output rows to input rows is passes/tile_windows.py's.
 
 Rules (the full list, lettered, is passes/tile.py's; these are the ones this module checks):
 
-a. Region: the nodes that compute `end` from its starts, walking back from `end`; every
-   other input they read is a constant. Which ops: `TILE_*_OPS` of passes/ops.py,
-   ConvTranspose, nearest Resize by integer factors, Slice with constant parameters.
+a. Region: the nodes that compute `end` from its starts, walking back from `end` (never into a
+   Reshape's shape operand, `SHAPE_OPERANDS`); every other input they read is a constant.
+   Which ops: `TILE_*_OPS` of passes/ops.py, ConvTranspose, nearest Resize by integer
+   factors, Slice with constant parameters.
 a'. Side inputs: the starts after the first; one value per channel ([N, C, 1, 1]) is read
    whole by every band, like a constant.
+a''. Row axes: each region tensor carries one (`Region.axes`), found walking forward from
+   those of the starts. A start's is the one the graph's layout gives it (`row_axes`: 2 for
+   a 4-D map, moved by Transposes and merging Reshapes); where the region does not validate
+   so, every start takes axis 2 (what tiling did before rule a''). Each op checks its own
+   condition on the rows it reads (`_validate_node`), and the region inputs of one node have
+   their rows on one axis.
 b. Anything else is an InputError of one line, raised here (never half-way through a rewrite).
-d. A node's `Window` (passes/tile_windows.py: rules d, d', d'', d''', e) comes with it.
+d. A node's `Window` (passes/tile_windows.py: rules d, d', d'', d''', e, a'') comes with it.
 
 The analysis reads ONNX protos (it runs shape inference): `tileable_region(model.proto(), ...)`.
 """
@@ -27,15 +34,29 @@ from fmcompress.errors import InputError
 from fmcompress.onnxutil import constant_attr_value, node_attrs
 from fmcompress.shapes import TensorInfo, infer_tensor_infos, resolve_input_shapes
 
-from .ops import TILE_CHANNEL_OPS, TILE_SAME_SHAPE_OPS, TILE_SINGLE_MAP_OPS, TILE_WINDOW_OPS
+from .ops import (
+    SHAPE_OPS,
+    TILE_CHANNEL_OPS,
+    TILE_LAYOUT_OPS,
+    TILE_ROW_LOCAL_OPS,
+    TILE_SAME_SHAPE_OPS,
+    TILE_SINGLE_MAP_OPS,
+    TILE_WINDOW_OPS,
+)
 from .tile_windows import (
     IDENTITY_WINDOW,
     Window,
     kernel_window,
+    reshape_scale,
+    reshape_window,
     resize_window,
     slice_window,
+    transposed_axis,
     transposed_window,
 )
+
+NCHW_OPS = TILE_WINDOW_OPS | {"ConvTranspose", "Resize"}  # need the rows on axis 2 of an NCHW map
+SHAPE_OPERANDS = {"Reshape": 1}  # input indices that carry a shape, not values: never walked into
 
 
 @dataclass
@@ -48,6 +69,7 @@ class Region:
     infos: dict[str, TensorInfo]  # every region tensor, `start` and `end` included
     windows: dict[str, Window]  # by node key (first output name)
     region_inputs: dict[str, list[int]]  # node key -> indices of inputs that are region tensors
+    axes: dict[str, int]  # every region tensor's row axis (rule a'')
     gates: frozenset[str] = frozenset()  # per-channel side inputs, read whole (rule a')
 
     @property
@@ -59,7 +81,8 @@ class Region:
         return [node.name for node in self.nodes]
 
     def height(self, tensor: str) -> int:
-        return self.infos[tensor].shape[2]
+        """Rows of `tensor`: its size along its row axis."""
+        return self.infos[tensor].shape[self.axes[tensor]]
 
 
 Starts = str | Sequence[str]
@@ -68,12 +91,12 @@ Starts = str | Sequence[str]
 def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
                     input_shapes: Mapping[str, Sequence[int]] | None = None, *,
                     infos: Mapping[str, TensorInfo] | None = None,
-                    consumers_checked: bool = True) -> Region:
+                    consumers_checked: bool = True, layout: Mapping[str, int] | None = None) -> Region:
     """The nodes computing `end` from `start` (a tensor, or several: rule a'), validated
     for tiling (rules a-b).
 
-    `infos` (every tensor's shape, from `infer_tensor_infos`) saves the shape inference
-    when a planner tries many regions of one model."""
+    `infos` (every tensor's shape, from `infer_tensor_infos`) and `layout` (`row_axes` of
+    the graph) save their analyses when a planner tries many regions of one model."""
     graph = model.graph
     starts = (start,) if isinstance(start, str) else tuple(start)
     producers = {out: node for node in graph.node for out in node.output if out}
@@ -93,16 +116,104 @@ def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
                                        if name}
     if consumers_checked:  # a recomputing copy (pool_in_bands) leaves the original nodes in place
         _check_consumers(graph, nodes, members, end)
+    for name in sorted(tensors):
+        if name not in infos:
+            raise InputError(f"tile: tensor {name!r} has no static shape")
+    axes = _start_axes([name for name in starts if name not in gates], infos,
+                       row_axes(graph, infos) if layout is None else layout)
+    windows, region_inputs, axes = _validated(nodes, tensors, constants, infos, axes)
+    return Region(starts, end, nodes, {t: infos[t] for t in tensors}, windows, region_inputs, axes,
+                  frozenset(gates))
+
+
+def row_axes(graph: onnx.GraphProto, infos: Mapping[str, TensorInfo]) -> dict[str, int]:
+    """Rule a'': the row axis the graph's layout gives each tensor, in graph order. A 4-D graph
+    input or NCHW op output has 2, a Transpose moves it (batch axis kept), a Reshape merging it
+    with the axes after it keeps it, an op whose output has its input's rank keeps it; any
+    other 4-D tensor has 2 (Constant outputs have none)."""
+    axes = {inp.name: 2 for inp in graph.input if inp.name in infos and len(infos[inp.name].shape) == 4}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            continue
+        source = next((name for name in node.input if name in axes), None)
+        for out in node.output:
+            axis = _layout_axis(node, source, axes, infos, out) if out in infos else None
+            if axis is not None:
+                axes[out] = axis
+    return axes
+
+
+def _layout_axis(node: onnx.NodeProto, source: str | None, axes: Mapping[str, int],
+                 infos: Mapping[str, TensorInfo], out: str) -> int | None:
+    rank = len(infos[out].shape)
+    default = 2 if rank == 4 else None
+    if source is None or node.op_type in NCHW_OPS:
+        return default
+    rows, in_shape = axes[source], infos[source].shape
+    if node.op_type == "Transpose":
+        axis = transposed_axis(node_attrs(node).get("perm") or list(range(rank))[::-1], rows)
+        return default if axis is None else axis
+    if node.op_type == "Reshape":
+        return rows if reshape_scale(in_shape, infos[out].shape, rows) is not None else default
+    return rows if rank == len(in_shape) else default
+
+
+def _start_axes(starts: list[str], infos: Mapping[str, TensorInfo], layout: Mapping[str, int]) -> dict[str, int]:
+    """Rule a'': each start's row axis, as the graph's layout gives it."""
+    axes = {}
+    for name in starts:
+        axis = layout.get(name, 2 if len(infos[name].shape) == 4 else None)
+        if axis is None:
+            raise InputError(f"tile: tensor {name!r} is not a 4-D NCHW map, nor one whose rows a Transpose "
+                             f"or Reshape moved (rule a''): it has no row axis")
+        axes[name] = axis
+    return axes
+
+
+Validated = tuple[dict[str, Window], dict[str, list[int]], dict[str, int]]
+
+
+def _validated(nodes: list[onnx.NodeProto], tensors: set[str], constants: Mapping[str, np.ndarray | None],
+               infos: Mapping[str, TensorInfo], axes: dict[str, int]) -> Validated:
+    """Rule a'': the region validated from the starts' layout axes, else with every start's rows
+    on axis 2 (tiling before rule a''); the first attempt's error when neither validates."""
+    try:
+        return _validate(nodes, tensors, constants, infos, axes)
+    except InputError as error:
+        nchw = dict.fromkeys(axes, 2)
+        if nchw == axes or any(len(infos[name].shape) != 4 for name in axes):
+            raise
+        try:
+            return _validate(nodes, tensors, constants, infos, nchw)
+        except InputError:
+            raise error from None
+
+
+def _validate(nodes: list[onnx.NodeProto], tensors: set[str], constants: Mapping[str, np.ndarray | None],
+              infos: Mapping[str, TensorInfo], start_axes: dict[str, int]) -> Validated:
+    """Every node's window and region inputs, and every region tensor's row axis, walking
+    forward from the starts' axes (rules a, a'')."""
+    axes = dict(start_axes)
     windows: dict[str, Window] = {}
     region_inputs: dict[str, list[int]] = {}
     for node in nodes:
         key = node.output[0]
-        for name in [*node.input, key]:
-            if name in tensors and (name not in infos or len(infos[name].shape) != 4):
-                raise InputError(f"tile: tensor {name!r} is not a 4-D NCHW map with a static shape")
         region_inputs[key] = [i for i, name in enumerate(node.input) if name in tensors]
-        windows[key] = _validate_node(node, tensors, constants, infos)
-    return Region(starts, end, nodes, {t: infos[t] for t in tensors}, windows, region_inputs, frozenset(gates))
+        rows = _input_rows(node, region_inputs[key], axes)
+        windows[key], out_rows = _validate_node(node, tensors, constants, infos, rows)
+        for name in node.output[:used_outputs(node)]:
+            if name:
+                axes[name] = out_rows
+    return windows, region_inputs, axes
+
+
+def _input_rows(node: onnx.NodeProto, indices: list[int], axes: Mapping[str, int]) -> int:
+    """The row axis of a node's region inputs, which must agree (rule a'')."""
+    rows = {axes[node.input[i]] for i in indices}
+    if len(rows) != 1:
+        what = "reads no region map" if not rows else f"reads maps with their rows on different axes {sorted(rows)}"
+        raise InputError(f"tile: {node.op_type} node {node.name!r} {what}")
+    return rows.pop()
 
 
 class _Constants(Mapping):
@@ -146,7 +257,9 @@ def walk_back(end: str, producers: Mapping[str, onnx.NodeProto], constants: Mapp
               stop: Callable[[str], bool]) -> tuple[set[int], list[tuple[str, onnx.NodeProto]]]:
     """The nodes that compute `end` (as ids), walking back through producers, and where the
     walk stopped: every (tensor, a node reading it) that `stop` accepts or no node
-    produces, in the order met. Constants are skipped."""
+    produces, in the order met. Constants and shape operands (`SHAPE_OPERANDS`: the shape
+    arithmetic of an exporter's Reshape, which tiling replaces by the static shape) are
+    skipped."""
     seen: set[int] = set()
     boundary: list[tuple[str, onnx.NodeProto]] = []
     met: set[str] = set()
@@ -156,8 +269,8 @@ def walk_back(end: str, producers: Mapping[str, onnx.NodeProto], constants: Mapp
         if id(node) in seen:
             continue
         seen.add(id(node))
-        for name in node.input:
-            if not name or name in constants or name in met:
+        for index, name in enumerate(node.input):
+            if not name or name in constants or name in met or SHAPE_OPERANDS.get(node.op_type) == index:
                 continue
             if stop(name) or name not in producers:
                 met.add(name)
@@ -209,15 +322,19 @@ def used_outputs(node: onnx.NodeProto) -> int:
 
 def _check_consumers(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], members: set[int],
                      end: str) -> None:
-    """Every intermediate is read only inside the region; extra outputs are unused (rule b)."""
-    outside = {name for node in graph.node if id(node) not in members for name in node.input}
-    outside |= {out.name for out in graph.output}
+    """Every intermediate is read only inside the region, or by a Shape or Size node outside it
+    (its shape is static: rule h'); extra outputs are unused (rule b)."""
+    outside = {out.name for out in graph.output}
+    shaped: set[str] = set()
+    for node in graph.node:
+        if id(node) not in members:
+            (shaped if node.op_type in SHAPE_OPS else outside).update(node.input)
     for node in nodes:
         for index, name in enumerate(node.output):
             if not name or name == end:
                 continue
             inside = any(name in other.input for other in nodes)
-            if index >= used_outputs(node) and (inside or name in outside):
+            if index >= used_outputs(node) and (inside or name in outside or name in shaped):
                 raise InputError(f"tile: output {index} ({name!r}) of {node.op_type} node "
                                  f"{node.name!r} is used; only single-output nodes can be tiled")
             if index < used_outputs(node) and name in outside:
@@ -226,45 +343,94 @@ def _check_consumers(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], member
 
 
 def _validate_node(node: onnx.NodeProto, tensors: set[str], constants: Mapping[str, np.ndarray | None],
-                   infos: Mapping[str, TensorInfo]) -> Window:
+                   infos: Mapping[str, TensorInfo], rows: int) -> tuple[Window, int]:
+    """The node's window and the row axis of its outputs, given that of its region inputs."""
     op, attrs = node.op_type, node_attrs(node)
     where = f"tile: {op} node {node.name!r}"
     if node.domain not in ("", "ai.onnx"):
         raise InputError(f"{where}: custom-domain op {node.domain}::{op} is not supported")
+    if op in NCHW_OPS and (rows != 2 or len(infos[node.input[0]].shape) != 4):
+        raise InputError(f"{where}: needs a 4-D NCHW map with its rows on axis 2, not on axis {rows} of "
+                         f"{list(infos[node.input[0]].shape)}")
     if op in TILE_WINDOW_OPS or op == "ConvTranspose":
         if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
             raise InputError(f"{where}: weights and bias must be constants")
         if op == "ConvTranspose":
-            return transposed_window(node, attrs, constants, infos)
-        return kernel_window(node, attrs, constants, infos)
+            return transposed_window(node, attrs, constants, infos), 2
+        return kernel_window(node, attrs, constants, infos), 2
+    if op == "Resize":
+        return resize_window(node, attrs, tensors, constants, infos), 2
     if op in TILE_SINGLE_MAP_OPS:
-        if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
-            raise InputError(f"{where}: only input 0 may come from the region")
+        _only_input_0(node, tensors, where)
         if op == "BatchNormalization" and attrs.get("training_mode", 0):
             raise InputError(f"{where}: training_mode=1 is not supported")
-        return IDENTITY_WINDOW
-    if op == "Resize":
-        return resize_window(node, attrs, tensors, constants, infos)
+        if op == "BatchNormalization" and rows == 1:
+            raise InputError(f"{where}: normalises per index of axis 1, which holds the rows")
+        return IDENTITY_WINDOW, rows
     if op == "Slice":
-        return slice_window(node, tensors, constants, infos)
+        return slice_window(node, tensors, constants, infos, rows), rows
     if op in TILE_CHANNEL_OPS:
         rank = len(infos[node.output[0]].shape)
-        if int(attrs.get("axis", 0)) % rank != 1:
-            raise InputError(f"{where}: only the channel axis can be concatenated or split")
+        if int(attrs.get("axis", 0)) % rank in (0, rows):
+            raise InputError(f"{where}: only a channel axis can be concatenated or split, not the batch "
+                             f"axis or the rows (axis {rows})")
         if any(name and name not in tensors for name in node.input[:1 if op == "Split" else None]):
             raise InputError(f"{where}: every input must come from the region")
-        return IDENTITY_WINDOW
+        return IDENTITY_WINDOW, rows
     if op in TILE_SAME_SHAPE_OPS:
-        out_shape = infos[node.output[0]].shape
-        for name in node.input:
-            if name in tensors and infos[name].shape != out_shape:
-                raise InputError(f"{where}: operand {name!r} {infos[name].shape} is broadcast to "
-                                 f"{out_shape}; only same-shape region operands are supported")
-            if name not in tensors and _varies_along_h(constants[name]):
-                raise InputError(f"{where}: constant operand {name!r} varies along H")
-        return IDENTITY_WINDOW
+        _check_operands(node, tensors, constants, infos, rows, where)
+        return IDENTITY_WINDOW, rows
+    if op in TILE_ROW_LOCAL_OPS or op in TILE_LAYOUT_OPS:
+        _only_input_0(node, tensors, where)
+        return _layout_node(node, attrs, constants, infos, rows, where)
     raise InputError(f"{where}: {op} is not spatially local or not supported by tiling")
 
 
-def _varies_along_h(value: np.ndarray | None) -> bool:
-    return value is None or (value.ndim >= 2 and value.shape[-2] != 1)
+def _only_input_0(node: onnx.NodeProto, tensors: set[str], where: str) -> None:
+    if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
+        raise InputError(f"{where}: only input 0 may come from the region")
+
+
+def _check_operands(node: onnx.NodeProto, tensors: set[str], constants: Mapping[str, np.ndarray | None],
+                    infos: Mapping[str, TensorInfo], rows: int, where: str) -> None:
+    """Same-shape ops: region operands of the output's shape, constants that do not vary along
+    the rows."""
+    out_shape = infos[node.output[0]].shape
+    for name in node.input:
+        if name in tensors and infos[name].shape != out_shape:
+            raise InputError(f"{where}: operand {name!r} {infos[name].shape} is broadcast to "
+                             f"{out_shape}; only same-shape region operands are supported")
+        if name not in tensors and _varies_along(constants[name], rows, len(out_shape)):
+            raise InputError(f"{where}: constant operand {name!r} varies along the rows (axis {rows})")
+
+
+def _layout_node(node: onnx.NodeProto, attrs: Mapping, constants: Mapping[str, np.ndarray | None],
+                 infos: Mapping[str, TensorInfo], rows: int, where: str) -> tuple[Window, int]:
+    """Rule a'': Transpose, Reshape, LayerNormalization and MatMul on a region tensor."""
+    op, rank = node.op_type, len(infos[node.input[0]].shape)
+    if op == "Transpose":
+        axis = transposed_axis(attrs.get("perm") or list(range(rank))[::-1], rows)
+        if axis is None:
+            raise InputError(f"{where}: moves the batch axis 0")
+        return IDENTITY_WINDOW, axis
+    if op == "Reshape":
+        return reshape_window(node, infos, rows), rows
+    if op == "LayerNormalization":
+        first = int(attrs.get("axis", -1)) % rank
+        if rows >= first:
+            raise InputError(f"{where}: normalises axes {first}..{rank - 1}, which hold the rows (axis {rows})")
+        return IDENTITY_WINDOW, rows
+    weight = constants.get(node.input[1])
+    if weight is None or weight.ndim != 2:
+        raise InputError(f"{where}: only a product by a constant 2-D matrix [K, M] is tiled")
+    if rows == rank - 1:
+        raise InputError(f"{where}: contracts the last axis, which holds the rows")
+    return Window(macs_per_output=int(weight.shape[0])), rows
+
+
+def _varies_along(value: np.ndarray | None, rows: int, rank: int) -> bool:
+    """Whether a constant, broadcast against a tensor of `rank` axes, varies along axis `rows`."""
+    if value is None:
+        return True
+    index = rows - (rank - value.ndim)  # numpy broadcasting aligns the last axes
+    return 0 <= index < value.ndim and value.shape[index] != 1

@@ -1,5 +1,5 @@
 """Tiling, part 1b: how one region node maps output rows to input rows (passes/tile.py rules
-d, d', d'', d''', e), as a `Window`; passes/tile_region.py validates the region and asks here.
+d, d', d'', d''', e, a''), as a `Window`; passes/tile_region.py validates the region and asks here.
 
 Rules (the lettered list is passes/tile.py's):
 
@@ -7,10 +7,14 @@ d. Conv and pools: kernel extent, stride and pads along H (auto_pad SAME_* resol
    ONNX spec splits them), W pads kept (`kernel_window`).
 d'. Nearest Resize by integer factors with floor-equivalent coordinates (`resize_window`).
 d''. ConvTranspose with explicit pads (`transposed_window`).
-d'''. Slice with constant parameters: along W or C row-local, along H a stride and an offset
-   (`slice_window`).
+d'''. Slice with constant parameters: off the row axis row-local, along it a stride and an
+   offset (`slice_window`).
 e. Pools: ceil_mode=1 becomes explicit right pads; what explicit pads cannot reproduce is an
    InputError.
+a''. Layout changes: a Transpose moves the row axis to perm.index(axis), the batch axis kept
+   (`transposed_axis`); a Reshape that merges the row axis with the axes after it turns row r
+   into positions [r s, (r+1) s) (`reshape_scale`, `reshape_window`: a window like the
+   upsampling of d' by s).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import onnx
 from fmcompress.errors import InputError
 from fmcompress.shapes import TensorInfo
 
-Rows = tuple[int, int]  # [lo, hi) along axis 2
+Rows = tuple[int, int]  # [lo, hi) along a tensor's row axis (axis 2 of an NCHW map)
 
 # ---------------------------------------------------------------- the region
 
@@ -39,10 +43,12 @@ class Window:
     kernel: int = 1  # undilated, for onnxruntime's pool pad < kernel check
     w_pads: Rows = (0, 0)  # left, right (auto_pad resolved); bands keep them
     macs_per_output: int = 0  # Conv: prod(weight.shape[1:]); pools and elementwise: 0
-    upsample: int = 1  # nearest Resize by an integer factor along H: out row r reads row r // upsample
+    # nearest Resize by an integer factor along H, or a Reshape merging the rows with the axes
+    # after them (rule a''): out row r reads row r // upsample
+    upsample: int = 1
     transposed: bool = False  # ConvTranspose: input row i feeds output rows i*stride - pad_top + [0, extent)
     w_output_padding: int = 0  # ConvTranspose, kept by every band
-    slice_index: int = -1  # Slice along H (out row r is in row start + r*stride): H's place in axes
+    slice_index: int = -1  # Slice along the rows (out row r is row start + r*stride): their place in axes
 
     @property
     def sliced(self) -> bool:
@@ -78,9 +84,10 @@ def resize_window(node: onnx.NodeProto, attrs: Mapping, tensors: set[str],
     return Window(upsample=int(factors[2]))
 
 
-def slice_params(node: onnx.NodeProto, constants: Mapping[str, np.ndarray | None]) -> list[np.ndarray] | None:
-    """A Slice's starts, ends, axes (of a 4-D map) and steps, defaults filled in; None where
-    one is not a constant."""
+def slice_params(node: onnx.NodeProto, constants: Mapping[str, np.ndarray | None],
+                 rank: int = 4) -> list[np.ndarray] | None:
+    """A Slice's starts, ends, axes (of a tensor of `rank` axes) and steps, defaults filled in;
+    None where one is not a constant."""
     names = [*node.input[1:5], *[""] * (5 - len(node.input))]
     values = [constants.get(name) if name in constants else None for name in names]
     if len(node.input) < 3 or any(name and value is None for name, value in zip(names, values, strict=True)):
@@ -88,31 +95,63 @@ def slice_params(node: onnx.NodeProto, constants: Mapping[str, np.ndarray | None
     starts, ends = (np.asarray(v, np.int64).reshape(-1) for v in values[:2])
     axes = np.arange(len(starts)) if values[2] is None else np.asarray(values[2], np.int64).reshape(-1)
     steps = np.ones(len(starts), np.int64) if values[3] is None else np.asarray(values[3], np.int64).reshape(-1)
-    return [starts, ends, axes % 4, steps]
+    return [starts, ends, axes % rank, steps]
 
 
 def slice_window(node: onnx.NodeProto, tensors: set[str], constants: Mapping[str, np.ndarray | None],
-                  infos: Mapping[str, TensorInfo]) -> Window:
-    """Rule d''': a Slice along W or C (any step) is row-local; along H with a step s > 0 and
-    start p (clamped as ONNX does), output row r is input row p + r s."""
+                  infos: Mapping[str, TensorInfo], rows: int = 2) -> Window:
+    """Rule d''': a Slice off the row axis `rows` (any step) is row-local; along it with a step
+    s > 0 and start p (clamped as ONNX does), output row r is input row p + r s."""
     where = f"tile: Slice node {node.name!r}"
     if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
         raise InputError(f"{where}: only input 0 may come from the region")
-    params = slice_params(node, constants)
+    params = slice_params(node, constants, len(infos[node.input[0]].shape))
     if params is None:
         raise InputError(f"{where}: needs constant starts, ends, axes and steps (opset 10 or later)")
     starts, _, axes, steps = params
     if 0 in axes.tolist():
         raise InputError(f"{where}: slicing the batch axis is not tiled")
-    if 2 not in axes.tolist():
+    if rows not in axes.tolist():
         return IDENTITY_WINDOW
-    index = axes.tolist().index(2)
-    step, height = int(steps[index]), infos[node.input[0]].shape[2]
+    index = axes.tolist().index(rows)
+    step, height = int(steps[index]), infos[node.input[0]].shape[rows]
     if step <= 0:
-        raise InputError(f"{where}: only a positive step along H is tiled")
+        raise InputError(f"{where}: only a positive step along the rows is tiled")
     start = int(starts[index])
     start = min(max(start + height if start < 0 else start, 0), height)
     return Window(stride=step, pad_top=-start, slice_index=index)
+
+
+def transposed_axis(perm: list[int] | None, rows: int) -> int | None:
+    """Rule a'': where a Transpose puts the row axis; None when it moves the batch axis 0
+    (a perm left out reverses the axes, so it does too)."""
+    if not perm or int(perm[0]) != 0:
+        return None
+    return [int(p) for p in perm].index(rows)
+
+
+def reshape_scale(in_shape: tuple[int, ...], out_shape: tuple[int, ...], rows: int) -> int | None:
+    """Rule a'': s when a Reshape keeps the axes before `rows` and merges the row axis with those
+    after it, so that input row r is output positions [r s, (r+1) s) along axis `rows`; None
+    otherwise (a row's trailing elements must make whole output positions)."""
+    if rows < 1 or len(out_shape) <= rows or tuple(out_shape[:rows]) != tuple(in_shape[:rows]):
+        return None
+    trailing_in, trailing_out = int(np.prod(in_shape[rows + 1:])), int(np.prod(out_shape[rows + 1:]))
+    if trailing_out == 0 or trailing_in % trailing_out:
+        return None
+    scale = trailing_in // trailing_out
+    return scale if out_shape[rows] == in_shape[rows] * scale else None
+
+
+def reshape_window(node: onnx.NodeProto, infos: Mapping[str, TensorInfo], rows: int) -> Window:
+    """Rule a'': a Reshape merging the row axis with the axes after it, as a window that turns
+    input row r into output positions [r s, (r+1) s) (the upsampling of rule d' by s)."""
+    in_shape, out_shape = infos[node.input[0]].shape, infos[node.output[0]].shape
+    scale = reshape_scale(in_shape, out_shape, rows)
+    if scale is None:
+        raise InputError(f"tile: Reshape node {node.name!r}: {list(in_shape)} -> {list(out_shape)} does not "
+                         f"merge the row axis {rows} with the axes after it into whole positions")
+    return Window(upsample=scale)
 
 
 def _text(value: str | bytes) -> str:
