@@ -220,6 +220,8 @@ class _Emitter:
                 _set_band_pads(attrs, region.windows[key], plan.pads[key])
             if region.windows[key].sliced:
                 inputs[1:3] = self._band_slice(inputs, region.windows[key], plan.reads[(key, 0)])
+            if node.op == "Resize":  # rule d': the factors as constant scales (no sizes, no roi)
+                inputs[1:] = self._resize_scales(region, node)
             if node.op == "Reshape":
                 inputs[1] = self._band_shape(key, plan.produced[key], index)
                 attrs.pop("allowzero", None)  # its 0s copy the axes before the rows
@@ -231,6 +233,14 @@ class _Emitter:
                                         outputs=outputs, domain=node.domain))
         band_end, rows = have[region.end]  # an upsampling end may hold more rows than the band's
         return self._slice(band_end, rows, plan.rows, index, region.axes[region.end])
+
+    def _resize_scales(self, region: Region, node: gs.Node) -> list[gs.Constant]:
+        """An empty roi (opset 11 needs one) and the factors of the static shapes as scales."""
+        source, result = region.infos[node.inputs[0].name].shape, region.infos[node.outputs[0].name].shape
+        scales = np.array([o / i for o, i in zip(result, source, strict=True)], np.float32)
+        base = node.name or node.outputs[0].name
+        return [gs.Constant(self.namer(f"{base}_roi"), np.zeros(0, np.float32)),
+                gs.Constant(self.namer(f"{base}_scales"), scales)]
 
     def _band_slice(self, inputs: list[gs.Tensor], window: Window, read: Rows) -> list[gs.Tensor]:
         """Rule d''': a band's Slice along H starts at row 0 of the rows sliced for it and

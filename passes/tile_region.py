@@ -4,7 +4,8 @@ a'', b); how each of its nodes maps output rows to input rows is passes/tile_win
 Rules (the full list, lettered, is passes/tile.py's; these are the ones this module checks):
 
 a. Region: the nodes that compute `end` from its starts, walking back from `end` (never into a
-   Reshape's shape operand, `SHAPE_OPERANDS`); every other input they read is a constant.
+   Reshape's shape operand, a Resize's roi, scales and sizes: `SHAPE_OPERANDS`); every other
+   input they read is a constant.
    Which ops: `TILE_*_OPS` of passes/ops.py, ConvTranspose, nearest Resize by integer
    factors, Slice with constant parameters.
 a'. Side inputs: the starts after the first; one value per channel ([N, C, 1, 1]) is read
@@ -56,7 +57,9 @@ from .tile_windows import (
 )
 
 NCHW_OPS = TILE_WINDOW_OPS | {"ConvTranspose", "Resize"}  # need the rows on axis 2 of an NCHW map
-SHAPE_OPERANDS = {"Reshape": 1}  # input indices that carry a shape, not values: never walked into
+# input indices that carry a shape, not values: never walked into (a Resize's sizes computed
+# from Shape ops, as `F.interpolate(size=x.shape[-2:])` exports them, are static once shapes are)
+SHAPE_OPERANDS = {"Reshape": {1}, "Resize": {1, 2, 3}}
 
 
 @dataclass
@@ -270,7 +273,7 @@ def walk_back(end: str, producers: Mapping[str, onnx.NodeProto], constants: Mapp
             continue
         seen.add(id(node))
         for index, name in enumerate(node.input):
-            if not name or name in constants or name in met or SHAPE_OPERANDS.get(node.op_type) == index:
+            if not name or name in constants or name in met or index in SHAPE_OPERANDS.get(node.op_type, ()):
                 continue
             if stop(name) or name not in producers:
                 met.add(name)

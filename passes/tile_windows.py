@@ -64,7 +64,8 @@ NEAREST_MODES = {"asymmetric": ("floor",), "half_pixel": ("round_prefer_floor", 
 
 def resize_window(node: onnx.NodeProto, attrs: Mapping, tensors: set[str],
                    constants: Mapping[str, np.ndarray | None], infos: Mapping[str, TensorInfo]) -> Window:
-    """Rule d': nearest Resize by integer factors (N and C kept): output row r is input row r // f."""
+    """Rule d': nearest Resize by integer factors (N and C kept, from the static shapes: scales or
+    sizes may be computed at run time): output row r is input row r // f."""
     where = f"tile: Resize node {node.name!r}"
     mode = _text(attrs.get("mode", "nearest"))
     transform = _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
@@ -72,14 +73,13 @@ def resize_window(node: onnx.NodeProto, attrs: Mapping, tensors: set[str],
     if mode != "nearest" or nearest not in NEAREST_MODES.get(transform, ()):
         raise InputError(f"{where}: only nearest resizing with floor-equivalent coordinates is tiled "
                          f"(got {mode}, {transform}, {nearest})")
-    if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
+    if node.input[0] not in tensors:
         raise InputError(f"{where}: only input 0 may come from the region")
-    if len(node.input) < 3 or not node.input[2] or (len(node.input) > 3 and node.input[3]):
-        raise InputError(f"{where}: needs constant scales (not sizes)")
-    scales = constants.get(node.input[2])
+    # the factors come from the static shapes, so scales or sizes computed at run time (from
+    # Shape ops) do too; each band's copy takes them as constant scales (passes/tile_emit.py)
     in_shape, out_shape = infos[node.input[0]].shape, infos[node.output[0]].shape
     factors = [o / i for o, i in zip(out_shape, in_shape, strict=True)]
-    if scales is None or list(factors[:2]) != [1, 1] or any(f != int(f) or f < 1 for f in factors[2:]):
+    if list(factors[:2]) != [1, 1] or any(f != int(f) or f < 1 for f in factors[2:]):
         raise InputError(f"{where}: only integer upsampling of H and W is tiled (factors {factors})")
     return Window(upsample=int(factors[2]))
 

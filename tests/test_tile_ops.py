@@ -197,3 +197,27 @@ def test_a_pool_whose_every_start_is_above_the_ceiling_recomputes_from_a_project
     assert "GlobalAveragePool" not in {node.op_type for node in result.model.graph.node}  # pooled in bands
     after = analyze_runtime(result.model, PassContext(input_shapes={}), ceiling_bytes=ceiling)
     assert not after.over_ceiling()
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_nearest_resize_with_sizes_computed_at_run_time_in_bands(opset):
+    """HRNet's fuse: `F.interpolate(y, size=x.shape[-2:])` exports sizes made by Shape, Slice and
+    Concat. Tile rule d' takes the factor from the static shapes and gives each band constant
+    scales (and an empty roi, which opset 11 needs)."""
+    chain = Chain((1, 3, 16, 16))
+    chain.conv(8, 3, pads=[1, 1, 1, 1])
+    low = chain.node("Relu", [chain.last])
+    shape = chain.node("Shape", [low])
+    lead = _slice(chain, shape, [0], [2], [0], [1])
+    spatial = _slice(chain, shape, [2], [4], [0], [1])
+    doubled = chain.node("Mul", [spatial, chain.const("two", np.array([2]))])
+    sizes = chain.node("Concat", [lead, doubled], axis=0)
+    resize_inputs = [low, chain.const("roi", np.zeros(0)), chain.const("scales", np.zeros(0)), sizes]
+    chain.node("Resize", resize_inputs, mode="nearest", coordinate_transformation_mode="asymmetric",
+               nearest_mode="floor")
+    chain.conv(8, 3, pads=[1, 1, 1, 1])
+    model = chain.model(opset=opset)
+    for init in model.graph.initializer:  # the integer factor 2 for the sizes
+        if init.name == "two":
+            init.CopyFrom(numpy_helper.from_array(np.array([2], np.int64), "two"))
+    check_tiled(model, "x", chain.last, 4)
