@@ -72,6 +72,7 @@ from fmcompress.reports.analysis import AnalysisReport, RuntimeView
 from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
+from .chunk_batch_axes import ChunkBatchAxesPass, batch_uncovered
 from .chunk_positions import ChunkPositionsPass, chunk_uncovered
 from .graph import Model
 from .ops import FOLD_PUSH_OPS
@@ -144,8 +145,7 @@ class RuntimePlanPass(Pass):
         if self.allow_projection and ctx.memory is None:
             raise InputError("the runtime plan needs the stored view to project: run MemoryAnalysisPass first")
         plan, planner = _plan_and_planner(model.proto(), ctx, self.allow_projection, self.window)
-        plan.uncovered = chunk_uncovered(model.proto(), plan.uncovered, plan.ceiling_bytes, ctx, planner.aliases)
-        plan.uncovered = split_uncovered(model.proto(), plan.uncovered, plan.ceiling_bytes, ctx, planner.aliases)
+        plan.uncovered = rewrites_uncovered(model.proto(), plan.uncovered, plan.ceiling_bytes, ctx, planner.aliases)
         ctx.runtime_plan = plan
         if self.allow_projection and ctx.plan is not None:
             hopeless = planner.beyond_projection(plan.uncovered, ctx.plan.maps) if plan.uncovered else []
@@ -418,6 +418,24 @@ def with_pools_in_bands(model: Model, pools: list[PlannedPool], ctx: PassContext
         pool_model(model, planned.start, planned.pool, planned.bands, ctx.input_shapes)
 
 
+# the rewrites for what bands cannot split, in the order they run (after tiling and conv
+# splitting), each with its coverage check: (model, allocations, ceiling, ctx, aliases) -> those
+# it leaves above the ceiling. Keys name their results in `ctx.tiling`.
+COVERING_REWRITES = {
+    "chunked": (ChunkPositionsPass, chunk_uncovered),  # a per-position product, by positions
+    "split_columns": (SplitColumnsPass, split_uncovered),  # attention's qkv, by column blocks
+    "chunked_batch_axes": (ChunkBatchAxesPass, batch_uncovered),  # attention's scores, by heads/patches
+}
+
+
+def rewrites_uncovered(model: onnx.ModelProto, uncovered: list[FeatureMap], ceiling: int, ctx: PassContext,
+                       aliases: dict[str, str]) -> list[FeatureMap]:
+    """The allocations of `uncovered` that no covering rewrite brings under the ceiling."""
+    for _, covered in COVERING_REWRITES.values():
+        uncovered = covered(model, uncovered, ceiling, ctx, aliases)
+    return uncovered
+
+
 def uncovered_message(uncovered: list[FeatureMap], ceiling_bytes: int) -> str:
     names = ", ".join(f"{t.name} ({t.producer_op}, {t.bytes} B)" for t in uncovered[:3])
     more = f" and {len(uncovered) - 3} more" if len(uncovered) > 3 else ""
@@ -429,8 +447,9 @@ class TileToCeilingPass(Pass):
     """Rule e: on a graph whose projections are folded, tile every region the ceiling needs.
 
     Runs the runtime view, plans without projections, applies TilePass, then SplitConvPass
-    for convolution scratch above the ceiling, ChunkPositionsPass and SplitColumnsPass for the
-    products bands cannot split (by positions, by column blocks); a tensor that no region covers raises
+    for convolution scratch above the ceiling, ChunkPositionsPass, SplitColumnsPass and
+    ChunkBatchAxesPass for the products bands cannot split (by positions, by column blocks, by
+    attention's batch axes); a tensor that no region covers raises
     VerificationError (the planned projections should have made every region end fit).
     `result.data` holds the plan, the tile pass's facts and the split convs.
     """
@@ -451,18 +470,13 @@ class TileToCeilingPass(Pass):
         local = PassContext(input_shapes=ctx.input_shapes, act_bytes=ctx.act_bytes, log=ctx.log)
         local.runtime = analyze_runtime(model.proto(), local, self.level, ceiling)
         plan, planner = _plan_and_planner(model.proto(), local, allow_projection=False)
-        plan.uncovered = chunk_uncovered(model.proto(), plan.uncovered, ceiling, local,  # chunked below
-                                         planner.aliases)
-        plan.uncovered = split_uncovered(model.proto(), plan.uncovered, ceiling, local,  # split below
-                                         planner.aliases)
+        plan.uncovered = rewrites_uncovered(model.proto(), plan.uncovered, ceiling, local, planner.aliases)
         if plan.uncovered:
             raise VerificationError(uncovered_message(plan.uncovered, ceiling))
         with_pools_in_bands(model, plan.pools, local)
         tiled = TilePass([(r.starts, r.end, r.bands) for r in plan.regions]).run(model, local)
         split = SplitConvPass(ceiling).run(model, local)
-        chunked = ChunkPositionsPass(ceiling).run(model, local)
-        columns = SplitColumnsPass(ceiling).run(model, local)
-        ctx.tiling = {"plan": plan, "regions": tiled.data, "split_convs": split.data, "chunked": chunked.data,
-                      "split_columns": columns.data}
-        modified = bool(plan.regions or split.data or chunked.data or columns.data)
+        rewritten = {key: rewrite(ceiling).run(model, local).data for key, (rewrite, _) in COVERING_REWRITES.items()}
+        ctx.tiling = {"plan": plan, "regions": tiled.data, "split_convs": split.data, **rewritten}
+        modified = bool(plan.regions or split.data or any(rewritten.values()))
         return PassResult(model, modified=modified, data=ctx.tiling)
