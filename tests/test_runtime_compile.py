@@ -132,6 +132,11 @@ def test_cli_runtime_plan_only_and_report(tmp_path):
                                 "--num-samples", "16", "-o", str(out), "--json", str(report), "-q"])
     assert done.exit_code == 0, done.output
     data = json.loads(report.read_text())
+    # the last line states onnxruntime's ceiling, not the stored view's (whose maps now exist in bands)
+    regions = len(data["runtime"]["regions"])
+    assert done.stdout.splitlines()[-1].startswith(
+        f"wrote {out}: {len(data['maps'])} map(s) compressed; {regions} region(s) tiled; every onnxruntime "
+        f"allocation but the graph's inputs and outputs <= 16384 B")
     after = data["runtime"]["after"]
     assert after["computed_peak_bytes"] < data["runtime"]["before"]["computed_peak_bytes"]
     for side in ("before", "after"):  # measured in a fresh process where /proc allows (a model this small

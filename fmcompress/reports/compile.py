@@ -20,6 +20,7 @@ from ..memprobe import measure_peak
 from ..passes import PassContext
 from ..passes.allocate import Allocation, stored_traffic
 from ..passes.plan import Plan
+from ..passes.runtime_plan import COVERING_REWRITES
 from ..shapes import resolve_input_shapes
 from .analysis import AnalysisReport
 
@@ -123,7 +124,8 @@ def _runtime(original: onnx.ModelProto, emitted: onnx.ModelProto, ctx: PassConte
                           for r in tiled["plan"].regions]
     figures["tile_facts"] = [asdict(facts) for facts in tiled["regions"]]
     figures["split_convs"] = tiled["split_convs"]
-    figures["chunked"] = tiled.get("chunked", [])
+    for key in COVERING_REWRITES:  # chunked, split_columns, chunked_batch_axes
+        figures[key] = tiled.get(key, [])
     figures["lossless"] = not ctx.plan.maps
     return figures
 
