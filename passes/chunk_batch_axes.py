@@ -76,6 +76,7 @@ from .base import Pass, PassContext, PassResult
 from .graph import Model
 from .graphutil import Namer, constant_value, detach, node_index
 from .ops import CHUNK_BINARY_OPS, CHUNK_SOFTMAX_OPS, CHUNK_UNARY_OPS
+from .runtime_names import not_covered
 
 _ONNX = (None, "", "ai.onnx")
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape"})
@@ -127,7 +128,7 @@ class ChunkBatchAxesPass(Pass):
         regions = _regions(model, ctx, self.budget_bytes)
         if not regions:
             return PassResult(model, modified=False, data=[])
-        opset = _opset(model.header)
+        opset = model.opset
         namer = Namer(model.graph)
         chunked = []
         for region in regions:
@@ -147,13 +148,8 @@ def batch_uncovered(proto: onnx.ModelProto, uncovered: list[FeatureMap], budget_
     if not uncovered:
         return uncovered
     covered = {name for region in _regions(Model.from_proto(proto), ctx, budget_bytes) for name in region.internal}
-    if not covered:
-        return uncovered
-    return [t for t in uncovered if aliases.get(t.name, t.name) not in covered]
+    return not_covered(uncovered, covered, aliases)
 
-
-def _opset(header: onnx.ModelProto) -> int:
-    return next((o.version for o in header.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
 def _bytes(info: TensorInfo, act_bytes: int | None) -> int:
@@ -167,7 +163,7 @@ def _regions(model: Model, ctx: PassContext, budget: int) -> list[_Region]:
     infos = infer_tensor_infos(proto, resolve_input_shapes(proto, ctx.input_shapes))
     outputs = {t.name for t in model.graph.outputs}
     inputs = {t.name for t in model.graph.inputs}
-    opset = _opset(model.header)
+    opset = model.opset
     found: list[_Region] = []
     taken: set[int] = set()
     order = {id(node): i for i, node in enumerate(model.graph.nodes)}

@@ -47,6 +47,7 @@ from .base import Pass, PassContext, PassResult
 from .graph import Model
 from .graphutil import Namer, constant_value, detach, optional_input
 from .ops import CHUNK_BINARY_OPS, CHUNK_SOFTMAX_OPS, CHUNK_UNARY_OPS
+from .runtime_names import not_covered
 
 
 @dataclass
@@ -74,7 +75,7 @@ class ChunkPositionsPass(Pass):
         candidates = _candidates(model, ctx, self.budget_bytes)
         if not candidates:
             return PassResult(model, modified=False, data=[])
-        opset = _opset(model.header)
+        opset = model.opset
         namer = Namer(model.graph)
         chunked = []
         for cand in candidates:
@@ -93,13 +94,8 @@ def chunk_uncovered(proto: onnx.ModelProto, uncovered: list[FeatureMap], budget_
     if not uncovered:
         return uncovered
     covered = {name for cand in _candidates(Model.from_proto(proto), ctx, budget_bytes) for name in cand.tensors}
-    if not covered:
-        return uncovered
-    return [t for t in uncovered if aliases.get(t.name, t.name) not in covered]
+    return not_covered(uncovered, covered, aliases)
 
-
-def _opset(header: onnx.ModelProto) -> int:
-    return next((o.version for o in header.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
 def _candidates(model: Model, ctx: PassContext, budget: int) -> list[_Candidate]:
@@ -108,7 +104,7 @@ def _candidates(model: Model, ctx: PassContext, budget: int) -> list[_Candidate]
         return []
     infos = infer_tensor_infos(proto, resolve_input_shapes(proto, ctx.input_shapes))
     outputs = {t.name for t in model.graph.outputs}
-    opset = _opset(model.header)
+    opset = model.opset
     found = []
     for node in model.graph.nodes:
         axis = _product_axis(node, infos)

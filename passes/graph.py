@@ -49,6 +49,11 @@ class Model:
                 setattr(header, field, getattr(proto, field))
         return cls(gs.import_onnx(proto), header, proto)
 
+    @property
+    def opset(self) -> int:
+        """The default domain's opset (13 for a model that imports none: it holds no ONNX op)."""
+        return next((o.version for o in self.header.opset_import if o.domain in ("", "ai.onnx")), 13)
+
     @staticmethod
     def of(model: Model | onnx.ModelProto) -> Model:
         """`model` itself, or a new Model of a proto (which is then never edited)."""

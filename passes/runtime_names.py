@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 import onnx
 
+from fmcompress.featuremaps import FeatureMap
 from fmcompress.reports.analysis import RuntimeView
 from fmcompress.shapes import with_input_shapes
 
@@ -56,6 +57,14 @@ def runtime_names(model: onnx.ModelProto, view: RuntimeView,
                 queue += [out for out in node.output if out and out not in seen]
                 seen.update(node.output)
     return aliases
+
+
+def not_covered(uncovered: list[FeatureMap], covered: set[str], aliases: Mapping[str, str]) -> list[FeatureMap]:
+    """The allocations of `uncovered` whose graph tensor (through the runtime plan's `aliases`
+    for what onnxruntime inlines or fuses) is not in `covered`."""
+    if not covered:
+        return uncovered
+    return [t for t in uncovered if aliases.get(t.name, t.name) not in covered]
 
 
 def fused_away(model: onnx.ModelProto, name: str, producers: Mapping[str, onnx.NodeProto],

@@ -54,6 +54,7 @@ from fmcompress.shapes import TensorInfo, infer_tensor_infos, resolve_input_shap
 from .base import Pass, PassContext, PassResult
 from .graph import Model
 from .graphutil import Namer, constant_value, detach, node_index, optional_constant, optional_input
+from .runtime_names import not_covered
 
 _ONNX = (None, "", "ai.onnx")
 
@@ -114,13 +115,8 @@ def split_uncovered(proto: onnx.ModelProto, uncovered: list[FeatureMap], budget_
     if not uncovered:
         return uncovered
     covered = {name for cand in _candidates(Model.from_proto(proto), ctx, budget_bytes) for name in cand.removed}
-    if not covered:
-        return uncovered
-    return [t for t in uncovered if aliases.get(t.name, t.name) not in covered]
+    return not_covered(uncovered, covered, aliases)
 
-
-def _opset(header: onnx.ModelProto) -> int:
-    return next((o.version for o in header.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
 def _candidates(model: Model, ctx: PassContext, budget: int) -> list[_Candidate]:
@@ -129,7 +125,7 @@ def _candidates(model: Model, ctx: PassContext, budget: int) -> list[_Candidate]
     proto = model.proto()
     infos = infer_tensor_infos(proto, resolve_input_shapes(proto, ctx.input_shapes))
     outputs = {t.name for t in model.graph.outputs}
-    opset = _opset(model.header)
+    opset = model.opset
     found = []
     for node in model.graph.nodes:
         cand = _candidate(node, infos, outputs, opset)

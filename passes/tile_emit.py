@@ -126,7 +126,7 @@ def pool_model(model: Model, start: Starts, pool: str, bands: int,
     if region.axes[region.end] not in (2, 3):  # the band sums run over H and W
         raise InputError(f"tile: the input of {pool!r} has its rows on axis {region.axes[region.end]}, "
                          f"not on H or W")
-    emitter = _Emitter(model.graph, region, True, opset=_opset(model.header))
+    emitter = _Emitter(model.graph, region, True, opset=model.opset)
     partials = emitter.emit(plan_bands(region, bands), band_sum=True)
     _, _, height, width = region.infos[region.end].shape
     namer, pooled = emitter.namer, node.outputs[0]
@@ -370,9 +370,6 @@ def _region_nodes(graph: gs.Graph, region: Region) -> dict[str, gs.Node]:
     by_output = {node.outputs[0].name: node for node in graph.nodes if node.outputs}
     return {node.output[0]: by_output[node.output[0]] for node in region.nodes}
 
-
-def _opset(header: onnx.ModelProto) -> int:
-    return next((o.version for o in header.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _facts(region: Region, plans: list[BandPlan], act_bytes: int | None) -> TileResult:
