@@ -39,11 +39,15 @@ _ELEMENTWISE_UNARY = frozenset({
 # ---------------------------------------------------------------- tiling (rule b)
 
 TILE_WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})  # a kernel along H
-TILE_SINGLE_MAP_OPS = _ELEMENTWISE_UNARY | {"Clip", "Dropout", "BatchNormalization"}
+TILE_SINGLE_MAP_OPS = _ELEMENTWISE_UNARY | {"Clip", "Dropout", "BatchNormalization", "LRN"}  # LRN: across C only
 TILE_SAME_SHAPE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "PRelu"})
 TILE_CHANNEL_OPS = frozenset({"Concat", "Split"})  # along channels: rows map to the same rows
 TILE_ROW_LOCAL_OPS = frozenset({"LayerNormalization", "MatMul"})  # off the row axis (rule a'')
 TILE_LAYOUT_OPS = frozenset({"Transpose", "Reshape"})  # move or merge the row axis (rule a'')
+# constant-only nodes whose outputs a region reads as constants (tile rule a): an old model's
+# scale reshaped or unsqueezed for a Mul; small shape arithmetic, never a weight producer
+CONSTANT_FOLDABLE_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Cast", "Identity",
+                                   "Transpose", "Expand", "Concat", "Neg", "Reciprocal", "Sqrt"})
 
 # ---------------------------------------------------------------- concat sinking (rule c)
 

@@ -5,7 +5,9 @@ Rules (the full list, lettered, is passes/tile.py's; these are the ones this mod
 
 a. Region: the nodes that compute `end` from its starts, walking back from `end` (never into a
    Reshape's shape operand, a Resize's roi, scales and sizes: `SHAPE_OPERANDS`); every other
-   input they read is a constant.
+   input they read is a constant: an initializer, a Constant's output, or the output of a
+   constant-only node of `CONSTANT_FOLDABLE_OPS` (an old model's scale Unsqueezed for a Mul,
+   evaluated by onnx.reference when read).
    Which ops: `TILE_*_OPS` of passes/ops.py, ConvTranspose, nearest Resize by integer
    factors, Slice with constant parameters.
 a'. Side inputs: the starts after the first; one value per channel ([N, C, 1, 1]) is read
@@ -29,13 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from fmcompress.errors import InputError
 from fmcompress.onnxutil import constant_attr_value, node_attrs
 from fmcompress.shapes import TensorInfo, infer_tensor_infos, resolve_input_shapes
 
 from .ops import (
+    CONSTANT_FOLDABLE_OPS,
     SHAPE_OPS,
     TILE_CHANNEL_OPS,
     TILE_LAYOUT_OPS,
@@ -56,7 +59,7 @@ from .tile_windows import (
     transposed_window,
 )
 
-NCHW_OPS = TILE_WINDOW_OPS | {"ConvTranspose", "Resize"}  # need the rows on axis 2 of an NCHW map
+NCHW_OPS = TILE_WINDOW_OPS | {"ConvTranspose", "Resize", "LRN"}  # need the rows on axis 2 of an NCHW map
 # input indices that carry a shape, not values: never walked into (a Resize's sizes computed
 # from Shape ops, as `F.interpolate(size=x.shape[-2:])` exports them, are static once shapes are)
 SHAPE_OPERANDS = {"Reshape": {1}, "Resize": {1, 2, 3}}
@@ -103,7 +106,7 @@ def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
     graph = model.graph
     starts = (start,) if isinstance(start, str) else tuple(start)
     producers = {out: node for node in graph.node for out in node.output if out}
-    constants = _constant_names(graph)
+    constants = _Constants(model)
     nodes = _ancestors(graph, producers, constants, starts, end)
     if infos is None:
         shapes = resolve_input_shapes(model, {k: tuple(v) for k, v in (input_shapes or {}).items()})
@@ -220,22 +223,46 @@ def _input_rows(node: onnx.NodeProto, indices: list[int], axes: Mapping[str, int
 
 
 class _Constants(Mapping):
-    """Tensors with a fixed value (initializers that are not graph inputs, Constant outputs),
+    """Tensors with a fixed value (initializers that are not graph inputs, Constant outputs, and
+    the outputs of small constant-only nodes: an old model's scale Unsqueezed for a Mul),
     converted to arrays only when read: a planner validates many regions of one graph."""
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
         overridable = {inp.name for inp in graph.input}
         self._sources: dict[str, object] = {
             init.name: init for init in graph.initializer if init.name not in overridable}
         self._sources.update({node.output[0]: node for node in graph.node if node.op_type == "Constant"})
+        for node in graph.node:  # graph order is topological: a chain of them is found whole
+            if (node.op_type in CONSTANT_FOLDABLE_OPS and node.domain in ("", "ai.onnx") and node.input
+                    and all(not name or name in self._sources for name in node.input)):
+                self._sources.update({out: node for out in node.output if out})
+        self._opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self._values: dict[str, np.ndarray | None] = {}
 
     def __getitem__(self, name: str) -> np.ndarray | None:
         if name not in self._values:
             source = self._sources[name]
-            self._values[name] = (numpy_helper.to_array(source) if isinstance(source, onnx.TensorProto)
-                                  else constant_attr_value(node_attrs(source)))
+            if isinstance(source, onnx.TensorProto):
+                self._values[name] = numpy_helper.to_array(source)
+            elif source.op_type == "Constant":
+                self._values[name] = constant_attr_value(node_attrs(source))
+            else:
+                self._values.update(self._evaluated(source))
         return self._values[name]
+
+    def _evaluated(self, node: onnx.NodeProto) -> dict[str, np.ndarray]:
+        """A constant-only node's outputs, by onnx's reference implementation."""
+        from onnx.reference import ReferenceEvaluator
+
+        feeds = {name: self[name] for name in node.input if name}
+        inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+                  for name, value in feeds.items()]
+        outputs = [helper.make_tensor_value_info(out, onnx.TensorProto.UNDEFINED, None) for out in node.output if out]
+        graph = helper.make_graph([node], "constant", inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self._opset)])
+        results = ReferenceEvaluator(model).run(None, feeds)
+        return dict(zip([out for out in node.output if out], results, strict=True))
 
     def __contains__(self, name: object) -> bool:
         return name in self._sources
@@ -250,10 +277,6 @@ class _Constants(Mapping):
 
     def __len__(self) -> int:
         return len(self._sources)
-
-
-def _constant_names(graph: onnx.GraphProto) -> _Constants:
-    return _Constants(graph)
 
 
 def walk_back(end: str, producers: Mapping[str, onnx.NodeProto], constants: Mapping[str, object] | set[str],

@@ -221,3 +221,20 @@ def test_nearest_resize_with_sizes_computed_at_run_time_in_bands(opset):
         if init.name == "two":
             init.CopyFrom(numpy_helper.from_array(np.array([2], np.int64), "two"))
     check_tiled(model, "x", chain.last, 4)
+
+
+def test_lrn_and_an_unsqueezed_scale_run_in_bands():
+    """The onnx wheel's old Caffe models: LRN (across channels only, so row-local) and a BN
+    scale given as an Unsqueeze of an initializer (constant-only arithmetic the region reads as
+    a constant, evaluated by onnx.reference)."""
+    chain = Chain((1, 3, 24, 24))
+    chain.conv(8, 3, pads=[1, 1, 1, 1])
+    chain.node("Relu", [chain.last])
+    chain.node("LRN", [chain.last], size=5, alpha=1e-4, beta=0.75, bias=1.0)
+    scale = chain.node("Unsqueeze", [chain.const("gamma", np.linspace(0.5, 1.5, 8)),
+                                     chain.const("axes", np.array([1, 2]))])
+    chain.inits[-1].CopyFrom(numpy_helper.from_array(np.array([1, 2], np.int64), "axes"))
+    chain.last = chain.nodes[-2].output[0]
+    chain.node("Mul", [chain.last, scale])
+    chain.conv(8, 3, pads=[1, 1, 1, 1])
+    check_tiled(chain.model(opset=17), "x", chain.last, 3)
