@@ -10,13 +10,14 @@ change of one: rule a'') and `end`.
 Rules:
 
 a. Region: the nodes that compute `end` from `start`, found by walking back from
-   `end` (never into a Reshape's shape operand: rule a''); every other input they read is
-   a constant (initializer not listed as a
-   graph input, or a Constant node's output). Supported ops: Conv (2-D, any kernel,
+   `end` (never into a Reshape's shape operand, rule a'', nor a Resize's roi, scales and
+   sizes, rule d'); every other input they read is a constant (an initializer not listed
+   as a graph input, a Constant node's output, or a small constant-only node's output:
+   CONSTANT_FOLDABLE_OPS of passes/ops.py). Supported ops: Conv (2-D, any kernel,
    stride, dilation, group, pads, auto_pad; constant weight and bias); MaxPool,
    AveragePool (ceil_mode, pads, dilations, count_include_pad) and LpPool
-   (ceil_mode 0); ConvTranspose (rule d''); Slice (rule d'''); BatchNormalization (inference); elementwise
-   unary ops (TILE_SINGLE_MAP_OPS of passes/ops.py); elementwise
+   (ceil_mode 0); ConvTranspose (rule d''); Slice (rule d'''); BatchNormalization (inference);
+   LRN (across channels only: row-local, rows on axis 2); elementwise unary ops (TILE_SINGLE_MAP_OPS of passes/ops.py); elementwise
    Add/Sub/Mul/Div/Max/Min/Sum/Mean/PRelu whose operands are region tensors of the
    output's exact shape or constants that do not vary along the rows (numpy broadcasting
    gives them size 1, or no axis, at the row axis); Split and Concat along a channel axis
