@@ -18,7 +18,9 @@ it runs, through the command line's own code (click's test runner in this proces
   analyze  `fmcompress analyze MODEL --ceiling 4x`
   C        `fmcompress compile MODEL --ceiling C --method pca --num-samples 8` for each
            ceiling C of --ceilings; `ort:C` is `--runtime ort --ceiling C` (compile verifies
-           its output: onnx.checker, onnxruntime, executor agreement, the ceiling)
+           its output: onnx.checker, onnxruntime, executor agreement, the ceiling); an
+           `ort:C` cell gives onnxruntime's peak before and after, measured in a fresh process
+           (`fmcompress/memprobe.py`, as examples/runtime_peak.py measures it)
   tiling alone  (--smallest) the smallest ceiling, in KB, at which `compile --runtime ort
            --plan-only` covers every onnxruntime allocation by tiling, projecting nothing:
            what a lossless compile reaches (bisected between 1 KB and 8 MB)
@@ -58,6 +60,8 @@ class Step:
     message: str = ""
 
     def cell(self) -> str:
+        if self.code == 0 and self.message.startswith("ok "):
+            return self.message
         if self.code == 0:
             return (
                 f"{self.message} ({self.seconds:.0f}s)"
@@ -158,6 +162,19 @@ def compile_argv(path: Path, ceiling: str, out: Path, samples: int) -> list[str]
     return [*argv, "--ceiling", ceiling]
 
 
+def measured_peaks(report: Path) -> str:
+    """`peak 3.1 -> 0.6 MiB`: onnxruntime's measured peak (a fresh process, arena off, the
+    written file; computed where the platform cannot measure) before and after."""
+    runtime = json.loads(report.read_text()).get("runtime", {})
+
+    def peak(side: str) -> float:
+        figures = runtime.get(side, {})
+        value = figures.get("measured_peak_bytes")
+        return (value if value is not None else figures.get("computed_peak_bytes", 0)) / 2**20
+
+    return f"peak {peak('before'):.2f} -> {peak('after'):.2f} MiB"
+
+
 def cover(
     subject: Subject, ceilings: list[str], workdir: Path, args: argparse.Namespace
 ) -> dict[str, Step]:
@@ -177,9 +194,13 @@ def cover(
     steps["analyze"] = run_cli(["analyze", str(path), "--ceiling", "4x", "-q", *shape], in_process)
     for i, ceiling in enumerate(ceilings):
         out = workdir / f"{subject.name}.{i}.fmc.onnx"
+        report = workdir / f"{subject.name}.{i}.json"
         steps[ceiling] = run_cli(
-            [*compile_argv(path, ceiling, out, args.num_samples), *shape], in_process
+            [*compile_argv(path, ceiling, out, args.num_samples), *shape, "--json", str(report)],
+            in_process,
         )
+        if steps[ceiling].code == 0 and ceiling.startswith("ort:"):
+            steps[ceiling].message = f"ok {steps[ceiling].seconds:.1f}s, {measured_peaks(report)}"
     if args.smallest:
         steps[SMALLEST] = smallest_tiling_ceiling(path, shape, workdir)
     return steps
