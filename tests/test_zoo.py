@@ -10,6 +10,8 @@ coverage as a table. Models that take more than a few seconds are marked slow.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -115,7 +117,7 @@ def test_coverage_script_reports_exit_codes_and_one_line_refusals(capsys, monkey
     zoo = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "zoo_script", zoo)  # dataclasses look their module up
     spec.loader.exec_module(zoo)
-    zoo.main(["--models", "squeezenet", "--ceilings", "1B", "--num-samples", "4"])
+    zoo.main(["--models", "squeezenet", "--ceilings", "1B,ort:32KB", "--num-samples", "4"])
     row = next(
         line for line in capsys.readouterr().out.splitlines() if line.startswith("| squeezenet")
     )
@@ -123,3 +125,5 @@ def test_coverage_script_reports_exit_codes_and_one_line_refusals(capsys, monkey
     assert cells[:2] == ["squeezenet", "1x3x64x64"]
     assert cells[2].startswith("ok ") and cells[3].startswith("ok ")  # export, analyze
     assert cells[4].startswith("exit 2: error: ceiling 1B") and "infeasible" in cells[4]
+    # a runtime cell gives onnxruntime's peak before and after, from compile's own report
+    assert re.fullmatch(r"ok \d+\.\ds, peak \d+\.\d\d -> \d+\.\d\d MiB", cells[5]), cells[5]
