@@ -1,12 +1,24 @@
 """Ceiling sweep on real trained models: accuracy against labels known by construction.
 
     python examples/ceiling_sweep.py [--models ppocr-cls,ppocr-rec,demo] [--ceilings 2x,4x,8x]
-        [--methods pca,random,learned] [--num-samples 256] [--eval-samples 500] [--out sweep]
+        [--methods pca,random,learned] [--num-samples 256] [--eval-samples 500]
+        [--eval-set first|second|both] [--calibration-set first|second] [--out sweep]
 
 For each model x ceiling x method: render calibration text lines (unlabelled for
 the recognizer, at most 512) into an .npz, `compile_model` under the ceiling, then
-score the compiled model on a separate held-out set of rendered lines (another
-seed) with the task's own metric:
+score the compiled model on separate held-out rendered lines (another seed) with
+the task's own metric, on two independent sets of lines:
+
+* set 1, `fmcompress.evaluation.textlines`: DejaVu faces, random strings of 4-12
+  characters, dark on light; the set the defaults were chosen on;
+* set 2, `fmcompress.evaluation.otherlines`: STIX and Computer Modern faces, words,
+  dates, prices, codes and punctuation, light or dark, gradient and photo backgrounds,
+  rotation, blur, JPEG; rendered by another generator so that a figure can be
+  confirmed on lines nobody tuned on.
+
+`--eval-set` picks the sets scored (default both: columns "1" and "2" of the table,
+`--eval-samples` lines each); `--calibration-set` the set the calibration lines come
+from (default first: choose on one set, confirm on the other). The models:
 
 * ppocr-cls (rapidocr wheel): the 0/180 degree direction classifier, accuracy;
 * ppocr-rec (rapidocr wheel): the PP-OCRv4 recognizer, exact-match string
@@ -15,10 +27,12 @@ seed) with the task's own metric:
 * demo (`models/digits_resnet.onnx` when it exists, `--data mnist`): the compile
   report's held-out accuracy before and after (skipped with a note when absent).
 
-Rendering and scoring are `fmcompress.evaluation.textlines`. Prints a Markdown table (also
-written to OUT/ceiling_sweep.md, with OUT/ceiling_sweep.json) and plots the metric
-against the ceiling, one line per method and one panel per model, with the
-original's figure dashed (OUT/ceiling_sweep.png). Methods that
+Scoring is `fmcompress.evaluation.textlines`'s for both sets. Prints a Markdown table
+(also written to OUT/ceiling_sweep.md, with OUT/ceiling_sweep.json: per row `original`,
+`compressed` and `drop_points` for set 1, the same keys with `_second` for set 2) and
+plots the metric against the ceiling, one line per method and set (set 2 dashed) and
+one panel per model, with the originals' figures dotted (OUT/ceiling_sweep.png). The
+demo has no second set: its figures go in the set 1 columns whatever `--eval-set` says. Methods that
 `fmcompress.passes.fit.METHODS` does not hold are skipped with a note. Latency
 figures are not the point here, so compile times them only once.
 """
@@ -38,7 +52,7 @@ import numpy as np
 
 from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.errors import InputError, VerificationError
-from fmcompress.evaluation import textlines
+from fmcompress.evaluation import otherlines, textlines
 from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.passes.fit import METHODS
 from fmcompress.train_config import TrainConfig
@@ -47,6 +61,10 @@ MAX_CALIBRATION = 512
 CALIBRATION_SEED = 0
 EVAL_SEED = 1000  # held-out lines: another seed, so no line is shared with calibration
 DEMO_PATH = Path(__file__).resolve().parents[1] / "models" / "digits_resnet.onnx"
+SETS = {"first": textlines, "second": otherlines}  # the two independent renderers of text lines
+SET_NAMES = {"first": "set 1 (textlines)", "second": "set 2 (otherlines)"}
+SUFFIX = {"first": "", "second": "_second"}  # the JSON keys of a set's figures: original{suffix}, ...
+COLUMN = {"first": "1", "second": "2"}
 
 
 @dataclass
@@ -58,40 +76,42 @@ class Task:
     path: Path
     input_shape: str
     data: str | None = None  # calibration source; None: render an npz
-    eval_inputs: np.ndarray | None = None
-    eval_targets: Any = None
-    cache: dict[str, float] = field(default_factory=dict)
+    evals: dict[str, tuple[np.ndarray, Any]] = field(default_factory=dict)  # eval set -> (inputs, targets)
+    cache: dict[str, float] = field(default_factory=dict)  # eval set -> the original's score
 
-    def calibration(self, folder: Path, count: int) -> str:
+    def calibration(self, folder: Path, count: int, which: str = "first") -> str:
         if self.data is not None:
             return self.data
-        path = folder / f"{self.name}-calibration.npz"
+        path = folder / f"{self.name}-calibration-{which}.npz"
         if not path.exists():
+            lines = SETS[which]
             if self.name == "ppocr-cls":
-                inputs, labels = textlines.cls_dataset(count, CALIBRATION_SEED)
+                inputs, labels = lines.cls_dataset(count, CALIBRATION_SEED)
                 textlines.save_npz(path, inputs, labels)
             else:
-                inputs, _ = textlines.rec_dataset(count, CALIBRATION_SEED)  # texts are not class labels
+                inputs, _ = lines.rec_dataset(count, CALIBRATION_SEED)  # texts are not class labels
                 textlines.save_npz(path, inputs)
         return str(path)
 
-    def score(self, model, threads: int) -> float | None:
+    def score(self, model, threads: int, which: str) -> float | None:
+        if which not in self.evals:
+            return None  # demo: read from the compile report
+        inputs, targets = self.evals[which]
         if self.name == "ppocr-cls":
-            return textlines.cls_accuracy(model, self.eval_inputs, self.eval_targets, threads=threads)
-        if self.name == "ppocr-rec":
-            return textlines.rec_exact_match(model, self.eval_inputs, self.eval_targets, threads=threads)
-        return None  # demo: read from the compile report
+            return textlines.cls_accuracy(model, inputs, targets, threads=threads)
+        return textlines.rec_exact_match(model, inputs, targets, threads=threads)
 
 
-def build_tasks(names: list[str], eval_samples: int, demo_data: str) -> tuple[list[Task], list[str]]:
+def build_tasks(names: list[str], eval_samples: int, demo_data: str,
+                eval_sets: tuple[str, ...] = ("first", "second")) -> tuple[list[Task], list[str]]:
     tasks, notes = [], []
     for name in names:
         if name == "ppocr-cls":
             task = Task(name, "accuracy", real_model(name), "x=1,3,48,192")
-            task.eval_inputs, task.eval_targets = textlines.cls_dataset(eval_samples, EVAL_SEED)
+            task.evals = {which: SETS[which].cls_dataset(eval_samples, EVAL_SEED) for which in eval_sets}
         elif name == "ppocr-rec":
             task = Task(name, "exact match", real_model(name), "x=1,3,48,320")
-            task.eval_inputs, task.eval_targets = textlines.rec_dataset(eval_samples, EVAL_SEED)
+            task.evals = {which: SETS[which].rec_dataset(eval_samples, EVAL_SEED) for which in eval_sets}
         elif name == "demo":
             if not DEMO_PATH.exists():
                 notes.append(f"demo skipped: {DEMO_PATH.relative_to(DEMO_PATH.parents[1])} does not exist yet")
@@ -104,7 +124,8 @@ def build_tasks(names: list[str], eval_samples: int, demo_data: str) -> tuple[li
 
 
 def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[str, Any]:
-    options = CompileOptions(ceiling=ceiling, method=method, data=task.calibration(folder, args.num_samples),
+    calibration = task.calibration(folder, args.num_samples, args.calibration_set)
+    options = CompileOptions(ceiling=ceiling, method=method, data=calibration,
                              num_samples=args.num_samples, input_shapes=[task.input_shape] if task.input_shape else None,
                              latency_repeats=1, latency_rounds=1, threads=args.threads,
                              training=TrainConfig(epochs=args.epochs, block_epochs=args.block_epochs))
@@ -117,38 +138,51 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
         return row
     row["compile_s"] = time.perf_counter() - started
     row["maps"] = len(result.plan.maps)
-    if task.eval_inputs is not None:
-        if "original" not in task.cache:
-            task.cache["original"] = task.score(task.path, args.threads)
-        row["original"] = task.cache["original"]
-        row["compressed"] = task.score(result.model, args.threads)
+    if task.evals:
+        for which in task.evals:
+            if which not in task.cache:
+                task.cache[which] = task.score(task.path, args.threads, which)
+            row["original" + SUFFIX[which]] = task.cache[which]
+            row["compressed" + SUFFIX[which]] = task.score(result.model, args.threads, which)
     else:
         fid = result.report["fidelity"]
         row["original"], row["compressed"] = fid["accuracy_reference"], fid["accuracy_candidate"]
-    if row.get("original") is not None and row.get("compressed") is not None:
-        row["drop_points"] = 100 * (row["original"] - row["compressed"])
+    for suffix in SUFFIX.values():
+        if row.get("original" + suffix) is not None and row.get("compressed" + suffix) is not None:
+            row["drop_points" + suffix] = 100 * (row["original" + suffix] - row["compressed" + suffix])
     return row
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | ceiling | method | maps | metric | original | compressed | drop (pts) | compile s |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+def markdown(rows: list[dict[str, Any]], eval_sets: tuple[str, ...] = ("first",)) -> str:
+    """The table: original, compressed and drop for each scored set (columns "1" and "2")."""
+    head, rule = "| model | ceiling | method | maps | metric |", "|---|---|---|---:|---|"
+    for which in eval_sets:
+        n = COLUMN[which]
+        head += f" original {n} | compressed {n} | drop {n} (pts) |"
+        rule += "---:|---:|---:|"
+    lines = [head + " compile s |", rule + "---:|"]
 
     def pct(value):
         return "-" if value is None else f"{100 * value:.1f}%"
 
     for r in rows:
+        start = f"| {r['model']} | {r['ceiling']} | {r['method']} |"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['ceiling']} | {r['method']} | - | {r['metric']} | - | - | - | "
-                         f"{r['compile_s']:.1f} (failed: {r['error']}) |")
+            lines.append(f"{start} - | {r['metric']} |" + " - | - | - |" * len(eval_sets)
+                         + f" {r['compile_s']:.1f} (failed: {r['error']}) |")
             continue
-        drop = "-" if r.get("drop_points") is None else f"{r['drop_points']:.1f}"
-        lines.append(f"| {r['model']} | {r['ceiling']} | {r['method']} | {r['maps']} | {r['metric']} | "
-                     f"{pct(r.get('original'))} | {pct(r.get('compressed'))} | {drop} | {r['compile_s']:.1f} |")
+        cells = ""
+        for which in eval_sets:
+            suffix = SUFFIX[which]
+            drop = r.get("drop_points" + suffix)
+            cells += (f" {pct(r.get('original' + suffix))} | {pct(r.get('compressed' + suffix))} | "
+                      f"{'-' if drop is None else f'{drop:.1f}'} |")
+        lines.append(f"{start} {r['maps']} | {r['metric']} |{cells} {r['compile_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], ceilings: list[str], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], ceilings: list[str], path: Path,
+         eval_sets: tuple[str, ...] = ("first",)) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,14 +191,17 @@ def plot(rows: list[dict[str, Any]], ceilings: list[str], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        mine = [r for r in rows if r["model"] == model and r.get("compressed") is not None]
-        for method in dict.fromkeys(r["method"] for r in mine):
-            points = [(ceilings.index(r["ceiling"]), 100 * r["compressed"]) for r in mine if r["method"] == method]
-            xs, ys = zip(*sorted(points), strict=True)
-            ax.plot(xs, ys, marker="o", label=method)
-        original = next((r["original"] for r in mine if r.get("original") is not None), None)
-        if original is not None:
-            ax.axhline(100 * original, color="gray", linestyle="--", label="original")
+        for which, style, grey in zip(eval_sets, ("-", "--"), ("gray", "silver"), strict=False):
+            suffix, name = SUFFIX[which], f"set {COLUMN[which]}"
+            mine = [r for r in rows if r["model"] == model and r.get("compressed" + suffix) is not None]
+            for method in dict.fromkeys(r["method"] for r in mine):
+                points = [(ceilings.index(r["ceiling"]), 100 * r["compressed" + suffix])
+                          for r in mine if r["method"] == method]
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, ys, marker="o", linestyle=style, label=f"{method}, {name}")
+            original = next((r["original" + suffix] for r in mine if r.get("original" + suffix) is not None), None)
+            if original is not None:
+                ax.axhline(100 * original, color=grey, linestyle=":", label=f"original, {name}")
         metric = next((r["metric"] for r in rows if r["model"] == model), "")
         ax.set(title=model, xlabel="ceiling", ylabel=f"{metric} (%)", ylim=(0, 102),
                xticks=range(len(ceilings)), xticklabels=ceilings)
@@ -181,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ceilings", default="2x,4x,8x")
     parser.add_argument("--methods", default="pca,random,learned")
     parser.add_argument("--num-samples", type=int, default=256, help=f"calibration lines (at most {MAX_CALIBRATION})")
-    parser.add_argument("--eval-samples", type=int, default=500, help="held-out lines scored per model")
+    parser.add_argument("--eval-samples", type=int, default=500, help="held-out lines scored per model and set")
+    parser.add_argument("--eval-set", choices=("first", "second", "both"), default="both",
+                        help="score on set 1 (textlines), set 2 (otherlines) or both")
+    parser.add_argument("--calibration-set", choices=("first", "second"), default="first",
+                        help="the set whose lines calibrate and train the projections")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="training epochs (random, learned)")
     parser.add_argument("--block-epochs", type=int, default=TrainConfig.block_epochs,
                         help="block reconstruction epochs per map before training (learned)")
@@ -197,9 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = [m for m in wanted if m in METHODS]
     notes = [f"method {m!r} skipped: not in fmcompress.passes.fit.METHODS {METHODS}" for m in wanted if m not in METHODS]
+    eval_sets = ("first", "second") if args.eval_set == "both" else (args.eval_set,)
     tasks, more = build_tasks([m.strip() for m in args.models.split(",") if m.strip()], args.eval_samples,
-                              args.demo_data)
+                              args.demo_data, eval_sets)
     notes += more
+    notes.append(f"calibrated on {SET_NAMES[args.calibration_set]} (seed {CALIBRATION_SEED}); scored on "
+                 + ", ".join(f"{COLUMN[w]} = {SET_NAMES[w]}" for w in eval_sets)
+                 + f" ({args.eval_samples} lines each, seed {EVAL_SEED})")
+    if any(t.name == "demo" for t in tasks) and eval_sets != ("first",):
+        notes.append("demo: scored on its own held-out digits, shown in the set 1 columns")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -209,16 +256,19 @@ def main(argv: list[str] | None = None) -> int:
                 for method in methods:
                     row = run_one(task, ceiling, method, args, Path(tmp))
                     rows.append(row)
-                    status = row.get("error") or f"{row.get('compressed')}"
+                    status = row.get("error") or ", ".join(
+                        f"{COLUMN[w]}: {row.get('compressed' + SUFFIX[w])}" for w in eval_sets)
                     print(f"{task.name} {ceiling} {method}: {status} ({row['compile_s']:.1f} s)", file=sys.stderr)
-    table = markdown(rows)
+    has_demo = any(not t.evals for t in tasks)  # the demo's figures are in the set 1 columns
+    shown = tuple(w for w in SETS if w in eval_sets or (w == "first" and has_demo))
+    table = markdown(rows, shown)
     print(table)
     for note in notes:
         print(f"note: {note}")
     (out / "ceiling_sweep.md").write_text(table + "".join(f"\nnote: {n}" for n in notes))
     (out / "ceiling_sweep.json").write_text(json.dumps({"rows": rows, "notes": notes, "args": vars(args)}, indent=2))
     if rows:
-        plot(rows, ceilings, out / "ceiling_sweep.png")
+        plot(rows, ceilings, out / "ceiling_sweep.png", shown)
         print(f"wrote {out / 'ceiling_sweep.png'}")
     return 0
 
