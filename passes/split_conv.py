@@ -6,11 +6,15 @@ filter count exceeds the output positions: ResNet-18's 3x3 convs on 14x14 maps t
 positions, takes it more often. With at most as many filters as positions it works in
 small per-thread segments instead. Rules:
 
-a. A candidate is a Conv (group=1, 2-D, constant weight and bias) whose scratch under
+a. A candidate is a Conv (2-D, constant weight and bias, any group) whose scratch under
    rule e of passes/runtime.py (`conv_workspace_elements`) exceeds `budget_bytes`.
 b. It becomes ceil(M / positions) convs over the same input, each with at most
    `positions` filters (rows of W and b, in order), and a Concat along the channel
    axis that writes the original output name; the rest of the graph is untouched.
+b'. A grouped conv (group g: AlexNet's) expands each group's input: it becomes, per group,
+   a Slice of that group's input channels and ceil((M / g) / positions) group-1 convs over
+   it (that group's rows of W and b, in order), all joined by one Concat in group order,
+   which is the original channel order.
 c. The outputs are bitwise what one conv computes per filter, so the model's
    outputs are unchanged up to float rounding (tests check against onnxruntime).
 d. The rewrite edits `model.graph` in place: the parts and the Concat take the conv's
@@ -71,32 +75,53 @@ class SplitConvPass(Pass):
         bias = optional_input(node, 2)
         info = infos.get(node.outputs[0].name)
         constant_bias = bias is None or isinstance(bias, gs.Constant)
-        if (not isinstance(weight, gs.Constant) or not constant_bias or info is None or len(info.shape) != 4 or node.attrs.get("group", 1) != 1):
+        if not isinstance(weight, gs.Constant) or not constant_bias or info is None or len(info.shape) != 4:
             return 1
-        elements = conv_workspace_elements(tuple(weight.shape), info.shape, 1,
+        group = int(node.attrs.get("group", 1))
+        elements = conv_workspace_elements(tuple(weight.shape), info.shape, group,
                                            list(node.attrs.get("strides", [])),
                                            list(node.attrs.get("pads", [])))
         if elements * (act_bytes or np.dtype(info.dtype).itemsize) <= self.budget_bytes:
             return 1
-        return math.ceil(weight.shape[0] / math.prod(info.shape[2:]))
+        return group * math.ceil(weight.shape[0] // group / math.prod(info.shape[2:]))
 
 
 def _split(node: gs.Node, parts: int, namer: Namer) -> list[gs.Node]:
-    """Rule b: the parts and their Concat, which takes over the conv's output."""
+    """Rules b and b': the parts and their Concat, which takes over the conv's output."""
     source, output = node.inputs[0], node.outputs[0]
     weight = constant_value(node.inputs[1])
     bias_tensor = optional_input(node, 2)
     bias = None if bias_tensor is None else constant_value(bias_tensor)
+    group = int(node.attrs.get("group", 1))
+    attrs = {**node.attrs, "group": 1}
     detach([node])  # so that the Concat can produce its output
     base = node.name or output.name
     outputs, emitted = [], []
-    for i, rows in enumerate(np.array_split(np.arange(weight.shape[0]), parts)):
-        inputs = [source, gs.Constant(namer(f"{base}/split{i}/W"), weight[rows])]
-        if bias is not None:
-            inputs.append(gs.Constant(namer(f"{base}/split{i}/B"), bias[rows]))
-        outputs.append(gs.Variable(namer(f"{output.name}/split{i}")))
-        emitted.append(gs.Node("Conv", name=namer(f"{base}/split{i}"), attrs=dict(node.attrs),
-                               inputs=inputs, outputs=[outputs[-1]]))
+    per_group = weight.shape[0] // group
+    for g in range(group):
+        reads = source if group == 1 else _group_slice(source, g, weight.shape[1], namer, base, emitted)
+        for rows in np.array_split(np.arange(g * per_group, (g + 1) * per_group), parts // group):
+            i = len(outputs)
+            inputs = [reads, gs.Constant(namer(f"{base}/split{i}/W"), weight[rows])]
+            if bias is not None:
+                inputs.append(gs.Constant(namer(f"{base}/split{i}/B"), bias[rows]))
+            outputs.append(gs.Variable(namer(f"{output.name}/split{i}")))
+            emitted.append(gs.Node("Conv", name=namer(f"{base}/split{i}"), attrs=attrs,
+                                   inputs=inputs, outputs=[outputs[-1]]))
     emitted.append(gs.Node("Concat", name=namer(f"{base}/concat"), attrs={"axis": 1},
                            inputs=outputs, outputs=[output]))
     return emitted
+
+
+def _group_slice(source: gs.Tensor, group: int, channels: int, namer: Namer, base: str,
+                 emitted: list[gs.Node]) -> gs.Variable:
+    """Rule b': group `group`'s input channels, [group * channels, (group + 1) * channels)."""
+    bounds = [np.array([group * channels], np.int64), np.array([(group + 1) * channels], np.int64),
+              np.array([1], np.int64)]
+    names = ("starts", "ends", "axes")
+    constants = [gs.Constant(namer(f"{base}/group{group}/{name}"), value) for name, value in zip(names, bounds,
+                                                                                                strict=True)]
+    sliced = gs.Variable(namer(f"{base}/group{group}/input"))
+    emitted.append(gs.Node("Slice", name=namer(f"{base}/group{group}/slice"), inputs=[source, *constants],
+                           outputs=[sliced]))
+    return sliced

@@ -86,6 +86,26 @@ def test_split_conv_is_exact_and_removes_the_scratch():
     assert [t for t in runtime_view(model).tensors if t.role == "workspace"]
 
 
+def test_a_grouped_conv_is_split_per_group_and_stays_exact():
+    """Rule b' of split_conv: AlexNet's two-group convs expand each group's input; each group
+    becomes its own group-1 convs over a Slice of its channels, concatenated in group order."""
+    rng = np.random.default_rng(2)
+    w = numpy_helper.from_array(rng.standard_normal((96, 8, 3, 3)).astype(np.float32), "w")  # 2 groups of 48
+    b = numpy_helper.from_array(rng.standard_normal(96).astype(np.float32), "b")
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                            group=2)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 96, 5, 5])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert [t for t in runtime_view(model).tensors if t.role == "workspace"]  # 48 filters a group > 25 positions
+    result = SplitConvPass(budget_bytes=512)(model, PassContext())
+    assert result.data == [{"node": "conv", "filters": 96, "parts": 4}]  # 2 groups x 2 parts of 24
+    onnx.checker.check_model(result.model, full_check=True)
+    x = rng.standard_normal((1, 16, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(_run(result.model, x), _run(model, x), rtol=1e-5, atol=1e-5)
+    assert not [t for t in runtime_view(result.model).tensors if t.role == "workspace"]
+
+
 def test_compile_runtime_ort_holds_the_ceiling_in_onnxruntime_and_tiling_is_exact(tmp_path):
     model = stem_net()
     ceiling = 16 * 1024
