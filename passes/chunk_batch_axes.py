@@ -72,11 +72,11 @@ import onnx_graphsurgeon as gs
 from fmcompress.featuremaps import FeatureMap
 from fmcompress.shapes import TensorInfo, infer_tensor_infos, resolve_input_shapes
 
-from .base import Pass, PassContext, PassResult
+from .base import PassContext
+from .covering import CoveringRewrite
 from .graph import Model
-from .graphutil import Namer, constant_value, detach, node_index
+from .graphutil import Namer, constant_value, detach
 from .ops import CHUNK_BINARY_OPS, CHUNK_SOFTMAX_OPS, CHUNK_UNARY_OPS
-from .runtime_names import not_covered
 
 _ONNX = (None, "", "ai.onnx")
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape"})
@@ -116,40 +116,33 @@ class _Region:
         return list(found.values())
 
 
-class ChunkBatchAxesPass(Pass):
+class ChunkBatchAxesPass(CoveringRewrite):
     """Computes every attention region above `budget_bytes` in chunks of its batch axes (rules a-e)."""
 
     name = "chunk-batch-axes"
 
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes = budget_bytes
+    def find(self, model: Model, ctx: PassContext) -> list[_Region]:
+        return _regions(model, ctx, self.budget_bytes)
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        regions = _regions(model, ctx, self.budget_bytes)
-        if not regions:
-            return PassResult(model, modified=False, data=[])
-        opset = model.opset
-        namer = Namer(model.graph)
-        chunked = []
-        for region in regions:
-            chunked.append({"node": region.anchor.name, "end": region.end.name, "axes": dict(region.dims),
-                            "singles": list(region.singles), "axis": region.axis, "chunk": region.chunk,
-                            "chunks": region.chunks})
-            where = node_index(model.graph, region.nodes[-1])
-            emitted = _rewrite(region, namer, opset)
-            model.graph.nodes[where:where] = emitted
-        model.touched(sort=False)
-        return PassResult(model, modified=True, data=chunked)
+    def anchor(self, candidate: _Region) -> gs.Node:
+        return candidate.nodes[-1]  # the end's producer (rule e)
+
+    def emit(self, candidate: _Region, namer: Namer, opset: int) -> list[gs.Node]:
+        return _rewrite(candidate, namer, opset)
+
+    def record(self, candidate: _Region) -> dict:
+        return {"node": candidate.anchor.name, "end": candidate.end.name, "axes": dict(candidate.dims),
+                "singles": list(candidate.singles), "axis": candidate.axis, "chunk": candidate.chunk,
+                "chunks": candidate.chunks}
+
+    def covers(self, candidate: _Region) -> list[str]:  # rule f
+        return list(candidate.internal)
 
 
 def batch_uncovered(proto: onnx.ModelProto, uncovered: list[FeatureMap], budget_bytes: int,
                     ctx: PassContext, aliases: dict[str, str]) -> list[FeatureMap]:
-    """Rule f; `aliases` are the runtime plan's names of onnxruntime's tensors (runtime_names)."""
-    if not uncovered:
-        return uncovered
-    covered = {name for region in _regions(Model.from_proto(proto), ctx, budget_bytes) for name in region.internal}
-    return not_covered(uncovered, covered, aliases)
-
+    """Rule f (`CoveringRewrite.uncovered`)."""
+    return ChunkBatchAxesPass(budget_bytes).uncovered(proto, uncovered, ctx, aliases)
 
 
 def _bytes(info: TensorInfo, act_bytes: int | None) -> int:

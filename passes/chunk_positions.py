@@ -22,8 +22,8 @@ d. The rewrite is exact: each position is computed by the same ops on the same v
 e. The rewrite edits `model.graph` in place: the chunk nodes take the product's place,
    named `<node>/chunk<i>/...` and `<end>/concat` (unique, by `Namer`); shapes come from ONNX
    shape inference of `model.proto()`.
-f. `chunk_uncovered` is the runtime plan's coverage check: the allocations of a list that the
-   pass would not bring under the ceiling: the chain tensors of a candidate are covered, and
+f. `ChunkPositionsPass(budget).uncovered` (passes/covering.py) is the runtime plan's coverage
+   check: the allocations of a list that the pass would not bring under the ceiling: the chain tensors of a candidate are covered, and
    so is what onnxruntime names for one (a MatMul and Add fused into a Gemm between Reshapes,
    passes/runtime_names.py).
 
@@ -37,17 +37,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from fmcompress.featuremaps import FeatureMap
 from fmcompress.shapes import TensorInfo, infer_tensor_infos, resolve_input_shapes
 
-from .base import Pass, PassContext, PassResult
+from .base import PassContext
+from .covering import CoveringRewrite
 from .graph import Model
 from .graphutil import Namer, constant_value, detach, optional_input
 from .ops import CHUNK_BINARY_OPS, CHUNK_SOFTMAX_OPS, CHUNK_UNARY_OPS
-from .runtime_names import not_covered
 
 
 @dataclass
@@ -63,38 +61,28 @@ class _Candidate:
         return [node.outputs[0].name for node in [self.product, *self.chain]]
 
 
-class ChunkPositionsPass(Pass):
+class ChunkPositionsPass(CoveringRewrite):
     """Computes every per-position product above `budget_bytes` in chunks (rules a-e)."""
 
     name = "chunk-positions"
 
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes = budget_bytes
+    def find(self, model: Model, ctx: PassContext) -> list[_Candidate]:
+        return _candidates(model, ctx, self.budget_bytes)
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        candidates = _candidates(model, ctx, self.budget_bytes)
-        if not candidates:
-            return PassResult(model, modified=False, data=[])
-        opset = model.opset
-        namer = Namer(model.graph)
-        chunked = []
-        for cand in candidates:
-            chunked.append({"node": cand.product.name, "positions": cand.positions, "chunk": cand.chunk,
-                            "chunks": math.ceil(cand.positions / cand.chunk)})
-            emitted = _chunk(cand, namer, opset)
-            where = next(i for i, node in enumerate(model.graph.nodes) if node is cand.product)
-            model.graph.nodes[where:where] = emitted
-        model.touched(sort=False)
-        return PassResult(model, modified=True, data=chunked)
+    def anchor(self, candidate: _Candidate) -> gs.Node:
+        return candidate.product
+
+    def emit(self, candidate: _Candidate, namer: Namer, opset: int) -> list[gs.Node]:
+        return _chunk(candidate, namer, opset)
+
+    def record(self, candidate: _Candidate) -> dict:
+        return {"node": candidate.product.name, "positions": candidate.positions, "chunk": candidate.chunk,
+                "chunks": math.ceil(candidate.positions / candidate.chunk)}
+
+    def covers(self, candidate: _Candidate) -> list[str]:  # rule f
+        return candidate.tensors
 
 
-def chunk_uncovered(proto: onnx.ModelProto, uncovered: list[FeatureMap], budget_bytes: int,
-                    ctx: PassContext, aliases: dict[str, str]) -> list[FeatureMap]:
-    """Rule f; `aliases` are the runtime plan's names of onnxruntime's tensors (runtime_names)."""
-    if not uncovered:
-        return uncovered
-    covered = {name for cand in _candidates(Model.from_proto(proto), ctx, budget_bytes) for name in cand.tensors}
-    return not_covered(uncovered, covered, aliases)
 
 
 

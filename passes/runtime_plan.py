@@ -72,14 +72,15 @@ from fmcompress.reports.analysis import AnalysisReport, RuntimeView
 from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
-from .chunk_batch_axes import ChunkBatchAxesPass, batch_uncovered
-from .chunk_positions import ChunkPositionsPass, chunk_uncovered
+from .chunk_batch_axes import ChunkBatchAxesPass
+from .chunk_positions import ChunkPositionsPass
+from .covering import CoveringRewrite
 from .graph import Model
 from .ops import FOLD_PUSH_OPS
 from .plan import Plan, PlannedMap, carried_planes, planned_map, ranked_plane_bytes
 from .runtime import DEFAULT_LEVEL, analyze_runtime
 from .runtime_names import fused_away, runtime_names
-from .split_columns import SplitColumnsPass, split_uncovered
+from .split_columns import SplitColumnsPass
 from .split_conv import SplitConvPass
 from .tile import (
     Region,
@@ -418,21 +419,21 @@ def with_pools_in_bands(model: Model, pools: list[PlannedPool], ctx: PassContext
         pool_model(model, planned.start, planned.pool, planned.bands, ctx.input_shapes)
 
 
-# the rewrites for what bands cannot split, in the order they run (after tiling and conv
-# splitting), each with its coverage check: (model, allocations, ceiling, ctx, aliases) -> those
-# it leaves above the ceiling. Keys name their results in `ctx.tiling`.
-COVERING_REWRITES = {
-    "chunked": (ChunkPositionsPass, chunk_uncovered),  # a per-position product, by positions
-    "split_columns": (SplitColumnsPass, split_uncovered),  # attention's qkv, by column blocks
-    "chunked_batch_axes": (ChunkBatchAxesPass, batch_uncovered),  # attention's scores, by heads/patches
+# the rewrites for what bands cannot split (passes/covering.py), in the order they run after
+# tiling and conv splitting; each also checks coverage at plan time. Keys name their results
+# in `ctx.tiling`.
+COVERING_REWRITES: dict[str, type[CoveringRewrite]] = {
+    "chunked": ChunkPositionsPass,  # a per-position product, by positions
+    "split_columns": SplitColumnsPass,  # attention's qkv, by column blocks
+    "chunked_batch_axes": ChunkBatchAxesPass,  # attention's scores, by heads and patches
 }
 
 
 def rewrites_uncovered(model: onnx.ModelProto, uncovered: list[FeatureMap], ceiling: int, ctx: PassContext,
                        aliases: dict[str, str]) -> list[FeatureMap]:
     """The allocations of `uncovered` that no covering rewrite brings under the ceiling."""
-    for _, covered in COVERING_REWRITES.values():
-        uncovered = covered(model, uncovered, ceiling, ctx, aliases)
+    for rewrite in COVERING_REWRITES.values():
+        uncovered = rewrite(ceiling).uncovered(model, uncovered, ctx, aliases)
     return uncovered
 
 
@@ -476,7 +477,7 @@ class TileToCeilingPass(Pass):
         with_pools_in_bands(model, plan.pools, local)
         tiled = TilePass([(r.starts, r.end, r.bands) for r in plan.regions]).run(model, local)
         split = SplitConvPass(ceiling).run(model, local)
-        rewritten = {key: rewrite(ceiling).run(model, local).data for key, (rewrite, _) in COVERING_REWRITES.items()}
+        rewritten = {key: rewrite(ceiling).run(model, local).data for key, rewrite in COVERING_REWRITES.items()}
         ctx.tiling = {"plan": plan, "regions": tiled.data, "split_convs": split.data, **rewritten}
         modified = bool(plan.regions or split.data or any(rewritten.values()))
         return PassResult(model, modified=modified, data=ctx.tiling)

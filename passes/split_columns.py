@@ -51,10 +51,10 @@ import onnx_graphsurgeon as gs
 from fmcompress.featuremaps import FeatureMap
 from fmcompress.shapes import TensorInfo, infer_tensor_infos, resolve_input_shapes
 
-from .base import Pass, PassContext, PassResult
+from .base import PassContext
+from .covering import CoveringRewrite
 from .graph import Model
-from .graphutil import Namer, constant_value, detach, node_index, optional_constant, optional_input
-from .runtime_names import not_covered
+from .graphutil import Namer, constant_value, detach, optional_constant, optional_input
 
 _ONNX = (None, "", "ai.onnx")
 
@@ -86,37 +86,32 @@ class _Candidate:
         return [out.name for node in nodes for out in node.outputs if out.name not in kept]
 
 
-class SplitColumnsPass(Pass):
+class SplitColumnsPass(CoveringRewrite):
     """Computes every product above `budget_bytes` by the column blocks its readers take (rules a-d)."""
 
     name = "split-columns"
 
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes = budget_bytes
+    def find(self, model: Model, ctx: PassContext) -> list[_Candidate]:
+        return _candidates(model, ctx, self.budget_bytes)
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        candidates = _candidates(model, ctx, self.budget_bytes)
-        if not candidates:
-            return PassResult(model, modified=False, data=[])
-        namer = Namer(model.graph)
-        split = []
-        for cand in candidates:
-            split.append({"node": cand.product.name, "columns": cand.columns,
-                          "blocks": [[take.start, take.stop] for take in cand.takes]})
-            where = node_index(model.graph, cand.product)
-            model.graph.nodes[where:where] = _rewrite(cand, namer)
-        model.touched(sort=False)
-        return PassResult(model, modified=True, data=split)
+    def anchor(self, candidate: _Candidate) -> gs.Node:
+        return candidate.product
+
+    def emit(self, candidate: _Candidate, namer: Namer, opset: int) -> list[gs.Node]:
+        return _rewrite(candidate, namer)
+
+    def record(self, candidate: _Candidate) -> dict:
+        return {"node": candidate.product.name, "columns": candidate.columns,
+                "blocks": [[take.start, take.stop] for take in candidate.takes]}
+
+    def covers(self, candidate: _Candidate) -> list[str]:  # rule e
+        return candidate.removed
 
 
 def split_uncovered(proto: onnx.ModelProto, uncovered: list[FeatureMap], budget_bytes: int,
                     ctx: PassContext, aliases: dict[str, str]) -> list[FeatureMap]:
-    """Rule e; `aliases` are the runtime plan's names of onnxruntime's tensors (runtime_names)."""
-    if not uncovered:
-        return uncovered
-    covered = {name for cand in _candidates(Model.from_proto(proto), ctx, budget_bytes) for name in cand.removed}
-    return not_covered(uncovered, covered, aliases)
-
+    """Rule e (`CoveringRewrite.uncovered`)."""
+    return SplitColumnsPass(budget_bytes).uncovered(proto, uncovered, ctx, aliases)
 
 
 def _candidates(model: Model, ctx: PassContext, budget: int) -> list[_Candidate]:
