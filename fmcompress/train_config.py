@@ -18,6 +18,7 @@ OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "light", "splice", "strong")
 FEATURE_REFERENCES = ("teacher", "self")
+BLOCK_INITS = ("pca", "lstsq")
 
 
 @dataclass
@@ -41,6 +42,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     target: float | None = None  # stop once the held-out score reaches it
+    patience: int = 3  # stop after this many epochs without a better held-out score (0: never)
+    probe: int = 1  # after this many epochs, stop if training does not look like paying (0: never)
+    block_min_gain: float = 0.01  # a map's block stage stops when an epoch gains less than this, relatively...
+    block_patience: int = 2  # ...this many epochs in a row (block_epochs stays the maximum)
+    block_init: str = "pca"  # the block stage's start: pca, or lstsq (closed-form reduced-rank regression)
 
     def check(self) -> None:
         """One-line InputErrors for values that cannot train."""
@@ -61,18 +67,26 @@ class TrainConfig:
             raise InputError(f"--temperature must be positive, got {self.temperature}")
         if self.feature_weight < 0:
             raise InputError(f"--feature-weight must be at least 0, got {self.feature_weight}")
+        for value, flag in ((self.patience, "--patience"), (self.probe, "--probe")):
+            if value < 0:
+                raise InputError(f"{flag} must be at least 0, got {value}")
+        if self.block_patience < 1:
+            raise InputError(f"--block-patience must be at least 1, got {self.block_patience}")
+        if not 0 <= self.block_min_gain < 1:
+            raise InputError(f"--block-min-gain must be in [0, 1), got {self.block_min_gain}")
         if self.target is not None and not 0 < self.target <= 1:
             raise InputError(f"--target must be in (0, 1], got {self.target}")
         for value, allowed, flag in ((self.loss, LOSSES, "--loss"), (self.schedule, SCHEDULES, "--schedule"),
                                      (self.optimizer, OPTIMIZERS, "--optimizer"),
                                      (self.device, DEVICES, "--device"), (self.augment, AUGMENTATIONS, "--augment"),
-                                     (self.feature_reference, FEATURE_REFERENCES, "--feature-reference")):
+                                     (self.feature_reference, FEATURE_REFERENCES, "--feature-reference"),
+                                     (self.block_init, BLOCK_INITS, "--block-init")):
             if value not in allowed:
                 raise InputError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
 
     def fingerprint(self) -> str:
-        """What a checkpoint must agree on to be resumed (not the device or the early-stop target)."""
-        kept = {k: v for k, v in asdict(self).items() if k not in ("device", "target")}
+        """What a checkpoint must agree on to be resumed (not the device nor the early stops)."""
+        kept = {k: v for k, v in asdict(self).items() if k not in ("device", "target", "patience", "probe")}
         return json.dumps(kept, sort_keys=True)
 
 

@@ -2,26 +2,30 @@
 
 Rules:
 
-* The maps and ranks come from the plan (`ctx.plan`, or the constructor's); the data
+a. The maps and ranks come from the plan (`ctx.plan`, or the constructor's); the data
   from the constructor or else the pipeline (`ctx.calibration`, `ctx.held_out`). Nothing planned: no projections, no data read.
-* `pca` (Tai et al.'s compression-aware projection without its compensation): one
+b. `pca` (Tai et al.'s compression-aware projection without its compensation): one
   projection per planned map, fitted in network order with every earlier projection
   in place, so each map is fitted on what the compressed network will feed it.
   P = the top-k eigenvectors of the uncentred channel second moment E[x x^T] over the
   calibration data (a bounded random subset of positions per batch), U = P^T.
   Uncentred, because the folded model has no bias to carry a mean and zero padding
   must commute with U.
-* `learned` (the default; Price & Tanner): the PCA projections, each refined in
-  network order to reproduce what the original network computes after its block
-  (`block_epochs` per map, `fmcompress.backend.blockwise`, its rules a-e; 0 skips it),
-  then P and U of every map trained end to end through the frozen network
-  (`fmcompress.backend.trainer`: distillation from the original model's outputs, its
-  rules a-h).
-* `random`: random orthonormal projections trained the same way (the paper's
+c. `learned` (the default; Price & Tanner): the PCA projections (or `block_init`
+  `lstsq`'s closed-form start), each refined in network order to reproduce what the
+  original network computes after its block (at most `block_epochs` per map, fewer
+  once `block_min_gain` stops paying, `fmcompress.backend.blockwise`, its rules a-e;
+  0 epochs and a `pca` start skip it), then P and U of every map trained end to end
+  through the frozen network (`fmcompress.backend.trainer`: distillation from the
+  original model's outputs, its rules a-h; `patience` and `probe` end it early).
+d. `random`: random orthonormal projections trained the same way (the paper's
   initialisation, for comparison).
-* Only calibration data is trained on; the held-out part scores each epoch (the best
+e. Only calibration data is trained on; the held-out part scores each epoch (the best
   epoch is kept, `target` stops early) and stays unseen by the gradients.
-* The model is not changed; `ctx.projections` (and `result.data`) maps tensor names to
+f. `learned` never returns worse held-out figures than `pca`: after a block stage, the
+  plain PCA projections are fitted too (about one forward pass) and are the trainer's
+  fallback candidate (its rule e).
+g. The model is not changed; `ctx.projections` (and `result.data`) maps tensor names to
   `Projection`s, `ctx.projected_graph` is the graph those names refer to, and
   `ctx.training` keeps what a trained method did (`TrainingRecord`).
 
@@ -30,7 +34,6 @@ Entry point: `FitProjectionsPass(calibration, held_out, method="learned").run(mo
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -120,19 +123,21 @@ class FitProjectionsPass(Pass):
     def _fit(self, model: onnx.ModelProto, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
         executor = torch_executor(model)
         maps = [(m.name, m.channels, m.k) for m in plan.maps]
+        fallback = None
         if self.method != "pca":
             ctx.training = TrainingRecord(self._config())
         if self.method == "random":
             from fmcompress.backend.trainer import random_projections
 
             initial = random_projections(maps, seed=self.config.seed if self.config else 0)
-        elif self.method == "learned" and self._config().block_epochs > 0:
+        elif self.method == "learned" and (self._config().block_epochs > 0 or self._config().block_init != "pca"):
             initial = self._blockwise(executor, maps, plan, ctx)
+            fallback = self._pca(executor, maps, plan, ctx)  # rule f
         else:
             initial = self._pca(executor, maps, plan, ctx)
         if self.method == "pca":
             return initial
-        return self._train(executor, maps, initial, ctx)
+        return self._train(executor, maps, initial, ctx, fallback)
 
     def _pca(self, executor, maps, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
         from fmcompress.backend.projection import fit_pca
@@ -157,20 +162,26 @@ class FitProjectionsPass(Pass):
         batches = [tuple(t.to(device) for t in batch) for batch in part.torch_batches(config.batch_size, names)]
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
-        stage: dict = {"epochs": config.block_epochs, "seconds": 0.0, "maps": []}
+        stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,
+                       "patience": config.block_patience, "init": config.block_init, "seconds": 0.0, "maps": []}
 
-        def progress(i: int, name: str, first: float, last: float) -> None:
-            refined = math.isfinite(last)  # NaN: nothing later reads the map, it keeps its PCA
-            record = {"name": name, "first_loss": first if refined else None, "loss": last if refined else None}
+        def progress(i: int, name: str, fit) -> None:
+            refined = bool(fit.losses)  # none: nothing later reads the map, it keeps its start
+            record = {"name": name, "first_loss": fit.first if refined else None,
+                      "loss": fit.last if refined else None, "epochs": len(fit.losses),
+                      "stopped_early": fit.stopped_early, "losses": list(fit.losses)}
             stage["maps"].append(record)
-            outcome = f"loss {first:.4f} -> {last:.4f}" if refined else "kept its PCA (nothing later reads it)"
+            outcome = (f"loss {fit.first:.4f} -> {fit.last:.4f} in {len(fit.losses)} epoch(s)"
+                       f"{' (stopped: no gain)' if fit.stopped_early else ''}" if refined
+                       else "kept its start (no block epochs, or nothing later reads it)")
             ctx.log(f"block {i + 1}/{len(maps)}: {name} {' -> '.join(map(str, ranks[name]))} channels, {outcome}")
             if self.monitor is not None:
                 self.monitor("block", {"map": i + 1, "maps": len(maps), **record})
 
         started = time.perf_counter()
         fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.block_lr,
-                               temperature=config.temperature, seed=config.seed, progress=progress)
+                               temperature=config.temperature, seed=config.seed, min_gain=config.block_min_gain,
+                               patience=config.block_patience, init=config.block_init, progress=progress)
         stage["seconds"] = time.perf_counter() - started
         ctx.training.block_stage = stage
         return fitted
@@ -180,16 +191,21 @@ class FitProjectionsPass(Pass):
 
         return self.config or TrainConfig(batch_size=self.batch_size)
 
-    def _train(self, executor, maps, initial: dict[str, Projection], ctx: PassContext) -> dict[str, Projection]:
+    def _train(self, executor, maps, initial: dict[str, Projection], ctx: PassContext,
+               fallback: dict[str, Projection] | None = None) -> dict[str, Projection]:
         from fmcompress.backend.trainer import ProjectionTrainer
 
         config = self._config()
         trainer = ProjectionTrainer(executor, [name for name, _, _ in maps], initial, config,
-                                    checkpoint=self.checkpoint, resume=self.resume, monitor=self.monitor)
+                                    checkpoint=self.checkpoint, resume=self.resume, monitor=self.monitor,
+                                    fallback=fallback)
         assert self.held_out is not None
         best = trainer.fit(self.calibration.inputs, self.calibration.labels,
                            self.held_out.inputs, self.held_out.labels)
         ctx.training.result = best
+        stops = {"target": " (stopped early at the target)",
+                 "patience": f" (stopped: {config.patience} epoch(s) without a better score)",
+                 "probe": f" (stopped after {config.probe} probe epoch(s): training did not pay)"}
         ctx.log(f"{self.method}: best held-out {best.metric} {best.best_score:.4f} at epoch {best.best_epoch}"
-                f"{' (stopped early at the target)' if best.stopped_early else ''}")
+                f"{stops.get(best.stop_reason, '')}")
         return best.projections

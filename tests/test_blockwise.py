@@ -40,7 +40,7 @@ def test_blocks_reproduce_the_outputs_better_than_pca():
     pca = fit_pca(OnnxModule(model), TINY_MAPS, batches)
     losses = {}
     refined = blockwise(model, TINY_MAPS, batches,
-                        progress=lambda i, name, first, last: losses.update({name: (first, last)}))
+                        progress=lambda i, name, fit: losses.update({name: (fit.first, fit.last)}))
     assert {name: (p.P.shape, p.U.shape) for name, p in refined.items()} == \
         {name: ((k, c), (c, k)) for name, c, k in TINY_MAPS}
     assert all(last < first for first, last in losses.values()), losses
@@ -66,7 +66,7 @@ def test_branches_end_each_block_where_it_is_read():
     maps = [m for m in IN_ORDER if m[0] != "x"]
     batches, _ = make_batches((8, 4, 6, 6), 3)
     ends = []
-    refined = blockwise(model, maps, batches, epochs=4, progress=lambda i, name, first, last: ends.append(name))
+    refined = blockwise(model, maps, batches, epochs=4, progress=lambda i, name, fit: ends.append(name))
     assert ends == [name for name, _, _ in maps]
     assert all(np.isfinite(p.P).all() and np.isfinite(p.U).all() for p in refined.values())
     pca = fit_pca(OnnxModule(model), maps, batches)
@@ -134,3 +134,93 @@ def test_max_samples_bounds_the_block_stage(tmp_path, monkeypatch):
                                                 latency_repeats=1, training=TrainConfig(
                                                     epochs=1, block_epochs=1, batch_size=4, max_samples=max_samples)))
     assert seen == [24, 5]  # a quarter of the 32 samples is held out
+
+
+def test_a_flat_block_loss_stops_the_map_early():
+    """Rule d: at a learning rate too small to move anything the loss is flat, so each map stops after
+    its first epoch and `patience` more; min_gain 0 runs every epoch."""
+    model = tiny_classifier()
+    batches, _ = make_batches((16, 3, 8, 8), 3)
+    fits = {}
+
+    def run(epochs, **kwargs):
+        fit_blockwise(OnnxModule(model), TINY_MAPS, list(batches()), epochs=epochs, lr=1e-12, temperature=2.0,
+                      progress=lambda i, name, fit: fits.update({name: fit}), **kwargs)
+        return {name: (len(fit.losses), fit.stopped_early) for name, fit in fits.items()}
+
+    assert run(10, min_gain=0.01, patience=2) == {"r1": (3, True), "r2": (3, True)}
+    assert run(4, min_gain=0.0) == {"r1": (4, False), "r2": (4, False)}
+
+
+def test_a_falling_block_loss_keeps_going():
+    """Rule d: a map whose loss still falls by more than min_gain an epoch runs all its epochs."""
+    model = tiny_classifier()
+    batches, _ = make_batches((16, 3, 8, 8), 4)
+    fits = {}
+    fit_blockwise(OnnxModule(model), TINY_MAPS, list(batches()), epochs=3, lr=1e-1, temperature=2.0,
+                  min_gain=1e-4, patience=1, init="lstsq", progress=lambda i, name, fit: fits.update({name: fit}))
+    assert all(len(fit.losses) == 3 and not fit.stopped_early for fit in fits.values()), fits
+
+
+def test_lstsq_projection_is_reduced_rank_least_squares():
+    """The closed form against numpy: with k = C it is lstsq's map; with k < C, the best rank-k map
+    (lstsq's fitted values projected on their top-k directions), and with y = x it is PCA."""
+    from fmcompress.backend.blockwise import lstsq_projection
+    from fmcompress.backend.projection import pca_projection
+
+    rng = np.random.default_rng(0)
+    channels, n, k = 12, 2000, 4
+    x = rng.standard_normal((channels, n)) * rng.uniform(0.2, 3, (channels, 1))
+    y = rng.standard_normal((channels, channels)) @ x + 0.1 * rng.standard_normal((channels, n))
+    xx, yx = torch.from_numpy(x @ x.T), torch.from_numpy(y @ x.T)
+    full = lstsq_projection(xx, yx, channels, ridge=0.0)
+    B = np.linalg.lstsq(x.T, y.T, rcond=None)[0].T  # noqa: N806
+    np.testing.assert_allclose(full.U.astype(np.float64) @ full.P, B, rtol=1e-3, atol=1e-4)
+    low = lstsq_projection(xx, yx, k, ridge=0.0)
+    fitted = B @ x
+    top = np.linalg.svd(fitted, full_matrices=False)[0][:, :k]
+    np.testing.assert_allclose(low.U.astype(np.float64) @ low.P, top @ top.T @ B, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(np.abs(low.U.T.astype(np.float64) @ top), np.eye(k), atol=1e-4)
+    same = lstsq_projection(xx, xx, k)
+    pca = pca_projection(xx / n, k)
+    np.testing.assert_allclose(same.P, pca.P, atol=1e-4)
+    np.testing.assert_allclose(same.U, pca.U, atol=1e-4)
+
+
+def test_lstsq_start_reproduces_the_outputs_at_least_as_well_as_pca():
+    model = tiny_classifier()
+    batches, _ = make_batches((16, 3, 8, 8), 4)
+    pca = fit_pca(OnnxModule(model), TINY_MAPS, batches)
+    start = fit_blockwise(OnnxModule(model), TINY_MAPS, list(batches()), epochs=0, lr=1e-1, temperature=2.0,
+                          init="lstsq")
+    np.testing.assert_allclose(start["r1"].P, pca["r1"].P, atol=1e-4)  # the first map: nothing before it
+    assert output_error(model, start, batches) <= output_error(model, pca, batches) * 1.001
+
+
+def test_learned_is_never_worse_than_pca(tmp_path, monkeypatch):
+    """The fit pass's rule f: a block stage that returns useless projections (zeros) and training
+    that cannot move (lr ~ 0) leave the PCA projections that `--method pca` fits."""
+    import onnx
+
+    import fmcompress.backend.blockwise as module
+    from fmcompress.compiler import CompileOptions, compile_model
+    from fmcompress.train_config import TrainConfig
+
+    def useless(executor, maps, batches, **kwargs):
+        return {name: Projection(P=np.zeros((k, c), np.float32), U=np.zeros((c, k), np.float32))
+                for name, c, k in maps}
+
+    monkeypatch.setattr(module, "fit_blockwise", useless)
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_classifier(), str(path))
+
+    def run(method):
+        return compile_model(str(path), CompileOptions(
+            ceiling="4x", method=method, num_samples=32, batch_size=8, latency_rounds=1, latency_repeats=1,
+            training=TrainConfig(epochs=1, lr=1e-12, block_epochs=1, batch_size=8, augment="none")))
+
+    learned, pca = run("learned"), run("pca")
+    assert learned.report["training"]["best_epoch"] == 0
+    assert learned.report["training"]["best_score"] > learned.report["training"]["initial_score"]
+    for name, projection in pca.projections.items():
+        np.testing.assert_allclose(learned.projections[name].P, projection.P, atol=1e-6)

@@ -99,7 +99,7 @@ def test_greedy_schedule_adds_one_map_a_stage():
 
 
 def test_training_improves_on_random_projections():
-    result = train(TrainConfig(epochs=8, lr=1e-2, batch_size=8))
+    result = train(TrainConfig(epochs=8, lr=1e-2, batch_size=8, patience=0, probe=0))
     losses = [r.loss for r in result.history]
     assert losses[-1] < losses[0] * 0.7
     assert result.best_score >= result.history[0].score
@@ -206,11 +206,62 @@ def test_target_stops_early():
     assert result.stopped_early and len(result.history) == 1
 
 
+def scripted(monkeypatch, figures):
+    """The trainer's held-out (score, loss) follow `figures`: the initialisation's first, then one per epoch."""
+    calls = iter(figures)
+    monkeypatch.setattr(ProjectionTrainer, "_score", lambda self, *args: next(calls))
+
+
+def test_patience_stops_after_that_many_epochs_without_a_better_score(monkeypatch):
+    """Rule h: a tie on the score is no gain (even at a lower loss); a gain restarts the count."""
+    scripted(monkeypatch, [(0.5, 1.0), (0.4, 2.0), (0.6, 1.0), (0.6, 0.5), (0.55, 1.0), (0.9, 1.0)])
+    result = train(TrainConfig(epochs=10, batch_size=8, patience=2))
+    assert result.stop_reason == "patience" and not result.stopped_early
+    assert [r.score for r in result.history] == [0.4, 0.6, 0.6, 0.55]
+    assert result.best_epoch == 3 and result.best_score == 0.6  # the tie at the lower loss is still kept
+
+
+def test_the_probe_keeps_the_start_when_the_first_epoch_does_not_pay(monkeypatch):
+    """Rule h: after the probe epoch, no better score and a held-out loss more than PROBE_LOSS_RATIO
+    times the start's: the start is kept. A rise below that ratio goes on (patience decides)."""
+    from fmcompress.backend.schedule import PROBE_LOSS_RATIO
+
+    scripted(monkeypatch, [(0.8, 0.2), (0.7, 0.2 * PROBE_LOSS_RATIO * 1.5)])
+    result = train(TrainConfig(epochs=10, batch_size=8, probe=1, patience=3))
+    assert result.stop_reason == "probe" and len(result.history) == 1 and result.best_epoch == 0
+    scripted(monkeypatch, [(0.8, 0.2), (0.7, 0.2 * PROBE_LOSS_RATIO * 0.5), (0.7, 0.5), (0.7, 0.5), (0.9, 0.1)])
+    result = train(TrainConfig(epochs=10, batch_size=8, probe=1, patience=3))
+    assert result.stop_reason == "patience" and len(result.history) == 3
+
+
+def test_no_patience_runs_every_epoch(monkeypatch):
+    scripted(monkeypatch, [(0.5, 1.0)] + [(0.4, 1.0)] * 4)
+    result = train(TrainConfig(epochs=4, batch_size=8, patience=0, probe=0))
+    assert result.stop_reason == "epochs" and len(result.history) == 4 and result.best_epoch == 0
+
+
+def test_a_better_fallback_is_kept_when_training_never_beats_it():
+    """Rule e (the fit pass's rule f): PCA is the fallback of a block-stage start; a start that scores
+    worse than it, and epochs that cannot move (lr ~ 0), leave PCA's projections."""
+    from fmcompress.backend.projection import fit_pca
+
+    model = tiny_classifier()
+    batches = [(torch.from_numpy(data(24, 0)["x"][i:i + 8]),) for i in range(0, 24, 8)]
+    pca = fit_pca(OnnxModule(model), MAPS, lambda: batches)
+    bad = {name: type(p)(P=p.P * 0, U=p.U * 0) for name, p in pca.items()}
+    trainer = ProjectionTrainer(OnnxModule(model), [m[0] for m in MAPS], bad,
+                                TrainConfig(epochs=1, lr=1e-12, batch_size=8, augment="none"), fallback=pca)
+    result = trainer.fit(data(24, 0), None, data(8, 1), None)
+    assert result.best_epoch == 0 and result.best_score > result.initial_score
+    for name in pca:
+        np.testing.assert_array_equal(result.projections[name].P, pca[name].P)
+
+
 # ------------------------------------------------------------------ checkpoints, resume
 
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path):
-    config = TrainConfig(epochs=4, lr=5e-3, batch_size=8)
+    config = TrainConfig(epochs=4, lr=5e-3, batch_size=8, patience=0, probe=0)
     whole = train(config)
 
     def stop_at_third(event: str, fields: dict) -> None:
@@ -277,7 +328,8 @@ def test_two_gloo_processes_match_one(tmp_path):
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--device", "tpu"], "--device"),
     (["--loss", "magic"], "--loss"), (["--schedule", "random"], "--schedule"),
-    (["--feature-reference", "student"], "--feature-reference")])
+    (["--feature-reference", "student"], "--feature-reference"), (["--patience", "-1"], "--patience"),
+    (["--block-init", "svd"], "--block-init"), (["--block-min-gain", "1"], "--block-min-gain")])
 def test_bad_training_flags_are_one_line_usage_errors(tmp_path, flags, expected):
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_classifier(), str(path))

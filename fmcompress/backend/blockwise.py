@@ -6,7 +6,10 @@ computes from it, and the errors of the projections before it. Rules:
 
 a. Maps are taken in network order (the step that computes them). Map i starts as the
    PCA of map i *as the compressed network computes it*, every earlier projection
-   already refined and applied (as `fit_pca` fits them).
+   already refined and applied (as `fit_pca` fits them); with `init="lstsq"`, as the
+   closed-form least-squares fit instead (`lstsq_projection`: the rank-k U P that best
+   maps map i as the compressed network computes it onto map i as the original
+   computes it, reduced-rank regression; it is PCA where the two agree).
 b. Its block runs from map i's step to the first later planned map whose value depends
    on it, else to the graph outputs. The target is what the original network computes
    there from the same input, so a projection also corrects the errors that the ones
@@ -16,13 +19,19 @@ c. Loss: at a map, the squared error divided by the target's mean square; at the
    MSE for the rest).
 d. P and U only, by Adam at lr / sqrt(C) (schedule.py's rule b) with a cosine decay over
    `epochs` passes of the calibration batches, in an order drawn from the seed and the
-   map's index; no augmentation. The same seed gives the same projections.
-e. Cost: the compressed and the original run are each paused before the block, one
-   frontier per calibration batch (the tensors alive at that point), so an epoch of a
-   map runs only its block: the stage costs about `epochs` passes of the network, plus
-   one forward pass of each run. Memory: the two paused runs and the block's target,
-   per batch (the fit pass passes at most `--max-samples` samples). A map that nothing
-   downstream depends on keeps its PCA.
+   map's index; no augmentation. The same seed gives the same projections. `epochs` is
+   a maximum: a map stops once its epoch's mean block loss (over the calibration
+   batches: the stage sees no held-out data) has not fallen below (1 - `min_gain`) times
+   its best for `patience` epochs in a row (`min_gain` 0: every epoch runs).
+e. Cost: the compressed run is paused just after map i's step, its value there still
+   unprojected, and the original run before the block's end, one frontier per
+   calibration batch (the tensors alive at that point), so an epoch of a map runs only
+   the block's steps after map i's own (whose output does not depend on P and U): the
+   stage costs about `epochs` passes of the network, plus one forward pass of each run.
+   Memory: the two paused runs and the block's target, per batch (the fit pass passes
+   at most `--max-samples` samples); `lstsq` holds a third paused run (the original's,
+   at map i). A map that nothing downstream depends on keeps its start (as every map
+   does with `epochs` 0).
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,71 +52,159 @@ from .losses import distillation_loss, output_kinds
 from .projection import ChannelProjection, SecondMomentRecorder, pca_projection
 from .schedule import mix_seeds, warmup_cosine
 
-Progress = Callable[[int, str, float, float], None]  # (index, map, first epoch's loss, last epoch's loss)
+INITS = ("pca", "lstsq")
+POSITIONS_PER_BATCH = 4096  # channel vectors per batch in the moments of the start (as fit_pca takes)
+
+
+@dataclass
+class BlockFit:
+    """What the stage did to one map: its epochs' mean block losses (empty: nothing later reads
+    the map, it kept its start), and whether it stopped before `epochs` (rule d)."""
+
+    losses: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+
+    @property
+    def first(self) -> float:
+        return self.losses[0] if self.losses else math.nan
+
+    @property
+    def last(self) -> float:
+        return self.losses[-1] if self.losses else math.nan
+
+
+Progress = Callable[[int, str, BlockFit], None]  # (index in network order, map, what its refinement did)
 
 
 def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
                   batches: Sequence[tuple[torch.Tensor, ...]], *, epochs: int, lr: float, temperature: float,
-                  seed: int = 0, progress: Progress | None = None) -> dict[str, Projection]:
+                  seed: int = 0, min_gain: float = 0.0, patience: int = 2, init: str = "pca",
+                  progress: Progress | None = None) -> dict[str, Projection]:
     """One refined projection per (name, channels, k); `executor` (an OnnxModule without
     transforms) is left without transforms. `batches` are input tuples on its device."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     original = copy.deepcopy(executor)
-    runs = _PausedRuns(executor, original, batches)
+    runs = _PausedRuns(executor, original, batches, track_original=init == "lstsq")
     ordered = sorted(range(len(maps)), key=lambda i: executor.producer_step(maps[i][0]))
     fitted: dict[str, Projection] = {}
     try:
         for position, i in enumerate(ordered):
             name, channels, k = maps[i]
             step = executor.producer_step(name)
-            moment = runs.second_moment(name, channels, seed=i)
-            start = pca_projection(moment, k)
+            if init == "lstsq":
+                start = lstsq_projection(*runs.cross_moments(name, seed=i), k)
+            else:
+                start = pca_projection(runs.second_moment(name, channels, seed=i), k)
             projection = ChannelProjection(start.P, start.U).to(runs.batches[0][0].device)
             executor.set_transform(name, projection)
             later = [maps[j][0] for j in ordered[position + 1:] if executor.producer_step(maps[j][0]) > step]
-            end = runs.block_end(later)
-            first = last = math.nan
+            end = runs.block_end(name, projection, later) if epochs > 0 else None
+            fit = BlockFit()
             if end is not None:
-                first, last = _refine(projection, runs, end, epochs=epochs, lr=lr / math.sqrt(channels),
-                                      temperature=temperature, seed=(seed, i))
-            if progress is not None:
-                progress(position, name, first, last)
+                fit = _refine(projection, runs, name, end, epochs=epochs, lr=lr / math.sqrt(channels),
+                              temperature=temperature, seed=(seed, i), min_gain=min_gain, patience=patience)
             projection.requires_grad_(False)
+            runs.apply(name, projection)
+            if progress is not None:
+                progress(position, name, fit)
             fitted[name] = projection.to_projection()
     finally:
         executor.clear_transforms()
     return fitted
 
 
-class _PausedRuns:
-    """Per calibration batch, the compressed run paused before the current map's step and the
-    original run paused at the current block's end (restarted when a block ends earlier)."""
+def lstsq_projection(xx: torch.Tensor, yx: torch.Tensor, k: int, ridge: float = 1e-6) -> Projection:
+    """Rule a's closed form: the rank-k W = U P minimising sum ||y - W x||^2, from the moments
+    xx = sum x x^T (the compressed network's map) and yx = sum y x^T (the original's).
 
-    def __init__(self, executor: nn.Module, original: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]):
+    Reduced-rank regression: B = yx (xx + ridge)^-1 is the full-rank least-squares map, U the
+    top-k eigenvectors of the fitted values' moment B xx B^T, and P = U^T B. With y = x it is
+    PCA (B = I). The ridge (relative to the mean eigenvalue) only guards dead channels."""
+    xx, yx = xx.to(torch.float64), yx.to(torch.float64)
+    channels = xx.shape[0]
+    damp = ridge * float(torch.trace(xx)) / channels + 1e-30
+    B = torch.linalg.solve(xx + damp * torch.eye(channels, dtype=xx.dtype), yx.T).T  # noqa: N806
+    fitted = B @ xx @ B.T
+    _, vectors = torch.linalg.eigh((fitted + fitted.T) / 2)
+    top = vectors[:, -k:].flip(-1)
+    top = top * torch.where(top.sum(0) < 0, -1.0, 1.0).to(top.dtype)  # deterministic signs, as PCA's
+    P = (top.T @ B).contiguous().numpy().astype(np.float32)  # noqa: N806
+    return Projection(P=P, U=top.contiguous().numpy().astype(np.float32))
+
+
+class _PausedRuns:
+    """Per calibration batch, the compressed run paused just after the current map's step (its
+    value there unprojected) and the original run paused at the current block's end (restarted
+    when a block ends earlier); with `track_original`, also the original run just after the
+    current map's step."""
+
+    def __init__(self, executor: nn.Module, original: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]],
+                 track_original: bool = False):
         self.executor, self.original, self.batches = executor, original, list(batches)
         self.compressed: list[Frontier | None] = [None] * len(self.batches)
         self.reference: list[Frontier | None] = [None] * len(self.batches)
+        self.at_map: list[Frontier | None] | None = [None] * len(self.batches) if track_original else None
         self.targets: list[tuple[torch.Tensor, ...]] = []
+        self.raw: list[torch.Tensor] = []  # the current map's unprojected value per batch
 
-    def second_moment(self, name: str, channels: int, seed: int) -> torch.Tensor:
-        """Pause the compressed runs before `name`'s step; its uncentred second moment there."""
-        stop = self.executor.producer_step(name)
-        recorder = SecondMomentRecorder(channels, seed=seed, stop=False)
+    def _pause_after(self, name: str) -> None:
+        """Advance the compressed runs past `name`'s step (no transform on it yet: its raw value)."""
+        stop = self.executor.producer_step(name) + 1
+        self.raw = []
         with torch.no_grad():
             for b, inputs in enumerate(self.batches):
-                frontier = self.compressed[b] or self.executor.start(*inputs)
-                self.compressed[b] = self.executor.trim(self.executor.advance(frontier, stop), keep_outputs=False)
-                probe = self.executor.advance(self.executor.fork(frontier), stop + 1)
-                recorder(self.executor.value(probe, name))
+                frontier = self.executor.advance(self.compressed[b] or self.executor.start(*inputs), stop)
+                self.raw.append(self.executor.value(frontier, name))
+                self.executor.set_value(frontier, name, None)  # held apart: a fork need not copy it
+                self.compressed[b] = self.executor.trim(frontier, keep_outputs=False)
+
+    def second_moment(self, name: str, channels: int, seed: int) -> torch.Tensor:
+        """Pause the compressed runs after `name`'s step; its uncentred second moment there."""
+        self._pause_after(name)
+        recorder = SecondMomentRecorder(channels, seed=seed, stop=False)
+        for value in self.raw:
+            recorder(value)
         return recorder.mean_moment()
 
-    def block_end(self, later: Sequence[str]) -> _BlockEnd | None:
+    def cross_moments(self, name: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pause both runs after `name`'s step; (sum x x^T, sum y x^T) over the same random
+        positions, x the compressed network's value, y the original's."""
+        assert self.at_map is not None
+        self._pause_after(name)
+        stop = self.executor.producer_step(name) + 1
+        generator = torch.Generator().manual_seed(mix_seeds(seed, 1))
+        xx = yx = None
+        with torch.no_grad():
+            for b, inputs in enumerate(self.batches):
+                frontier = self.original.advance(self.at_map[b] or self.original.start(*inputs), stop)
+                target = self.original.value(frontier, name)
+                self.at_map[b] = self.original.trim(frontier, keep_outputs=False)
+                x, y = (v.detach().reshape(v.shape[0], v.shape[1], -1).movedim(1, -1).reshape(-1, v.shape[1])
+                        for v in (self.raw[b], target))
+                if x.shape[0] > POSITIONS_PER_BATCH:
+                    pick = torch.randperm(x.shape[0], generator=generator)[:POSITIONS_PER_BATCH].to(x.device)
+                    x, y = x[pick], y[pick]
+                x, y = x.to(torch.float64).cpu(), y.to(torch.float64).cpu()
+                xx = x.T @ x if xx is None else xx + x.T @ x
+                yx = y.T @ x if yx is None else yx + y.T @ x
+        return xx, yx
+
+    def apply(self, name: str, projection: nn.Module) -> None:
+        """The map is done: its projected value replaces the raw one in every paused run."""
+        with torch.no_grad():
+            for frontier, raw in zip(self.compressed, self.raw, strict=True):
+                self.executor.set_value(frontier, name, projection(raw))
+        self.raw = []
+
+    def block_end(self, name: str, projection: nn.Module, later: Sequence[str]) -> _BlockEnd | None:
         """Rule b, found on the first batch with gradients on; the original's values there."""
-        frontier = self.executor.fork(self.compressed[0])
+        frontier = self._projected(0, name, projection)
         end = None
-        for name in later:
-            self.executor.advance(frontier, self.executor.producer_step(name) + 1)
-            if self.executor.value(frontier, name).requires_grad:
-                end = _BlockEnd(self.executor.producer_step(name) + 1, name)
+        for other in later:
+            self.executor.advance(frontier, self.executor.producer_step(other) + 1)
+            if self.executor.value(frontier, other).requires_grad:
+                end = _BlockEnd(self.executor.producer_step(other) + 1, other)
                 break
         else:
             self.executor.advance(frontier, self.executor.num_steps)
@@ -115,10 +214,15 @@ class _PausedRuns:
             self.targets = [self._reference_values(b, end) for b in range(len(self.batches))]
         return end
 
-    def block_values(self, b: int, end: _BlockEnd) -> tuple[torch.Tensor, ...]:
+    def block_values(self, b: int, name: str, projection: nn.Module, end: _BlockEnd) -> tuple[torch.Tensor, ...]:
         """The compressed network's values at the block end for batch b (with gradients)."""
-        frontier = self.executor.advance(self.executor.fork(self.compressed[b]), end.stop)
-        return end.values(self.executor, frontier)
+        return end.values(self.executor, self.executor.advance(self._projected(b, name, projection), end.stop))
+
+    def _projected(self, b: int, name: str, projection: nn.Module) -> Frontier:
+        """A fork of batch b's paused run with the projection applied to the map's raw value."""
+        frontier = self.executor.fork(self.compressed[b])
+        self.executor.set_value(frontier, name, projection(self.raw[b]))
+        return frontier
 
     def _reference_values(self, b: int, end: _BlockEnd) -> tuple[torch.Tensor, ...]:
         frontier = self.reference[b]
@@ -139,22 +243,29 @@ class _BlockEnd:
         return (executor.value(frontier, self.name),) if self.name else executor.outputs(frontier)
 
 
-def _refine(projection: ChannelProjection, runs: _PausedRuns, end: _BlockEnd, *, epochs: int, lr: float,
-            temperature: float, seed: tuple[int, int]) -> tuple[float, float]:
-    """Rules c and d; (mean loss of the first epoch, of the last)."""
+def _refine(projection: ChannelProjection, runs: _PausedRuns, name: str, end: _BlockEnd, *, epochs: int,
+            lr: float, temperature: float, seed: tuple[int, int], min_gain: float, patience: int) -> BlockFit:
+    """Rules c and d: each epoch's mean loss, and whether it stopped before `epochs`."""
     kinds = output_kinds(runs.targets[0]) if end.name is None else ["regression"]  # a map: scaled MSE
     optimizer = torch.optim.Adam(projection.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * len(runs.batches), 0))
     generator = torch.Generator().manual_seed(mix_seeds(*seed))
-    means = []
+    fit, best, stale = BlockFit(), math.inf, 0
     for _ in range(epochs):
         losses = []
         for b in torch.randperm(len(runs.batches), generator=generator).tolist():
-            loss = distillation_loss(runs.block_values(b, end), runs.targets[b], kinds, temperature)
+            loss = distillation_loss(runs.block_values(b, name, projection, end), runs.targets[b], kinds, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
-        means.append(sum(losses) / len(losses))
-    return (means[0], means[-1]) if means else (math.nan, math.nan)
+        fit.losses.append(sum(losses) / len(losses))
+        if fit.losses[-1] < best * (1 - min_gain):
+            best, stale = fit.losses[-1], 0
+        else:
+            stale += 1
+        if min_gain > 0 and stale >= patience and len(fit.losses) < epochs:
+            fit.stopped_early = True
+            break
+    return fit

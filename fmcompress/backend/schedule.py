@@ -19,6 +19,12 @@ d. Divergence (`diverged`): an epoch whose held-out distillation loss is not fin
    block stage's fitted projections for a better optimum, the first epochs raise the
    held-out loss more than threefold on the way, and cutting the rate there stalls the
    run (PP-OCR's classifier at 4x).
+e. Stopping (`should_stop`, the trainer's rule h), from the epochs' records alone, so a
+   resumed run stops where the uninterrupted one does. Only epochs with every map count.
+   `patience`: that many epochs in a row without a held-out score above the best so far
+   (the initialisation's included). `probe`: after the first `probe` epochs, none above
+   the initialisation's score and the last one's held-out loss more than
+   `PROBE_LOSS_RATIO` times the initialisation's.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fmcompress.train_config import TrainConfig
 
 DIVERGED = 10.0  # a held-out distillation loss this many times the best one means the epoch diverged
 BACKTRACK_FACTOR = 0.3
+PROBE_LOSS_RATIO = 4.0  # see should_stop
 
 
 def plan_epochs(maps: int, config: TrainConfig) -> list[tuple[str, int]]:
@@ -63,3 +71,21 @@ def mix_seeds(*values: int) -> int:
 def diverged(held_out_loss: float, best_loss: float) -> bool:
     """Rule d: not finite, or more than DIVERGED times the best held-out loss so far."""
     return not math.isfinite(held_out_loss) or held_out_loss > DIVERGED * best_loss
+
+
+def should_stop(history: Sequence[Any], initial_score: float, initial_loss: float, maps: int,
+                config: TrainConfig) -> str | None:
+    """Rule e: `patience`, `probe` or None (go on), from the EpochRecords so far."""
+    full = [r for r in history if r.active_maps == maps]
+    best, since = initial_score, 0
+    for record in full:
+        if record.score > best:
+            best, since = record.score, 0
+        else:
+            since += 1
+    if config.probe and len(full) == config.probe and best <= initial_score and \
+            full[-1].held_out_loss > PROBE_LOSS_RATIO * initial_loss:
+        return "probe"
+    if config.patience and since >= config.patience:
+        return "patience"
+    return None

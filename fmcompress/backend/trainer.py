@@ -26,14 +26,22 @@ e. After every epoch the held-out part is scored with the student: accuracy with
    similarity; ties (a few hundred samples saturate a score) go to the lower held-out
    distillation loss. The best epoch's projections are kept; training stops early once
    the score reaches `target`. The initialisation is scored first and is a candidate
-   too, so training never returns worse held-out figures than PCA. Held-out data is
-   never trained on.
+   too, and so is `fallback` when given (the fit pass's PCA, when training starts from
+   the block stage), so training never returns worse held-out figures than either.
+   Held-out data is never trained on.
 f. An epoch that diverged (`schedule.diverged`) restores the best projections, drops
    the optimiser's moments and multiplies the learning rate (and the rest of its
    schedule) by `schedule.BACKTRACK_FACTOR`. A diverged epoch is never the best one, nor
    is a greedy stage with fewer maps than all.
 g. Distributed: every rank scores the held-out part (same result); only rank 0 writes
    checkpoints.
+h. Stopping (`schedule.should_stop`): besides `target`, training stops once `patience`
+   epochs in a row have not raised the best held-out score (a tie broken by the loss
+   is no gain); and after the first `probe` epochs, when none of them beat the
+   initialisation's score and the last one's held-out distillation loss is more than
+   `schedule.PROBE_LOSS_RATIO` times the initialisation's, it will not pay, and the
+   initialisation is kept. `TrainResult.stop_reason` says which: `target`, `patience`,
+   `probe` or `epochs` (all ran).
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ from .checkpoint import EpochRecord, RunState, load_checkpoint, run_identity, sa
 from .devices import resolve_device, setup_ranks, wrap_for_ranks
 from .losses import distillation_loss, feature_loss, label_loss, output_kinds
 from .projection import ChannelProjection
-from .schedule import BACKTRACK_FACTOR, diverged, mix_seeds, plan_epochs, warmup_cosine
+from .schedule import BACKTRACK_FACTOR, diverged, mix_seeds, plan_epochs, should_stop, warmup_cosine
 
 
 class LearnedProjection(ChannelProjection):
@@ -99,7 +107,8 @@ class TrainResult:
     best_score: float = float("nan")
     initial_score: float = float("nan")  # the initialisation's held-out score (PCA's, for learned)
     metric: str = ""
-    stopped_early: bool = False
+    stopped_early: bool = False  # at the target
+    stop_reason: str = "epochs"  # rule h: target, patience, probe or epochs
     device: str = "cpu"
     world_size: int = 1
 
@@ -130,7 +139,7 @@ class ProjectionTrainer:
 
     def __init__(self, executor: nn.Module, names: Sequence[str], initial: dict[str, Projection],
                  config: TrainConfig, *, checkpoint: str | os.PathLike | None = None, resume: bool = False,
-                 monitor: Monitor | None = None):
+                 monitor: Monitor | None = None, fallback: dict[str, Projection] | None = None):
         config.check()
         self.config = config
         self.names = list(names)
@@ -147,6 +156,7 @@ class ProjectionTrainer:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.resume = resume
         self.monitor = monitor or (lambda event, fields: None)
+        self.fallback = fallback  # rule e: another candidate, scored before training (never trained)
 
     # -- public
 
@@ -173,7 +183,10 @@ class ProjectionTrainer:
         state.best_score, state.best_loss = self._score(held_out, held_out_labels, teacher_held, inputs,
                                                         kinds, metric)
         state.best_epoch = 0  # the initialisation is a candidate too: training never makes it worse
-        initial_score = state.best_score
+        initial_score, initial_loss = state.best_score, state.best_loss
+        if self.fallback is not None:
+            self._consider_fallback(state, held_out, held_out_labels, teacher_held, inputs, kinds, metric)
+        stop_reason = "epochs"
         start_epoch = self._load(optimizer, scheduler, state) if self.resume else 0
         for epoch in range(start_epoch, len(epochs)):
             stage, active = epochs[epoch]
@@ -192,12 +205,18 @@ class ProjectionTrainer:
             self._save(epoch + 1, optimizer, scheduler, state)
             if cfg.target is not None and record.active_maps == len(self.names) and score >= cfg.target:
                 state.stopped_early = epoch + 1 < len(epochs)
+                stop_reason = "target" if state.stopped_early else stop_reason
+                break
+            reason = should_stop(state.history, initial_score, initial_loss, len(self.names), cfg)
+            if reason is not None and epoch + 1 < len(epochs):
+                stop_reason = reason
+                self.monitor("stop", {"epoch": epoch + 1, "reason": reason})
                 break
         if state.best_epoch < 0:  # resumed past the end, or nothing scored: keep what we have
             state.best = self._snapshot()
         return TrainResult(projections=state.best, history=state.history, best_epoch=state.best_epoch,
                            best_score=state.best_score, initial_score=initial_score, metric=metric,
-                           stopped_early=state.stopped_early,
+                           stopped_early=state.stopped_early, stop_reason=stop_reason,
                            device=str(self.device), world_size=self.world)
 
     # -- steps
@@ -222,6 +241,16 @@ class ProjectionTrainer:
         elif every_map and (record.score, -record.held_out_loss) > (state.best_score, -state.best_loss):
             state.best, state.best_score, state.best_epoch = self._snapshot(), record.score, record.epoch
             state.best_loss = record.held_out_loss
+
+    def _consider_fallback(self, state: RunState, held_out, held_out_labels, teacher_held, inputs, kinds,
+                           metric: str) -> None:
+        """Rule e's other candidate: kept as the best (epoch 0) when it scores above the start."""
+        start = self._snapshot()
+        self._load_projections(self.fallback)
+        score, loss = self._score(held_out, held_out_labels, teacher_held, inputs, kinds, metric)
+        if (score, -loss) > (state.best_score, -state.best_loss):
+            state.best, state.best_score, state.best_loss = self._snapshot(), score, loss
+        self._load_projections(start)
 
     def _train_epoch(self, model: nn.Module, optimizer, scheduler, data: dict[str, np.ndarray],
                      labels: np.ndarray | None, inputs: list[str], kinds: list[str], epoch: int,
@@ -310,14 +339,17 @@ class ProjectionTrainer:
 
     def _backtrack(self, optimizer, scheduler, best: dict[str, Projection]) -> None:
         """Rule f: a diverging epoch returns to the best projections at a lower learning rate."""
-        with torch.no_grad():
-            for name, projection in best.items():
-                self.projections[name].P.copy_(torch.from_numpy(projection.P))
-                self.projections[name].U.copy_(torch.from_numpy(projection.U))
+        self._load_projections(best)
         optimizer.state.clear()
         scheduler.base_lrs = [lr * BACKTRACK_FACTOR for lr in scheduler.base_lrs]
         for group in optimizer.param_groups:
             group["lr"] *= BACKTRACK_FACTOR
+
+    def _load_projections(self, projections: dict[str, Projection]) -> None:
+        with torch.no_grad():
+            for name, projection in projections.items():
+                self.projections[name].P.copy_(torch.from_numpy(projection.P))
+                self.projections[name].U.copy_(torch.from_numpy(projection.U))
 
     def _snapshot(self) -> dict[str, Projection]:
         return {name: m.to_projection() for name, m in self.projections.items()}

@@ -23,6 +23,7 @@ from ..passes.fit import METHODS
 from ..reports.analysis import ORT_LEVELS
 from ..train_config import (
     AUGMENTATIONS,
+    BLOCK_INITS,
     DEVICES,
     FEATURE_REFERENCES,
     LOSSES,
@@ -146,6 +147,15 @@ TRAINING = (  # `--method learned|random`
          help="learned: first refine each projection, in network order, to reproduce what the original "
               "computes after its block (the next compressed map, or the outputs), for this many epochs "
               "per map; 0 starts end-to-end training from plain PCA. Harder ceilings need more."),
+    Bound("--block-min-gain", T, "block_min_gain", type=click.FloatRange(0, 1, max_open=True),
+         help="learned: a map's block stage stops once its epochs' mean block loss has fallen by less than "
+              "this share of its best for --block-patience epochs in a row (--block-epochs stays the "
+              "maximum); 0 runs every epoch."),
+    Bound("--block-patience", T, "block_patience", type=click.IntRange(min=1),
+         help="Epochs in a row without a --block-min-gain gain that stop a map's block stage."),
+    Bound("--block-init", T, "block_init", type=choice(BLOCK_INITS),
+         help="The block stage's start per map: pca of the map as the compressed network computes it, or "
+              "lstsq: the closed-form rank-k least-squares map from it to the original's map."),
     Bound("--block-lr", T, "block_lr", type=click.FloatRange(min=0, min_open=True),
          help="The block stage's learning rate, relative as --lr is, cosine decay over each map's epochs."),
     Bound("--lr", T, "lr", type=click.FloatRange(min=0, min_open=True),
@@ -176,6 +186,12 @@ TRAINING = (  # `--method learned|random`
     Bound("--target", T, "target", type=click.FloatRange(0, 1, min_open=True), metavar="FLOAT",
          help="Stop once the held-out score (accuracy with labels, else top-1 agreement, else cosine) "
               "reaches this; otherwise the best epoch is kept."),
+    Bound("--patience", T, "patience", type=click.IntRange(min=0),
+         help="Stop training once this many epochs in a row have not raised the best held-out score "
+              "(0: never)."),
+    Bound("--probe", T, "probe", type=click.IntRange(min=0),
+         help="After this many epochs, stop training and keep the start when none beat its held-out score "
+              "and the held-out distillation loss has risen several times over (0: never probe)."),
     Bound("--resume", C, "resume", is_flag=True,
          help="Continue a stopped run from its checkpoint (the default one of the same MODEL and output, "
               "or --checkpoint)."),
