@@ -3,9 +3,12 @@
 `build_pipeline(options)` is the whole of compile: every pass, in order, chosen from
 the options (`Pipeline.describe()` lists them). `compile_model` loads the model, pins
 its input shapes, runs that pipeline over one typed `PassContext`, records what was
-done in the emitted model's metadata and assembles the report
-(fmcompress/reports/compile.py). Nothing is written here: the caller writes the model
-and the report atomically once everything passed.
+done in the emitted model's metadata, drops its value_info (shapes are inferred by any
+runtime; exporters' symbolic value_info let onnxruntime's planner reuse buffers across
+tiled bands and hold them alive: docs/design.md section 3.8) and assembles the report
+(fmcompress/reports/compile.py), whose runtime figures are those of the model as it
+will be written. Nothing is written here: the caller writes the model and the report
+atomically once everything passed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .data import DEFAULT_MEAN, DEFAULT_SCALE, DEFAULT_STD
 from .errors import InputError
 from .featuremaps import Projection
 from .modelio import load_model
+from .ortrun import ort_level
 from .passes import Pass, PassContext, Pipeline
 from .passes.allocate import OBJECTIVES, AllocatePass, parse_traffic
 from .passes.fit import DEFAULT_METHOD, METHODS, FitProjectionsPass
@@ -32,11 +36,12 @@ from .passes.measure import MeasurePass
 from .passes.memory import MemoryAnalysisPass
 from .passes.plan import Plan, PlanPass
 from .passes.prepare_data import DataOptions, PrepareDataPass
+from .passes.quantize import QuantizePass, planned_act_bytes
 from .passes.runtime import RuntimeMemoryPass
 from .passes.runtime_plan import RuntimePlanPass, TileToCeilingPass
 from .passes.sink_concat import SinkConcatPass
 from .passes.verify import VerifyPass, VerifyTrafficPass
-from .reports.analysis import DEFAULT_ORT_LEVEL, AnalysisReport
+from .reports.analysis import PLAN_ORT_LEVEL, REPORT_ORT_LEVEL, AnalysisReport
 from .shapes import parse_input_shapes, resolve_input_shapes
 from .train_config import TrainConfig, check_device
 from .units import Ceiling, parse_ceiling
@@ -65,11 +70,14 @@ class CompileOptions(DataOptions):
     resume: bool = False  # continue from `checkpoint`
     monitor: Callable[[str, dict[str, Any]], None] | None = None  # training progress events
     runtime: str | None = None  # "ort": the ceiling holds for onnxruntime's allocations (tiling + projections)
-    ort_level: str = DEFAULT_ORT_LEVEL  # onnxruntime's graph optimisations of the runtime view
-    measure_memory: bool = True  # with runtime: measure the process peak of both models (fmcompress.memprobe)
+    # onnxruntime's graph optimisations: the report's runtime figures (None: `all`, a user's default
+    # session) and what --runtime ort plans and verifies for (None: `extended`); see plan_level
+    ort_level: str | None = None
+    measure_memory: bool = True  # measure both models' onnxruntime peak in a fresh process (fmcompress.memprobe)
     traffic: Ceiling | str | None = None  # budget on the total stored traffic (passes/allocate.py): 3x, 2MB
     objective: str = "traffic"  # or "traffic+latency": prefer maps whose projections fold
     latency_weight: float = 1.0  # traffic+latency: the weight of the latency term (passes/allocate.py rule f)
+    int8: bool = False  # quantize the verified model to int8 QDQ (passes/quantize.py); plans maps at 1 byte
 
 
 @dataclass
@@ -80,6 +88,16 @@ class CompileResult:
     after: AnalysisReport | None = None
     report: dict[str, Any] = field(default_factory=dict)
     projections: dict[str, Projection] = field(default_factory=dict)  # tensor name -> fitted P, U
+
+
+def plan_level(options: CompileOptions) -> str:
+    """The level --runtime ort plans, tiles and verifies for: the one named, else `extended`."""
+    return options.ort_level or PLAN_ORT_LEVEL
+
+
+def report_level(options: CompileOptions) -> str:
+    """The level of the report's runtime figures: the one named, else `all` (a user's session)."""
+    return options.ort_level or REPORT_ORT_LEVEL
 
 
 def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool = False) -> Pipeline:
@@ -96,8 +114,9 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
     strict = not options.runtime
     passes: list[Pass] = [MemoryAnalysisPass(ceiling, source=source), PlanPass(ceiling, refuse_infeasible=strict)]
     if options.runtime:
-        passes += [RuntimeMemoryPass(options.ort_level, plan_ceiling=True), SinkConcatPass(),
-                   PlanPass(refuse_infeasible=False), RuntimeMemoryPass(options.ort_level, plan_ceiling=True),
+        level = plan_level(options)
+        passes += [RuntimeMemoryPass(level, plan_ceiling=True), SinkConcatPass(),
+                   PlanPass(refuse_infeasible=False), RuntimeMemoryPass(level, plan_ceiling=True),
                    RuntimePlanPass()]
     elif options.traffic is None:  # a traffic budget counts the maps as they are: nothing sunk
         passes += [SinkConcatPass(), PlanPass()]
@@ -116,8 +135,9 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
                            resume=options.resume, monitor=options.monitor),
         FoldBatchNormPass(),
         FoldProjectionsPass(),
-        *([TileToCeilingPass(level=options.ort_level)] if options.runtime else []),
-        VerifyPass(runtime_level=options.ort_level if options.runtime else None),
+        *([TileToCeilingPass(level=plan_level(options))] if options.runtime else []),
+        VerifyPass(runtime_level=plan_level(options) if options.runtime else None),
+        *([QuantizePass(report_level(options), act_bytes=options.act_bytes)] if options.int8 else []),
         MeasurePass(threads=options.threads, rounds=options.latency_rounds, repeats=options.latency_repeats,
                     min_agreement=options.min_agreement, max_accuracy_drop=options.max_accuracy_drop),
         *([VerifyTrafficPass()] if options.traffic is not None else []),
@@ -133,7 +153,7 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     started = time.perf_counter()
     pipeline = build_pipeline(options, source=source_name(source), plan_only=plan_only)
     model = load_model(source)
-    ctx = build_context(model, options.input_shapes, options.act_bytes, log)
+    ctx = build_context(model, options.input_shapes, planned_act_bytes(options.int8, options.act_bytes), log)
     emitted, ctx = pipeline.run(model, ctx)
     plan = ctx.plan
     if plan_only:
@@ -143,6 +163,7 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileO
     if emitted is model:  # nothing was rewritten: the metadata goes on a copy, never on the input
         emitted = onnx.ModelProto()
         emitted.CopyFrom(model)
+    del emitted.graph.value_info[:]  # see the module docstring: shapes only a runtime should infer
     set_metadata(emitted, plan, options, ctx.allocation)
     report = compile_report(source, model, emitted, options, ctx, time.perf_counter() - started)
     return CompileResult(emitted, plan, ctx.before, ctx.verification["after"], report,
@@ -162,6 +183,8 @@ def check_options(options: CompileOptions) -> None:
         raise InputError(f"unknown objective {options.objective!r}; available: {', '.join(OBJECTIVES)}")
     if not (options.latency_weight >= 0 and math.isfinite(options.latency_weight)):
         raise InputError(f"the latency weight must be a finite number >= 0, got {options.latency_weight}")
+    if options.ort_level is not None:
+        ort_level(options.ort_level)  # an unknown level is an InputError naming the known ones
     if options.runtime is not None and options.runtime not in RUNTIMES:
         raise InputError(f"unknown runtime {options.runtime!r}; available: {', '.join(RUNTIMES)}")
     if options.traffic is not None and options.runtime:

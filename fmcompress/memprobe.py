@@ -2,12 +2,15 @@
 
 Rules:
 
-a. A fresh Python process (so nothing else's memory counts) loads the model, its input
-   shapes pinned as the runtime view pins them (a symbolic H or W would keep
-   onnxruntime from folding shape arithmetic such as a detector's anchor grid), with
-   onnxruntime's CPU provider, its memory arena and memory patterns off (every tensor
-   is a separate allocation, freed after its last use) and one thread, at the same
-   graph optimisation level as the runtime view.
+a. A fresh Python process (so nothing else's memory counts) loads the model exactly as
+   it is or will be written (value_info, metadata and all: onnxruntime plans its buffers
+   from the shapes the file states), with onnxruntime's CPU provider, its memory arena
+   and memory patterns off (every tensor is a separate allocation, freed after its last
+   use) and one thread, at the graph optimisation level asked for (`all` by default: what
+   a session a user opens runs). Only inputs with symbolic dims are pinned, to the shapes
+   the runtime view pins (a symbolic H or W would keep onnxruntime from folding shape
+   arithmetic such as a detector's anchor grid); a model whose inputs are static is
+   measured from its own bytes.
 b. glibc's mmap threshold is pinned at 16 KiB (MALLOC_MMAP_THRESHOLD_), so that freed
    tensors go back to the system at once instead of staying in the heap: the resident
    set then follows the live tensors.
@@ -18,8 +21,11 @@ c. One warm-up run (lazy initialisation, weight prepacking); then per round the 
    outputs are. The median over rounds is returned.
 d. Where the platform cannot reset the peak (not Linux, no /proc access), the
    measurement is unavailable: `measure_peak` returns None and says why in `reason`.
+e. `compile` measures only where `measurement_enabled()`: CompileOptions.measure_memory,
+   and not switched off by the environment (FMCOMPRESS_MEASURE_MEMORY=0, which the test
+   suite sets in tests/conftest.py: a probe is a subprocess of 1-3 s per model).
 
-Entry point: `measure_peak(model, input_shapes, level="extended") -> PeakMeasurement`.
+Entry point: `measure_peak(model, input_shapes, level="all") -> PeakMeasurement`.
 The probe runs as `python -m fmcompress.memprobe MODEL --shape NAME=DIMS ... --level L`.
 """
 
@@ -38,6 +44,8 @@ from pathlib import Path
 import onnx
 
 MMAP_THRESHOLD = 16 * 1024
+DEFAULT_LEVEL = "all"  # onnxruntime's default (ORT_ENABLE_ALL): what a user's session runs
+SWITCH = "FMCOMPRESS_MEASURE_MEMORY"  # rule e: 0 switches compile's measurement off
 
 
 @dataclass(frozen=True)
@@ -47,17 +55,19 @@ class PeakMeasurement:
     reason: str = ""
 
 
+def measurement_enabled(asked: bool = True) -> bool:
+    """Rule e: whether compile measures (asked for, and not switched off by the environment)."""
+    return asked and os.environ.get(SWITCH, "1").strip() not in ("0", "false", "no", "off")
+
+
 def measure_peak(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[str, tuple[int, ...]], *,
-                 level: str = "extended", rounds: int = 3, timeout: float = 600) -> PeakMeasurement:
-    """Rules a-d, in a subprocess; `model` is a path or a ModelProto (written to a temporary file)."""
+                 level: str = DEFAULT_LEVEL, rounds: int = 3, timeout: float = 600) -> PeakMeasurement:
+    """Rules a-d, in a subprocess; `model` is a path (measured as it is on disk) or a
+    ModelProto (measured as `SerializeToString` writes it)."""
     if not _can_reset_peak():
         return PeakMeasurement(None, [], "the peak resident set cannot be reset here (needs Linux /proc)")
-    from .modelio import load_model
-    from .shapes import with_input_shapes
-
     with tempfile.TemporaryDirectory(prefix="fmcompress-probe-") as folder:
-        path = Path(folder) / "model.onnx"
-        onnx.save_model(with_input_shapes(load_model(model), dict(input_shapes)), str(path))
+        path = probe_file(model, dict(input_shapes), Path(folder) / "model.onnx")
         shapes = [f"{name}={','.join(map(str, dims))}" for name, dims in input_shapes.items()]
         command = [sys.executable, "-m", "fmcompress.memprobe", str(path), "--level", level, "--rounds", str(rounds)]
         command += [arg for shape in shapes for arg in ("--shape", shape)]
@@ -68,6 +78,45 @@ def measure_peak(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[
         return PeakMeasurement(None, [], f"the probe failed: {lines[-1] if lines else done.returncode}")
     values = json.loads(done.stdout.strip().splitlines()[-1])["rounds"]
     return PeakMeasurement(int(statistics.median(values)), values)
+
+
+def probe_file(model: onnx.ModelProto | str | os.PathLike, shapes: dict[str, tuple[int, ...]],
+               spare: Path) -> Path:
+    """Rule a: the file the probe loads. A path whose inputs are all static is used as it is;
+    otherwise the model's bytes, its symbolic inputs pinned and nothing else changed, go to `spare`."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        proto = onnx.load(str(model), load_external_data=False)
+    pinned = pin_symbolic_inputs(proto, shapes)
+    if pinned is proto and not isinstance(model, onnx.ModelProto):
+        return Path(model)
+    if pinned is not proto and not isinstance(model, onnx.ModelProto):  # keep external data reachable
+        onnx.load_external_data_for_model(pinned, str(Path(model).parent))
+    spare.write_bytes(pinned.SerializeToString())
+    return spare
+
+
+def pin_symbolic_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """`model` itself when no input has a symbolic dim; else a copy whose symbolic input dims
+    are set from `shapes` (value_info, outputs, metadata untouched)."""
+    from .shapes import declared_dims, graph_inputs
+
+    symbolic = [inp for inp in graph_inputs(model) if inp.name in shapes
+                and (not inp.type.tensor_type.HasField("shape")
+                     or any(not isinstance(d, int) for d in declared_dims(inp)))]
+    if not symbolic:
+        return model
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    names = {inp.name for inp in symbolic}
+    for inp in pinned.graph.input:
+        if inp.name in names:
+            shape = inp.type.tensor_type.shape
+            del shape.dim[:]
+            for size in shapes[inp.name]:
+                shape.dim.add().dim_value = int(size)
+    return pinned
 
 
 def _can_reset_peak() -> bool:
@@ -118,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fmcompress.memprobe", description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--shape", action="append", default=[], help="NAME=DIMS, e.g. x=1,3,224,224")
-    parser.add_argument("--level", default="extended")
+    parser.add_argument("--level", default=DEFAULT_LEVEL)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     shapes = {}

@@ -24,7 +24,8 @@ e. Weights computed from constants are folded into initializers: a constant-only
    constant-only node's output) is evaluated with `onnx.reference` when it is a
    ConstantOfShape or computed from one (the weights of onnx's backend test models), or
    when its value reaches a weight input (`WEIGHT_INPUTS`: Conv and Gemm weights and
-   biases, BatchNormalization parameters) through constant-only nodes. Its ancestors
+   biases, BatchNormalization parameters) through constant-only nodes, unless a
+   DequantizeLinear computes it (a QDQ model's int8 weights stay int8). Its ancestors
    among the constant-only nodes fold with it; values read elsewhere become initializers
    of the same name; initializers no node reads any more are dropped; graph outputs are
    never folded. Other constant arithmetic (a bias reshaped for an Add) stays as it is.
@@ -51,6 +52,7 @@ WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2),
     "BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2),
 }
+STORED_WEIGHT_OPS = ("DequantizeLinear",)  # rule e: a quantized model's weights, stored as it means them
 
 
 def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -126,7 +128,8 @@ def _nodes_to_fold(graph: onnx.GraphProto) -> list[int]:
             chosen.add(index)
     for node in graph.node:  # what reaches a weight input
         for slot in WEIGHT_INPUTS.get(node.op_type, ()) if node.domain in DEFAULT_DOMAINS else ():
-            if slot < len(node.input) and node.input[slot] in produced:
+            if slot < len(node.input) and node.input[slot] in produced \
+                    and graph.node[produced[node.input[slot]]].op_type not in STORED_WEIGHT_OPS:
                 chosen.add(produced[node.input[slot]])
     outputs = {out.name for out in graph.output}
     return sorted(i for i in _with_ancestors(graph, produced, chosen)

@@ -69,6 +69,7 @@ class PassContext:
     tiling: dict[str, Any] | None = None  # TileToCeilingPass: its plan, tiled regions, split convs
     verification: dict[str, Any] | None = None  # VerifyPass: checks and the emitted model's views
     measurement: dict[str, Any] | None = None  # MeasurePass: fidelity, FLOPs, latency, gate
+    quantization: dict[str, Any] | None = None  # QuantizePass (--int8): float nodes left, int8 fidelity
 
     def known(self) -> set[str]:
         """The names of the fields a pass has set."""
@@ -142,7 +143,8 @@ class Pipeline:
 
 PROVIDED = ("before", "memory", "plan", "runtime_before", "runtime", "sunk", "runtime_plan", "dataset",
             "calibration", "held_out", "batch_size", "allocation", "projections", "projected_graph",
-            "training", "bn_folded", "folds", "tiling", "verification", "measurement")
+            "training", "bn_folded", "folds", "tiling", "verification", "measurement",
+            "quantization")
 
 
 def providers(field_name: str) -> str:

@@ -22,7 +22,8 @@ d. The gate: with `min_agreement`, top-1 agreement (sequence agreement for a
    Without a gate, agreement under 90% is a warning.
 
 Shapes come from `ctx.before` (the original's analysis) and `ctx.verification["after"]`
-(the emitted model's) when present. The model is not changed; `ctx.measurement` (and
+(the emitted model's) when present; an int8 model (`ctx.quantization`, passes/quantize.py)
+is analysed itself. The model is not changed; `ctx.measurement` (and
 `result.data`) is `{"fidelity", "flops", "latency_ms", "gate", "warnings"}`.
 """
 
@@ -91,8 +92,8 @@ class MeasurePass(HeldOutPass):
         quality["outputs"] = output_figures(reference, candidate, [out.name for out in self.original.graph.output])
         quality["boxes"] = _box_figures(reference, candidate)
         before = _analysis(self.original, ctx.before, ctx)
-        verified = ctx.verification or {}
-        after = _analysis(model, verified.get("after"), ctx)
+        verified = ctx.verification or {}  # the analysis of the model verified; not of its int8 version
+        after = _analysis(model, verified.get("after") if ctx.quantization is None else None, ctx)
         flops = {"before": count_flops(self.original, before.tensor_shapes),
                  "after": count_flops(model, after.tensor_shapes)}
         flops["ratio"] = flops["after"] / flops["before"] if flops["before"] else None

@@ -7,11 +7,13 @@ width), and the stem. This pass asks onnxruntime itself.
 
 Rules:
 
-a. onnxruntime optimises the model (input shapes pinned) at `level` (default
-   `extended`: its portable fusions, what it does on every machine; `all` adds the
-   x86-only NCHWc layout, `basic` and `none` less) and saves the optimised graph. Its
-   node order is onnxruntime's execution order (checked against the profiler's trace
-   in the tests).
+a. onnxruntime optimises the model (input shapes pinned, value_info dropped) at `level`
+   (default `extended`: its portable fusions, what it does on every machine; `all`,
+   onnxruntime's own default and compile's report level, adds the x86-only NCHWc layout:
+   com.microsoft.nchwc convs on channel-blocked tensors, padded to the block, and their
+   ReorderInput/ReorderOutput, sized like any tensor by rule b; `basic` and `none`
+   less) and saves the optimised graph. Its node order is onnxruntime's execution order
+   (checked against the profiler's trace in the tests).
 b. One run of the optimised graph on zeros, optimisations off, every node output exposed,
    gives each tensor's exact shape and dtype (custom-domain fused kernels included).
 c. View ops (Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout) alias their input in
@@ -28,9 +30,13 @@ e. Convolution scratch: onnxruntime's CPU convolutions (MLAS) expand the whole i
    That expansion is listed with role "workspace", alive at its conv's step only: it
    counts in the peak, and against the ceiling like any other allocation.
 f. The peak is the largest sum of bytes alive at one step; bytes are numel * dtype size
-   (or `ctx.act_bytes`). onnxruntime's planner may also run some ops in place (Relu,
-   Add), so a measured process peak is at most a few percent lower
-   (`fmcompress.memprobe` measures it; examples/runtime_peak.py compares both).
+   (or `ctx.act_bytes`). Not modelled: onnxruntime's planner running some ops in place
+   (Relu, Add; at `all` an NCHWc conv summing into its residual input), which lowers the
+   measured peak, and its reuse of a freed buffer for a later tensor of the same
+   planned shape, which without an arena keeps the buffer alive in between and raises
+   it (YOLOv8n at 320x320: 3.1 MiB computed, 5.1 MiB measured). The measured figure
+   (`fmcompress.memprobe`; examples/runtime_peak.py compares both) is the truth; at
+   `extended` the two agree within a few percent on most CNNs, at `all` less well.
 
 Entry point: `RuntimeMemoryPass(level="extended").run(model, ctx)`; the model is not
 changed; `result.data` is a `RuntimeView`, whose tensors are `FeatureMap`s (group = "").

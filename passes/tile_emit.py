@@ -14,7 +14,9 @@ f'. Splice: when `end` is not a graph output and its one reader is a Concat alon
 g. The band nodes take the place of `end`'s producer in the node list, band 0 first; with
    `chain`, band i+1's first Slices wait for band i's result through a zero computed from
    it (an empty Slice, Cast, ReduceSum, Add), so every topological order runs the bands
-   one after the other.
+   one after the other. The zero goes into the Slice's steps (1 + 0), never its starts or
+   ends: shape inference that cannot evaluate it (onnxruntime's symbolic shape inference,
+   run by its quantization tools' `quant_pre_process`) still finds the band's static rows.
 h. The region's nodes are detached and dropped; `model.touched()` then removes what only
    they used. Constants are shared by the bands. `TileResult` holds the facts.
 h'. A Shape or Size node outside the region that reads an intermediate becomes its static
@@ -263,7 +265,9 @@ class _Emitter:
         """`tensor` (holding rows `have` along `axis`) narrowed to rows `want`; itself when
         they agree.
 
-        `after`: a tensor this Slice must wait for (rule g), through a zero added to its starts.
+        `after`: a tensor this Slice must wait for (rule g), through a zero added to its steps:
+        a computed start or end would leave the band's rows unknown to symbolic shape
+        inference (it takes unknown steps as 1, which they are).
         """
         if have == want and after is None:
             return tensor
@@ -273,20 +277,20 @@ class _Emitter:
         params: list[gs.Tensor] = [self._ints(f"{output}/{part}", [value]) for part, value in
                                    zip(("starts", "ends", "axes"), values, strict=True)]
         if after is not None:
-            params[0] = self._after(params[0], after)
+            params.append(self._after(self._ints(f"{output}/steps", [1]), after))
         result = gs.Variable(output)
         self.emitted.append(gs.Node("Slice", name=self.namer(f"{output}/slice"),
                                     inputs=[tensor, *params], outputs=[result]))
         return result
 
-    def _after(self, starts: gs.Tensor, tensor: gs.Tensor) -> gs.Tensor:
-        """`starts` + 0, where the 0 is computed from `tensor`: a real data dependency (rule g).
+    def _after(self, steps: gs.Tensor, tensor: gs.Tensor) -> gs.Tensor:
+        """`steps` + 0, where the 0 is computed from `tensor`: a real data dependency (rule g).
 
         The zero is the sum of an empty Slice of `tensor` along axis 0 (no element is read, so
         NaN or inf cannot leak in; axis 0 exists whatever the rank of the previous band's end);
         onnxruntime cannot constant-fold it as it folds Shape of static shapes.
         """
-        base = self.namer(f"{starts.name}/after")
+        base = self.namer(f"{steps.name}/after")
         parts = ("zero", "empty_ends", "axes", "empty", "as_int", "sum")
         names = [self.namer(f"{base}/{part}") for part in parts]
         zero, empty_ends, axes = (gs.Constant(name, np.zeros(1, np.int64)) for name in names[:3])
@@ -294,8 +298,8 @@ class _Emitter:
         self._node("Slice", f"{base}/slice", [tensor, zero, empty_ends, axes], empty)
         self._node("Cast", f"{base}/cast", [empty], as_int, to=onnx.TensorProto.INT64)
         self._node("ReduceSum", f"{base}/sum", [as_int], total, keepdims=0)
-        result = gs.Variable(self.namer(f"{starts.name}/dep"))
-        self._node("Add", f"{base}/add", [starts, total], result)
+        result = gs.Variable(self.namer(f"{steps.name}/dep"))
+        self._node("Add", f"{base}/add", [steps, total], result)
         return result
 
     def _band_sum(self, tensor: gs.Tensor) -> gs.Tensor:

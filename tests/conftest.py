@@ -11,10 +11,15 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
+
+# compile measures onnxruntime's peak in a fresh process per model (1-3 s each); the suite's
+# many compiles skip it, and the tests of the measurement switch it back on (fmcompress/memprobe.py rule e)
+os.environ.setdefault("FMCOMPRESS_MEASURE_MEMORY", "0")
 
 TESTS = Path(__file__).resolve().parent
 REAL_ENTRY = "real_model"  # fmcompress.evaluation.thirdparty.real_model

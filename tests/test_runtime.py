@@ -77,11 +77,14 @@ def test_view_sizes_fusions_aliases_and_leaves_the_input_out():
     assert {t.name for t in view.over_ceiling()} == {"r0", "r1", "c2", "sum"}
 
 
-def test_computed_peak_agrees_with_the_measured_one():
-    measured = measure_peak(conv_chain(), {"x": (1, 3, 128, 128)})
+@pytest.mark.parametrize("level", ["extended", pytest.param("all", marks=pytest.mark.xfail(
+    reason="at all the view does not model NCHWc convs summing into their Sum input in place nor "
+           "onnxruntime's buffer reuse: 3.0 MiB computed, 2.0 MiB measured here", strict=False))])
+def test_computed_peak_agrees_with_the_measured_one(level):
+    measured = measure_peak(conv_chain(), {"x": (1, 3, 128, 128)}, level=level)
     if measured.bytes is None:
         pytest.skip(measured.reason)
-    computed = runtime_view(conv_chain()).peak_bytes
+    computed = runtime_view(conv_chain(), level=level).peak_bytes
     assert 0.85 <= measured.bytes / computed <= 1.1, (measured, computed)
 
 

@@ -113,14 +113,15 @@ def test_compile_runtime_ort_holds_the_ceiling_in_onnxruntime_and_tiling_is_exac
                          measure_memory=False, latency_rounds=1, latency_repeats=2)
     runtime = result.report["runtime"]
     assert runtime["before"]["computed_peak_bytes"] > 3 * ceiling
-    after = runtime_view(result.model, ceiling_bytes=ceiling)
-    assert not after.over_ceiling() and after.peak_bytes == runtime["after"]["computed_peak_bytes"]
+    after = runtime_view(result.model, ceiling_bytes=ceiling)  # held at the planning level, extended
+    reported = runtime_view(result.model, level="all")  # the report's figures: a user's default session
+    assert not after.over_ceiling() and reported.peak_bytes == runtime["after"]["computed_peak_bytes"]
     assert runtime["regions"] and all(r["bands"] >= 2 for r in runtime["regions"])
     # exact: the same projections folded without tiling give the same outputs
     untiled = FoldProjectionsPass(result.projections)(model, PassContext()).model
     x = np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32)
     np.testing.assert_allclose(_run(result.model, x), _run(untiled, x), rtol=1e-4, atol=1e-5)
-    assert result.report["peaks"]["after"]["runtime"] == after.peak_bytes
+    assert result.report["peaks"]["after"]["runtime"] == reported.peak_bytes
 
 
 def test_lossless_when_tiling_alone_fits():

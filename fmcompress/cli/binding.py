@@ -236,7 +236,13 @@ GATES = (
               "of bands that cannot fit are projected; the report gives the runtime peak before and "
               "after, computed and measured."),
     Bound("--ort-level", C, "ort_level", type=choice(ORT_LEVELS),
-         help="onnxruntime's graph optimisations that --runtime ort plans for."),
+         help="onnxruntime's graph optimisations: the level of the report's runtime figures (default all, "
+              "what a session a user opens runs) and the level --runtime ort plans for (default extended)."),
+    Bound("--int8", C, "int8", is_flag=True,
+         help="Emit an int8 model: plan every stored map at one byte, then quantize the verified model with "
+              "onnxruntime's quantize_static (QDQ, per-channel int8 weights, uint8 activations, calibrated on the "
+              "calibration samples). The fidelity gates apply to the int8 model; the report's int8 section lists "
+              "the nodes onnxruntime still runs in float on feature maps."),
 )
 
 ALL = (*DATA, *TRAINING, *BUDGET, METHOD, *GATES)

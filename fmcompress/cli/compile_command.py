@@ -45,7 +45,8 @@ def compile_command(model: Path, output: Path | None, json_log: Path | None, pla
     folds them into the graph, verifies the result (onnx.checker, onnxruntime,
     agreement with the training backend, the ceiling, the fidelity gates) and writes it
     atomically. Graph inputs and outputs are never compressed: the last line names those
-    above the ceiling.
+    above the ceiling. The report gives onnxruntime's peak before and after, computed and
+    measured (--ort-level, default all); the last line says when it rose.
     """
     from ..reports.progress import training_monitor
 
@@ -106,7 +107,7 @@ def _write_outputs(result: compiler.CompileResult, output: Path, json_path: Path
         if report_dir:
             compiler.write_report(result, report_dir)
     runtime = result.report.get("runtime")
-    if runtime:  # the ceiling held is onnxruntime's: the stored view's maps may exist only in bands
+    if runtime and "regions" in runtime:  # --runtime ort: the ceiling held is onnxruntime's: the stored view's maps may exist only in bands
         blocked = not_compressible_note([entry for entry in result.report.get("not_compressible", [])
                                          if isinstance(entry, dict) and entry.get("role") in ("input", "output")],
                                         result.plan.ceiling_bytes).replace("not compressible and above", "above")
@@ -115,7 +116,14 @@ def _write_outputs(result: compiler.CompileResult, output: Path, json_path: Path
     else:
         held = f"every compressible stored map <= {result.plan.ceiling_bytes} B"
     click.echo(f"wrote {output}: {len(result.plan.maps)} map(s) compressed; {held}"
-               f"{_traffic_note(result.report.get('allocation'))}{blocked}")
+               f"{_traffic_note(result.report.get('allocation'))}{blocked}{_rose_note(runtime)}")
+
+
+def _rose_note(runtime: dict[str, Any] | None) -> str:
+    """`; onnxruntime's peak rose: 4884 -> 7764 KiB measured` or '' (reports/compile.py rule c)."""
+    from ..reports.compile import rose_note
+
+    return f"; {rose_note(runtime)}" if runtime and runtime.get("rose") else ""
 
 
 def _write_plan(result: compiler.CompileResult, json_path: Path | None, blocked: str) -> None:

@@ -19,9 +19,11 @@ from ..units import Ceiling
 
 SCHEMA_VERSION = 1
 # onnxruntime graph optimisation levels of the runtime view (passes/runtime.py); extended is
-# what it does on every machine, all adds the x86-only NCHWc layout
+# what it does on every machine, all adds the x86-only NCHWc layout and is onnxruntime's default
 ORT_LEVELS = ("extended", "all", "basic", "none")
-DEFAULT_ORT_LEVEL = "extended"
+REPORT_ORT_LEVEL = "all"  # compile's reported runtime figures: a session a user opens runs this
+PLAN_ORT_LEVEL = "extended"  # compile --runtime ort plans, tiles and verifies at this (bands round alike)
+DEFAULT_ORT_LEVEL = PLAN_ORT_LEVEL  # analyze --mode runtime and the runtime pass, when no level is named
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """compile's report.md, drawn from report.json's dict (docs/json.md).
 
-One section a part of the report: header and data, warnings, fidelity, training, cost,
-compressed maps, maps over the ceiling that cannot be compressed, verification. Optional
+One section a part of the report: header and data, warnings, fidelity, training, cost
+(FLOPs, latency, the memory views' peaks and onnxruntime's, computed and measured), compressed maps, maps over the ceiling that cannot be compressed, verification. Optional
 parts are left out when the report lacks them, so older reports still render.
 """
 
@@ -144,8 +144,23 @@ def _md_cost(report: Mapping[str, Any]) -> list[str]:
         lines += ["| view | before | after |", "| --- | --- | --- |"]
         lines += [f"| {view} peak | {format_bytes(peaks['before'][view])} | {format_bytes(peaks['after'][view])} |"
                   for view in ("stored", "live", "strict") if view in peaks.get("before", {})]
+        lines += _runtime_rows(report.get("runtime"))
         lines.append("")
     return lines if len(lines) > 2 else []
+
+
+def _runtime_rows(runtime: Mapping[str, Any] | None) -> list[str]:
+    """onnxruntime's peak of both files, computed and measured (reports/compile.py rules a-c)."""
+    if not runtime or "before" not in runtime:
+        return []
+    rows = []
+    for kind in ("computed", "measured"):
+        before, after = (runtime[side].get(f"{kind}_peak_bytes") for side in ("before", "after"))
+        if before is not None and after is not None:
+            rose = " (rose)" if runtime.get("rose") and runtime.get("rose_basis") == kind else ""
+            rows.append(f"| onnxruntime peak ({runtime.get('level')}), {kind} | {format_bytes(before)} | "
+                        f"{format_bytes(after)}{rose} |")
+    return rows
 
 
 def _latency_line(latency: Mapping[str, Any]) -> str:

@@ -1,0 +1,215 @@
+"""QuantizePass: the verified float model in int8, by onnxruntime's own static quantization.
+
+Rules:
+
+a. The model runs through onnxruntime's `quant_pre_process` (its symbolic shape inference
+   and basic optimisations) and `quantize_static`: QDQ format, int8 weights per output
+   channel (symmetric, so onnxruntime's symmetric integer conv kernels apply), uint8
+   activations, MinMax ranges calibrated on `ctx.calibration` (never on held-out samples).
+   Nothing here quantizes by hand. `ForceQuantizeNoInputCheck` quantizes the input of
+   data-movement ops too (Slice, MaxPool, Reshape...), so the band Slices of a tiled
+   model read one uint8 copy of their start; without it onnxruntime moves each band's
+   QuantizeLinear above its Slice and quantizes the whole start once per band (ResNet-18
+   at 256KB: 14 copies of the input, a 2.0 MiB runtime peak instead of 278 KiB).
+   A model onnxruntime's tools refuse is an InputError (exit 2).
+b. Only float32 models are quantized (float16 and bfloat16 ones are an InputError); with
+   `--int8` every stored map is planned at one byte (`planned_act_bytes`), so an
+   `--act-bytes` other than 1 contradicts it (InputError, before any work).
+c. What still runs in float: onnxruntime optimises the int8 model at `level` and saves
+   the graph it runs; one run on zeros sizes every tensor. A node is listed when it
+   produces a float feature map (rank 3 or more) that is not a graph output: a
+   DequantizeLinear that no integer kernel absorbed, or an op with no integer kernel
+   (Exp, Tanh, Div, a ReduceSum of bands...); empty tensors (the zero that orders the
+   bands, passes/tile_emit.py rule g) compute nothing and are not listed. Each entry:
+   node, op, tensor, shape, bytes;
+   `float_bytes` is their sum. The graph's own float outputs (logits, a detection head)
+   are the caller's and are not listed.
+d. Fidelity of the int8 model against the float model it came from, on `ctx.held_out`:
+   onnxruntime on both, `fmcompress.metrics.fidelity` (top-1 agreement, cosine,
+   relative error, accuracy with labels), as passes/measure.py computes it. The
+   fidelity gates apply to the int8 model because compile runs MeasurePass after this
+   pass (the int8 model against the original); VerifyPass, before it, checks the float
+   rewrites exactly.
+e. The pass returns the int8 model (graph inputs, outputs and metadata of the float
+   one) and sets `ctx.quantization` (and `result.data`): {"format", "level",
+   "float_nodes", "float_bytes", "integer_ops", "fidelity", "calibration_samples"}.
+
+Entry point: `QuantizePass(level=...).run(model, ctx)`; `quantize_report(ctx)` is the
+report's "int8" section; `quantize_int8(model, batches)` is rule a alone.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+
+from fmcompress.errors import InputError
+from fmcompress.metrics import fidelity, gated_agreement
+from fmcompress.ortrun import run_ort
+from fmcompress.shapes import onnxruntime_tensor_infos, resolve_input_shapes, with_input_shapes
+
+from .base import Pass, PassContext, PassResult
+from .graph import Model
+from .runtime import optimized_model
+
+Batch = Mapping[str, np.ndarray]
+FLOAT_TYPES = (np.float32, np.float16, np.float64)
+QUANTIZE_OPTIONS = {"WeightSymmetric": True, "ActivationSymmetric": False, "ForceQuantizeNoInputCheck": True}
+MAP_RANK = 3  # rule c: NCL, NCHW and beyond are feature maps; [N, classes] is not
+
+
+class QuantizePass(Pass):
+    """Rule a's quantization, rule c's float-node list and rule d's fidelity."""
+
+    name = "quantize"
+    requires = ("calibration", "held_out")
+    provides = ("quantization",)
+
+    def __init__(self, level: str = "extended", *, act_bytes: int | None = None, batch_size: int | None = None):
+        check_act_bytes(act_bytes)
+        self.level = level
+        self.batch_size = batch_size
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        proto = model.proto()
+        check_float32(proto)
+        batch = self.batch_size or ctx.batch_size or 16
+        quantized = quantize_int8(proto, (inputs for inputs, _ in ctx.calibration.batches(batch)))
+        shapes = resolve_input_shapes(proto, ctx.input_shapes)
+        floats = float_nodes(quantized, shapes, self.level)
+        quality = int8_fidelity(proto, quantized, ctx, batch)
+        ctx.quantization = {
+            "format": "QDQ: int8 per-channel symmetric weights, uint8 activations (onnxruntime quantize_static)",
+            "level": self.level, "float_nodes": floats, "float_bytes": sum(entry["bytes"] for entry in floats),
+            "integer_ops": integer_ops(quantized, self.level), "fidelity": quality,
+            "calibration_samples": len(ctx.calibration)}
+        what, agreement = gated_agreement(quality)
+        ctx.log(f"int8: {len(floats)} node(s) left in float on feature maps ({ctx.quantization['float_bytes']} B); "
+                f"{what} with the float model {_percent(agreement)}, cosine {quality['cosine_similarity']:.4f}")
+        return PassResult(Model.of(quantized), modified=True, data=ctx.quantization)
+
+
+def check_act_bytes(act_bytes: int | None) -> None:
+    """Rule b: --int8 plans every map at one byte."""
+    if act_bytes is not None and act_bytes != 1:
+        raise InputError(f"--int8 stores every feature map in one byte; --act-bytes {act_bytes} contradicts it "
+                         "(drop it or give 1)")
+
+
+def planned_act_bytes(int8: bool, act_bytes: int | None) -> int | None:
+    """The bytes per element compile plans with: 1 under --int8 (rule b)."""
+    if not int8:
+        return act_bytes
+    check_act_bytes(act_bytes)
+    return 1
+
+
+def check_float32(model: onnx.ModelProto) -> None:
+    """Rule b: onnxruntime's static quantization takes float32 models."""
+    types = {value.type.tensor_type.elem_type for value in [*model.graph.input, *model.graph.output]
+             if value.type.HasField("tensor_type")}
+    half = types & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    if half:
+        names = ", ".join(onnx.TensorProto.DataType.Name(t).lower() for t in sorted(half))
+        raise InputError(f"--int8 quantizes float32 models; this one computes in {names}")
+
+
+def _reader(batches: Iterable[Batch]) -> Any:
+    """onnxruntime's CalibrationDataReader over input batches (rule a)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches: Iterator[Batch] = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {name: np.ascontiguousarray(v) for name, v in batch.items()}
+
+    return Reader()
+
+
+def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch]) -> onnx.ModelProto:
+    """Rule a: `quant_pre_process`, then `quantize_static` calibrated on `batches`."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    reader = _reader(batches)
+    with tempfile.TemporaryDirectory(prefix="fmcompress-int8-") as folder:
+        source, prepared, quantized = (os.path.join(folder, f"{n}.onnx") for n in ("float", "pre", "int8"))
+        onnx.save_model(model, source)
+        try:
+            quant_pre_process(source, prepared)
+            quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                            extra_options=dict(QUANTIZE_OPTIONS))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's tools raise anything; said in one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise InputError(f"onnxruntime's quantization refused the model ({type(exc).__name__}: {first})") from exc
+        result = onnx.load(quantized)
+    _keep_interface(model, result)
+    return result
+
+
+def _keep_interface(model: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
+    """Rule e: the float model's input and output declarations (a dynamic batch stays
+    dynamic) and its metadata."""
+    for ours, theirs in ((model.graph.input, quantized.graph.input), (model.graph.output, quantized.graph.output)):
+        declared = {value.name: value for value in ours}
+        for value in theirs:
+            if value.name in declared:
+                value.CopyFrom(declared[value.name])
+    kept = {p.key for p in quantized.metadata_props}
+    quantized.metadata_props.extend(p for p in model.metadata_props if p.key not in kept)
+
+
+def float_nodes(quantized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                level: str = "extended") -> list[dict[str, Any]]:
+    """Rule c: the nodes of onnxruntime's optimised graph that produce a float feature map."""
+    optimized = optimized_model(with_input_shapes(quantized, shapes), level)
+    outputs = {value.name for value in optimized.graph.output}
+    names = [out for node in optimized.graph.node for out in node.output if out]
+    infos = onnxruntime_tensor_infos(optimized, shapes, names)
+    found = []
+    for node in optimized.graph.node:
+        for name in node.output:
+            info = infos.get(name)
+            if not name or name in outputs or info is None or len(info.shape) < MAP_RANK:
+                continue
+            if np.dtype(info.dtype).type in FLOAT_TYPES and info.numel:  # an empty slice computes nothing
+                found.append({"node": node.name or name, "op": _op(node), "tensor": name,
+                              "shape": list(info.shape), "bytes": info.numel * np.dtype(info.dtype).itemsize})
+    return found
+
+
+def integer_ops(quantized: onnx.ModelProto, level: str = "extended") -> dict[str, int]:
+    """How many nodes of each op onnxruntime runs for the int8 model (QLinearConv: 20, ...)."""
+    optimized = optimized_model(quantized, level)
+    return dict(sorted(Counter(_op(node) for node in optimized.graph.node).items()))
+
+
+def int8_fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ctx: PassContext,
+                  batch_size: int) -> dict[str, Any]:
+    """Rule d: the int8 model against the float one on the held-out samples."""
+    reference = run_ort(float_model, ctx.held_out.batches(batch_size), batch_first=True)
+    candidate = run_ort(quantized, ctx.held_out.batches(batch_size), batch_first=True)
+    return fidelity(reference, candidate, ctx.held_out.labels).to_dict()
+
+
+def quantize_report(ctx: PassContext) -> dict[str, Any] | None:
+    """The report's "int8" section: None when compile did not quantize."""
+    return None if ctx.quantization is None else dict(ctx.quantization)
+
+
+def _op(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
