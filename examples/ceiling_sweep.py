@@ -2,7 +2,8 @@
 
     python examples/ceiling_sweep.py [--models ppocr-cls,ppocr-rec,demo] [--ceilings 2x,4x,8x]
         [--methods pca,random,learned] [--num-samples 256] [--eval-samples 500]
-        [--eval-set first|second|both] [--calibration-set first|second] [--out sweep]
+        [--eval-set first|second|both] [--calibration-set first|second|mixed] [--int8]
+        [--train KEY=VALUE ...] [--out sweep]
 
 For each model x ceiling x method: render calibration text lines (unlabelled for
 the recognizer, at most 512) into an .npz, `compile_model` under the ceiling, then
@@ -18,7 +19,9 @@ the task's own metric, on two independent sets of lines:
 
 `--eval-set` picks the sets scored (default both: columns "1" and "2" of the table,
 `--eval-samples` lines each); `--calibration-set` the set the calibration lines come
-from (default first: choose on one set, confirm on the other). The models:
+from (default first: choose on one set, confirm on the other; mixed: half of each).
+`--int8` compiles with `--int8` and scores the quantized model against the float
+original; `--train KEY=VALUE` sets any other TrainConfig field. The models:
 
 * ppocr-cls (rapidocr wheel): the 0/180 degree direction classifier, accuracy;
 * ppocr-rec (rapidocr wheel): the PP-OCRv4 recognizer, exact-match string
@@ -40,6 +43,7 @@ figures are not the point here, so compile times them only once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -62,7 +66,7 @@ CALIBRATION_SEED = 0
 EVAL_SEED = 1000  # held-out lines: another seed, so no line is shared with calibration
 DEMO_PATH = Path(__file__).resolve().parents[1] / "models" / "digits_resnet.onnx"
 SETS = {"first": textlines, "second": otherlines}  # the two independent renderers of text lines
-SET_NAMES = {"first": "set 1 (textlines)", "second": "set 2 (otherlines)"}
+SET_NAMES = {"first": "set 1 (textlines)", "second": "set 2 (otherlines)", "mixed": "half set 1, half set 2"}
 SUFFIX = {"first": "", "second": "_second"}  # the JSON keys of a set's figures: original{suffix}, ...
 COLUMN = {"first": "1", "second": "2"}
 
@@ -84,14 +88,17 @@ class Task:
             return self.data
         path = folder / f"{self.name}-calibration-{which}.npz"
         if not path.exists():
-            lines = SETS[which]
-            if self.name == "ppocr-cls":
-                inputs, labels = lines.cls_dataset(count, CALIBRATION_SEED)
-                textlines.save_npz(path, inputs, labels)
-            else:
-                inputs, _ = lines.rec_dataset(count, CALIBRATION_SEED)  # texts are not class labels
-                textlines.save_npz(path, inputs)
+            parts = {"mixed": (("first", count // 2), ("second", count - count // 2))}.get(which, ((which, count),))
+            drawn = [self._lines(SETS[name], part) for name, part in parts]
+            inputs = np.concatenate([d[0] for d in drawn])
+            labels = np.concatenate([d[1] for d in drawn]) if self.name == "ppocr-cls" else None
+            textlines.save_npz(path, inputs, labels)  # a recognizer's texts are not class labels
         return str(path)
+
+    def _lines(self, lines, count: int):
+        if self.name == "ppocr-cls":
+            return lines.cls_dataset(count, CALIBRATION_SEED)
+        return lines.rec_dataset(count, CALIBRATION_SEED)
 
     def score(self, model, threads: int, which: str) -> float | None:
         if which not in self.evals:
@@ -127,8 +134,9 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
     calibration = task.calibration(folder, args.num_samples, args.calibration_set)
     options = CompileOptions(ceiling=ceiling, method=method, data=calibration,
                              num_samples=args.num_samples, input_shapes=[task.input_shape] if task.input_shape else None,
-                             latency_repeats=1, latency_rounds=1, threads=args.threads,
-                             training=TrainConfig(epochs=args.epochs, block_epochs=args.block_epochs))
+                             latency_repeats=1, latency_rounds=1, threads=args.threads, int8=args.int8,
+                             training=TrainConfig(epochs=args.epochs, block_epochs=args.block_epochs,
+                                                  **train_overrides(args.train)))
     row: dict[str, Any] = {"model": task.name, "ceiling": ceiling, "method": method, "metric": task.metric}
     started = time.perf_counter()
     try:
@@ -212,6 +220,23 @@ def plot(rows: list[dict[str, Any]], ceilings: list[str], path: Path,
     plt.close(fig)
 
 
+def train_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--train KEY=VALUE` pairs as TrainConfig fields, each value parsed as its default's type."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in fields:
+            raise InputError(f"--train {pair!r}: TrainConfig has no field {key!r}")
+        default = getattr(TrainConfig(), key)
+        if text.lower() in ("true", "false"):
+            overrides[key] = text.lower() == "true"
+        else:
+            overrides[key] = text if default is None or isinstance(default, str) else type(default)(text)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="ppocr-cls,ppocr-rec,demo")
@@ -221,11 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, default=500, help="held-out lines scored per model and set")
     parser.add_argument("--eval-set", choices=("first", "second", "both"), default="both",
                         help="score on set 1 (textlines), set 2 (otherlines) or both")
-    parser.add_argument("--calibration-set", choices=("first", "second"), default="first",
-                        help="the set whose lines calibrate and train the projections")
+    parser.add_argument("--calibration-set", choices=("first", "second", "mixed"), default="first",
+                        help="the set whose lines calibrate and train the projections (mixed: half of each)")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="training epochs (random, learned)")
     parser.add_argument("--block-epochs", type=int, default=TrainConfig.block_epochs,
                         help="block reconstruction epochs per map before training (learned)")
+    parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other TrainConfig field, e.g. --train patience=0 --train augment=strong")
+    parser.add_argument("--int8", action="store_true", help="compile --int8: score the quantized models")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     parser.add_argument("--demo-data", default="mnist", help="--data of the demo model")
     parser.add_argument("--out", default="ceiling_sweep", help="folder for the table, JSON and plot")

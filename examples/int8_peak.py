@@ -60,7 +60,7 @@ def rows(path: Path, shapes: dict[str, tuple[int, ...]], args: argparse.Namespac
     yield "original float", original, "-"
     quantized = ort_flow(original, shapes, args.num_samples)
     yield "original, ORT quantize_static", quantized, format_bytes(_float_bytes(quantized, shapes, args.level))
-    common = {"method": "pca", "num_samples": args.num_samples, "input_shapes": shapes, "measure_memory": False,
+    common = {"method": "pca", "num_samples": args.num_samples, "input_shapes": shapes, "measure_memory": True,
               "latency_rounds": 1, "latency_repeats": 1}
     for row, options in (("original, compile --int8 (1GB)", {"ceiling": "1GB", "int8": True}),
                          ("256KB --runtime ort, float", {"ceiling": "256KB", "runtime": "ort"}),

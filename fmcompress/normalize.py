@@ -43,6 +43,7 @@ from .errors import InputError
 
 MIN_OPSET = 11  # opset 11 moved Pad/Slice/Resize operands to inputs: the form the passes read
 TARGET_OPSET = 17
+MIN_PER_CHANNEL_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear
 MIN_IR_VERSION = 4  # initializers need not be graph inputs from IR 4 on
 TWO_GB = 2**31
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -93,8 +94,13 @@ def _old_opset(model: onnx.ModelProto) -> int | None:
 
 def _converted(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rule c: the converted model, or `model` where the converter gives up."""
+    return converted_to(model, TARGET_OPSET)
+
+
+def converted_to(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """`model` converted to `opset` by onnx's version converter, or `model` where it gives up."""
     try:
-        converted = onnx.version_converter.convert_version(model, TARGET_OPSET)
+        converted = onnx.version_converter.convert_version(model, opset)
     except (onnx.version_converter.ConvertError, RuntimeError, ValueError, IndexError):
         return model
     return converted

@@ -11,6 +11,9 @@ a. The model runs through onnxruntime's `quant_pre_process` (its symbolic shape 
    model read one uint8 copy of their start; without it onnxruntime moves each band's
    QuantizeLinear above its Slice and quantizes the whole start once per band (ResNet-18
    at 256KB: 14 copies of the input, a 2.0 MiB runtime peak instead of 278 KiB).
+   A model below opset 13 is first converted to opset 17 (per-channel DequantizeLinear
+   needs 13); where the symbolic shape inference asserts (PP-OCR's classifier: a Concat
+   of shape values along axis -1), `quant_pre_process` runs on onnx's shape inference.
    A model onnxruntime's tools refuse is an InputError (exit 2).
 b. Only float32 models are quantized (float16 and bfloat16 ones are an InputError); with
    `--int8` every stored map is planned at one byte (`planned_act_bytes`), so an
@@ -32,10 +35,27 @@ d. Fidelity of the int8 model against the float model it came from, on `ctx.held
    rewrites exactly.
 e. The pass returns the int8 model (graph inputs, outputs and metadata of the float
    one) and sets `ctx.quantization` (and `result.data`): {"format", "level",
-   "float_nodes", "float_bytes", "integer_ops", "fidelity", "calibration_samples"}.
+   "float_nodes", "float_bytes", "integer_ops", "fidelity", "calibration_samples",
+   "runtime_peak_bytes", "largest_allocation_bytes", "over_ceiling"} (the last three with
+   rule g's check).
+f. Ranks: `AlignRanksPass` (compile --int8, after planning, before the fit) rounds every
+   planned rank k down to a multiple of 8 (ranks under 8 stay). The folded convs write and
+   read k channels, and onnxruntime's symmetric int8 kernel needs k % 8 == 0 written and
+   k % 4 == 0 read (passes/runtime.py rule e'); without it a conv allocates an int32 output
+   and an im2col of its whole band (ResNet-18 at 64KB: k = 83 gave a 368 KiB im2col).
+g. Ceiling (`ceiling_level` set: compile --int8 --runtime ort): the int8 graph's runtime view
+   at that level, every tensor at its own dtype's size (uint8 maps at one byte, float ones
+   at four, rule e' workspaces at theirs), against the plan's ceiling (passes/tile_bands.py
+   plans the bands for it). A map above it (graph inputs and outputs excepted) is a
+   VerificationError (exit 1, nothing written), except the uint8 copy of a graph input (its
+   QuantizeLinear: onnxruntime's int8 model takes the float input and quantizes it whole).
+   That copy and a workspace above the ceiling (one no band count brings under it: a stem
+   conv reading 3 input channels allocates an int32 output of all its filters) are named in
+   `over_ceiling` and in a warning.
 
 Entry point: `QuantizePass(level=...).run(model, ctx)`; `quantize_report(ctx)` is the
-report's "int8" section; `quantize_int8(model, batches)` is rule a alone.
+report's "int8" section; `quantize_int8(model, batches)` is rule a alone;
+`AlignRanksPass().run(model, ctx)` is rule f.
 """
 
 from __future__ import annotations
@@ -44,24 +64,27 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import onnx
 
-from fmcompress.errors import InputError
+from fmcompress.errors import InputError, VerificationError
 from fmcompress.metrics import fidelity, gated_agreement
 from fmcompress.ortrun import run_ort
 from fmcompress.shapes import onnxruntime_tensor_infos, resolve_input_shapes, with_input_shapes
 
 from .base import Pass, PassContext, PassResult
 from .graph import Model
-from .runtime import optimized_model
+from .plan import PlannedMap
+from .runtime import analyze_runtime, optimized_model
 
 Batch = Mapping[str, np.ndarray]
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
 QUANTIZE_OPTIONS = {"WeightSymmetric": True, "ActivationSymmetric": False, "ForceQuantizeNoInputCheck": True}
 MAP_RANK = 3  # rule c: NCL, NCHW and beyond are feature maps; [N, classes] is not
+RANK_ALIGN = 8  # rule f: MLAS's symmetric int8 conv wants output channels % 8 (input % 4)
 
 
 class QuantizePass(Pass):
@@ -71,10 +94,12 @@ class QuantizePass(Pass):
     requires = ("calibration", "held_out")
     provides = ("quantization",)
 
-    def __init__(self, level: str = "extended", *, act_bytes: int | None = None, batch_size: int | None = None):
+    def __init__(self, level: str = "extended", *, act_bytes: int | None = None, batch_size: int | None = None,
+                 ceiling_level: str | None = None):
         check_act_bytes(act_bytes)
         self.level = level
         self.batch_size = batch_size
+        self.ceiling_level = ceiling_level  # rule g: check the plan's ceiling at this level
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         proto = model.proto()
@@ -89,10 +114,63 @@ class QuantizePass(Pass):
             "level": self.level, "float_nodes": floats, "float_bytes": sum(entry["bytes"] for entry in floats),
             "integer_ops": integer_ops(quantized, self.level), "fidelity": quality,
             "calibration_samples": len(ctx.calibration)}
+        if self.ceiling_level is not None and ctx.plan is not None:
+            ctx.quantization.update(check_int8_ceiling(quantized, ctx, self.ceiling_level, ctx.plan.ceiling_bytes))
         what, agreement = gated_agreement(quality)
         ctx.log(f"int8: {len(floats)} node(s) left in float on feature maps ({ctx.quantization['float_bytes']} B); "
                 f"{what} with the float model {_percent(agreement)}, cosine {quality['cosine_similarity']:.4f}")
         return PassResult(Model.of(quantized), modified=True, data=ctx.quantization)
+
+
+class AlignRanksPass(Pass):
+    """Rule f: every planned rank a multiple of 8, for onnxruntime's symmetric int8 convs."""
+
+    name = "align-ranks"
+    requires = ("plan",)
+    provides = ("plan",)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        maps = [aligned_rank(m) for m in ctx.plan.maps]
+        changed = [f"{m.name} {m.k}->{a.k}" for m, a in zip(ctx.plan.maps, maps, strict=True) if a.k != m.k]
+        if changed:
+            ctx.log(f"int8: {len(changed)} rank(s) rounded down to a multiple of {RANK_ALIGN}: "
+                    f"{', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}")
+        ctx.plan = replace(ctx.plan, maps=maps)
+        return PassResult(model, modified=False, data=maps)
+
+
+def aligned_rank(planned: PlannedMap) -> PlannedMap:
+    """Rule f for one map: k rounded down to a multiple of 8 (a rank under 8 stays)."""
+    if planned.k < RANK_ALIGN or planned.k % RANK_ALIGN == 0:
+        return planned
+    k = planned.k - planned.k % RANK_ALIGN
+    return replace(planned, k=k, bytes_after=planned.bytes_after // planned.k * k)
+
+
+def check_int8_ceiling(quantized: onnx.ModelProto, ctx: PassContext, level: str, ceiling: int) -> dict[str, Any]:
+    """Rule g: the int8 graph's allocations (at their own dtype sizes) against `ceiling`: a map
+    above it is a VerificationError, workspaces above it are named (report and warning)."""
+    view = analyze_runtime(quantized, PassContext(input_shapes=ctx.input_shapes), level, ceiling)
+    over = sorted(view.over_ceiling(), key=lambda t: -t.bytes)
+    inputs = {value.name for value in quantized.graph.input}
+    copies = {out for node in quantized.graph.node if node.op_type == "QuantizeLinear" and node.input[0] in inputs
+              for out in node.output}
+    maps = [t for t in over if t.role != "workspace" and t.name not in copies]
+    if maps:
+        raise VerificationError(f"int8: {len(maps)} onnxruntime map(s) of the quantized model above the ceiling "
+                                f"of {ceiling} B at level {level}: {_named(maps)}")
+    if over:
+        ctx.warnings.append(f"int8: {len(over)} allocation(s) of the quantized model above the ceiling of {ceiling} B "
+                            f"at level {level} that no band count brings under it: {_named(over)}")
+        ctx.log(ctx.warnings[-1])
+    largest = max((t.bytes for t in view.tensors if t.role in ("map", "workspace")), default=0)
+    return {"runtime_peak_bytes": view.peak_bytes, "largest_allocation_bytes": largest,
+            "over_ceiling": [{"name": t.name, "op": t.producer_op, "bytes": t.bytes} for t in over]}
+
+
+def _named(tensors: list) -> str:
+    more = f" and {len(tensors) - 3} more" if len(tensors) > 3 else ""
+    return ", ".join(f"{t.name} ({t.producer_op}, {t.bytes} B)" for t in tensors[:3]) + more
 
 
 def check_act_bytes(act_bytes: int | None) -> None:
@@ -143,9 +221,12 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch]) -> onnx.Mode
     reader = _reader(batches)
     with tempfile.TemporaryDirectory(prefix="fmcompress-int8-") as folder:
         source, prepared, quantized = (os.path.join(folder, f"{n}.onnx") for n in ("float", "pre", "int8"))
-        onnx.save_model(model, source)
+        onnx.save_model(with_per_channel_opset(model), source)
         try:
-            quant_pre_process(source, prepared)
+            try:
+                quant_pre_process(source, prepared)
+            except AssertionError:  # rule a: its symbolic shape inference gave up; onnx's instead
+                quant_pre_process(source, prepared, skip_symbolic_shape=True)
             quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                             extra_options=dict(QUANTIZE_OPTIONS))
@@ -155,6 +236,21 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch]) -> onnx.Mode
         result = onnx.load(quantized)
     _keep_interface(model, result)
     return result
+
+
+def with_per_channel_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rule a: a model below opset 13 converted to fmcompress's target opset (per-channel
+    DequantizeLinear needs 13), or `model` itself."""
+    from fmcompress.normalize import MIN_PER_CHANNEL_OPSET, TARGET_OPSET, converted_to
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), TARGET_OPSET)
+    if opset >= MIN_PER_CHANNEL_OPSET:
+        return model
+    converted = converted_to(model, TARGET_OPSET)
+    if converted is model:
+        raise InputError(f"--int8 needs opset {MIN_PER_CHANNEL_OPSET} or later (per-channel weights) and onnx's "
+                         f"version converter cannot take this opset-{opset} model there")
+    return converted
 
 
 def _keep_interface(model: onnx.ModelProto, quantized: onnx.ModelProto) -> None:

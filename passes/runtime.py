@@ -29,6 +29,18 @@ e. Convolution scratch: onnxruntime's CPU convolutions (MLAS) expand the whole i
    unless the conv is a plain 1x1 GEMM; elsewhere they work in small per-thread segments.
    That expansion is listed with role "workspace", alive at its conv's step only: it
    counts in the peak, and against the ceiling like any other allocation.
+e'. Integer convolutions (QLinearConv, ONNX's and com.microsoft's channels-last one that
+   level `all` makes; onnxruntime's qlinearconv.cc on x86 MLAS) allocate whole-map scratch
+   per image, each buffer listed as its own workspace (`<conv>:<part>`, its own dtype, never
+   `ctx.act_bytes`): `gemm_output` (int32, M x output positions) unless MLAS's symmetric
+   kernel runs (weight zero points 0, uint8 input, and group 1 with M >= 16, C % 4 == 0,
+   M % 8 == 0, or a depthwise conv of a multiple of 16 channels); `indirection` (8-byte
+   pointers, kernel taps x output positions) for a depthwise conv, or a symmetric one that
+   is not a plain 1x1 GEMM; otherwise `im2col` (C/group x taps x output positions bytes)
+   unless plain; and without channels_last (below `all`) `transpose_input` (the input map
+   again) and `transpose_output` (the output map again). Measured on single convs
+   (tests/test_int8.py) within the probe's resolution. ARM's MLAS differs (pointwise convs
+   and fewer than 64 input channels run as GEMMs): not modelled.
 f. The peak is the largest sum of bytes alive at one step; bytes are numel * dtype size
    (or `ctx.act_bytes`). Not modelled: onnxruntime's planner running some ops in place
    (Relu, Add; at `all` an NCHWc conv summing into its residual input), which lowers the
@@ -50,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from fmcompress.errors import InputError, onnxruntime_errors
 from fmcompress.featuremaps import FeatureMap
@@ -202,23 +214,86 @@ def conv_workspace_elements(weight_shape: tuple[int, ...], output_shape: tuple[i
 
 def conv_workspaces(optimized: onnx.ModelProto, infos: dict[str, TensorInfo],
                     act_bytes: int | None) -> list[FeatureMap]:
-    """Rule e, one entry per conv that expands its input."""
-    weights = {init.name: tuple(init.dims) for init in optimized.graph.initializer}
+    """Rules e and e', one entry per conv buffer that spans the whole map."""
+    constants = {init.name: init for init in optimized.graph.initializer}
+    shapes = {**{value.name: tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
+                 for value in optimized.graph.input}, **{name: info.shape for name, info in infos.items()}}
     scratch = []
     for step, node in enumerate(optimized.graph.node):
-        if (node.domain, node.op_type) not in CONV_OPS or len(node.input) < 2 or node.input[1] not in weights:
-            continue
-        output = infos.get(node.output[0])
+        output = infos.get(node.output[0]) if node.output else None
         if output is None or len(output.shape) < 3:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        elements = conv_workspace_elements(weights[node.input[1]], output.shape, int(attrs.get("group", 1)),
-                                           list(attrs.get("strides", [])), list(attrs.get("pads", [])))
-        if elements:
-            workspace = _tensor(f"{node.name or node.output[0]}:workspace", [elements], output.dtype, "workspace",
-                                node, step, step, {}, act_bytes)
-            scratch.append(workspace)
+        if (node.domain, node.op_type) in QLINEAR_CONV_OPS:
+            scratch += _integer_scratch(node, step, constants, shapes, output)
+        elif (node.domain, node.op_type) in CONV_OPS and len(node.input) > 1 and node.input[1] in constants:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            elements = conv_workspace_elements(tuple(constants[node.input[1]].dims), output.shape,
+                                               int(attrs.get("group", 1)), list(attrs.get("strides", [])),
+                                               list(attrs.get("pads", [])))
+            if elements:
+                scratch.append(_tensor(f"{node.name or node.output[0]}:workspace", [elements], output.dtype,
+                                       "workspace", node, step, step, {}, act_bytes))
     return scratch
+
+
+QLINEAR_CONV_OPS = frozenset({("", "QLinearConv"), ("ai.onnx", "QLinearConv"), ("com.microsoft", "QLinearConv")})
+POINTER = np.dtype(np.uint64)  # an indirection entry: one pointer (64-bit builds)
+
+
+def integer_conv_workspaces(weight_shape: tuple[int, ...], input_positions: int, output_positions: int,
+                            group: int, plain: bool, *, channels_last: bool = False,
+                            symmetric: bool = True) -> dict[str, tuple[int, np.dtype]]:
+    """Rule e': QLinearConv's whole-map buffers for one image, part -> (elements, dtype).
+
+    `plain`: a 1x1 conv with unit strides and no pads; `symmetric`: weight zero points all 0
+    and a uint8 input (MLAS's symmetric kernels may then run)."""
+    filters, per_group = weight_shape[0], weight_shape[1]
+    taps = int(np.prod(weight_shape[2:]))
+    depthwise = group > 1 and per_group == 1 and filters == group
+    fused = symmetric and mlas_symmetric(weight_shape, group)
+    parts: dict[str, tuple[int, np.dtype]] = {}
+    if not fused:
+        parts["gemm_output"] = (filters * output_positions, np.dtype(np.int32))
+    if depthwise or (fused and not plain):
+        parts["indirection"] = (taps * output_positions, POINTER)
+    elif not plain:
+        parts["im2col"] = (per_group * taps * output_positions, np.dtype(np.uint8))
+    if not channels_last:
+        parts["transpose_input"] = (per_group * group * input_positions, np.dtype(np.uint8))
+        parts["transpose_output"] = (filters * output_positions, np.dtype(np.uint8))
+    return parts
+
+
+def mlas_symmetric(weight_shape: tuple[int, ...], group: int) -> bool:
+    """Rule e': whether x86 MLAS packs these weights for its symmetric conv kernel (which
+    requantizes in registers: no int32 output buffer)."""
+    filters, per_group = weight_shape[0], weight_shape[1]
+    if group > 1:
+        return per_group == 1 and filters == group and group % 16 == 0
+    return filters >= 16 and per_group % 4 == 0 and filters % 8 == 0
+
+
+def _integer_scratch(node: onnx.NodeProto, step: int, constants: dict[str, onnx.TensorProto],
+                     shapes: dict[str, tuple[int, ...]], output: TensorInfo) -> list[FeatureMap]:
+    """Rule e' for one QLinearConv of the optimised graph (inputs x, x_scale, x_zp, w, ...)."""
+    if len(node.input) < 6 or node.input[3] not in constants or node.input[0] not in shapes:
+        return []
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    channels_last = bool(attrs.get("channels_last", 0))
+    weight = tuple(constants[node.input[3]].dims)
+    spatial = slice(1, -1) if channels_last else slice(2, None)
+    strides, pads = list(attrs.get("strides", [])), list(attrs.get("pads", []))
+    plain = all(k == 1 for k in weight[2:]) and all(s == 1 for s in strides) and not any(pads)
+    zero_point = constants.get(node.input[5])
+    symmetric = (node.input[2] in constants and zero_point is not None
+                 and not numpy_helper.to_array(zero_point).any()
+                 and constants[node.input[2]].data_type == onnx.TensorProto.UINT8)
+    parts = integer_conv_workspaces(weight, int(np.prod(shapes[node.input[0]][spatial])),
+                                    int(np.prod(output.shape[spatial])), int(attrs.get("group", 1)), plain,
+                                    channels_last=channels_last, symmetric=symmetric)
+    base = node.name or node.output[0]
+    return [_tensor(f"{base}:{part}", [elements], dtype, "workspace", node, step, step, {}, None)
+            for part, (elements, dtype) in parts.items()]
 
 
 def _tensor(name: str, shape, dtype, role: str, node: onnx.NodeProto | None, step: int, last_use: int,

@@ -15,8 +15,13 @@ a''. Rows are counted along each tensor's own row axis (`Region.axes`); a Reshap
 e. Pool bands whose pads reach the kernel, or that count padding AveragePool would not,
    are rejected (InputError).
 
-Sizes: a band's largest tensor (`peak_band_bytes`) counts the Slice of each start, every
+Sizes: a band's largest allocation (`peak_band_bytes`) counts the Slice of each start, every
 node output and every narrowing Slice; `bands_for_budget` is the fewest bands under a budget.
+Planned at one byte per element (`--int8`, `--act-bytes 1`: `integer_kernels`), each band Conv
+also counts the whole-band buffers its onnxruntime QLinearConv allocates
+(passes/runtime.py rule e', channels last, symmetric int8 weights): an int32 GEMM output
+where MLAS's symmetric kernel does not run, an im2col or an indirection buffer (8 B a tap
+and output position). A band's size is the largest of its maps and those buffers.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from fmcompress.onnxutil import node_attrs
 from fmcompress.shapes import TensorInfo
 
 from .ops import TILE_WINDOW_OPS
+from .runtime import integer_conv_workspaces
 from .tile_region import Region, Starts, tileable_region, used_outputs
 from .tile_windows import Rows, Window
 
@@ -155,8 +161,11 @@ def row_bytes(info: TensorInfo, act_bytes: int | None, axis: int = 2) -> int:
     return info.numel // info.shape[axis] * (act_bytes or np.dtype(info.dtype).itemsize)
 
 
-def band_tensor_bytes(region: Region, plan: BandPlan, act_bytes: int | None) -> int:
-    """Largest tensor of one band: the Slice of `start`, node outputs, the narrowing Slices."""
+def band_tensor_bytes(region: Region, plan: BandPlan, act_bytes: int | None, workspaces: bool | None = None) -> int:
+    """Largest allocation of one band: the Slice of `start`, node outputs, the narrowing Slices
+    (and, with `workspaces`, by default when planned for integer kernels, each Conv's
+    QLinearConv buffers)."""
+    workspaces = integer_kernels(act_bytes) if workspaces is None else workspaces
     sizes = [(hi - lo) * row_bytes(region.infos[name], act_bytes, region.axes[name])
              for name, (lo, hi) in plan.produced.items()]
     for node in region.nodes:
@@ -164,30 +173,84 @@ def band_tensor_bytes(region: Region, plan: BandPlan, act_bytes: int | None) -> 
             lo, hi = plan.reads[(node.output[0], index)]
             name = node.input[index]
             sizes.append((hi - lo) * row_bytes(region.infos[name], act_bytes, region.axes[name]))
+        if workspaces and node.op_type == "Conv":
+            sizes.append(integer_conv_band_bytes(region, node, plan))
     return max(sizes)
+
+
+def integer_kernels(act_bytes: int | None) -> bool:
+    """Planning at one byte per element plans for onnxruntime's integer kernels (--int8)."""
+    return act_bytes == 1
+
+
+def integer_conv_band_bytes(region: Region, node: onnx.NodeProto, plan: BandPlan) -> int:
+    """The largest whole-band buffer of `node`'s QLinearConv in one band (passes/runtime.py
+    rule e', channels last: its NHWC transposes are the band maps, counted already)."""
+    key = node.output[0]
+    source, output = region.infos[node.input[0]].shape, region.infos[key].shape
+    if len(output) != 4 or region.axes[key] != 2:
+        return 0
+    window, attrs = region.windows[key], node_attrs(node)
+    group = int(attrs.get("group", 1))
+    per_group = int(source[1]) // group
+    taps = window.macs_per_output // max(per_group, 1)
+    plain = (taps == 1 and window.stride == 1 and all(int(s) == 1 for s in attrs.get("strides", [1, 1]))
+             and not (window.pad_top or window.pad_bottom or any(window.w_pads)))
+    lo, hi = plan.produced[key]
+    parts = integer_conv_workspaces((int(output[1]), per_group, taps), 0, (hi - lo) * int(output[3]), group,
+                                    plain, channels_last=True)
+    return max((elements * dtype.itemsize for elements, dtype in parts.values()), default=0)
 
 
 def peak_band_bytes(model: onnx.ModelProto, start: Starts, end: str, bands: int,
                     act_bytes: int | None = None, *, region: Region | None = None,
-                    input_shapes: Mapping[str, Sequence[int]] | None = None) -> int:
-    """Bytes of the largest tensor any one band holds inside the region."""
+                    input_shapes: Mapping[str, Sequence[int]] | None = None, workspaces: bool | None = None) -> int:
+    """Bytes of the largest allocation any one band holds inside the region."""
     region = region or tileable_region(model, start, end, input_shapes)
-    return max(band_tensor_bytes(region, plan, act_bytes) for plan in plan_bands(region, bands))
+    return max(band_tensor_bytes(region, plan, act_bytes, workspaces) for plan in plan_bands(region, bands))
 
 
 def bands_for_budget(model: onnx.ModelProto, start: Starts, end: str, budget_bytes: int,
                      act_bytes: int | None = None, *,
                      input_shapes: Mapping[str, Sequence[int]] | None = None,
                      region: Region | None = None) -> int:
-    """The fewest bands whose largest band tensor fits in `budget_bytes`."""
+    """The fewest bands whose largest band allocation fits in `budget_bytes`; planned for
+    integer kernels, where no band count brings their buffers under it (a stem conv's int32
+    output for 3 input rows a band), of the band counts whose maps fit the one with the
+    smallest largest buffer (passes/quantize.py rule g names the buffers left above)."""
     region = region or tileable_region(model, start, end, input_shapes)
-    height = region.height(end)
-    for bands in range(1, height + 1):
+    found = _fewest_bands(model, region, budget_bytes, act_bytes, None)
+    if found is None and integer_kernels(act_bytes):
+        found = _fewest_bands(model, region, budget_bytes, act_bytes, False)
+        found = found and _smallest_buffers(model, region, found, act_bytes)
+    if found is None:
+        raise InputError(f"tile: even {region.height(end)} one-row bands of {start!r} -> {end!r} do not fit in "
+                         f"{budget_bytes} bytes")
+    return found
+
+
+def _fewest_bands(model: onnx.ModelProto, region: Region, budget_bytes: int, act_bytes: int | None,
+                  workspaces: bool | None) -> int | None:
+    for bands in range(1, region.height(region.end) + 1):
         try:
-            peak = peak_band_bytes(model, start, end, bands, act_bytes, region=region)
+            peak = peak_band_bytes(model, region.start, region.end, bands, act_bytes, region=region,
+                                   workspaces=workspaces)
         except InputError:  # e.g. a band lying wholly in padding: more bands will not help
             break
         if peak <= budget_bytes:
             return bands
-    raise InputError(f"tile: even {height} one-row bands of {start!r} -> {end!r} do not fit in "
-                     f"{budget_bytes} bytes")
+    return None
+
+
+def _smallest_buffers(model: onnx.ModelProto, region: Region, fewest: int, act_bytes: int | None) -> int:
+    """From `fewest` bands on, the band count whose largest allocation, integer conv buffers
+    included, is smallest (the fewer bands on a tie)."""
+    best, best_peak = fewest, None
+    for bands in range(fewest, region.height(region.end) + 1):
+        try:
+            peak = peak_band_bytes(model, region.start, region.end, bands, act_bytes, region=region, workspaces=True)
+        except InputError:
+            break
+        if best_peak is None or peak < best_peak:
+            best, best_peak = bands, peak
+    return best

@@ -22,8 +22,12 @@ h. The region's nodes are detached and dropped; `model.touched()` then removes w
 h'. A Shape or Size node outside the region that reads an intermediate becomes its static
    value, the batch dim read from the main start's Shape (every region tensor keeps it on
    axis 0), in the node's place.
-i. `pool_in_bands`: a GlobalAveragePool computed as the scaled sum of per-band ReduceSums
-   of its input, recomputed from a region start; the input itself stays for its readers.
+i. `pool_in_bands`: a GlobalAveragePool computed from bands of its input, recomputed from a
+   region start: per band a GlobalAveragePool, weighted by the band's rows / all rows (a
+   Mul by a constant; skipped for a band of weight 1), the bands added by a chain of Adds.
+   Ops with integer kernels, so that a QDQ int8 model runs it in QLinearGlobalAveragePool,
+   QLinearMul and QLinearAdd (no float band left); exact in float up to summation order.
+   The input itself stays for its readers.
 
 The region is found on `model.proto()` (analysis); only `model.graph` is rewritten.
 `tile_region`, `tile_region_with_facts` and `pool_in_bands` take and return protos: thin
@@ -130,17 +134,19 @@ def pool_model(model: Model, start: Starts, pool: str, bands: int,
                          f"not on H or W")
     emitter = _Emitter(model.graph, region, True, opset=model.opset)
     partials = emitter.emit(plan_bands(region, bands), band_sum=True)
-    _, _, height, width = region.infos[region.end].shape
-    namer, pooled = emitter.namer, node.outputs[0]
+    pooled = node.outputs[0]
     position = node_index(model.graph, node)
     detach([node])
-    total = gs.Variable(namer(f"{pooled.name}/sum"))
-    emitter.emitted.append(gs.Node("Sum", name=namer(f"{pool}/sum"), inputs=partials,
-                                   outputs=[total]))
-    dtype = np.dtype(region.infos[region.end].dtype)
-    scale = gs.Constant(namer(f"{pooled.name}/scale"), np.array(1.0 / (height * width), dtype))
-    emitter.emitted.append(gs.Node("Mul", name=namer(f"{pool}/mean"), inputs=[total, scale],
-                                   outputs=[pooled]))
+    total = partials[0]
+    for index, partial in enumerate(partials[1:], start=1):
+        last = index == len(partials) - 1
+        result = pooled if last else gs.Variable(emitter.namer(f"{pooled.name}/sum{index}"))
+        emitter.emitted.append(gs.Node("Add", name=emitter.namer(f"{pool}/add{index}"), inputs=[total, partial],
+                                       outputs=[result]))
+        total = result
+    if len(partials) == 1:
+        emitter.emitted.append(gs.Node("Identity", name=emitter.namer(f"{pool}/mean"), inputs=[total],
+                                       outputs=[pooled]))
     model.graph.nodes[position:position + 1] = emitter.emitted
     model.touched(sort=False)
 
@@ -186,12 +192,14 @@ class _Emitter:
                               if name and name != region.end}
 
     def emit(self, plans: list[BandPlan], band_sum: bool = False) -> list[gs.Tensor]:
-        """Every band's last tensor (or its sum over H and W: rule i), band 0 first."""
+        """Every band's last tensor (or its mean over H and W weighted by its share of the
+        rows: rule i), band 0 first."""
         results: list[gs.Tensor] = []
+        height = self.region.height(self.region.end)
         for index, plan in enumerate(plans):
             after = results[-1] if self.chain and results else None
             band = self._band(plan, index, after)
-            results.append(self._band_sum(band) if band_sum else band)
+            results.append(self._band_mean(band, (plan.rows[1] - plan.rows[0]) / height) if band_sum else band)
         return results
 
     def _band(self, plan: BandPlan, index: int, after: gs.Tensor | None) -> gs.Tensor:
@@ -302,15 +310,17 @@ class _Emitter:
         self._node("Add", f"{base}/add", [steps, total], result)
         return result
 
-    def _band_sum(self, tensor: gs.Tensor) -> gs.Tensor:
-        """Rule i: `tensor` summed over H and W, dims kept."""
-        output = gs.Variable(self.namer(f"{tensor.name}/rowsum"))
-        if self.opset >= 13:
-            axes = self._ints(f"{output.name}/axes", [2, 3])
-            self._node("ReduceSum", f"{output.name}/op", [tensor, axes], output, keepdims=1)
-        else:
-            self._node("ReduceSum", f"{output.name}/op", [tensor], output, axes=[2, 3], keepdims=1)
-        return output
+    def _band_mean(self, tensor: gs.Tensor, weight: float) -> gs.Tensor:
+        """Rule i: `tensor`'s GlobalAveragePool, times `weight` (its share of the rows)."""
+        mean = gs.Variable(self.namer(f"{tensor.name}/mean"))
+        self._node("GlobalAveragePool", f"{mean.name}/op", [tensor], mean)
+        if weight == 1:
+            return mean
+        dtype = np.dtype(self.region.infos[self.region.end].dtype)
+        scale = gs.Constant(self.namer(f"{mean.name}/weight"), np.array(weight, dtype))
+        weighted = gs.Variable(self.namer(f"{tensor.name}/weighted"))
+        self._node("Mul", f"{weighted.name}/op", [mean, scale], weighted)
+        return weighted
 
     def static_shape(self, node: gs.Node) -> list[gs.Node]:
         """Rule h': `node` itself, or, for a Shape or Size of a region intermediate, the nodes

@@ -318,7 +318,7 @@ def test_every_bound_option_is_declared_once_with_its_field_default():
         field = next(f for f in dataclasses.fields(row.owner) if f.name == row.field)
         default = None if field.default is dataclasses.MISSING else field.default
         assert params[row.field].default == default, row.flag
-        assert params[row.field].opts == [row.flag]
+        assert "/".join(params[row.field].opts + params[row.field].secondary_opts) == row.flag
 
 
 def test_help_states_what_the_code_does():

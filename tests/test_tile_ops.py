@@ -194,7 +194,7 @@ def test_a_pool_whose_every_start_is_above_the_ceiling_recomputes_from_a_project
                              latency_repeats=1, latency_rounds=1)
     result = compile_model(model, options)
     assert result.plan.maps  # the pool's start, projected
-    assert "GlobalAveragePool" not in {node.op_type for node in result.model.graph.node}  # pooled in bands
+    assert sum(node.op_type == "GlobalAveragePool" for node in result.model.graph.node) > 1  # pooled in bands
     after = analyze_runtime(result.model, PassContext(input_shapes={}), ceiling_bytes=ceiling)
     assert not after.over_ceiling()
 

@@ -371,3 +371,30 @@ def test_ctrl_c_keeps_the_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
     resumed = CliRunner().invoke(main, [*args, "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert out.exists() and not checkpoint.exists()
+
+
+def test_fake_quant_rounds_as_onnxruntime_quantizes_an_activation():
+    """compile --int8's training rounding: the scale and zero point onnxruntime's own
+    quantize_static computes from a MinMax range, and its uint8 rounding."""
+    from onnxruntime.quantization import quant_utils
+
+    from fmcompress.backend.projection import fake_quant_uint8
+
+    x = torch.randn(2, 5, 7, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    zero_point, scale = quant_utils.compute_scale_zp(np.float32(min(0.0, x.min())), np.float32(max(0.0, x.max())),
+                                                     np.uint8(0), np.uint8(255))
+    stored = quant_utils.quantize_nparray(onnx.TensorProto.UINT8, x.numpy(), scale, zero_point)
+    expected = (stored.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+    np.testing.assert_allclose(fake_quant_uint8(x).numpy(), expected, atol=1e-5)
+    assert not np.allclose(fake_quant_uint8(x).numpy(), x.numpy(), atol=1e-3)  # it does round
+
+
+def test_fake_quant_passes_gradients_straight_through():
+    from fmcompress.backend.projection import ChannelProjection
+
+    eye = np.eye(4, dtype=np.float32)
+    projection = ChannelProjection(eye, eye, quantized=True)
+    x = torch.randn(1, 4, 3, 3, requires_grad=True)
+    projection(x).sum().backward()
+    assert torch.allclose(x.grad, torch.ones_like(x))  # inside the range the rounding's gradient is 1
+    assert projection.P.grad is not None and projection.P.grad.abs().sum() > 0

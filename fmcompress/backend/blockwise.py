@@ -19,7 +19,8 @@ c. Loss: at a map, the squared error divided by the target's mean square; at the
    MSE for the rest).
 d. P and U only, by Adam at lr / sqrt(C) (schedule.py's rule b) with a cosine decay over
    `epochs` passes of the calibration batches, in an order drawn from the seed and the
-   map's index; no augmentation. The same seed gives the same projections. `epochs` is
+   map's index; no augmentation; with `quantized`, the stored map is rounded as int8
+   (`projection.fake_quant_uint8`). The same seed gives the same projections. `epochs` is
    a maximum: a map stops once its epoch's mean block loss (over the calibration
    batches: the stage sees no held-out data) has not fallen below (1 - `min_gain`) times
    its best for `patience` epochs in a row (`min_gain` 0: every epoch runs).
@@ -79,7 +80,7 @@ Progress = Callable[[int, str, BlockFit], None]  # (index in network order, map,
 def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
                   batches: Sequence[tuple[torch.Tensor, ...]], *, epochs: int, lr: float, temperature: float,
                   seed: int = 0, min_gain: float = 0.0, patience: int = 2, init: str = "pca",
-                  progress: Progress | None = None) -> dict[str, Projection]:
+                  quantized: bool = False, progress: Progress | None = None) -> dict[str, Projection]:
     """One refined projection per (name, channels, k); `executor` (an OnnxModule without
     transforms) is left without transforms. `batches` are input tuples on its device."""
     if init not in INITS:
@@ -96,7 +97,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
                 start = lstsq_projection(*runs.cross_moments(name, seed=i), k)
             else:
                 start = pca_projection(runs.second_moment(name, channels, seed=i), k)
-            projection = ChannelProjection(start.P, start.U).to(runs.batches[0][0].device)
+            projection = ChannelProjection(start.P, start.U, quantized).to(runs.batches[0][0].device)
             executor.set_transform(name, projection)
             later = [maps[j][0] for j in ordered[position + 1:] if executor.producer_step(maps[j][0]) > step]
             end = runs.block_end(name, projection, later) if epochs > 0 else None

@@ -30,19 +30,37 @@ def mix_channels(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class ChannelProjection(nn.Module):
-    """x -> U (P x). P and U are parameters, so end-to-end learning can refine them."""
+    """x -> U (P x). P and U are parameters, so end-to-end learning can refine them.
 
-    def __init__(self, P: np.ndarray | torch.Tensor, U: np.ndarray | torch.Tensor):  # noqa: N803 - the paper's names
+    With `quantized`, the stored map P x goes through `fake_quant_uint8` first: training
+    sees the rounding an int8 deployment (`compile --int8`) gives it."""
+
+    def __init__(self, P: np.ndarray | torch.Tensor, U: np.ndarray | torch.Tensor,  # noqa: N803 - the paper's names
+                 quantized: bool = False):
         super().__init__()
         self.P = nn.Parameter(torch.as_tensor(np.asarray(P), dtype=torch.float32).clone())
         self.U = nn.Parameter(torch.as_tensor(np.asarray(U), dtype=torch.float32).clone())
+        self.quantized = quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mix_channels(self.U, mix_channels(self.P, x))
+        stored = mix_channels(self.P, x)
+        return mix_channels(self.U, fake_quant_uint8(stored) if self.quantized else stored)
 
     def to_projection(self) -> Projection:
         return Projection(P=self.P.detach().cpu().numpy().astype(np.float32),
                           U=self.U.detach().cpu().numpy().astype(np.float32))
+
+
+def fake_quant_uint8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as onnxruntime's quantize_static stores an activation (uint8, one scale and
+    zero point per tensor from its MinMax range, the range widened to hold 0), the range
+    taken from this batch; the gradient passes straight through inside the range."""
+    low, high = x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0)
+    scale = float((high - low) / 255.0)
+    if not scale > 0:
+        return x
+    zero_point = int(torch.round(-low / scale).clamp(0, 255))
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
 
 
 class SecondMomentRecorder(nn.Module):

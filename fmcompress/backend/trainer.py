@@ -80,8 +80,9 @@ class LearnedProjection(ChannelProjection):
     input (`self`, the reconstruction error of this projection alone).
     """
 
-    def __init__(self, P: np.ndarray, U: np.ndarray, feature_reference: str | None = None):  # noqa: N803
-        super().__init__(P, U)
+    def __init__(self, P: np.ndarray, U: np.ndarray, feature_reference: str | None = None,  # noqa: N803
+                 quantized: bool = False):
+        super().__init__(P, U, quantized)
         self.bypass = False
         self.feature_reference = feature_reference
         self.teacher_map: torch.Tensor | None = None
@@ -149,7 +150,7 @@ class ProjectionTrainer:
         for parameter in self.executor.parameters():
             parameter.requires_grad_(False)
         reference = config.feature_reference if config.feature_weight > 0 else None
-        self.projections = {name: LearnedProjection(initial[name].P, initial[name].U, reference)
+        self.projections = {name: LearnedProjection(initial[name].P, initial[name].U, reference, bool(config.fake_quant))
                             .to(self.device) for name in self.names}
         for name, module in self.projections.items():
             self.executor.set_transform(name, module)
