@@ -25,6 +25,7 @@ import onnx
 from .data import DEFAULT_MEAN, DEFAULT_SCALE, DEFAULT_STD
 from .errors import InputError
 from .featuremaps import Projection
+from .memprobe import measurement_enabled
 from .modelio import load_model
 from .ortrun import ort_level
 from .passes import Pass, PassContext, Pipeline
@@ -34,9 +35,10 @@ from .passes.fold import FoldProjectionsPass
 from .passes.fold_bn import FoldBatchNormPass
 from .passes.measure import MeasurePass
 from .passes.memory import MemoryAnalysisPass
+from .passes.peak_plan import PeakPlanPass, ShapeProjectionsPass, VerifyPeakPass
 from .passes.plan import Plan, PlanPass
 from .passes.prepare_data import DataOptions, PrepareDataPass
-from .passes.quantize import QuantizePass, planned_act_bytes
+from .passes.quantize import AlignRanksPass, QuantizePass, planned_act_bytes
 from .passes.runtime import RuntimeMemoryPass
 from .passes.runtime_plan import RuntimePlanPass, TileToCeilingPass
 from .passes.sink_concat import SinkConcatPass
@@ -44,7 +46,7 @@ from .passes.verify import VerifyPass, VerifyTrafficPass
 from .reports.analysis import PLAN_ORT_LEVEL, REPORT_ORT_LEVEL, AnalysisReport
 from .shapes import parse_input_shapes, resolve_input_shapes
 from .train_config import TrainConfig, check_device
-from .units import Ceiling, parse_ceiling
+from .units import Ceiling, parse_ceiling, parse_size
 
 Log = Callable[[str], None]
 RUNTIMES = ("ort",)
@@ -78,6 +80,12 @@ class CompileOptions(DataOptions):
     objective: str = "traffic"  # or "traffic+latency": prefer maps whose projections fold
     latency_weight: float = 1.0  # traffic+latency: the weight of the latency term (passes/allocate.py rule f)
     int8: bool = False  # quantize the verified model to int8 QDQ (passes/quantize.py); plans maps at 1 byte
+    # onnxruntime's live peak at most this size (passes/peak_plan.py): "512KB" or bytes; implies runtime="ort"
+    peak: str | int | None = None
+
+    def __post_init__(self) -> None:
+        if self.peak is not None and self.runtime is None:
+            self.runtime = "ort"  # --peak is a budget on onnxruntime's allocations
 
 
 @dataclass
@@ -113,13 +121,17 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
     # with --runtime ort a map whose one channel is above the ceiling may still be tiled
     strict = not options.runtime
     passes: list[Pass] = [MemoryAnalysisPass(ceiling, source=source), PlanPass(ceiling, refuse_infeasible=strict)]
+    if options.peak is not None:  # the ceiling is the one that keeps onnxruntime's peak under the size
+        passes = [PeakPlanPass(peak_bytes(options), probe=lambda c: peak_probe(c, plan_level(options)),
+                               level=report_level(options), plan_level=plan_level(options),
+                               ceiling=as_ceiling(options.ceiling) if options.ceiling is not None else None,
+                               source=source)]
     if options.runtime:
-        level = plan_level(options)
-        passes += [RuntimeMemoryPass(level, plan_ceiling=True), SinkConcatPass(),
-                   PlanPass(refuse_infeasible=False), RuntimeMemoryPass(level, plan_ceiling=True),
-                   RuntimePlanPass()]
+        passes += runtime_planning(plan_level(options))
     elif options.traffic is None:  # a traffic budget counts the maps as they are: nothing sunk
         passes += [SinkConcatPass(), PlanPass()]
+    if options.int8:  # ranks onnxruntime's symmetric int8 convs take (passes/quantize.py rule f)
+        passes.append(AlignRanksPass())
     prepare = PrepareDataPass(options)
     if options.traffic is not None:  # the allocation measures its proxies on the calibration part
         passes += [prepare, AllocatePass(as_traffic(options.traffic), objective=options.objective,
@@ -129,7 +141,8 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
         return Pipeline(passes)
     if options.traffic is None:
         passes.append(prepare)
-    training = replace(options.training, batch_size=options.batch_size, seed=options.seed)
+    fake_quant = options.int8 if options.training.fake_quant is None else options.training.fake_quant
+    training = replace(options.training, batch_size=options.batch_size, seed=options.seed, fake_quant=fake_quant)
     passes += [
         FitProjectionsPass(method=options.method, training=training, checkpoint=options.checkpoint,
                            resume=options.resume, monitor=options.monitor),
@@ -137,12 +150,36 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
         FoldProjectionsPass(),
         *([TileToCeilingPass(level=plan_level(options))] if options.runtime else []),
         VerifyPass(runtime_level=plan_level(options) if options.runtime else None),
-        *([QuantizePass(report_level(options), act_bytes=options.act_bytes)] if options.int8 else []),
+        *([VerifyPeakPass(peak_bytes(options), report_level(options),
+                          measure=measurement_enabled(options.measure_memory))] if options.peak is not None else []),
+        *([QuantizePass(report_level(options), act_bytes=options.act_bytes,
+                        ceiling_level=plan_level(options) if options.runtime else None)] if options.int8 else []),
         MeasurePass(threads=options.threads, rounds=options.latency_rounds, repeats=options.latency_repeats,
                     min_agreement=options.min_agreement, max_accuracy_drop=options.max_accuracy_drop),
         *([VerifyTrafficPass()] if options.traffic is not None else []),
     ]
     return Pipeline(passes)
+
+
+def runtime_planning(level: str) -> list[Pass]:
+    """--runtime ort's planning after the first stored plan: runtime view, Concats sunk, re-planned,
+    runtime view again, regions to tile and their ends to project."""
+    return [RuntimeMemoryPass(level, plan_ceiling=True), SinkConcatPass(), PlanPass(refuse_infeasible=False),
+            RuntimeMemoryPass(level, plan_ceiling=True), RuntimePlanPass()]
+
+
+def peak_probe(ceiling_bytes: int, level: str) -> Pipeline:
+    """What compile --runtime ort emits at a ceiling, in shapes (passes/peak_plan.py rule a): its planning,
+    shape-only projections of the planned ranks, the folds and the tiling."""
+    ceiling, projections = Ceiling(bytes=ceiling_bytes), {}
+    return Pipeline([MemoryAnalysisPass(ceiling), PlanPass(ceiling, refuse_infeasible=False),
+                     *runtime_planning(level), ShapeProjectionsPass(into=projections), FoldBatchNormPass(),
+                     FoldProjectionsPass(projections), TileToCeilingPass(level=level)])
+
+
+def peak_bytes(options: CompileOptions) -> int:
+    """--peak in bytes (a size: a peak relative to itself would mean nothing)."""
+    return options.peak if isinstance(options.peak, int) else parse_size(str(options.peak))
 
 
 def compile_model(source: str | os.PathLike | onnx.ModelProto, options: CompileOptions, *,
@@ -177,8 +214,10 @@ def check_options(options: CompileOptions) -> None:
     if options.method != "pca":
         options.training.check()
         check_device(options.training.device)
-    if options.ceiling is None and options.traffic is None:
-        raise InputError("give a ceiling, a traffic budget, or both")
+    if options.ceiling is None and options.traffic is None and options.peak is None:
+        raise InputError("give a ceiling, a traffic budget, a peak, or a combination")
+    if options.peak is not None:
+        _check_peak(options)
     if options.traffic is not None and options.objective not in OBJECTIVES:
         raise InputError(f"unknown objective {options.objective!r}; available: {', '.join(OBJECTIVES)}")
     if not (options.latency_weight >= 0 and math.isfinite(options.latency_weight)):
@@ -189,6 +228,13 @@ def check_options(options: CompileOptions) -> None:
         raise InputError(f"unknown runtime {options.runtime!r}; available: {', '.join(RUNTIMES)}")
     if options.traffic is not None and options.runtime:
         raise InputError("a traffic budget does not combine with --runtime ort yet")
+
+
+def _check_peak(options: CompileOptions) -> None:
+    if peak_bytes(options) < 1:
+        raise InputError(f"--peak must be a positive size, got {options.peak}")
+    if options.traffic is not None or options.int8:
+        raise InputError("--peak does not combine with --traffic or --int8 yet")
 
 
 def source_name(source: str | os.PathLike | onnx.ModelProto) -> str:

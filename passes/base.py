@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .allocate import Allocation
     from .fit import TrainingRecord
     from .memory import AnalysisReport
+    from .peak_plan import PeakPlan
     from .plan import Plan
     from .runtime import RuntimeView
     from .runtime_plan import RuntimePlan
@@ -51,6 +52,7 @@ class PassContext:
     before: AnalysisReport | None = None  # the first stored analysis: the pipeline's input model
     memory: AnalysisReport | None = None  # MemoryAnalysisPass, PlanPass: the graph as last analysed
     plan: Plan | None = None  # PlanPass; refined by SinkConcatPass, RuntimePlanPass, AllocatePass
+    peak: PeakPlan | None = None  # PeakPlanPass (compile --peak): the ceiling chosen for onnxruntime's peak
     runtime_before: RuntimeView | None = None  # the first runtime analysis: the pipeline's input model
     runtime: RuntimeView | None = None  # RuntimeMemoryPass: onnxruntime's allocations, as last analysed
     sunk: list[SinkResult] | None = None  # SinkConcatPass: the Concats sunk
@@ -141,7 +143,7 @@ class Pipeline:
                 for p in self.passes]
 
 
-PROVIDED = ("before", "memory", "plan", "runtime_before", "runtime", "sunk", "runtime_plan", "dataset",
+PROVIDED = ("before", "memory", "plan", "peak", "runtime_before", "runtime", "sunk", "runtime_plan", "dataset",
             "calibration", "held_out", "batch_size", "allocation", "projections", "projected_graph",
             "training", "bn_folded", "folds", "tiling", "verification", "measurement",
             "quantization")

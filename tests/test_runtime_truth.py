@@ -146,3 +146,16 @@ def test_emitted_model_drops_the_exporters_value_info():
     model = onnx.shape_inference.infer_shapes(stem_net(64, batch="N"))
     result = api.compile(model, ceiling="16KB", method="pca", num_samples=8, latency_rounds=1, latency_repeats=1)
     assert model.graph.value_info and not result.model.graph.value_info
+
+
+def test_a_rise_on_the_computed_figures_when_nothing_was_measured():
+    """Rule c's basis is the computed view when a side was not measured (the warning is
+    written before the basis is recorded in the section)."""
+    from fmcompress.reports.compile import _rise
+
+    side = {"computed_peak_bytes": 0, "measured_peak_bytes": None, "largest_bytes": 0, "largest_name": ""}
+    figures = {"level": "all", "before": {**side, "computed_peak_bytes": 1 << 20},
+               "after": {**side, "computed_peak_bytes": 3 << 20}}
+    rise = _rise(figures, tiled=False)
+    assert rise["rose"] and rise["rose_basis"] == "computed"
+    assert rise["warning"].startswith("onnxruntime's peak rose: 1024 -> 3072 KiB computed (all optimisations)")

@@ -1,4 +1,5 @@
-"""`fmcompress analyze` (which maps break a ceiling) and `fmcompress codec` (lossless bits per element)."""
+"""`fmcompress analyze` (which maps break a ceiling, whether onnxruntime's peak breaks a size) and
+`fmcompress codec` (lossless bits per element)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import click
 
 from ..errors import EXIT_GATE, InputError
-from ..reports.analysis import DEFAULT_ORT_LEVEL, ORT_LEVELS
+from ..reports.analysis import DEFAULT_ORT_LEVEL, ORT_LEVELS, RuntimeView
+from ..units import format_bytes, parse_size
 from .binding import CEILING_HELP, choice, row
 from .failures import fail, handle_errors
 from .outputs import check_outputs
@@ -35,13 +37,18 @@ VIEWS = ("stored", "live", "strict", "runtime")  # analyze --mode
               help="Write a PNG of map sizes and live memory.")
 @click.option("--fail-over-ceiling", is_flag=True,
               help="Exit 1 when a stored feature map exceeds the ceiling (CI gate).")
+@click.option("--peak", "peak", metavar="SIZE",
+              help="A size for onnxruntime's live peak (the runtime view at --ort-level: every allocation alive "
+                   "at once, graph inputs excepted): show the peak and the tensors alive at it.")
+@click.option("--fail-over-peak", is_flag=True, help="Exit 1 when onnxruntime's live peak exceeds --peak (CI gate).")
 @click.option("--include-inputs", is_flag=True,
               help="Let graph inputs, outputs and integer maps above the ceiling trip --fail-over-ceiling.")
 @click.option("-q", "--quiet", is_flag=True, help="No table; only errors and the gate's verdict.")
 @handle_errors
 def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mode: str, ort_level: str,
             act_bytes: int | None, top: int | None, json_path: Path | None, plot_path: Path | None,
-            fail_over_ceiling: bool, include_inputs: bool, quiet: bool) -> None:
+            fail_over_ceiling: bool, peak: str | None, fail_over_peak: bool, include_inputs: bool,
+            quiet: bool) -> None:
     """Find the feature maps of MODEL above a memory ceiling (the peak-memory analysis pass)."""
     from .. import api
     from ..modelio import output_transaction
@@ -50,12 +57,15 @@ def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mod
 
     if fail_over_ceiling and not ceiling:
         raise click.UsageError("--fail-over-ceiling needs --ceiling")
+    if fail_over_peak and not peak:
+        raise click.UsageError("--fail-over-peak needs --peak")
+    peak_bytes = parse_size(peak) if peak else None
     check_outputs([(json_path, "file"), (plot_path, "file")], [model])
     options = {"ceiling": ceiling, "input_shapes": list(input_shapes), "act_bytes": act_bytes}
     try:  # the runtime view is in every summary; only --mode runtime needs onnxruntime to load the model
         result = api.analyze(model, runtime=ort_level, **options)
     except InputError:
-        if mode == "runtime":
+        if mode == "runtime" or peak_bytes is not None:
             raise
         result = api.analyze(model, **options)
     with output_transaction():  # the JSON and the plot land together or not at all
@@ -72,6 +82,36 @@ def analyze(model: Path, ceiling: str | None, input_shapes: tuple[str, ...], mod
             names = ", ".join(m.name for m in offenders[:10]) + (" ..." if len(offenders) > 10 else "")
             what = "onnxruntime allocation(s)" if runtime else "stored feature map(s)"
             fail(f"{len(offenders)} {what} above the ceiling of {result.ceiling_bytes} bytes: {names}", EXIT_GATE)
+    if peak_bytes is not None:
+        _peak_verdict(result.runtime, peak_bytes, fail_over_peak, quiet)
+
+
+def _peak_verdict(view: RuntimeView, peak_bytes: int, gate: bool, quiet: bool) -> None:
+    """--peak: the runtime view's live peak against the size and the tensors alive at it; with
+    --fail-over-peak, exit 1 when it is over."""
+    from ..passes.peak_plan import peak_facts
+
+    facts = peak_facts(view)
+    over = view.peak_bytes > peak_bytes
+    if not quiet:
+        click.echo(_peak_lines(facts, view.level, peak_bytes))
+    if over and gate:
+        lasting = "; set by long-lived tensors (skip connections)" if facts["set_by_long_lived"] else ""
+        names = ", ".join(t["name"] for t in facts["alive"][:5])
+        fail(f"onnxruntime's live peak {view.peak_bytes} bytes ({view.level}) is above --peak {peak_bytes} bytes; "
+             f"alive at step {facts['step']}: {names}{lasting}", EXIT_GATE)
+
+
+def _peak_lines(facts: dict, level: str, peak_bytes: int) -> str:
+    verdict = ">" if facts["peak_bytes"] > peak_bytes else "<="
+    lines = [f"onnxruntime live peak ({level}): {format_bytes(facts['peak_bytes'])} {verdict} --peak "
+             f"{format_bytes(peak_bytes)}, at step {facts['step']} ({facts['node']}); {facts['alive_count']} "
+             f"tensor(s) alive, long-lived ones {format_bytes(facts['long_lived_bytes'])}"
+             + (" (they set the peak)" if facts["set_by_long_lived"] else "") + ":"]
+    lines += [f"  {format_bytes(t['bytes']):>10}  {t['name']}  {t['op'] or t['role']}"
+              f"{'  long-lived (steps ' + str(t['step']) + '-' + str(t['last_use']) + ')' if t['long_lived'] else ''}"
+              for t in facts["alive"]]
+    return "\n".join(lines)
 
 
 @click.command()

@@ -192,6 +192,9 @@ TRAINING = (  # `--method learned|random`
     Bound("--probe", T, "probe", type=click.IntRange(min=0),
          help="After this many epochs, stop training and keep the start when none beat its held-out score "
               "and the held-out distillation loss has risen several times over (0: never probe)."),
+    Bound("--fake-quant/--no-fake-quant", T, "fake_quant", is_flag=True,
+         help="learned/random: round every stored map P x as int8 while training (quantization-aware, "
+              "straight-through gradient) [default: on with --int8, else off]."),
     Bound("--resume", C, "resume", is_flag=True,
          help="Continue a stopped run from its checkpoint (the default one of the same MODEL and output, "
               "or --checkpoint)."),
@@ -208,6 +211,12 @@ BUDGET = (  # what `compile` fits to
          help="Budget on the total bytes of the stored feature maps (every stored map between kernel "
               "groups; graph inputs and outputs excluded): a ratio of that total (3x) or a size (2MB). "
               "Ranks are allocated greedily per map; with --ceiling both hold."),
+    Bound("--peak", C, "peak", metavar="SIZE",
+         help="Keep onnxruntime's live peak (every allocation alive at once in its execution order; graph "
+              "inputs excepted, outputs counted) at or under SIZE (512KB): the per-allocation ceiling that "
+              "tiling works to is searched, projections only where tiling alone cannot get there. Implies "
+              "--runtime ort; with --ceiling, that is the largest ceiling allowed. The emitted model's peak is "
+              "measured in a fresh process (--ort-level, default all): over SIZE fails, nothing written."),
     Bound("--objective", C, "objective", type=choice(OBJECTIVES),
          help="With --traffic: traffic+latency prefers maps whose projections fold into convs (no "
               "explicit 1x1 U before a depthwise conv or other non-foldable reader)."),

@@ -50,8 +50,9 @@ def compile_command(model: Path, output: Path | None, json_log: Path | None, pla
     """
     from ..reports.progress import training_monitor
 
-    if bound["ceiling"] is None and bound["traffic"] is None:
-        raise click.UsageError("missing option '--ceiling' (or '--traffic')", ctx=click.get_current_context())
+    if bound["ceiling"] is None and bound["traffic"] is None and bound["peak"] is None:
+        raise click.UsageError("missing option '--ceiling' (or '--traffic' or '--peak')",
+                               ctx=click.get_current_context())
     output = output or default_output(model)
     trains = bound["method"] != "pca" and not plan_only
     checkpoint = (bound["checkpoint"] or default_checkpoint(model, output)) if trains else None
@@ -116,7 +117,20 @@ def _write_outputs(result: compiler.CompileResult, output: Path, json_path: Path
     else:
         held = f"every compressible stored map <= {result.plan.ceiling_bytes} B"
     click.echo(f"wrote {output}: {len(result.plan.maps)} map(s) compressed; {held}"
-               f"{_traffic_note(result.report.get('allocation'))}{blocked}{_rose_note(runtime)}")
+               f"{_traffic_note(result.report.get('allocation'))}{_peak_note(runtime)}{blocked}{_rose_note(runtime)}")
+
+
+def _peak_note(runtime: dict[str, Any] | None) -> str:
+    """`; onnxruntime's peak 480.0 KiB computed, 452.0 KiB measured <= 512.0 KiB (lossless)` or ''."""
+    verified = ((runtime or {}).get("peak") or {}).get("verified")
+    if not verified:
+        return ""
+    from ..units import format_bytes
+
+    measured = verified.get("measured_peak_bytes")
+    return (f"; onnxruntime's peak {format_bytes(verified['computed_peak_bytes'])} computed"
+            + (f", {format_bytes(measured)} measured" if measured is not None else "")
+            + f" <= {format_bytes(verified['peak_bytes'])} ({'lossless' if runtime['peak']['lossless'] else 'projected'})")
 
 
 def _rose_note(runtime: dict[str, Any] | None) -> str:
@@ -134,7 +148,7 @@ def _write_plan(result: compiler.CompileResult, json_path: Path | None, blocked:
 
     if json_path:
         plan = result.plan.to_dict()
-        for key in ("runtime_plan", "allocation"):
+        for key in ("runtime_plan", "allocation", "peak"):
             if key in result.report:
                 plan[key] = result.report[key]
         write_bytes_atomic(json.dumps(plan, indent=2).encode(), json_path)

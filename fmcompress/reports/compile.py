@@ -17,6 +17,11 @@ c. The peak rose when after > before + max(64 KiB, 5%) (two processes measuring 
    maps, while onnxruntime also materialises the full-width tensors beside them.
 d. Where onnxruntime's figures cannot be had (the runtime view fails) the section is null
    and a warning says why; the compile itself stands.
+e. The arena: `arena` gives both files' live bytes at every execution step, and `at_peak`
+   the tensors alive at each one's peak step (passes/peak_plan.py `peak_facts`: largest
+   first, the long-lived ones flagged). With `--peak`, `peak` is the peak plan (the size,
+   the ceiling chosen, lossless or not, every trial) and the verified figures; the emitted
+   model's measured peak is then VerifyPeakPass's (one probe of the same file and level).
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import onnx
 
 from .. import __version__
 from ..errors import InputError
-from ..memprobe import SWITCH, measure_peak, measurement_enabled
+from ..memprobe import SWITCH, PeakMeasurement, measure_peak, measurement_enabled
 from ..passes import PassContext
 from ..passes.allocate import Allocation, stored_traffic
+from ..passes.peak_plan import arena, peak_facts
 from ..passes.plan import Plan
 from ..passes.quantize import quantize_report
 from ..passes.runtime import analyze_runtime
@@ -95,6 +101,8 @@ def plan_report(model: onnx.ModelProto, ctx: PassContext) -> dict[str, Any]:
     report = {"plan": ctx.plan.to_dict(), "warnings": _unsupported_warnings(model), "sunk_concats": _sunk(ctx)}
     if ctx.runtime_plan is not None:
         report["runtime_plan"] = ctx.runtime_plan.to_dict()
+    if ctx.peak is not None:
+        report["peak"] = ctx.peak.to_dict()
     if ctx.allocation is not None:
         report["allocation"] = ctx.allocation.to_dict()
     return report
@@ -146,7 +154,9 @@ def runtime_section(source, original: onnx.ModelProto, emitted: onnx.ModelProto,
     figures: dict[str, Any] = {"level": level, "measured": measuring, "measure_note": _measure_note(options)}
     models = (source if isinstance(source, str | os.PathLike) else original, emitted)
     for side, model, view in zip(("before", "after"), models, views, strict=True):
-        measured = measure_peak(model, ctx.input_shapes, level=level, rounds=PROBE_ROUNDS) if measuring else None
+        measured = _verified_peak(ctx) if side == "after" else None  # --peak measured it already (rule e)
+        if measured is None and measuring:
+            measured = measure_peak(model, ctx.input_shapes, level=level, rounds=PROBE_ROUNDS)
         view.measured_peak_bytes = measured.bytes if measured else None
         if measured is not None and measured.bytes is None:
             figures["measure_note"] = measured.reason
@@ -159,7 +169,26 @@ def runtime_section(source, original: onnx.ModelProto, emitted: onnx.ModelProto,
             + (f", {_pair(figures, 'measured')} measured" if figures["after"]["measured_peak_bytes"] is not None else ""))
     if options.runtime:
         figures.update(_tiling(ctx, plan_level(options), views[1].ceiling_bytes))
+    figures.update(_arena(views, ctx))
     return figures
+
+
+def _arena(views: tuple[RuntimeView, RuntimeView], ctx: PassContext) -> dict[str, Any]:
+    """Rule e."""
+    sides = ("before", "after")
+    figures: dict[str, Any] = {"arena": {side: arena(view) for side, view in zip(sides, views, strict=True)},
+                               "at_peak": {side: peak_facts(view) for side, view in zip(sides, views, strict=True)}}
+    if ctx.peak is not None:
+        figures["peak"] = {**ctx.peak.to_dict(), "verified": ctx.verification.get("peak")}
+    return figures
+
+
+def _verified_peak(ctx: PassContext) -> PeakMeasurement | None:
+    """The emitted model's peak as VerifyPeakPass measured it (the same file, level and rounds)."""
+    verified = (ctx.verification or {}).get("peak") or {}
+    if verified.get("measured_peak_bytes") is None:
+        return None
+    return PeakMeasurement(verified["measured_peak_bytes"], verified["rounds"])
 
 
 def _runtime_views(original: onnx.ModelProto, emitted: onnx.ModelProto, ctx: PassContext, level: str,
@@ -196,8 +225,8 @@ def _rise(figures: dict[str, Any], tiled: bool) -> dict[str, Any]:
            "compile fits the stored maps, and onnxruntime also allocates the full-width tensors beside them "
            "(each projected conv's output before its projection, explicit 1x1 convs); --runtime ort holds the "
            "ceiling in onnxruntime's own allocations")
-    return {"rose": True, "rose_basis": basis, "warning": f"{rose_note(figures)} ({figures['level']} "
-                                                          f"optimisations); {why}"}
+    note = rose_note({**figures, "rose_basis": basis})  # figures has no basis yet
+    return {"rose": True, "rose_basis": basis, "warning": f"{note} ({figures['level']} optimisations); {why}"}
 
 
 def rose_note(figures: dict[str, Any]) -> str:
@@ -273,4 +302,6 @@ def write_report(result: CompileResult, folder: str | os.PathLike) -> None:
     write_bytes_atomic(json.dumps(result.report, indent=2).encode(), folder / "report.json")
     write_bytes_atomic(render_compile_markdown(result.report).encode(), folder / "report.md")
     stored_as = {entry["name"]: entry["stored_as"] for entry in result.report.get("maps", [])}
-    plot_memory(result.before, folder / "memory.png", after=result.after, stored_as=stored_as)
+    peak = (result.report.get("runtime") or {}).get("peak") or {}
+    plot_memory(result.before, folder / "memory.png", after=result.after, stored_as=stored_as,
+                peak_bytes=peak.get("peak_bytes"))

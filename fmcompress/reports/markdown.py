@@ -1,8 +1,11 @@
 """compile's report.md, drawn from report.json's dict (docs/json.md).
 
 One section a part of the report: header and data, warnings, fidelity, training, cost
-(FLOPs, latency, the memory views' peaks and onnxruntime's, computed and measured), compressed maps, maps over the ceiling that cannot be compressed, verification. Optional
-parts are left out when the report lacks them, so older reports still render.
+(FLOPs, latency, the memory views' peaks and onnxruntime's, computed and measured),
+onnxruntime's arena (the --peak verdict, its top steps before and after, the tensors alive
+at each peak), compressed maps, maps over the ceiling that cannot be compressed,
+verification. Optional parts are left out when the report lacks them, so older reports
+still render.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ def render_compile_markdown(report: Mapping[str, Any]) -> str:
     Optional parts (data, warnings, fidelity, training, flops, latency, peaks,
     not_compressible, verification) are left out when the report lacks them.
     """
-    sections = (_md_header, _md_warnings, _md_fidelity, _md_training, _md_cost, _md_maps, _md_not_compressible,
-                _md_verification)
+    sections = (_md_header, _md_warnings, _md_fidelity, _md_training, _md_cost, _md_arena, _md_maps,
+                _md_not_compressible, _md_verification)
     lines: list[str] = []
     for section in sections:
         lines += section(report)
@@ -161,6 +164,57 @@ def _runtime_rows(runtime: Mapping[str, Any] | None) -> list[str]:
             rows.append(f"| onnxruntime peak ({runtime.get('level')}), {kind} | {format_bytes(before)} | "
                         f"{format_bytes(after)}{rose} |")
     return rows
+
+
+TOP_STEPS = 5  # the arena's busiest steps listed per model
+ALIVE_ROWS = 8  # tensors listed per peak
+
+
+def _md_arena(report: Mapping[str, Any]) -> list[str]:
+    """onnxruntime's arena (reports/compile.py rule e): the --peak verdict, the busiest steps of
+    each model, and the tensors alive at each one's peak."""
+    runtime = report.get("runtime") or {}
+    arena, at_peak = runtime.get("arena"), runtime.get("at_peak") or {}
+    if not arena:
+        return []
+    lines = ["## onnxruntime's arena", "", *_peak_verdict(runtime.get("peak")),
+             "| model | step | node | live |", "| --- | --- | --- | --- |"]
+    for side in ("before", "after"):
+        steps = arena.get(side) or {"bytes": [], "steps": []}
+        busiest = sorted(range(len(steps["bytes"])), key=lambda i: -steps["bytes"][i])[:TOP_STEPS]
+        lines += [f"| {side} | {i} | `{steps['steps'][i]}` | {format_bytes(steps['bytes'][i])} |" for i in busiest]
+    lines.append("")
+    for side in ("before", "after"):
+        if side in at_peak:
+            lines += _alive_table(side, at_peak[side])
+    return lines
+
+
+def _peak_verdict(peak: Mapping[str, Any] | None) -> list[str]:
+    if not peak:
+        return []
+    verified = peak.get("verified") or {}
+    measured = verified.get("measured_peak_bytes")
+    how = ("lossless: tiling alone" if peak.get("lossless") else
+           "not lossless: tiling alone could not get there, projections make up the rest")
+    figures = f"computed {format_bytes(verified.get('computed_peak_bytes', peak.get('predicted_peak_bytes', 0)))}"
+    figures += f", measured {format_bytes(measured)}" if measured is not None else (
+        f" ({verified['measure_note']})" if verified.get("measure_note") else "")
+    return [f"`--peak` {format_bytes(peak['peak_bytes'])} met ({peak.get('level')}): {figures}, from "
+            f"{format_bytes(peak.get('before_peak_bytes', 0))}; per-allocation ceiling "
+            f"{format_bytes(peak['ceiling_bytes'])} chosen over {len(peak.get('trials', []))} trial(s); {how}.", ""]
+
+
+def _alive_table(side: str, facts: Mapping[str, Any]) -> list[str]:
+    lasting = (" Long-lived tensors (skip connections, a region's start kept for its bands) set it: "
+               f"{format_bytes(facts['long_lived_bytes'])}." if facts.get("set_by_long_lived") else "")
+    lines = [f"Alive at the peak {side} ({format_bytes(facts['peak_bytes'])}, step {facts['step']}, "
+             f"{facts.get('alive_count', len(facts['alive']))} tensor(s)).{lasting}", "",
+             "| tensor | shape | bytes | op | long-lived |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| `{t['name']}` | {format_shape(t.get('shape', []))} | {format_bytes(t['bytes'])} | "
+              f"{t.get('op') or t.get('role', '')} | {'yes' if t.get('long_lived') else ''} |"
+              for t in facts["alive"][:ALIVE_ROWS]]
+    return [*lines, ""]
 
 
 def _latency_line(latency: Mapping[str, Any]) -> str:

@@ -1,4 +1,6 @@
-"""memory.png: stored map sizes before/after with the ceiling line, and the live curve (matplotlib).
+"""memory.png: stored map sizes before/after with the ceiling line, the live curve, and, where the
+reports carry onnxruntime's runtime view, its arena: live bytes per execution step before and after,
+with the --peak line when given (matplotlib).
 
 Before/after maps pair by name: a compressed map X is stored under another name (the fold
 pass writes `X/fmc_k<k>`); `stored_as` gives that mapping, else it is read from the names.
@@ -24,11 +26,11 @@ BEFORE, AFTER, BLOCKED, CEILING = "tab:blue", "tab:green", "0.55", "tab:red"
 
 
 def plot_memory(report: AnalysisReport, path: str | os.PathLike, after: AnalysisReport | None = None,
-                stored_as: Mapping[str, str] | None = None) -> None:
+                stored_as: Mapping[str, str] | None = None, peak_bytes: int | None = None) -> None:
     """memory.png: `memory_figure` written atomically."""
     import matplotlib.pyplot as plt
 
-    figure = memory_figure(report, after, stored_as)
+    figure = memory_figure(report, after, stored_as, peak_bytes)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
@@ -36,7 +38,7 @@ def plot_memory(report: AnalysisReport, path: str | os.PathLike, after: Analysis
 
 
 def memory_figure(report: AnalysisReport, after: AnalysisReport | None = None,
-                  stored_as: Mapping[str, str] | None = None):
+                  stored_as: Mapping[str, str] | None = None, peak_bytes: int | None = None):
     """Stored map sizes in execution order (before/after paired by name) with the ceiling line,
     and the live-memory curve. `stored_as` maps an original map name to the name the compressed
     model stores it under. Returns the matplotlib Figure (Agg backend)."""
@@ -46,8 +48,10 @@ def memory_figure(report: AnalysisReport, after: AnalysisReport | None = None,
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, (ax_maps, ax_live) = plt.subplots(2, 1, figsize=(11, 7), constrained_layout=True,
-                                           gridspec_kw={"height_ratios": [3, 2]})
+    arena = report.runtime is not None
+    fig, axes = plt.subplots(3 if arena else 2, 1, figsize=(11, 9.5 if arena else 7), constrained_layout=True,
+                             gridspec_kw={"height_ratios": [3, 2, 2] if arena else [3, 2]})
+    ax_maps, ax_live = axes[0], axes[1]
     before = sorted(report.stored, key=lambda m: m.step)
     _bars(ax_maps, list(range(len(before))), before, 0.8, 0.45 if after else 0.85)
     handles = [Patch(color=BEFORE, alpha=0.45 if after else 0.85, label="before" if after else "stored map")]
@@ -70,6 +74,8 @@ def memory_figure(report: AnalysisReport, after: AnalysisReport | None = None,
                 + (f" ({new} map(s) new in the compressed model at the end)" if new else ""))
     ax_maps.xaxis.get_major_locator().set_params(integer=True)
     _draw_live(ax_live, report, after)
+    if arena:
+        _draw_arena(axes[2], report, after, peak_bytes)
     return fig
 
 
@@ -132,5 +138,21 @@ def _draw_live(ax, report: AnalysisReport, after: AnalysisReport | None) -> None
         ax.plot([p.step for p in rep.live], [p.bytes / 1024 for p in rep.live], color=color,
                 label=f"{label}: peak {format_bytes(rep.summary['live'].live_peak_bytes)}")
     ax.set(title="live memory (sum of stored maps alive)", xlabel="kernel group (execution order)", ylabel="KiB")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="upper right", fontsize=8)
+
+
+def _draw_arena(ax, report: AnalysisReport, after: AnalysisReport | None, peak_bytes: int | None) -> None:
+    """onnxruntime's live bytes per execution step of each model (its own steps: tiling adds some)."""
+    for label, rep, color in (("before", report, BEFORE), ("after", after, AFTER)):
+        view = rep.runtime if rep is not None else None
+        if view is None:
+            continue
+        ax.plot([p.step for p in view.live], [p.bytes / 1024 for p in view.live], color=color,
+                label=f"{label}: peak {format_bytes(view.peak_bytes)}")
+    if peak_bytes is not None:
+        ax.axhline(peak_bytes / 1024, color=CEILING, linestyle="--", label=f"--peak {format_bytes(peak_bytes)}")
+    ax.set(title=f"onnxruntime's arena (live allocations, {report.runtime.level})",
+           xlabel="execution step (onnxruntime's order)", ylabel="KiB")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="upper right", fontsize=8)

@@ -1,0 +1,212 @@
+"""compile --peak: onnxruntime's live peak under a size (passes/peak_plan.py), analyze
+--fail-over-peak, and the arena in the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from fmcompress import api
+from fmcompress.cli import main
+from fmcompress.memprobe import PeakMeasurement
+from fmcompress.passes.peak_plan import peak_facts
+from fmcompress.passes.runtime import runtime_view
+
+FAST = {"method": "pca", "num_samples": 8, "latency_rounds": 1, "latency_repeats": 1, "measure_memory": False}
+
+
+def _weight(rng: np.random.Generator, name: str, *shape: int) -> onnx.TensorProto:
+    fan_in = int(np.prod(shape[1:]))
+    return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32), name)
+
+
+def _conv(x: str, w: str, y: str, k: int = 3) -> onnx.NodeProto:
+    return helper.make_node("Conv", [x, w], [y], name=y, kernel_shape=[k, k], pads=[k // 2] * 4)
+
+
+def _model(nodes: list, inits: list, channels: int, size: int, classes: int = 10) -> onnx.ModelProto:
+    nodes = [*nodes, helper.make_node("GlobalAveragePool", [nodes[-1].output[0]], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                          [1, channels, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def conv_chain(size: int = 32) -> onnx.ModelProto:
+    """Three 3x3 convs with ReLUs at full resolution (16, 32, 16 channels), then a classifier."""
+    rng = np.random.default_rng(0)
+    nodes = [_conv("x", "w0", "c0"), helper.make_node("Relu", ["c0"], ["r0"], name="r0"),
+             _conv("r0", "w1", "c1"), helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+             _conv("r1", "w2", "c2"), helper.make_node("Relu", ["c2"], ["r2"], name="r2")]
+    inits = [_weight(rng, "w0", 16, 3, 3, 3), _weight(rng, "w1", 32, 16, 3, 3), _weight(rng, "w2", 16, 32, 3, 3),
+             _weight(rng, "fc", 10, 16)]
+    return _model(nodes, inits, 3, size)
+
+
+def skip_net(size: int = 32) -> onnx.ModelProto:
+    """a = conv(x) (64 channels), then a narrower strided branch (32, 128, 32 channels at half
+    resolution) beside a 2x2 max pool of a, joined by a Concat: a is held across the branch."""
+    rng = np.random.default_rng(2)
+    nodes = [_conv("x", "w0", "a"),
+             helper.make_node("Conv", ["a", "w1"], ["b"], name="b", kernel_shape=[3, 3], pads=[1] * 4, strides=[2, 2]),
+             _conv("b", "w2", "c"), _conv("c", "w3", "d", k=1),
+             helper.make_node("MaxPool", ["a"], ["p"], name="p", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Concat", ["p", "d"], ["s"], name="s", axis=1)]
+    inits = [_weight(rng, "w0", 64, 3, 3, 3), _weight(rng, "w1", 32, 64, 3, 3), _weight(rng, "w2", 128, 32, 3, 3),
+             _weight(rng, "w3", 32, 128, 1, 1), _weight(rng, "fc", 10, 96)]
+    return _model(nodes, inits, 3, size)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_peak_met_lossless_on_a_conv_chain():
+    model = conv_chain()
+    before = runtime_view(model, level="all").peak_bytes
+    size = before // 2
+    result = api.compile(model, peak=f"{size}B", **FAST)
+    runtime = result.report["runtime"]
+    peak = runtime["peak"]
+    assert peak["lossless"] and not result.report["maps"]
+    assert len(result.model.graph.node) > len(model.graph.node)  # computed in bands (of the pool's input)
+    assert peak["verified"]["computed_peak_bytes"] <= size < before == peak["before_peak_bytes"]
+    assert runtime_view(result.model, level="all").peak_bytes == peak["verified"]["computed_peak_bytes"]
+    # the largest ceiling that meets the size: every larger trial was over it
+    assert all(t["peak_bytes"] is None or t["peak_bytes"] > size for t in peak["trials"]
+               if t["ceiling_bytes"] > peak["ceiling_bytes"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(result.model, x), _run(model, x), rtol=1e-4, atol=1e-5)
+    arena = runtime["arena"]
+    assert max(arena["before"]["bytes"]) == before and max(arena["after"]["bytes"]) <= size
+    assert len(arena["after"]["bytes"]) == len(arena["after"]["steps"]) > len(arena["before"]["bytes"])
+
+
+def test_a_skip_connection_sets_the_peak():
+    """`a` is held whole across the strided branch for the max pool: at the peak (the branch's
+    widest conv) it is long-lived and holds most of the bytes; analyze says so."""
+    facts = peak_facts(runtime_view(skip_net()))
+    assert facts["set_by_long_lived"] and facts["node"] == "c"
+    assert [(t["name"], t["long_lived"]) for t in facts["alive"]] == [("a", True), ("c", False), ("b", False)]
+    assert sum(t["bytes"] for t in facts["alive"]) == facts["peak_bytes"]
+
+
+def test_tiled_the_peak_is_set_by_what_bands_hold_for_later(tmp_path):
+    """Under --peak the bands are small; what is held across them (the branch's start b, the pool's
+    bands kept for the Concat) sets the emitted model's peak, and the report says so."""
+    result = api.compile(skip_net(), peak="128KB", **FAST)
+    runtime = result.report["runtime"]
+    assert runtime["peak"]["lossless"] and runtime["peak"]["verified"]["computed_peak_bytes"] <= 128 * 1024
+    facts = runtime["at_peak"]["after"]
+    assert facts["set_by_long_lived"] and [t["name"] for t in facts["alive"] if t["long_lived"]]
+    assert runtime["at_peak"]["before"]["alive"][0]["name"] == "reorder_token_0"  # a, in NCHWc at `all`
+
+
+def test_report_md_has_the_arena_and_the_verdict(tmp_path):
+    path = tmp_path / "chain.onnx"
+    onnx.save(conv_chain(), str(path))
+    size = runtime_view(conv_chain(), level="all").peak_bytes // 2
+    done = CliRunner().invoke(main, ["compile", str(path), "--peak", f"{size}B", "--method", "pca",
+                                     "--num-samples", "8", "--report", str(tmp_path / "report"), "-q"])
+    assert done.exit_code == 0, done.output
+    assert "(lossless)" in done.stdout.splitlines()[-1]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## onnxruntime's arena" in text and "lossless: tiling alone" in text and "Alive at the peak after" in text
+    assert (tmp_path / "report" / "memory.png").stat().st_size > 0
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert data["runtime"]["peak"]["verified"]["ok"]
+
+
+def test_an_unmeetable_peak_is_refused_before_data_and_writes_nothing(tmp_path):
+    path = tmp_path / "skip.onnx"
+    onnx.save(skip_net(), str(path))
+    out = tmp_path / "skip.fmc.onnx"
+    done = CliRunner().invoke(main, ["compile", str(path), "--peak", "8KB", "--method", "pca",
+                                     "--num-samples", "8", "-o", str(out)])
+    assert done.exit_code == 1, done.output
+    assert "cannot be brought to 8.0 KiB" in done.stderr and "smallest found" in done.stderr
+    assert not out.exists()
+
+
+def test_verify_refuses_a_measured_peak_over_the_size(tmp_path, monkeypatch):
+    """The planned peak holds when computed, but the fresh process measures more: exit 1, nothing written."""
+    import fmcompress.passes.peak_plan as peak_plan
+
+    monkeypatch.setenv("FMCOMPRESS_MEASURE_MEMORY", "1")
+    import fmcompress.reports.compile as report
+
+    monkeypatch.setenv("FMCOMPRESS_MEASURE_MEMORY", "1")
+    for module in (peak_plan, report):
+        monkeypatch.setattr(module, "measure_peak", lambda *a, **k: PeakMeasurement(1 << 30, [1 << 30]))
+    path = tmp_path / "chain.onnx"
+    onnx.save(conv_chain(), str(path))
+    size = runtime_view(conv_chain(), level="all").peak_bytes // 2
+    out = tmp_path / "chain.fmc.onnx"
+    done = CliRunner().invoke(main, ["compile", str(path), "--peak", f"{size}B", "--method", "pca",
+                                     "--num-samples", "8", "-o", str(out), "--json", str(tmp_path / "r.json")])
+    assert done.exit_code == 1, done.output
+    assert "measured" in done.stderr and "nothing was written" in done.stderr
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_verify_says_when_the_peak_cannot_be_measured(monkeypatch):
+    import fmcompress.passes.peak_plan as peak_plan
+    import fmcompress.reports.compile as report
+
+    monkeypatch.setenv("FMCOMPRESS_MEASURE_MEMORY", "1")
+    for module in (peak_plan, report):
+        monkeypatch.setattr(module, "measure_peak", lambda *a, **k: PeakMeasurement(None, [], "no /proc here"))
+    size = runtime_view(conv_chain(), level="all").peak_bytes // 2
+    result = api.compile(conv_chain(), peak=f"{size}B", **{**FAST, "measure_memory": True})
+    verified = result.report["runtime"]["peak"]["verified"]
+    assert verified["measured_peak_bytes"] is None
+    assert verified["measure_note"] == "no /proc here; the computed figure stands"
+    assert verified["computed_peak_bytes"] <= size
+
+
+def test_analyze_fail_over_peak_exit_codes(tmp_path):
+    path = tmp_path / "skip.onnx"
+    onnx.save(skip_net(), str(path))
+    peak = runtime_view(skip_net()).peak_bytes
+    runner = CliRunner()
+    over = runner.invoke(main, ["analyze", str(path), "--peak", f"{peak - 1}B", "--fail-over-peak", "-q"])
+    assert over.exit_code == 1 and "above --peak" in over.stderr
+    held = runner.invoke(main, ["analyze", str(path), "--peak", f"{peak}B", "--fail-over-peak"])
+    assert held.exit_code == 0, held.output
+    assert "<= --peak" in held.stdout and "(they set the peak)" in held.stdout
+    assert runner.invoke(main, ["analyze", str(path), "--fail-over-peak"]).exit_code == 2  # needs --peak
+    assert runner.invoke(main, ["analyze", str(path), "--peak", "lots"]).exit_code == 2
+
+
+@pytest.mark.parametrize("flags", [["--peak", "64KB", "--traffic", "2x"], ["--peak", "0"]])
+def test_peak_usage_errors(tmp_path, flags):
+    path = tmp_path / "chain.onnx"
+    onnx.save(conv_chain(), str(path))
+    assert CliRunner().invoke(main, ["compile", str(path), *flags, "--method", "pca"]).exit_code == 2
+
+
+def test_the_peak_pipeline_plans_first_and_verifies_last():
+    from fmcompress.compiler import CompileOptions, build_pipeline
+
+    names = [p.name for p in build_pipeline(CompileOptions(peak="512KB")).passes]
+    assert names == ["peak-plan", "runtime", "sink-concat", "plan", "runtime", "runtime-plan", "prepare-data", "fit",
+                     "fold-bn", "fold-projections", "tile-to-ceiling", "verify", "verify-peak", "measure"]
+
+
+def test_a_ceiling_with_the_peak_caps_every_allocation():
+    """--ceiling with --peak: the search starts at the ceiling, and the ceiling holds too."""
+    model = conv_chain()
+    size = runtime_view(model, level="all").peak_bytes
+    result = api.compile(model, peak=f"{size}B", ceiling="32KB", **FAST)
+    peak = result.report["runtime"]["peak"]
+    assert peak["trials"][0]["ceiling_bytes"] == 32 * 1024 >= peak["ceiling_bytes"]
+    assert not runtime_view(result.model, ceiling_bytes=peak["ceiling_bytes"]).over_ceiling()
