@@ -38,7 +38,7 @@ from .passes.memory import MemoryAnalysisPass
 from .passes.peak_plan import PeakPlanPass, ShapeProjectionsPass, VerifyPeakPass
 from .passes.plan import Plan, PlanPass
 from .passes.prepare_data import DataOptions, PrepareDataPass
-from .passes.quantize import AlignRanksPass, QuantizePass, planned_act_bytes
+from .passes.quantize import AlignRanksPass, QuantizablePass, QuantizePass, planned_act_bytes
 from .passes.runtime import RuntimeMemoryPass
 from .passes.runtime_plan import RuntimePlanPass, TileToCeilingPass
 from .passes.sink_concat import SinkConcatPass
@@ -141,6 +141,8 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
         return Pipeline(passes)
     if options.traffic is None:
         passes.append(prepare)
+    if options.int8:  # a model onnxruntime's quantization refuses is refused before the fit
+        passes.append(QuantizablePass())
     fake_quant = options.int8 if options.training.fake_quant is None else options.training.fake_quant
     training = replace(options.training, batch_size=options.batch_size, seed=options.seed, fake_quant=fake_quant)
     passes += [

@@ -52,6 +52,8 @@ g. Ceiling (`ceiling_level` set: compile --int8 --runtime ort): the int8 graph's
    That copy and a workspace above the ceiling (one no band count brings under it: a stem
    conv reading 3 input channels allocates an int32 output of all its filters) are named in
    `over_ceiling` and in a warning.
+h. Before any fitting, `QuantizablePass` runs rule a on the input model and one
+   calibration batch: a refusal (rules a and b) costs seconds, not a training run.
 
 Entry point: `QuantizePass(level=...).run(model, ctx)`; `quantize_report(ctx)` is the
 report's "int8" section; `quantize_int8(model, batches)` is rule a alone;
@@ -120,6 +122,21 @@ class QuantizePass(Pass):
         ctx.log(f"int8: {len(floats)} node(s) left in float on feature maps ({ctx.quantization['float_bytes']} B); "
                 f"{what} with the float model {_percent(agreement)}, cosine {quality['cosine_similarity']:.4f}")
         return PassResult(Model.of(quantized), modified=True, data=ctx.quantization)
+
+
+class QuantizablePass(Pass):
+    """Rule h: rule a on the input model and one calibration batch, before any fitting, so
+    that a model onnxruntime's tools refuse is refused in seconds, not after the training."""
+
+    name = "quantizable"
+    requires = ("calibration",)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        proto = model.proto()
+        check_float32(proto)
+        first = next(iter(ctx.calibration.batches(ctx.batch_size or 1)))[0]
+        quantize_int8(proto, [first])
+        return PassResult(model, modified=False)
 
 
 class AlignRanksPass(Pass):

@@ -279,3 +279,20 @@ def test_an_opset_11_model_with_a_constant_concat_is_quantized():
     session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, batches[0])
     np.testing.assert_allclose(session.run(None, batches[0])[0], expected[0], atol=0.1 * np.abs(expected[0]).max())
+
+
+def test_a_model_quantization_refuses_is_refused_before_the_fit(tmp_path, monkeypatch):
+    """Rule h: onnxruntime's refusal comes before any training, not after it."""
+    import fmcompress.passes.quantize as quantize
+
+    def refuse(model, batches):
+        raise InputError("onnxruntime's quantization refused the model (AssertionError: a stand-in)")
+
+    monkeypatch.setattr(quantize, "quantize_int8", refuse)
+    monkeypatch.setattr("fmcompress.passes.fit.FitProjectionsPass.run",
+                        lambda self, model, ctx: pytest.fail("the fit ran before the quantization check"))
+    path = tmp_path / "net.onnx"
+    onnx.save(residual_net(), str(path))
+    result = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "8KB", "--int8", "--num-samples", "8", "-q"])
+    assert result.exit_code == 2 and "refused the model (AssertionError: a stand-in)" in result.output, result.output
+    assert not (tmp_path / "net.fmc.onnx").exists()
