@@ -24,6 +24,10 @@ d. Where the platform cannot reset the peak (not Linux, no /proc access), the
 e. `compile` measures only where `measurement_enabled()`: CompileOptions.measure_memory,
    and not switched off by the environment (FMCOMPRESS_MEASURE_MEMORY=0, which the test
    suite sets in tests/conftest.py: a probe is a subprocess of 1-3 s per model).
+f. A median growth below the bytes of the outputs (which one inference allocates in any
+   case) is not a measurement: tensors under the mmap threshold came from memory the heap
+   already held. `measure_peak` returns None and says so in `reason` (MobileNetV2-224 at
+   `--ceiling 64KB --runtime ort --int8` read 0 B).
 
 Entry point: `measure_peak(model, input_shapes, level="all") -> PeakMeasurement`.
 The probe runs as `python -m fmcompress.memprobe MODEL --shape NAME=DIMS ... --level L`.
@@ -76,8 +80,13 @@ def measure_peak(model: onnx.ModelProto | str | os.PathLike, input_shapes: dict[
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
         return PeakMeasurement(None, [], f"the probe failed: {lines[-1] if lines else done.returncode}")
-    values = json.loads(done.stdout.strip().splitlines()[-1])["rounds"]
-    return PeakMeasurement(int(statistics.median(values)), values)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    values, median = result["rounds"], int(statistics.median(result["rounds"]))
+    if median < result["output_bytes"]:  # rule f
+        return PeakMeasurement(None, values, f"below the probe's resolution: the process grew by {median} B, less "
+                                             f"than the outputs' {result['output_bytes']} B (small tensors came from "
+                                             "memory the heap already held)")
+    return PeakMeasurement(median, values)
 
 
 def probe_file(model: onnx.ModelProto | str | os.PathLike, shapes: dict[str, tuple[int, ...]],
@@ -152,7 +161,7 @@ def _probe(path: str, shapes: dict[str, tuple[int, ...]], level: str, rounds: in
         dims = shapes.get(meta.name) or tuple(d if isinstance(d, int) else 1 for d in meta.shape)
         dtype = np.float16 if "float16" in meta.type else np.float32 if "float" in meta.type else np.int64
         feeds[meta.name] = rng.random(dims).astype(dtype)
-    session.run(None, feeds)
+    output_bytes = sum(np.asarray(out).nbytes for out in session.run(None, feeds))
     growth = []
     for _ in range(rounds):
         with open("/proc/self/clear_refs", "w") as refs:
@@ -160,7 +169,7 @@ def _probe(path: str, shapes: dict[str, tuple[int, ...]], level: str, rounds: in
         base = _status_bytes("VmRSS")
         session.run(None, feeds)
         growth.append(_status_bytes("VmHWM") - base)
-    return growth
+    return growth, output_bytes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     for text in args.shape:
         name, _, dims = text.partition("=")
         shapes[name] = tuple(int(d) for d in dims.split(","))
-    print(json.dumps({"rounds": _probe(args.model, shapes, args.level, args.rounds)}))
+    rounds, output_bytes = _probe(args.model, shapes, args.level, args.rounds)
+    print(json.dumps({"rounds": rounds, "output_bytes": output_bytes}))
 
 
 if __name__ == "__main__":

@@ -159,3 +159,20 @@ def test_a_rise_on_the_computed_figures_when_nothing_was_measured():
     rise = _rise(figures, tiled=False)
     assert rise["rose"] and rise["rose_basis"] == "computed"
     assert rise["warning"].startswith("onnxruntime's peak rose: 1024 -> 3072 KiB computed (all optimisations)")
+
+
+def test_a_growth_below_the_outputs_is_not_a_measurement(monkeypatch):
+    """memprobe rule f: maps of 16 KiB come from memory the heap already holds, and the
+    process may not grow at all; that is said, never reported as a peak of 0 B."""
+    import fmcompress.memprobe as memprobe
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = json.dumps({"rounds": [0, 0, 4096], "output_bytes": 16384})
+
+    monkeypatch.setattr(memprobe.subprocess, "run", lambda *args, **kwargs: Done())
+    measured = measure_peak(stem_net(64), {"x": (1, 3, 64, 64)})
+    if not memprobe._can_reset_peak():
+        pytest.skip("the probe cannot measure here")
+    assert measured.bytes is None and "below the probe's resolution" in measured.reason
+    assert measured.rounds == [0, 0, 4096]
