@@ -143,8 +143,7 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
         passes.append(prepare)
     if options.int8:  # a model onnxruntime's quantization refuses is refused before the fit
         passes.append(QuantizablePass())
-    fake_quant = options.int8 if options.training.fake_quant is None else options.training.fake_quant
-    training = replace(options.training, batch_size=options.batch_size, seed=options.seed, fake_quant=fake_quant)
+    training = replace(options.training, batch_size=options.batch_size, seed=options.seed)
     passes += [
         FitProjectionsPass(method=options.method, training=training, checkpoint=options.checkpoint,
                            resume=options.resume, monitor=options.monitor),

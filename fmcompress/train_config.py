@@ -46,7 +46,7 @@ class TrainConfig:
     probe: int = 1  # after this many epochs, stop if training does not look like paying (0: never)
     block_min_gain: float = 0.01  # a map's block stage stops when an epoch gains less than this, relatively...
     block_patience: int = 2  # ...this many epochs in a row (block_epochs stays the maximum)
-    fake_quant: bool | None = None  # the stored maps rounded as int8 in training (None: with compile --int8)
+    fake_quant: bool = False  # the stored maps rounded as int8 in training (quantization-aware, for --int8)
     block_init: str = "pca"  # the block stage's start: pca, or lstsq (closed-form reduced-rank regression)
 
     def check(self) -> None:

@@ -18,7 +18,7 @@ c. `learned` (the default; Price & Tanner): the PCA projections (or `block_init`
   0 epochs and a `pca` start skip it), then P and U of every map trained end to end
   through the frozen network (`fmcompress.backend.trainer`: distillation from the
   original model's outputs, its rules a-h; `patience` and `probe` end it early). With
-  `fake_quant` (compile --int8 sets it) both stages see every stored map P x rounded
+  `fake_quant` (`--fake-quant`, for `--int8`) both stages see every stored map P x rounded
   as int8 (quantization-aware training, straight-through gradient).
 d. `random`: random orthonormal projections trained the same way (the paper's
   initialisation, for comparison).
@@ -184,7 +184,7 @@ class FitProjectionsPass(Pass):
         fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.block_lr,
                                temperature=config.temperature, seed=config.seed, min_gain=config.block_min_gain,
                                patience=config.block_patience, init=config.block_init,
-                               quantized=bool(config.fake_quant), progress=progress)
+                               quantized=config.fake_quant, progress=progress)
         stage["seconds"] = time.perf_counter() - started
         ctx.training.block_stage = stage
         return fitted

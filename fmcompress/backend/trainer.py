@@ -150,7 +150,7 @@ class ProjectionTrainer:
         for parameter in self.executor.parameters():
             parameter.requires_grad_(False)
         reference = config.feature_reference if config.feature_weight > 0 else None
-        self.projections = {name: LearnedProjection(initial[name].P, initial[name].U, reference, bool(config.fake_quant))
+        self.projections = {name: LearnedProjection(initial[name].P, initial[name].U, reference, config.fake_quant)
                             .to(self.device) for name in self.names}
         for name, module in self.projections.items():
             self.executor.set_transform(name, module)
