@@ -1,0 +1,63 @@
+"""compile --int8 end to end on a mobile block (issue #21's test list): a depthwise conv,
+HardSwish (which onnxruntime has no integer kernel for) and a residual Add, checked on
+the graph onnxruntime itself optimises and runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from fmcompress import api
+from fmcompress.passes.runtime import optimized_model
+
+SIZE = 32
+
+
+def mobile_block() -> onnx.ModelProto:
+    """stem conv 3->16, Relu; depthwise 3x3 (group 16), HardSwish; pointwise 16->16; Add with
+    the stem; global pool; classifier."""
+    rng = np.random.default_rng(0)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32),
+                                       name)
+
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="stem", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="stem_relu"),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], name="depthwise", kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1], group=16),
+             helper.make_node("HardSwish", ["c1"], ["h1"], name="hardswish"),
+             helper.make_node("Conv", ["h1", "w2"], ["c2"], name="pointwise", kernel_shape=[1, 1]),
+             helper.make_node("Add", ["c2", "r0"], ["s"], name="add"),
+             helper.make_node("GlobalAveragePool", ["s"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc", transB=1)]
+    inits = [weight("w0", 16, 3, 3, 3), weight("w1", 16, 1, 3, 3), weight("w2", 16, 16, 1, 1), weight("fc", 10, 16)]
+    graph = helper.make_graph(nodes, "mobile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_int8_mobile_block_runs_its_convs_in_integer_kernels_and_names_what_stays_float():
+    result = api.compile(mobile_block(), ceiling="8KB", int8=True, method="pca", num_samples=16,
+                         latency_rounds=1, latency_repeats=1, measure_memory=False)
+    section = result.report["int8"]
+    runs = optimized_model(result.model, section["level"])
+    ops = [node.op_type for node in runs.graph.node]
+    assert "Conv" not in ops and "FusedConv" not in ops  # stem, depthwise and pointwise: integer kernels
+    assert sum(count for op, count in section["integer_ops"].items() if op.endswith("QLinearConv")) >= 3
+    # HardSwish has no integer kernel: it, and only what it needs, is named with its bytes
+    floats = section["float_nodes"]
+    assert floats and section["float_bytes"] == sum(entry["bytes"] for entry in floats) > 0
+    produced = {out: node for node in runs.graph.node for out in node.output}
+    assert {entry["op"] for entry in floats} <= {"DequantizeLinear", "HardSwish", "HardSigmoid", "Mul"}
+    assert any(entry["op"] in ("HardSwish", "HardSigmoid", "Mul") for entry in floats)
+    for entry in floats:  # every listed tensor is a float map the graph onnxruntime runs really makes
+        assert entry["tensor"] in produced and len(entry["shape"]) >= 3
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+    reference = ort.InferenceSession(mobile_block().SerializeToString(), providers=["CPUExecutionProvider"])
+    got, expected = session.run(None, {"x": x})[0], reference.run(None, {"x": x})[0]
+    assert got.shape == (1, 10) and np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.9
