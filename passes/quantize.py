@@ -46,12 +46,15 @@ f. Ranks: `AlignRanksPass` (compile --int8, after planning, before the fit) roun
 g. Ceiling (`ceiling_level` set: compile --int8 --runtime ort): the int8 graph's runtime view
    at that level, every tensor at its own dtype's size (uint8 maps at one byte, float ones
    at four, rule e' workspaces at theirs), against the plan's ceiling (passes/tile_bands.py
-   plans the bands for it). A map above it (graph inputs and outputs excepted) is a
-   VerificationError (exit 1, nothing written), except the uint8 copy of a graph input (its
-   QuantizeLinear: onnxruntime's int8 model takes the float input and quantizes it whole).
-   That copy and a workspace above the ceiling (one no band count brings under it: a stem
-   conv reading 3 input channels allocates an int32 output of all its filters) are named in
-   `over_ceiling` and in a warning.
+   plans the bands for it; passes/split_conv.py rules a' and b'' split the filters of a conv
+   whose int32 output no band count brings under it, in parts MLAS's symmetric kernel
+   takes). A map above it (graph inputs and outputs excepted) is a VerificationError (exit
+   1, nothing written), except the uint8 copy of a graph input (its QuantizeLinear:
+   onnxruntime's int8 model takes the float input and quantizes it whole). That copy and a
+   workspace above the ceiling are named in `over_ceiling` and in a warning, not refused:
+   where a map has fewer than 16 output positions, the float model VerifyPass checks needs
+   parts of at most that many filters (split_conv rule a), too few for the symmetric kernel,
+   so each part's im2col reads the whole input (VGG-16-BN at 32x32, 8KB: 18 KiB each).
 h. Before any fitting, `QuantizablePass` runs rule a on the input model and one
    calibration batch: a refusal (rules a and b) costs seconds, not a training run.
 
@@ -178,7 +181,8 @@ def check_int8_ceiling(quantized: onnx.ModelProto, ctx: PassContext, level: str,
                                 f"of {ceiling} B at level {level}: {_named(maps)}")
     if over:
         ctx.warnings.append(f"int8: {len(over)} allocation(s) of the quantized model above the ceiling of {ceiling} B "
-                            f"at level {level} that no band count brings under it: {_named(over)}")
+                            f"at level {level} that neither band counts nor filter splits bring under it: "
+                            f"{_named(over)}")
         ctx.log(ctx.warnings[-1])
     largest = max((t.bytes for t in view.tensors if t.role in ("map", "workspace")), default=0)
     return {"runtime_peak_bytes": view.peak_bytes, "largest_allocation_bytes": largest,

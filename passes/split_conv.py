@@ -8,6 +8,10 @@ small per-thread segments instead. Rules:
 
 a. A candidate is a Conv (2-D, constant weight and bias, any group) whose scratch under
    rule e of passes/runtime.py (`conv_workspace_elements`) exceeds `budget_bytes`.
+a'. Planned for integer kernels (one byte per element: `--int8`, `--act-bytes 1`;
+   passes/tile_bands.py `integer_kernels`), a conv (not depthwise) is also a candidate when
+   a whole-map buffer of its QLinearConv (passes/runtime.py rule e', channels last,
+   symmetric int8 weights) exceeds `budget_bytes`: the 3-channel stem's int32 GEMM output.
 b. It becomes ceil(M / positions) convs over the same input, each with at most
    `positions` filters (rows of W and b, in order), and a Concat along the channel
    axis that writes the original output name; the rest of the graph is untouched.
@@ -15,6 +19,14 @@ b'. A grouped conv (group g: AlexNet's) expands each group's input: it becomes, 
    a Slice of that group's input channels and ceil((M / g) / positions) group-1 convs over
    it (that group's rows of W and b, in order), all joined by one Concat in group order,
    which is the original channel order.
+b''. Planned for integer kernels, the parts' filter counts are multiples of 8 (what
+   rule a needs of them, and MLAS's symmetric int8 kernel, rule e' `mlas_symmetric`: no
+   int32 output, an indirection buffer instead of an im2col): the fewest parts, the
+   filters shared out in blocks of 8 as evenly as possible (256 filters on 98 positions:
+   88/88/80, not 86/85/85), whose every rule e' buffer fits `budget_bytes`; where no part
+   count fits, the one with the smallest largest buffer, and none when splitting does not
+   lower it (an im2col is the same for every part). A remainder of M % 8 filters is a part
+   of its own; under 8 positions (rule a allows fewer than 8 filters a part) rule b holds.
 c. The outputs are bitwise what one conv computes per filter, so the model's
    outputs are unchanged up to float rounding (tests check against onnxruntime).
 d. The rewrite edits `model.graph` in place: the parts and the Concat take the conv's
@@ -22,7 +34,7 @@ d. The rewrite edits `model.graph` in place: the parts and the Concat take the c
    shapes come from ONNX shape inference of `model.proto()`.
 
 Entry point: `SplitConvPass(budget_bytes).run(model, ctx)`; `result.data` lists each split
-conv with its filter count and number of parts.
+conv with its filter count and number of parts; `integer_split` is rule b'' for one group.
 """
 
 from __future__ import annotations
@@ -37,11 +49,15 @@ from fmcompress.shapes import TensorInfo, infer_tensor_infos, resolve_input_shap
 from .base import Pass, PassContext, PassResult
 from .graph import Model
 from .graphutil import Namer, constant_value, detach, optional_input
-from .runtime import conv_workspace_elements
+from .runtime import conv_workspace_elements, integer_conv_workspaces
+from .tile_bands import integer_kernels
+
+ALIGN = 8  # rule b'': MLAS's symmetric int8 conv wants output channels % 8 (passes/quantize.py rule f)
 
 
 class SplitConvPass(Pass):
-    """Splits every conv whose input expansion would exceed `budget_bytes` (rules a-d)."""
+    """Splits every conv whose input expansion, or planned at one byte whose QLinearConv
+    buffers, would exceed `budget_bytes` (rules a-d)."""
 
     name = "split-conv"
 
@@ -55,39 +71,91 @@ class SplitConvPass(Pass):
         split: list[dict] = []
         nodes: list[gs.Node] = []
         for node in model.graph.nodes:
-            parts = self._parts(node, infos, ctx.act_bytes)
-            if parts <= 1:
+            sizes = self._sizes(node, infos, ctx.act_bytes)
+            if sizes is None:
                 nodes.append(node)
                 continue
             filters = int(node.inputs[1].shape[0])
-            split.append({"node": node.name, "filters": filters, "parts": parts})
-            nodes += _split(node, parts, namer)
+            group = int(node.attrs.get("group", 1))
+            split.append({"node": node.name, "filters": filters, "parts": group * len(sizes)})
+            nodes += _split(node, sizes, namer)
         if split:
             model.graph.nodes = nodes
             model.touched(sort=False)
         return PassResult(model, modified=bool(split), data=split)
 
-    def _parts(self, node: gs.Node, infos: dict[str, TensorInfo], act_bytes: int | None) -> int:
-        """Rule a; the number of convs of rule b (1: leave it)."""
+    def _sizes(self, node: gs.Node, infos: dict[str, TensorInfo], act_bytes: int | None) -> list[int] | None:
+        """Rules a, a', b, b'': the filter counts of one group's parts (None: leave the conv)."""
         if node.op != "Conv" or node.domain not in (None, "", "ai.onnx") or len(node.inputs) < 2:
-            return 1
+            return None
         weight = node.inputs[1]
         bias = optional_input(node, 2)
         info = infos.get(node.outputs[0].name)
         constant_bias = bias is None or isinstance(bias, gs.Constant)
         if not isinstance(weight, gs.Constant) or not constant_bias or info is None or len(info.shape) != 4:
-            return 1
+            return None
         group = int(node.attrs.get("group", 1))
-        elements = conv_workspace_elements(tuple(weight.shape), info.shape, group,
-                                           list(node.attrs.get("strides", [])),
-                                           list(node.attrs.get("pads", [])))
-        if elements * (act_bytes or np.dtype(info.dtype).itemsize) <= self.budget_bytes:
-            return 1
-        return group * math.ceil(weight.shape[0] // group / math.prod(info.shape[2:]))
+        strides, pads = list(node.attrs.get("strides", [])), list(node.attrs.get("pads", []))
+        elements = conv_workspace_elements(tuple(weight.shape), info.shape, group, strides, pads)
+        expands = elements * (act_bytes or np.dtype(info.dtype).itemsize) > self.budget_bytes  # rule a
+        per_group, positions = weight.shape[0] // group, math.prod(info.shape[2:])
+        if integer_kernels(act_bytes) and not (group > 1 and weight.shape[1] == 1):  # rules a', b''
+            plain = (all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in strides) and not any(pads))
+            whole = integer_buffer_bytes(tuple(weight.shape), positions, group, plain)
+            if not expands and whole <= self.budget_bytes:
+                return None
+            sizes = integer_split(per_group, int(weight.shape[1]), math.prod(weight.shape[2:]), positions, plain,
+                                  self.budget_bytes, cap=positions if expands else None)
+            if sizes is not None:
+                parted = max(integer_buffer_bytes((size, weight.shape[1], *weight.shape[2:]), positions, 1, plain)
+                             for size in sizes)
+                lowers = whole > self.budget_bytes and parted < whole
+                if (expands or lowers) and (group > 1 or len(sizes) > 1):
+                    return sizes
+                if not expands:
+                    return None
+        if not expands:
+            return None
+        return _even(per_group, math.ceil(per_group / positions))  # rule b
 
 
-def _split(node: gs.Node, parts: int, namer: Namer) -> list[gs.Node]:
-    """Rules b and b': the parts and their Concat, which takes over the conv's output."""
+def integer_buffer_bytes(weight_shape: tuple[int, ...], positions: int, group: int, plain: bool) -> int:
+    """The largest rule e' buffer of a QLinearConv (channels last, symmetric int8 weights)."""
+    parts = integer_conv_workspaces(tuple(int(d) for d in weight_shape), 0, positions, group, plain,
+                                    channels_last=True)
+    return max((elements * dtype.itemsize for elements, dtype in parts.values()), default=0)
+
+
+def integer_split(filters: int, channels: int, taps: int, positions: int, plain: bool, budget_bytes: int,
+                  cap: int | None = None) -> list[int] | None:
+    """Rule b'': the filter counts of group-1 parts over `channels` input channels, each a
+    multiple of 8 and at most `cap`, the fewest whose every rule e' buffer fits `budget_bytes`
+    (else the smallest largest buffer); None where parts of 8 are over `cap`."""
+    blocks, rest = divmod(filters, ALIGN)
+    limit = filters if cap is None else cap
+    if blocks == 0 or limit < ALIGN:
+        return None
+    best: tuple[int, list[int]] | None = None
+    for count in range(1, blocks + 1):
+        sizes = [ALIGN * len(part) for part in np.array_split(np.arange(blocks), count)] + ([rest] if rest else [])
+        if max(sizes) > limit:
+            continue
+        largest = max(integer_buffer_bytes((size, channels, taps), positions, 1, plain) for size in sizes)
+        if largest <= budget_bytes:
+            return sizes
+        if best is None or largest < best[0]:
+            best = (largest, sizes)
+    return None if best is None else best[1]
+
+
+def _even(filters: int, parts: int) -> list[int]:
+    """Rule b: `filters` in `parts` as numpy.array_split shares them (the first get one more)."""
+    return [len(part) for part in np.array_split(np.arange(filters), parts)]
+
+
+def _split(node: gs.Node, sizes: list[int], namer: Namer) -> list[gs.Node]:
+    """Rules b and b': the parts (`sizes` filters each, per group) and their Concat, which
+    takes over the conv's output."""
     source, output = node.inputs[0], node.outputs[0]
     weight = constant_value(node.inputs[1])
     bias_tensor = optional_input(node, 2)
@@ -98,9 +166,11 @@ def _split(node: gs.Node, parts: int, namer: Namer) -> list[gs.Node]:
     base = node.name or output.name
     outputs, emitted = [], []
     per_group = weight.shape[0] // group
+    edges = np.cumsum([0, *sizes])
     for g in range(group):
         reads = source if group == 1 else _group_slice(source, g, weight.shape[1], namer, base, emitted)
-        for rows in np.array_split(np.arange(g * per_group, (g + 1) * per_group), parts // group):
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            rows = np.arange(g * per_group + lo, g * per_group + hi)
             i = len(outputs)
             inputs = [reads, gs.Constant(namer(f"{base}/split{i}/W"), weight[rows])]
             if bias is not None:

@@ -21,7 +21,9 @@ Planned at one byte per element (`--int8`, `--act-bytes 1`: `integer_kernels`), 
 also counts the whole-band buffers its onnxruntime QLinearConv allocates
 (passes/runtime.py rule e', channels last, symmetric int8 weights): an int32 GEMM output
 where MLAS's symmetric kernel does not run, an im2col or an indirection buffer (8 B a tap
-and output position). A band's size is the largest of its maps and those buffers.
+and output position). A band's size is the largest of its maps and those buffers; an int32
+output left above the budget is SplitConvPass's (passes/split_conv.py rules a', b'': parts of
+multiples of 8 filters, after tiling).
 """
 
 from __future__ import annotations
@@ -217,7 +219,8 @@ def bands_for_budget(model: onnx.ModelProto, start: Starts, end: str, budget_byt
     """The fewest bands whose largest band allocation fits in `budget_bytes`; planned for
     integer kernels, where no band count brings their buffers under it (a stem conv's int32
     output for 3 input rows a band), of the band counts whose maps fit the one with the
-    smallest largest buffer (passes/quantize.py rule g names the buffers left above)."""
+    smallest largest buffer (passes/split_conv.py rules a', b'' then split the filters of a conv
+    whose int32 output is left above; passes/quantize.py rule g names what still is)."""
     region = region or tileable_region(model, start, end, input_shapes)
     found = _fewest_bands(model, region, budget_bytes, act_bytes, None)
     if found is None and integer_kernels(act_bytes):

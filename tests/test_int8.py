@@ -20,9 +20,11 @@ from fmcompress import api
 from fmcompress.cli import main
 from fmcompress.errors import InputError
 from fmcompress.memprobe import measure_peak
+from fmcompress.passes.base import PassContext
 from fmcompress.passes.plan import PlannedMap
 from fmcompress.passes.quantize import aligned_rank, float_nodes, planned_act_bytes, quantize_int8
 from fmcompress.passes.runtime import integer_conv_workspaces, optimized_model, runtime_view
+from fmcompress.passes.split_conv import SplitConvPass, integer_split
 from fmcompress.passes.tile_bands import bands_for_budget, peak_band_bytes
 from fmcompress.passes.tile_emit import pool_in_bands
 
@@ -197,6 +199,67 @@ def test_int8_band_sizing_counts_integer_conv_buffers():
     assert with_buffers == 4 * map_only == 4 * 16 * 4 * SIZE  # 16 filters x 4 rows x 32 positions, int32
     assert peak_band_bytes(model, "x", "r0", 4, 1, input_shapes=shapes, workspaces=False) <= 4096
     assert bands_for_budget(model, "x", "r0", 4096, 1, input_shapes=shapes) == 16  # 2 rows: 4 KiB of int32
+
+
+def float_conv(c: int, m: int, h: int, k: int) -> onnx.ModelProto:
+    """One float Conv (c -> m channels, k x k, same padding) on a c x h x h input."""
+    rng = np.random.default_rng(3)
+    weight = numpy_helper.from_array((rng.standard_normal((m, c, k, k)) * 0.1).astype(np.float32), "w")
+    bias = numpy_helper.from_array((rng.standard_normal(m) * 0.1).astype(np.float32), "b")
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[k, k], pads=[k // 2] * 4)
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, h])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, m, h, h])], [weight, bias])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _split_int8(model: onnx.ModelProto, budget: int, act_bytes: int | None = 1):
+    """SplitConvPass at `budget` (planned at `act_bytes`) and the filter counts of the convs it leaves."""
+    result = SplitConvPass(budget)(model, PassContext(act_bytes=act_bytes))
+    weights = {init.name: init for init in result.model.graph.initializer}
+    filters = [weights[n.input[1]].dims[0] for n in result.model.graph.node if n.op_type == "Conv"]
+    return result, filters
+
+
+def _workspaces(model: onnx.ModelProto, shape: tuple[int, ...], level: str) -> list[tuple[str, int]]:
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    quantized = quantize_int8(model, [{"x": x}])
+    view = runtime_view(quantized, {"x": shape}, level=level)
+    return [(t.name, t.bytes) for t in view.tensors if t.role == "workspace"]
+
+
+def test_int8_split_parts_are_multiples_of_8():
+    """split_conv rule b'': 128 filters on 49 positions: 43/43/42 in float, 48/40/40 planned at one
+    byte, so that every part runs MLAS's symmetric int8 kernel (an indirection buffer, no int32
+    output, no im2col); the outputs are exact either way."""
+    model = float_conv(16, 128, 7, 3)
+    floats, float_parts = _split_int8(model, 4096, act_bytes=None)
+    assert float_parts == [43, 43, 42] and floats.data == [{"node": "conv", "filters": 128, "parts": 3}]
+    result, parts = _split_int8(model, 4096)
+    assert parts == [48, 40, 40] and all(p % 8 == 0 for p in parts)
+    assert integer_split(256, 256, 9, 98, False, 65536, cap=98) == [88, 88, 80]  # ResNet-18's layer3 band
+    x = np.random.default_rng(5).standard_normal((1, 16, 7, 7)).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for m in (model, result.model)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-5)
+    for level in ("extended", "all"):
+        buffers = _workspaces(result.model, (1, 16, 7, 7), level)
+        assert buffers and all(name.endswith(":indirection") or ":transpose" in name for name, _ in buffers), buffers
+        assert max(size for _, size in buffers) <= 4096
+
+
+def test_int8_split_brings_an_int32_output_under_the_ceiling():
+    """split_conv rule a': a 3-channel conv's QLinearConv allocates an int32 output (32 filters
+    x 256 positions x 4 B = 32 KiB) whatever its bands; planned at one byte it becomes two
+    convs of 16 filters, and the int8 graph's every buffer fits 16 KiB. In float nothing splits."""
+    model = float_conv(3, 32, 16, 3)
+    assert SplitConvPass(16384)(model, PassContext()).data == []
+    before = dict((name.split(":")[1], size) for name, size in _workspaces(model, (1, 3, 16, 16), "all"))
+    assert before == {"gemm_output": 32 * 256 * 4, "im2col": 27 * 256}
+    result, parts = _split_int8(model, 16384)
+    assert parts == [16, 16] and result.data == [{"node": "conv", "filters": 32, "parts": 2}]
+    for level in ("extended", "all"):
+        buffers = _workspaces(result.model, (1, 3, 16, 16), level)
+        assert max(size for _, size in buffers) <= 16384, buffers
 
 
 @pytest.mark.parametrize("runtime", [None, "ort"])
