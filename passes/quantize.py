@@ -83,7 +83,7 @@ from fmcompress.shapes import onnxruntime_tensor_infos, resolve_input_shapes, wi
 from .base import Pass, PassContext, PassResult
 from .graph import Model
 from .plan import PlannedMap
-from .runtime import analyze_runtime, optimized_model
+from .runtime import analyze_runtime, op_name, optimized_model
 
 Batch = Mapping[str, np.ndarray]
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
@@ -300,7 +300,7 @@ def float_nodes(quantized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             if not name or name in outputs or info is None or len(info.shape) < MAP_RANK:
                 continue
             if np.dtype(info.dtype).type in FLOAT_TYPES and info.numel:  # an empty slice computes nothing
-                found.append({"node": node.name or name, "op": _op(node), "tensor": name,
+                found.append({"node": node.name or name, "op": op_name(node), "tensor": name,
                               "shape": list(info.shape), "bytes": info.numel * np.dtype(info.dtype).itemsize})
     return found
 
@@ -308,7 +308,7 @@ def float_nodes(quantized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
 def integer_ops(quantized: onnx.ModelProto, level: str = "extended") -> dict[str, int]:
     """How many nodes of each op onnxruntime runs for the int8 model (QLinearConv: 20, ...)."""
     optimized = optimized_model(quantized, level)
-    return dict(sorted(Counter(_op(node) for node in optimized.graph.node).items()))
+    return dict(sorted(Counter(op_name(node) for node in optimized.graph.node).items()))
 
 
 def int8_fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ctx: PassContext,
@@ -322,10 +322,6 @@ def int8_fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ctx:
 def quantize_report(ctx: PassContext) -> dict[str, Any] | None:
     """The report's "int8" section: None when compile did not quantize."""
     return None if ctx.quantization is None else dict(ctx.quantization)
-
-
-def _op(node: onnx.NodeProto) -> str:
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 
 def _percent(value: float | None) -> str:

@@ -326,12 +326,13 @@ def _tensor(name: str, shape, dtype, role: str, node: onnx.NodeProto | None, ste
     return FeatureMap(name=name, shape=[int(d) for d in shape], dtype=str(dtype),
                       bytes=numel * (act_bytes or dtype.itemsize), role=role,
                       producer=node.name if node is not None else "",
-                      producer_op=_op_name(node) if node is not None else "", group="",
+                      producer_op=op_name(node) if node is not None else "", group="",
                       consumers=[n.name or n.op_type for _, n in readers.get(name, [])],
                       step=step, last_use=last_use)
 
 
-def _op_name(node: onnx.NodeProto) -> str:
+def op_name(node: onnx.NodeProto) -> str:
+    """`Relu`, or `com.microsoft.FusedConv` outside the default domain."""
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 

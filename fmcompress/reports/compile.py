@@ -225,13 +225,14 @@ def _rise(figures: dict[str, Any], tiled: bool) -> dict[str, Any]:
            "compile fits the stored maps, and onnxruntime also allocates the full-width tensors beside them "
            "(each projected conv's output before its projection, explicit 1x1 convs); --runtime ort holds the "
            "ceiling in onnxruntime's own allocations")
-    note = rose_note({**figures, "rose_basis": basis})  # figures has no basis yet
+    note = rose_note(figures, basis)
     return {"rose": True, "rose_basis": basis, "warning": f"{note} ({figures['level']} optimisations); {why}"}
 
 
-def rose_note(figures: dict[str, Any]) -> str:
-    """`onnxruntime's peak rose: 4884 -> 7764 KiB measured` (the compile's last line, rule c)."""
-    basis = figures.get("rose_basis", "measured")
+def rose_note(figures: dict[str, Any], basis: str | None = None) -> str:
+    """`onnxruntime's peak rose: 4884 -> 7764 KiB measured` (the compile's last line, rule c), on
+    `basis` or else the section's `rose_basis`."""
+    basis = basis or figures["rose_basis"]
     before, after = (figures[side][f"{basis}_peak_bytes"] for side in ("before", "after"))
     return f"onnxruntime's peak rose: {before // 1024} -> {after // 1024} KiB {basis}"
 
