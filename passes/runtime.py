@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -168,16 +168,16 @@ def analyze_runtime(model: onnx.ModelProto, ctx: PassContext, level: str = DEFAU
     infos = _tensor_infos(optimized, shapes)
     tensors = runtime_tensors(optimized, shapes, infos, ctx.act_bytes)
     tensors += conv_workspaces(optimized, infos, ctx.act_bytes)
-    held = [b.as_map() for b in runtime_buffers(optimized, shapes, infos, tensors, reuse=reuse,
-                                                unknown=shapes_unknown(pinned, optimized))]
-    counted = held + [t for t in tensors if t.role == "workspace" and t.bytes > 0]
+    buffers = runtime_buffers(optimized, shapes, infos, tensors, reuse=reuse, unknown=shapes_unknown(pinned, optimized))
+    workspaces = [t for t in tensors if t.role == "workspace" and t.bytes > 0]
     labels = [node.name or node.op_type for node in optimized.graph.node]
-    live = _live_curve(counted, labels)
-    ceiling = ceiling_bytes
+    live = _live_curve([b.as_map() for b in buffers] + workspaces, labels)
     for tensor in tensors:
-        tensor.over_ceiling = ceiling is not None and tensor.role in CEILED_ROLES and tensor.bytes > ceiling
-    view = RuntimeView.build(level=level, tensors=tensors, live=live, ceiling_bytes=ceiling)
-    return view
+        tensor.over_ceiling = ceiling_bytes is not None and tensor.role in CEILED_ROLES and tensor.bytes > ceiling_bytes
+    by_name = {t.name: t for t in tensors}
+    allocations = [holder for b in buffers for holder in b.holders(by_name)] + workspaces
+    return RuntimeView.build(level=level, tensors=tensors, live=live, ceiling_bytes=ceiling_bytes,
+                             allocations=allocations)
 
 
 def runtime_tensors(optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
@@ -371,6 +371,15 @@ class Buffer:
     step: int  # the root's producer
     last_use: int  # the last reader of any of its tensors
     kinds: dict[str, str] = field(default_factory=dict)  # tensor -> "alias", "inplace" or "reuse" (not the root)
+
+    def holders(self, by_name: dict[str, FeatureMap]) -> list[FeatureMap]:
+        """The buffer as the tensors that occupy it in turn: each from its producer to the next
+        one's (the last to the buffer's last use), at the buffer's bytes. Alive at a step, exactly
+        one of them stands for the buffer there."""
+        members = sorted((by_name[m] for m in self.tensors), key=lambda t: t.step)
+        ends = [later.step - 1 for later in members[1:]] + [self.last_use]
+        return [replace(t, bytes=self.bytes, last_use=max(end, t.step)) for t, end in zip(members, ends, strict=True)
+                if end >= t.step or t is members[-1]]
 
     def as_map(self) -> FeatureMap:
         return FeatureMap(name=self.root, shape=[self.bytes], dtype="uint8", bytes=self.bytes, role="buffer",

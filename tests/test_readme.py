@@ -1,6 +1,6 @@
 """The README's examples run as written, and the docs link only inside the repository.
 
-Every ```python block of README.md runs in a fresh temporary directory, in a subprocess
+Every ```python block of README.md and docs/api.md runs in a fresh temporary directory, in a subprocess
 with a timeout. The files a snippet reads (string literals such as "r18.onnx") are made
 first by the README's own shell commands that write them (`fmcompress ... -o FILE` in a
 ```bash block), found by parsing those blocks, not hard-coded here.
@@ -22,6 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+API_PAGE = ROOT / "docs" / "api.md"  # the README's Python section continued: its snippets run too
 TIMEOUT_S = 300  # per command or snippet; the whole module takes about 20 s on two cores
 
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -32,10 +33,11 @@ class Block:
     lang: str
     code: str
     line: int  # line of the opening fence in the file
+    page: str = "README.md"
 
     @property
     def label(self) -> str:
-        return f"README.md:{self.line}"
+        return f"{self.page}:{self.line}"
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Command:
 
 def blocks(path: Path, lang: str) -> list[Block]:
     text = path.read_text(encoding="utf-8")
-    return [Block(m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1)
+    return [Block(m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1, str(path.relative_to(ROOT)))
             for m in FENCE.finditer(text) if m.group(1) == lang]
 
 
@@ -90,7 +92,7 @@ def commands_for(files: set[str], commands: list[Command]) -> list[Command]:
     return needed
 
 
-PYTHON_SNIPPETS = blocks(README, "python")
+PYTHON_SNIPPETS = blocks(README, "python") + blocks(API_PAGE, "python")
 COMMANDS = fmcompress_commands()
 
 
@@ -100,7 +102,7 @@ COMMANDS = fmcompress_commands()
 def test_readme_has_python_snippets_that_compile():
     assert PYTHON_SNIPPETS, "README.md has no ```python block"
     for number, snippet in enumerate(PYTHON_SNIPPETS, start=1):
-        compile(snippet.code, f"README python snippet {number} ({snippet.label})", "exec")
+        compile(snippet.code, f"python snippet {number} ({snippet.label})", "exec")
 
 
 def written_files(code: str) -> set[str]:
@@ -121,7 +123,7 @@ def test_quick_start_exports_what_the_snippets_read():
     for number, snippet in enumerate(PYTHON_SNIPPETS, start=1):
         reads = {s for s in string_literals(snippet.code) if s.endswith(".onnx")} - written_files(snippet.code)
         missing = reads - produced
-        assert not missing, f"README python snippet {number} ({snippet.label}) reads {sorted(missing)}, " \
+        assert not missing, f"python snippet {number} ({snippet.label}) reads {sorted(missing)}, " \
                             "which no README command writes"
 
 
@@ -184,7 +186,7 @@ def readme_files(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("number, snippet", list(enumerate(PYTHON_SNIPPETS, start=1)),
-                         ids=[f"snippet{n}-line{s.line}" for n, s in enumerate(PYTHON_SNIPPETS, start=1)])
+                         ids=[f"snippet{n}-{Path(s.page).stem}-line{s.line}" for n, s in enumerate(PYTHON_SNIPPETS, start=1)])
 def test_readme_python_snippet_runs_as_written(number: int, snippet: Block, readme_files, tmp_path):
     for name, path in readme_files(string_literals(snippet.code)).items():
         target = tmp_path / name
@@ -192,4 +194,4 @@ def test_readme_python_snippet_runs_as_written(number: int, snippet: Block, read
         shutil.copyfile(path, target)
     script = tmp_path / f"readme_snippet_{number}.py"
     script.write_text(snippet.code, encoding="utf-8")
-    _run([sys.executable, script.name], tmp_path, f"README python snippet {number} ({snippet.label})")
+    _run([sys.executable, script.name], tmp_path, f"python snippet {number} ({snippet.label})")

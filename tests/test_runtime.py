@@ -157,6 +157,20 @@ def test_a_freed_buffer_is_reused_for_a_later_tensor_of_its_shape_and_held_betwe
     assert unshared.peak_bytes == (4 + 32) * plane
 
 
+def test_alive_at_the_peak_lists_each_buffer_once_by_the_tensor_it_holds():
+    """The tensors alive at the peak sum to the peak: a held buffer (a, kept for c) is listed
+    beside d, once, and at c's step it is listed as c."""
+    view = runtime_view(pointwise_chain())
+    alive = view.alive_at(view.peak_step)
+    assert sum(t.bytes for t in alive) == view.peak_bytes
+    assert sorted(t.name for t in alive) == ["a", "b", "d"]
+    by_name = {t.name: t for t in view.tensors}
+    at_c = {t.name for t in view.alive_at(by_name["c"].step)}
+    assert "c" in at_c and "a" not in at_c
+    for point in view.live:
+        assert sum(t.bytes for t in view.alive_at(point.step)) == point.bytes
+
+
 def test_buffers_list_the_chains_of_tensors_that_share_memory():
     from fmcompress.passes.runtime import _tensor_infos, runtime_buffers, runtime_tensors
     from fmcompress.shapes import with_input_shapes

@@ -56,25 +56,33 @@ class RuntimeView:
     largest_name: str
     ceiling_bytes: int | None = None
     measured_peak_bytes: int | None = None  # process peak growth of one run (fmcompress.memprobe)
+    # what the live curve sums: each buffer as the tensor that holds it at a step (rule g), and
+    # the workspaces; not in to_dict (the curve and the tensors are)
+    allocations: list[FeatureMap] = field(default_factory=list)
 
     @classmethod
     def build(cls, *, level: str, tensors: list[FeatureMap], live: list[LivePoint],
-              ceiling_bytes: int | None = None) -> RuntimeView:
+              ceiling_bytes: int | None = None, allocations: list[FeatureMap] | None = None) -> RuntimeView:
         counted = [t for t in tensors if t.role != "input"]
         largest = max(counted, key=lambda t: t.bytes, default=None)
         peak = max(live, key=lambda p: p.bytes, default=None)
         return cls(level=level, tensors=tensors, live=live, peak_bytes=peak.bytes if peak else 0,
                    peak_step=peak.step if peak else -1, largest_bytes=largest.bytes if largest else 0,
-                   largest_name=largest.name if largest else "", ceiling_bytes=ceiling_bytes)
+                   largest_name=largest.name if largest else "", ceiling_bytes=ceiling_bytes,
+                   allocations=list(allocations or []))
 
     def over_ceiling(self) -> list[FeatureMap]:
         return [t for t in self.tensors if t.over_ceiling]
 
     def alive_at(self, step: int) -> list[FeatureMap]:
-        return [t for t in self.tensors if t.role != "input" and t.bytes and t.step <= step <= max(t.last_use, t.step)]
+        """What is allocated at `step`: a shared buffer once, named by the tensor it holds then
+        (so the bytes sum to the live curve's); without allocations, the tensors alive."""
+        pool = self.allocations or [t for t in self.tensors if t.role != "input"]
+        return [t for t in pool if t.bytes and t.step <= step <= max(t.last_use, t.step)]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("allocations")
         data["over_ceiling"] = [t.name for t in self.over_ceiling()]
         return data
 
