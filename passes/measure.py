@@ -21,10 +21,14 @@ d. The gate: with `min_agreement`, top-1 agreement (sequence agreement for a
    labels. A failure raises `VerificationError` (exit 1), so compile writes nothing.
    Without a gate, agreement under 90% is a warning.
 
+e. With `--int8` (`ctx.quantized_original`, passes/quantize.py rule i): the original
+   quantized alone, against the float original (its fidelity: what quantization alone
+   costs), and the int8 model's latency against it (`int8_original`).
+
 Shapes come from `ctx.before` (the original's analysis) and `ctx.verification["after"]`
 (the emitted model's) when present; an int8 model (`ctx.quantization`, passes/quantize.py)
 is analysed itself. The model is not changed; `ctx.measurement` (and
-`result.data`) is `{"fidelity", "flops", "latency_ms", "gate", "warnings"}`.
+`result.data`) is `{"fidelity", "flops", "latency_ms", "gate", "warnings", "int8_original"}`.
 """
 
 from __future__ import annotations
@@ -103,7 +107,23 @@ class MeasurePass(HeldOutPass):
         gate, warnings = self._gate(quality)
         ctx.log(f"fidelity: {fidelity_line(quality)}; latency ratio {latency['ratio']:.2f} "
                 f"({latency['spread']['ratio'][0]:.2f}-{latency['spread']['ratio'][1]:.2f})")
-        return {"fidelity": quality, "flops": flops, "latency_ms": latency, "gate": gate, "warnings": warnings}
+        baseline = self._against_quantized_original(model, reference, one, ctx)
+        return {"fidelity": quality, "flops": flops, "latency_ms": latency, "gate": gate, "warnings": warnings,
+                "int8_original": baseline}
+
+    def _against_quantized_original(self, model: onnx.ModelProto, reference: list, one: dict,
+                                    ctx: PassContext) -> dict[str, Any] | None:
+        """Rule e: the original quantized alone, against the float original, and the int8 model's
+        latency against it."""
+        if ctx.quantized_original is None:
+            return None
+        baseline = run_ort(ctx.quantized_original, self.held_out.batches(self.batch_size), batch_first=True)
+        quality = fidelity(reference, baseline, self.held_out.labels).to_dict()
+        latency = ort_latency(ctx.quantized_original, model, one, rounds=self.rounds, repeats=self.repeats,
+                              threads=self.threads).to_dict("original_int8", "compressed")
+        ctx.log(f"int8: the original quantized alone: {fidelity_line(quality)}; "
+                f"latency ratio against it {latency['ratio']:.2f}")
+        return {"fidelity": quality, "latency_ms": latency}
 
     def _gate(self, quality: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """Rule d: raises VerificationError when the held-out fidelity misses the gate."""

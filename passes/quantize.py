@@ -57,6 +57,10 @@ g. Ceiling (`ceiling_level` set: compile --int8 --runtime ort): the int8 graph's
    so each part's im2col reads the whole input (VGG-16-BN at 32x32, 8KB: 18 KiB each).
 h. Before any fitting, `QuantizablePass` runs rule a on the input model and one
    calibration batch: a refusal (rules a and b) costs seconds, not a training run.
+i. The baseline: the pipeline's input (`ctx.original`) quantized by rule a on the same
+   calibration part goes into `ctx.quantized_original`, so that MeasurePass gives the
+   int8 model's accuracy and latency against what quantize_static alone makes of the
+   original. Where that fails, a warning says so and the figures are left out.
 
 Entry point: `QuantizePass(level=...).run(model, ctx)`; `quantize_report(ctx)` is the
 report's "int8" section; `quantize_int8(model, batches)` is rule a alone;
@@ -97,7 +101,7 @@ class QuantizePass(Pass):
 
     name = "quantize"
     requires = ("calibration", "held_out")
-    provides = ("quantization",)
+    provides = ("quantization", "quantized_original")
 
     def __init__(self, level: str = "extended", *, act_bytes: int | None = None, batch_size: int | None = None,
                  ceiling_level: str | None = None):
@@ -121,10 +125,23 @@ class QuantizePass(Pass):
             "calibration_samples": len(ctx.calibration)}
         if self.ceiling_level is not None and ctx.plan is not None:
             ctx.quantization.update(check_int8_ceiling(quantized, ctx, self.ceiling_level, ctx.plan.ceiling_bytes))
+        ctx.quantized_original = self._baseline(ctx, batch)
         what, agreement = gated_agreement(quality)
         ctx.log(f"int8: {len(floats)} node(s) left in float on feature maps ({ctx.quantization['float_bytes']} B); "
                 f"{what} with the float model {_percent(agreement)}, cosine {quality['cosine_similarity']:.4f}")
         return PassResult(Model.of(quantized), modified=True, data=ctx.quantization)
+
+
+    @staticmethod
+    def _baseline(ctx: PassContext, batch: int) -> onnx.ModelProto | None:
+        """Rule i: the input quantized alike, or None (and a warning) where that fails."""
+        if ctx.original is None:
+            return None
+        try:
+            return quantize_int8(ctx.original, (inputs for inputs, _ in ctx.calibration.batches(batch)))
+        except InputError as exc:
+            ctx.warnings.append(f"int8: the original quantized alone is not compared: {exc}")
+            return None
 
 
 class QuantizablePass(Pass):
@@ -320,8 +337,11 @@ def int8_fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ctx:
 
 
 def quantize_report(ctx: PassContext) -> dict[str, Any] | None:
-    """The report's "int8" section: None when compile did not quantize."""
-    return None if ctx.quantization is None else dict(ctx.quantization)
+    """The report's "int8" section: None when compile did not quantize. `original`: MeasurePass's
+    figures of the original quantized alone (rule i), None where it was not compared."""
+    if ctx.quantization is None:
+        return None
+    return {**ctx.quantization, "original": (ctx.measurement or {}).get("int8_original")}
 
 
 def _percent(value: float | None) -> str:

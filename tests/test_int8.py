@@ -97,6 +97,11 @@ def test_int8_compile_residual_is_qdq_and_fully_integer():
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": _inputs(1)[0]["x"]})[0].shape == (1, 10)
     assert [i.shape for i in session.get_inputs()] == [["N", 3, SIZE, SIZE]]  # the interface kept
+    # rule i: the original quantized alone, its fidelity to the float original and the latency against it
+    baseline = section["original"]
+    assert baseline["latency_ms"]["ratio"] > 0 and baseline["latency_ms"]["original_int8"] > 0
+    assert 0 < baseline["fidelity"]["relative_error"] < 0.5  # int8 rounding, not a broken model
+    assert baseline["fidelity"]["cosine_similarity"] > 0.9
 
 
 def test_int8_tiled_quantizes_the_input_once():
