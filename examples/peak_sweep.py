@@ -1,6 +1,6 @@
 """onnxruntime's live peak under a size: compile --peak (passes/peak_plan.py).
 
-    python examples/peak_sweep.py [--peak mobilenet_v2=512KB,...] [--smallest resnet18,...] [--samples 16]
+    python examples/peak_sweep.py [--peak mobilenet_v2=512KB,...] [--smallest resnet18,...] [--samples 16] [--int8]
 
 For each `--peak MODEL=SIZE`: `compile --peak SIZE` (pca), then onnxruntime's peak before and
 after, computed (the runtime view) and measured (a fresh process, fmcompress.memprobe), at the
@@ -10,7 +10,9 @@ its one-line refusal (the smallest peak found and what is alive there).
 For each `--smallest MODEL`: the search run towards an unreachable size (rule b of
 passes/peak_plan.py walks down to the smallest ceiling the planner takes), the smallest peak it
 found, then `compile --peak` at that figure, measured the same way.
-Zoo models are untrained: memory and time figures only.
+With `--int8` every `--peak` compile is `compile --peak SIZE --int8` (the size holds for the int8
+model; the latency ratio is against the float original). Zoo models are untrained: memory and time
+figures only.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ from fmcompress.units import format_bytes
 KIB = 1024
 
 
-def compile_at(path: Path, shapes: dict, size: str, samples: int) -> str:
+def compile_at(path: Path, shapes: dict, size: str, samples: int, int8: bool = False) -> str:
     """One `compile --peak`, as a line of figures (or its refusal)."""
     started = time.perf_counter()
     try:
         result = api.compile(path, peak=size, input_shapes=[",".join(map(str, s)) for s in shapes.values()],
-                             method="pca", num_samples=samples, latency_rounds=3, latency_repeats=5)
+                             method="pca", num_samples=samples, latency_rounds=3, latency_repeats=5, int8=int8)
     except FmcError as exc:
         return f"refused ({time.perf_counter() - started:.0f} s): {exc}"
     runtime = result.report["runtime"]
@@ -87,12 +89,14 @@ def main() -> None:
     parser.add_argument("--peak", default="mobilenet_v2=512KB", help="MODEL=SIZE,... ('' for none)")
     parser.add_argument("--smallest", default="resnet18", help="MODEL,... ('' for none)")
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--int8", action="store_true", help="--peak compiles with --int8")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="peak-sweep-") as folder:
         for entry in filter(None, args.peak.split(",")):
             name, _, size = entry.partition("=")
             path, shapes = model_path(name, Path(folder))
-            print(f"{name}: {compile_at(path, shapes, size, args.samples)}", flush=True)
+            print(f"{name}{' int8' if args.int8 else ''}: {compile_at(path, shapes, size, args.samples, args.int8)}",
+                  flush=True)
         for name in filter(None, args.smallest.split(",")):
             path, shapes = model_path(name, Path(folder))
             for line in smallest(path, shapes, args.samples):

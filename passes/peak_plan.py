@@ -40,6 +40,12 @@ f. VerifyPeakPass: the emitted model's computed peak (rule a's view, value_info 
    process, the model as it will be written, at `level`) too; either over: VerificationError,
    nothing written. Where the platform cannot measure, the reason is recorded and the
    computed figure stands. `ctx.verification["peak"]` holds the figures.
+g. int8 (`compile --peak --int8`): the probes plan and tile the float graph with every map at
+   one byte (`ctx.act_bytes` 1, as `--int8` plans; the band planner sizes bands by the
+   integer convs' buffers, passes/tile_bands.py), and VerifyPeakPass runs after
+   QuantizePass on the int8 model itself, every tensor at its own dtype's size (uint8 maps,
+   the input's uint8 copy, float tensors left, integer convs' workspaces): that is what the
+   size holds for.
 
 Entry point: `PeakPlanPass(peak_bytes, probe=lambda c: peak_probe(c, "extended"), level="all",
 plan_level="extended").run(model, ctx)` (`fmcompress.compiler.peak_probe`);
@@ -332,7 +338,9 @@ class VerifyPeakPass(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         emitted = written(model.proto())
-        view = analyze_runtime(emitted, ctx, self.level)
+        # rule g: an int8 model's tensors count at their own dtypes, not at the plan's one byte
+        sizing = ctx if ctx.quantization is None else PassContext(input_shapes=ctx.input_shapes)
+        view = analyze_runtime(emitted, sizing, self.level)
         figures = {"peak_bytes": self.peak_bytes, "level": self.level, "computed_peak_bytes": view.peak_bytes,
                    "measured_peak_bytes": None, "measure_note": None, "rounds": []}
         if view.peak_bytes > self.peak_bytes:

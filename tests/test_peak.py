@@ -202,6 +202,29 @@ def test_the_peak_pipeline_plans_first_and_verifies_last():
                      "fold-bn", "fold-projections", "tile-to-ceiling", "verify", "verify-peak", "measure"]
 
 
+def test_the_int8_peak_pipeline_verifies_the_quantized_model():
+    from fmcompress.compiler import CompileOptions, build_pipeline
+
+    names = [p.name for p in build_pipeline(CompileOptions(peak="512KB", int8=True)).passes]
+    assert names.index("quantize") < names.index("verify-peak") < names.index("measure")
+
+
+def test_an_int8_peak_holds_for_the_quantized_model_as_onnxruntime_runs_it():
+    """--peak with --int8 (peak_plan.py rule g): planned at one byte, verified on the int8 model
+    at its own dtypes; a size the float model at one byte would meet but its int8 buffers do not
+    is not passed on the plan's word."""
+    model = conv_chain()
+    float_peak = runtime_view(model, level="all").peak_bytes
+    size = float_peak // 6  # under the float peak's quarter: bands are needed even at one byte
+    result = api.compile(model, peak=f"{size}B", int8=True, **FAST)
+    verified = result.report["runtime"]["peak"]["verified"]
+    assert verified["computed_peak_bytes"] <= size
+    int8_view = runtime_view(result.model, level="all")  # every tensor at its own dtype
+    assert int8_view.peak_bytes == verified["computed_peak_bytes"]
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in result.model.graph.node}
+    assert result.report["int8"]["float_nodes"] == []
+
+
 def test_a_ceiling_with_the_peak_caps_every_allocation():
     """--ceiling with --peak: the search starts at the ceiling, and the ceiling holds too."""
     model = conv_chain()
