@@ -33,6 +33,7 @@ from .passes.allocate import OBJECTIVES, AllocatePass, parse_traffic
 from .passes.fit import DEFAULT_METHOD, METHODS, FitProjectionsPass
 from .passes.fold import FoldProjectionsPass
 from .passes.fold_bn import FoldBatchNormPass
+from .passes.map_cost import MapCostPass
 from .passes.measure import MeasurePass
 from .passes.memory import MemoryAnalysisPass
 from .passes.peak_plan import PeakPlanPass, ShapeProjectionsPass, VerifyPeakPass
@@ -147,6 +148,7 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
     passes += [
         FitProjectionsPass(method=options.method, training=training, checkpoint=options.checkpoint,
                            resume=options.resume, monitor=options.monitor),
+        MapCostPass(),
         FoldBatchNormPass(),
         FoldProjectionsPass(),
         *([TileToCeilingPass(level=plan_level(options))] if options.runtime else []),

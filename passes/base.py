@@ -72,6 +72,7 @@ class PassContext:
     verification: dict[str, Any] | None = None  # VerifyPass: checks and the emitted model's views
     measurement: dict[str, Any] | None = None  # MeasurePass: fidelity, FLOPs, latency, gate
     quantization: dict[str, Any] | None = None  # QuantizePass (--int8): float nodes left, int8 fidelity
+    map_costs: list[dict[str, Any]] | None = None  # MapCostPass: each projection's held-out cost alone
     quantized_original: onnx.ModelProto | None = None  # QuantizePass: the input quantized alike (MeasurePass's baseline)
 
     def known(self) -> set[str]:

@@ -61,7 +61,8 @@ def test_the_pipeline_gives_the_graph_compile_gives_on_resnet18(zoo_onnx):
 def test_the_declared_pipeline_lists_every_step_of_compile():
     names = [p.name for p in build_pipeline(CompileOptions(ceiling="4x", runtime="ort")).passes]
     assert names == ["memory", "plan", "runtime", "sink-concat", "plan", "runtime", "runtime-plan",
-                     "prepare-data", "fit", "fold-bn", "fold-projections", "tile-to-ceiling", "verify", "measure"]
+                     "prepare-data", "fit", "map-cost", "fold-bn", "fold-projections", "tile-to-ceiling", "verify",
+                     "measure"]
     names = [p.name for p in build_pipeline(CompileOptions(ceiling="4x"), plan_only=True).passes]
     assert names == ["memory", "plan", "sink-concat", "plan"]
 

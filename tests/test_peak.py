@@ -199,7 +199,7 @@ def test_the_peak_pipeline_plans_first_and_verifies_last():
 
     names = [p.name for p in build_pipeline(CompileOptions(peak="512KB")).passes]
     assert names == ["peak-plan", "runtime", "sink-concat", "plan", "runtime", "runtime-plan", "prepare-data", "fit",
-                     "fold-bn", "fold-projections", "tile-to-ceiling", "verify", "verify-peak", "measure"]
+                     "map-cost", "fold-bn", "fold-projections", "tile-to-ceiling", "verify", "verify-peak", "measure"]
 
 
 def test_the_int8_peak_pipeline_verifies_the_quantized_model():

@@ -236,14 +236,25 @@ def _md_maps(report: Mapping[str, Any]) -> list[str]:
     maps = report.get("maps") or []
     if not maps:
         return ["## Compressed maps", "", "None: every stored map was already at or under the ceiling.", ""]
-    lines = ["## Compressed maps", "", "| map | shape | C | k | bytes before | bytes after | stored as |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["## Compressed maps", "", "| map | shape | C | k | bytes before | bytes after | stored as | "
+             "cost alone (points) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for entry in maps:
         stored = entry.get("stored_as")
         lines.append(f"| `{entry['name']}` | {format_shape(entry['shape'])} | {entry['C']} | {entry['k']} | "
                      f"{entry['bytes_before']:,} | {entry['bytes_after']:,} | "
-                     f"{f'`{stored}`' if stored and stored != entry['name'] else ''} |")
+                     f"{f'`{stored}`' if stored and stored != entry['name'] else ''} | {_cost(entry.get('cost_alone'))} |")
+    costed = [entry["cost_alone"] for entry in maps if entry.get("cost_alone")]
+    if costed:
+        lines += ["", f"Cost alone: the drop in {costed[0]['metric']} on {costed[0]['samples']} held-out samples "
+                      "with that map's projection the only one in place (a map that hurts shows here)."]
     return [*lines, ""]
+
+
+def _cost(cost: Mapping[str, Any] | None) -> str:
+    if not cost:
+        return ""
+    accuracy = cost.get("accuracy_drop_points")
+    return f"{cost['drop_points']:.1f}" + ("" if accuracy is None else f" (accuracy {accuracy:.1f})")
 
 
 def _md_not_compressible(report: Mapping[str, Any]) -> list[str]:

@@ -1,0 +1,95 @@
+"""MapCostPass: what each fitted projection costs on its own, on held-out data.
+
+A compile projects many maps at once and reports their joint cost; a user deciding what to
+give up (a larger ceiling, a map left whole) needs to see which maps hurt. Rules:
+
+a. For every fitted map, the torch executor runs the held-out part with that map's
+   projection alone in place (every other map as the original computes it), and its
+   outputs are compared with the original's by `fmcompress.metrics.fidelity`, as
+   MeasurePass compares the whole model.
+b. The figure is the one a report leads with (`gated_agreement`: top-1 agreement, else
+   sequence agreement), else the cosine similarity of the outputs; a map's cost is
+   `drop_points`: 100 x (1 - that figure). With labels, `accuracy_drop_points` too (the
+   original's held-out accuracy minus the accuracy with that map alone projected).
+c. At most `max_samples` held-out samples are run (the first ones), so the pass costs at
+   most that many forward passes per map; nothing fitted or no held-out part: no costs.
+d. The model is not changed; `ctx.map_costs` (and `result.data`) is one dict per map in
+   plan order: `name`, `metric`, `alone` (the figure), `drop_points`,
+   `accuracy_drop_points` (None without labels), `samples`.
+
+Entry point: `MapCostPass().run(model, ctx)`, after FitProjectionsPass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fmcompress.data import Dataset
+from fmcompress.featuremaps import Projection
+from fmcompress.metrics import fidelity, gated_agreement
+
+from .base import Pass, PassContext, PassResult
+from .fit import torch_executor
+from .graph import Model
+
+MAX_SAMPLES = 128  # rule c: enough to rank maps, a bounded cost per map
+BATCH = 16
+
+
+class MapCostPass(Pass):
+    """Rules a-d: the held-out cost of each projection alone."""
+
+    name = "map-cost"
+    requires = ("projections", "projected_graph", "held_out")
+    provides = ("map_costs",)
+
+    def __init__(self, max_samples: int = MAX_SAMPLES):
+        self.max_samples = max_samples
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        held_out = ctx.held_out
+        if not ctx.projections or held_out is None or len(held_out) == 0:
+            ctx.map_costs = []
+            return PassResult(model, modified=False, data=ctx.map_costs)
+        part = held_out.head(min(self.max_samples, len(held_out)))
+        ctx.map_costs = map_costs(ctx.projected_graph.proto(), ctx.projections, part, ctx.batch_size or BATCH)
+        worst = max(ctx.map_costs, key=lambda cost: cost["drop_points"])
+        ctx.log(f"map costs: {worst['name']} costs most alone ({worst['drop_points']:.1f} points of "
+                f"{worst['metric']} on {len(part)} held-out samples)")
+        return PassResult(model, modified=False, data=ctx.map_costs)
+
+
+def map_costs(model, projections: dict[str, Projection], data: Dataset, batch: int = BATCH) -> list[dict[str, Any]]:
+    """Rules a and b for every projection of `projections` (in its order) on `data`, `batch`
+    samples a run (what the graph allows: PrepareDataPass's `ctx.batch_size`)."""
+    import torch
+
+    from fmcompress.backend.projection import install_projections
+
+    executor = torch_executor(model)
+    names = list(executor.input_names)
+
+    def outputs() -> list[np.ndarray]:
+        with torch.no_grad():
+            runs = [executor(*inputs) for inputs in data.torch_batches(batch, names)]
+        return [np.concatenate([run[i].numpy() for run in runs]) for i in range(len(runs[0]))]
+
+    reference = outputs()
+    accuracy = fidelity(reference, reference, data.labels).to_dict().get("accuracy_reference")
+    costs = []
+    try:
+        for name, projection in projections.items():
+            install_projections(executor, {name: projection})
+            quality = fidelity(reference, outputs(), data.labels).to_dict()
+            metric, figure = gated_agreement(quality)
+            if figure is None:
+                metric, figure = "cosine similarity", quality["cosine_similarity"]
+            candidate_accuracy = quality.get("accuracy_candidate")
+            costs.append({"name": name, "metric": metric, "alone": figure, "drop_points": 100 * (1 - figure),
+                          "accuracy_drop_points": None if accuracy is None or candidate_accuracy is None
+                          else 100 * (accuracy - candidate_accuracy), "samples": len(data)})
+    finally:
+        executor.clear_transforms()
+    return costs

@@ -1,0 +1,42 @@
+"""MapCostPass (passes/map_cost.py): each projection's held-out cost with it alone in place."""
+
+from __future__ import annotations
+
+import numpy as np
+from modeltools import tiny_classifier
+
+from fmcompress import api
+from fmcompress.data import Dataset
+from fmcompress.featuremaps import Projection
+from fmcompress.passes.map_cost import map_costs
+
+
+def _data(count: int = 24) -> Dataset:
+    rng = np.random.default_rng(0)
+    model = tiny_classifier()
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    inputs = {model.graph.input[0].name: rng.standard_normal((count, *dims[1:])).astype(np.float32)}
+    return Dataset(inputs=inputs, labels=None, source="random")
+
+
+def test_an_identity_costs_nothing_and_a_zeroed_map_costs_most():
+    """Rules a and b: P = U = I leaves the outputs as they are; a projection that zeroes its map
+    changes them, and only that map's entry shows it."""
+    eye = np.eye(16, dtype=np.float32)
+    zero = np.zeros((1, 16), np.float32)
+    costs = map_costs(tiny_classifier(), {"r1": Projection(P=eye, U=eye), "r2": Projection(P=zero, U=zero.T)},
+                      _data())
+    assert [c["name"] for c in costs] == ["r1", "r2"]
+    assert costs[0]["metric"] == "top-1 agreement" and costs[0]["alone"] == 1.0 and costs[0]["drop_points"] == 0.0
+    assert costs[1]["drop_points"] > 0 and costs[1]["samples"] == 24
+    assert costs[0]["accuracy_drop_points"] is None  # no labels
+
+
+def test_compile_reports_each_maps_cost_alone(tmp_path):
+    result = api.compile(tiny_classifier(), ceiling="4x", method="pca", num_samples=32, latency_rounds=1,
+                         latency_repeats=1, measure_memory=False)
+    costs = [entry["cost_alone"] for entry in result.report["maps"]]
+    assert costs and all(0 <= c["drop_points"] <= 100 and c["samples"] == 8 for c in costs)
+    from fmcompress.reports.markdown import render_compile_markdown
+
+    assert "cost alone (points)" in render_compile_markdown(result.report)
