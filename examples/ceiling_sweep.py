@@ -32,7 +32,8 @@ original; `--train KEY=VALUE` sets any other TrainConfig field. The models:
 
 Scoring is `fmcompress.evaluation.textlines`'s for both sets. Prints a Markdown table
 (also written to OUT/ceiling_sweep.md, with OUT/ceiling_sweep.json: per row `original`,
-`compressed` and `drop_points` for set 1, the same keys with `_second` for set 2) and
+`compressed` and `drop_points` for set 1, the same keys with `_second` for set 2, and
+`training`: the block stage's seconds and epochs, the end-to-end epochs, the scores) and
 plots the metric against the ceiling, one line per method and set (set 2 dashed) and
 one panel per model, with the originals' figures dotted (OUT/ceiling_sweep.png). The
 demo has no second set: its figures go in the set 1 columns whatever `--eval-set` says. Methods that
@@ -146,6 +147,7 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
         return row
     row["compile_s"] = time.perf_counter() - started
     row["maps"] = len(result.plan.maps)
+    row["training"] = training_summary(result.report.get("training"))
     if task.evals:
         for which in task.evals:
             if which not in task.cache:
@@ -159,6 +161,18 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
         if row.get("original" + suffix) is not None and row.get("compressed" + suffix) is not None:
             row["drop_points" + suffix] = 100 * (row["original" + suffix] - row["compressed" + suffix])
     return row
+
+
+def training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where a learned compile spent its time: the block stage's seconds and epochs, the end-to-end
+    epochs run, the held-out score before them (the stage's) and the best."""
+    if not training:
+        return None
+    stage = training.get("block_stage") or {}
+    return {"block_s": stage.get("seconds"), "block_epochs": sum(m["epochs"] for m in stage.get("maps", [])),
+            "epochs": len(training["history"]), "initial_score": training["initial_score"],
+            "best_score": training["best_score"], "best_epoch": training["best_epoch"],
+            "stop_reason": training["stop_reason"]}
 
 
 def markdown(rows: list[dict[str, Any]], eval_sets: tuple[str, ...] = ("first",)) -> str:

@@ -19,6 +19,7 @@ DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "light", "splice", "strong")
 FEATURE_REFERENCES = ("teacher", "self")
 BLOCK_INITS = ("pca", "lstsq")
+BLOCK_AUGMENTATIONS = ("none", "look")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     block_patience: int = 2  # ...this many epochs in a row (block_epochs stays the maximum)
     fake_quant: bool = False  # the stored maps rounded as int8 in training (quantization-aware, for --int8)
     block_init: str = "pca"  # the block stage's start: pca, or lstsq (closed-form reduced-rank regression)
+    block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look)
 
     def check(self) -> None:
         """One-line InputErrors for values that cannot train."""
@@ -81,7 +83,8 @@ class TrainConfig:
                                      (self.optimizer, OPTIMIZERS, "--optimizer"),
                                      (self.device, DEVICES, "--device"), (self.augment, AUGMENTATIONS, "--augment"),
                                      (self.feature_reference, FEATURE_REFERENCES, "--feature-reference"),
-                                     (self.block_init, BLOCK_INITS, "--block-init")):
+                                     (self.block_init, BLOCK_INITS, "--block-init"),
+                                     (self.block_augment, BLOCK_AUGMENTATIONS, "--block-augment")):
             if value not in allowed:
                 raise InputError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
 

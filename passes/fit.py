@@ -162,6 +162,8 @@ class FitProjectionsPass(Pass):
         # it holds every batch's paused runs: --max-samples bounds that memory as it bounds an epoch
         part = self.calibration if config.max_samples is None else self.calibration.head(config.max_samples)
         batches = [tuple(t.to(device) for t in batch) for batch in part.torch_batches(config.batch_size, names)]
+        if config.block_augment == "look":
+            batches = _with_other_looks(batches, config.seed)
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
         stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,
@@ -212,3 +214,16 @@ class FitProjectionsPass(Pass):
         ctx.log(f"{self.method}: best held-out {best.metric} {best.best_score:.4f} at epoch {best.best_epoch}"
                 f"{stops.get(best.stop_reason, '')}")
         return best.projections
+
+
+def _with_other_looks(batches: list[tuple], seed: int) -> list[tuple]:
+    """The block stage's batches with half their samples given another look (augment.new_look)."""
+    from fmcompress.backend.augment import look_variants
+    from fmcompress.backend.schedule import mix_seeds
+
+    out, first = [], 0
+    for batch in batches:
+        seeds = [mix_seeds(seed, 7, first + i) for i in range(len(batch[0]))]
+        out.append(tuple(look_variants(t.cpu(), seeds).to(t.device) for t in batch))
+        first += len(batch[0])
+    return out

@@ -195,6 +195,26 @@ def test_strong_augmentation_stretches_and_changes_contrast_reproducibly():
     assert result.history
 
 
+def test_other_looks_keep_the_range_and_change_half_the_samples_reproducibly():
+    from fmcompress.backend.augment import look_variants, new_look
+
+    text = torch.ones(3, 16, 40)
+    text[:, 6:10, 8:30] = -1.0  # dark strokes on a light line, in the model's [-1, 1]
+    batch = text.expand(64, 3, 16, 40).contiguous()
+    seeds = list(range(100, 164))
+    once, again = look_variants(batch, seeds), look_variants(batch, seeds)
+    torch.testing.assert_close(once, again)
+    changed = [i for i in range(len(batch)) if not torch.equal(once[i], batch[i])]
+    assert 20 <= len(changed) <= 44  # about half
+    assert once.min() >= -1.0 and once.max() <= 1.0
+    inverted = [new_look(text, torch.Generator().manual_seed(s)) for s in range(40)]
+    # some draws invert the polarity: the strokes end up lighter than the paper
+    assert any(out[:, 6:10, 8:30].mean() > out[:, :4].mean() for out in inverted)
+    assert torch.equal(look_variants(batch, seeds, share=0.0), batch)
+    codes = torch.arange(12).reshape(1, 12)
+    assert torch.equal(look_variants(codes, [0]), codes)  # integer inputs are left alone
+
+
 def _augment_batch(batch: torch.Tensor, kind: str) -> torch.Tensor:
     from fmcompress.backend.augment import augment_batch
 
@@ -329,7 +349,8 @@ def test_two_gloo_processes_match_one(tmp_path):
     (["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--device", "tpu"], "--device"),
     (["--loss", "magic"], "--loss"), (["--schedule", "random"], "--schedule"),
     (["--feature-reference", "student"], "--feature-reference"), (["--patience", "-1"], "--patience"),
-    (["--block-init", "svd"], "--block-init"), (["--block-min-gain", "1"], "--block-min-gain")])
+    (["--block-init", "svd"], "--block-init"), (["--block-min-gain", "1"], "--block-min-gain"),
+    (["--block-augment", "wild"], "--block-augment")])
 def test_bad_training_flags_are_one_line_usage_errors(tmp_path, flags, expected):
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_classifier(), str(path))

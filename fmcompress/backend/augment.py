@@ -14,6 +14,10 @@ batch it lands in and a resumed run repeats the uninterrupted one. Kinds:
   which a distributed run splits between ranks;
 * `strong`: `splice`, then each image stretched along its width (`stretch`) and its
   contrast and brightness changed (`photometric`), then `light`.
+
+The block stage (`blockwise.py`) draws its own variants once, before its epochs
+(`look_variants`): calibration lines of one look (one face, dark on light) otherwise teach
+projections that drop what another look needs.
 """
 
 from __future__ import annotations
@@ -96,3 +100,37 @@ def shift_and_noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
             view[axis] = -1
             shifted = shifted.masked_fill(mask.view(view), 0.0)
     return shifted + torch.randn(x.shape, generator=generator, dtype=x.dtype) * noise_scale
+
+
+def look_variants(x: torch.Tensor, seeds: Sequence[int], share: float = 0.5) -> torch.Tensor:
+    """The batch `x` [N, C, H, W] with a `share` of its samples given another look
+    (`new_look`), sample i drawn from `seeds[i]`; other ranks and integer inputs unchanged."""
+    if not x.is_floating_point() or x.dim() != 4:
+        return x
+    out = []
+    for sample, seed in zip(x, seeds, strict=True):
+        generator = torch.Generator().manual_seed(seed)
+        out.append(new_look(sample, generator) if float(torch.rand(1, generator=generator)) < share else sample)
+    return torch.stack(out)
+
+
+def new_look(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One image [C, H, W] as another camera or printer might give it, still readable: polarity
+    inverted (p 1/2), channels permuted (p 1/2), contrast x [0.5, 1.5] and brightness
+    +-25% of its std, a linear ramp of up to 40% of its std across it, a 3x3 blur (p 1/3)
+    and noise up to 5% of its std. The value range is kept (the model's normalisation)."""
+    low, high = x.min(), x.max()
+    mean, std = x.mean(), x.std().clamp_min(1e-6)
+    draw = torch.rand(8, generator=generator).tolist()
+    if draw[0] < 0.5:
+        x = low + high - x
+    if draw[1] < 0.5 and x.shape[0] > 1:
+        x = x[torch.randperm(x.shape[0], generator=generator)]
+    x = (x - mean) * (0.5 + draw[2]) + mean + (0.5 * draw[3] - 0.25) * std
+    ramp = torch.linspace(-1.0, 1.0, x.shape[-1], dtype=x.dtype) if draw[4] < 0.5 else \
+        torch.linspace(-1.0, 1.0, x.shape[-2], dtype=x.dtype)[:, None]
+    x = x + 0.4 * draw[5] * std * ramp
+    if draw[6] < 1 / 3:
+        x = F.avg_pool2d(x[None], 3, stride=1, padding=1, count_include_pad=False)[0]
+    x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype) * (0.05 * draw[7]) * std
+    return x.clamp(low, high)

@@ -23,6 +23,7 @@ from ..passes.fit import METHODS
 from ..reports.analysis import ORT_LEVELS
 from ..train_config import (
     AUGMENTATIONS,
+    BLOCK_AUGMENTATIONS,
     BLOCK_INITS,
     DEVICES,
     FEATURE_REFERENCES,
@@ -156,6 +157,10 @@ TRAINING = (  # `--method learned|random`
     Bound("--block-init", T, "block_init", type=choice(BLOCK_INITS),
          help="The block stage's start per map: pca of the map as the compressed network computes it, or "
               "lstsq: the closed-form rank-k least-squares map from it to the original's map."),
+    Bound("--block-augment", T, "block_augment", type=choice(BLOCK_AUGMENTATIONS),
+         help="look: half the block stage's calibration samples are given another look (polarity, colours, "
+              "contrast, a shading ramp, blur, noise), so that projections fitted on lines of one look hold "
+              "on others; none: the samples as given."),
     Bound("--block-lr", T, "block_lr", type=click.FloatRange(min=0, min_open=True),
          help="The block stage's learning rate, relative as --lr is, cosine decay over each map's epochs."),
     Bound("--lr", T, "lr", type=click.FloatRange(min=0, min_open=True),
@@ -216,8 +221,9 @@ BUDGET = (  # what `compile` fits to
          help="Keep onnxruntime's live peak (every allocation alive at once in its execution order; graph "
               "inputs excepted, outputs counted) at or under SIZE (512KB): the per-allocation ceiling that "
               "tiling works to is searched, projections only where tiling alone cannot get there. Implies "
-              "--runtime ort; with --ceiling, that is the largest ceiling allowed. The emitted model's peak is "
-              "measured in a fresh process (--ort-level, default all): over SIZE fails, nothing written."),
+              "--runtime ort; with --ceiling, that is the largest ceiling allowed; with --int8, the int8 model's "
+              "peak. The emitted model's peak is measured in a fresh process (--ort-level, default all): over "
+              "SIZE fails, nothing written."),
     Bound("--objective", C, "objective", type=choice(OBJECTIVES),
          help="With --traffic: traffic+latency prefers maps whose projections fold into convs (no "
               "explicit 1x1 U before a depthwise conv or other non-foldable reader)."),
