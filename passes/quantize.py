@@ -131,7 +131,6 @@ class QuantizePass(Pass):
                 f"{what} with the float model {_percent(agreement)}, cosine {quality['cosine_similarity']:.4f}")
         return PassResult(Model.of(quantized), modified=True, data=ctx.quantization)
 
-
     @staticmethod
     def _baseline(ctx: PassContext, batch: int) -> onnx.ModelProto | None:
         """Rule i: the input quantized alike, or None (and a warning) where that fails."""
