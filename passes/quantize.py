@@ -12,8 +12,10 @@ a. The model runs through onnxruntime's `quant_pre_process` (its symbolic shape 
    QuantizeLinear above its Slice and quantizes the whole start once per band (ResNet-18
    at 256KB: 14 copies of the input, a 2.0 MiB runtime peak instead of 278 KiB).
    A model below opset 13 is first converted to opset 17 (per-channel DequantizeLinear
-   needs 13); where the symbolic shape inference asserts (PP-OCR's classifier: a Concat
-   of shape values along axis -1), `quant_pre_process` runs on onnx's shape inference.
+   needs 13); where the symbolic shape inference gives up (PP-OCR's classifier: an assert
+   on a Concat of shape values along axis -1; its recognizer: "Incomplete symbolic shape
+   inference", after writing its partial model into the working directory, which is
+   therefore a temporary folder), `quant_pre_process` runs on onnx's shape inference.
    A model onnxruntime's tools refuse is an InputError (exit 2).
 b. Only float32 models are quantized (float16 and bfloat16 ones are an InputError); with
    `--int8` every stored map is planned at one byte (`planned_act_bytes`), so an
@@ -73,6 +75,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -260,10 +263,11 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch]) -> onnx.Mode
         source, prepared, quantized = (os.path.join(folder, f"{n}.onnx") for n in ("float", "pre", "int8"))
         onnx.save_model(with_per_channel_opset(model), source)
         try:
-            try:
-                quant_pre_process(source, prepared)
-            except AssertionError:  # rule a: its symbolic shape inference gave up; onnx's instead
-                quant_pre_process(source, prepared, skip_symbolic_shape=True)
+            with _working_directory(folder):  # where symbolic shape inference drops its partial model
+                try:
+                    quant_pre_process(source, prepared)
+                except Exception:  # noqa: BLE001 - rule a: its symbolic shape inference gave up; onnx's instead
+                    quant_pre_process(source, prepared, skip_symbolic_shape=True)
             quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                             extra_options=dict(QUANTIZE_OPTIONS))
@@ -273,6 +277,19 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch]) -> onnx.Mode
         result = onnx.load(quantized)
     _keep_interface(model, result)
     return result
+
+
+@contextmanager
+def _working_directory(folder: str) -> Iterator[None]:
+    """Rule a: onnxruntime's symbolic shape inference, when it gives up, saves its partial model as
+    `sym_shape_infer_temp.onnx` in the working directory: that must be our temporary folder, never
+    the user's."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def with_per_channel_opset(model: onnx.ModelProto) -> onnx.ModelProto:

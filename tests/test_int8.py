@@ -364,3 +364,19 @@ def test_a_model_quantization_refuses_is_refused_before_the_fit(tmp_path, monkey
     result = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "8KB", "--int8", "--num-samples", "8", "-q"])
     assert result.exit_code == 2 and "refused the model (AssertionError: a stand-in)" in result.output, result.output
     assert not (tmp_path / "net.fmc.onnx").exists()
+
+
+@pytest.mark.real
+def test_incomplete_symbolic_shapes_fall_back_and_write_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    """Rule a on PP-OCR's recognizer: onnxruntime's symbolic shape inference gives up on it
+    ("Incomplete symbolic shape inference", after saving its partial model in the working
+    directory); onnx's shape inference takes over and the user's directory stays empty."""
+    from fmcompress.evaluation.thirdparty import real_model
+    from fmcompress.passes.quantize import quantize_int8
+
+    model = onnx.load(str(real_model("ppocr-rec")))
+    monkeypatch.chdir(tmp_path)
+    feed = {model.graph.input[0].name: np.random.default_rng(0).standard_normal((1, 3, 48, 320)).astype(np.float32)}
+    quantized = quantize_int8(model, [feed])
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in quantized.graph.node}
+    assert list(tmp_path.iterdir()) == []
