@@ -36,7 +36,7 @@ from .passes.fold_bn import FoldBatchNormPass
 from .passes.map_cost import MapCostPass
 from .passes.measure import MeasurePass
 from .passes.memory import MemoryAnalysisPass
-from .passes.peak_plan import PeakPlanPass, ShapeProjectionsPass, VerifyPeakPass
+from .passes.peak_plan import PeakPlanPass, ShapeProjectionsPass, ShapeQuantizePass, VerifyPeakPass
 from .passes.plan import Plan, PlanPass
 from .passes.prepare_data import DataOptions, PrepareDataPass
 from .passes.quantize import AlignRanksPass, QuantizablePass, QuantizePass, planned_act_bytes
@@ -123,7 +123,7 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
     strict = not options.runtime
     passes: list[Pass] = [MemoryAnalysisPass(ceiling, source=source), PlanPass(ceiling, refuse_infeasible=strict)]
     if options.peak is not None:  # the ceiling is the one that keeps onnxruntime's peak under the size
-        passes = [PeakPlanPass(peak_bytes(options), probe=lambda c: peak_probe(c, plan_level(options)),
+        passes = [PeakPlanPass(peak_bytes(options), probe=lambda c: peak_probe(c, plan_level(options), options.int8),
                                level=report_level(options), plan_level=plan_level(options),
                                ceiling=as_ceiling(options.ceiling) if options.ceiling is not None else None,
                                source=source)]
@@ -172,13 +172,15 @@ def runtime_planning(level: str) -> list[Pass]:
             RuntimeMemoryPass(level, plan_ceiling=True), RuntimePlanPass()]
 
 
-def peak_probe(ceiling_bytes: int, level: str) -> Pipeline:
+def peak_probe(ceiling_bytes: int, level: str, int8: bool = False) -> Pipeline:
     """What compile --runtime ort emits at a ceiling, in shapes (passes/peak_plan.py rule a): its planning,
-    shape-only projections of the planned ranks, the folds and the tiling."""
+    shape-only projections of the planned ranks, the folds and the tiling; with `int8`, quantized (rule g)."""
     ceiling, projections = Ceiling(bytes=ceiling_bytes), {}
     return Pipeline([MemoryAnalysisPass(ceiling), PlanPass(ceiling, refuse_infeasible=False),
-                     *runtime_planning(level), ShapeProjectionsPass(into=projections), FoldBatchNormPass(),
-                     FoldProjectionsPass(projections), TileToCeilingPass(level=level)])
+                     *runtime_planning(level), *([AlignRanksPass()] if int8 else []),
+                     ShapeProjectionsPass(into=projections), FoldBatchNormPass(),
+                     FoldProjectionsPass(projections), TileToCeilingPass(level=level),
+                     *([ShapeQuantizePass()] if int8 else [])])
 
 
 def peak_bytes(options: CompileOptions) -> int:

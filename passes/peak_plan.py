@@ -42,9 +42,12 @@ f. VerifyPeakPass: the emitted model's computed peak (rule a's view, value_info 
    computed figure stands. `ctx.verification["peak"]` holds the figures.
 g. int8 (`compile --peak --int8`): the probes plan and tile the float graph with every map at
    one byte (`ctx.act_bytes` 1, as `--int8` plans; the band planner sizes bands by the
-   integer convs' buffers, passes/tile_bands.py), and VerifyPeakPass runs after
-   QuantizePass on the int8 model itself, every tensor at its own dtype's size (uint8 maps,
-   the input's uint8 copy, float tensors left, integer convs' workspaces): that is what the
+   integer convs' buffers, passes/tile_bands.py), then quantize it as QuantizePass will
+   (`ShapeQuantizePass`: onnxruntime's tools, calibrated on one random batch of the pinned
+   input shapes; the ranges do not matter, the int8 graph's tensors and buffers do), and
+   the trial's peak is that int8 graph's, every tensor at its own dtype's size (uint8 maps,
+   the input's uint8 copy, float tensors left, integer convs' workspaces). VerifyPeakPass
+   runs after QuantizePass on the int8 model itself, sized the same way: that is what the
    size holds for.
 
 Entry point: `PeakPlanPass(peak_bytes, probe=lambda c: peak_probe(c, "extended"), level="all",
@@ -158,6 +161,30 @@ def alive_note(facts: dict, count: int = 3) -> str:
 
 # ---------------------------------------------------------------- rule a: one probe
 
+class ShapeQuantizePass(Pass):
+    """Rule g: the probe's model quantized as QuantizePass will quantize the real one, on one
+    random batch of the pinned input shapes (the int8 graph's shapes, not its ranges, count)."""
+
+    name = "shape-quantize"
+    provides = ("quantization",)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        from fmcompress.shapes import resolve_input_shapes
+
+        from .quantize import quantize_int8
+
+        proto = model.proto()
+        shapes = resolve_input_shapes(proto, ctx.input_shapes)
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for value in proto.graph.input:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            feeds[value.name] = (rng.standard_normal(shapes[value.name]).astype(dtype) if np.issubdtype(dtype, np.floating)
+                                 else np.zeros(shapes[value.name], dtype))
+        ctx.quantization = {"probe": True}
+        return PassResult(Model.of(quantize_int8(proto, [feeds])), modified=True)
+
+
 class ShapeProjectionsPass(Pass):
     """Rule a: a random orthonormal projection of every planned map's rank (U = P^T), so that the
     folded and tiled graph has the shapes the fitted one will have. They go into `into`, the dict
@@ -196,7 +223,8 @@ def probe_peak(model: onnx.ModelProto, ctx: PassContext, ceiling_bytes: int, pro
         emitted, local = probe(ceiling_bytes).run(Model.from_proto(model), local)
     except (VerificationError, InputError) as exc:
         return PeakTrial(ceiling_bytes, None, lossless=False, reason=str(exc), error=exc)
-    view = analyze_runtime(written(emitted.proto()), local, level)
+    sizing = local if local.quantization is None else PassContext(input_shapes=local.input_shapes)  # rule g
+    view = analyze_runtime(written(emitted.proto()), sizing, level)
     projected = [m.name for m in local.plan.maps]
     return PeakTrial(ceiling_bytes, view.peak_bytes, lossless=not projected, projected=projected, view=view)
 

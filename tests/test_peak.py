@@ -209,6 +209,23 @@ def test_the_int8_peak_pipeline_verifies_the_quantized_model():
     assert names.index("quantize") < names.index("verify-peak") < names.index("measure")
 
 
+def test_int8_probes_size_the_quantized_graph():
+    """Rule g: an int8 probe's peak is its quantized graph's, the input's uint8 copy counted
+    (the float graph at one byte leaves it out: graph inputs are the caller's)."""
+    from fmcompress.compiler import build_context, peak_probe
+    from fmcompress.passes.peak_plan import probe_peak
+
+    model = conv_chain()
+    ctx = build_context(model, None, 1)
+    ceiling = 32 * 1024
+    plain = probe_peak(model, ctx, ceiling, lambda c: peak_probe(c, "all"), "all")
+    quantized = probe_peak(model, ctx, ceiling, lambda c: peak_probe(c, "all", int8=True), "all")
+    copies = [t for t in quantized.view.tensors if t.producer_op == "QuantizeLinear" and t.bytes == 3 * 32 * 32]
+    assert copies and copies[0].dtype == "uint8"
+    assert not [t for t in plain.view.tensors if t.dtype == "uint8"]
+    assert quantized.peak_bytes > plain.peak_bytes  # the integer convs' buffers, the input's copy
+
+
 def test_an_int8_peak_holds_for_the_quantized_model_as_onnxruntime_runs_it():
     """--peak with --int8 (peak_plan.py rule g): planned at one byte, verified on the int8 model
     at its own dtypes; a size the float model at one byte would meet but its int8 buffers do not
