@@ -33,7 +33,8 @@ original; `--train KEY=VALUE` sets any other TrainConfig field. The models:
 Scoring is `fmcompress.evaluation.textlines`'s for both sets. Prints a Markdown table
 (also written to OUT/ceiling_sweep.md, with OUT/ceiling_sweep.json: per row `original`,
 `compressed` and `drop_points` for set 1, the same keys with `_second` for set 2, and
-`training`: the block stage's seconds and epochs, the end-to-end epochs, the scores) and
+`training`: the block stage's seconds and epochs, the end-to-end epochs, the scores;
+`timings_s`: seconds per pass) and
 plots the metric against the ceiling, one line per method and set (set 2 dashed) and
 one panel per model, with the originals' figures dotted (OUT/ceiling_sweep.png). The
 demo has no second set: its figures go in the set 1 columns whatever `--eval-set` says. Methods that
@@ -148,6 +149,7 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
     row["compile_s"] = time.perf_counter() - started
     row["maps"] = len(result.plan.maps)
     row["training"] = training_summary(result.report.get("training"))
+    row["timings_s"] = result.report.get("timings_s")  # per pass: where the compile's time went
     if task.evals:
         for which in task.evals:
             if which not in task.cache:
