@@ -74,6 +74,7 @@ from .base import Pass, PassContext, PassResult, Pipeline
 from .graph import Model
 from .memory import analyze_stored
 from .plan import carried_planes, plan_from_report
+from .quantize import own_dtypes, quantize_int8
 from .runtime import CEILED_ROLES, analyze_runtime
 
 Probe = Callable[[int], Pipeline]  # a ceiling in bytes -> compile's passes up to tiling (rule a)
@@ -161,6 +162,11 @@ def alive_note(facts: dict, count: int = 3) -> str:
 
 # ---------------------------------------------------------------- rule a: one probe
 
+def _sizing(ctx: PassContext) -> PassContext:
+    """Rule g: an int8 model's tensors count at their own dtypes, not at the plan's one byte."""
+    return ctx if ctx.quantization is None else own_dtypes(ctx)
+
+
 class ShapeQuantizePass(Pass):
     """Rule g: the probe's model quantized as QuantizePass will quantize the real one, on one
     random batch of the pinned input shapes (the int8 graph's shapes, not its ranges, count)."""
@@ -169,19 +175,15 @@ class ShapeQuantizePass(Pass):
     provides = ("quantization",)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        from fmcompress.data import input_specs
         from fmcompress.shapes import resolve_input_shapes
 
-        from .quantize import quantize_int8
-
         proto = model.proto()
-        shapes = resolve_input_shapes(proto, ctx.input_shapes)
         rng = np.random.default_rng(0)
-        feeds = {}
-        for value in proto.graph.input:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            feeds[value.name] = (rng.standard_normal(shapes[value.name]).astype(dtype) if np.issubdtype(dtype, np.floating)
-                                 else np.zeros(shapes[value.name], dtype))
-        ctx.quantization = {"probe": True}
+        feeds = {spec.name: rng.standard_normal(spec.shape).astype(spec.dtype) if np.issubdtype(spec.dtype, np.floating)
+                 else np.zeros(spec.shape, spec.dtype)
+                 for spec in input_specs(proto, resolve_input_shapes(proto, ctx.input_shapes))}
+        ctx.quantization = {"probe": True}  # rule g: the trial's view sizes this graph at its own dtypes
         return PassResult(Model.of(quantize_int8(proto, [feeds])), modified=True)
 
 
@@ -223,8 +225,7 @@ def probe_peak(model: onnx.ModelProto, ctx: PassContext, ceiling_bytes: int, pro
         emitted, local = probe(ceiling_bytes).run(Model.from_proto(model), local)
     except (VerificationError, InputError) as exc:
         return PeakTrial(ceiling_bytes, None, lossless=False, reason=str(exc), error=exc)
-    sizing = local if local.quantization is None else PassContext(input_shapes=local.input_shapes)  # rule g
-    view = analyze_runtime(written(emitted.proto()), sizing, level)
+    view = analyze_runtime(written(emitted.proto()), _sizing(local), level)
     projected = [m.name for m in local.plan.maps]
     return PeakTrial(ceiling_bytes, view.peak_bytes, lossless=not projected, projected=projected, view=view)
 
@@ -366,9 +367,7 @@ class VerifyPeakPass(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         emitted = written(model.proto())
-        # rule g: an int8 model's tensors count at their own dtypes, not at the plan's one byte
-        sizing = ctx if ctx.quantization is None else PassContext(input_shapes=ctx.input_shapes)
-        view = analyze_runtime(emitted, sizing, self.level)
+        view = analyze_runtime(emitted, _sizing(ctx), self.level)
         figures = {"peak_bytes": self.peak_bytes, "level": self.level, "computed_peak_bytes": view.peak_bytes,
                    "measured_peak_bytes": None, "measure_note": None, "rounds": []}
         if view.peak_bytes > self.peak_bytes:

@@ -186,10 +186,16 @@ def aligned_rank(planned: PlannedMap) -> PlannedMap:
     return replace(planned, k=k, bytes_after=planned.bytes_after // planned.k * k)
 
 
+def own_dtypes(ctx: PassContext) -> PassContext:
+    """The context for the runtime view of an int8 graph: `ctx`'s input shapes, every tensor at
+    its own dtype's size (not at the one byte the plan counted)."""
+    return PassContext(input_shapes=dict(ctx.input_shapes))
+
+
 def check_int8_ceiling(quantized: onnx.ModelProto, ctx: PassContext, level: str, ceiling: int) -> dict[str, Any]:
     """Rule g: the int8 graph's allocations (at their own dtype sizes) against `ceiling`: a map
     above it is a VerificationError, workspaces above it are named (report and warning)."""
-    view = analyze_runtime(quantized, PassContext(input_shapes=ctx.input_shapes), level, ceiling)
+    view = analyze_runtime(quantized, own_dtypes(ctx), level, ceiling)
     over = sorted(view.over_ceiling(), key=lambda t: -t.bytes)
     inputs = {value.name for value in quantized.graph.input}
     copies = {out for node in quantized.graph.node if node.op_type == "QuantizeLinear" and node.input[0] in inputs
