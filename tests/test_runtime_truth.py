@@ -116,6 +116,18 @@ def test_a_rise_is_said_in_the_report_and_the_last_line(tmp_path, monkeypatch):
     assert "| onnxruntime peak (all), measured | 1.0 MiB | 2.0 MiB (rose) |" in render_compile_markdown(data)
 
 
+def test_one_side_below_the_probes_resolution_is_said_not_a_crash(tmp_path, monkeypatch):
+    """The demo's quick start: the input measured below the probe's resolution (memprobe rule f),
+    the output measured. The compile completes and says which side could not be measured."""
+    figures = iter([PeakMeasurement(None, [0], "below the probe's resolution"), PeakMeasurement(1 << 20, [])])
+    monkeypatch.setenv("FMCOMPRESS_MEASURE_MEMORY", "1")
+    monkeypatch.setattr("fmcompress.reports.compile.measure_peak", lambda model, shapes, **options: next(figures))
+    data, _, _ = _compile(tmp_path, "--ceiling", "256KB")
+    runtime = data["runtime"]
+    assert runtime["before"]["measured_peak_bytes"] is None and runtime["after"]["measured_peak_bytes"] == 1 << 20
+    assert "below the probe's resolution" in runtime["measure_note"]
+
+
 def test_measurement_off_and_a_named_level(monkeypatch):
     """measure_memory off (or FMCOMPRESS_MEASURE_MEMORY=0): computed figures only, said why;
     --ort-level names the level of the figures (and of the planning)."""

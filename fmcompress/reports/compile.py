@@ -167,8 +167,9 @@ def runtime_section(source, original: onnx.ModelProto, emitted: onnx.ModelProto,
     figures.update(_rise(figures, bool(options.runtime)))
     if figures["warning"]:
         ctx.warnings.append(figures["warning"])
+    measured = any(figures[side]["measured_peak_bytes"] is not None for side in ("before", "after"))
     ctx.log(f"onnxruntime ({level}): peak {_pair(figures, 'computed')} computed"
-            + (f", {_pair(figures, 'measured')} measured" if figures["after"]["measured_peak_bytes"] is not None else ""))
+            + (f", {_pair(figures, 'measured')} measured" if measured else ""))
     if options.runtime:
         figures.update(_tiling(ctx, plan_level(options), views[1].ceiling_bytes))
     figures.update(_arena(views, ctx))
@@ -211,8 +212,9 @@ def _measure_note(options: CompileOptions) -> str | None:
 
 
 def _pair(figures: dict[str, Any], kind: str) -> str:
+    """`before -> after`; a side the probe could not measure (memprobe rule f) reads "n/a"."""
     before, after = (figures[side][f"{kind}_peak_bytes"] for side in ("before", "after"))
-    return f"{format_bytes(before)} -> {format_bytes(after)}"
+    return " -> ".join("n/a" if value is None else format_bytes(value) for value in (before, after))
 
 
 def _rise(figures: dict[str, Any], tiled: bool) -> dict[str, Any]:
