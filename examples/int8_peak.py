@@ -9,6 +9,8 @@ For each zoo model (untrained weights: memory and time only), rows:
   QDQ, per-channel int8 weights, uint8 activations, MinMax, default options);
 * original through `compile --int8 --ceiling 1GB` (nothing projected or tiled: a
   quantize-only run of the pipeline, passes/quantize.py);
+* original through `compile --int8` alone (`--peak lossless`: quantized and tiled for the
+  smallest peak tiling alone reaches, nothing projected; passes/peak_plan.py rule h);
 * compiled at 256KB `--runtime ort` (float);
 * compiled at 64KB `--runtime ort --int8`.
 
@@ -32,6 +34,7 @@ from benchmodels import model_path
 
 from fmcompress import api
 from fmcompress.data import input_specs, load_dataset
+from fmcompress.evaluation.thirdparty import ort_quantize_static
 from fmcompress.memprobe import measure_peak
 from fmcompress.ortrun import ort_session
 from fmcompress.passes.quantize import float_nodes
@@ -63,6 +66,7 @@ def rows(path: Path, shapes: dict[str, tuple[int, ...]], args: argparse.Namespac
     common = {"method": "pca", "num_samples": args.num_samples, "input_shapes": shapes, "measure_memory": True,
               "latency_rounds": 1, "latency_repeats": 1}
     for row, options in (("original, compile --int8 (1GB)", {"ceiling": "1GB", "int8": True}),
+                         ("original, compile --int8 (lossless)", {"int8": True}),
                          ("256KB --runtime ort, float", {"ceiling": "256KB", "runtime": "ort"}),
                          ("64KB --runtime ort --int8", {"ceiling": "64KB", "runtime": "ort", "int8": True})):
         result = api.compile(path, **options, **common)
@@ -72,30 +76,8 @@ def rows(path: Path, shapes: dict[str, tuple[int, ...]], args: argparse.Namespac
 
 def ort_flow(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], num_samples: int) -> onnx.ModelProto:
     """onnxruntime's documented static quantization with its defaults (QDQ, per-channel)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     samples = load_dataset(None, input_specs(model, shapes), num_samples=num_samples)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = (inputs for inputs, _ in samples.batches(1))
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with tempfile.TemporaryDirectory() as folder:
-        source, prepared, quantized = (str(Path(folder) / f"{n}.onnx") for n in ("float", "pre", "int8"))
-        onnx.save(model, source)
-        quant_pre_process(source, prepared)
-        quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-        return onnx.load(quantized)
+    return ort_quantize_static(model, [inputs for inputs, _ in samples.batches(1)])
 
 
 def _float_bytes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], level: str) -> int:

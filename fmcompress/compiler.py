@@ -51,6 +51,7 @@ from .units import Ceiling, parse_ceiling, parse_size
 
 Log = Callable[[str], None]
 RUNTIMES = ("ort",)
+LOSSLESS = "lossless"  # --peak lossless: the smallest peak tiling alone reaches (passes/peak_plan.py rule h)
 NO_CEILING = Ceiling(ratio=1.0, text="1x")  # --traffic alone: no map above the largest, so no cap
 
 
@@ -81,10 +82,13 @@ class CompileOptions(DataOptions):
     objective: str = "traffic"  # or "traffic+latency": prefer maps whose projections fold
     latency_weight: float = 1.0  # traffic+latency: the weight of the latency term (passes/allocate.py rule f)
     int8: bool = False  # quantize the verified model to int8 QDQ (passes/quantize.py); plans maps at 1 byte
-    # onnxruntime's live peak at most this size (passes/peak_plan.py): "512KB" or bytes; implies runtime="ort"
+    # onnxruntime's live peak at most this size (passes/peak_plan.py): "512KB" or bytes, or "lossless" (the
+    # smallest tiling alone reaches, rule h; what int8 alone means); implies runtime="ort"
     peak: str | int | None = None
 
     def __post_init__(self) -> None:
+        if self.int8 and self.ceiling is None and self.traffic is None and self.peak is None:
+            self.peak = LOSSLESS  # quantize, laid out for the smallest peak that loses nothing
         if self.peak is not None and self.runtime is None:
             self.runtime = "ort"  # --peak is a budget on onnxruntime's allocations
 
@@ -183,8 +187,10 @@ def peak_probe(ceiling_bytes: int, level: str, int8: bool = False) -> Pipeline:
                      *([ShapeQuantizePass()] if int8 else [])])
 
 
-def peak_bytes(options: CompileOptions) -> int:
-    """--peak in bytes (a size: a peak relative to itself would mean nothing)."""
+def peak_bytes(options: CompileOptions) -> int | None:
+    """--peak in bytes (a size: a peak relative to itself would mean nothing); None for `lossless`."""
+    if isinstance(options.peak, str) and options.peak.strip().lower() == LOSSLESS:
+        return None
     return options.peak if isinstance(options.peak, int) else parse_size(str(options.peak))
 
 
@@ -237,8 +243,9 @@ def check_options(options: CompileOptions) -> None:
 
 
 def _check_peak(options: CompileOptions) -> None:
-    if peak_bytes(options) < 1:
-        raise InputError(f"--peak must be a positive size, got {options.peak}")
+    size = peak_bytes(options)
+    if size is not None and size < 1:
+        raise InputError(f"--peak must be a positive size or {LOSSLESS}, got {options.peak}")
     if options.traffic is not None:
         raise InputError("--peak does not combine with --traffic yet")
 

@@ -49,8 +49,15 @@ g. int8 (`compile --peak --int8`): the probes plan and tile the float graph with
    the input's uint8 copy, float tensors left, integer convs' workspaces). VerifyPeakPass
    runs after QuantizePass on the int8 model itself, sized the same way: that is what the
    size holds for.
+h. No size (`--peak lossless`, and `--int8` alone): the smallest peak that tiling alone
+   reaches. The search steps down from rule b's start while the trials stay lossless,
+   bisects (`REFINE_STEPS`) between the last lossless ceiling and the first that projects
+   or is refused, and takes, of the lossless trials whose peak is within `NEAR_LOWEST` of
+   the lowest, the largest ceiling (fewer bands, less recomputation for nearly the same
+   peak). Nothing is projected, so nothing is fitted; VerifyPeakPass records the emitted
+   model's figures and holds it to no size.
 
-Entry point: `PeakPlanPass(peak_bytes, probe=lambda c: peak_probe(c, "extended"), level="all",
+Entry point: `PeakPlanPass(peak_bytes or None, probe=lambda c: peak_probe(c, "extended"), level="all",
 plan_level="extended").run(model, ctx)` (`fmcompress.compiler.peak_probe`);
 `peak_search(...)` is the search alone (examples/peak_sweep.py).
 """
@@ -85,6 +92,7 @@ REFINE_STEPS = 3
 LONG_LIVED_STEPS = 3  # rule e
 LONG_LIVED_SHARE = 1 / 3
 LISTED = 12  # tensors listed per peak
+NEAR_LOWEST = 1.1  # rule h: a peak within a tenth of the lowest lossless one is as good
 
 
 @dataclass
@@ -108,7 +116,7 @@ class PeakTrial:
 class PeakPlan:
     """Rule d: what the search chose and why."""
 
-    peak_bytes: int  # the size asked for
+    peak_bytes: int | None  # the size asked for (None: the smallest lossless, rule h)
     level: str
     ceiling_bytes: int  # the chosen per-allocation ceiling
     predicted_peak_bytes: int
@@ -232,9 +240,9 @@ def probe_peak(model: onnx.ModelProto, ctx: PassContext, ceiling_bytes: int, pro
 
 # ---------------------------------------------------------------- rule b: the search
 
-def peak_search(model: onnx.ModelProto, ctx: PassContext, peak_bytes: int, probe: Probe, level: str,
+def peak_search(model: onnx.ModelProto, ctx: PassContext, peak_bytes: int | None, probe: Probe, level: str,
                 highest: int, log: Callable[[str], None] = lambda message: None) -> list[PeakTrial]:
-    """Rule b: every trial, in the order made."""
+    """Rule b (rule h when `peak_bytes` is None): every trial, in the order made."""
     trials: list[PeakTrial] = []
 
     def trial(ceiling: int) -> PeakTrial:
@@ -256,38 +264,66 @@ def peak_search(model: onnx.ModelProto, ctx: PassContext, peak_bytes: int, probe
         if lower >= ceiling:
             break
         below = trial(lower)
-        if below.peak_bytes is None or _meets(below, peak_bytes):
-            _refine(trial, lower, ceiling, peak_bytes, met=below.peak_bytes is not None)
+        if peak_bytes is None:  # rule h: down while tiling alone takes it; then its smallest ceiling
+            if not _tiled_alone(below):
+                _refine(trial, lower, ceiling, _tiled_alone, largest=False)
+                break
+        elif below.peak_bytes is None:  # the smallest ceiling the probe takes (the lowest peak)
+            _refine(trial, lower, ceiling, _taken, largest=False)
+            break
+        elif _meets(below, peak_bytes):  # the largest that meets
+            _refine(trial, lower, ceiling, lambda done: _meets(done, peak_bytes), largest=True)
             break
         ceiling = lower
     return trials
 
 
-def _refine(trial: Callable[[int], PeakTrial], low: int, high: int, peak_bytes: int, met: bool) -> None:
-    """Rule b's bisection between `low` (met, or refused) and `high` (over the size, taken)."""
+def _refine(trial: Callable[[int], PeakTrial], low: int, high: int, good: Callable[[PeakTrial], bool],
+            largest: bool) -> None:
+    """Rules b and h's bisection between `low` and `high`, one of them `good`: for the largest good
+    ceiling (`low` is good) or the smallest (`high` is)."""
     for _ in range(REFINE_STEPS):
         middle = _kib(math.sqrt(low * high))
         if not low < middle < high:
             return
-        done = trial(middle)
-        if met:  # the largest that meets
-            low, high = (middle, high) if _meets(done, peak_bytes) else (low, middle)
-        else:  # the smallest the probe takes
-            low, high = (low, middle) if done.peak_bytes is not None else (middle, high)
+        if good(trial(middle)) == largest:
+            low = middle
+        else:
+            high = middle
 
 
-def _meets(trial: PeakTrial, peak_bytes: int) -> bool:
-    return trial.peak_bytes is not None and trial.peak_bytes <= peak_bytes
+def _meets(trial: PeakTrial, peak_bytes: int | None) -> bool:
+    return peak_bytes is not None and trial.peak_bytes is not None and trial.peak_bytes <= peak_bytes
+
+
+def _taken(trial: PeakTrial) -> bool:
+    return trial.peak_bytes is not None
+
+
+def _tiled_alone(trial: PeakTrial) -> bool:
+    return trial.peak_bytes is not None and trial.lossless
 
 
 def _kib(value: float) -> int:
     return max(KIB, int(value) // KIB * KIB)
 
 
-def choose(trials: list[PeakTrial], peak_bytes: int) -> PeakTrial | None:
-    """Rule c: the largest lossless ceiling that meets the size, else the largest that does."""
+def choose(trials: list[PeakTrial], peak_bytes: int | None) -> PeakTrial | None:
+    """Rule c: the largest lossless ceiling that meets the size, else the largest that does;
+    rule h without a size."""
+    if peak_bytes is None:
+        return smallest_lossless(trials)
     met = [t for t in trials if _meets(t, peak_bytes)]
     return max(met, key=lambda t: (t.lossless, t.ceiling_bytes), default=None)
+
+
+def smallest_lossless(trials: list[PeakTrial]) -> PeakTrial | None:
+    """Rule h: of the lossless trials within `NEAR_LOWEST` of the lowest peak, the largest ceiling."""
+    lossless = [t for t in trials if _tiled_alone(t)]
+    if not lossless:
+        return None
+    lowest_peak = min(t.peak_bytes for t in lossless)
+    return max((t for t in lossless if t.peak_bytes <= NEAR_LOWEST * lowest_peak), key=lambda t: t.ceiling_bytes)
 
 
 def lowest(trials: list[PeakTrial]) -> PeakTrial | None:
@@ -301,9 +337,11 @@ def highest_ceiling(view: RuntimeView, ceiling_bytes: int | None) -> int:
     return max(KIB, min(largest, ceiling_bytes) if ceiling_bytes else largest)
 
 
-def unmet_message(peak_bytes: int, trials: list[PeakTrial], level: str) -> str:
+def unmet_message(peak_bytes: int | None, trials: list[PeakTrial], level: str) -> str:
     """Rule c's refusal, one line."""
     best = lowest(trials)
+    if peak_bytes is None:  # rule h: even the untiled model was refused
+        return f"onnxruntime's peak cannot be planned: {trials[-1].reason if trials else 'no trial'}"
     if best is None:
         return (f"onnxruntime's peak cannot be brought to {format_bytes(peak_bytes)}: no ceiling could be tiled "
                 f"or projected under ({trials[-1].reason if trials else 'no trial'})")
@@ -322,7 +360,7 @@ class PeakPlanPass(Pass):
     name = "peak-plan"
     provides = ("peak", "plan", "memory", "before")
 
-    def __init__(self, peak_bytes: int, *, probe: Probe, level: str, plan_level: str,
+    def __init__(self, peak_bytes: int | None, *, probe: Probe, level: str, plan_level: str,
                  ceiling: Ceiling | None = None, source: str = ""):
         self.peak_bytes = peak_bytes
         self.probe = probe
@@ -347,8 +385,10 @@ class PeakPlanPass(Pass):
         ctx.memory = analyze_stored(proto, ctx, ceiling, self.source)
         ctx.before = ctx.before or ctx.memory
         ctx.plan = plan_from_report(ctx.memory, carried_planes(proto, ctx.memory), refuse_infeasible=False)
+        bound = (f"<= {format_bytes(self.peak_bytes)}" if self.peak_bytes is not None
+                 else f"from {format_bytes(before.peak_bytes)}, the smallest tiling alone reaches")
         ctx.log(f"peak plan: ceiling {format_bytes(chosen.ceiling_bytes)}, predicted peak "
-                f"{format_bytes(chosen.peak_bytes)} <= {format_bytes(self.peak_bytes)} "
+                f"{format_bytes(chosen.peak_bytes)} {bound} "
                 f"({'tiling alone, lossless' if chosen.lossless else f'{len(chosen.projected)} map(s) projected'})")
         return PassResult(model, modified=False, data=ctx.peak)
 
@@ -359,7 +399,7 @@ class VerifyPeakPass(Pass):
     name = "verify-peak"
     requires = ("verification",)
 
-    def __init__(self, peak_bytes: int, level: str, *, measure: bool = True, rounds: int = 5):
+    def __init__(self, peak_bytes: int | None, level: str, *, measure: bool = True, rounds: int = 5):
         self.peak_bytes = peak_bytes
         self.level = level
         self.measure = measure
@@ -370,14 +410,14 @@ class VerifyPeakPass(Pass):
         view = analyze_runtime(emitted, _sizing(ctx), self.level)
         figures = {"peak_bytes": self.peak_bytes, "level": self.level, "computed_peak_bytes": view.peak_bytes,
                    "measured_peak_bytes": None, "measure_note": None, "rounds": []}
-        if view.peak_bytes > self.peak_bytes:
+        if self.peak_bytes is not None and view.peak_bytes > self.peak_bytes:  # rule h: no size to hold
             raise VerificationError(self._over(view.peak_bytes, "computed", peak_facts(view)))
         if self.measure:
             measured = measure_peak(emitted, ctx.input_shapes, level=self.level, rounds=self.rounds)
             figures.update(measured_peak_bytes=measured.bytes, rounds=measured.rounds,
                            measure_note=f"{measured.reason}; the computed figure stands" if measured.bytes is None
                            else None)
-            if measured.bytes is not None and measured.bytes > self.peak_bytes:
+            if measured.bytes is not None and self.peak_bytes is not None and measured.bytes > self.peak_bytes:
                 raise VerificationError(self._over(measured.bytes, "measured", peak_facts(view)))
         else:
             figures["measure_note"] = "not measured (switched off); the computed figure stands"

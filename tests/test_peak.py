@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress import api
 from fmcompress.cli import main
+from fmcompress.evaluation.thirdparty import ort_quantize_static
 from fmcompress.memprobe import PeakMeasurement
 from fmcompress.passes.peak_plan import peak_facts
 from fmcompress.passes.runtime import runtime_view
@@ -250,3 +251,68 @@ def test_a_ceiling_with_the_peak_caps_every_allocation():
     peak = result.report["runtime"]["peak"]
     assert peak["trials"][0]["ceiling_bytes"] == 32 * 1024 >= peak["ceiling_bytes"]
     assert not runtime_view(result.model, ceiling_bytes=peak["ceiling_bytes"]).over_ceiling()
+
+
+def test_peak_lossless_takes_the_smallest_peak_tiling_alone_reaches():
+    """Rule h: no size; the search goes down while tiling alone takes a ceiling, and of the lossless
+    trials near the lowest peak the largest ceiling is kept; nothing is projected, outputs agree."""
+    from fmcompress.passes.peak_plan import NEAR_LOWEST
+
+    model = conv_chain()
+    result = api.compile(model, peak="lossless", **FAST)
+    peak = result.report["runtime"]["peak"]
+    lossless = [t for t in peak["trials"] if t["lossless"] and t["peak_bytes"] is not None]
+    lowest = min(t["peak_bytes"] for t in lossless)
+    assert peak["peak_bytes"] is None and peak["lossless"] and not result.report["maps"]
+    assert peak["predicted_peak_bytes"] <= NEAR_LOWEST * lowest < peak["before_peak_bytes"]
+    assert peak["ceiling_bytes"] == max(t["ceiling_bytes"] for t in lossless
+                                        if t["peak_bytes"] <= NEAR_LOWEST * lowest)
+    # it stopped where tiling alone no longer could (a projection or a refusal below), or at the floor
+    below = [t for t in peak["trials"] if t["ceiling_bytes"] < min(t["ceiling_bytes"] for t in lossless)]
+    assert below and all(not t["lossless"] or t["peak_bytes"] is None for t in below)
+    assert runtime_view(result.model, level="all").peak_bytes == peak["verified"]["computed_peak_bytes"]
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(result.model, x), _run(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_smallest_lossless_prefers_fewer_bands_for_nearly_the_same_peak():
+    from fmcompress.passes.peak_plan import PeakTrial, choose
+
+    trials = [PeakTrial(64 << 10, 400 << 10), PeakTrial(32 << 10, 210 << 10), PeakTrial(16 << 10, 200 << 10),
+              PeakTrial(8 << 10, 100 << 10, lossless=False, projected=["a"]), PeakTrial(4 << 10, None, lossless=False)]
+    assert choose(trials, None).ceiling_bytes == 32 << 10  # 210 is within a tenth of 200
+    trials[1].peak_bytes = 230 << 10
+    assert choose(trials, None).ceiling_bytes == 16 << 10
+
+
+def test_int8_alone_quantizes_with_a_smaller_peak_than_quantize_static():
+    """`compile --int8` alone is `--peak lossless --int8`: onnxruntime's tools quantize the original,
+    tiled losslessly, and its peak (int8 graph at its own dtypes, as onnxruntime runs it) is below what
+    onnxruntime's own quantize_static flow gives the same model."""
+    from fmcompress.compiler import CompileOptions
+
+    assert CompileOptions(int8=True).peak == "lossless" and CompileOptions(int8=True).runtime == "ort"
+    assert CompileOptions(int8=True, ceiling="1GB").peak is None  # a quantize-only run stays one
+    model = conv_chain()
+    result = api.compile(model, int8=True, **FAST)
+    peak = result.report["runtime"]["peak"]
+    assert peak["lossless"] and not result.report["maps"] and result.report["int8"]["float_nodes"] == []
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(4)]
+    theirs = runtime_view(ort_quantize_static(model, feeds), level="all").peak_bytes
+    ours = runtime_view(result.model, level="all").peak_bytes
+    assert ours == peak["verified"]["computed_peak_bytes"] < theirs
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert np.corrcoef(_run(result.model, x).ravel(), _run(model, x).ravel())[0, 1] > 0.99
+
+
+def test_cli_int8_alone_says_what_it_did(tmp_path):
+    path = tmp_path / "chain.onnx"
+    onnx.save(conv_chain(), str(path))
+    runner = CliRunner()
+    done = runner.invoke(main, ["compile", str(path), "--int8", "--method", "pca", "--num-samples", "8",
+                                "-q"])
+    assert done.exit_code == 0, done.output
+    assert "the smallest tiling alone reaches (lossless)" in done.stdout.splitlines()[-1]
+    missing = runner.invoke(main, ["compile", str(path), "--method", "pca"])
+    assert missing.exit_code == 2 and "--int8" in missing.output

@@ -220,7 +220,8 @@ BUDGET = (  # what `compile` fits to
     Bound("--peak", C, "peak", metavar="SIZE",
          help="Keep onnxruntime's live peak (every allocation alive at once in its execution order; graph "
               "inputs excepted, outputs counted) at or under SIZE (512KB): the per-allocation ceiling that "
-              "tiling works to is searched, projections only where tiling alone cannot get there. Implies "
+              "tiling works to is searched, projections only where tiling alone cannot get there; 'lossless': "
+              "the smallest peak tiling alone reaches, nothing projected (what --int8 alone does). Implies "
               "--runtime ort; with --ceiling, that is the largest ceiling allowed; with --int8, the int8 model's "
               "peak. The emitted model's peak is measured in a fresh process (--ort-level, default all): over "
               "SIZE fails, nothing written."),
@@ -258,7 +259,8 @@ GATES = (
          help="Emit an int8 model: plan every stored map at one byte, then quantize the verified model with "
               "onnxruntime's quantize_static (QDQ, per-channel int8 weights, uint8 activations, calibrated on the "
               "calibration samples). The fidelity gates apply to the int8 model; the report's int8 section lists "
-              "the nodes onnxruntime still runs in float on feature maps."),
+              "the nodes onnxruntime still runs in float on feature maps. Alone (no --ceiling, --traffic or "
+              "--peak): --peak lossless, the original quantized and tiled for its smallest lossless peak."),
 )
 
 ALL = (*DATA, *TRAINING, *BUDGET, METHOD, *GATES)

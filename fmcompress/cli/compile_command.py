@@ -50,8 +50,8 @@ def compile_command(model: Path, output: Path | None, json_log: Path | None, pla
     """
     from ..reports.progress import training_monitor
 
-    if bound["ceiling"] is None and bound["traffic"] is None and bound["peak"] is None:
-        raise click.UsageError("missing option '--ceiling' (or '--traffic' or '--peak')",
+    if bound["ceiling"] is None and bound["traffic"] is None and bound["peak"] is None and not bound["int8"]:
+        raise click.UsageError("missing option '--ceiling' (or '--traffic', '--peak' or '--int8')",
                                ctx=click.get_current_context())
     output = output or default_output(model)
     trains = bound["method"] != "pca" and not plan_only
@@ -130,7 +130,9 @@ def _peak_note(runtime: dict[str, Any] | None) -> str:
     measured = verified.get("measured_peak_bytes")
     return (f"; onnxruntime's peak {format_bytes(verified['computed_peak_bytes'])} computed"
             + (f", {format_bytes(measured)} measured" if measured is not None else "")
-            + f" <= {format_bytes(verified['peak_bytes'])} ({'lossless' if runtime['peak']['lossless'] else 'projected'})")
+            + (f" <= {format_bytes(verified['peak_bytes'])}" if verified.get("peak_bytes") is not None
+               else f" from {format_bytes(runtime['peak']['before_peak_bytes'])}, the smallest tiling alone reaches")
+            + f" ({'lossless' if runtime['peak']['lossless'] else 'projected'})")
 
 
 def _rose_note(runtime: dict[str, Any] | None) -> str:

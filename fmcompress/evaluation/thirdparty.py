@@ -45,3 +45,34 @@ def real_model(name: str) -> Path:
     if not path.exists():
         raise InputError(f"{name}: {path} is missing from the installed {entry.wheel} wheel")
     return path
+
+
+def ort_quantize_static(model, feeds: list[dict]):
+    """`model` through onnxruntime's documented static quantization, as a user who wants only int8
+    runs it: `quant_pre_process`, then `quantize_static` (QDQ, per-channel int8 weights, uint8
+    activations, MinMax on `feeds`, default options). The baseline int8 peaks are judged against."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, prepared, quantized = (str(Path(folder) / f"{n}.onnx") for n in ("float", "pre", "int8"))
+        onnx.save(model, source)
+        quant_pre_process(source, prepared)
+        quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        return onnx.load(quantized)

@@ -200,7 +200,9 @@ def _peak_verdict(peak: Mapping[str, Any] | None) -> list[str]:
     figures = f"computed {format_bytes(verified.get('computed_peak_bytes', peak.get('predicted_peak_bytes', 0)))}"
     figures += f", measured {format_bytes(measured)}" if measured is not None else (
         f" ({verified['measure_note']})" if verified.get("measure_note") else "")
-    return [f"`--peak` {format_bytes(peak['peak_bytes'])} met ({peak.get('level')}): {figures}, from "
+    asked = (f"`--peak` {format_bytes(peak['peak_bytes'])} met" if peak.get("peak_bytes") is not None
+             else "`--peak lossless` (the smallest peak tiling alone reaches)")
+    return [f"{asked} ({peak.get('level')}): {figures}, from "
             f"{format_bytes(peak.get('before_peak_bytes', 0))}; per-allocation ceiling "
             f"{format_bytes(peak['ceiling_bytes'])} chosen over {len(peak.get('trials', []))} trial(s); {how}.", ""]
 
