@@ -40,3 +40,30 @@ def test_compile_reports_each_maps_cost_alone(tmp_path):
     from fmcompress.reports.markdown import render_compile_markdown
 
     assert "cost alone (points)" in render_compile_markdown(result.report)
+
+
+def test_the_paused_runs_give_what_the_projection_installed_alone_gives():
+    """Rule e: forking a paused original run at each map is the same computation as running the
+    whole network with that projection alone installed (the executor's transforms)."""
+    import torch
+
+    from fmcompress.backend.projection import install_projections
+    from fmcompress.metrics import fidelity
+    from fmcompress.passes.fit import torch_executor
+
+    rng = np.random.default_rng(1)
+    q = np.linalg.qr(rng.standard_normal((16, 2)))[0].astype(np.float32)
+    zero = np.zeros((1, 16), np.float32)
+    projections = {"r2": Projection(P=zero, U=zero.T), "r1": Projection(P=q.T, U=q)}  # not in network order
+    data = _data(20)
+    costs = {c["name"]: c for c in map_costs(tiny_classifier(), projections, data, batch=8)}
+    executor = torch_executor(tiny_classifier())
+    name = executor.input_names[0]
+    with torch.no_grad():
+        reference = executor(torch.from_numpy(data.inputs[name]))
+        for mapped, projection in projections.items():
+            install_projections(executor, {mapped: projection})
+            alone = executor(torch.from_numpy(data.inputs[name]))
+            expected = fidelity([reference[0].numpy()], [alone[0].numpy()]).to_dict()
+            assert costs[mapped]["alone"] == expected["top1_agreement"]
+    assert costs["r2"]["drop_points"] > 0
