@@ -148,13 +148,12 @@ def _release_free_heap() -> None:
     """Rule b': glibc's `malloc_trim(0)` hands the heap's free pages back to the system, so that a
     tensor under the mmap threshold placed in memory the heap already held (freed by the session's
     set-up or the warm-up) faults its pages in again and counts. No glibc: nothing to do."""
+    import contextlib
     import ctypes
     import ctypes.util
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _probe(path: str, shapes: dict[str, tuple[int, ...]], level: str, rounds: int) -> list[int]:

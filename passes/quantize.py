@@ -244,7 +244,7 @@ def check_float32(model: onnx.ModelProto) -> None:
         raise InputError(f"--int8 quantizes float32 models; this one computes in {names}")
 
 
-def _reader(batches: Iterable[Batch]) -> Any:
+def calibration_reader(batches: Iterable[Batch]) -> Any:
     """onnxruntime's CalibrationDataReader over input batches (rule a)."""
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -264,7 +264,7 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch]) -> onnx.Mode
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    reader = _reader(batches)
+    reader = calibration_reader(batches)
     with tempfile.TemporaryDirectory(prefix="fmcompress-int8-") as folder:
         source, prepared, quantized = (os.path.join(folder, f"{n}.onnx") for n in ("float", "pre", "int8"))
         onnx.save_model(with_per_channel_opset(model), source)

@@ -54,25 +54,15 @@ def ort_quantize_static(model, feeds: list[dict]):
     import tempfile
 
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter(feeds)
-
-        def get_next(self):
-            return next(self.feeds, None)
+    from fmcompress.passes.quantize import calibration_reader
 
     with tempfile.TemporaryDirectory() as folder:
         source, prepared, quantized = (str(Path(folder) / f"{n}.onnx") for n in ("float", "pre", "int8"))
         onnx.save(model, source)
         quant_pre_process(source, prepared)
-        quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(prepared, quantized, calibration_reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
         return onnx.load(quantized)
