@@ -3,8 +3,8 @@
     python examples/rec_int8_recipes.py [--recipes minmax,conv,matmul,conv-percentile] [--samples 384]
 
 The recognizer (the `test` extra's PP-OCRv4 model) goes through onnxruntime's own flow as
-passes/quantize.py rule a runs it (opset 17, `quant_pre_process`, `quantize_static`: QDQ,
-per-channel symmetric int8 weights, uint8 activations, the same extra options), calibrated on
+passes/quantize.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process`,
+`quantize_static` with QDQ, per-channel symmetric int8 weights, uint8 activations), calibrated on
 `--samples` set-1 lines (seed 0), with one recipe each:
 
 * minmax: every op onnxruntime quantizes, MinMax ranges (what `compile --int8` does);
@@ -19,15 +19,13 @@ intermediate output of every calibration sample, which ran this machine out of m
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 
 import onnx
 
 from fmcompress.evaluation import textlines
 from fmcompress.evaluation.thirdparty import real_model
-from fmcompress.passes.quantize import QUANTIZE_OPTIONS, calibration_reader, with_per_channel_opset
+from fmcompress.passes.quantize import quantize_int8
 
 
 def recipes():
@@ -39,18 +37,8 @@ def recipes():
 
 
 def quantized(path: str, calibration, recipe: dict) -> onnx.ModelProto:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory() as folder:
-        source, prepared, out = (os.path.join(folder, f"{n}.onnx") for n in ("float", "pre", "int8"))
-        onnx.save(with_per_channel_opset(onnx.load(path)), source)
-        quant_pre_process(source, prepared, skip_symbolic_shape=True)  # its symbolic inference gives up here
-        batches = ({"x": calibration[i:i + 16]} for i in range(0, len(calibration), 16))
-        quantize_static(prepared, out, calibration_reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        extra_options=dict(QUANTIZE_OPTIONS), **recipe)
-        return onnx.load(out)
+    batches = ({"x": calibration[i:i + 16]} for i in range(0, len(calibration), 16))
+    return quantize_int8(onnx.load(path), batches, **recipe)
 
 
 def main() -> None:

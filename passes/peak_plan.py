@@ -327,7 +327,7 @@ def smallest_lossless(trials: list[PeakTrial]) -> PeakTrial | None:
 
 
 def lowest(trials: list[PeakTrial]) -> PeakTrial | None:
-    taken = [t for t in trials if t.peak_bytes is not None]
+    taken = [t for t in trials if _taken(t)]
     return min(taken, key=lambda t: (t.peak_bytes, -t.ceiling_bytes), default=None)
 
 

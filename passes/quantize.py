@@ -259,8 +259,9 @@ def calibration_reader(batches: Iterable[Batch]) -> Any:
     return Reader()
 
 
-def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch]) -> onnx.ModelProto:
-    """Rule a: `quant_pre_process`, then `quantize_static` calibrated on `batches`."""
+def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], **overrides: Any) -> onnx.ModelProto:
+    """Rule a: `quant_pre_process`, then `quantize_static` calibrated on `batches`; `overrides`
+    are further `quantize_static` arguments (examples/rec_int8_recipes.py tries some)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -276,7 +277,7 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch]) -> onnx.Mode
                     quant_pre_process(source, prepared, skip_symbolic_shape=True)
             quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                            extra_options=dict(QUANTIZE_OPTIONS))
+                            extra_options=dict(QUANTIZE_OPTIONS), **overrides)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's tools raise anything; said in one line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise InputError(f"onnxruntime's quantization refused the model ({type(exc).__name__}: {first})") from exc
