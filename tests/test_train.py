@@ -235,7 +235,7 @@ def scripted(monkeypatch, figures):
 def test_patience_stops_after_that_many_epochs_without_a_better_score(monkeypatch):
     """Rule h: a tie on the score is no gain (even at a lower loss); a gain restarts the count."""
     scripted(monkeypatch, [(0.5, 1.0), (0.4, 2.0), (0.6, 1.0), (0.6, 0.5), (0.55, 1.0), (0.9, 1.0)])
-    result = train(TrainConfig(epochs=10, batch_size=8, patience=2, probe=0))
+    result = train(TrainConfig(epochs=10, batch_size=8, patience=2))
     assert result.stop_reason == "patience" and not result.stopped_early
     assert [r.score for r in result.history] == [0.4, 0.6, 0.6, 0.55]
     assert result.best_epoch == 3 and result.best_score == 0.6  # the tie at the lower loss is still kept

@@ -24,7 +24,7 @@ e. Stopping (`should_stop`, the trainer's rule h), from the epochs' records alon
    `patience`: that many epochs in a row without a held-out score above the best so far
    (the initialisation's included). `probe`: after the first `probe` epochs, none above
    the initialisation's score and the last one's held-out loss more than
-   `PROBE_LOSS_RATIO` times the initialisation's (1: no lower).
+   `PROBE_LOSS_RATIO` times the initialisation's.
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ from fmcompress.train_config import TrainConfig
 
 DIVERGED = 10.0  # a held-out distillation loss this many times the best one means the epoch diverged
 BACKTRACK_FACTOR = 0.3
-# see should_stop: an epoch that beat no score and did not even lower the held-out loss will not pay
-# (after the block stage it never did on the demo, the classifier or the recognizer: docs/results.md)
-PROBE_LOSS_RATIO = 1.0
+PROBE_LOSS_RATIO = 4.0  # see should_stop
 
 
 def plan_epochs(maps: int, config: TrainConfig) -> list[tuple[str, int]]:

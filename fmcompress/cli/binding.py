@@ -196,7 +196,7 @@ TRAINING = (  # `--method learned|random`
               "(0: never)."),
     Bound("--probe", T, "probe", type=click.IntRange(min=0),
          help="After this many epochs, stop training and keep the start when none beat its held-out score "
-              "and the held-out distillation loss has not fallen below the start's (0: never probe)."),
+              "and the held-out distillation loss has risen several times over (0: never probe)."),
     Bound("--fake-quant", T, "fake_quant", is_flag=True,
          help="learned/random: round every stored map P x as --int8 stores it while training "
               "(quantization-aware, straight-through gradient). Measured on PP-OCR's classifier it did not pay "
