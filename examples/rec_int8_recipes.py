@@ -1,6 +1,6 @@
 """Where PP-OCR's recognizer loses its accuracy in int8: the original quantized alone.
 
-    python examples/rec_int8_recipes.py [--recipes minmax,conv,matmul,conv-percentile] [--samples 384]
+    python examples/rec_int8_recipes.py [--recipes minmax,percentile,...] [--samples 384]
 
 The recognizer (the `test` extra's PP-OCRv4 model) goes through onnxruntime's own flow as
 passes/quantize.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process`,
@@ -9,11 +9,13 @@ passes/quantize.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process
 
 * minmax: every op onnxruntime quantizes, MinMax ranges (what `compile --int8` does);
 * conv / matmul: only Conv, or only MatMul, quantized (the rest stays float);
-* conv-percentile: only Conv, ranges from onnxruntime's Percentile calibrator (99.999).
+* conv-percentile: only Conv, ranges from onnxruntime's Percentile calibrator (99.999);
+* percentile / entropy: every op, ranges from the Percentile or Entropy calibrator
+  (`compile --int8 --calibrate percentile|entropy`).
 
 Each row is the exact match on 300 other set-1 lines (seed 1000) and the seconds it took.
-Percentile over every op is left out: onnxruntime's histogram calibrators hold every
-intermediate output of every calibration sample, which ran this machine out of memory.
+Every recipe collects its ranges one batch at a time (passes/quantize.py rule a'): the
+histogram calibrators otherwise hold every intermediate output of every sample.
 """
 
 from __future__ import annotations
@@ -28,12 +30,11 @@ from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.passes.quantize import quantize_int8
 
 
-def recipes():
-    from onnxruntime.quantization import CalibrationMethod
-
+def recipes() -> dict[str, dict]:
     return {"minmax": {}, "conv": {"op_types_to_quantize": ["Conv"]},
             "matmul": {"op_types_to_quantize": ["MatMul"]},
-            "conv-percentile": {"op_types_to_quantize": ["Conv"], "calibrate_method": CalibrationMethod.Percentile}}
+            "conv-percentile": {"op_types_to_quantize": ["Conv"], "calibrate": "percentile"},
+            "percentile": {"calibrate": "percentile"}, "entropy": {"calibrate": "entropy"}}
 
 
 def quantized(path: str, calibration, recipe: dict) -> onnx.ModelProto:
@@ -43,7 +44,7 @@ def quantized(path: str, calibration, recipe: dict) -> onnx.ModelProto:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", default="minmax,conv,matmul,conv-percentile")
+    parser.add_argument("--recipes", default="minmax,conv,matmul,conv-percentile,percentile,entropy")
     parser.add_argument("--samples", type=int, default=384)
     args = parser.parse_args()
     path = str(real_model("ppocr-rec"))

@@ -39,7 +39,13 @@ from .passes.memory import MemoryAnalysisPass
 from .passes.peak_plan import PeakPlanPass, ShapeProjectionsPass, ShapeQuantizePass, VerifyPeakPass
 from .passes.plan import Plan, PlanPass
 from .passes.prepare_data import DataOptions, PrepareDataPass
-from .passes.quantize import AlignRanksPass, QuantizablePass, QuantizePass, planned_act_bytes
+from .passes.quantize import (
+    DEFAULT_CALIBRATION,
+    AlignRanksPass,
+    QuantizablePass,
+    QuantizePass,
+    planned_act_bytes,
+)
 from .passes.runtime import RuntimeMemoryPass
 from .passes.runtime_plan import RuntimePlanPass, TileToCeilingPass
 from .passes.sink_concat import SinkConcatPass
@@ -82,6 +88,7 @@ class CompileOptions(DataOptions):
     objective: str = "traffic"  # or "traffic+latency": prefer maps whose projections fold
     latency_weight: float = 1.0  # traffic+latency: the weight of the latency term (passes/allocate.py rule f)
     int8: bool = False  # quantize the verified model to int8 QDQ (passes/quantize.py); plans maps at 1 byte
+    calibrate: str = DEFAULT_CALIBRATION  # --int8's activation ranges: minmax, percentile or entropy (rule a')
     # onnxruntime's live peak at most this size (passes/peak_plan.py): "512KB" or bytes, or "lossless" (the
     # smallest tiling alone reaches, rule h; what int8 alone means); implies runtime="ort"
     peak: str | int | None = None
@@ -157,7 +164,7 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
         FoldProjectionsPass(),
         *([TileToCeilingPass(level=plan_level(options))] if options.runtime else []),
         VerifyPass(runtime_level=plan_level(options) if options.runtime else None),
-        *([QuantizePass(report_level(options), act_bytes=options.act_bytes,
+        *([QuantizePass(report_level(options), act_bytes=options.act_bytes, calibrate=options.calibrate,
                         ceiling_level=plan_level(options) if options.runtime else None)] if options.int8 else []),
         # after quantization with --int8: the size holds for the model written (peak_plan.py rule g)
         *([VerifyPeakPass(peak_bytes(options), report_level(options),

@@ -17,6 +17,12 @@ a. The model runs through onnxruntime's `quant_pre_process` (its symbolic shape 
    inference", after writing its partial model into the working directory, which is
    therefore a temporary folder), `quant_pre_process` runs on onnx's shape inference.
    A model onnxruntime's tools refuse is an InputError (exit 2).
+a'. Calibration (`--calibrate`): onnxruntime's MinMax (the default), Percentile (99.999th
+   percentile of |x|) or Entropy calibrator. Ranges are collected one batch at a time
+   (quantize_static's `CalibStridedMinMax`, which strides any calibrator; the histograms and
+   ranges merge across batches), because each calibrator otherwise holds every intermediate
+   output of every sample until the end (PP-OCR's recognizer, Percentile on 384 lines: out
+   of this machine's 24 GB).
 b. Only float32 models are quantized (float16 and bfloat16 ones are an InputError); with
    `--int8` every stored map is planned at one byte (`planned_act_bytes`), so an
    `--act-bytes` other than 1 contradicts it (InputError, before any work).
@@ -37,7 +43,7 @@ d. Fidelity of the int8 model against the float model it came from, on `ctx.held
    rewrites exactly.
 e. The pass returns the int8 model (graph inputs, outputs and metadata of the float
    one) and sets `ctx.quantization` (and `result.data`): {"format", "level",
-   "float_nodes", "float_bytes", "integer_ops", "fidelity", "calibration_samples",
+   "calibration", "float_nodes", "float_bytes", "integer_ops", "fidelity", "calibration_samples",
    "runtime_peak_bytes", "largest_allocation_bytes", "over_ceiling"} (the last three with
    rule g's check).
 f. Ranks: `AlignRanksPass` (compile --int8, after planning, before the fit) rounds every
@@ -71,11 +77,12 @@ report's "int8" section; `quantize_int8(model, batches)` is rule a alone;
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import replace
 from typing import Any
 
@@ -97,6 +104,8 @@ FLOAT_TYPES = (np.float32, np.float16, np.float64)
 QUANTIZE_OPTIONS = {"WeightSymmetric": True, "ActivationSymmetric": False, "ForceQuantizeNoInputCheck": True}
 MAP_RANK = 3  # rule c: NCL, NCHW and beyond are feature maps; [N, classes] is not
 RANK_ALIGN = 8  # rule f: MLAS's symmetric int8 conv wants output channels % 8 (input % 4)
+CALIBRATIONS = ("minmax", "percentile", "entropy")  # rule a': onnxruntime's calibrators, by --calibrate
+DEFAULT_CALIBRATION = "minmax"
 
 
 class QuantizePass(Pass):
@@ -107,9 +116,11 @@ class QuantizePass(Pass):
     provides = ("quantization", "quantized_original")
 
     def __init__(self, level: str = "extended", *, act_bytes: int | None = None, batch_size: int | None = None,
-                 ceiling_level: str | None = None):
+                 ceiling_level: str | None = None, calibrate: str = DEFAULT_CALIBRATION):
         check_act_bytes(act_bytes)
+        calibration_method(calibrate)  # an unknown name is refused here, before any work
         self.level = level
+        self.calibrate = calibrate
         self.batch_size = batch_size
         self.ceiling_level = ceiling_level  # rule g: check the plan's ceiling at this level
 
@@ -117,12 +128,14 @@ class QuantizePass(Pass):
         proto = model.proto()
         check_float32(proto)
         batch = self.batch_size or ctx.batch_size or 16
-        quantized = quantize_int8(proto, (inputs for inputs, _ in ctx.calibration.batches(batch)))
+        quantized = quantize_int8(proto, (inputs for inputs, _ in ctx.calibration.batches(batch)),
+                                  calibrate=self.calibrate)
         shapes = resolve_input_shapes(proto, ctx.input_shapes)
         floats = float_nodes(quantized, shapes, self.level)
         quality = int8_fidelity(proto, quantized, ctx, batch)
         ctx.quantization = {
             "format": "QDQ: int8 per-channel symmetric weights, uint8 activations (onnxruntime quantize_static)",
+            "calibration": self.calibrate,
             "level": self.level, "float_nodes": floats, "float_bytes": sum(entry["bytes"] for entry in floats),
             "integer_ops": integer_ops(quantized, self.level), "fidelity": quality,
             "calibration_samples": len(ctx.calibration)}
@@ -134,13 +147,13 @@ class QuantizePass(Pass):
                 f"{what} with the float model {_percent(agreement)}, cosine {quality['cosine_similarity']:.4f}")
         return PassResult(Model.of(quantized), modified=True, data=ctx.quantization)
 
-    @staticmethod
-    def _baseline(ctx: PassContext, batch: int) -> onnx.ModelProto | None:
+    def _baseline(self, ctx: PassContext, batch: int) -> onnx.ModelProto | None:
         """Rule i: the input quantized alike, or None (and a warning) where that fails."""
         if ctx.original is None:
             return None
         try:
-            return quantize_int8(ctx.original, (inputs for inputs, _ in ctx.calibration.batches(batch)))
+            return quantize_int8(ctx.original, (inputs for inputs, _ in ctx.calibration.batches(batch)),
+                                 calibrate=self.calibrate)
         except InputError as exc:
             ctx.warnings.append(f"int8: the original quantized alone is not compared: {exc}")
             return None
@@ -245,27 +258,38 @@ def check_float32(model: onnx.ModelProto) -> None:
 
 
 def calibration_reader(batches: Iterable[Batch]) -> Any:
-    """onnxruntime's CalibrationDataReader over input batches (rule a)."""
+    """onnxruntime's CalibrationDataReader over input batches (rule a). It also takes
+    `set_range`, so that quantize_static's strided collection (rule a') reads it in slices."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches: Iterator[Batch] = iter(batches)
+            self.batches: list[Batch] = list(batches)
+            self.set_range(0, len(self.batches))
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.pending: Iterator[Batch] = iter(self.batches[start_index:end_index])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
+            batch = next(self.pending, None)
             return None if batch is None else {name: np.ascontiguousarray(v) for name, v in batch.items()}
 
     return Reader()
 
 
-def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], **overrides: Any) -> onnx.ModelProto:
-    """Rule a: `quant_pre_process`, then `quantize_static` calibrated on `batches`; `overrides`
-    are further `quantize_static` arguments (examples/rec_int8_recipes.py tries some)."""
+def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], *, calibrate: str = DEFAULT_CALIBRATION,
+                  **overrides: Any) -> onnx.ModelProto:
+    """Rule a: `quant_pre_process`, then `quantize_static` calibrated on `batches` by `calibrate`
+    (rule a'); `overrides` are further `quantize_static` arguments (examples/rec_int8_recipes.py
+    tries some)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     reader = calibration_reader(batches)
+    options = {**QUANTIZE_OPTIONS, "CalibStridedMinMax": 1, **overrides.pop("extra_options", {})}  # rule a'
     with tempfile.TemporaryDirectory(prefix="fmcompress-int8-") as folder:
         source, prepared, quantized = (os.path.join(folder, f"{n}.onnx") for n in ("float", "pre", "int8"))
         onnx.save_model(with_per_channel_opset(model), source)
@@ -275,15 +299,27 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], **overrides:
                     quant_pre_process(source, prepared)
                 except Exception:  # noqa: BLE001 - rule a: its symbolic shape inference gave up; onnx's instead
                     quant_pre_process(source, prepared, skip_symbolic_shape=True)
-            quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                            extra_options=dict(QUANTIZE_OPTIONS), **overrides)
+            with redirect_stdout(io.StringIO()):  # its histogram calibrators print progress on stdout
+                quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                                weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                                calibrate_method=calibration_method(calibrate), extra_options=options, **overrides)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's tools raise anything; said in one line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise InputError(f"onnxruntime's quantization refused the model ({type(exc).__name__}: {first})") from exc
         result = onnx.load(quantized)
     _keep_interface(model, result)
     return result
+
+
+def calibration_method(name: str) -> Any:
+    """Rule a': onnxruntime's CalibrationMethod for a --calibrate name."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if name not in methods:
+        raise InputError(f"unknown calibration {name!r}; known: {', '.join(CALIBRATIONS)}")
+    return methods[name]
 
 
 @contextmanager

@@ -380,3 +380,63 @@ def test_incomplete_symbolic_shapes_fall_back_and_write_nothing_in_the_working_d
     quantized = quantize_int8(model, [feed])
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in quantized.graph.node}
     assert list(tmp_path.iterdir()) == []
+
+
+def _activation_scales(quantized: onnx.ModelProto) -> dict[str, float]:
+    """The scale of every QuantizeLinear of an activation, by the tensor it quantizes."""
+    values = {init.name: numpy_helper.to_array(init) for init in quantized.graph.initializer}
+    return {node.input[0]: float(values[node.input[1]]) for node in quantized.graph.node
+            if node.op_type == "QuantizeLinear" and values[node.input[1]].ndim == 0}
+
+
+def _quantize_static_at_once(model: onnx.ModelProto, batches: list, method, tmp_path) -> onnx.ModelProto:
+    """onnxruntime's own flow, every batch collected in one call (no striding): the reference."""
+    from fmcompress.passes.quantize import QUANTIZE_OPTIONS, calibration_reader
+
+    source, quantized = str(tmp_path / "float.onnx"), str(tmp_path / "int8.onnx")
+    onnx.save(model, source)
+    quantize_static(source, quantized, calibration_reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, calibrate_method=method,
+                    extra_options=dict(QUANTIZE_OPTIONS))
+    return onnx.load(quantized)
+
+
+@pytest.mark.parametrize("calibrate", ["minmax", "percentile"])
+def test_calibration_collected_per_batch_matches_onnxruntime_at_once(tmp_path, calibrate):
+    """Rule a': ranges collected one batch at a time (bounded memory) are onnxruntime's own,
+    collected over all batches at once: equal for MinMax, within a bin's width for Percentile,
+    whose histograms merge across batches."""
+    from fmcompress.passes.quantize import calibration_method
+
+    model, batches = residual_net(), _inputs(6)
+    ours = _activation_scales(quantize_int8(model, batches, calibrate=calibrate))
+    theirs = _activation_scales(_quantize_static_at_once(model, batches, calibration_method(calibrate), tmp_path))
+    assert ours.keys() == theirs.keys() and len(ours) >= 5
+    for name, scale in theirs.items():
+        assert ours[name] == pytest.approx(scale, rel=0 if calibrate == "minmax" else 0.02), name
+
+
+def test_percentile_calibration_ignores_a_rare_outlier():
+    """Rule a': one input pixel far out stretches MinMax's input range; Percentile's stays
+    near the bulk's, so the rest keeps its resolution."""
+    batches = _inputs(10, 64)  # 122880 input values: one is under the 0.001% Percentile leaves out
+    batches[0]["x"][0, 0, 0, 0] = 1000.0
+    minmax = _activation_scales(quantize_int8(residual_net(size=64), batches))
+    percentile = _activation_scales(quantize_int8(residual_net(size=64), batches, calibrate="percentile"))
+    assert minmax["x"] > 1000 / 255 * 0.99  # the outlier sets the range
+    assert percentile["x"] < minmax["x"] / 50
+
+
+def test_cli_calibrate(tmp_path):
+    """--calibrate without --int8 is a usage error; with it, the report names the calibration."""
+    path, report = tmp_path / "net.onnx", tmp_path / "report.json"
+    onnx.save(residual_net(), str(path))
+    runner = CliRunner()
+    alone = runner.invoke(main, ["compile", str(path), "--ceiling", "8KB", "--calibrate", "percentile", "-q"])
+    assert alone.exit_code == 2 and "add --int8" in alone.output
+    assert not (tmp_path / "net.fmc.onnx").exists()
+    done = runner.invoke(main, ["compile", str(path), "--ceiling", "8KB", "--int8", "--calibrate", "entropy",
+                                "--method", "pca", "--num-samples", "16", "--json", str(report), "-q"])
+    assert done.exit_code == 0, done.output
+    import json
+    assert json.loads(report.read_text())["int8"]["calibration"] == "entropy"

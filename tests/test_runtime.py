@@ -216,7 +216,7 @@ def test_relu_runs_in_place_on_the_last_use_of_its_input():
 def test_reuse_and_in_place_agree_with_the_measured_peak(model):
     proto, shapes = ((pointwise_chain(), {"x": (1, 8, 128, 128)}) if model == "pointwise"
                      else (relu_after(fan_out=False), {"x": (1, 16, 128, 128)}))
-    measured = measure_peak(proto, shapes, level="basic")
+    measured = measure_peak(proto, shapes, level="basic", rounds=7)  # a median steadier under load
     if measured.bytes is None:
         pytest.skip(measured.reason)
     computed = runtime_view(proto, shapes, level="basic").peak_bytes

@@ -20,6 +20,7 @@ import click
 from ..compiler import RUNTIMES, CompileOptions
 from ..passes.allocate import OBJECTIVES
 from ..passes.fit import METHODS
+from ..passes.quantize import CALIBRATIONS
 from ..reports.analysis import ORT_LEVELS
 from ..train_config import (
     AUGMENTATIONS,
@@ -261,6 +262,11 @@ GATES = (
               "calibration samples). The fidelity gates apply to the int8 model; the report's int8 section lists "
               "the nodes onnxruntime still runs in float on feature maps. Alone (no --ceiling, --traffic or "
               "--peak): --peak lossless, the original quantized and tiled for its smallest lossless peak."),
+    Bound("--calibrate", C, "calibrate", type=choice(CALIBRATIONS),
+         help="With --int8: how activation ranges are set from the calibration samples (onnxruntime's "
+              "calibrators): minmax = the extremes seen; percentile = the 99.999th percentile of |x|, so that "
+              "rare outliers do not stretch the range; entropy = the range that keeps the histogram's "
+              "information. Slower than minmax; see docs/int8.md for what each cost PP-OCR's recognizer."),
 )
 
 ALL = (*DATA, *TRAINING, *BUDGET, METHOD, *GATES)

@@ -53,6 +53,9 @@ def compile_command(model: Path, output: Path | None, json_log: Path | None, pla
     if bound["ceiling"] is None and bound["traffic"] is None and bound["peak"] is None and not bound["int8"]:
         raise click.UsageError("missing option '--ceiling' (or '--traffic', '--peak' or '--int8')",
                                ctx=click.get_current_context())
+    if bound["calibrate"] is not None and not bound["int8"]:
+        raise click.UsageError("--calibrate sets the ranges of --int8's quantization; add --int8",
+                               ctx=click.get_current_context())
     output = output or default_output(model)
     trains = bound["method"] != "pca" and not plan_only
     checkpoint = (bound["checkpoint"] or default_checkpoint(model, output)) if trains else None
