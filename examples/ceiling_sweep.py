@@ -2,7 +2,7 @@
 
     python examples/ceiling_sweep.py [--models ppocr-cls,ppocr-rec,demo] [--ceilings 2x,4x,8x]
         [--methods pca,random,learned] [--num-samples 256] [--eval-samples 500]
-        [--eval-set first|second|both] [--calibration-set first|second|mixed] [--int8]
+        [--eval-set first|second|both] [--calibration-set first|second|mixed] [--int8 [--calibrate M]]
         [--train KEY=VALUE ...] [--out sweep]
 
 For each model x ceiling x method: render calibration text lines (unlabelled for
@@ -20,8 +20,8 @@ the task's own metric, on two independent sets of lines:
 `--eval-set` picks the sets scored (default both: columns "1" and "2" of the table,
 `--eval-samples` lines each); `--calibration-set` the set the calibration lines come
 from (default first: choose on one set, confirm on the other; mixed: half of each).
-`--int8` compiles with `--int8` and scores the quantized model against the float
-original; `--train KEY=VALUE` sets any other TrainConfig field. The models:
+`--int8` compiles with `--int8` (and `--calibrate`) and scores the quantized model against
+the float original; `--train KEY=VALUE` sets any other TrainConfig field. The models:
 
 * ppocr-cls (rapidocr wheel): the 0/180 degree direction classifier, accuracy;
 * ppocr-rec (rapidocr wheel): the PP-OCRv4 recognizer, exact-match string
@@ -61,6 +61,7 @@ from fmcompress.errors import InputError, VerificationError
 from fmcompress.evaluation import otherlines, textlines
 from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.passes.fit import METHODS
+from fmcompress.passes.quantize import CALIBRATIONS, DEFAULT_CALIBRATION
 from fmcompress.train_config import TrainConfig
 
 MAX_CALIBRATION = 512
@@ -137,6 +138,7 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
     options = CompileOptions(ceiling=ceiling, method=method, data=calibration,
                              num_samples=args.num_samples, input_shapes=[task.input_shape] if task.input_shape else None,
                              latency_repeats=1, latency_rounds=1, threads=args.threads, int8=args.int8,
+                             calibrate=args.calibrate,
                              training=TrainConfig(epochs=args.epochs, block_epochs=args.block_epochs,
                                                   **train_overrides(args.train)))
     row: dict[str, Any] = {"model": task.name, "ceiling": ceiling, "method": method, "metric": task.metric}
@@ -270,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                         help="any other TrainConfig field, e.g. --train patience=0 --train augment=strong")
     parser.add_argument("--int8", action="store_true", help="compile --int8: score the quantized models")
+    parser.add_argument("--calibrate", choices=CALIBRATIONS, default=DEFAULT_CALIBRATION,
+                        help="with --int8: onnxruntime's calibrator (compile --calibrate)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     parser.add_argument("--demo-data", default="mnist", help="--data of the demo model")
     parser.add_argument("--out", default="ceiling_sweep", help="folder for the table, JSON and plot")

@@ -22,7 +22,15 @@ a'. Calibration (`--calibrate`): onnxruntime's MinMax (the default), Percentile 
    (quantize_static's `CalibStridedMinMax`, which strides any calibrator; the histograms and
    ranges merge across batches), because each calibrator otherwise holds every intermediate
    output of every sample until the end (PP-OCR's recognizer, Percentile on 384 lines: out
-   of this machine's 24 GB).
+   of this machine's 24 GB). Nodes whose output is empty (the Slice that orders tiled
+   bands) are left unquantized and their tensors out of the histograms: they compute
+   nothing, and onnxruntime's histogram collector fails on an empty tensor's second batch.
+a''. `auto` (the default): the model is quantized with MinMax and with Percentile, each is
+   scored against the float model on `ctx.held_out` (rule d), and the better one is kept
+   (`calibration_score`: accuracy with labels, else the gates' agreement, then cosine;
+   MinMax on a tie). Neither wins everywhere: Percentile takes PP-OCR's recognizer from
+   60.0% to 81.3% and costs its classifier 1.3 points (docs/int8.md). The report gives each
+   trial's fidelity in `calibration_trials`.
 b. Only float32 models are quantized (float16 and bfloat16 ones are an InputError); with
    `--int8` every stored map is planned at one byte (`planned_act_bytes`), so an
    `--act-bytes` other than 1 contradicts it (InputError, before any work).
@@ -43,7 +51,7 @@ d. Fidelity of the int8 model against the float model it came from, on `ctx.held
    rewrites exactly.
 e. The pass returns the int8 model (graph inputs, outputs and metadata of the float
    one) and sets `ctx.quantization` (and `result.data`): {"format", "level",
-   "calibration", "float_nodes", "float_bytes", "integer_ops", "fidelity", "calibration_samples",
+   "calibration", "calibration_trials", "float_nodes", "float_bytes", "integer_ops", "fidelity", "calibration_samples",
    "runtime_peak_bytes", "largest_allocation_bytes", "over_ceiling"} (the last three with
    rule g's check).
 f. Ranks: `AlignRanksPass` (compile --int8, after planning, before the fit) rounds every
@@ -78,6 +86,7 @@ report's "int8" section; `quantize_int8(model, batches)` is rule a alone;
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
 from collections import Counter
@@ -104,8 +113,9 @@ FLOAT_TYPES = (np.float32, np.float16, np.float64)
 QUANTIZE_OPTIONS = {"WeightSymmetric": True, "ActivationSymmetric": False, "ForceQuantizeNoInputCheck": True}
 MAP_RANK = 3  # rule c: NCL, NCHW and beyond are feature maps; [N, classes] is not
 RANK_ALIGN = 8  # rule f: MLAS's symmetric int8 conv wants output channels % 8 (input % 4)
-CALIBRATIONS = ("minmax", "percentile", "entropy")  # rule a': onnxruntime's calibrators, by --calibrate
-DEFAULT_CALIBRATION = "minmax"
+CALIBRATIONS = ("auto", "minmax", "percentile", "entropy")  # rule a': onnxruntime's calibrators, by --calibrate
+AUTO_TRIALS = ("minmax", "percentile")  # rule a'': what auto tries, in its order of preference on a tie
+DEFAULT_CALIBRATION = "auto"
 
 
 class QuantizePass(Pass):
@@ -128,32 +138,46 @@ class QuantizePass(Pass):
         proto = model.proto()
         check_float32(proto)
         batch = self.batch_size or ctx.batch_size or 16
-        quantized = quantize_int8(proto, (inputs for inputs, _ in ctx.calibration.batches(batch)),
-                                  calibrate=self.calibrate)
+        calibration, quantized, quality, trials = self._calibrated(proto, ctx, batch)
         shapes = resolve_input_shapes(proto, ctx.input_shapes)
         floats = float_nodes(quantized, shapes, self.level)
-        quality = int8_fidelity(proto, quantized, ctx, batch)
         ctx.quantization = {
             "format": "QDQ: int8 per-channel symmetric weights, uint8 activations (onnxruntime quantize_static)",
-            "calibration": self.calibrate,
+            "calibration": calibration, "calibration_trials": trials,
             "level": self.level, "float_nodes": floats, "float_bytes": sum(entry["bytes"] for entry in floats),
             "integer_ops": integer_ops(quantized, self.level), "fidelity": quality,
             "calibration_samples": len(ctx.calibration)}
         if self.ceiling_level is not None and ctx.plan is not None:
             ctx.quantization.update(check_int8_ceiling(quantized, ctx, self.ceiling_level, ctx.plan.ceiling_bytes))
-        ctx.quantized_original = self._baseline(ctx, batch)
+        ctx.quantized_original = self._baseline(ctx, batch, calibration)
         what, agreement = gated_agreement(quality)
         ctx.log(f"int8: {len(floats)} node(s) left in float on feature maps ({ctx.quantization['float_bytes']} B); "
                 f"{what} with the float model {_percent(agreement)}, cosine {quality['cosine_similarity']:.4f}")
         return PassResult(Model.of(quantized), modified=True, data=ctx.quantization)
 
-    def _baseline(self, ctx: PassContext, batch: int) -> onnx.ModelProto | None:
+    def _calibrated(self, proto: onnx.ModelProto, ctx: PassContext,
+                    batch: int) -> tuple[str, onnx.ModelProto, dict[str, Any], dict[str, dict[str, Any]]]:
+        """Rules a', a'' and d: (calibration, int8 model, its fidelity, what auto's trials scored)."""
+        trials: dict[str, tuple[onnx.ModelProto, dict[str, Any]]] = {}
+        for method in AUTO_TRIALS if self.calibrate == "auto" else (self.calibrate,):
+            quantized = quantize_int8(proto, (inputs for inputs, _ in ctx.calibration.batches(batch)),
+                                      calibrate=method)
+            trials[method] = quantized, int8_fidelity(proto, quantized, ctx, batch)
+        chosen = max(trials, key=lambda method: calibration_score(trials[method][1]))  # the first on a tie
+        if len(trials) > 1:
+            ctx.log("int8: calibration " + ", ".join(f"{m} {_figure(q)}" for m, (_, q) in trials.items())
+                    + f" on the held-out part: {chosen}")
+        scored = {m: q for m, (_, q) in trials.items()} if len(trials) > 1 else {}
+        return chosen, *trials[chosen], scored
+
+    @staticmethod
+    def _baseline(ctx: PassContext, batch: int, calibration: str) -> onnx.ModelProto | None:
         """Rule i: the input quantized alike, or None (and a warning) where that fails."""
         if ctx.original is None:
             return None
         try:
             return quantize_int8(ctx.original, (inputs for inputs, _ in ctx.calibration.batches(batch)),
-                                 calibrate=self.calibrate)
+                                 calibrate=calibration)
         except InputError as exc:
             ctx.warnings.append(f"int8: the original quantized alone is not compared: {exc}")
             return None
@@ -280,7 +304,7 @@ def calibration_reader(batches: Iterable[Batch]) -> Any:
     return Reader()
 
 
-def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], *, calibrate: str = DEFAULT_CALIBRATION,
+def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], *, calibrate: str = "minmax",
                   **overrides: Any) -> onnx.ModelProto:
     """Rule a: `quant_pre_process`, then `quantize_static` calibrated on `batches` by `calibrate`
     (rule a'); `overrides` are further `quantize_static` arguments (examples/rec_int8_recipes.py
@@ -288,6 +312,8 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], *, calibrate
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if calibration_method(calibrate) is None:
+        raise ValueError("auto chooses between calibrations on held-out data (QuantizePass): name one here")
     reader = calibration_reader(batches)
     options = {**QUANTIZE_OPTIONS, "CalibStridedMinMax": 1, **overrides.pop("extra_options", {})}  # rule a'
     with tempfile.TemporaryDirectory(prefix="fmcompress-int8-") as folder:
@@ -299,10 +325,12 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], *, calibrate
                     quant_pre_process(source, prepared)
                 except Exception:  # noqa: BLE001 - rule a: its symbolic shape inference gave up; onnx's instead
                     quant_pre_process(source, prepared, skip_symbolic_shape=True)
-            with redirect_stdout(io.StringIO()):  # its histogram calibrators print progress on stdout
+            excluded = [*(overrides.pop("nodes_to_exclude", None) or []), *empty_producers(onnx.load(prepared))]
+            with redirect_stdout(io.StringIO()), _quiet_root_logger(), _histograms_skip_empty_tensors():
                 quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                                 weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                                calibrate_method=calibration_method(calibrate), extra_options=options, **overrides)
+                                calibrate_method=calibration_method(calibrate), extra_options=options,
+                                nodes_to_exclude=excluded, **overrides)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's tools raise anything; said in one line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise InputError(f"onnxruntime's quantization refused the model ({type(exc).__name__}: {first})") from exc
@@ -311,15 +339,72 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], *, calibrate
     return result
 
 
+def empty_producers(model: onnx.ModelProto) -> list[str]:
+    """Rule a': the named nodes whose output is empty: a 0 in its inferred shape, or a Slice
+    whose constant starts equal its constant ends (the Slice that orders tiled bands,
+    passes/tile_emit.py rule g, whose input's shape inference may not know). They compute
+    nothing, so there is nothing to quantize, and onnxruntime's histogram calibrators fail on
+    an empty tensor's second batch."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    empty = {value.name for value in inferred.graph.value_info
+             if any(dim.HasField("dim_value") and dim.dim_value == 0 for dim in value.type.tensor_type.shape.dim)}
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    constants.update({node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t) for node in model.graph.node
+                      if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
+
+    def empty_slice(node: onnx.NodeProto) -> bool:
+        bounds = [constants.get(name) for name in node.input[1:3]]
+        return (node.op_type == "Slice" and len(node.input) >= 3 and all(b is not None for b in bounds)
+                and bounds[0].shape == bounds[1].shape and bool(np.all(bounds[0] == bounds[1])))
+
+    return [node.name for node in model.graph.node
+            if node.name and (empty & set(node.output) or empty_slice(node))]
+
+
 def calibration_method(name: str) -> Any:
-    """Rule a': onnxruntime's CalibrationMethod for a --calibrate name."""
+    """Rule a': onnxruntime's CalibrationMethod for a --calibrate name (auto: None, rule a'')."""
     from onnxruntime.quantization import CalibrationMethod
 
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+    methods = {"auto": None, "minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
     if name not in methods:
         raise InputError(f"unknown calibration {name!r}; known: {', '.join(CALIBRATIONS)}")
     return methods[name]
+
+
+@contextmanager
+def _histograms_skip_empty_tensors() -> Iterator[None]:
+    """Rule a': onnxruntime's HistogramCollector (Percentile, Entropy) fails when it merges the
+    second batch of an empty tensor (`np.nanmax` of nothing); while quantizing, empty tensors
+    are left out of what it collects. Their producers are excluded from quantization
+    (`empty_producers`), so no range is missing."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    original = HistogramCollector.collect
+
+    def collect(self: Any, name_to_arr: dict[str, Any]) -> Any:
+        return original(self, {name: arrays for name, arrays in name_to_arr.items()
+                               if any(np.size(array) for array in (arrays if isinstance(arrays, list) else [arrays]))})
+
+    HistogramCollector.collect = collect
+    try:
+        yield
+    finally:
+        HistogramCollector.collect = original
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantizer warns through the root logger, once per weight it cannot quantize
+    per channel (PP-OCR's recognizer: 48 LayerNorm scales, which it quantizes per tensor instead):
+    not the user's concern, so not on their terminal."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
 
 
 @contextmanager
@@ -401,6 +486,22 @@ def quantize_report(ctx: PassContext) -> dict[str, Any] | None:
     if ctx.quantization is None:
         return None
     return {**ctx.quantization, "original": (ctx.measurement or {}).get("int8_original")}
+
+
+def calibration_score(quality: Mapping[str, Any]) -> tuple[float, float, float]:
+    """Rule a'': what auto ranks by: held-out accuracy (with labels), else the agreement the gates
+    use (top-1, or greedy CTC decodings), then cosine; a figure that is absent counts as -1."""
+    _, agreement = gated_agreement(quality)
+    figures = (quality.get("accuracy_candidate"), agreement, quality.get("cosine_similarity"))
+    return tuple(-1.0 if value is None else float(value) for value in figures)
+
+
+def _figure(quality: Mapping[str, Any]) -> str:
+    """The figure auto ranked first, for the log and the report."""
+    if quality.get("accuracy_candidate") is not None:
+        return f"accuracy {_percent(quality['accuracy_candidate'])}"
+    what, agreement = gated_agreement(quality)
+    return f"{what} {_percent(agreement)}" if agreement is not None else f"cosine {quality['cosine_similarity']:.4f}"
 
 
 def _percent(value: float | None) -> str:

@@ -3,6 +3,7 @@ the float nodes left, the int8 fidelity, and the float outputs onnxruntime's too
 
 from __future__ import annotations
 
+import json
 import platform
 from dataclasses import replace
 
@@ -438,5 +439,53 @@ def test_cli_calibrate(tmp_path):
     done = runner.invoke(main, ["compile", str(path), "--ceiling", "8KB", "--int8", "--calibrate", "entropy",
                                 "--method", "pca", "--num-samples", "16", "--json", str(report), "-q"])
     assert done.exit_code == 0, done.output
-    import json
-    assert json.loads(report.read_text())["int8"]["calibration"] == "entropy"
+    section = json.loads(report.read_text())["int8"]
+    assert section["calibration"] == "entropy" and section["calibration_trials"] == {}
+
+
+def test_auto_calibration_keeps_percentile_where_an_outlier_ruins_minmax(tmp_path):
+    """Rule a'': one calibration pixel in 120000 far out makes MinMax's input range 1000 wide
+    (every other pixel in one or two steps); auto scores both on the held-out part and keeps
+    Percentile, the better by its recorded figures; the baseline is calibrated alike."""
+    rng = np.random.default_rng(3)
+    inputs = rng.standard_normal((40, 3, 64, 64)).astype(np.float32)
+    inputs[::10, 0, 0, 0] = 1000.0  # 0.0008% of the values: under what Percentile (99.999) leaves out
+    data = tmp_path / "data.npz"
+    np.savez(data, x=inputs)
+    result = api.compile(residual_net(size=64), ceiling="64KB", method="pca", data=str(data), num_samples=40,
+                         int8=True, latency_rounds=1, latency_repeats=1, measure_memory=False)
+    section = result.report["int8"]
+    trials = section["calibration_trials"]
+    assert set(trials) == {"minmax", "percentile"} and section["calibration"] == "percentile"
+    assert trials["percentile"]["cosine_similarity"] > trials["minmax"]["cosine_similarity"]
+    assert trials["percentile"]["relative_error"] < trials["minmax"]["relative_error"]
+    assert section["fidelity"] == trials["percentile"]
+    assert section["original"]["fidelity"]["cosine_similarity"] > trials["minmax"]["cosine_similarity"]
+
+
+def test_calibration_score_ranks_accuracy_then_agreement_then_cosine():
+    from fmcompress.passes.quantize import calibration_score
+
+    labelled = {"accuracy_candidate": 0.9, "top1_agreement": 0.5, "cosine_similarity": 0.1}
+    assert calibration_score(labelled) > calibration_score({**labelled, "accuracy_candidate": 0.8,
+                                                            "top1_agreement": 1.0, "cosine_similarity": 1.0})
+    unlabelled = {"accuracy_candidate": None, "top1_agreement": None, "sequence_agreement": 0.7,
+                  "cosine_similarity": 0.5}
+    assert calibration_score(unlabelled) > calibration_score({**unlabelled, "sequence_agreement": 0.6,
+                                                              "cosine_similarity": 0.99})
+    assert calibration_score({**unlabelled, "cosine_similarity": 0.6}) > calibration_score(unlabelled)
+
+
+def test_histogram_calibration_of_a_tiled_model():
+    """Rule a': the empty Slices that order tiled bands (passes/tile_emit.py rule g) are found,
+    left unquantized, and kept out of onnxruntime's histograms, which fail on them otherwise."""
+    from fmcompress.passes.quantize import empty_producers
+
+    tiled = _compile(ceiling="8KB", runtime="ort").model
+    empty = empty_producers(tiled)
+    assert empty and {node.op_type for node in tiled.graph.node if node.name in empty} == {"Slice"}
+    quantized = quantize_int8(tiled, _inputs(4), calibrate="percentile")
+    outputs = {out for node in tiled.graph.node if node.name in empty for out in node.output}
+    assert not any(node.input[0] in outputs for node in quantized.graph.node if node.op_type == "QuantizeLinear")
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, _inputs(1)[0])[0].shape == (1, 10)

@@ -266,7 +266,8 @@ GATES = (
          help="With --int8: how activation ranges are set from the calibration samples (onnxruntime's "
               "calibrators): minmax = the extremes seen; percentile = the 99.999th percentile of |x|, so that "
               "rare outliers do not stretch the range; entropy = the range that keeps the histogram's "
-              "information. Slower than minmax; see docs/int8.md for what each cost PP-OCR's recognizer."),
+              "information (slow); auto = minmax and percentile both tried, the one whose int8 model scores "
+              "better on the held-out part kept (docs/int8.md)."),
 )
 
 ALL = (*DATA, *TRAINING, *BUDGET, METHOD, *GATES)

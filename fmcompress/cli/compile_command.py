@@ -53,7 +53,8 @@ def compile_command(model: Path, output: Path | None, json_log: Path | None, pla
     if bound["ceiling"] is None and bound["traffic"] is None and bound["peak"] is None and not bound["int8"]:
         raise click.UsageError("missing option '--ceiling' (or '--traffic', '--peak' or '--int8')",
                                ctx=click.get_current_context())
-    if bound["calibrate"] is not None and not bound["int8"]:
+    given = click.get_current_context().get_parameter_source("calibrate") is click.core.ParameterSource.COMMANDLINE
+    if given and not bound["int8"]:
         raise click.UsageError("--calibrate sets the ranges of --int8's quantization; add --int8",
                                ctx=click.get_current_context())
     output = output or default_output(model)
