@@ -17,14 +17,15 @@ a. The model runs through onnxruntime's `quant_pre_process` (its symbolic shape 
    inference", after writing its partial model into the working directory, which is
    therefore a temporary folder), `quant_pre_process` runs on onnx's shape inference.
    A model onnxruntime's tools refuse is an InputError (exit 2).
-a'. Calibration (`--calibrate`): onnxruntime's MinMax (the default), Percentile (99.999th
-   percentile of |x|) or Entropy calibrator. Ranges are collected one batch at a time
-   (quantize_static's `CalibStridedMinMax`, which strides any calibrator; the histograms and
-   ranges merge across batches), because each calibrator otherwise holds every intermediate
-   output of every sample until the end (PP-OCR's recognizer, Percentile on 384 lines: out
-   of this machine's 24 GB). Nodes whose output is empty (the Slice that orders tiled
-   bands) are left unquantized and their tensors out of the histograms: they compute
-   nothing, and onnxruntime's histogram collector fails on an empty tensor's second batch.
+a'. Calibration (`--calibrate`): onnxruntime's MinMax, Percentile (99.999th percentile of
+   |x|) or Entropy calibrator, or `auto` (rule a'': the better of the first two). Ranges
+   are collected one batch at a time (quantize_static's `CalibStridedMinMax`, which strides
+   any calibrator; the histograms and ranges merge across batches), because each calibrator
+   otherwise holds every intermediate output of every sample until the end (PP-OCR's
+   recognizer, Percentile on 384 lines: out of this machine's 24 GB). Nodes whose output is
+   empty (the Slice that orders tiled bands) are left unquantized and their tensors out of
+   the histograms: they compute nothing, and onnxruntime's histogram collector fails on an
+   empty tensor's second batch.
 a''. `auto` (the default): the model is quantized with MinMax and with Percentile, each is
    scored against the float model on `ctx.held_out` (rule d), and the better one is kept
    (`calibration_score`: accuracy with labels, else the gates' agreement, then cosine;
@@ -51,9 +52,9 @@ d. Fidelity of the int8 model against the float model it came from, on `ctx.held
    rewrites exactly.
 e. The pass returns the int8 model (graph inputs, outputs and metadata of the float
    one) and sets `ctx.quantization` (and `result.data`): {"format", "level",
-   "calibration", "calibration_trials", "float_nodes", "float_bytes", "integer_ops", "fidelity", "calibration_samples",
-   "runtime_peak_bytes", "largest_allocation_bytes", "over_ceiling"} (the last three with
-   rule g's check).
+   "calibration", "calibration_trials", "float_nodes", "float_bytes", "integer_ops",
+   "fidelity", "calibration_samples", "runtime_peak_bytes", "largest_allocation_bytes",
+   "over_ceiling"} (the last three with rule g's check).
 f. Ranks: `AlignRanksPass` (compile --int8, after planning, before the fit) rounds every
    planned rank k down to a multiple of 8 (ranks under 8 stay). The folded convs write and
    read k channels, and onnxruntime's symmetric int8 kernel needs k % 8 == 0 written and
@@ -497,7 +498,7 @@ def calibration_score(quality: Mapping[str, Any]) -> tuple[float, float, float]:
 
 
 def _figure(quality: Mapping[str, Any]) -> str:
-    """The figure auto ranked first, for the log and the report."""
+    """The figure auto ranks by first, for the log."""
     if quality.get("accuracy_candidate") is not None:
         return f"accuracy {_percent(quality['accuracy_candidate'])}"
     what, agreement = gated_agreement(quality)
