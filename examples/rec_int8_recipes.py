@@ -11,7 +11,8 @@ passes/quantize.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process
 * conv / matmul: only Conv, or only MatMul, quantized (the rest stays float);
 * conv-percentile: only Conv, ranges from onnxruntime's Percentile calibrator (99.999);
 * percentile / entropy: every op, ranges from the Percentile or Entropy calibrator
-  (`compile --int8 --calibrate percentile|entropy`).
+  (`compile --int8 --calibrate percentile|entropy`); entropy only when named, since it
+  ran for over ten minutes on 384 lines without finishing.
 
 Each row is the exact match on 300 other set-1 lines (seed 1000) and the seconds it took.
 Every recipe collects its ranges one batch at a time (passes/quantize.py rule a'): the
@@ -44,7 +45,7 @@ def quantized(path: str, calibration, recipe: dict) -> onnx.ModelProto:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", default="minmax,conv,matmul,conv-percentile,percentile,entropy")
+    parser.add_argument("--recipes", default="minmax,conv,matmul,conv-percentile,percentile")
     parser.add_argument("--samples", type=int, default=384)
     args = parser.parse_args()
     path = str(real_model("ppocr-rec"))
