@@ -101,6 +101,7 @@ import onnx
 
 from fmcompress.errors import InputError, VerificationError
 from fmcompress.metrics import fidelity, gated_agreement
+from fmcompress.onnxutil import constant_node_value
 from fmcompress.ortrun import run_ort
 from fmcompress.shapes import onnxruntime_tensor_infos, resolve_input_shapes, with_input_shapes
 
@@ -161,8 +162,7 @@ class QuantizePass(Pass):
         """Rules a', a'' and d: (calibration, int8 model, its fidelity, what auto's trials scored)."""
         trials: dict[str, tuple[onnx.ModelProto, dict[str, Any]]] = {}
         for method in AUTO_TRIALS if self.calibrate == "auto" else (self.calibrate,):
-            quantized = quantize_int8(proto, (inputs for inputs, _ in ctx.calibration.batches(batch)),
-                                      calibrate=method)
+            quantized = quantize_int8(proto, _calibration_inputs(ctx, batch), calibrate=method)
             trials[method] = quantized, int8_fidelity(proto, quantized, ctx, batch)
         chosen = max(trials, key=lambda method: calibration_score(trials[method][1]))  # the first on a tie
         if len(trials) > 1:
@@ -177,8 +177,7 @@ class QuantizePass(Pass):
         if ctx.original is None:
             return None
         try:
-            return quantize_int8(ctx.original, (inputs for inputs, _ in ctx.calibration.batches(batch)),
-                                 calibrate=calibration)
+            return quantize_int8(ctx.original, _calibration_inputs(ctx, batch), calibrate=calibration)
         except InputError as exc:
             ctx.warnings.append(f"int8: the original quantized alone is not compared: {exc}")
             return None
@@ -341,25 +340,25 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], *, calibrate
 
 
 def empty_producers(model: onnx.ModelProto) -> list[str]:
-    """Rule a': the named nodes whose output is empty: a 0 in its inferred shape, or a Slice
-    whose constant starts equal its constant ends (the Slice that orders tiled bands,
-    passes/tile_emit.py rule g, whose input's shape inference may not know). They compute
-    nothing, so there is nothing to quantize, and onnxruntime's histogram calibrators fail on
-    an empty tensor's second batch."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    empty = {value.name for value in inferred.graph.value_info
-             if any(dim.HasField("dim_value") and dim.dim_value == 0 for dim in value.type.tensor_type.shape.dim)}
+    """Rule a': the named Slices whose constant starts equal their constant ends: their output is
+    empty (the Slice that orders tiled bands, passes/tile_emit.py rule g, whose input's shape
+    inference may not know). They compute nothing, so there is nothing to quantize, and
+    onnxruntime's histogram calibrators fail on an empty tensor's second batch."""
     constants = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
-    constants.update({node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t) for node in model.graph.node
-                      if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
+    constants.update({node.output[0]: constant_node_value(node) for node in model.graph.node
+                      if node.op_type == "Constant"})
 
     def empty_slice(node: onnx.NodeProto) -> bool:
         bounds = [constants.get(name) for name in node.input[1:3]]
-        return (node.op_type == "Slice" and len(node.input) >= 3 and all(b is not None for b in bounds)
+        return (node.op_type == "Slice" and len(bounds) == 2 and all(b is not None for b in bounds)
                 and bounds[0].shape == bounds[1].shape and bool(np.all(bounds[0] == bounds[1])))
 
-    return [node.name for node in model.graph.node
-            if node.name and (empty & set(node.output) or empty_slice(node))]
+    return [node.name for node in model.graph.node if node.name and empty_slice(node)]
+
+
+def _calibration_inputs(ctx: PassContext, batch: int) -> Iterator[Batch]:
+    """The calibration part's input batches (rule a: never the held-out samples)."""
+    return (inputs for inputs, _ in ctx.calibration.batches(batch))
 
 
 def calibration_method(name: str) -> Any:
