@@ -88,7 +88,7 @@ class CompileOptions(DataOptions):
     objective: str = "traffic"  # or "traffic+latency": prefer maps whose projections fold
     latency_weight: float = 1.0  # traffic+latency: the weight of the latency term (passes/allocate.py rule f)
     int8: bool = False  # quantize the verified model to int8 QDQ (passes/quantize.py); plans maps at 1 byte
-    calibrate: str = DEFAULT_CALIBRATION  # --int8's activation ranges: minmax, percentile or entropy (rule a')
+    calibrate: str = DEFAULT_CALIBRATION  # --int8's ranges: auto, minmax, percentile or entropy (quantize.py rule a')
     # onnxruntime's live peak at most this size (passes/peak_plan.py): "512KB" or bytes, or "lossless" (the
     # smallest tiling alone reaches, rule h; what int8 alone means); implies runtime="ort"
     peak: str | int | None = None
