@@ -173,11 +173,12 @@ class FitProjectionsPass(Pass):
             refined = bool(fit.losses)  # none: nothing later reads the map, it keeps its start
             record = {"name": name, "first_loss": fit.first if refined else None,
                       "loss": fit.last if refined else None, "epochs": len(fit.losses),
-                      "stopped_early": fit.stopped_early, "losses": list(fit.losses)}
+                      "stopped_early": fit.stopped_early, "losses": list(fit.losses),
+                      "seconds": round(fit.seconds, 3)}
             stage["maps"].append(record)
             outcome = (f"loss {fit.first:.4f} -> {fit.last:.4f} in {len(fit.losses)} epoch(s)"
                        f"{' (stopped: no gain)' if fit.stopped_early else ''}" if refined
-                       else "kept its start (no block epochs, or nothing later reads it)")
+                       else "kept its start (no block epochs, or nothing later reads it)") + f", {fit.seconds:.1f} s"
             ctx.log(f"block {i + 1}/{len(maps)}: {name} {' -> '.join(map(str, ranks[name]))} channels, {outcome}")
             if self.monitor is not None:
                 self.monitor("block", {"map": i + 1, "maps": len(maps), **record})

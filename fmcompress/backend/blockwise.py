@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ class BlockFit:
 
     losses: list[float] = field(default_factory=list)
     stopped_early: bool = False
+    seconds: float = 0.0  # the map's start and refinement, wall time
 
     @property
     def first(self) -> float:
@@ -92,6 +94,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
     try:
         for position, i in enumerate(ordered):
             name, channels, k = maps[i]
+            started = time.perf_counter()
             step = executor.producer_step(name)
             if init == "lstsq":
                 start = lstsq_projection(*runs.cross_moments(name, seed=i), k)
@@ -107,6 +110,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
                               temperature=temperature, seed=(seed, i), min_gain=min_gain, patience=patience)
             projection.requires_grad_(False)
             runs.apply(name, projection)
+            fit.seconds = time.perf_counter() - started
             if progress is not None:
                 progress(position, name, fit)
             fitted[name] = projection.to_projection()
