@@ -60,8 +60,8 @@ from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.errors import InputError, VerificationError
 from fmcompress.evaluation import otherlines, textlines
 from fmcompress.evaluation.thirdparty import real_model
+from fmcompress.int8 import CALIBRATIONS, DEFAULT_CALIBRATION
 from fmcompress.passes.fit import METHODS
-from fmcompress.passes.quantize import CALIBRATIONS, DEFAULT_CALIBRATION
 from fmcompress.train_config import TrainConfig
 
 MAX_CALIBRATION = 512

@@ -3,7 +3,7 @@
     python examples/rec_int8_recipes.py [--recipes minmax,percentile,...] [--samples 384]
 
 The recognizer (the `test` extra's PP-OCRv4 model) goes through onnxruntime's own flow as
-passes/quantize.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process`,
+fmcompress/int8.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process`,
 `quantize_static` with QDQ, per-channel symmetric int8 weights, uint8 activations), calibrated on
 `--samples` set-1 lines (seed 0), with one recipe each:
 
@@ -15,7 +15,7 @@ passes/quantize.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process
   ran for over ten minutes on 384 lines without finishing.
 
 Each row is the exact match on 300 other set-1 lines (seed 1000) and the seconds it took.
-Every recipe collects its ranges one batch at a time (passes/quantize.py rule a'): the
+Every recipe collects its ranges one batch at a time (fmcompress/int8.py rule b): the
 histogram calibrators otherwise hold every intermediate output of every sample.
 """
 
@@ -28,7 +28,7 @@ import onnx
 
 from fmcompress.evaluation import textlines
 from fmcompress.evaluation.thirdparty import real_model
-from fmcompress.passes.quantize import quantize_int8
+from fmcompress.int8 import quantize_int8
 
 
 def recipes() -> dict[str, dict]:

@@ -25,10 +25,12 @@ import onnx
 from .data import DEFAULT_MEAN, DEFAULT_SCALE, DEFAULT_STD
 from .errors import InputError
 from .featuremaps import Projection
+from .int8 import DEFAULT_CALIBRATION
 from .memprobe import measurement_enabled
 from .modelio import load_model
 from .ortrun import ort_level
 from .passes import Pass, PassContext, Pipeline
+from .passes.align_ranks import AlignRanksPass
 from .passes.allocate import OBJECTIVES, AllocatePass, parse_traffic
 from .passes.fit import DEFAULT_METHOD, METHODS, FitProjectionsPass
 from .passes.fold import FoldProjectionsPass
@@ -39,13 +41,8 @@ from .passes.memory import MemoryAnalysisPass
 from .passes.peak_plan import PeakPlanPass, ShapeProjectionsPass, ShapeQuantizePass, VerifyPeakPass
 from .passes.plan import Plan, PlanPass
 from .passes.prepare_data import DataOptions, PrepareDataPass
-from .passes.quantize import (
-    DEFAULT_CALIBRATION,
-    AlignRanksPass,
-    QuantizablePass,
-    QuantizePass,
-    planned_act_bytes,
-)
+from .passes.quantizable import QuantizablePass
+from .passes.quantize import QuantizePass, planned_act_bytes
 from .passes.runtime import RuntimeMemoryPass
 from .passes.runtime_plan import RuntimePlanPass, TileToCeilingPass
 from .passes.sink_concat import SinkConcatPass
@@ -88,7 +85,7 @@ class CompileOptions(DataOptions):
     objective: str = "traffic"  # or "traffic+latency": prefer maps whose projections fold
     latency_weight: float = 1.0  # traffic+latency: the weight of the latency term (passes/allocate.py rule f)
     int8: bool = False  # quantize the verified model to int8 QDQ (passes/quantize.py); plans maps at 1 byte
-    calibrate: str = DEFAULT_CALIBRATION  # --int8's ranges: auto, minmax, percentile or entropy (quantize.py rule a')
+    calibrate: str = DEFAULT_CALIBRATION  # --int8's ranges: auto, minmax, percentile or entropy (int8.py rule b)
     # onnxruntime's live peak at most this size (passes/peak_plan.py): "512KB" or bytes, or "lossless" (the
     # smallest tiling alone reaches, rule h; what int8 alone means); implies runtime="ort"
     peak: str | int | None = None
@@ -142,7 +139,7 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
         passes += runtime_planning(plan_level(options))
     elif options.traffic is None:  # a traffic budget counts the maps as they are: nothing sunk
         passes += [SinkConcatPass(), PlanPass()]
-    if options.int8:  # ranks onnxruntime's symmetric int8 convs take (passes/quantize.py rule f)
+    if options.int8:  # ranks onnxruntime's symmetric int8 convs take (passes/align_ranks.py rule a)
         passes.append(AlignRanksPass())
     prepare = PrepareDataPass(options)
     if options.traffic is not None:  # the allocation measures its proxies on the calibration part

@@ -21,7 +21,7 @@ d. The gate: with `min_agreement`, top-1 agreement (sequence agreement for a
    labels. A failure raises `VerificationError` (exit 1), so compile writes nothing.
    Without a gate, agreement under 90% is a warning.
 
-e. With `--int8` (`ctx.quantized_original`, passes/quantize.py rule i): the original
+e. With `--int8` (`ctx.quantized_original`, passes/quantize.py rule g): the original
    quantized alone, against the float original (its fidelity: what quantization alone
    costs), and the int8 model's latency against it (`int8_original`).
 

@@ -73,6 +73,7 @@ import onnx
 
 from fmcompress.errors import FmcError, InputError, VerificationError
 from fmcompress.featuremaps import FeatureMap, Projection
+from fmcompress.int8 import quantize_int8
 from fmcompress.memprobe import measure_peak
 from fmcompress.reports.analysis import RuntimeView
 from fmcompress.units import Ceiling, format_bytes
@@ -81,7 +82,7 @@ from .base import Pass, PassContext, PassResult, Pipeline
 from .graph import Model
 from .memory import analyze_stored
 from .plan import carried_planes, plan_from_report
-from .quantize import own_dtypes, quantize_int8
+from .quantize import own_dtypes
 from .runtime import CEILED_ROLES, analyze_runtime
 
 Probe = Callable[[int], Pipeline]  # a ceiling in bytes -> compile's passes up to tiling (rule a)

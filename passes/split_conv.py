@@ -52,7 +52,7 @@ from .graphutil import Namer, constant_value, detach, optional_input
 from .runtime import conv_workspace_elements, integer_conv_workspaces
 from .tile_bands import integer_kernels
 
-ALIGN = 8  # rule b'': MLAS's symmetric int8 conv wants output channels % 8 (passes/quantize.py rule f)
+ALIGN = 8  # rule b'': MLAS's symmetric int8 conv wants output channels % 8 (passes/align_ranks.py rule b)
 
 
 class SplitConvPass(Pass):

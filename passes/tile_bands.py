@@ -220,7 +220,7 @@ def bands_for_budget(model: onnx.ModelProto, start: Starts, end: str, budget_byt
     integer kernels, where no band count brings their buffers under it (a stem conv's int32
     output for 3 input rows a band), of the band counts whose maps fit the one with the
     smallest largest buffer (passes/split_conv.py rules a', b'' then split the filters of a conv
-    whose int32 output is left above; passes/quantize.py rule g names what still is)."""
+    whose int32 output is left above; passes/quantize.py rule f names what still is)."""
     region = region or tileable_region(model, start, end, input_shapes)
     found = _fewest_bands(model, region, budget_bytes, act_bytes, None)
     if found is None and integer_kernels(act_bytes):

@@ -1,5 +1,6 @@
-"""compile --int8 (passes/quantize.py): onnxruntime's QDQ quantization of the verified model,
-the float nodes left, the int8 fidelity, and the float outputs onnxruntime's tools accept."""
+"""compile --int8 (passes/quantize.py, fmcompress/int8.py, passes/align_ranks.py,
+passes/quantizable.py): onnxruntime's QDQ quantization of the verified model, the float
+nodes left, the int8 fidelity, and the float outputs onnxruntime's tools accept."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from fmcompress import api
 from fmcompress.cli import main
 from fmcompress.errors import InputError
+from fmcompress.int8 import quantize_int8
 from fmcompress.memprobe import measure_peak
+from fmcompress.passes.align_ranks import aligned_rank
 from fmcompress.passes.base import PassContext
 from fmcompress.passes.plan import PlannedMap
-from fmcompress.passes.quantize import aligned_rank, float_nodes, planned_act_bytes, quantize_int8
+from fmcompress.passes.quantize import float_nodes, planned_act_bytes
 from fmcompress.passes.runtime import integer_conv_workspaces, optimized_model, runtime_view
 from fmcompress.passes.split_conv import SplitConvPass, integer_split
 from fmcompress.passes.tile_bands import bands_for_budget, peak_band_bytes
@@ -98,7 +101,7 @@ def test_int8_compile_residual_is_qdq_and_fully_integer():
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": _inputs(1)[0]["x"]})[0].shape == (1, 10)
     assert [i.shape for i in session.get_inputs()] == [["N", 3, SIZE, SIZE]]  # the interface kept
-    # rule i: the original quantized alone, its fidelity to the float original and the latency against it
+    # quantize.py rule g: the original quantized alone, its fidelity to the float original and the latency against it
     baseline = section["original"]
     assert baseline["latency_ms"]["ratio"] > 0 and baseline["latency_ms"]["original_int8"] > 0
     assert 0 < baseline["fidelity"]["relative_error"] < 0.5  # int8 rounding, not a broken model
@@ -106,7 +109,7 @@ def test_int8_compile_residual_is_qdq_and_fully_integer():
 
 
 def test_int8_tiled_quantizes_the_input_once():
-    """--runtime ort: bands of the input, each band Slice on one uint8 copy of it (rule a),
+    """--runtime ort: bands of the input, each band Slice on one uint8 copy of it (int8.py rule a),
     every band's Conv and Add integer."""
     result = _compile(ceiling="8KB", int8=True, runtime="ort")
     assert any("_band" in node.name for node in result.model.graph.node)
@@ -119,7 +122,7 @@ def test_int8_tiled_quantizes_the_input_once():
 def test_int8_global_pool_in_bands_runs_in_integer_kernels():
     """At 4KB the last map is pooled in bands (passes/tile_emit.py rule i): per-band
     GlobalAveragePools weighted and added run as QLinearGlobalAveragePool, QLinearMul and
-    QLinearAdd; no float band is left, and every map holds the ceiling (quantize rule g)."""
+    QLinearAdd; no float band is left, and every map holds the ceiling (quantize rule f)."""
     result = _compile(ceiling="4KB", int8=True, runtime="ort")
     section = result.report["int8"]
     assert section["float_nodes"] == [] and section["float_bytes"] == 0
@@ -186,7 +189,7 @@ def test_integer_conv_workspace_parts():
     assert symmetric == {"indirection": (9 * 3136, np.dtype(np.uint64))}
     assert integer_conv_workspaces((64, 64, 1, 1), 3136, 3136, 1, True, channels_last=True) == {}
     assert set(integer_conv_workspaces((83, 64, 3, 3), 3136, 3136, 1, False, channels_last=True)) == {
-        "gemm_output", "im2col"}  # 83 filters: no symmetric kernel (quantize rule f aligns ranks)
+        "gemm_output", "im2col"}  # 83 filters: no symmetric kernel (align_ranks rule a aligns ranks)
 
 
 def test_align_ranks_rounds_down_to_multiples_of_8():
@@ -292,7 +295,7 @@ def test_onnxruntime_quantization_accepts_the_float_output(tmp_path, runtime):
 
 
 def test_float_nodes_name_what_has_no_integer_kernel():
-    """Rule c: onnxruntime has no integer Tanh: the Tanh and the DequantizeLinear before it
+    """quantize.py rule c: onnxruntime has no integer Tanh: the Tanh and the DequantizeLinear before it
     run in float, each on a 16x32x32 float map; the rest is integer."""
     quantized = quantize_int8(residual_net("Tanh"), _inputs())
     found = float_nodes(quantized, {"x": (1, 3, SIZE, SIZE)}, "extended")
@@ -323,7 +326,7 @@ def test_cli_int8_exit_codes(tmp_path):
 
 
 def test_an_opset_11_model_with_a_constant_concat_is_quantized():
-    """Rule a on what PP-OCR's classifier is: opset 11 (converted to 17, or per-channel
+    """int8.py rule a on what PP-OCR's classifier is: opset 11 (converted to 17, or per-channel
     DequantizeLinear would be invalid) and a Concat of constants along axis -1, on which
     onnxruntime's symbolic shape inference asserts (it wants the literal 0) (onnx's shape inference instead)."""
     rng = np.random.default_rng(0)
@@ -351,13 +354,13 @@ def test_an_opset_11_model_with_a_constant_concat_is_quantized():
 
 
 def test_a_model_quantization_refuses_is_refused_before_the_fit(tmp_path, monkeypatch):
-    """Rule h: onnxruntime's refusal comes before any training, not after it."""
-    import fmcompress.passes.quantize as quantize
+    """quantizable.py rule a: onnxruntime's refusal comes before any training, not after it."""
+    import fmcompress.passes.quantizable as quantizable
 
     def refuse(model, batches):
         raise InputError("onnxruntime's quantization refused the model (AssertionError: a stand-in)")
 
-    monkeypatch.setattr(quantize, "quantize_int8", refuse)
+    monkeypatch.setattr(quantizable, "quantize_int8", refuse)
     monkeypatch.setattr("fmcompress.passes.fit.FitProjectionsPass.run",
                         lambda self, model, ctx: pytest.fail("the fit ran before the quantization check"))
     path = tmp_path / "net.onnx"
@@ -369,11 +372,10 @@ def test_a_model_quantization_refuses_is_refused_before_the_fit(tmp_path, monkey
 
 @pytest.mark.real
 def test_incomplete_symbolic_shapes_fall_back_and_write_nothing_in_the_working_directory(tmp_path, monkeypatch):
-    """Rule a on PP-OCR's recognizer: onnxruntime's symbolic shape inference gives up on it
+    """int8.py rule a on PP-OCR's recognizer: onnxruntime's symbolic shape inference gives up on it
     ("Incomplete symbolic shape inference", after saving its partial model in the working
     directory); onnx's shape inference takes over and the user's directory stays empty."""
     from fmcompress.evaluation.thirdparty import real_model
-    from fmcompress.passes.quantize import quantize_int8
 
     model = onnx.load(str(real_model("ppocr-rec")))
     monkeypatch.chdir(tmp_path)
@@ -392,7 +394,7 @@ def _activation_scales(quantized: onnx.ModelProto) -> dict[str, float]:
 
 def _quantize_static_at_once(model: onnx.ModelProto, batches: list, method, tmp_path) -> onnx.ModelProto:
     """onnxruntime's own flow, every batch collected in one call (no striding): the reference."""
-    from fmcompress.passes.quantize import QUANTIZE_OPTIONS, calibration_reader
+    from fmcompress.int8 import QUANTIZE_OPTIONS, calibration_reader
 
     source, quantized = str(tmp_path / "float.onnx"), str(tmp_path / "int8.onnx")
     onnx.save(model, source)
@@ -404,10 +406,10 @@ def _quantize_static_at_once(model: onnx.ModelProto, batches: list, method, tmp_
 
 @pytest.mark.parametrize("calibrate", ["minmax", "percentile"])
 def test_calibration_collected_per_batch_matches_onnxruntime_at_once(tmp_path, calibrate):
-    """Rule a': ranges collected one batch at a time (bounded memory) are onnxruntime's own,
+    """int8.py rule b: ranges collected one batch at a time (bounded memory) are onnxruntime's own,
     collected over all batches at once: equal for MinMax, within a bin's width for Percentile,
     whose histograms merge across batches."""
-    from fmcompress.passes.quantize import calibration_method
+    from fmcompress.int8 import calibration_method
 
     model, batches = residual_net(), _inputs(6)
     ours = _activation_scales(quantize_int8(model, batches, calibrate=calibrate))
@@ -418,7 +420,7 @@ def test_calibration_collected_per_batch_matches_onnxruntime_at_once(tmp_path, c
 
 
 def test_percentile_calibration_ignores_a_rare_outlier():
-    """Rule a': one input pixel far out stretches MinMax's input range; Percentile's stays
+    """int8.py rule b: one input pixel far out stretches MinMax's input range; Percentile's stays
     near the bulk's, so the rest keeps its resolution."""
     batches = _inputs(10, 64)  # 122880 input values: one is under the 0.001% Percentile leaves out
     batches[0]["x"][0, 0, 0, 0] = 1000.0
@@ -444,7 +446,7 @@ def test_cli_calibrate(tmp_path):
 
 
 def test_auto_calibration_keeps_percentile_where_an_outlier_ruins_minmax(tmp_path):
-    """Rule a'': one calibration pixel in 120000 far out makes MinMax's input range 1000 wide
+    """quantize.py rule a': one calibration pixel in 120000 far out makes MinMax's input range 1000 wide
     (every other pixel in one or two steps); auto scores both on the held-out part and keeps
     Percentile, the better by its recorded figures; the baseline is calibrated alike."""
     rng = np.random.default_rng(3)
@@ -477,9 +479,9 @@ def test_calibration_score_ranks_accuracy_then_agreement_then_cosine():
 
 
 def test_histogram_calibration_of_a_tiled_model():
-    """Rule a': the empty Slices that order tiled bands (passes/tile_emit.py rule g) are found,
+    """int8.py rule b: the empty Slices that order tiled bands (passes/tile_emit.py rule g) are found,
     left unquantized, and kept out of onnxruntime's histograms, which fail on them otherwise."""
-    from fmcompress.passes.quantize import empty_producers
+    from fmcompress.int8 import empty_producers
 
     tiled = _compile(ceiling="8KB", runtime="ort").model
     empty = empty_producers(tiled)

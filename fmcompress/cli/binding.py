@@ -18,9 +18,9 @@ from typing import Any
 import click
 
 from ..compiler import RUNTIMES, CompileOptions
+from ..int8 import CALIBRATIONS
 from ..passes.allocate import OBJECTIVES
 from ..passes.fit import METHODS
-from ..passes.quantize import CALIBRATIONS
 from ..reports.analysis import ORT_LEVELS
 from ..train_config import (
     AUGMENTATIONS,

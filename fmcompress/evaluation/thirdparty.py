@@ -57,7 +57,7 @@ def ort_quantize_static(model, feeds: list[dict]):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from fmcompress.passes.quantize import calibration_reader
+    from fmcompress.int8 import calibration_reader
 
     with tempfile.TemporaryDirectory() as folder:
         source, prepared, quantized = (str(Path(folder) / f"{n}.onnx") for n in ("float", "pre", "int8"))
