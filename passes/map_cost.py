@@ -17,10 +17,10 @@ b. The figure is the one a report leads with (`gated_agreement`: top-1 agreement
    share of the joint cost.
 c. At most `max_samples` held-out samples are run (the first ones), so the pass costs at
    most that many forward passes per map; nothing fitted or no held-out part: no costs.
-e. Cost: the held-out part runs once whole; then one original run per batch advances through
+d. Cost: the held-out part runs once whole; then one original run per batch advances through
    the maps in network order, and each map runs only the steps after its own, from a copy
    of that run with the map projected: about half a forward pass per map, not a whole one.
-f. The model is not changed; `ctx.map_costs` (and `result.data`) is one dict per map in
+e. The model is not changed; `ctx.map_costs` (and `result.data`) is one dict per map in
    plan order: `name`, `metric`, `alone` (the figure), `drop_points`,
    `accuracy_drop_points` (None without labels), `samples`.
 
@@ -46,7 +46,7 @@ BATCH = 16
 
 
 class MapCostPass(Pass):
-    """Rules a-f: the held-out cost of each projection alone."""
+    """Rules a-e: the held-out cost of each projection alone."""
 
     name = "map-cost"
     requires = ("projections", "projected_graph", "held_out")
