@@ -26,8 +26,8 @@ BLOCK_AUGMENTATIONS = ("none", "look")
 class TrainConfig:
     """What `compile --method learned|random` trains with (the CLI flags of the same names)."""
 
-    epochs: int = 10
-    block_epochs: int = 12  # learned: block reconstruction epochs per map before end-to-end training
+    epochs: int = 10  # end to end; 0: the starting projections (the block stage's, for learned) are kept
+    block_epochs: int = 3  # learned: block reconstruction epochs per map (from lstsq) before end-to-end training
     block_lr: float = 1e-2  # the block stage's rate, relative as lr is
     lr: float = 1e-2  # relative to each map's scale: a map of C channels steps at lr / sqrt(C)
     batch_size: int = 16
@@ -48,13 +48,13 @@ class TrainConfig:
     block_min_gain: float = 0.01  # a map's block stage stops when an epoch gains less than this, relatively...
     block_patience: int = 2  # ...this many epochs in a row (block_epochs stays the maximum)
     fake_quant: bool = False  # the stored maps rounded as int8 in training (quantization-aware, for --int8)
-    block_init: str = "pca"  # the block stage's start: pca, or lstsq (closed-form reduced-rank regression)
+    block_init: str = "lstsq"  # the block stage's start: lstsq (closed-form reduced-rank regression), or pca
     block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look)
 
     def check(self) -> None:
         """One-line InputErrors for values that cannot train."""
-        if self.epochs < 1:
-            raise InputError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.epochs < 0:
+            raise InputError(f"--epochs must be at least 0, got {self.epochs}")
         if self.block_epochs < 0:
             raise InputError(f"--block-epochs must be at least 0, got {self.block_epochs}")
         for value, flag in ((self.lr, "--lr"), (self.block_lr, "--block-lr")):

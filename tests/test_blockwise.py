@@ -252,3 +252,35 @@ def test_learned_is_never_worse_than_pca(tmp_path, monkeypatch):
     assert learned.report["training"]["best_score"] > learned.report["training"]["initial_score"]
     for name, projection in pca.projections.items():
         np.testing.assert_allclose(learned.projections[name].P, projection.P, atol=1e-6)
+
+
+def test_no_end_to_end_epochs_keep_the_block_stage(tmp_path, monkeypatch):
+    """`--epochs 0`: nothing trains end to end; the block stage's projections are kept (or PCA's,
+    rule f, where they score better on the held-out part)."""
+    import onnx
+
+    import fmcompress.backend.blockwise as module
+    import fmcompress.backend.projection as projection_module
+    from fmcompress.compiler import CompileOptions, compile_model
+    from fmcompress.train_config import TrainConfig
+
+    staged, pca = {}, {}
+
+    def recording(fit, into):
+        def wrapper(*args, **kwargs):
+            into.update(fit(*args, **kwargs))
+            return dict(into)
+        return wrapper
+
+    monkeypatch.setattr(module, "fit_blockwise", recording(module.fit_blockwise, staged))
+    monkeypatch.setattr(projection_module, "fit_pca", recording(projection_module.fit_pca, pca))
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_classifier(), str(path))
+    result = compile_model(str(path), CompileOptions(
+        ceiling="4x", num_samples=32, batch_size=8, latency_rounds=1, latency_repeats=1,
+        training=TrainConfig(epochs=0, block_epochs=2, batch_size=8)))
+    training = result.report["training"]
+    assert training["history"] == [] and training["best_epoch"] == 0 and staged and pca
+    assert training["best_score"] >= training["initial_score"]
+    kept = [name for name in staged if np.array_equal(result.projections[name].P, staged[name].P)]
+    assert len(kept) == len(staged) or all(np.array_equal(result.projections[name].P, pca[name].P) for name in pca)

@@ -346,7 +346,7 @@ def test_two_gloo_processes_match_one(tmp_path):
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
-    (["--epochs", "0"], "--epochs"), (["--lr", "-1"], "--lr"), (["--device", "tpu"], "--device"),
+    (["--epochs", "-1"], "--epochs"), (["--lr", "-1"], "--lr"), (["--device", "tpu"], "--device"),
     (["--loss", "magic"], "--loss"), (["--schedule", "random"], "--schedule"),
     (["--feature-reference", "student"], "--feature-reference"), (["--patience", "-1"], "--patience"),
     (["--block-init", "svd"], "--block-init"), (["--block-min-gain", "1"], "--block-min-gain"),

@@ -28,7 +28,8 @@ e. After every epoch the held-out part is scored with the student: accuracy with
    the score reaches `target`. The initialisation is scored first and is a candidate
    too, and so is `fallback` when given (the fit pass's PCA, when training starts from
    the block stage), so training never returns worse held-out figures than either.
-   Held-out data is never trained on.
+   Held-out data is never trained on. With `epochs` 0 (and no greedy stages) nothing
+   trains: the better of the initialisation and `fallback` is returned.
 f. An epoch that diverged (`schedule.diverged`) restores the best projections, drops
    the optimiser's moments and multiplies the learning rate (and the rest of its
    schedule) by `schedule.BACKTRACK_FACTOR`. A diverged epoch is never the best one, nor

@@ -143,12 +143,14 @@ DATA = (  # what `compile` and `verify` share (verify_pair takes the same names)
 )
 
 TRAINING = (  # `--method learned|random`
-    Bound("--epochs", T, "epochs", type=click.IntRange(min=1),
-         help="Training epochs over the calibration part (after the greedy stages)."),
+    Bound("--epochs", T, "epochs", type=click.IntRange(min=0),
+         help="End-to-end training epochs over the calibration part (after the greedy stages); 0 keeps "
+              "the starting projections (learned: the block stage's, or PCA's where they score better)."),
     Bound("--block-epochs", T, "block_epochs", type=click.IntRange(min=0),
          help="learned: first refine each projection, in network order, to reproduce what the original "
               "computes after its block (the next compressed map, or the outputs), for this many epochs "
-              "per map; 0 starts end-to-end training from plain PCA. Harder ceilings need more."),
+              "per map; 0 starts end-to-end training from the stage's starts (--block-init). Harder ceilings "
+              "need more."),
     Bound("--block-min-gain", T, "block_min_gain", type=click.FloatRange(0, 1, max_open=True),
          help="learned: a map's block stage stops once its epochs' mean block loss has fallen by less than "
               "this share of its best for --block-patience epochs in a row (--block-epochs stays the "
@@ -156,8 +158,8 @@ TRAINING = (  # `--method learned|random`
     Bound("--block-patience", T, "block_patience", type=click.IntRange(min=1),
          help="Epochs in a row without a --block-min-gain gain that stop a map's block stage."),
     Bound("--block-init", T, "block_init", type=choice(BLOCK_INITS),
-         help="The block stage's start per map: pca of the map as the compressed network computes it, or "
-              "lstsq: the closed-form rank-k least-squares map from it to the original's map."),
+         help="The block stage's start per map: lstsq, the closed-form rank-k least-squares map from the map "
+              "as the compressed network computes it to the original's map; or pca of the former."),
     Bound("--block-augment", T, "block_augment", type=choice(BLOCK_AUGMENTATIONS),
          help="look: half the block stage's calibration samples are given another look (polarity, colours, "
               "contrast, a shading ramp, blur, noise), so that projections fitted on lines of one look hold "
