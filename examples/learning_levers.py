@@ -30,6 +30,7 @@ def from_pca(**settings) -> tuple[str, dict]:
     return "learned", {"block_epochs": 0, **settings}
 
 
+PCA_BLOCK = {"block_epochs": 12, "block_init": "pca"}  # the block stage as it was before the lstsq start
 CONFIGS = {  # lr is relative: a map of C channels steps at lr / sqrt(C)
     "pca": ("pca", {}),
     "10 epochs, lr 3e-3": from_pca(epochs=10, lr=3e-3),
@@ -44,9 +45,11 @@ CONFIGS = {  # lr is relative: a map of C channels steps at lr / sqrt(C)
     "30 epochs, lr 1e-2, no augmentation": from_pca(epochs=30, lr=1e-2, augment="none"),
     "greedy 2/stage + 30, lr 1e-2": from_pca(epochs=30, lr=1e-2, schedule="greedy", stage_epochs=2),
     "random init, 30 epochs, lr 1e-2": ("random", {"epochs": 30, "lr": 1e-2}),
-    "block 12/map, then 1 epoch, lr 1e-2": ("learned", {"epochs": 1, "lr": 1e-2}),
-    "block 12/map, then 10 epochs, lr 1e-2": ("learned", {"epochs": 10, "lr": 1e-2}),
-    "block 12/map, then 30 epochs, lr 1e-2": ("learned", {"epochs": 30, "lr": 1e-2}),
+    "block 12/map from PCA, then 1 epoch, lr 1e-2": ("learned", {**PCA_BLOCK, "epochs": 1, "lr": 1e-2}),
+    "block 12/map from PCA, then 10 epochs, lr 1e-2": ("learned", {**PCA_BLOCK, "epochs": 10, "lr": 1e-2}),
+    "block 12/map from PCA, then 30 epochs, lr 1e-2": ("learned", {**PCA_BLOCK, "epochs": 30, "lr": 1e-2}),
+    "default: block 3/map from lstsq, then 10 epochs": ("learned", {}),
+    "block 3/map from lstsq, then 30 epochs": ("learned", {"epochs": 30}),
 }
 
 
