@@ -110,6 +110,7 @@ def test_compile_logs_one_block_event_a_map(tmp_path):
     assert "block 1/" in result.output
     stage = json.loads((tmp_path / "r.json").read_text())["training"]["block_stage"]
     assert stage["epochs"] == 2 and [m["loss"] for m in stage["maps"]] == [e["loss"] for e in blocks]
+    assert all(0 < m["seconds"] <= stage["seconds"] for m in stage["maps"])
 
 
 def test_max_samples_bounds_the_block_stage(tmp_path, monkeypatch):
