@@ -13,6 +13,11 @@ fmcompress/int8.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process
 * percentile / entropy: every op, ranges from the Percentile or Entropy calibrator
   (`compile --int8 --calibrate percentile|entropy`); entropy only when named, since it
   ran for over ten minutes on 384 lines without finishing.
+* sqnr-float-K (K = 4, 8, 16, ...): Percentile, with the K activation tensors whose own
+  quantization is worst kept float: the percentile model's tensors ranked by their
+  signal-to-quantization-noise ratio before and after their QuantizeLinear/DequantizeLinear
+  pair (onnxruntime's `qdq_loss_debug`, on the first 16 calibration lines), and the nodes
+  that write or read each of the K worst excluded from quantization (mixed precision).
 
 Each row is the exact match on 300 other set-1 lines (seed 1000) and the seconds it took.
 Every recipe collects its ranges one batch at a time (fmcompress/int8.py rule b): the
@@ -22,6 +27,8 @@ histogram calibrators otherwise hold every intermediate output of every sample.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 import onnx
@@ -38,9 +45,54 @@ def recipes() -> dict[str, dict]:
             "percentile": {"calibrate": "percentile"}, "entropy": {"calibrate": "entropy"}}
 
 
-def quantized(path: str, calibration, recipe: dict) -> onnx.ModelProto:
+SQNR_RECIPE = "sqnr-float-"
+
+
+def worst_quantized_nodes(model: onnx.ModelProto, calibration) -> list[set[str]]:
+    """Per activation tensor of the Percentile model, worst SQNR first: the nodes of the float
+    graph that write or read it (through its QuantizeLinear/DequantizeLinear pair)."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    from fmcompress.int8 import calibration_reader
+
+    qdq = quantized(model, calibration, {"calibrate": "percentile"})
+    with tempfile.TemporaryDirectory() as folder:
+        plain, augmented = os.path.join(folder, "qdq.onnx"), os.path.join(folder, "augmented.onnx")
+        onnx.save(qdq, plain)
+        modify_model_output_intermediate_tensors(plain, augmented)
+        activations = collect_activations(augmented, calibration_reader([{"x": calibration[:16]}]))
+    matched = {name: {**pair, "float": None} for name, pair in create_activation_matching(activations).items()}
+    errors = compute_activation_error(matched)
+    ranked = sorted(errors, key=lambda name: errors[name]["qdq_err"])
+    writers = {out: node for node in qdq.graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in qdq.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    qdq_ops = ("QuantizeLinear", "DequantizeLinear")
+
+    def around(tensor: str) -> set[str]:
+        nodes = {writers[tensor].name} if tensor in writers and writers[tensor].op_type not in qdq_ops else set()
+        frontier = [tensor]
+        while frontier:
+            for node in readers.get(frontier.pop(), []):
+                if node.op_type in qdq_ops:
+                    frontier.extend(node.output)
+                else:
+                    nodes.add(node.name)
+        return nodes
+
+    return [around(name) for name in ranked]
+
+
+def quantized(model: onnx.ModelProto, calibration, recipe: dict) -> onnx.ModelProto:
     batches = ({"x": calibration[i:i + 16]} for i in range(0, len(calibration), 16))
-    return quantize_int8(onnx.load(path), batches, **recipe)
+    return quantize_int8(model, batches, **recipe)
 
 
 def main() -> None:
@@ -48,14 +100,22 @@ def main() -> None:
     parser.add_argument("--recipes", default="minmax,conv,matmul,conv-percentile,percentile")
     parser.add_argument("--samples", type=int, default=384)
     args = parser.parse_args()
+    for name in args.recipes.split(","):
+        if name not in recipes() and not (name.startswith(SQNR_RECIPE) and name[len(SQNR_RECIPE):].isdigit()):
+            parser.error(f"unknown recipe {name!r}; known: {', '.join(recipes())}, {SQNR_RECIPE}K")
     path = str(real_model("ppocr-rec"))
     calibration, _ = textlines.rec_dataset(args.samples, 0)
     lines = textlines.rec_dataset(300, 1000)
     print(f"float original: {100 * textlines.rec_exact_match(path, *lines):.1f}%", flush=True)
-    known = recipes()
+    known, original, ranking = recipes(), onnx.load(path), None
     for name in args.recipes.split(","):
         started = time.perf_counter()
-        model = quantized(path, calibration, known[name])
+        recipe = known.get(name)
+        if name.startswith(SQNR_RECIPE):
+            ranking = ranking or worst_quantized_nodes(original, calibration)
+            kept = sorted(set().union(*ranking[:int(name[len(SQNR_RECIPE):])]))
+            recipe = {"calibrate": "percentile", "nodes_to_exclude": kept}
+        model = quantized(original, calibration, recipe)
         print(f"{name}: {100 * textlines.rec_exact_match(model, *lines):.1f}% "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
