@@ -172,7 +172,7 @@ def test_integer_conv_workspaces_match_measured_peak(level):
         model = single_conv(*case)
         shapes = {"x": (1, case[0], case[2], case[2])}
         view = runtime_view(model, shapes, level=level)
-        measured = measure_peak(model, shapes, level=level, rounds=5).bytes
+        measured = measure_peak(model, shapes, level=level, rounds=9).bytes  # the median: one low round is noise
         if measured is None:
             pytest.skip("the probe cannot measure here")
         assert [t for t in view.tensors if t.role == "workspace"] or case[3] == 1, case
