@@ -48,6 +48,12 @@ def recipes() -> dict[str, dict]:
 SQNR_RECIPE = "sqnr-float-"
 
 
+def float_count(name: str) -> int | None:
+    """K of a `sqnr-float-K` recipe name, else None."""
+    rest = name[len(SQNR_RECIPE):]
+    return int(rest) if name.startswith(SQNR_RECIPE) and rest.isdigit() else None
+
+
 def worst_quantized_nodes(model: onnx.ModelProto, calibration) -> list[set[str]]:
     """Per activation tensor of the Percentile model, worst SQNR first: the nodes of the float
     graph that write or read it (through its QuantizeLinear/DequantizeLinear pair)."""
@@ -101,7 +107,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=384)
     args = parser.parse_args()
     for name in args.recipes.split(","):
-        if name not in recipes() and not (name.startswith(SQNR_RECIPE) and name[len(SQNR_RECIPE):].isdigit()):
+        if name not in recipes() and float_count(name) is None:
             parser.error(f"unknown recipe {name!r}; known: {', '.join(recipes())}, {SQNR_RECIPE}K")
     path = str(real_model("ppocr-rec"))
     calibration, _ = textlines.rec_dataset(args.samples, 0)
@@ -110,11 +116,12 @@ def main() -> None:
     known, original, ranking = recipes(), onnx.load(path), None
     for name in args.recipes.split(","):
         started = time.perf_counter()
-        recipe = known.get(name)
-        if name.startswith(SQNR_RECIPE):
+        count = float_count(name)
+        if count is None:
+            recipe = known[name]
+        else:
             ranking = ranking or worst_quantized_nodes(original, calibration)
-            kept = sorted(set().union(*ranking[:int(name[len(SQNR_RECIPE):])]))
-            recipe = {"calibrate": "percentile", "nodes_to_exclude": kept}
+            recipe = {"calibrate": "percentile", "nodes_to_exclude": sorted(set().union(*ranking[:count]))}
         model = quantized(original, calibration, recipe)
         print(f"{name}: {100 * textlines.rec_exact_match(model, *lines):.1f}% "
               f"({time.perf_counter() - started:.0f} s)", flush=True)

@@ -7,9 +7,10 @@ computes from it, and the errors of the projections before it. Rules:
 a. Maps are taken in network order (the step that computes them). Map i starts as the
    PCA of map i *as the compressed network computes it*, every earlier projection
    already refined and applied (as `fit_pca` fits them); with `init="lstsq"` (compile's
-   default: it saves most of the epochs a PCA start needs), as the closed-form least-squares fit instead (`lstsq_projection`: the rank-k U P that best
-   maps map i as the compressed network computes it onto map i as the original
-   computes it, reduced-rank regression; it is PCA where the two agree).
+   default: it saves most of the epochs a PCA start needs), as the closed-form
+   least-squares fit instead (`lstsq_projection`: the rank-k U P that best maps map i
+   as the compressed network computes it onto map i as the original computes it,
+   reduced-rank regression; it is PCA where the two agree).
 b. Its block runs from map i's step to the first later planned map whose value depends
    on it, else to the graph outputs. The target is what the original network computes
    there from the same input, so a projection also corrects the errors that the ones
