@@ -16,7 +16,8 @@ b. For the first one not yet covered, t, candidate regions of passes/tile.py con
    tensors computed from t: the region must contain t's producer, so a small tensor
    between t and `end` (YOLOv8's C2f Split halves) is computed in bands too. The region
    must be valid (tile rule a: no intermediate read outside it). A region is feasible when some band count keeps every band
-   tensor at or under the ceiling (`bands_for_budget`).
+   tensor at or under the ceiling (`bands_for_budget`), or, where none does, some 2-D patching
+   (tile rule c', `patches_for_budget`: `PlannedRegion.columns`).
 c. Tiling alone is lossless, so an end at or under the ceiling (or a graph output, which
    the caller receives whole, or one whose one reader is a Concat along its row axis whose
    output is either: the bands are spliced into it, tile rule f') wins: the first feasible
@@ -86,6 +87,7 @@ from .tile import (
     Region,
     TilePass,
     bands_for_budget,
+    patches_for_budget,
     pool_model,
     row_axes,
     tileable_region,
@@ -100,6 +102,7 @@ class PlannedRegion:
     bands: int
     projected: bool  # the end is a map compile projects (rule c)
     covers: list[str]  # the over-ceiling runtime tensors it brings under the ceiling
+    columns: int = 1  # column patches a band (tile rule c'): where no row bands fit
 
 
 @dataclass
@@ -242,13 +245,13 @@ class _Planner:
                 if not any(t is tensor for t in result.uncovered):
                     result.uncovered.append(tensor)
                 continue
-            region, bands, projected = choice
+            region, bands, columns, projected = choice
             inside = {n for node in region.nodes for n in node.output}
             covered |= inside
             if projected:
                 self.projected[region.end] = planned_map(self.projectable[region.end], self.ceiling, self.carried)
             over = [t.name for t in self.view.over_ceiling() if self.aliases.get(t.name, t.name) in inside]
-            result.regions.append(PlannedRegion(list(region.starts), region.end, bands, projected, over))
+            result.regions.append(PlannedRegion(list(region.starts), region.end, bands, projected, over, columns))
         result.projected = sorted(self.projected.values(), key=lambda m: m.step)
         return result
 
@@ -272,7 +275,7 @@ class _Planner:
             targets.append(((name,), tensor))
         return targets
 
-    def _best_region(self, tensors: str | tuple[str, ...]) -> tuple[Region, int, bool] | None:
+    def _best_region(self, tensors: str | tuple[str, ...]) -> tuple[Region, int, int, bool] | None:
         """Rules b and c, for a region that contains every one of `tensors`."""
         tensors = (tensors,) if isinstance(tensors, str) else tensors
         first = min(self.position[name] for name in tensors)
@@ -304,16 +307,18 @@ class _Planner:
         axis = next((a.i for a in readers[0].attribute if a.name == "axis"), 0)
         return axis % len(self.infos[end].shape)
 
-    def _feasible(self, tensors: tuple[str, ...], end: str) -> tuple[Region, int] | None:
+    def _feasible(self, tensors: tuple[str, ...], end: str) -> tuple[Region, int, int] | None:
+        """The region ending at `end` that contains `tensors`, with its bands and columns."""
         downstream = set().union(*(self._downstream(name) for name in tensors))
         starts = self._frontier(end, downstream)
         region = self._region(starts, end)
         if region is None or not set(tensors) <= {o for n in region.nodes for o in n.output}:
             return None
         try:
-            return region, bands_for_budget(self.model, starts, end, self.ceiling, self.act_bytes, region=region)
-        except InputError:
-            return None
+            return region, bands_for_budget(self.model, starts, end, self.ceiling, self.act_bytes, region=region), 1
+        except InputError:  # no row bands fit: 2-D patches (tile rule c')
+            patches = patches_for_budget(self.model, region, self.ceiling, self.act_bytes, self.infos)
+            return None if patches is None else (region, patches.bands, patches.columns)
 
     def pools(self) -> list[PlannedPool]:
         """Rule f: every named GlobalAveragePool whose input is above the ceiling, with the
@@ -475,7 +480,7 @@ class TileToCeilingPass(Pass):
         if plan.uncovered:
             raise VerificationError(uncovered_message(plan.uncovered, ceiling))
         with_pools_in_bands(model, plan.pools, local)
-        tiled = TilePass([(r.starts, r.end, r.bands) for r in plan.regions]).run(model, local)
+        tiled = TilePass([(r.starts, r.end, r.bands, r.columns) for r in plan.regions]).run(model, local)
         split = SplitConvPass(ceiling).run(model, local)
         rewritten = {key: rewrite(ceiling).run(model, local).data for key, rewrite in COVERING_REWRITES.items()}
         ctx.tiling = {"plan": plan, "regions": tiled.data, "split_convs": split.data, **rewritten}

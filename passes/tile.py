@@ -66,6 +66,17 @@ c. Bands: the H_out rows of `end` are split into `bands` contiguous bands like
    H_out mod bands bands one more. 1 <= bands <= H_out. Where an upsampling node of factor f
    (rules d', a'') makes `end` and bands <= H_out / f, its H_out / f input rows are so split
    instead (times f), so that no two bands compute the same input row.
+c'. 2-D patches (`columns` > 1): after the row bands are emitted, each band's copy is tiled
+   again along the columns (axis 3): its starts are the band's Slices of the region's starts
+   (gates as they are), its end the band's result, and the same rules hold with columns for
+   rows (Conv, pools and LRN take axis 3, their pads along H kept as the band set them; a
+   region with a ConvTranspose, a Resize or a layout change is not patched). A band then
+   holds one patch at a time, with its full-width start Slices and the Concat of its patches.
+   Patches are planned (`patches_for_budget`) only where no row band count fits the budget:
+   a region ending at a low-resolution map computes at least one of its rows a band, which
+   at the high-resolution maps inside it is many rows of the full width (MobileNetV2's first
+   stages, as MCUNetV2 found); of the patchings that fit, at most 8 columns a band, the one
+   with the fewest MACs (halos included) wins.
 d. Row ranges, per band, walking the region backwards from `end`: a tensor's rows are
    the hull of what its region consumers read; an elementwise node reads its output
    rows; a Conv/pool with kernel k, stride s, dilation d and top pad p (auto_pad SAME_*
@@ -137,8 +148,8 @@ i. Squeeze-excitation: `pool_in_bands` computes a GlobalAveragePool from bands o
 
 Modules: passes/tile_region.py finds and validates a region (rules a, a', a'', b);
 passes/tile_windows.py gives the row windows of its nodes (d, d', d'', d''', e, a'');
-passes/tile_bands.py plans the bands (rules c, d, d', d'', d''', e, a''); passes/tile_emit.py
-rewrites `model.graph` in place (rules f, f', g, h, h', i).
+passes/tile_bands.py plans the bands and patches (rules c, c', d, d', d'', d''', e, a'');
+passes/tile_emit.py rewrites `model.graph` in place (rules c', f, f', g, h, h', i).
 
 Entry point: `TilePass(regions, budget_bytes).run(model, ctx)`; `result.data` lists a
 `TileResult` per region. `tile_region`, `tile_region_with_facts` and `pool_in_bands` are
@@ -155,7 +166,15 @@ from fmcompress.errors import InputError
 
 from .base import Pass, PassContext, PassResult
 from .graph import Model
-from .tile_bands import BandPlan, band_rows, bands_for_budget, peak_band_bytes, plan_bands
+from .tile_bands import (
+    BandPlan,
+    Patches,
+    band_rows,
+    bands_for_budget,
+    patches_for_budget,
+    peak_band_bytes,
+    plan_bands,
+)
 from .tile_emit import (
     TileResult,
     pool_in_bands,
@@ -167,24 +186,26 @@ from .tile_emit import (
 from .tile_region import Region, Starts, row_axes, tileable_region, walk_back
 from .tile_windows import Window
 
-__all__ = ["BandPlan", "Region", "Starts", "TilePass", "TileResult", "Window", "band_rows",
-           "bands_for_budget", "peak_band_bytes", "plan_bands", "pool_in_bands", "pool_model", "row_axes",
+__all__ = ["BandPlan", "Patches", "Region", "Starts", "TilePass", "TileResult", "Window", "band_rows",
+           "bands_for_budget", "patches_for_budget", "peak_band_bytes", "plan_bands", "pool_in_bands", "pool_model", "row_axes",
            "tile_model", "tile_region", "tile_region_with_facts", "tileable_region", "walk_back"]
 
 
 class TilePass(Pass):
-    """Tile each (start, end, bands) region; bands None picks `bands_for_budget(budget)`."""
+    """Tile each (start, end, bands[, columns]) region; bands None picks `bands_for_budget(budget)`;
+    columns > 1 cuts each band into column patches (rule c')."""
 
     name = "tile"
 
-    def __init__(self, regions: Iterable[tuple[Starts, str, int | None]],
+    def __init__(self, regions: Iterable[tuple[Starts, str, int | None] | tuple[Starts, str, int | None, int]],
                  budget_bytes: int | None = None):
         self.regions = list(regions)
         self.budget_bytes = budget_bytes
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         facts: list[TileResult] = []
-        for start, end, bands in self.regions:
+        for start, end, bands, *rest in self.regions:
+            columns = rest[0] if rest else 1
             # each region is found on the graph as the previous one left it
             region = tileable_region(model.proto(), start, end, ctx.input_shapes)
             if bands is None:
@@ -193,9 +214,10 @@ class TilePass(Pass):
                                      f"pass no budget")
                 bands = bands_for_budget(model.proto(), start, end, self.budget_bytes,
                                          ctx.act_bytes, region=region)
-            result = tile_model(model, region, bands, ctx.act_bytes)
+            result = tile_model(model, region, bands, ctx.act_bytes, columns=columns)
             onnx.checker.check_model(model.proto())
             facts.append(result)
-            ctx.log(f"tile: {start} -> {end} in {bands} bands, MACs x{result.macs_ratio:.3f}, "
+            shape = f"{bands} bands" + (f" of {columns} column patches" if columns > 1 else "")
+            ctx.log(f"tile: {start} -> {end} in {shape}, MACs x{result.macs_ratio:.3f}, "
                     f"largest band tensor {result.peak_band_bytes} B")
         return PassResult(model, modified=bool(facts), data=facts)

@@ -15,6 +15,9 @@ a''. Rows are counted along each tensor's own row axis (`Region.axes`); a Reshap
 e. Pool bands whose pads reach the kernel, or that count padding AveragePool would not,
    are rejected (InputError).
 
+c'. 2-D patches: a band's rows times a column plan's columns (`patches_for_budget`); the
+   column plan is the untiled region's along axis 3, as each band's copy keeps its columns.
+
 Sizes: a band's largest allocation (`peak_band_bytes`) counts the Slice of each start, every
 node output and every narrowing Slice; `bands_for_budget` is the fewest bands under a budget.
 Planned at one byte per element (`--int8`, `--act-bytes 1`: `integer_kernels`), each band Conv
@@ -185,21 +188,23 @@ def integer_kernels(act_bytes: int | None) -> bool:
     return act_bytes == 1
 
 
-def integer_conv_band_bytes(region: Region, node: onnx.NodeProto, plan: BandPlan) -> int:
+def integer_conv_band_bytes(region: Region, node: onnx.NodeProto, plan: BandPlan, columns: int | None = None) -> int:
     """The largest whole-band buffer of `node`'s QLinearConv in one band (passes/runtime.py
-    rule e', channels last: its NHWC transposes are the band maps, counted already)."""
+    rule e', channels last: its NHWC transposes are the band maps, counted already); `columns`:
+    of a 2-D patch that many positions wide."""
     key = node.output[0]
-    source, output = region.infos[node.input[0]].shape, region.infos[key].shape
-    if len(output) != 4 or region.axes[key] != 2:
+    source, output, axis = region.infos[node.input[0]].shape, region.infos[key].shape, region.axes[key]
+    if len(output) != 4 or axis not in (2, 3):
         return 0
     window, attrs = region.windows[key], node_attrs(node)
     group = int(attrs.get("group", 1))
     per_group = int(source[1]) // group
     taps = window.macs_per_output // max(per_group, 1)
     plain = (taps == 1 and window.stride == 1 and all(int(s) == 1 for s in attrs.get("strides", [1, 1]))
-             and not (window.pad_top or window.pad_bottom or any(window.w_pads)))
+             and not (window.pad_top or window.pad_bottom or any(window.cross_pads)))
     lo, hi = plan.produced[key]
-    parts = integer_conv_workspaces((int(output[1]), per_group, taps), 0, (hi - lo) * int(output[3]), group,
+    across = int(output[5 - axis]) if columns is None else columns
+    parts = integer_conv_workspaces((int(output[1]), per_group, taps), 0, (hi - lo) * across, group,
                                     plain, channels_last=True)
     return max((elements * dtype.itemsize for elements, dtype in parts.values()), default=0)
 
@@ -257,3 +262,102 @@ def _smallest_buffers(model: onnx.ModelProto, region: Region, fewest: int, act_b
         if best_peak is None or peak < best_peak:
             best, best_peak = bands, peak
     return best
+
+
+MAX_COLUMNS = 8  # patches a band at most: beyond, the halos cost more than a band of fewer rows saves
+
+
+@dataclass(frozen=True)
+class Patches:
+    """A region tiled into `bands` row bands of `columns` column patches each (rule c')."""
+
+    bands: int
+    columns: int
+    peak_bytes: int  # the largest allocation of a patch (or of a band's full-width start or end)
+    macs: int  # with the halos each patch recomputes
+
+
+def patches_for_budget(model: onnx.ModelProto, region: Region, budget_bytes: int, act_bytes: int | None,
+                       infos: Mapping[str, TensorInfo]) -> Patches | None:
+    """Rule c': of the 2-D patchings whose every allocation fits in `budget_bytes`, the one that
+    computes the fewest MACs (for each column count, its fewest bands); None when none fits or the
+    region is not one of NCHW maps with its rows on axis 2 (a layout change cannot be cut twice).
+    Sizes are a row band's rows times a column patch's columns of each tensor: bands cut the rows
+    as `plan_bands` does, and the columns of a band's copy as the untiled region's."""
+    if any(axis != 2 for axis in region.axes.values()):
+        return None
+    try:
+        across = tileable_region(model, region.starts, region.end, infos=infos, axis=3)
+    except InputError:
+        return None
+    rows, cols = _Extents(region), _Extents(across)
+    best = None
+    for columns in range(2, min(across.height(region.end), MAX_COLUMNS) + 1):
+        if cols.extents(columns) is None:
+            break
+        for bands in range(1, region.height(region.end) + 1):
+            if rows.extents(bands) is None:
+                break
+            found = _patches(region, rows, cols, bands, columns, act_bytes)
+            if found.peak_bytes <= budget_bytes:
+                if best is None or found.macs < best.macs:
+                    best = found
+                break
+    return best
+
+
+class _Extents:
+    """Per band count: every tensor's (and every read's) largest extent along the region's
+    band axis, and the sum over bands of what each node computes (None: a band reads only
+    padding)."""
+
+    def __init__(self, region: Region):
+        self.region = region
+        self.cache: dict[int, tuple[dict, dict, dict] | None] = {}
+
+    def extents(self, bands: int) -> tuple[dict, dict, dict] | None:
+        if bands not in self.cache:
+            try:
+                plans = plan_bands(self.region, bands)
+            except InputError:
+                self.cache[bands] = None
+                return None
+            largest: dict = {}
+            total: dict = {}
+            for plan in plans:
+                for key, (lo, hi) in [*plan.produced.items(), *plan.reads.items()]:
+                    largest[key] = max(largest.get(key, 0), hi - lo)
+                for name, (lo, hi) in plan.produced.items():
+                    total[name] = total.get(name, 0) + hi - lo
+            ends = {"end": max(p.rows[1] - p.rows[0] for p in plans),
+                    **{start: max(p.produced[start][1] - p.produced[start][0] for p in plans)
+                       for start in self.region.starts if start not in self.region.gates}}
+            self.cache[bands] = (largest, total, ends)
+        return self.cache[bands]
+
+
+def _patches(region: Region, rows: _Extents, cols: _Extents, bands: int, columns: int,
+             act_bytes: int | None) -> Patches:
+    """The largest allocation and the MACs of `bands` x `columns` patches (rule c')."""
+    (tall, row_total, row_ends), (wide, col_total, _) = rows.extents(bands), cols.extents(columns)
+
+    def size(name: str, height: int, width: int) -> int:
+        info = region.infos[name]
+        plane = int(info.shape[2]) * int(info.shape[3])
+        return info.numel // plane * height * width * (act_bytes or np.dtype(info.dtype).itemsize)
+
+    nodes = {node.output[0]: node for node in region.nodes}
+    sizes = [size(key if isinstance(key, str) else nodes[key[0]].input[key[1]], tall[key], wide[key])
+             for key in tall]
+    # a band's full-width copies: the Slice of each start, the Concat of its patches
+    sizes += [size(start, height, region.infos[start].shape[3]) for start, height in row_ends.items()
+              if start != "end"]
+    sizes.append(size(region.end, row_ends["end"], region.infos[region.end].shape[3]))
+    if integer_kernels(act_bytes):
+        for node in region.nodes:
+            if node.op_type == "Conv":
+                plan = BandPlan((0, 0), {node.output[0]: (0, tall[node.output[0]])})
+                sizes.append(integer_conv_band_bytes(region, node, plan, columns=wide[node.output[0]]))
+    macs = sum(row_total[key] * col_total[key] * region.windows[key].macs_per_output
+               * size(key, 1, 1) // (act_bytes or np.dtype(region.infos[key].dtype).itemsize) for key in nodes)
+    return Patches(bands, columns, max(sizes), macs)

@@ -3,6 +3,9 @@
 
 Rules (the lettered list is passes/tile.py's; these are the ones this module writes):
 
+c'. 2-D patches: the bands emitted, each band's copy is tiled again along axis 3 (`tile_model`
+   with `columns`), from the static shapes the band tensors were emitted with.
+
 f. Per band i: a Slice of each start's rows (along its row axis, rule a''), a copy of every
    region node with its band pads (auto_pad removed, ceil_mode 0, extra outputs dropped; a
    Slice along the rows with its band's start and end; a Reshape with its band's static
@@ -37,13 +40,14 @@ edges for tests and tools over `tile_model` and `pool_model`, which the passes u
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from fmcompress.errors import InputError
+from fmcompress.shapes import TensorInfo
 
 from .graph import Model
 from .graphutil import Namer, detach, node_index
@@ -68,6 +72,7 @@ class TileResult:
     macs_tiled: int
     peak_band_bytes: int
     nodes: list[str]
+    columns: int = 1  # column patches per band (rule c')
 
     @property
     def macs_ratio(self) -> float:
@@ -77,8 +82,9 @@ class TileResult:
 # ---------------------------------------------------------------- entry points
 
 def tile_model(model: Model, region: Region, bands: int, act_bytes: int | None = None,
-               chain: bool = True) -> TileResult:
-    """Rewrite `region` (found on `model.proto()`) of `model.graph` into `bands` bands."""
+               chain: bool = True, columns: int = 1) -> TileResult:
+    """Rewrite `region` (found on `model.proto()`) of `model.graph` into `bands` bands, each
+    of them, with `columns` > 1, into that many column patches (rule c')."""
     plans = plan_bands(region, bands)
     emitter = _Emitter(model.graph, region, chain)
     ends = emitter.emit(plans)
@@ -102,7 +108,22 @@ def tile_model(model: Model, region: Region, bands: int, act_bytes: int | None =
     kept += [node for node in model.graph.nodes[position + 1:] if id(node) not in members]
     model.graph.nodes = [new for node in kept for new in emitter.static_shape(node)]  # rule h'
     model.touched(sort=False)
-    return _facts(region, plans, act_bytes)
+    facts = _facts(region, plans, act_bytes)
+    if columns > 1:
+        facts = _patches(model, emitter, facts, columns, act_bytes, chain)
+    return facts
+
+
+def _patches(model: Model, emitter: _Emitter, rows: TileResult, columns: int, act_bytes: int | None,
+             chain: bool) -> TileResult:
+    """Rule c': each row band, already emitted, tiled again into `columns` column patches."""
+    infos = {**emitter.region.infos, **emitter.band_infos}
+    patched = []
+    for starts, end in emitter.band_io:
+        band = tileable_region(model.proto(), starts, end, infos=infos, axis=3)
+        patched.append(tile_model(model, band, columns, act_bytes, chain))
+    return replace(rows, columns=columns, macs_tiled=sum(p.macs_tiled for p in patched),
+                   peak_band_bytes=max(p.peak_band_bytes for p in patched))
 
 
 def _splice_reader(graph: gs.Graph, region: Region, end: gs.Tensor) -> gs.Node | None:
@@ -190,6 +211,8 @@ class _Emitter:
         self.emitted: list[gs.Node] = []
         self.intermediates = {name for node in region.nodes for name in node.output[:used_outputs(node)]
                               if name and name != region.end}
+        self.band_infos: dict[str, TensorInfo] = {}  # every band tensor's static shape
+        self.band_io: list[tuple[list[str], str]] = []  # per band: its starts (gates too), its end
 
     def emit(self, plans: list[BandPlan], band_sum: bool = False) -> list[gs.Tensor]:
         """Every band's last tensor (or its mean over H and W weighted by its share of the
@@ -225,6 +248,7 @@ class _Emitter:
             for tensor in node.outputs[:_used_outputs(node)]:
                 outputs.append(gs.Variable(self.namer(f"{tensor.name}_band{index}")))
                 have[tensor.name] = (outputs[-1], plan.produced[key])
+                self._record(outputs[-1].name, tensor.name, plan.produced[key])
             attrs = dict(node.attrs)
             if key in plan.pads:
                 _set_band_pads(attrs, region.windows[key], plan.pads[key])
@@ -242,7 +266,10 @@ class _Emitter:
             self.emitted.append(gs.Node(node.op, name=name, attrs=attrs, inputs=inputs,
                                         outputs=outputs, domain=node.domain))
         band_end, rows = have[region.end]  # an upsampling end may hold more rows than the band's
-        return self._slice(band_end, rows, plan.rows, index, region.axes[region.end])
+        result = self._slice(band_end, rows, plan.rows, index, region.axes[region.end])
+        starts = [have[name][0].name if name in have else name for name in region.starts]
+        self.band_io.append((starts, result.name))
+        return result
 
     def _resize_scales(self, region: Region, node: gs.Node) -> list[gs.Constant]:
         """An empty roi (opset 11 needs one) and the factors of the static shapes as scales."""
@@ -289,7 +316,17 @@ class _Emitter:
         result = gs.Variable(output)
         self.emitted.append(gs.Node("Slice", name=self.namer(f"{output}/slice"),
                                     inputs=[tensor, *params], outputs=[result]))
+        self._record(output, tensor.name, want, axis)
         return result
+
+    def _record(self, name: str, source: str, rows: Rows, axis: int | None = None) -> None:
+        """The static shape of band tensor `name`: `source`'s (a region or band tensor), with
+        `rows` along its row axis (rule c' tiles the bands again, from these shapes)."""
+        info = self.band_infos.get(source) or self.region.infos[source]
+        axis = self.region.axes[source] if axis is None else axis
+        shape = list(info.shape)
+        shape[axis] = rows[1] - rows[0]
+        self.band_infos[name] = TensorInfo(tuple(shape), info.dtype)
 
     def _after(self, steps: gs.Tensor, tensor: gs.Tensor) -> gs.Tensor:
         """`steps` + 0, where the 0 is computed from `tensor`: a real data dependency (rule g).
@@ -373,10 +410,13 @@ def _constant_values(tensor: gs.Tensor) -> np.ndarray:
 
 
 def _set_band_pads(attrs: dict, window: Window, pads: Rows) -> None:
-    """Explicit band pads along H, the resolved W pads; no auto_pad, ceil_mode 0 (rules d-e)."""
+    """Explicit band pads along the band axis, the other axis' resolved pads; no auto_pad,
+    ceil_mode 0 (rules d-e). ONNX orders them [top, left, bottom, right]."""
     for name in ("pads", "auto_pad", "ceil_mode"):
         attrs.pop(name, None)
-    attrs["pads"] = [pads[0], window.w_pads[0], pads[1], window.w_pads[1]]
+    kept = window.cross_pads
+    attrs["pads"] = ([pads[0], kept[0], pads[1], kept[1]] if window.axis == 2
+                     else [kept[0], pads[0], kept[1], pads[1]])
 
 
 def _region_nodes(graph: gs.Graph, region: Region) -> dict[str, gs.Node]:

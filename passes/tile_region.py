@@ -60,6 +60,7 @@ from .tile_windows import (
 )
 
 NCHW_OPS = TILE_WINDOW_OPS | {"ConvTranspose", "Resize", "LRN"}  # need the rows on axis 2 of an NCHW map
+PATCH_OPS = TILE_WINDOW_OPS | {"LRN"}  # ... or on axis 3, the columns of 2-D patches (tile rule c')
 # input indices that carry a shape, not values: never walked into (a Resize's sizes computed
 # from Shape ops, as `F.interpolate(size=x.shape[-2:])` exports them, are static once shapes are)
 SHAPE_OPERANDS = {"Reshape": {1}, "Resize": {1, 2, 3}}
@@ -72,7 +73,7 @@ class Region:
     starts: tuple[str, ...]  # the first is the main one; the others are side inputs (rule a')
     end: str
     nodes: list[onnx.NodeProto]
-    infos: dict[str, TensorInfo]  # every region tensor, `start` and `end` included
+    infos: dict[str, TensorInfo]  # every region tensor, the starts (gates too) and `end` included
     windows: dict[str, Window]  # by node key (first output name)
     region_inputs: dict[str, list[int]]  # node key -> indices of inputs that are region tensors
     axes: dict[str, int]  # every region tensor's row axis (rule a'')
@@ -97,12 +98,15 @@ Starts = str | Sequence[str]
 def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
                     input_shapes: Mapping[str, Sequence[int]] | None = None, *,
                     infos: Mapping[str, TensorInfo] | None = None,
-                    consumers_checked: bool = True, layout: Mapping[str, int] | None = None) -> Region:
+                    consumers_checked: bool = True, layout: Mapping[str, int] | None = None,
+                    axis: int | None = None) -> Region:
     """The nodes computing `end` from `start` (a tensor, or several: rule a'), validated
     for tiling (rules a-b).
 
     `infos` (every tensor's shape, from `infer_tensor_infos`) and `layout` (`row_axes` of
-    the graph) save their analyses when a planner tries many regions of one model."""
+    the graph) save their analyses when a planner tries many regions of one model. `axis`:
+    every start's band axis, with no fallback (3: the columns of 2-D patches, tile rule c');
+    None: the graph's layout (rule a'')."""
     graph = model.graph
     starts = (start,) if isinstance(start, str) else tuple(start)
     producers = {out: node for node in graph.node for out in node.output if out}
@@ -125,10 +129,13 @@ def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
     for name in sorted(tensors):
         if name not in infos:
             raise InputError(f"tile: tensor {name!r} has no static shape")
-    axes = _start_axes([name for name in starts if name not in gates], infos,
-                       row_axes(graph, infos) if layout is None else layout)
-    windows, region_inputs, axes = _validated(nodes, tensors, constants, infos, axes)
-    return Region(starts, end, nodes, {t: infos[t] for t in tensors}, windows, region_inputs, axes,
+    mains = [name for name in starts if name not in gates]
+    if axis is None:
+        axes = _start_axes(mains, infos, row_axes(graph, infos) if layout is None else layout)
+        windows, region_inputs, axes = _validated(nodes, tensors, constants, infos, axes)
+    else:
+        windows, region_inputs, axes = _validate(nodes, tensors, constants, infos, dict.fromkeys(mains, axis))
+    return Region(starts, end, nodes, {t: infos[t] for t in tensors | gates}, windows, region_inputs, axes,
                   frozenset(gates))
 
 
@@ -375,15 +382,16 @@ def _validate_node(node: onnx.NodeProto, tensors: set[str], constants: Mapping[s
     where = f"tile: {op} node {node.name!r}"
     if node.domain not in ("", "ai.onnx"):
         raise InputError(f"{where}: custom-domain op {node.domain}::{op} is not supported")
-    if op in NCHW_OPS and (rows != 2 or len(infos[node.input[0]].shape) != 4):
-        raise InputError(f"{where}: needs a 4-D NCHW map with its rows on axis 2, not on axis {rows} of "
-                         f"{list(infos[node.input[0]].shape)}")
+    allowed = (2, 3) if op in PATCH_OPS else (2,)
+    if op in NCHW_OPS and (rows not in allowed or len(infos[node.input[0]].shape) != 4):
+        raise InputError(f"{where}: needs a 4-D NCHW map with its rows on axis {' or '.join(map(str, allowed))}, "
+                         f"not on axis {rows} of {list(infos[node.input[0]].shape)}")
     if op in TILE_WINDOW_OPS or op == "ConvTranspose":
         if node.input[0] not in tensors or any(name in tensors for name in node.input[1:]):
             raise InputError(f"{where}: weights and bias must be constants")
         if op == "ConvTranspose":
             return transposed_window(node, attrs, constants, infos), 2
-        return kernel_window(node, attrs, constants, infos), 2
+        return kernel_window(node, attrs, constants, infos, rows), rows
     if op == "Resize":
         return resize_window(node, attrs, tensors, constants, infos), 2
     if op in TILE_SINGLE_MAP_OPS:

@@ -3,13 +3,14 @@ d, d', d'', d''', e, a''), as a `Window`; passes/tile_region.py validates the re
 
 Rules (the lettered list is passes/tile.py's):
 
-d. Conv and pools: kernel extent, stride and pads along H (auto_pad SAME_* resolved as the
-   ONNX spec splits them), W pads kept (`kernel_window`).
+d. Conv and pools: kernel extent, stride and pads along the band axis, H or (for the columns
+   of 2-D patches) W (auto_pad SAME_* resolved as the ONNX spec splits them), the other
+   axis' pads kept (`kernel_window`).
 d'. Nearest Resize by integer factors with floor-equivalent coordinates (`resize_window`).
 d''. ConvTranspose with explicit pads (`transposed_window`).
 d'''. Slice with constant parameters: off the row axis row-local, along it a stride and an
    offset (`slice_window`).
-e. Pools: ceil_mode=1 becomes explicit right pads; what explicit pads cannot reproduce is an
+e. Pools: ceil_mode=1 becomes explicit end pads (bottom, right); what explicit pads cannot reproduce is an
    InputError.
 a''. Layout changes: a Transpose moves the row axis to perm.index(axis), the batch axis kept
    (`transposed_axis`); a Reshape that merges the row axis with the axes after it turns row r
@@ -41,7 +42,7 @@ class Window:
     pad_top: int = 0
     pad_bottom: int = 0  # explicit (auto_pad resolved), as in the original node
     kernel: int = 1  # undilated, for onnxruntime's pool pad < kernel check
-    w_pads: Rows = (0, 0)  # left, right (auto_pad resolved); bands keep them
+    cross_pads: Rows = (0, 0)  # the other spatial axis' (auto_pad resolved; ceil_mode's): bands keep them
     macs_per_output: int = 0  # Conv: prod(weight.shape[1:]); pools and elementwise: 0
     # nearest Resize by an integer factor along H, or a Reshape merging the rows with the axes
     # after them (rule a''): out row r reads row r // upsample
@@ -49,6 +50,7 @@ class Window:
     transposed: bool = False  # ConvTranspose: input row i feeds output rows i*stride - pad_top + [0, extent)
     w_output_padding: int = 0  # ConvTranspose, kept by every band
     slice_index: int = -1  # Slice along the rows (out row r is row start + r*stride): their place in axes
+    axis: int = 2  # the NCHW axis a Conv or pool's bands cut: 2 (rows), 3 (columns: rule d)
 
     @property
     def sliced(self) -> bool:
@@ -159,8 +161,9 @@ def _text(value: str | bytes) -> str:
 
 
 def kernel_window(node: onnx.NodeProto, attrs: Mapping, constants: Mapping[str, np.ndarray | None],
-            infos: Mapping[str, TensorInfo]) -> Window:
-    """The row mapping of a Conv or pool, auto_pad resolved into explicit pads (rule d)."""
+                  infos: Mapping[str, TensorInfo], axis: int = 2) -> Window:
+    """The mapping of a Conv or pool along NCHW `axis` (2: rows, 3: columns), auto_pad resolved
+    into explicit pads, ceil_mode into the other axis' end pad (rules d, e)."""
     where = f"tile: {node.op_type} node {node.name!r}"
     macs = 0
     if node.op_type == "Conv":
@@ -178,11 +181,12 @@ def kernel_window(node: onnx.NodeProto, attrs: Mapping, constants: Mapping[str, 
     strides = [int(s) for s in attrs.get("strides", [1, 1])]
     extents = [int(d) * (int(k) - 1) + 1 for d, k in zip(attrs.get("dilations", [1, 1]), kernel, strict=True)]
     in_shape, out_shape = infos[node.input[0]].shape, infos[node.output[0]].shape
-    top, bottom = _resolved_pads(attrs, 0, in_shape[2], out_shape[2], strides[0], extents[0])
-    left, right = _resolved_pads(attrs, 1, in_shape[3], out_shape[3], strides[1], extents[1])
-    right = _ceil_columns(node, attrs, (left, right), int(kernel[1]), in_shape[3], out_shape[3],
-                          strides[1], extents[1])
-    return Window(extents[0], strides[0], top, bottom, int(kernel[0]), (left, right), macs)
+    along, cross = axis - 2, 3 - axis  # spatial indices of the band axis and the other one
+    begin, end = _resolved_pads(attrs, along, in_shape[axis], out_shape[axis], strides[along], extents[along])
+    kept = _resolved_pads(attrs, cross, in_shape[5 - axis], out_shape[5 - axis], strides[cross], extents[cross])
+    kept = (kept[0], _ceil_end(node, attrs, kept, int(kernel[cross]), in_shape[5 - axis], out_shape[5 - axis],
+                               strides[cross], extents[cross]))
+    return Window(extents[along], strides[along], begin, end, int(kernel[along]), kept, macs, axis=axis)
 
 
 def transposed_window(node: onnx.NodeProto, attrs: Mapping, constants: Mapping[str, np.ndarray | None],
@@ -202,25 +206,26 @@ def transposed_window(node: onnx.NodeProto, attrs: Mapping, constants: Mapping[s
     group = int(attrs.get("group", 1))
     macs = weight.shape[0] // group * int(np.prod(kernel)) // max(1, strides[0] * strides[1])
     return Window(extent=dilations[0] * (int(kernel[0]) - 1) + 1, stride=strides[0], pad_top=pads[0],
-                  pad_bottom=pads[2], kernel=int(kernel[0]), w_pads=(pads[1], pads[3]), macs_per_output=macs,
+                  pad_bottom=pads[2], kernel=int(kernel[0]), cross_pads=(pads[1], pads[3]), macs_per_output=macs,
                   transposed=True, w_output_padding=output_padding[1])
 
 
-def _ceil_columns(node: onnx.NodeProto, attrs: Mapping, pads: Rows, kernel: int, size: int,
-                  out_size: int, stride: int, extent: int) -> int:
-    """The right pad that makes ceil_mode=0 give the original columns (rule e)."""
-    right = pads[1]
-    overhang = (out_size - 1) * stride - pads[0] + extent - size - right  # ceil_mode's extra columns
+def _ceil_end(node: onnx.NodeProto, attrs: Mapping, pads: Rows, kernel: int, size: int,
+             out_size: int, stride: int, extent: int) -> int:
+    """The end pad of the axis bands do not cut that makes ceil_mode=0 give its original
+    positions (rule e)."""
+    end = pads[1]
+    overhang = (out_size - 1) * stride - pads[0] + extent - size - end  # ceil_mode's extra positions
     if overhang > 0:
         if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0):
             raise InputError(f"tile: AveragePool node {node.name!r}: ceil_mode=1 with "
-                             f"count_include_pad=1 overhangs the right padding, which explicit "
+                             f"count_include_pad=1 overhangs the end padding, which explicit "
                              f"pads cannot reproduce")
-        right += overhang
-    if node.op_type != "Conv" and max(pads[0], right) >= kernel:
-        raise InputError(f"tile: {node.op_type} node {node.name!r}: ceil_mode=1 needs a right pad "
-                         f"of {right}, not below the kernel ({kernel}) as onnxruntime requires")
-    return right
+        end += overhang
+    if node.op_type != "Conv" and max(pads[0], end) >= kernel:
+        raise InputError(f"tile: {node.op_type} node {node.name!r}: ceil_mode=1 needs an end pad "
+                         f"of {end}, not below the kernel ({kernel}) as onnxruntime requires")
+    return end
 
 
 def _auto_pad(attrs: Mapping) -> str:

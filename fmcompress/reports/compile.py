@@ -245,7 +245,7 @@ def _tiling(ctx: PassContext, level: str, ceiling_bytes: int | None) -> dict[str
     """--runtime ort: the ceiling held, the level planned at, the regions tiled and the rewrites."""
     tiled = ctx.tiling
     figures: dict[str, Any] = {"plan_level": level, "ceiling_bytes": ctx.verification["runtime"].ceiling_bytes}
-    figures["regions"] = [{"starts": r.starts, "end": r.end, "bands": r.bands, "projected_end": r.projected}
+    figures["regions"] = [{"starts": r.starts, "end": r.end, "bands": r.bands, "columns": r.columns, "projected_end": r.projected}
                           for r in tiled["plan"].regions]
     figures["tile_facts"] = [asdict(facts) for facts in tiled["regions"]]
     figures["split_convs"] = tiled["split_convs"]
