@@ -5,7 +5,7 @@
 For each `--peak MODEL=SIZE`: `compile --peak SIZE` (pca), then onnxruntime's peak before and
 after, computed (the runtime view) and measured (a fresh process, fmcompress.memprobe), at the
 report's level (`all`), whether tiling alone got there (lossless), the per-allocation ceiling
-the search chose and its trials, and the latency ratio. A size the planner cannot reach prints
+the search chose and its trials, the regions cut into 2-D patches, and the latency and FLOPs ratios. A size the planner cannot reach prints
 its one-line refusal (the smallest peak found and what is alive there).
 For each `--smallest MODEL`: the search run towards an unreachable size (rule b of
 passes/peak_plan.py walks down to the smallest ceiling the planner takes), the smallest peak it
@@ -49,10 +49,13 @@ def compile_at(path: Path, shapes: dict, size: str, samples: int, int8: bool = F
     latency = result.report["latency_ms"]
     facts = runtime["at_peak"]["after"]
     how = "lossless (tiling alone)" if peak["lossless"] else f"{len(result.report['maps'])} map(s) projected"
+    patched = [f"{r['bands']}x{r['columns']}" for r in runtime["regions"] if r.get("columns", 1) > 1]
+    how += f", 2-D patches (bands x columns) {', '.join(patched)}" if patched else ", row bands only"
     return (f"--peak {size}: {how}, ceiling {format_bytes(peak['ceiling_bytes'])} after {len(peak['trials'])} trials; "
             f"peak computed {format_bytes(before['computed_peak_bytes'])} -> {format_bytes(after['computed_peak_bytes'])}"
             f", measured {_b(before['measured_peak_bytes'])} -> {_b(peak['verified']['measured_peak_bytes'])} "
-            f"(report probe {_b(after['measured_peak_bytes'])}); latency ratio {latency.get('ratio') or float('nan'):.2f}; "
+            f"(report probe {_b(after['measured_peak_bytes'])}); latency ratio {latency.get('ratio') or float('nan'):.2f}, "
+            f"FLOPs ratio {result.report['flops']['ratio']:.2f}; "
             f"peak set by long-lived tensors: {facts['set_by_long_lived']}; {time.perf_counter() - started:.0f} s")
 
 

@@ -5,7 +5,7 @@
 For each model: the runtime view's computed live peak (passes/runtime.py; `per tensor`: the same
 without onnxruntime's reuse of freed buffers, what a session with enable_mem_reuse off plans) beside the
 measured peak growth of one inference in a fresh process (fmcompress.memprobe: arena
-off, glibc's mmap threshold at 16 KiB, peak resident set reset before the run; input
+off, glibc's mmap threshold at 4 KiB, peak resident set reset before the run; input
 excluded), and their ratio. Zoo models are exported untrained (weights do not change
 memory); the real ones come from the PyPI wheels of the `test` extra.
 """

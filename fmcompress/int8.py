@@ -18,6 +18,9 @@ a. The model runs through onnxruntime's `quant_pre_process` (its symbolic shape 
    inference", after writing its partial model into the working directory, which is
    therefore a temporary folder), `quant_pre_process` runs on onnx's shape inference.
    A model onnxruntime's tools refuse is an InputError (exit 2).
+a'. Gathers of a float graph input stay float (`input_gathers`): a tiled region takes each
+   band's rows of the input by Gather (passes/tile_emit.py rule f''), and each band then
+   quantizes its own rows instead of reading one uint8 copy of the whole input.
 b. Calibration (`--calibrate`): onnxruntime's MinMax, Percentile (99.999th percentile of
    |x|) or Entropy calibrator, or `auto` (passes/quantize.py rule a': the better of the
    first two, chosen on held-out data; `quantize_int8` itself takes a named one). Ranges
@@ -112,7 +115,9 @@ def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], *, calibrate
                     quant_pre_process(source, prepared)
                 except Exception:  # noqa: BLE001 - rule a: its symbolic shape inference gave up; onnx's instead
                     quant_pre_process(source, prepared, skip_symbolic_shape=True)
-            excluded = [*(overrides.pop("nodes_to_exclude", None) or []), *empty_producers(onnx.load(prepared))]
+            prepared_model = onnx.load(prepared)
+            excluded = [*(overrides.pop("nodes_to_exclude", None) or []), *empty_producers(prepared_model),
+                        *input_gathers(prepared_model)]
             with redirect_stdout(io.StringIO()), _quiet_root_logger(), _histograms_skip_empty_tensors():
                 quantize_static(prepared, quantized, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                                 weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
@@ -141,6 +146,16 @@ def empty_producers(model: onnx.ModelProto) -> list[str]:
                 and bounds[0].shape == bounds[1].shape and bool(np.all(bounds[0] == bounds[1])))
 
     return [node.name for node in model.graph.node if node.name and empty_slice(node)]
+
+
+def input_gathers(model: onnx.ModelProto) -> list[str]:
+    """Rule a': the named Gathers that read a float graph input (a tiled region's band rows of
+    the input, passes/tile_emit.py rule f''): left float, so that each band's QuantizeLinear
+    quantizes its own rows. Quantized, they would read one uint8 copy of the whole input
+    (147 KiB at 224x224x3), held across the region's bands."""
+    floats = {inp.name for inp in model.graph.input if inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    return [node.name for node in model.graph.node
+            if node.op_type == "Gather" and node.name and node.input and node.input[0] in floats]
 
 
 def calibration_method(name: str) -> Any:

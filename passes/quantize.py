@@ -20,7 +20,9 @@ c. What still runs in float: onnxruntime optimises the int8 model at `level` and
    produces a float feature map (rank 3 or more) that is not a graph output: a
    DequantizeLinear that no integer kernel absorbed, or an op with no integer kernel
    (Exp, Tanh, Div, a ReduceSum of bands...); empty tensors (the zero that orders the
-   bands, passes/tile_emit.py rule g) compute nothing and are not listed. Each entry:
+   bands, passes/tile_emit.py rule g) compute nothing and are not listed, nor are a band's
+   float rows of a graph input (its Gather, fmcompress/int8.py rule a'), which the band
+   quantizes at once. Each entry:
    node, op, tensor, shape, bytes;
    `float_bytes` is their sum. The graph's own float outputs (logits, a detection head)
    are the caller's and are not listed.
@@ -207,6 +209,7 @@ def float_nodes(quantized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     """Rule c: the nodes of onnxruntime's optimised graph that produce a float feature map."""
     optimized = optimized_model(with_input_shapes(quantized, shapes), level)
     outputs = {value.name for value in optimized.graph.output}
+    inputs = {value.name for value in optimized.graph.input}
     names = [out for node in optimized.graph.node for out in node.output if out]
     infos = onnxruntime_tensor_infos(optimized, shapes, names)
     found = []
@@ -214,6 +217,8 @@ def float_nodes(quantized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
         for name in node.output:
             info = infos.get(name)
             if not name or name in outputs or info is None or len(info.shape) < MAP_RANK:
+                continue
+            if node.op_type == "Gather" and node.input[0] in inputs:  # a band's rows of the input (int8.py rule a')
                 continue
             if np.dtype(info.dtype).type in FLOAT_TYPES and info.numel:  # an empty slice computes nothing
                 found.append({"node": node.name or name, "op": op_name(node), "tensor": name,

@@ -117,6 +117,13 @@ f'. Splice: where `end` is not a graph output and its one reader is a Concat alo
    axis (a YOLOv5 head: each level's Conv -> Transpose -> Reshape [N, -1, 85], joined
    along axis 1 into the graph output), the band outputs take `end`'s place among that
    Concat's inputs, in order: no full-size `end` is written.
+f''. Planned for integer kernels (`--int8`, one byte a map), a band's rows of a graph input
+   are taken by Gather of their indices instead of Slice (rule g's zero added to the
+   indices) where they are smaller in float than the whole input at one byte (a band of
+   fewer than a quarter of its rows): the int8 flow leaves that Gather float
+   (fmcompress/int8.py rule a'), so the band quantizes its own rows of the input, where a
+   Slice reads one uint8 copy of the whole input, held across the bands. The band's float
+   rows are planned at four bytes an element.
 g. Order: the nodes go where the producer of `end` was, band 0 entirely, then band
    1, ..., then the Concat; `model.touched()` then sorts the graph by depth
    (graphsurgeon), which may reorder nodes inside a band but, chained, never puts a node

@@ -171,7 +171,8 @@ def band_tensor_bytes(region: Region, plan: BandPlan, act_bytes: int | None, wor
     (and, with `workspaces`, by default when planned for integer kernels, each Conv's
     QLinearConv buffers)."""
     workspaces = integer_kernels(act_bytes) if workspaces is None else workspaces
-    sizes = [(hi - lo) * row_bytes(region.infos[name], act_bytes, region.axes[name])
+    sizes = [(hi - lo) * row_bytes(region.infos[name], start_bytes(region, name, (lo, hi), act_bytes),
+                                   region.axes[name])
              for name, (lo, hi) in plan.produced.items()]
     for node in region.nodes:
         for index in region.region_inputs[node.output[0]]:
@@ -181,6 +182,21 @@ def band_tensor_bytes(region: Region, plan: BandPlan, act_bytes: int | None, wor
         if workspaces and node.op_type == "Conv":
             sizes.append(integer_conv_band_bytes(region, node, plan))
     return max(sizes)
+
+
+def gathers_input(region: Region, name: str, rows: Rows, act_bytes: int | None) -> bool:
+    """Tile rule f'': planned for integer kernels, a band takes its rows of graph input `name` by
+    Gather (they stay float, and the band quantizes them) when they are smaller in float than the
+    whole input at `act_bytes`; otherwise by Slice, from one quantized copy of the whole input."""
+    if name not in region.inputs or not integer_kernels(act_bytes):
+        return False
+    return (rows[1] - rows[0]) * region.infos[name].dtype.itemsize < region.height(name) * act_bytes
+
+
+def start_bytes(region: Region, name: str, rows: Rows, act_bytes: int | None) -> int | None:
+    """Bytes an element of `name`'s band rows is planned at: a graph input's rows taken by Gather
+    at its own dtype's (`gathers_input`), anything else at `act_bytes`."""
+    return None if gathers_input(region, name, rows, act_bytes) else act_bytes
 
 
 def integer_kernels(act_bytes: int | None) -> bool:
@@ -344,7 +360,8 @@ def _patches(region: Region, rows: _Extents, cols: _Extents, bands: int, columns
     def size(name: str, height: int, width: int) -> int:
         info = region.infos[name]
         plane = int(info.shape[2]) * int(info.shape[3])
-        return info.numel // plane * height * width * (act_bytes or np.dtype(info.dtype).itemsize)
+        return info.numel // plane * height * width * (start_bytes(region, name, (0, height), act_bytes)
+                                                       or info.dtype.itemsize)
 
     nodes = {node.output[0]: node for node in region.nodes}
     sizes = [size(key if isinstance(key, str) else nodes[key[0]].input[key[1]], tall[key], wide[key])
@@ -359,5 +376,5 @@ def _patches(region: Region, rows: _Extents, cols: _Extents, bands: int, columns
                 plan = BandPlan((0, 0), {node.output[0]: (0, tall[node.output[0]])})
                 sizes.append(integer_conv_band_bytes(region, node, plan, columns=wide[node.output[0]]))
     macs = sum(row_total[key] * col_total[key] * region.windows[key].macs_per_output
-               * size(key, 1, 1) // (act_bytes or np.dtype(region.infos[key].dtype).itemsize) for key in nodes)
+               * region.infos[key].numel // (region.height(key) * int(region.infos[key].shape[3])) for key in nodes)
     return Patches(bands, columns, max(sizes), macs)

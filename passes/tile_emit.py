@@ -1,5 +1,5 @@
 """Tiling, part 3: the band rewrite of a validated region, in place on `model.graph`
-(passes/tile.py rules f, f', g, h, h', i).
+(passes/tile.py rules c', f, f', f'', g, h, h', i).
 
 Rules (the lettered list is passes/tile.py's; these are the ones this module writes):
 
@@ -14,11 +14,15 @@ f. Per band i: a Slice of each start's rows (along its row axis, rule a''), a co
    own name. New names come from one `Namer` of the graph (`<name>_band<i>`).
 f'. Splice: when `end` is not a graph output and its one reader is a Concat along its row
    axis, the band outputs take its place among that Concat's inputs; no `end` is written.
+f''. Planned for integer kernels (`--int8`), a band's rows of a graph input are taken by
+   Gather (its row indices, plus rule g's zero) rather than Slice where they are smaller in
+   float than the whole input at one byte (`gathers_input`): the int8 flow leaves that Gather
+   float, so the band quantizes its own rows (fmcompress/int8.py rule a').
 g. The band nodes take the place of `end`'s producer in the node list, band 0 first; with
    `chain`, band i+1's first Slices wait for band i's result through a zero computed from
    it (an empty Slice, Cast, ReduceSum, Add), so every topological order runs the bands
-   one after the other. The zero goes into the Slice's steps (1 + 0), never its starts or
-   ends: shape inference that cannot evaluate it (onnxruntime's symbolic shape inference,
+   one after the other. The zero goes into the Slice's steps (1 + 0; a Gather's indices,
+   rule f''), never its starts or ends: shape inference that cannot evaluate it (onnxruntime's symbolic shape inference,
    run by its quantization tools' `quant_pre_process`) still finds the band's static rows.
 h. The region's nodes are detached and dropped; `model.touched()` then removes what only
    they used. Constants are shared by the bands. `TileResult` holds the facts.
@@ -52,7 +56,7 @@ from fmcompress.shapes import TensorInfo
 from .graph import Model
 from .graphutil import Namer, detach, node_index
 from .ops import SHAPE_OPS
-from .tile_bands import BandPlan, band_tensor_bytes, plan_bands, row_bytes
+from .tile_bands import BandPlan, band_tensor_bytes, gathers_input, plan_bands, row_bytes
 from .tile_region import Region, Starts, tileable_region, used_outputs
 from .tile_windows import Rows, Window
 
@@ -86,7 +90,7 @@ def tile_model(model: Model, region: Region, bands: int, act_bytes: int | None =
     """Rewrite `region` (found on `model.proto()`) of `model.graph` into `bands` bands, each
     of them, with `columns` > 1, into that many column patches (rule c')."""
     plans = plan_bands(region, bands)
-    emitter = _Emitter(model.graph, region, chain)
+    emitter = _Emitter(model.graph, region, chain, act_bytes=act_bytes)
     ends = emitter.emit(plans)
     by_key = emitter.nodes
     end_node = by_key[region.end]
@@ -201,8 +205,10 @@ def pool_in_bands(model: onnx.ModelProto, start: Starts, pool: str, bands: int,
 class _Emitter:
     """The nodes of every band of one region (rules f-g), not yet placed in the graph."""
 
-    def __init__(self, graph: gs.Graph, region: Region, chain: bool, opset: int = 13):
+    def __init__(self, graph: gs.Graph, region: Region, chain: bool, opset: int = 13,
+                 act_bytes: int | None = None):
         self.region = region
+        self.act_bytes = act_bytes
         self.chain = chain
         self.opset = opset
         self.namer = Namer(graph)
@@ -234,8 +240,8 @@ class _Emitter:
                 continue
             rows = plan.produced[start]
             whole = (0, region.height(start))
-            have[start] = (self._slice(self.tensors[start], whole, rows, index, region.axes[start], after),
-                           rows)
+            take = self._gather if gathers_input(region, start, rows, self.act_bytes) else self._slice
+            have[start] = (take(self.tensors[start], whole, rows, index, region.axes[start], after), rows)
         for node in self.nodes.values():
             key = node.outputs[0].name
             inputs = list(node.inputs)
@@ -316,6 +322,23 @@ class _Emitter:
         result = gs.Variable(output)
         self.emitted.append(gs.Node("Slice", name=self.namer(f"{output}/slice"),
                                     inputs=[tensor, *params], outputs=[result]))
+        self._record(output, tensor.name, want, axis)
+        return result
+
+    def _gather(self, tensor: gs.Tensor, have: Rows, want: Rows, index: int, axis: int,
+                after: gs.Tensor | None = None) -> gs.Tensor:
+        """Rule f'': a band's rows of a graph input, taken by Gather of their indices (plus the
+        zero of rule g): left float by the int8 flow (fmcompress/int8.py rule a'), each band
+        then quantizes its own rows, where a Slice would let onnxruntime quantize the whole
+        input first and slice its uint8 copy."""
+        if have == want and after is None:
+            return tensor
+        output = self.namer(f"{tensor.name}_band{index}_rows{want[0]}_{want[1]}")
+        indices: gs.Tensor = self._ints(f"{output}/indices", list(range(want[0] - have[0], want[1] - have[0])))
+        if after is not None:
+            indices = self._after(indices, after)
+        result = gs.Variable(output)
+        self._node("Gather", f"{output}/gather", [tensor, indices], result, axis=axis)
         self._record(output, tensor.name, want, axis)
         return result
 

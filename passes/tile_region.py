@@ -78,6 +78,7 @@ class Region:
     region_inputs: dict[str, list[int]]  # node key -> indices of inputs that are region tensors
     axes: dict[str, int]  # every region tensor's row axis (rule a'')
     gates: frozenset[str] = frozenset()  # per-channel side inputs, read whole (rule a')
+    inputs: frozenset[str] = frozenset()  # starts that are graph inputs: their band rows stay float (tile rule f'')
 
     @property
     def start(self) -> str:
@@ -136,7 +137,7 @@ def tileable_region(model: onnx.ModelProto, start: Starts, end: str,
     else:
         windows, region_inputs, axes = _validate(nodes, tensors, constants, infos, dict.fromkeys(mains, axis))
     return Region(starts, end, nodes, {t: infos[t] for t in tensors | gates}, windows, region_inputs, axes,
-                  frozenset(gates))
+                  frozenset(gates), frozenset(starts) & {inp.name for inp in graph.input})
 
 
 def row_axes(graph: onnx.GraphProto, infos: Mapping[str, TensorInfo]) -> dict[str, int]:

@@ -108,15 +108,29 @@ def test_int8_compile_residual_is_qdq_and_fully_integer():
     assert baseline["fidelity"]["cosine_similarity"] > 0.9
 
 
-def test_int8_tiled_quantizes_the_input_once():
-    """--runtime ort: bands of the input, each band Slice on one uint8 copy of it (int8.py rule a),
-    every band's Conv and Add integer."""
-    result = _compile(ceiling="8KB", int8=True, runtime="ort")
-    assert any("_band" in node.name for node in result.model.graph.node)
-    assert result.report["int8"]["float_nodes"] == []
+def test_int8_tiled_bands_quantize_their_own_rows_of_the_input():
+    """--runtime ort at 3KB: bands of a few rows each take their rows of the input by a float
+    Gather (tile rule f'') and quantize them themselves (int8.py rule a'): no uint8 copy of the
+    whole input; every band's Conv and Add integer."""
+    result = _compile(ceiling="3KB", int8=True, runtime="ort")
+    bands = sum(region["bands"] for region in result.report["runtime"]["regions"] if region["starts"][0] == "x")
+    gathers = [node for node in result.model.graph.node if node.op_type == "Gather" and node.input[0] == "x"]
+    assert len(gathers) == bands > 1 and result.report["int8"]["float_nodes"] == []
     for level in ("extended", "all"):
         ops = _ops(result.model, level)
-        assert ops.count("QuantizeLinear") == 1 and "Conv" not in ops  # the int64 Adds order the bands
+        assert ops.count("QuantizeLinear") == len(gathers) and "Conv" not in ops  # the int64 Adds order the bands
+    copies = [t for t in runtime_view(result.model, level="all").tensors if t.shape == [1, 3, SIZE, SIZE]]
+    assert [t.name for t in copies] == ["x"]  # no uint8 copy of the whole input
+
+
+def test_int8_tiled_bands_of_many_rows_slice_one_copy_of_the_input():
+    """At 8KB the later bands need more than a quarter of the input's rows: they Slice one uint8
+    copy of it (int8.py rule a), which would be smaller than their float rows."""
+    result = _compile(ceiling="8KB", int8=True, runtime="ort")
+    ops = [node.op_type for node in result.model.graph.node]
+    quantized_input = [node for node in result.model.graph.node if node.op_type == "QuantizeLinear"
+                       and node.input[0] == "x"]
+    assert "Slice" in ops and len(quantized_input) == 1 and result.report["int8"]["float_nodes"] == []
 
 
 def test_int8_global_pool_in_bands_runs_in_integer_kernels():
@@ -205,7 +219,8 @@ def test_int8_band_sizing_counts_integer_conv_buffers():
     shapes = {"x": (1, 3, SIZE, SIZE)}
     map_only = peak_band_bytes(model, "x", "r0", 8, 1, input_shapes=shapes, workspaces=False)
     with_buffers = peak_band_bytes(model, "x", "r0", 8, 1, input_shapes=shapes)
-    assert with_buffers == 4 * map_only == 4 * 16 * 4 * SIZE  # 16 filters x 4 rows x 32 positions, int32
+    assert with_buffers == 4 * 16 * 4 * SIZE  # 16 filters x 4 rows x 32 positions, int32
+    assert map_only == 6 * SIZE * 3 * 4  # the band's 6 input rows, float (taken by Gather: tile rule f'')
     assert peak_band_bytes(model, "x", "r0", 4, 1, input_shapes=shapes, workspaces=False) <= 4096
     assert bands_for_budget(model, "x", "r0", 4096, 1, input_shapes=shapes) == 16  # 2 rows: 4 KiB of int32
 
