@@ -306,15 +306,17 @@ def patches_for_budget(model: onnx.ModelProto, region: Region, budget_bytes: int
         across = tileable_region(model, region.starts, region.end, infos=infos, axis=3)
     except InputError:
         return None
-    rows, cols = _Extents(region), _Extents(across)
+    row_cuts, column_cuts = _Cuts(region), _Cuts(across)
     best = None
     for columns in range(2, min(across.height(region.end), MAX_COLUMNS) + 1):
-        if cols.extents(columns) is None:
+        across_cut = column_cuts[columns]
+        if across_cut is None:
             break
         for bands in range(1, region.height(region.end) + 1):
-            if rows.extents(bands) is None:
+            down_cut = row_cuts[bands]
+            if down_cut is None:
                 break
-            found = _patches(region, rows, cols, bands, columns, act_bytes)
+            found = _patches(region, down_cut, across_cut, act_bytes)
             if found.peak_bytes <= budget_bytes:
                 if best is None or found.macs < best.macs:
                     best = found
@@ -322,40 +324,48 @@ def patches_for_budget(model: onnx.ModelProto, region: Region, budget_bytes: int
     return best
 
 
-class _Extents:
-    """Per band count: every tensor's (and every read's) largest extent along the region's
-    band axis, and the sum over bands of what each node computes (None: a band reads only
-    padding)."""
+@dataclass(frozen=True)
+class _Cut:
+    """A region cut into `parts` along its band axis: per tensor (and per read, keyed like
+    `BandPlan.reads`) the largest extent a part holds, per tensor the extent all parts compute
+    together, the largest part of `end` and of each start."""
+
+    parts: int
+    largest: dict
+    computed: dict[str, int]
+    end: int
+    starts: dict[str, int]
+
+
+class _Cuts(dict):
+    """`_Cut`s of one region by part count, made when first asked for (None: a part would read
+    only padding)."""
 
     def __init__(self, region: Region):
+        super().__init__()
         self.region = region
-        self.cache: dict[int, tuple[dict, dict, dict] | None] = {}
 
-    def extents(self, bands: int) -> tuple[dict, dict, dict] | None:
-        if bands not in self.cache:
-            try:
-                plans = plan_bands(self.region, bands)
-            except InputError:
-                self.cache[bands] = None
-                return None
-            largest: dict = {}
-            total: dict = {}
-            for plan in plans:
-                for key, (lo, hi) in [*plan.produced.items(), *plan.reads.items()]:
-                    largest[key] = max(largest.get(key, 0), hi - lo)
-                for name, (lo, hi) in plan.produced.items():
-                    total[name] = total.get(name, 0) + hi - lo
-            ends = {"end": max(p.rows[1] - p.rows[0] for p in plans),
-                    **{start: max(p.produced[start][1] - p.produced[start][0] for p in plans)
-                       for start in self.region.starts if start not in self.region.gates}}
-            self.cache[bands] = (largest, total, ends)
-        return self.cache[bands]
+    def __missing__(self, parts: int) -> _Cut | None:
+        try:
+            plans = plan_bands(self.region, parts)
+        except InputError:
+            self[parts] = None
+            return None
+        largest: dict = {}
+        computed: dict[str, int] = {}
+        for plan in plans:
+            for key, (lo, hi) in [*plan.produced.items(), *plan.reads.items()]:
+                largest[key] = max(largest.get(key, 0), hi - lo)
+            for name, (lo, hi) in plan.produced.items():
+                computed[name] = computed.get(name, 0) + hi - lo
+        starts = {start: max(p.produced[start][1] - p.produced[start][0] for p in plans)
+                  for start in self.region.starts if start not in self.region.gates}
+        self[parts] = _Cut(parts, largest, computed, max(p.rows[1] - p.rows[0] for p in plans), starts)
+        return self[parts]
 
 
-def _patches(region: Region, rows: _Extents, cols: _Extents, bands: int, columns: int,
-             act_bytes: int | None) -> Patches:
-    """The largest allocation and the MACs of `bands` x `columns` patches (rule c')."""
-    (tall, row_total, row_ends), (wide, col_total, _) = rows.extents(bands), cols.extents(columns)
+def _patches(region: Region, down: _Cut, across: _Cut, act_bytes: int | None) -> Patches:
+    """The largest allocation and the MACs of `down.parts` bands of `across.parts` patches (rule c')."""
 
     def size(name: str, height: int, width: int) -> int:
         info = region.infos[name]
@@ -364,17 +374,16 @@ def _patches(region: Region, rows: _Extents, cols: _Extents, bands: int, columns
                                                        or info.dtype.itemsize)
 
     nodes = {node.output[0]: node for node in region.nodes}
-    sizes = [size(key if isinstance(key, str) else nodes[key[0]].input[key[1]], tall[key], wide[key])
-             for key in tall]
+    sizes = [size(key if isinstance(key, str) else nodes[key[0]].input[key[1]], down.largest[key], across.largest[key])
+             for key in down.largest]
     # a band's full-width copies: the Slice of each start, the Concat of its patches
-    sizes += [size(start, height, region.infos[start].shape[3]) for start, height in row_ends.items()
-              if start != "end"]
-    sizes.append(size(region.end, row_ends["end"], region.infos[region.end].shape[3]))
+    sizes += [size(start, height, region.infos[start].shape[3]) for start, height in down.starts.items()]
+    sizes.append(size(region.end, down.end, region.infos[region.end].shape[3]))
     if integer_kernels(act_bytes):
-        for node in region.nodes:
+        for key, node in nodes.items():
             if node.op_type == "Conv":
-                plan = BandPlan((0, 0), {node.output[0]: (0, tall[node.output[0]])})
-                sizes.append(integer_conv_band_bytes(region, node, plan, columns=wide[node.output[0]]))
-    macs = sum(row_total[key] * col_total[key] * region.windows[key].macs_per_output
+                plan = BandPlan((0, 0), {key: (0, down.largest[key])})
+                sizes.append(integer_conv_band_bytes(region, node, plan, columns=across.largest[key]))
+    macs = sum(down.computed[key] * across.computed[key] * region.windows[key].macs_per_output
                * region.infos[key].numel // (region.height(key) * int(region.infos[key].shape[3])) for key in nodes)
-    return Patches(bands, columns, max(sizes), macs)
+    return Patches(down.parts, across.parts, max(sizes), macs)
