@@ -22,8 +22,9 @@ g. The band nodes take the place of `end`'s producer in the node list, band 0 fi
    `chain`, band i+1's first Slices wait for band i's result through a zero computed from
    it (an empty Slice, Cast, ReduceSum, Add), so every topological order runs the bands
    one after the other. The zero goes into the Slice's steps (1 + 0; a Gather's indices,
-   rule f''), never its starts or ends: shape inference that cannot evaluate it (onnxruntime's symbolic shape inference,
-   run by its quantization tools' `quant_pre_process`) still finds the band's static rows.
+   rule f''), never its starts or ends: shape inference that cannot evaluate it
+   (onnxruntime's symbolic shape inference, run by its quantization tools'
+   `quant_pre_process`) still finds the band's static rows.
 h. The region's nodes are detached and dropped; `model.touched()` then removes what only
    they used. Constants are shared by the bands. `TileResult` holds the facts.
 h'. A Shape or Size node outside the region that reads an intermediate becomes its static
