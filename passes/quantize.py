@@ -73,6 +73,7 @@ from fmcompress.int8 import (
     Batch,
     calibration_method,
     check_float32,
+    input_gathers,
     quantize_int8,
 )
 from fmcompress.metrics import fidelity, gated_agreement
@@ -209,7 +210,7 @@ def float_nodes(quantized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     """Rule c: the nodes of onnxruntime's optimised graph that produce a float feature map."""
     optimized = optimized_model(with_input_shapes(quantized, shapes), level)
     outputs = {value.name for value in optimized.graph.output}
-    inputs = {value.name for value in optimized.graph.input}
+    input_rows = set(input_gathers(optimized))  # a band's float rows of the input (int8.py rule a')
     names = [out for node in optimized.graph.node for out in node.output if out]
     infos = onnxruntime_tensor_infos(optimized, shapes, names)
     found = []
@@ -218,7 +219,7 @@ def float_nodes(quantized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             info = infos.get(name)
             if not name or name in outputs or info is None or len(info.shape) < MAP_RANK:
                 continue
-            if node.op_type == "Gather" and node.input[0] in inputs:  # a band's rows of the input (int8.py rule a')
+            if node.name in input_rows:
                 continue
             if np.dtype(info.dtype).type in FLOAT_TYPES and info.numel:  # an empty slice computes nothing
                 found.append({"node": node.name or name, "op": op_name(node), "tensor": name,

@@ -115,17 +115,20 @@ def tile_model(model: Model, region: Region, bands: int, act_bytes: int | None =
     model.touched(sort=False)
     facts = _facts(region, plans, act_bytes)
     if columns > 1:
-        facts = _patches(model, emitter, facts, columns, act_bytes, chain)
+        facts = _cut_columns(model, emitter, facts, columns, act_bytes, chain)
     return facts
 
 
-def _patches(model: Model, emitter: _Emitter, rows: TileResult, columns: int, act_bytes: int | None,
-             chain: bool) -> TileResult:
-    """Rule c': each row band, already emitted, tiled again into `columns` column patches."""
+def _cut_columns(model: Model, emitter: _Emitter, rows: TileResult, columns: int, act_bytes: int | None,
+                 chain: bool) -> TileResult:
+    """Rule c': each row band, already emitted, tiled again into `columns` column patches. The
+    bands are found on one proto of the row-tiled graph: cutting one band leaves the others'
+    nodes as they were."""
     infos = {**emitter.region.infos, **emitter.band_infos}
+    proto = model.proto()
     patched = []
     for starts, end in emitter.band_io:
-        band = tileable_region(model.proto(), starts, end, infos=infos, axis=3)
+        band = tileable_region(proto, starts, end, infos=infos, axis=3)
         patched.append(tile_model(model, band, columns, act_bytes, chain))
     return replace(rows, columns=columns, macs_tiled=sum(p.macs_tiled for p in patched),
                    peak_band_bytes=max(p.peak_band_bytes for p in patched))
