@@ -43,8 +43,9 @@ f. VerifyPeakPass: the emitted model's computed peak (rule a's view, value_info 
 g. int8 (`compile --peak --int8`): the probes plan and tile the float graph with every map at
    one byte (`ctx.act_bytes` 1, as `--int8` plans; the band planner sizes bands by the
    integer convs' buffers, passes/tile_bands.py), then quantize it as QuantizePass will
-   (`ShapeQuantizePass`: onnxruntime's tools, calibrated on one random batch of the pinned
-   input shapes; the ranges do not matter, the int8 graph's tensors and buffers do), and
+   (`ShapeQuantizePass`: onnxruntime's tools with placeholder ranges and no calibration run,
+   fmcompress/int8.py rule e; the ranges do not matter, the int8 graph's tensors and buffers
+   do), and
    the trial's peak is that int8 graph's, every tensor at its own dtype's size (uint8 maps,
    the input's uint8 copy, float tensors left, integer convs' workspaces). VerifyPeakPass
    runs after QuantizePass on the int8 model itself, sized the same way: that is what the
@@ -73,7 +74,7 @@ import onnx
 
 from fmcompress.errors import FmcError, InputError, VerificationError
 from fmcompress.featuremaps import FeatureMap, Projection
-from fmcompress.int8 import quantize_int8
+from fmcompress.int8 import quantized_layout
 from fmcompress.memprobe import measure_peak
 from fmcompress.reports.analysis import RuntimeView
 from fmcompress.units import Ceiling, format_bytes
@@ -177,23 +178,15 @@ def _sizing(ctx: PassContext) -> PassContext:
 
 
 class ShapeQuantizePass(Pass):
-    """Rule g: the probe's model quantized as QuantizePass will quantize the real one, on one
-    random batch of the pinned input shapes (the int8 graph's shapes, not its ranges, count)."""
+    """Rule g: the probe's model quantized as QuantizePass will quantize the real one, with
+    placeholder ranges (fmcompress/int8.py rule e: the int8 graph's shapes, not its ranges, count)."""
 
     name = "shape-quantize"
     provides = ("quantization",)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        from fmcompress.data import input_specs
-        from fmcompress.shapes import resolve_input_shapes
-
-        proto = model.proto()
-        rng = np.random.default_rng(0)
-        feeds = {spec.name: rng.standard_normal(spec.shape).astype(spec.dtype) if np.issubdtype(spec.dtype, np.floating)
-                 else np.zeros(spec.shape, spec.dtype)
-                 for spec in input_specs(proto, resolve_input_shapes(proto, ctx.input_shapes))}
         ctx.quantization = {"probe": True}  # rule g: the trial's view sizes this graph at its own dtypes
-        return PassResult(Model.of(quantize_int8(proto, [feeds])), modified=True)
+        return PassResult(Model.of(quantized_layout(model.proto())), modified=True)
 
 
 class ShapeProjectionsPass(Pass):

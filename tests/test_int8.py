@@ -4,6 +4,7 @@ nodes left, the int8 fidelity, and the float outputs onnxruntime's tools accept.
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
 from dataclasses import replace
@@ -20,11 +21,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from fmcompress import api
 from fmcompress.cli import main
+from fmcompress.compiler import peak_probe
 from fmcompress.errors import InputError
-from fmcompress.int8 import quantize_int8
+from fmcompress.int8 import quantize_int8, quantized_layout
 from fmcompress.memprobe import measure_peak
 from fmcompress.passes.align_ranks import aligned_rank
-from fmcompress.passes.base import PassContext
+from fmcompress.passes.base import PassContext, Pipeline
 from fmcompress.passes.plan import PlannedMap
 from fmcompress.passes.quantize import float_nodes, planned_act_bytes
 from fmcompress.passes.runtime import integer_conv_workspaces, optimized_model, runtime_view
@@ -131,6 +133,27 @@ def test_int8_tiled_bands_of_many_rows_slice_one_copy_of_the_input():
     quantized_input = [node for node in result.model.graph.node if node.op_type == "QuantizeLinear"
                        and node.input[0] == "x"]
     assert "Slice" in ops and len(quantized_input) == 1 and result.report["int8"]["float_nodes"] == []
+
+
+def test_quantized_layout_is_the_calibrated_graph_without_a_calibration_run(monkeypatch):
+    """int8.py rule e, on a peak probe's tiled graph (float band Gathers, an ordering Slice):
+    the nodes and the runtime peak of `quantize_int8`'s model, and onnxruntime's calibrator
+    never created."""
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not its function
+    probe = peak_probe(3 * 1024, "extended", int8=True)  # the last pass quantizes; stop before it
+    tiled, _ = Pipeline(probe.passes[:-1]).run(residual_net(), PassContext(input_shapes={"x": (1, 3, SIZE, SIZE)},
+                                                                            act_bytes=1))
+    assert "Gather" in {node.op_type for node in tiled.graph.node}
+    calibrated = quantize_int8(tiled, _inputs(2))
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("rule e runs no calibration")
+
+    monkeypatch.setattr(ort_quantize, "create_calibrator", no_calibration)
+    layout = quantized_layout(tiled)
+    assert [(n.op_type, list(n.input), list(n.output)) for n in layout.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in calibrated.graph.node]
+    assert runtime_view(layout, level="all").peak_bytes == runtime_view(calibrated, level="all").peak_bytes
 
 
 def test_int8_global_pool_in_bands_runs_in_integer_kernels():
