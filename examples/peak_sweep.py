@@ -11,7 +11,7 @@ For each `--smallest MODEL`: the search run towards an unreachable size (rule b 
 passes/peak_plan.py walks down to the smallest ceiling the planner takes), the smallest peak it
 found, then `compile --peak` at that figure, measured the same way.
 With `--int8` every `--peak` compile is `compile --peak SIZE --int8` (the size holds for the int8
-model; the latency ratio is against the float original). Zoo models are untrained: memory and time
+model; the latency ratio is against the float original), and `--smallest` searches int8 probes. Zoo models are untrained: memory and time
 figures only.
 """
 
@@ -30,6 +30,7 @@ from fmcompress.compiler import CompileOptions, build_context, peak_probe, plan_
 from fmcompress.errors import FmcError
 from fmcompress.modelio import load_model
 from fmcompress.passes.peak_plan import highest_ceiling, lowest, peak_facts, peak_search
+from fmcompress.passes.quantize import planned_act_bytes
 from fmcompress.passes.runtime import analyze_runtime
 from fmcompress.units import format_bytes
 
@@ -59,15 +60,15 @@ def compile_at(path: Path, shapes: dict, size: str, samples: int, int8: bool = F
             f"peak set by long-lived tensors: {facts['set_by_long_lived']}; {time.perf_counter() - started:.0f} s")
 
 
-def smallest(path: Path, shapes: dict, samples: int) -> list[str]:
+def smallest(path: Path, shapes: dict, samples: int, int8: bool = False) -> list[str]:
     """The search towards an unreachable size, then compile at the smallest peak it found."""
-    options = CompileOptions(peak=1)
+    options = CompileOptions(peak=1, int8=int8)
     model = load_model(path)
-    ctx = build_context(model, [",".join(map(str, s)) for s in shapes.values()], None)
+    ctx = build_context(model, [",".join(map(str, s)) for s in shapes.values()], planned_act_bytes(int8, None))
     level, held = report_level(options), plan_level(options)
     started = time.perf_counter()
     highest = highest_ceiling(analyze_runtime(model, ctx, held), None)
-    trials = peak_search(model, ctx, 1, lambda c: peak_probe(c, held), level, highest)
+    trials = peak_search(model, ctx, 1, lambda c: peak_probe(c, held, int8), level, highest)
     best = lowest(trials)
     lines = [f"search ({time.perf_counter() - started:.0f} s): " + ", ".join(
         f"{t.ceiling_bytes // KIB}K->{'x' if t.peak_bytes is None else t.peak_bytes // KIB}K"
@@ -80,7 +81,7 @@ def smallest(path: Path, shapes: dict, samples: int) -> list[str]:
                  f"long-lived {format_bytes(facts['long_lived_bytes'])}; alive: "
                  + ", ".join(f"{t['name']} {t['bytes'] // KIB}K" for t in facts["alive"][:4]))
     size = f"{math.ceil(best.peak_bytes / KIB)}KB"
-    return [*lines, compile_at(path, shapes, size, samples)]
+    return [*lines, compile_at(path, shapes, size, samples, int8)]
 
 
 def _b(value: int | None) -> str:
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--peak", default="mobilenet_v2=512KB", help="MODEL=SIZE,... ('' for none)")
     parser.add_argument("--smallest", default="resnet18", help="MODEL,... ('' for none)")
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--int8", action="store_true", help="--peak compiles with --int8")
+    parser.add_argument("--int8", action="store_true", help="--peak and --smallest with --int8")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="peak-sweep-") as folder:
         for entry in filter(None, args.peak.split(",")):
@@ -102,8 +103,8 @@ def main() -> None:
                   flush=True)
         for name in filter(None, args.smallest.split(",")):
             path, shapes = model_path(name, Path(folder))
-            for line in smallest(path, shapes, args.samples):
-                print(f"{name}: {line}", flush=True)
+            for line in smallest(path, shapes, args.samples, args.int8):
+                print(f"{name}{' int8' if args.int8 else ''}: {line}", flush=True)
 
 
 if __name__ == "__main__":
