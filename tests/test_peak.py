@@ -285,6 +285,26 @@ def test_smallest_lossless_prefers_fewer_bands_for_nearly_the_same_peak():
     assert choose(trials, None).ceiling_bytes == 16 << 10
 
 
+def test_the_walk_down_stops_where_lower_ceilings_stop_lowering_the_peak(monkeypatch):
+    """Rule b': an unmeetable size on a V-shaped peak (lowest at a 64 KiB ceiling): two steps in a
+    row above the lowest end the walk, a bisection just below the lowest follows, and no ceiling
+    under half of it is probed (the walk used to go on to the planner's refusal)."""
+    from fmcompress.passes import peak_plan
+
+    def v_shaped(model, ctx, ceiling, probe, level):
+        return peak_plan.PeakTrial(ceiling, 200 * 1024 + abs(ceiling - 64 * 1024) * 4, lossless=False, projected=["a"])
+
+    monkeypatch.setattr(peak_plan, "probe_peak", v_shaped)
+    trials = peak_plan.peak_search(None, None, 100 * 1024, lambda c: None, "all", highest=1024 * 1024)
+    ceilings = [t.ceiling_bytes // 1024 for t in trials]
+    lowest = peak_plan.lowest(trials).ceiling_bytes // 1024
+    assert 56 <= lowest <= 64  # the walk's step nearest the bottom of the V
+    assert sorted(set(ceilings))[:2] == [30, 43]  # two steps below the lowest, then no further down
+    assert all(lowest // 2 < c < lowest for c in ceilings[-3:])  # the bisection just below the lowest
+    met = peak_plan.peak_search(None, None, 300 * 1024, lambda c: None, "all", highest=1024 * 1024)
+    assert peak_plan.choose(met, 300 * 1024).peak_bytes <= 300 * 1024  # a size that is met stops as before
+
+
 def test_int8_alone_quantizes_with_a_smaller_peak_than_quantize_static():
     """`compile --int8` alone is `--peak lossless --int8`: onnxruntime's tools quantize the original,
     tiled losslessly, and its peak (int8 graph at its own dtypes, as onnxruntime runs it) is below what
