@@ -128,9 +128,9 @@ def main() -> None:
     known, original, ranking = recipes(), onnx.load(path), None
     for name in args.recipes.split(","):
         started = time.perf_counter()
-        count = float_count(name)
-        if percentile_of(name) is not None:
-            recipe = {"calibrate": "percentile", "extra_options": {"CalibPercentile": percentile_of(name)}}
+        count, percentile = float_count(name), percentile_of(name)
+        if percentile is not None:
+            recipe = {"calibrate": "percentile", "extra_options": {"CalibPercentile": percentile}}
         elif count is None:
             recipe = known[name]
         else:

@@ -306,10 +306,10 @@ def _meets(trial: PeakTrial, peak_bytes: int | None) -> bool:
 
 
 def _lower_than(best: PeakTrial) -> Callable[[PeakTrial], bool]:
-    """Rule b': a ceiling whose peak is above `best`'s (or refused), the high side of its bisection."""
-    def above(trial: PeakTrial) -> bool:
+    """Rule b': the bisection's good side, a trial whose peak is below `best`'s (a refusal is not)."""
+    def lower(trial: PeakTrial) -> bool:
         return trial.peak_bytes is not None and trial.peak_bytes < best.peak_bytes
-    return above
+    return lower
 
 
 def _taken(trial: PeakTrial) -> bool:
