@@ -235,7 +235,7 @@ def scripted(monkeypatch, figures):
 def test_patience_stops_after_that_many_epochs_without_a_better_score(monkeypatch):
     """Rule h: a tie on the score is no gain (even at a lower loss); a gain restarts the count."""
     scripted(monkeypatch, [(0.5, 1.0), (0.4, 2.0), (0.6, 1.0), (0.6, 0.5), (0.55, 1.0), (0.9, 1.0)])
-    result = train(TrainConfig(epochs=10, batch_size=8, patience=2))
+    result = train(TrainConfig(epochs=10, batch_size=8, patience=2, probe=0))
     assert result.stop_reason == "patience" and not result.stopped_early
     assert [r.score for r in result.history] == [0.4, 0.6, 0.6, 0.55]
     assert result.best_epoch == 3 and result.best_score == 0.6  # the tie at the lower loss is still kept
@@ -250,8 +250,20 @@ def test_the_probe_keeps_the_start_when_the_first_epoch_does_not_pay(monkeypatch
     result = train(TrainConfig(epochs=10, batch_size=8, probe=1, patience=3))
     assert result.stop_reason == "probe" and len(result.history) == 1 and result.best_epoch == 0
     scripted(monkeypatch, [(0.8, 0.2), (0.7, 0.2 * PROBE_LOSS_RATIO * 0.5), (0.7, 0.5), (0.7, 0.5), (0.9, 0.1)])
-    result = train(TrainConfig(epochs=10, batch_size=8, probe=1, patience=3))
-    assert result.stop_reason == "patience" and len(result.history) == 3
+    result = train(TrainConfig(epochs=10, batch_size=8, probe=1, patience=2))
+    assert result.stop_reason == "patience" and len(result.history) == 3  # the probe's epoch not counted
+
+
+def test_patience_counts_after_the_probes_epochs(monkeypatch):
+    """Rule h: leaving the block stage, the first epochs may score below it and raise the held-out
+    loss (PP-OCR's classifier: three epochs) before one beats it; patience waits for the probe."""
+    start, rising = (0.8, 0.2), [(0.7, 1.4), (0.7, 1.0), (0.75, 0.6)]
+    scripted(monkeypatch, [start, *rising, (0.9, 0.1), (0.85, 0.2), (0.85, 0.2), (0.85, 0.2)])
+    result = train(TrainConfig(epochs=10, batch_size=8, probe=3, patience=3))
+    assert result.stop_reason == "patience" and len(result.history) == 7 and result.best_epoch == 4
+    scripted(monkeypatch, [start, *rising])
+    result = train(TrainConfig(epochs=10, batch_size=8, probe=0, patience=3))  # counted from the start
+    assert result.stop_reason == "patience" and len(result.history) == 3 and result.best_epoch == 0
 
 
 def test_no_patience_runs_every_epoch(monkeypatch):

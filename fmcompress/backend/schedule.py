@@ -22,9 +22,13 @@ d. Divergence (`diverged`): an epoch whose held-out distillation loss is not fin
 e. Stopping (`should_stop`, the trainer's rule h), from the epochs' records alone, so a
    resumed run stops where the uninterrupted one does. Only epochs with every map count.
    `patience`: that many epochs in a row without a held-out score above the best so far
-   (the initialisation's included). `probe`: after the first `probe` epochs, none above
-   the initialisation's score and the last one's held-out loss more than
-   `PROBE_LOSS_RATIO` times the initialisation's.
+   (the initialisation's included), counted after the first `probe` epochs. `probe`: after
+   the first `probe` epochs, none above the initialisation's score and the last one's
+   held-out loss more than `PROBE_LOSS_RATIO` times the initialisation's. Three, and
+   patience only after them: leaving the block stage's projections, PP-OCR's classifier at
+   4x scores below them for three epochs, its held-out loss falling from 1.5 to 0.7, and
+   its fourth beats them (97.3% -> 98.7% on held-out lines); the recognizer's loss stays
+   four times the stage's, and the probe still stops it.
 """
 
 from __future__ import annotations
@@ -78,10 +82,10 @@ def should_stop(history: Sequence[Any], initial_score: float, initial_loss: floa
     """Rule e: `patience`, `probe` or None (go on), from the EpochRecords so far."""
     full = [r for r in history if r.active_maps == maps]
     best, since = initial_score, 0
-    for record in full:
+    for epoch, record in enumerate(full, 1):
         if record.score > best:
             best, since = record.score, 0
-        else:
+        elif epoch > config.probe:  # the probe's epochs leave the start: patience counts after them
             since += 1
     if config.probe and len(full) == config.probe and best <= initial_score and \
             full[-1].held_out_loss > PROBE_LOSS_RATIO * initial_loss:

@@ -195,8 +195,8 @@ TRAINING = (  # `--method learned|random`
          help="Stop once the held-out score (accuracy with labels, else top-1 agreement, else cosine) "
               "reaches this; otherwise the best epoch is kept."),
     Bound("--patience", T, "patience", type=click.IntRange(min=0),
-         help="Stop training once this many epochs in a row have not raised the best held-out score "
-              "(0: never)."),
+         help="Stop training once this many epochs in a row, after the --probe epochs, have not raised "
+              "the best held-out score (0: never)."),
     Bound("--probe", T, "probe", type=click.IntRange(min=0),
          help="After this many epochs, stop training and keep the start when none beat its held-out score "
               "and the held-out distillation loss has risen several times over (0: never probe)."),
