@@ -2,11 +2,11 @@
 
     python examples/ceiling_sweep.py [--models ppocr-cls,ppocr-rec,demo] [--ceilings 2x,4x,8x]
         [--methods pca,random,learned] [--num-samples 256] [--eval-samples 500]
-        [--eval-set first|second|both] [--calibration-set first|second|mixed] [--int8 [--calibrate M]]
+        [--eval-set first|second|both] [--calibration-set first|second|mixed] [--labeled] [--int8 [--calibrate M]]
         [--train KEY=VALUE ...] [--out sweep]
 
-For each model x ceiling x method: render calibration text lines (unlabelled for
-the recognizer, at most 512) into an .npz, `compile_model` under the ceiling, then
+For each model x ceiling x method: render calibration text lines (unlabeled unless
+`--labeled`, at most 512) into an .npz, `compile_model` under the ceiling, then
 score the compiled model on separate held-out rendered lines (another seed) with
 the task's own metric, on two independent sets of lines:
 
@@ -86,16 +86,18 @@ class Task:
     evals: dict[str, tuple[np.ndarray, Any]] = field(default_factory=dict)  # eval set -> (inputs, targets)
     cache: dict[str, float] = field(default_factory=dict)  # eval set -> the original's score
 
-    def calibration(self, folder: Path, count: int, which: str = "first") -> str:
+    def calibration(self, folder: Path, count: int, which: str = "first", labeled: bool = False) -> str:
+        """The calibration .npz: unlabeled, as a user has them, unless `labeled` (the classifier's
+        angles: its training then picks epochs by held-out accuracy instead of agreement)."""
         if self.data is not None:
             return self.data
-        path = folder / f"{self.name}-calibration-{which}.npz"
+        labeled = labeled and self.name == "ppocr-cls"  # a recognizer's texts are not class labels
+        path = folder / f"{self.name}-calibration-{which}{'-labeled' if labeled else ''}.npz"
         if not path.exists():
             parts = {"mixed": (("first", count // 2), ("second", count - count // 2))}.get(which, ((which, count),))
             drawn = [self._lines(SETS[name], part) for name, part in parts]
             inputs = np.concatenate([d[0] for d in drawn])
-            labels = np.concatenate([d[1] for d in drawn]) if self.name == "ppocr-cls" else None
-            textlines.save_npz(path, inputs, labels)  # a recognizer's texts are not class labels
+            textlines.save_npz(path, inputs, np.concatenate([d[1] for d in drawn]) if labeled else None)
         return str(path)
 
     def _lines(self, lines, count: int):
@@ -134,7 +136,7 @@ def build_tasks(names: list[str], eval_samples: int, demo_data: str,
 
 
 def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[str, Any]:
-    calibration = task.calibration(folder, args.num_samples, args.calibration_set)
+    calibration = task.calibration(folder, args.num_samples, args.calibration_set, args.labeled)
     options = CompileOptions(ceiling=ceiling, method=method, data=calibration,
                              num_samples=args.num_samples, input_shapes=[task.input_shape] if task.input_shape else None,
                              latency_repeats=1, latency_rounds=1, threads=args.threads, int8=args.int8,
@@ -266,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="score on set 1 (textlines), set 2 (otherlines) or both")
     parser.add_argument("--calibration-set", choices=("first", "second", "mixed"), default="first",
                         help="the set whose lines calibrate and train the projections (mixed: half of each)")
+    parser.add_argument("--labeled", action="store_true",
+                        help="give the classifier's calibration lines their angles (default: unlabeled, as the "
+                             "issues measure; with labels training picks epochs by held-out accuracy)")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="training epochs (random, learned)")
     parser.add_argument("--block-epochs", type=int, default=TrainConfig.block_epochs,
                         help="block reconstruction epochs per map before training (learned)")
