@@ -27,8 +27,9 @@ e. Stopping (`should_stop`, the trainer's rule h), from the epochs' records alon
    held-out loss more than `PROBE_LOSS_RATIO` times the initialisation's. Three, and
    patience only after them: leaving the block stage's projections, PP-OCR's classifier at
    4x scores below them for three epochs, its held-out loss falling from 1.5 to 0.7, and
-   its fourth beats them (97.3% -> 98.7% on held-out lines); the recognizer's loss stays
-   four times the stage's, and the probe still stops it.
+   its fourth beats them (97.3% -> 98.7% on held-out lines). The recognizer's stays four
+   times the stage's on its own lines, where the probe stops it after three epochs that
+   never pay there (one before).
 """
 
 from __future__ import annotations

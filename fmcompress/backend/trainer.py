@@ -37,8 +37,8 @@ f. An epoch that diverged (`schedule.diverged`) restores the best projections, d
 g. Distributed: every rank scores the held-out part (same result); only rank 0 writes
    checkpoints.
 h. Stopping (`schedule.should_stop`): besides `target`, training stops once `patience`
-   epochs in a row have not raised the best held-out score (a tie broken by the loss
-   is no gain); and after the first `probe` epochs, when none of them beat the
+   epochs in a row after the first `probe` have not raised the best held-out score (a tie
+   broken by the loss is no gain); and after the first `probe` epochs, when none of them beat the
    initialisation's score and the last one's held-out distillation loss is more than
    `schedule.PROBE_LOSS_RATIO` times the initialisation's, it will not pay, and the
    initialisation is kept. `TrainResult.stop_reason` says which: `target`, `patience`,
