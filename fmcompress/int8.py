@@ -21,6 +21,10 @@ a. The model runs through onnxruntime's `quant_pre_process` (its symbolic shape 
 a'. Gathers of a float graph input stay float (`input_gathers`): a tiled region takes each
    band's rows of the input by Gather (passes/tile_emit.py rule f''), and each band then
    quantizes its own rows instead of reading one uint8 copy of the whole input.
+a''. Before quantizing, a division by a constant becomes a multiplication by its reciprocal
+   (`integer_friendly`, passes/div_to_mul.py): onnxruntime has an integer Mul and no integer
+   Div, and an inlined HardSwish ends in a Div by 6, which otherwise keeps two float copies of
+   its map (PP-OCR's detector at 640x640: 1.2 MiB each; its recognizer: 28 Divs).
 b. Calibration (`--calibrate`): onnxruntime's MinMax, Percentile (99.999th percentile of
    |x|) or Entropy calibrator, or `auto` (passes/quantize.py rule a': the better of the
    first two, chosen on held-out data; `quantize_int8` itself takes a named one). Ranges
@@ -127,7 +131,7 @@ def _quantize(model: onnx.ModelProto, reader: Any, method: Any, overrides: dict[
     with tempfile.TemporaryDirectory(prefix="fmcompress-int8-") as folder:
         source, prepared, quantized, cache = (os.path.join(folder, name) for name in
                                               ("float.onnx", "pre.onnx", "int8.onnx", "ranges.json"))
-        onnx.save_model(with_per_channel_opset(model), source)
+        onnx.save_model(with_per_channel_opset(integer_friendly(model)), source)
         try:
             with _working_directory(folder):  # where symbolic shape inference drops its partial model
                 try:
@@ -150,6 +154,14 @@ def _quantize(model: onnx.ModelProto, reader: Any, method: Any, overrides: dict[
         result = onnx.load(quantized)
     _keep_interface(model, result)
     return result
+
+
+def integer_friendly(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rule a'': divisions by constants as multiplications (passes/div_to_mul.py), so that
+    onnxruntime runs them in its integer kernels; `model` itself is left as it was."""
+    from .passes.div_to_mul import DivToMulPass  # here: passes import this module
+
+    return DivToMulPass()(model).model
 
 
 def _save_placeholder_ranges(model: onnx.ModelProto, method: Any, path: str) -> None:
