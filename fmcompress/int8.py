@@ -21,10 +21,13 @@ a. The model runs through onnxruntime's `quant_pre_process` (its symbolic shape 
 a'. Gathers of a float graph input stay float (`input_gathers`): a tiled region takes each
    band's rows of the input by Gather (passes/tile_emit.py rule f''), and each band then
    quantizes its own rows instead of reading one uint8 copy of the whole input.
-a''. Before quantizing, a division by a constant becomes a multiplication by its reciprocal
-   (`integer_friendly`, passes/div_to_mul.py): onnxruntime has an integer Mul and no integer
-   Div, and an inlined HardSwish ends in a Div by 6, which otherwise keeps two float copies of
-   its map (PP-OCR's detector at 640x640: 1.2 MiB each; its recognizer: 28 Divs).
+a''. Before quantizing (`integer_friendly`), two exact rewrites give onnxruntime integer
+   kernels where it has none: a division by a constant becomes a multiplication by its
+   reciprocal (passes/div_to_mul.py: an inlined HardSwish ends in a Div by 6, which otherwise
+   keeps two float copies of its map; PP-OCR's detector at 640x640: 1.2 MiB each, its
+   recognizer: 28 Divs), and a ConvTranspose whose kernel is its stride becomes a 1x1 Conv and
+   a rearrangement (passes/conv_transpose_as_conv.py: the CPU provider has no integer
+   ConvTranspose; PP-OCR's detector head: float maps of 9.4 MiB).
 b. Calibration (`--calibrate`): onnxruntime's MinMax, Percentile (99.999th percentile of
    |x|) or Entropy calibrator, or `auto` (passes/quantize.py rule a': the better of the
    first two, chosen on held-out data; `quantize_int8` itself takes a named one). Ranges
@@ -108,18 +111,20 @@ def calibration_reader(batches: Iterable[Batch]) -> Any:
 
 
 def quantize_int8(model: onnx.ModelProto, batches: Iterable[Batch], *, calibrate: str = "minmax",
-                  **overrides: Any) -> onnx.ModelProto:
+                  input_shapes: Mapping[str, tuple[int, ...]] | None = None, **overrides: Any) -> onnx.ModelProto:
     """Rule a: `quant_pre_process`, then `quantize_static` calibrated on `batches` by `calibrate`
-    (rule b); `overrides` are further `quantize_static` arguments (examples/rec_int8_recipes.py
-    tries some)."""
+    (rule b); `input_shapes` pins inputs the model leaves symbolic, for rule a''; `overrides` are
+    further `quantize_static` arguments (examples/rec_int8_recipes.py tries some)."""
     if calibration_method(calibrate) is None:
         raise ValueError("auto chooses between calibrations on held-out data (QuantizePass): name one here")
-    return _quantize(model, calibration_reader(batches), calibration_method(calibrate), overrides)
+    return _quantize(integer_friendly(model, input_shapes), calibration_reader(batches),
+                     calibration_method(calibrate), overrides)
 
 
-def quantized_layout(model: onnx.ModelProto) -> onnx.ModelProto:
+def quantized_layout(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+                     ) -> onnx.ModelProto:
     """Rule e: the graph `quantize_int8` makes of `model`, with placeholder ranges and no calibration."""
-    return _quantize(model, None, calibration_method("minmax"), {})
+    return _quantize(integer_friendly(model, input_shapes), None, calibration_method("minmax"), {})
 
 
 def _quantize(model: onnx.ModelProto, reader: Any, method: Any, overrides: dict[str, Any]) -> onnx.ModelProto:
@@ -131,7 +136,7 @@ def _quantize(model: onnx.ModelProto, reader: Any, method: Any, overrides: dict[
     with tempfile.TemporaryDirectory(prefix="fmcompress-int8-") as folder:
         source, prepared, quantized, cache = (os.path.join(folder, name) for name in
                                               ("float.onnx", "pre.onnx", "int8.onnx", "ranges.json"))
-        onnx.save_model(with_per_channel_opset(integer_friendly(model)), source)
+        onnx.save_model(with_per_channel_opset(model), source)
         try:
             with _working_directory(folder):  # where symbolic shape inference drops its partial model
                 try:
@@ -156,12 +161,18 @@ def _quantize(model: onnx.ModelProto, reader: Any, method: Any, overrides: dict[
     return result
 
 
-def integer_friendly(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rule a'': divisions by constants as multiplications (passes/div_to_mul.py), so that
-    onnxruntime runs them in its integer kernels; `model` itself is left as it was."""
-    from .passes.div_to_mul import DivToMulPass  # here: passes import this module
+def integer_friendly(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+                     ) -> onnx.ModelProto:
+    """Rule a'': divisions by constants as multiplications (passes/div_to_mul.py) and
+    ConvTransposes whose kernel is their stride as 1x1 Convs (passes/conv_transpose_as_conv.py),
+    so that onnxruntime runs them in its integer kernels; `model` itself is left as it was."""
+    # imported here: the passes import this module
+    from .passes.base import PassContext
+    from .passes.conv_transpose_as_conv import ConvTransposeAsConvPass
+    from .passes.div_to_mul import DivToMulPass
 
-    return DivToMulPass()(model).model
+    context = PassContext(input_shapes=dict(input_shapes or {}))
+    return ConvTransposeAsConvPass()(DivToMulPass()(model).model, context).model
 
 
 def _save_placeholder_ranges(model: onnx.ModelProto, method: Any, path: str) -> None:

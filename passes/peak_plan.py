@@ -194,7 +194,7 @@ class ShapeQuantizePass(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         ctx.quantization = {"probe": True}  # rule g: the trial's view sizes this graph at its own dtypes
-        return PassResult(Model.of(quantized_layout(model.proto())), modified=True)
+        return PassResult(Model.of(quantized_layout(model.proto(), ctx.input_shapes)), modified=True)
 
 
 class ShapeProjectionsPass(Pass):

@@ -31,5 +31,5 @@ class QuantizablePass(Pass):
         proto = model.proto()
         check_float32(proto)
         first = next(iter(ctx.calibration.batches(ctx.batch_size or 1)))[0]
-        quantize_int8(proto, [first])
+        quantize_int8(proto, [first], input_shapes=ctx.input_shapes)
         return PassResult(model, modified=False)

@@ -131,7 +131,8 @@ class QuantizePass(Pass):
         """Rules a, a' and d: (calibration, int8 model, its fidelity, what auto's trials scored)."""
         trials: dict[str, tuple[onnx.ModelProto, dict[str, Any]]] = {}
         for method in AUTO_TRIALS if self.calibrate == "auto" else (self.calibrate,):
-            quantized = quantize_int8(proto, _calibration_inputs(ctx, batch), calibrate=method)
+            quantized = quantize_int8(proto, _calibration_inputs(ctx, batch), calibrate=method,
+                                      input_shapes=ctx.input_shapes)
             trials[method] = quantized, int8_fidelity(proto, quantized, ctx, batch)
         chosen = max(trials, key=lambda method: calibration_score(trials[method][1]))  # the first on a tie
         if len(trials) > 1:
@@ -146,7 +147,8 @@ class QuantizePass(Pass):
         if ctx.original is None:
             return None
         try:
-            return quantize_int8(ctx.original, _calibration_inputs(ctx, batch), calibrate=calibration)
+            return quantize_int8(ctx.original, _calibration_inputs(ctx, batch), calibrate=calibration,
+                                 input_shapes=ctx.input_shapes)
         except InputError as exc:
             ctx.warnings.append(f"int8: the original quantized alone is not compared: {exc}")
             return None
