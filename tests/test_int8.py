@@ -398,7 +398,7 @@ def test_a_model_quantization_refuses_is_refused_before_the_fit(tmp_path, monkey
     """quantizable.py rule a: onnxruntime's refusal comes before any training, not after it."""
     import fmcompress.passes.quantizable as quantizable
 
-    def refuse(model, batches):
+    def refuse(model, batches, **options):
         raise InputError("onnxruntime's quantization refused the model (AssertionError: a stand-in)")
 
     monkeypatch.setattr(quantizable, "quantize_int8", refuse)
