@@ -13,8 +13,9 @@ fmcompress/int8.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process
 * percentile / entropy: every op, ranges from the Percentile or Entropy calibrator
   (`compile --int8 --calibrate percentile|entropy`); entropy only when named, since it
   ran for over ten minutes on 384 lines without finishing.
-* minmax-div / percentile-div: as minmax and percentile, with the Divs by constants kept
-  (fmcompress/int8.py rule a'' rewrites them as Muls, for onnxruntime's integer Mul);
+* minmax-plain / percentile-plain: as minmax and percentile, without the rewrites of
+  fmcompress/int8.py rule a'' for onnxruntime's integer kernels (Div by a constant as Mul,
+  HardSigmoid as Mul, Add and Clip), to measure what they change;
 * percentile-P: every op, Percentile at the P-th percentile of |x| instead of 99.999
   (onnxruntime's `CalibPercentile`);
 * sqnr-float-K (K = 4, 8, 16, ...): Percentile, with the K activation tensors whose own
@@ -48,7 +49,7 @@ def recipes() -> dict[str, dict]:
             "matmul": {"op_types_to_quantize": ["MatMul"]},
             "conv-percentile": {"op_types_to_quantize": ["Conv"], "calibrate": "percentile"},
             "percentile": {"calibrate": "percentile"}, "entropy": {"calibrate": "entropy"},
-            "minmax-div": {"keep_div": True}, "percentile-div": {"calibrate": "percentile", "keep_div": True}}
+            "minmax-plain": {"plain": True}, "percentile-plain": {"calibrate": "percentile", "plain": True}}
 
 
 SQNR_RECIPE = "sqnr-float-"
@@ -114,8 +115,8 @@ def worst_quantized_nodes(model: onnx.ModelProto, calibration) -> list[set[str]]
 def quantized(model: onnx.ModelProto, calibration, recipe: dict) -> onnx.ModelProto:
     batches = ({"x": calibration[i:i + 16]} for i in range(0, len(calibration), 16))
     recipe = dict(recipe)
-    if recipe.pop("keep_div", False):  # rule a'' undone, to measure what it changes
-        with mock.patch("fmcompress.int8.integer_friendly", lambda model: model):
+    if recipe.pop("plain", False):  # rule a'' undone, to measure what it changes
+        with mock.patch("fmcompress.int8.integer_friendly", lambda model, shapes=None: model):
             return quantize_int8(model, batches, **recipe)
     return quantize_int8(model, batches, **recipe)
 
