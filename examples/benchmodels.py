@@ -15,7 +15,7 @@ from fmcompress.shapes import graph_inputs
 
 # zoo models (untrained weights: memory and time figures only) and the shape they are exported at
 ZOO = {"resnet18": (1, 3, 224, 224), "mobilenet_v2": (1, 3, 224, 224), "vgg16_bn_small": (1, 3, 32, 32),
-       "unet": (1, 3, 256, 256)}
+       "unet": (1, 3, 256, 256), "mobilenet_v3_small": (1, 3, 224, 224)}
 
 
 def model_path(name: str, workdir: Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
