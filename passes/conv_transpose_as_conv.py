@@ -26,7 +26,9 @@ c. Channel-wise steps after it, each the only reader of what the one before wrot
 d. The rearrangement is Reshape [N, C_out, k_h, k_w, H, W] -> Transpose [0, 1, 4, 2, 5, 3] ->
    Reshape [N, C_out, k_h*H, k_w*W] (N copied by a 0 in both shapes), and it writes the
    tensor the last step of rule c wrote, under the same name. DepthToSpace would say the
-   same in one node; onnxruntime runs it in float in a QDQ model.
+   same in one node; onnxruntime runs it in float in a QDQ model. Tensors between the conv and
+   the rearrangement keep their names and lose their declared shapes (they are C_out*k_h*k_w
+   channels at the input's size now).
 e. The function is unchanged up to float rounding (the same products, summed in another
    order); the multiply-accumulates are the same.
 
@@ -107,6 +109,10 @@ def _rewrite(graph: gs.Graph, node: gs.Node, size: tuple[int, ...], namer: Namer
     expanded = new_variable(namer, f"fmc/{node.name}/expanded")
     tail.outputs[0] = expanded
     _rearrange(graph, namer, node.name, expanded, result, c_out, (kh, kw), size)
+    tensor = node.outputs[0]
+    while tensor is not expanded:  # kept names now hold C_out*k_h*k_w channels at the input's size
+        tensor.shape = None  # so no stale value_info contradicts them
+        tensor = tensor.outputs[0].outputs[0]
 
 
 def _fold_affines(tensor: gs.Tensor, filters: np.ndarray, shift: np.ndarray, block: int,
