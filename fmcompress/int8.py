@@ -138,7 +138,7 @@ def _quantize(model: onnx.ModelProto, reader: Any, method: Any, overrides: dict[
     with tempfile.TemporaryDirectory(prefix="fmcompress-int8-") as folder:
         source, prepared, quantized, cache = (os.path.join(folder, name) for name in
                                               ("float.onnx", "pre.onnx", "int8.onnx", "ranges.json"))
-        onnx.save_model(with_per_channel_opset(model), source)
+        onnx.save_model(model, source)  # at a per-channel opset already (rule a'')
         try:
             with _working_directory(folder):  # where symbolic shape inference drops its partial model
                 try:
@@ -173,12 +173,14 @@ def integer_friendly(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[in
     from .passes.base import PassContext
     from .passes.conv_transpose_as_conv import ConvTransposeAsConvPass
     from .passes.div_to_mul import DivToMulPass
+    from .passes.graph import Model
     from .passes.hard_activations import HardActivationsPass
 
-    rewritten, context = with_per_channel_opset(model), PassContext(input_shapes=dict(input_shapes or {}))
+    # one graph for the three rewrites: this runs on every quantization, --peak's probes included
+    rewritten, context = Model.of(with_per_channel_opset(model)), PassContext(input_shapes=dict(input_shapes or {}))
     for rewrite in (DivToMulPass(), HardActivationsPass(), ConvTransposeAsConvPass()):
-        rewritten = rewrite(rewritten, context).model
-    return rewritten
+        rewritten = rewrite.run(rewritten, context).model
+    return rewritten.proto()
 
 
 def _save_placeholder_ranges(model: onnx.ModelProto, method: Any, path: str) -> None:

@@ -46,7 +46,7 @@ from fmcompress.shapes import infer_tensor_infos, resolve_input_shapes
 
 from .base import Pass, PassContext, PassResult
 from .graph import Model
-from .graphutil import Namer, constant_value, conv_bias, new_variable
+from .graphutil import Namer, batchnorm_affine, constant_value, conv_bias, new_variable
 
 ACTIVATIONS_BEFORE = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"})
 AFFINE_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
@@ -151,13 +151,9 @@ def _only_reader(tensor: gs.Tensor, outputs: set[str]) -> gs.Node | None:
 def _channel_affine(step: gs.Node, tensor: gs.Tensor, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(scale, offset) per channel of `step` applied to `tensor`, or None if it is not rule c's."""
     if step.op == "BatchNormalization":
-        params = [constant_value(t) for t in step.inputs[1:5]] if len(step.inputs) == 5 else [None]
-        if any(p is None for p in params) or int(step.attrs.get("training_mode", 0)) or \
-                any(out.outputs for out in step.outputs[1:]):
+        if int(step.attrs.get("training_mode", 0)) or any(out.outputs for out in step.outputs[1:]):
             return None
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        scale = gamma / np.sqrt(var + float(step.attrs.get("epsilon", 1e-5)))
-        return scale, beta - mean * scale
+        return batchnorm_affine(step)
     if step.op not in AFFINE_OPS or len(step.inputs) != 2 or step.inputs[0] is not tensor:
         return None  # Sub and Div only with the map first; Add and Mul too, which covers exporters
     value = constant_value(step.inputs[1])

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from .base import Pass, PassContext, PassResult
 from .graph import Model
-from .graphutil import Namer, constant_value, conv_bias, set_conv_params
+from .graphutil import Namer, batchnorm_affine, constant_value, conv_bias, set_conv_params
 from .ops import CONV_OPS
 
 
@@ -43,18 +43,17 @@ def _fold(graph: gs.Graph, namer: Namer, bn: gs.Node) -> bool:
     conv = _foldable_conv(graph, bn)
     if conv is None:
         return False
-    params = [constant_value(t) for t in bn.inputs[1:5]]
+    affine = batchnorm_affine(bn)
     weight = constant_value(conv.inputs[1])
-    if weight is None or any(p is None for p in params):
+    if weight is None or affine is None:
         return False
-    gamma, beta, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
-    scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    scale, shift = affine
     bias = conv_bias(conv)
     if bias is None and len(conv.inputs) > 2 and conv.inputs[2].name:
         return False  # a computed bias cannot be rewritten
-    bias = np.zeros_like(mean) if bias is None else bias.astype(np.float64)
+    bias = np.zeros_like(scale) if bias is None else bias.astype(np.float64)
     new_weight = _scale_output_channels(conv, weight.astype(np.float64), scale)
-    new_bias = (bias - mean) * scale + beta
+    new_bias = bias * scale + shift
     set_conv_params(conv, namer, new_weight.astype(weight.dtype), new_bias.astype(weight.dtype))
     bn_output = bn.outputs[0]
     bn.inputs.clear()

@@ -29,6 +29,17 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return constant_attr_value(tensor.inputs[0].attrs)
 
 
+def batchnorm_affine(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) per channel of an inference BatchNormalization with constant parameters
+    (y = scale * x + shift, in float64), or None where a parameter is computed."""
+    params = [constant_value(t) for t in bn.inputs[1:5]] if len(bn.inputs) == 5 else [None]
+    if any(p is None for p in params):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
+    scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    return scale, beta - mean * scale
+
+
 def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
     """Input `index` of `node`, or None when it is absent or left empty ('')."""
     if index < len(node.inputs) and node.inputs[index].name:
