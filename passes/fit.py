@@ -187,7 +187,7 @@ class FitProjectionsPass(Pass):
         fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.block_lr,
                                temperature=config.temperature, seed=config.seed, min_gain=config.block_min_gain,
                                patience=config.block_patience, init=config.block_init,
-                               quantized=config.fake_quant, progress=progress)
+                               quantized=config.fake_quant, rounded=ctx.act_bytes == 1, progress=progress)
         stage["seconds"] = time.perf_counter() - started
         ctx.training.block_stage = stage
         return fitted

@@ -216,6 +216,26 @@ def test_lstsq_projection_is_reduced_rank_least_squares():
     np.testing.assert_allclose(same.U, pca.U, atol=1e-4)
 
 
+def test_lstsq_projection_with_a_ridge_is_least_squares_on_noisy_inputs():
+    """Rule a with `rounded`: a ridge of sigma^2 relative to the mean eigenvalue gives the
+    least-squares map of an x that arrives with noise of that variance (numpy's lstsq on noisy
+    samples), and caps the gain the plain regression puts on x's weakest direction."""
+    from fmcompress.backend.blockwise import lstsq_projection
+
+    rng = np.random.default_rng(1)
+    channels, n, sigma = 6, 400_000, 0.05
+    x = rng.standard_normal((channels, n)) * np.array([[2.0], [1.0], [1.0], [0.5], [0.3], [0.02]])
+    y = rng.standard_normal((channels, channels)) @ x + 0.05 * rng.standard_normal((channels, n))
+    noisy = x + sigma * rng.standard_normal(x.shape)
+    xx, yx = torch.from_numpy(x @ x.T), torch.from_numpy(y @ x.T)
+    damped = lstsq_projection(xx, yx, channels, ridge=n * sigma**2 / (np.trace(x @ x.T) / channels))
+    B = np.linalg.lstsq(noisy.T, y.T, rcond=None)[0].T  # noqa: N806
+    np.testing.assert_allclose(damped.U.astype(np.float64) @ damped.P, B, atol=2e-2)
+    plain = lstsq_projection(xx, yx, channels)
+    weakest = np.abs(plain.U.astype(np.float64) @ plain.P)[:, -1].max()
+    assert np.abs(damped.U.astype(np.float64) @ damped.P)[:, -1].max() < weakest / 3
+
+
 def test_lstsq_start_reproduces_the_outputs_at_least_as_well_as_pca():
     model = tiny_classifier()
     batches, _ = make_batches((16, 3, 8, 8), 4)
