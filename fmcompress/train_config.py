@@ -50,6 +50,7 @@ class TrainConfig:
     fake_quant: bool = False  # the stored maps rounded as int8 in training (quantization-aware, for --int8)
     block_init: str = "lstsq"  # the block stage's start: lstsq (closed-form reduced-rank regression), or pca
     block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look)
+    block_ridge: float | None = None  # the lstsq start's damping; None: 1e-3 with int8 maps, else 1e-6
 
     def check(self) -> None:
         """One-line InputErrors for values that cannot train."""
@@ -75,6 +76,8 @@ class TrainConfig:
                 raise InputError(f"{flag} must be at least 0, got {value}")
         if self.block_patience < 1:
             raise InputError(f"--block-patience must be at least 1, got {self.block_patience}")
+        if self.block_ridge is not None and not (self.block_ridge >= 0 and math.isfinite(self.block_ridge)):
+            raise InputError(f"--block-ridge must be a number at least 0, got {self.block_ridge}")
         if not 0 <= self.block_min_gain < 1:
             raise InputError(f"--block-min-gain must be in [0, 1), got {self.block_min_gain}")
         if self.target is not None and not 0 < self.target <= 1:

@@ -187,7 +187,8 @@ class FitProjectionsPass(Pass):
         fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.block_lr,
                                temperature=config.temperature, seed=config.seed, min_gain=config.block_min_gain,
                                patience=config.block_patience, init=config.block_init,
-                               quantized=config.fake_quant, rounded=ctx.act_bytes == 1, progress=progress)
+                               quantized=config.fake_quant, ridge=block_ridge(config.block_ridge, ctx.act_bytes),
+                               progress=progress)
         stage["seconds"] = time.perf_counter() - started
         ctx.training.block_stage = stage
         return fitted
@@ -215,6 +216,16 @@ class FitProjectionsPass(Pass):
         ctx.log(f"{self.method}: best held-out {best.metric} {best.best_score:.4f} at epoch {best.best_epoch}"
                 f"{stops.get(best.stop_reason, '')}")
         return best.projections
+
+
+def block_ridge(named: float | None, act_bytes: int | None) -> float:
+    """The lstsq start's damping (blockwise.py rule a): `named`, else the int8 one where maps
+    are stored in one byte, else the plain one."""
+    from fmcompress.backend.blockwise import PLAIN_RIDGE, ROUNDED_RIDGE
+
+    if named is not None:
+        return named
+    return ROUNDED_RIDGE if act_bytes == 1 else PLAIN_RIDGE
 
 
 def _with_other_looks(batches: list[tuple], seed: int) -> list[tuple]:

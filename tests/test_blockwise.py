@@ -305,3 +305,17 @@ def test_no_end_to_end_epochs_keep_the_block_stage(tmp_path, monkeypatch):
     assert training["best_score"] >= training["initial_score"]
     kept = [name for name in staged if np.array_equal(result.projections[name].P, staged[name].P)]
     assert len(kept) == len(staged) or all(np.array_equal(result.projections[name].P, pca[name].P) for name in pca)
+
+
+def test_block_ridge_follows_the_stored_bytes_unless_named():
+    """The fit pass damps the lstsq start for maps stored in one byte (--int8, --act-bytes 1);
+    --block-ridge overrides; a negative one is a one-line input error."""
+    from fmcompress.backend.blockwise import PLAIN_RIDGE, ROUNDED_RIDGE
+    from fmcompress.errors import InputError
+    from fmcompress.passes.fit import block_ridge
+    from fmcompress.train_config import TrainConfig
+
+    assert block_ridge(None, 1) == ROUNDED_RIDGE > PLAIN_RIDGE == block_ridge(None, None) == block_ridge(None, 4)
+    assert block_ridge(0.0, 1) == 0.0 and block_ridge(0.5, None) == 0.5
+    with pytest.raises(InputError, match="--block-ridge"):
+        TrainConfig(block_ridge=-1.0).check()

@@ -10,11 +10,12 @@ a. Maps are taken in network order (the step that computes them). Map i starts a
    default: it saves most of the epochs a PCA start needs), as the closed-form
    least-squares fit instead (`lstsq_projection`: the rank-k U P that best maps map i
    as the compressed network computes it onto map i as the original computes it,
-   reduced-rank regression; it is PCA where the two agree). With `rounded` (maps stored
-   in one byte: `--int8`), a ridge regression, damped by `ROUNDED_RIDGE` times x's mean
-   eigenvalue: without it, the regression inverts x's weakest directions (where the
-   compressed network differs from the original) with gains that amplify the error int8
-   rounding adds to x, and that error is about a fixed fraction of each map's power.
+   reduced-rank regression; it is PCA where the two agree). `ridge` damps it, relative to
+   x's mean eigenvalue: `PLAIN_RIDGE` by default, `ROUNDED_RIDGE` where maps are stored
+   in one byte (`--int8`; `--block-ridge` names another). Undamped, the regression
+   inverts x's weakest directions (where the compressed network differs from the
+   original) with gains that amplify the error int8 rounding adds to x, an error that is
+   about a fixed fraction of each map's power.
    PP-OCR's recognizer at 4x, one block epoch, 128 lines: 0% exact match in int8 with the
    plain regression (85% in float), 73% (Percentile) with the damping; the noise of x's
    own rounding alone as the damping (its range / 255, squared, / 12): 67%.
@@ -92,7 +93,7 @@ Progress = Callable[[int, str, BlockFit], None]  # (index in network order, map,
 def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
                   batches: Sequence[tuple[torch.Tensor, ...]], *, epochs: int, lr: float, temperature: float,
                   seed: int = 0, min_gain: float = 0.0, patience: int = 2, init: str = "pca",
-                  quantized: bool = False, rounded: bool = False,
+                  quantized: bool = False, ridge: float | None = None,
                   progress: Progress | None = None) -> dict[str, Projection]:
     """One refined projection per (name, channels, k); `executor` (an OnnxModule without
     transforms) is left without transforms. `batches` are input tuples on its device."""
@@ -109,7 +110,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
             step = executor.producer_step(name)
             if init == "lstsq":
                 start = lstsq_projection(*runs.cross_moments(name, seed=i), k,
-                                         ridge=ROUNDED_RIDGE if rounded else PLAIN_RIDGE)
+                                         ridge=PLAIN_RIDGE if ridge is None else ridge)
             else:
                 start = pca_projection(runs.second_moment(name, channels, seed=i), k)
             projection = ChannelProjection(start.P, start.U, quantized).to(runs.batches[0][0].device)
