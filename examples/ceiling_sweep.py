@@ -45,11 +45,11 @@ figures are not the point here, so compile times them only once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,19 +241,25 @@ def plot(rows: list[dict[str, Any]], ceilings: list[str], path: Path,
 
 
 def train_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`--train KEY=VALUE` pairs as TrainConfig fields, each value parsed as its default's type."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    """`--train KEY=VALUE` pairs as TrainConfig fields, each value parsed as its field's type
+    (an optional field's: `--train block_ridge=1e-3` is a float, `none` is None)."""
+    hints = typing.get_type_hints(TrainConfig)
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, _, text = pair.partition("=")
         key = key.strip().replace("-", "_")
-        if key not in fields:
+        if key not in hints:
             raise InputError(f"--train {pair!r}: TrainConfig has no field {key!r}")
-        default = getattr(TrainConfig(), key)
-        if text.lower() in ("true", "false"):
+        kind = next((t for t in typing.get_args(hints[key]) if t is not type(None)), hints[key])
+        if text.lower() == "none" and type(None) in typing.get_args(hints[key]):
+            overrides[key] = None
+        elif kind is bool:
             overrides[key] = text.lower() == "true"
         else:
-            overrides[key] = text if default is None or isinstance(default, str) else type(default)(text)
+            try:
+                overrides[key] = kind(text)
+            except ValueError:
+                raise InputError(f"--train {pair!r}: {key} takes {kind.__name__} values") from None
     return overrides
 
 

@@ -1,11 +1,12 @@
 """Where PP-OCR's recognizer loses its accuracy in int8: the original quantized alone.
 
-    python examples/rec_int8_recipes.py [--recipes minmax,percentile,...] [--samples 384]
+    python examples/rec_int8_recipes.py [--recipes minmax,percentile,...] [--samples 384] [--set first|second]
 
 The recognizer (the `test` extra's PP-OCRv4 model) goes through onnxruntime's own flow as
 fmcompress/int8.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process`,
 `quantize_static` with QDQ, per-channel symmetric int8 weights, uint8 activations), calibrated on
-`--samples` set-1 lines (seed 0), with one recipe each:
+`--samples` lines of `--set` (set 1, textlines, by default; set 2 is otherlines; seed 0),
+with one recipe each:
 
 * minmax: every op onnxruntime quantizes, MinMax ranges (what `compile --int8` does);
 * conv / matmul: only Conv, or only MatMul, quantized (the rest stays float);
@@ -24,7 +25,7 @@ fmcompress/int8.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process
   pair (onnxruntime's `qdq_loss_debug`, on the first 16 calibration lines), and the nodes
   that write or read each of the K worst excluded from quantization (mixed precision).
 
-Each row is the exact match on 300 other set-1 lines (seed 1000) and the seconds it took.
+Each row is the exact match on 300 other lines of the same set (seed 1000) and the seconds it took.
 Every recipe collects its ranges one batch at a time (fmcompress/int8.py rule b): the
 histogram calibrators otherwise hold every intermediate output of every sample.
 """
@@ -39,7 +40,7 @@ from unittest import mock
 
 import onnx
 
-from fmcompress.evaluation import textlines
+from fmcompress.evaluation import otherlines, textlines
 from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.int8 import quantize_int8, with_per_channel_opset
 
@@ -125,14 +126,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default="minmax,conv,matmul,conv-percentile,percentile")
     parser.add_argument("--samples", type=int, default=384)
+    parser.add_argument("--set", choices=("first", "second"), default="first",
+                        help="the lines to calibrate on and score: set 1 (textlines) or set 2 (otherlines)")
     args = parser.parse_args()
     for name in args.recipes.split(","):
         if name not in recipes() and float_count(name) is None and percentile_of(name) is None:
             parser.error(f"unknown recipe {name!r}; known: {', '.join(recipes())}, {SQNR_RECIPE}K, "
                          f"{PERCENTILE_RECIPE}P")
     path = str(real_model("ppocr-rec"))
-    calibration, _ = textlines.rec_dataset(args.samples, 0)
-    lines = textlines.rec_dataset(300, 1000)
+    renderer = {"first": textlines, "second": otherlines}[args.set]
+    calibration, _ = renderer.rec_dataset(args.samples, 0)
+    lines = renderer.rec_dataset(300, 1000)
     print(f"float original: {100 * textlines.rec_exact_match(path, *lines):.1f}%", flush=True)
     known, original, ranking = recipes(), onnx.load(path), None
     for name in args.recipes.split(","):

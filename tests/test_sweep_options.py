@@ -1,0 +1,38 @@
+"""examples/ceiling_sweep.py's `--train KEY=VALUE`: each value parsed as its TrainConfig field's type."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmcompress.errors import InputError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "ceiling_sweep.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("ceiling_sweep_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_optional_fields_take_their_types(sweep):
+    """An optional field's value was passed on as text (`--train block_ridge=1e-3` failed in
+    TrainConfig.check); now it is its type, and `none` is None."""
+    parsed = sweep.train_overrides(["block_ridge=1e-3", "max_samples=5", "target=none", "fake_quant=true",
+                                    "block-init=pca", "epochs=3"])
+    assert parsed == {"block_ridge": 1e-3, "max_samples": 5, "target": None, "fake_quant": True,
+                      "block_init": "pca", "epochs": 3}
+    assert type(parsed["block_ridge"]) is float and type(parsed["max_samples"]) is int
+
+
+@pytest.mark.parametrize("pair, message", [("epochs=x", "takes int values"), ("nothing=1", "no field")])
+def test_bad_pairs_are_input_errors(sweep, pair, message):
+    with pytest.raises(InputError, match=message):
+        sweep.train_overrides([pair])
