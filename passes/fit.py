@@ -12,7 +12,8 @@ b. `pca` (Tai et al.'s compression-aware projection without its compensation): o
   Uncentred, because the folded model has no bias to carry a mean and zero padding
   must commute with U.
 c. `learned` (the default; Price & Tanner): the PCA projections (or `block_init`
-  `lstsq`'s closed-form start), each refined in network order to reproduce what the
+  `lstsq`'s closed-form start, a ridge regression damped more where maps are stored in one
+  byte: `block_ridge`), each refined in network order to reproduce what the
   original network computes after its block (at most `block_epochs` per map, fewer
   once `block_min_gain` stops paying, `fmcompress.backend.blockwise`, its rules a-e;
   0 epochs and a `pca` start skip it), then P and U of every map trained end to end
