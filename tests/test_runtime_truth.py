@@ -74,7 +74,9 @@ def _close(reported: int, measured: PeakMeasurement) -> bool:
 def measuring(monkeypatch):
     """The measurement on (tests/conftest.py switches it off for the rest of the suite)."""
     monkeypatch.setenv("FMCOMPRESS_MEASURE_MEMORY", "1")
-    if measure_peak(stem_net(64), {"x": (1, 3, 64, 64)}, rounds=1).bytes is None:
+    # at SIZE: a 64x64 stem grows the process by less than the probe resolves on some runs,
+    # and the tests then skipped by chance
+    if measure_peak(stem_net(), SHAPES, rounds=1).bytes is None:
         pytest.skip("the peak resident set cannot be measured here")
 
 
