@@ -217,7 +217,7 @@ def test_lstsq_projection_is_reduced_rank_least_squares():
 
 
 def test_lstsq_projection_with_a_ridge_is_least_squares_on_noisy_inputs():
-    """Rule a with `rounded`: a ridge of sigma^2 relative to the mean eigenvalue gives the
+    """Rule a's damping (`ridge`, ROUNDED_RIDGE under --int8): a ridge of sigma^2 relative to the mean eigenvalue gives the
     least-squares map of an x that arrives with noise of that variance (numpy's lstsq on noisy
     samples), and caps the gain the plain regression puts on x's weakest direction."""
     from fmcompress.backend.blockwise import lstsq_projection

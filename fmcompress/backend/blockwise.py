@@ -93,7 +93,7 @@ Progress = Callable[[int, str, BlockFit], None]  # (index in network order, map,
 def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
                   batches: Sequence[tuple[torch.Tensor, ...]], *, epochs: int, lr: float, temperature: float,
                   seed: int = 0, min_gain: float = 0.0, patience: int = 2, init: str = "pca",
-                  quantized: bool = False, ridge: float | None = None,
+                  quantized: bool = False, ridge: float = PLAIN_RIDGE,
                   progress: Progress | None = None) -> dict[str, Projection]:
     """One refined projection per (name, channels, k); `executor` (an OnnxModule without
     transforms) is left without transforms. `batches` are input tuples on its device."""
@@ -109,8 +109,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
             started = time.perf_counter()
             step = executor.producer_step(name)
             if init == "lstsq":
-                start = lstsq_projection(*runs.cross_moments(name, seed=i), k,
-                                         ridge=PLAIN_RIDGE if ridge is None else ridge)
+                start = lstsq_projection(*runs.cross_moments(name, seed=i), k, ridge=ridge)
             else:
                 start = pca_projection(runs.second_moment(name, channels, seed=i), k)
             projection = ChannelProjection(start.P, start.U, quantized).to(runs.batches[0][0].device)
