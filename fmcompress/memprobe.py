@@ -21,6 +21,13 @@ b'. Tensors under that threshold still come from the heap; before each round its
    are handed back (`malloc_trim(0)`), so those tensors fault their pages in again and are
    counted instead of hiding in memory the set-up left behind (MobileNetV2-224 compiled
    `--int8 --peak lossless`: 4 KiB measured without it, against a computed 327 KiB).
+b''. The probe runs on one CPU from its first instruction: it pins itself
+   (`sched_setaffinity`) and starts again (`exec`) before anything else. Linux keeps a
+   process's resident-set count per CPU and folds each CPU's share into the total only in
+   batches (32 pages here), so VmHWM lags by whatever the CPUs the process ran on had not
+   folded in yet; a process that moves between CPUs lags by a different amount each run.
+   The same tiled file measured 1252-1544 KiB across fresh processes, 1544 KiB on every
+   run pinned from the start; pinned only after start-up, 1476-1652 KiB.
 c. One warm-up run (lazy initialisation, weight prepacking); then per round the peak
    resident set is reset (`/proc/self/clear_refs`, Linux), one inference runs on a
    random input created before the reset, and the peak growth over the resident set
@@ -159,6 +166,16 @@ def _release_free_heap() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
+def _start_on_one_cpu(argv: list[str]) -> None:
+    """Rule b'': where this process may run on several CPUs, pin it to the first and start
+    again, so that the new image runs on that CPU alone (no-op where the platform cannot pin)."""
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) == 1:
+        return
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "fmcompress.memprobe", *argv])
+
+
 def _probe(path: str, shapes: dict[str, tuple[int, ...]], level: str, rounds: int) -> list[int]:
     """Rules a and c, inside the probe process."""
     import numpy as np
@@ -193,6 +210,8 @@ def _probe(path: str, shapes: dict[str, tuple[int, ...]], level: str, rounds: in
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    _start_on_one_cpu(argv)
     parser = argparse.ArgumentParser(prog="python -m fmcompress.memprobe", description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--shape", action="append", default=[], help="NAME=DIMS, e.g. x=1,3,224,224")
