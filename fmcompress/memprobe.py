@@ -26,7 +26,7 @@ b''. The probe runs on one CPU from its first instruction: it pins itself
    process's resident-set count per CPU and folds each CPU's share into the total only in
    batches (32 pages here), so VmHWM lags by whatever the CPUs the process ran on had not
    folded in yet; a process that moves between CPUs lags by a different amount each run.
-   The same tiled file measured 1252-1544 KiB across fresh processes, 1544 KiB on every
+   The same tiled file measured 1436-1544 KiB in eight fresh processes, 1544 KiB on every
    run pinned from the start; pinned only after start-up, 1476-1652 KiB.
 c. One warm-up run (lazy initialisation, weight prepacking); then per round the peak
    resident set is reset (`/proc/self/clear_refs`, Linux), one inference runs on a
