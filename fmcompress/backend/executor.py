@@ -13,6 +13,9 @@ evaluated eagerly each forward, so shapes follow the runtime batch size.
 The graph runs with inference semantics whatever module.training says: BatchNorm
 uses its running statistics and Dropout is the identity (the base network is frozen).
 
+Activations an exporter wrote as chains of elementwise nodes (HardSwish, SiLU) run as their
+one torch function (fusion.py), unless a value inside a chain is asked for by name.
+
 A run can also be split: start() binds the inputs, advance(frontier, stop) runs steps
 [position, stop) and trim() keeps only what later steps read, so a caller can pause at a
 step, keep that frontier, and resume from it later (the PCA fit resumes from the previous
@@ -42,6 +45,7 @@ from ..errors import FmcError, InputError, InternalError, UnsupportedOpError
 from ..modelio import load_model
 from ..onnxutil import constant_node_value
 from . import ops_math, ops_nn, ops_resize, ops_rnn, ops_tensor  # noqa: F401  (they fill the op table)
+from .fusion import Fusion, find_fusions
 from .registry import CHECKS, OPS, NodeCtx, RunState
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -146,6 +150,16 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
     return value
 
 
+def _fused(fusion: Fusion) -> Any:
+    def run(ctx: NodeCtx, x: torch.Tensor) -> torch.Tensor:
+        return fusion.fn(x)
+    return run
+
+
+def _skip(ctx: NodeCtx) -> None:
+    return None
+
+
 def _topological(nodes: list[_Node], available: set[str]) -> list[_Node]:
     """Kahn's algorithm, stable: keeps the file's order wherever it is already valid."""
     ready = set(available) | {""}
@@ -182,7 +196,8 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
 class OnnxModule(nn.Module):
     """An ONNX graph as a torch module; forward(*inputs) returns the graph outputs as a tuple."""
 
-    def __init__(self, model: onnx.ModelProto | str | os.PathLike):
+    def __init__(self, model: onnx.ModelProto | str | os.PathLike, fuse: bool = True):
+        """`fuse=False` runs every node as its own step (fusion.py's chains unfused)."""
         super().__init__()
         model = load_model(model, normalize=False)  # runs the graph it is given
         check_supported(model)
@@ -208,7 +223,7 @@ class OnnxModule(nn.Module):
         self._slot = {name: i for i, name in enumerate(self._all_names)}
         live = _live_nodes(ordered, self.output_names)
         self._place_constants(live, constants)
-        self._build_steps(live, constants)
+        self._build_steps(live, constants, fuse)
         self.transforms = nn.ModuleDict()
         self._transform_slots: dict[str, int] = {}
         self._rebuild_plan()
@@ -250,7 +265,7 @@ class OnnxModule(nn.Module):
             elif name in self._slot:
                 self._host_consts.append((self._slot[name], tensor))
 
-    def _build_steps(self, live: list[_Node], constants: dict[str, np.ndarray]) -> None:
+    def _build_steps(self, live: list[_Node], constants: dict[str, np.ndarray], fuse: bool) -> None:
         last_use = {name: i for i, node in enumerate(live) for name in node.inputs if name}
         keep = set(self.output_names)
         frees: list[list[int]] = [[] for _ in live]
@@ -262,6 +277,9 @@ class OnnxModule(nn.Module):
         self._nodes: list[tuple[Any, NodeCtx, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
         self._producer: dict[str, int] = {}
         self._inplace = self._inplace_candidates(live, keep)
+        self._fusions = find_fusions([node.proto for node in live], constants, keep) if fuse else []
+        self._fusion_of = {name: k for k, fusion in enumerate(self._fusions) for name in fusion.hidden}
+        self._unfused: set[int] = set()
         for i, node in enumerate(live):
             small = {j: constants[n] for j, n in enumerate(node.inputs)
                      if n in constants and constants[n].size <= SMALL_CONST}
@@ -288,15 +306,31 @@ class OnnxModule(nn.Module):
                 and producer.get(node.inputs[0]) in FRESH_PRODUCERS and node.inputs[0] not in keep}
 
     def _rebuild_plan(self) -> None:
-        """Attach each transform to the step that produces its tensor (or to the feed stage)."""
+        """Attach each transform to the step that produces its tensor (or to the feed stage), and
+        run each fused chain whose hidden values nobody asked for as one step (fusion.py rule d)."""
         by_step: dict[int, list[tuple[int, nn.Module]]] = {}
         self._early: list[tuple[int, nn.Module]] = []
         for name, slot in self._transform_slots.items():
             module = self.transforms[f"t{slot}"]
             step = self._producer.get(name)
             (self._early if step is None else by_step.setdefault(step, [])).append((slot, module))
-        self._steps = [(self._handler(i, fn, ctx), ctx, ins, outs, frees, tuple(by_step.get(i, ())))
-                       for i, (fn, ctx, ins, outs, frees) in enumerate(self._nodes)]
+        steps = [(self._handler(i, fn, ctx), ctx, ins, outs) for i, (fn, ctx, ins, outs, _) in enumerate(self._nodes)]
+        for k, fusion in enumerate(self._fusions):
+            if k in self._unfused or any(name in self._transform_slots for name in fusion.hidden):
+                continue
+            first, *rest = fusion.steps
+            steps[first] = (_fused(fusion), steps[first][1], (self._slot[fusion.source],), (self._slot[fusion.output],))
+            for i in rest:
+                steps[i] = (_skip, steps[i][1], (), (DISCARD,))
+        self._steps = [(fn, ctx, ins, outs, self._nodes[i][4], tuple(by_step.get(i, ())))
+                       for i, (fn, ctx, ins, outs) in enumerate(steps)]
+
+    def _reveal(self, name: str) -> None:
+        """Fusion rule d: a hidden value asked for by name is computed from now on."""
+        k = self._fusion_of.get(name)
+        if k is not None and k not in self._unfused:
+            self._unfused.add(k)
+            self._rebuild_plan()
 
     def _handler(self, step: int, fn: Any, ctx: NodeCtx) -> Any:
         # a transform's output may be saved for its backward: never overwrite it
@@ -304,6 +338,11 @@ class OnnxModule(nn.Module):
         return fn if target is None or target in self._transform_slots else INPLACE[ctx.op_type]
 
     # ------------------------------------------------------------ public API
+
+    def fused_chains(self) -> list[tuple[str, str]]:
+        """(kind, output) of each chain that runs fused now (fusion.py)."""
+        return [(f.kind, f.output) for k, f in enumerate(self._fusions)
+                if k not in self._unfused and not any(n in self._transform_slots for n in f.hidden)]
 
     def tensor_names(self) -> list[str]:
         """Every value name of the graph: inputs, constants and node outputs."""
@@ -316,6 +355,7 @@ class OnnxModule(nn.Module):
         if not isinstance(transform, nn.Module):
             raise InputError(f"the transform for {tensor_name!r} must be a torch.nn.Module")
         slot = self._slot[tensor_name]
+        self._unfused.update(k for k in (self._fusion_of.get(tensor_name),) if k is not None)
         self.transforms[f"t{slot}"] = transform
         self._transform_slots[tensor_name] = slot
         self._rebuild_plan()
@@ -338,6 +378,7 @@ class OnnxModule(nn.Module):
         """The step that computes `tensor_name` (-1 for graph inputs and constants)."""
         if tensor_name not in self._slot:
             raise InputError(f"unknown tensor {tensor_name!r}: no value of that name in the graph")
+        self._reveal(tensor_name)
         return self._producer.get(tensor_name, -1)
 
     def start(self, *inputs: Any) -> Frontier:
@@ -370,9 +411,11 @@ class OnnxModule(nn.Module):
 
     def value(self, frontier: Frontier, tensor_name: str) -> torch.Tensor | None:
         """The value of `tensor_name` held by the frontier (None: not computed yet, or released)."""
+        self._reveal(tensor_name)
         return frontier.values[self._slot[tensor_name]]
 
     def set_value(self, frontier: Frontier, tensor_name: str, value: torch.Tensor) -> None:
+        self._reveal(tensor_name)
         frontier.values[self._slot[tensor_name]] = value
 
     def outputs(self, frontier: Frontier) -> tuple[torch.Tensor | None, ...]:
