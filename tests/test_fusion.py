@@ -38,6 +38,14 @@ def gated_chain(gate: str, swap: bool = False) -> tuple[list[onnx.NodeProto], li
             helper.make_node("Mul", ["gate", "x"] if swap else ["x", "gate"], ["act"])], []
 
 
+def scale_shift_chain(swap: bool = False, scale_shape: tuple[int, ...] = ()) -> tuple[list, list]:
+    """x * a + b with one-element a and b (PP-LCNetV3's learnable affine block)."""
+    scale = numpy_helper.from_array(np.full(scale_shape, 1.3, np.float32), "scale")
+    return [helper.make_node("Mul", ["scale", "x"] if swap else ["x", "scale"], ["scaled"]),
+            helper.make_node("Add", ["shift", "scaled"] if swap else ["scaled", "shift"], ["act"])], \
+        [scale, _const("shift", -0.4)]
+
+
 def model_around(chain: list[onnx.NodeProto], extra: list[onnx.TensorProto], outputs=("y",),
                  opset: int = 17) -> onnx.ModelProto:
     """Conv -> chain -> Conv: the chain reads a map and feeds a consumer, as in a network."""
@@ -71,7 +79,9 @@ def _unfused(model: onnx.ModelProto) -> OnnxModule:
 @pytest.mark.parametrize(("chain", "kind"), [
     (hard_swish_chain(), "HardSwish"), (hard_swish_chain(swap=True), "HardSwish"),
     (hard_swish_chain(ending="mul"), "HardSwish"), (gated_chain("HardSigmoid"), "HardSwish"),
-    (gated_chain("Sigmoid"), "SiLU"), (gated_chain("Sigmoid", swap=True), "SiLU")])
+    (gated_chain("Sigmoid"), "SiLU"), (gated_chain("Sigmoid", swap=True), "SiLU"),
+    (scale_shift_chain(), "ScaleShift"), (scale_shift_chain(swap=True), "ScaleShift"),
+    (scale_shift_chain(scale_shape=(1,)), "ScaleShift")])
 def test_chains_fuse_and_agree_with_onnxruntime(chain, kind):
     """Rules a and b: one fused chain, outputs equal to onnxruntime's and to the chain unfused,
     gradients equal to the chain's."""
@@ -100,10 +110,14 @@ def test_opset_10_clip_attributes_fuse():
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["other constant", "hidden value is an output", "gate of another map"])
+@pytest.mark.parametrize("case", ["other constant", "hidden value is an output", "gate of another map",
+                                  "scale per channel"])
 def test_what_does_not_fuse(case):
-    """Rule c: another constant, a hidden value read outside the chain, a gate of another tensor."""
-    if case == "other constant":
+    """Rule c: another constant, a hidden value read outside the chain, a gate of another tensor;
+    rule b': a scale of more than one element."""
+    if case == "scale per channel":
+        model = model_around(*scale_shift_chain(scale_shape=(C, 1, 1)))
+    elif case == "other constant":
         model = model_around(*hard_swish_chain(three=2.5))
     elif case == "hidden value is an output":
         model = model_around(*hard_swish_chain(), outputs=("y", "clipped"))
@@ -146,13 +160,14 @@ def test_a_run_paused_inside_a_fused_chain_resumes_as_forward():
 
 
 def test_real_models_fuse_every_inlined_activation():
-    """PP-OCR's recognizer writes its 28 HardSwishes as chains, YOLOv8n its SiLUs; the fused
-    executor agrees with the chains run node by node."""
+    """PP-OCR's recognizer writes its 28 HardSwishes as chains and 56 scalar affine blocks as
+    Mul then Add; the fused executor agrees with the chains run node by node."""
     from fmcompress.evaluation.thirdparty import real_model
 
     path = real_model("ppocr-rec")
     module = OnnxModule(str(path))
-    assert [kind for kind, _ in module.fused_chains()] == ["HardSwish"] * 28
+    kinds = [kind for kind, _ in module.fused_chains()]
+    assert (kinds.count("HardSwish"), kinds.count("ScaleShift"), len(kinds)) == (28, 56, 84)
     x = torch.rand(2, 3, 48, 320)
     with torch.no_grad():
         torch.testing.assert_close(module(x)[0], _unfused(onnx.load(str(path)))(x)[0], rtol=1e-5, atol=1e-5)

@@ -151,8 +151,8 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
 
 
 def _fused(fusion: Fusion) -> Any:
-    def run(ctx: NodeCtx, x: torch.Tensor) -> torch.Tensor:
-        return fusion.fn(x)
+    def run(ctx: NodeCtx, *sources: torch.Tensor) -> torch.Tensor:
+        return fusion.fn(*sources)
     return run
 
 
@@ -319,7 +319,8 @@ class OnnxModule(nn.Module):
             if k in self._unfused or any(name in self._transform_slots for name in fusion.hidden):
                 continue
             first, *rest = fusion.steps
-            steps[first] = (_fused(fusion), steps[first][1], (self._slot[fusion.source],), (self._slot[fusion.output],))
+            sources = tuple(self._slot[name] for name in fusion.sources)
+            steps[first] = (_fused(fusion), steps[first][1], sources, (self._slot[fusion.output],))
             for i in rest:
                 steps[i] = (_skip, steps[i][1], (), (DISCARD,))
         self._steps = [(fn, ctx, ins, outs, self._nodes[i][4], tuple(by_step.get(i, ())))

@@ -14,6 +14,11 @@ a. HardSwish: `Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)`, or the same ending in `Mu
    `x * min(max(x + 3, 0), 6) / 6` in that order (equal to the chain to rounding);
    `Mul(x, HardSigmoid(x))` with alpha 1/6 and beta 1/2 too.
 b. SiLU: `Mul(x, Sigmoid(x))` (either order) becomes `F.silu(x)`.
+b'. Scale and shift by scalars: `Add(Mul(x, a), b)` with a and b one-element constants
+   of at most one axis (either operand order; PP-LCNetV3's learnable affine blocks, 61 in
+   PP-OCR's recognizer)
+   becomes `torch.add(b, x, alpha=a)`: one kernel forward, one backward (a fused
+   multiply-add: equal to the chain to rounding).
 c. A chain fuses only where every value inside it (the hidden values) has the chain's next
    node as its one reader and is not a graph output, and its constants are floating-point
    scalars (so x is floating-point by ONNX's typing). Nodes of other domains never match.
@@ -42,11 +47,11 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 @dataclass(frozen=True)
 class Fusion:
     steps: tuple[int, ...]  # the chain's positions among the nodes given, first to last
-    source: str  # x
+    sources: tuple[str, ...]  # what fn reads: x first, then any constant it takes as a tensor
     output: str  # the chain's last output
     hidden: tuple[str, ...]  # the values computed inside the chain
-    fn: Callable[[torch.Tensor], torch.Tensor]
-    kind: str  # "HardSwish", "SiLU"
+    fn: Callable[..., torch.Tensor]
+    kind: str  # "HardSwish", "SiLU", "ScaleShift"
 
 
 def find_fusions(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, np.ndarray],
@@ -60,7 +65,7 @@ def find_fusions(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, np.nda
     for last, node in enumerate(nodes):
         if node.domain not in DEFAULT_DOMAINS:
             continue
-        fusion = chains.hard_swish(last) or chains.gated(last)
+        fusion = chains.hard_swish(last) or chains.gated(last) or chains.scale_shift(last)
         if fusion is None or taken.intersection(fusion.steps):
             continue
         if all(readers[name] == 1 and name not in graph_outputs for name in fusion.hidden):
@@ -119,7 +124,7 @@ class _Chains:
             add = self._made_by(self.nodes[clip].input[0], "Add")
             if add is not None and self._other(self.nodes[add], 3.0) == x:
                 hidden = (self.nodes[add].output[0], clipped, product_name)
-                return Fusion((add, clip, product, last), x, node.output[0], hidden, F.hardswish, "HardSwish")
+                return Fusion((add, clip, product, last), (x,), node.output[0], hidden, F.hardswish, "HardSwish")
         return None
 
     def gated(self, last: int) -> Fusion | None:
@@ -131,12 +136,40 @@ class _Chains:
         for x, gate_name in ((a, b), (b, a)):
             sigmoid = self._made_by(gate_name, "Sigmoid")
             if sigmoid is not None and self.nodes[sigmoid].input[0] == x:
-                return Fusion((sigmoid, last), x, node.output[0], (gate_name,), F.silu, "SiLU")
+                return Fusion((sigmoid, last), (x,), node.output[0], (gate_name,), F.silu, "SiLU")
             hard = self._made_by(gate_name, "HardSigmoid")
             if hard is not None and self.nodes[hard].input[0] == x and self._hard_swish_gate(hard):
-                return Fusion((hard, last), x, node.output[0], (gate_name,), F.hardswish, "HardSwish")
+                return Fusion((hard, last), (x,), node.output[0], (gate_name,), F.hardswish, "HardSwish")
         return None
+
+    def scale_shift(self, last: int) -> Fusion | None:
+        """Rule b': Add(Mul(x, a), b) with one-element a and b."""
+        node = self.nodes[last]
+        if node.op_type != "Add" or len(node.input) != 2:
+            return None
+        a, b = node.input
+        for scaled, shift in ((a, b), (b, a)):
+            mul = self._made_by(scaled, "Mul")
+            if mul is None or not self._one_float(shift):
+                continue
+            p, q = self.nodes[mul].input
+            for x, scale in ((p, q), (q, p)):
+                if self._one_float(scale) and self.constants[scale].ndim <= 1 and not self._one_float(x):
+                    alpha = float(self.constants[scale].reshape(-1)[0])
+                    return Fusion((mul, last), (x, shift), node.output[0], (scaled,), _scale_shift(alpha),
+                                  "ScaleShift")
+        return None
+
+    def _one_float(self, name: str) -> bool:
+        array = self.constants.get(name)
+        return array is not None and array.size == 1 and np.issubdtype(array.dtype, np.floating)
 
     def _hard_swish_gate(self, i: int) -> bool:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in self.nodes[i].attribute}
         return abs(attrs.get("alpha", 0.2) - 1 / 6) <= 1e-6 and abs(attrs.get("beta", 0.5) - 0.5) <= 1e-6
+
+
+def _scale_shift(alpha: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return torch.add(shift, x, alpha=alpha)  # shift's shape broadcasts as in the Add
+    return run
