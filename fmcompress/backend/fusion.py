@@ -116,8 +116,7 @@ class _Chains:
         product = None if product_name is None else self._made_by(product_name, "Mul")
         if product is None:
             return None
-        a, b = self.nodes[product].input
-        for x, clipped in ((a, b), (b, a)):
+        for x, clipped in self._orders(product, "Mul"):
             clip = self._made_by(clipped, "Clip")
             if clip is None or not self._clips_to(clip, 0.0, 6.0):
                 continue
@@ -129,36 +128,36 @@ class _Chains:
 
     def gated(self, last: int) -> Fusion | None:
         """Rule a's `x * HardSigmoid(x)` and rule b's `x * Sigmoid(x)`."""
-        node = self.nodes[last]
-        if node.op_type != "Mul" or len(node.input) != 2:
-            return None
-        a, b = node.input
-        for x, gate_name in ((a, b), (b, a)):
+        output = self.nodes[last].output[0]
+        for x, gate_name in self._orders(last, "Mul"):
             sigmoid = self._made_by(gate_name, "Sigmoid")
             if sigmoid is not None and self.nodes[sigmoid].input[0] == x:
-                return Fusion((sigmoid, last), (x,), node.output[0], (gate_name,), F.silu, "SiLU")
+                return Fusion((sigmoid, last), (x,), output, (gate_name,), F.silu, "SiLU")
             hard = self._made_by(gate_name, "HardSigmoid")
             if hard is not None and self.nodes[hard].input[0] == x and self._hard_swish_gate(hard):
-                return Fusion((hard, last), (x,), node.output[0], (gate_name,), F.hardswish, "HardSwish")
+                return Fusion((hard, last), (x,), output, (gate_name,), F.hardswish, "HardSwish")
         return None
 
     def scale_shift(self, last: int) -> Fusion | None:
         """Rule b': Add(Mul(x, a), b) with one-element a and b."""
-        node = self.nodes[last]
-        if node.op_type != "Add" or len(node.input) != 2:
-            return None
-        a, b = node.input
-        for scaled, shift in ((a, b), (b, a)):
+        output = self.nodes[last].output[0]
+        for scaled, shift in self._orders(last, "Add"):
             mul = self._made_by(scaled, "Mul")
             if mul is None or not self._one_float(shift):
                 continue
-            p, q = self.nodes[mul].input
-            for x, scale in ((p, q), (q, p)):
+            for x, scale in self._orders(mul, "Mul"):
                 if self._one_float(scale) and self.constants[scale].ndim <= 1 and not self._one_float(x):
                     alpha = float(self.constants[scale].reshape(-1)[0])
-                    return Fusion((mul, last), (x, shift), node.output[0], (scaled,), _scale_shift(alpha),
-                                  "ScaleShift")
+                    return Fusion((mul, last), (x, shift), output, (scaled,), _scale_shift(alpha), "ScaleShift")
         return None
+
+    def _orders(self, i: int, op_type: str) -> list[tuple[str, str]]:
+        """Both orders of node i's two operands; none when it is not a binary `op_type`."""
+        node = self.nodes[i]
+        if node.op_type != op_type or len(node.input) != 2:
+            return []
+        a, b = node.input
+        return [(a, b), (b, a)]
 
     def _one_float(self, name: str) -> bool:
         array = self.constants.get(name)
