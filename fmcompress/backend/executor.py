@@ -316,7 +316,7 @@ class OnnxModule(nn.Module):
             (self._early if step is None else by_step.setdefault(step, [])).append((slot, module))
         steps = [(self._handler(i, fn, ctx), ctx, ins, outs) for i, (fn, ctx, ins, outs, _) in enumerate(self._nodes)]
         for k, fusion in enumerate(self._fusions):
-            if k in self._unfused or any(name in self._transform_slots for name in fusion.hidden):
+            if k in self._unfused:
                 continue
             first, *rest = fusion.steps
             sources = tuple(self._slot[name] for name in fusion.sources)
@@ -342,8 +342,7 @@ class OnnxModule(nn.Module):
 
     def fused_chains(self) -> list[tuple[str, str]]:
         """(kind, output) of each chain that runs fused now (fusion.py)."""
-        return [(f.kind, f.output) for k, f in enumerate(self._fusions)
-                if k not in self._unfused and not any(n in self._transform_slots for n in f.hidden)]
+        return [(f.kind, f.output) for k, f in enumerate(self._fusions) if k not in self._unfused]
 
     def tensor_names(self) -> list[str]:
         """Every value name of the graph: inputs, constants and node outputs."""
@@ -356,7 +355,7 @@ class OnnxModule(nn.Module):
         if not isinstance(transform, nn.Module):
             raise InputError(f"the transform for {tensor_name!r} must be a torch.nn.Module")
         slot = self._slot[tensor_name]
-        self._unfused.update(k for k in (self._fusion_of.get(tensor_name),) if k is not None)
+        self._unfused.update(k for k in (self._fusion_of.get(tensor_name),) if k is not None)  # fusion rule d
         self.transforms[f"t{slot}"] = transform
         self._transform_slots[tensor_name] = slot
         self._rebuild_plan()
