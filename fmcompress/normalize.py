@@ -40,13 +40,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import InputError
+from .onnxutil import DEFAULT_DOMAINS
 
 MIN_OPSET = 11  # opset 11 moved Pad/Slice/Resize operands to inputs: the form the passes read
 TARGET_OPSET = 17
 MIN_PER_CHANNEL_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear
 MIN_IR_VERSION = 4  # initializers need not be graph inputs from IR 4 on
 TWO_GB = 2**31
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 # op type -> the input indices that hold weights (rule e)
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {

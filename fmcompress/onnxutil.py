@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+DEFAULT_DOMAINS = ("", "ai.onnx")  # the names of ONNX's default operator set
+
 # the attribute forms of a Constant node, with the dtype of the list forms
 _LIST_FORMS = {"value_float": np.float32, "value_floats": np.float32,
                "value_int": np.int64, "value_ints": np.int64}
@@ -36,6 +38,6 @@ def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a Constant node (any attribute form); None for other nodes."""
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
         return None
     return constant_attr_value(node_attrs(node))

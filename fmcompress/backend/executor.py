@@ -43,12 +43,11 @@ from torch import nn
 
 from ..errors import FmcError, InputError, InternalError, UnsupportedOpError
 from ..modelio import load_model
-from ..onnxutil import constant_node_value
+from ..onnxutil import DEFAULT_DOMAINS, constant_node_value
 from . import ops_math, ops_nn, ops_resize, ops_rnn, ops_tensor  # noqa: F401  (they fill the op table)
 from .fusion import Fusion, find_fusions
 from .registry import CHECKS, OPS, NodeCtx, RunState
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 SHAPE_OPS = ("Shape", "Size")  # their outputs depend on the data's shape only
 # inputs read as Python values (constants kept on the CPU even when the node is on the data path)
 HOST_INPUTS = {"Resize": (1, 2, 3), "Upsample": (1,), "Pad": (1, 2, 3), "Clip": (1, 2), "Pow": (1,),

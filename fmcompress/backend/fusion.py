@@ -15,9 +15,8 @@ a. HardSwish: `Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)`, or the same ending in `Mu
    `Mul(x, HardSigmoid(x))` with alpha 1/6 and beta 1/2 too.
 b. SiLU: `Mul(x, Sigmoid(x))` (either order) becomes `F.silu(x)`.
 b'. Scale and shift by scalars: `Add(Mul(x, a), b)` with a and b one-element constants
-   of at most one axis (either operand order; PP-LCNetV3's learnable affine blocks, 61 in
-   PP-OCR's recognizer)
-   becomes `torch.add(b, x, alpha=a)`: one kernel forward, one backward (a fused
+   of at most one axis (either operand order; PP-LCNetV3's learnable affine blocks, 56 in
+   PP-OCR's recognizer) becomes `torch.add(b, x, alpha=a)`: one kernel forward, one backward (a fused
    multiply-add: equal to the chain to rounding).
 c. A chain fuses only where every value inside it (the hidden values) has the chain's next
    node as its one reader and is not a graph output, and its constants are floating-point
@@ -41,7 +40,7 @@ import onnx
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's convention
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
+from ..onnxutil import DEFAULT_DOMAINS, node_attrs
 
 
 @dataclass(frozen=True)
@@ -87,9 +86,9 @@ class _Chains:
         return i if node is not None and node.op_type == op_type and node.domain in DEFAULT_DOMAINS else None
 
     def _scalar(self, name: str, value: float) -> bool:
-        array = self.constants.get(name)
-        return (array is not None and array.size == 1 and np.issubdtype(array.dtype, np.floating)
-                and abs(float(array.reshape(-1)[0]) - value) <= 1e-6 * max(1.0, abs(value)))
+        """A one-element float constant equal to `value`."""
+        return self._one_float(name) and \
+            abs(float(self.constants[name].reshape(-1)[0]) - value) <= 1e-6 * max(1.0, abs(value))
 
     def _other(self, node: onnx.NodeProto, value: float) -> str | None:
         """The operand of a binary node whose other operand is the scalar `value`."""
@@ -101,7 +100,7 @@ class _Chains:
         if len(node.input) > 1:  # opset 11+: bounds are inputs
             bounds = list(node.input[1:]) + [""] * (3 - len(node.input))
             return self._scalar(bounds[0], low) and self._scalar(bounds[1], high)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attrs(node)
         return attrs.get("min") == low and attrs.get("max") == high
 
     def hard_swish(self, last: int) -> Fusion | None:
@@ -164,7 +163,7 @@ class _Chains:
         return array is not None and array.size == 1 and np.issubdtype(array.dtype, np.floating)
 
     def _hard_swish_gate(self, i: int) -> bool:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in self.nodes[i].attribute}
+        attrs = node_attrs(self.nodes[i])
         return abs(attrs.get("alpha", 0.2) - 1 / 6) <= 1e-6 and abs(attrs.get("beta", 0.5) - 0.5) <= 1e-6
 
 
