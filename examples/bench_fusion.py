@@ -19,16 +19,11 @@ training section's block stage and epoch seconds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from benchcompile import compare_compiles
 from rich.console import Console
 from rich.table import Table
 
@@ -48,43 +43,6 @@ def step_seconds(module: OnnxModule, x: torch.Tensor) -> float:
 
 
 UNFUSED = "import fmcompress.backend.executor as e; e.find_fusions = lambda *a, **k: []\n"
-RUN_CLI = "import sys\nfrom fmcompress.cli import main\nsys.argv = sys.argv[1:]\nmain()"
-
-
-def compile_seconds(mode: str, lines: Path, folder: Path) -> dict[str, float]:
-    """One compile in a fresh process; the report's timings and the training's seconds."""
-    report = folder / f"{mode}.json"
-    command = [sys.executable, "-c", (UNFUSED if mode == "unfused" else "") + RUN_CLI, "fmcompress", "compile",
-               str(real_model("ppocr-rec")), "--ceiling", "4x", "--data", str(lines), "--input-shape", "x=1,3,48,320",
-               "--block-epochs", "2", "--epochs", "2", "-o", str(folder / f"{mode}.onnx"), "--json", str(report), "-q"]
-    subprocess.run(command, env={**os.environ, "FMCOMPRESS_MEASURE_MEMORY": "0"}, check=True)
-    data = json.loads(report.read_text())
-    training = data["training"]
-    return {"total s": data["timings_s"]["total"], "fit s": data["timings_s"]["fit"],
-            "map-cost s": data["timings_s"]["map-cost"], "block stage s": training["block_stage"]["seconds"],
-            "an epoch s": statistics.median(h["seconds"] for h in training["history"])}
-
-
-def compare_compiles(count: int, rounds: int) -> None:
-    from fmcompress.evaluation import textlines
-
-    with tempfile.TemporaryDirectory() as name:
-        folder = Path(name)
-        lines = folder / "lines.npz"
-        textlines.save_npz(lines, textlines.rec_dataset(count, 0)[0], None)
-        runs: dict[str, list[dict[str, float]]] = {"unfused": [], "fused": []}
-        for _ in range(rounds):
-            for mode in runs:
-                runs[mode].append(compile_seconds(mode, lines, folder))
-    table = Table(title=f"PP-OCR recognizer, 4x, {count} lines: median of {rounds} rounds")
-    table.add_column("")
-    for mode in runs:
-        table.add_column(mode)
-    table.add_column("fused / unfused")
-    for key in runs["fused"][0]:
-        fused, plain = (statistics.median(run[key] for run in runs[mode]) for mode in ("fused", "unfused"))
-        table.add_row(key, f"{plain:.1f}", f"{fused:.1f}", f"{fused / plain:.2f}")
-    Console().print(table)
 
 
 def main() -> None:
@@ -94,7 +52,7 @@ def main() -> None:
     parser.add_argument("--compile", type=int, metavar="N", help="time whole compiles on N rendered lines")
     args = parser.parse_args()
     if args.compile:
-        compare_compiles(args.compile, args.rounds)
+        compare_compiles({"unfused": UNFUSED, "fused": ""}, args.compile, args.rounds)
         return
     table = Table(title=f"forward + backward, median of {args.rounds} rounds, {torch.get_num_threads()} threads")
     for column in ("model", "batch", "chains fused", "unfused s", "fused s", "fused / unfused (range)"):
