@@ -7,6 +7,7 @@ zeros with every intermediate tensor exposed as an output gives the exact shapes
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -174,11 +175,43 @@ INFERENCE_ERRORS = (onnx.shape_inference.InferenceError, onnx.checker.Validation
 
 
 def best_effort_inference(model: onnx.ModelProto, **options: bool) -> onnx.ModelProto:
-    """ONNX shape inference, or the model as it is where inference gives up."""
+    """ONNX shape inference on `weightless(model)`, or that as it is where inference gives up:
+    read shapes and types from the result, never weights."""
+    light = weightless(model)
     try:
-        return onnx.shape_inference.infer_shapes(model, **options)
+        return onnx.shape_inference.infer_shapes(light, **options)
     except INFERENCE_ERRORS:
-        return model
+        return light
+
+
+WEIGHTLESS_ABOVE = 1 << 16  # bytes; a shape or index constant that inference reads is far smaller
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its initializers over WEIGHTLESS_ABOVE bytes declared as external data that
+    is never read (name, dims and type kept), for shape inference. infer_shapes serialises the
+    model it is given and parses it back: on VGG-19 (548 MB) that was 3 s a call."""
+    light = onnx.ModelProto()
+    light.ir_version, light.producer_name = model.ir_version, model.producer_name
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph, source = light.graph, model.graph
+    graph.name = source.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, field).extend(getattr(source, field))
+    for init in source.initializer:
+        if init.data_type == onnx.TensorProto.STRING or _nbytes(init) <= WEIGHTLESS_ABOVE:
+            graph.initializer.append(init)
+            continue
+        stub = graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type,
+                                     data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="never-read")
+    return light
+
+
+def _nbytes(init: onnx.TensorProto) -> int:
+    """From dims and type: ByteSize() walks the data (0.6 s over VGG-19's weights)."""
+    return math.prod(init.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
 
 
 def _from_shape_inference(model: onnx.ModelProto) -> dict[str, TensorInfo]:

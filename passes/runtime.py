@@ -91,6 +91,7 @@ from fmcompress.shapes import (
     graph_inputs,
     onnxruntime_tensor_infos,
     resolve_input_shapes,
+    weightless,
     with_input_shapes,
 )
 
@@ -391,7 +392,7 @@ def shapes_unknown(model: onnx.ModelProto, optimized: onnx.ModelProto) -> set[st
     """Rule g': the tensors of `optimized` whose shape onnxruntime does not know statically: node
     outputs of `model` (inputs pinned) that ONNX's shape inference, which onnxruntime runs on
     load, leaves not fully static, and what the optimiser computes from them."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(weightless(model), strict_mode=False, data_prop=True)
     static = {value.name for value in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]
               if value.type.tensor_type.HasField("shape")
               and all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim)}
