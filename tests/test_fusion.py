@@ -47,12 +47,15 @@ def scale_shift_chain(swap: bool = False, scale_shape: tuple[int, ...] = ()) -> 
 
 
 def model_around(chain: list[onnx.NodeProto], extra: list[onnx.TensorProto], outputs=("y",),
-                 opset: int = 17) -> onnx.ModelProto:
-    """Conv -> chain -> Conv: the chain reads a map and feeds a consumer, as in a network."""
+                 opset: int = 17, bias: bool = False) -> onnx.ModelProto:
+    """Conv -> chain -> Conv: the chain reads a map and feeds a consumer, as in a network
+    (`bias`: the first Conv has one)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.standard_normal((C, C, 3, 3)) / 6).astype(np.float32), f"w{i}") for i in (0, 1)]
     inits += [_const("zero", 0.0), _const("six", 6.0), _const("sixth", 1 / 6), *extra]
-    nodes = [helper.make_node("Conv", ["inp", "w0"], ["x"], pads=[1] * 4), *chain,
+    inits += [numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), "b0")] if bias else []
+    nodes = [helper.make_node("Conv", ["inp", "w0", *(["b0"] if bias else [])], ["x"], pads=[1] * 4,
+                              strides=[1, 1]), *chain,
              helper.make_node("Conv", ["act", "w1"], ["y"], pads=[1] * 4)]
     value = {n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs if n != "y"}
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("inp", TensorProto.FLOAT, [2, C, 8, 8])],
@@ -80,12 +83,13 @@ def _unfused(model: onnx.ModelProto) -> OnnxModule:
     (hard_swish_chain(), "HardSwish"), (hard_swish_chain(swap=True), "HardSwish"),
     (hard_swish_chain(ending="mul"), "HardSwish"), (gated_chain("HardSigmoid"), "HardSwish"),
     (gated_chain("Sigmoid"), "SiLU"), (gated_chain("Sigmoid", swap=True), "SiLU"),
-    (scale_shift_chain(), "ScaleShift"), (scale_shift_chain(swap=True), "ScaleShift"),
-    (scale_shift_chain(scale_shape=(1,)), "ScaleShift")])
-def test_chains_fuse_and_agree_with_onnxruntime(chain, kind):
-    """Rules a and b: one fused chain, outputs equal to onnxruntime's and to the chain unfused,
-    gradients equal to the chain's."""
-    model = model_around(*chain)
+    (scale_shift_chain(), "ConvScaleShift"), (scale_shift_chain(swap=True), "ConvScaleShift"),
+    (scale_shift_chain(scale_shape=(1,)), "ConvScaleShift")])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chains_fuse_and_agree_with_onnxruntime(chain, kind, bias):
+    """Rules a, b, b' and b'': one fused chain, outputs equal to onnxruntime's and to the chain
+    unfused, gradients equal to the chain's."""
+    model = model_around(*chain, bias=bias)
     module = OnnxModule(model)
     assert module.fused_chains() == [(kind, "act")]
     x = torch.from_numpy(_input())
@@ -98,6 +102,24 @@ def test_chains_fuse_and_agree_with_onnxruntime(chain, kind):
         executor(leaf)[0].square().sum().backward()
         grads.append(leaf.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-4)
+
+
+def test_a_scale_and_shift_of_a_shared_conv_output_fuses_alone():
+    """Rule b' without b'': the Conv's output is read elsewhere too (here a graph output), so the
+    Conv runs as it is and the scale and shift fuse into one kernel after it."""
+    model = model_around(*scale_shift_chain(), outputs=("y", "x"), bias=True)
+    module = OnnxModule(model)
+    assert module.fused_chains() == [("ScaleShift", "act")]
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(_input()))[0].numpy(), _ort(model), rtol=1e-5, atol=1e-5)
+
+
+def test_a_transform_on_the_conv_output_unfuses_the_conv_scale_shift():
+    """Rule d for b'': the Conv's output is a hidden value; a transform on it is applied."""
+    model = model_around(*scale_shift_chain(), bias=True)
+    module = OnnxModule(model)
+    module.set_transform("x", torch.nn.Identity())
+    assert module.fused_chains() == []
 
 
 def test_opset_10_clip_attributes_fuse():
@@ -145,9 +167,11 @@ def test_a_hidden_value_asked_for_by_name_is_computed():
     assert other.fused_chains() == [] and other.value(frontier, "product") is not None
 
 
-def test_a_run_paused_inside_a_fused_chain_resumes_as_forward():
+@pytest.mark.parametrize(("chain", "kind"), [(hard_swish_chain(), "HardSwish"),
+                                             (scale_shift_chain(), "ConvScaleShift")])
+def test_a_run_paused_inside_a_fused_chain_resumes_as_forward(chain, kind):
     """Rule d: steps keep their numbers; a fork taken at every step resumes to the same output."""
-    model = model_around(*hard_swish_chain())
+    model = model_around(*chain, bias=True)
     module = OnnxModule(model)
     x = torch.from_numpy(_input())
     with torch.no_grad():
@@ -156,18 +180,19 @@ def test_a_run_paused_inside_a_fused_chain_resumes_as_forward():
             paused = module.trim(module.advance(module.start(x), stop))
             resumed = module.outputs(module.advance(module.fork(paused), module.num_steps))[0]
             torch.testing.assert_close(resumed, whole, rtol=0, atol=0)
-    assert module.fused_chains() == [("HardSwish", "act")]
+    assert module.fused_chains() == [(kind, "act")]
 
 
 def test_real_models_fuse_every_inlined_activation():
     """PP-OCR's recognizer writes its 28 HardSwishes as chains and 56 scalar affine blocks as
-    Mul then Add; the fused executor agrees with the chains run node by node."""
+    Mul then Add, 28 of them right after a Conv; the fused executor agrees with the chains run
+    node by node."""
     from fmcompress.evaluation.thirdparty import real_model
 
     path = real_model("ppocr-rec")
     module = OnnxModule(str(path))
     kinds = [kind for kind, _ in module.fused_chains()]
-    assert (kinds.count("HardSwish"), kinds.count("ScaleShift"), len(kinds)) == (28, 56, 84)
+    assert (kinds.count("HardSwish"), kinds.count("ScaleShift"), kinds.count("ConvScaleShift")) == (28, 28, 28)
     x = torch.rand(2, 3, 48, 320)
     with torch.no_grad():
         torch.testing.assert_close(module(x)[0], _unfused(onnx.load(str(path)))(x)[0], rtol=1e-5, atol=1e-5)

@@ -151,7 +151,7 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
 
 def _fused(fusion: Fusion) -> Any:
     def run(ctx: NodeCtx, *sources: torch.Tensor) -> torch.Tensor:
-        return fusion.fn(*sources)
+        return fusion.fn(ctx, *sources)
     return run
 
 

@@ -18,6 +18,10 @@ b'. Scale and shift by scalars: `Add(Mul(x, a), b)` with a and b one-element con
    of at most one axis (either operand order; PP-LCNetV3's learnable affine blocks, 56 in
    PP-OCR's recognizer) becomes `torch.add(b, x, alpha=a)`: one kernel forward, one backward (a fused
    multiply-add: equal to the chain to rounding).
+b''. Where that x is a Conv's output read by nothing else (28 of the recognizer's 56), the
+   scale and shift go into the convolution instead: `Conv(x, a W, a B + b)`, no elementwise
+   kernel at all (equal to the chain to rounding; the weights are frozen, and scaling them
+   each run costs a weight-sized product, not a map-sized one).
 c. A chain fuses only where every value inside it (the hidden values) has the chain's next
    node as its one reader and is not a graph output, and its constants are floating-point
    scalars (so x is floating-point by ONNX's typing). Nodes of other domains never match.
@@ -41,6 +45,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's convention
 
 from ..onnxutil import DEFAULT_DOMAINS, node_attrs
+from .ops_nn import conv
+from .registry import NodeCtx
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,8 @@ class Fusion:
     sources: tuple[str, ...]  # what fn reads: x first, then any constant it takes as a tensor
     output: str  # the chain's last output
     hidden: tuple[str, ...]  # the values computed inside the chain
-    fn: Callable[..., torch.Tensor]
-    kind: str  # "HardSwish", "SiLU", "ScaleShift"
+    fn: Callable[..., torch.Tensor]  # fn(ctx of the first step, *sources)
+    kind: str  # "HardSwish", "SiLU", "ScaleShift", "ConvScaleShift"
 
 
 def find_fusions(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, np.ndarray],
@@ -58,7 +64,7 @@ def find_fusions(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, np.nda
     """Rules a-c over `nodes` (in run order); no node belongs to two fusions."""
     readers = Counter(name for node in nodes for name in node.input if name)
     producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
-    chains = _Chains(nodes, constants, producer)
+    chains = _Chains(nodes, constants, producer, readers, graph_outputs)
     found: list[Fusion] = []
     taken: set[int] = set()
     for last, node in enumerate(nodes):
@@ -77,8 +83,9 @@ class _Chains:
     """The patterns of rules a and b, each ending at a given node."""
 
     def __init__(self, nodes: Sequence[onnx.NodeProto], constants: Mapping[str, np.ndarray],
-                 producer: dict[str, int]):
+                 producer: dict[str, int], readers: Counter, graph_outputs: set[str]):
         self.nodes, self.constants, self.producer = nodes, constants, producer
+        self.readers, self.graph_outputs = readers, graph_outputs
 
     def _made_by(self, name: str, op_type: str) -> int | None:
         i = self.producer.get(name)
@@ -122,7 +129,8 @@ class _Chains:
             add = self._made_by(self.nodes[clip].input[0], "Add")
             if add is not None and self._other(self.nodes[add], 3.0) == x:
                 hidden = (self.nodes[add].output[0], clipped, product_name)
-                return Fusion((add, clip, product, last), (x,), node.output[0], hidden, F.hardswish, "HardSwish")
+                return Fusion((add, clip, product, last), (x,), node.output[0], hidden, _plain(F.hardswish),
+                              "HardSwish")
         return None
 
     def gated(self, last: int) -> Fusion | None:
@@ -131,14 +139,14 @@ class _Chains:
         for x, gate_name in self._orders(last, "Mul"):
             sigmoid = self._made_by(gate_name, "Sigmoid")
             if sigmoid is not None and self.nodes[sigmoid].input[0] == x:
-                return Fusion((sigmoid, last), (x,), output, (gate_name,), F.silu, "SiLU")
+                return Fusion((sigmoid, last), (x,), output, (gate_name,), _plain(F.silu), "SiLU")
             hard = self._made_by(gate_name, "HardSigmoid")
             if hard is not None and self.nodes[hard].input[0] == x and self._hard_swish_gate(hard):
-                return Fusion((hard, last), (x,), output, (gate_name,), F.hardswish, "HardSwish")
+                return Fusion((hard, last), (x,), output, (gate_name,), _plain(F.hardswish), "HardSwish")
         return None
 
     def scale_shift(self, last: int) -> Fusion | None:
-        """Rule b': Add(Mul(x, a), b) with one-element a and b."""
+        """Rule b': Add(Mul(x, a), b) with one-element a and b; rule b'' where a Conv's x."""
         output = self.nodes[last].output[0]
         for scaled, shift in self._orders(last, "Add"):
             mul = self._made_by(scaled, "Mul")
@@ -147,8 +155,17 @@ class _Chains:
             for x, scale in self._orders(mul, "Mul"):
                 if self._one_float(scale) and self.constants[scale].ndim <= 1 and not self._one_float(x):
                     alpha = float(self.constants[scale].reshape(-1)[0])
+                    conv = self._made_by(x, "Conv")
+                    if conv is not None and self._private(x) and self.constants[shift].ndim <= 1:
+                        inputs = tuple(name for name in self.nodes[conv].input if name)
+                        return Fusion((conv, mul, last), (*inputs, shift), output, (x, scaled),
+                                      _conv_scale_shift(alpha), "ConvScaleShift")
                     return Fusion((mul, last), (x, shift), output, (scaled,), _scale_shift(alpha), "ScaleShift")
         return None
+
+    def _private(self, name: str) -> bool:
+        """Read by one node and not a graph output: a value a chain may hide (rule c)."""
+        return self.readers[name] == 1 and name not in self.graph_outputs
 
     def _orders(self, i: int, op_type: str) -> list[tuple[str, str]]:
         """Both orders of node i's two operands; none when it is not a binary `op_type`."""
@@ -167,7 +184,22 @@ class _Chains:
         return abs(attrs.get("alpha", 0.2) - 1 / 6) <= 1e-6 and abs(attrs.get("beta", 0.5) - 0.5) <= 1e-6
 
 
-def _scale_shift(alpha: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def run(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _plain(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(ctx: NodeCtx, x: torch.Tensor) -> torch.Tensor:
+        return fn(x)
+    return run
+
+
+def _scale_shift(alpha: float) -> Callable[..., torch.Tensor]:
+    def run(ctx: NodeCtx, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         return torch.add(shift, x, alpha=alpha)  # shift's shape broadcasts as in the Add
+    return run
+
+
+def _conv_scale_shift(alpha: float) -> Callable[..., torch.Tensor]:
+    """Rule b'': the Conv's own handler (ctx: the Conv's) on a W and a B + b."""
+    def run(ctx: NodeCtx, x: torch.Tensor, weight: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        *bias, shift = rest
+        shift = shift.reshape(1).to(weight.dtype)
+        return conv(ctx, x, weight * alpha, bias[0] * alpha + shift if bias else shift.expand(weight.shape[0]))
     return run
