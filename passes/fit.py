@@ -140,7 +140,7 @@ class FitProjectionsPass(Pass):
             initial = self._pca(executor, maps, plan, ctx)
         if self.method == "pca":
             return initial
-        return self._train(executor, maps, initial, ctx, fallback)
+        return self._train(executor, maps, initial, ctx, fallback, model)
 
     def _pca(self, executor, maps, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
         from fmcompress.backend.projection import fit_pca
@@ -200,13 +200,16 @@ class FitProjectionsPass(Pass):
         return self.config or TrainConfig(batch_size=self.batch_size)
 
     def _train(self, executor, maps, initial: dict[str, Projection], ctx: PassContext,
-               fallback: dict[str, Projection] | None = None) -> dict[str, Projection]:
+               fallback: dict[str, Projection] | None = None,
+               model: onnx.ModelProto | None = None) -> dict[str, Projection]:
+        from fmcompress.backend.teacher import ort_teacher
         from fmcompress.backend.trainer import ProjectionTrainer
 
         config = self._config()
+        teacher = ort_teacher(model, list(executor.input_names), config) if model is not None else None
         trainer = ProjectionTrainer(executor, [name for name, _, _ in maps], initial, config,
                                     checkpoint=self.checkpoint, resume=self.resume, monitor=self.monitor,
-                                    fallback=fallback)
+                                    fallback=fallback, teacher=teacher)
         assert self.held_out is not None
         best = trainer.fit(self.calibration.inputs, self.calibration.labels,
                            self.held_out.inputs, self.held_out.labels)

@@ -10,7 +10,8 @@ a. Student and teacher are one torch executor. The student reads U P X at every
    planned map (`LearnedProjection`: P and U are the only parameters with
    gradients; every original weight is a frozen buffer); the teacher is the same
    module with every projection bypassed, run without gradients on the same
-   (augmented) batch.
+   (augmented) batch, or onnxruntime's session of the original model where one is
+   given (`teacher.py`: the same outputs to rounding, in about half the time on a CPU).
 b. Initialisation: the PCA projections (`learned`) or random orthonormal ones
    (`random`, the paper's: `random_projections`).
 c. Each step's loss is the losses' sum for `loss` and `feature_weight`, on the
@@ -70,6 +71,7 @@ from .devices import resolve_device, setup_ranks, wrap_for_ranks
 from .losses import distillation_loss, feature_loss, label_loss, output_kinds
 from .projection import ChannelProjection
 from .schedule import BACKTRACK_FACTOR, diverged, mix_seeds, plan_epochs, should_stop, warmup_cosine
+from .teacher import OrtTeacher
 
 
 class LearnedProjection(ChannelProjection):
@@ -141,7 +143,8 @@ class ProjectionTrainer:
 
     def __init__(self, executor: nn.Module, names: Sequence[str], initial: dict[str, Projection],
                  config: TrainConfig, *, checkpoint: str | os.PathLike | None = None, resume: bool = False,
-                 monitor: Monitor | None = None, fallback: dict[str, Projection] | None = None):
+                 monitor: Monitor | None = None, fallback: dict[str, Projection] | None = None,
+                 teacher: OrtTeacher | None = None):
         config.check()
         self.config = config
         self.names = list(names)
@@ -159,6 +162,7 @@ class ProjectionTrainer:
         self.resume = resume
         self.monitor = monitor or (lambda event, fields: None)
         self.fallback = fallback  # rule e: another candidate, scored before training (never trained)
+        self.teacher = teacher  # rule a: the original's outputs from onnxruntime (teacher.py)
 
     # -- public
 
@@ -270,8 +274,7 @@ class ProjectionTrainer:
             tensors = [augment_batch(torch.from_numpy(np.ascontiguousarray(data[name][batch])), cfg.augment,
                                      [mix_seeds(cfg.seed, epoch, int(i), j) for i in batch]).to(self.device)
                        for j, name in enumerate(inputs)]
-            with torch.no_grad():
-                teacher = self._run(self.executor, tensors, bypass=True)
+            teacher = self._teach(tensors)
             student = self._run(model, tensors, bypass=False)
             loss = self._loss(student, teacher, kinds, labels, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -296,6 +299,14 @@ class ProjectionTrainer:
                 terms.append(cfg.feature_weight * features)
         return torch.stack(terms).sum()
 
+    def _teach(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Rule a: the original network's outputs for a batch, without gradients."""
+        outputs = self.teacher(tensors) if self.teacher is not None else None
+        if outputs is not None:
+            return tuple(out.to(self.device) for out in outputs)
+        with torch.no_grad():
+            return self._run(self.executor, tensors, bypass=True)
+
     def _run(self, module: nn.Module, tensors: list[torch.Tensor], bypass: bool) -> tuple[torch.Tensor, ...]:
         saved = {name: m.bypass for name, m in self.projections.items()}
         if bypass:
@@ -309,8 +320,7 @@ class ProjectionTrainer:
 
     def _teacher_outputs(self, data: dict[str, np.ndarray], inputs: list[str]) -> list[torch.Tensor]:
         self.executor.eval()
-        with torch.no_grad():
-            parts = [self._run(self.executor, batch, bypass=True) for batch in self._batches(data, inputs)]
+        parts = [self._teach(batch) for batch in self._batches(data, inputs)]
         return [torch.cat(outs).cpu() for outs in zip(*parts, strict=True)]
 
     def _score(self, data, labels, teacher, inputs, kinds, metric: str) -> tuple[float, float]:
