@@ -67,7 +67,7 @@ class CompileOptions(DataOptions):
     input_shapes: Any = None  # ["x=1,3,224,224"] or {"x": (1, 3, 224, 224)}
     act_bytes: int | None = None
     method: str = DEFAULT_METHOD
-    latency_repeats: int = 20  # timed runs per model per round
+    latency_repeats: int | None = None  # timed runs per model per round; None: metrics.ort_latency's automatic
     latency_rounds: int = 5  # interleaved rounds; the report gives the median and spread
     threads: int = 1  # onnxruntime intra-op threads for the latency figures
     min_agreement: float | None = None  # fidelity gate: held-out top-1 agreement, 0..1

@@ -312,15 +312,25 @@ class LatencyFigures:
                 "rounds": self.rounds, "repeats": self.repeats, "threads": self.threads}
 
 
+ROUND_BUDGET_MS = 100.0  # automatic repeats: about this long per model and round (as timeit's autorange)
+MAX_REPEATS, MIN_REPEATS = 20, 3
+
+
 def ort_latency(reference: ModelLike, candidate: ModelLike, feeds: Mapping[str, np.ndarray], *,
-                rounds: int = 5, repeats: int = 20, warmup: int = 3, threads: int | None = 1) -> LatencyFigures:
-    """Latency of `candidate` against `reference` on `feeds`, interleaved rounds (see LatencyFigures)."""
-    if rounds < 1 or repeats < 1 or warmup < 0:
+                rounds: int = 5, repeats: int | None = None, warmup: int = 3,
+                threads: int | None = 1) -> LatencyFigures:
+    """Latency of `candidate` against `reference` on `feeds`, interleaved rounds (see LatencyFigures).
+
+    `repeats` None: as many runs a round as take about ROUND_BUDGET_MS for the slower model,
+    from MIN_REPEATS to MAX_REPEATS (a 25 ms model: 4 runs, a 1 ms one: 20), so measuring a
+    large model costs a second or two, not 200 of its runs."""
+    if rounds < 1 or (repeats is not None and repeats < 1) or warmup < 0:
         raise InputError(f"need rounds >= 1, repeats >= 1 and warmup >= 0, got {rounds}, {repeats} and {warmup}")
     runs = [_runner(ort_session(model, threads), feeds) for model in (reference, candidate)]
-    for run in runs:
-        for _ in range(warmup):
-            run()
+    warm = [_time_runs(run, max(warmup, 1)) for run in runs]
+    if repeats is None:
+        slowest = max(times[-1] for times in warm)
+        repeats = min(MAX_REPEATS, max(MIN_REPEATS, int(ROUND_BUDGET_MS / max(slowest, 1e-3))))
     medians: list[list[float]] = [[], []]
     for round_ in range(rounds):
         order = (0, 1) if round_ % 2 == 0 else (1, 0)

@@ -59,7 +59,7 @@ class MeasurePass(HeldOutPass):
 
     def __init__(self, original: onnx.ModelProto | None = None, held_out: Dataset | None = None, *,
                  batch_size: int | None = None, threads: int = 1,
-                 rounds: int = 5, repeats: int = 20, min_agreement: float | None = None,
+                 rounds: int = 5, repeats: int | None = None, min_agreement: float | None = None,
                  max_accuracy_drop: float | None = None):
         if min_agreement is not None and not 0 <= min_agreement <= 1:
             raise InputError(f"--min-agreement must be between 0 and 1, got {min_agreement}")
