@@ -18,12 +18,11 @@ training section's block stage and epoch seconds.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from benchcompile import compare_compiles
+from benchcompile import bench_parser, compare_compiles
 from rich.console import Console
 from rich.table import Table
 
@@ -46,10 +45,8 @@ UNFUSED = "import fmcompress.backend.executor as e; e.find_fusions = lambda *a, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser = bench_parser(__doc__)
     parser.add_argument("--models", default=",".join(BATCHES))
-    parser.add_argument("--compile", type=int, metavar="N", help="time whole compiles on N rendered lines")
     args = parser.parse_args()
     if args.compile:
         compare_compiles({"unfused": UNFUSED, "fused": ""}, args.compile, args.rounds)

@@ -17,13 +17,12 @@ median over rounds.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from benchcompile import compare_compiles
+from benchcompile import bench_parser, compare_compiles
 from rich.console import Console
 from rich.table import Table
 
@@ -62,11 +61,9 @@ def planned_maps(model: str, ceiling: str) -> list[tuple[str, list[int], int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--model", default="ppocr-rec", choices=sorted(REAL_MODELS))
     parser.add_argument("--ceiling", default="4x")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--compile", type=int, metavar="N", help="time whole compiles on N rendered lines")
     args = parser.parse_args()
     if args.compile:
         compare_compiles({"matmul": MATMUL, "bmm": ""}, args.compile, args.rounds)

@@ -14,14 +14,13 @@ median over rounds. Models from their PyPI wheels (the `test` extra).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import onnx
 import torch
 from bench_fusion import BATCHES
-from benchcompile import compare_compiles
+from benchcompile import bench_parser, compare_compiles
 from rich.console import Console
 from rich.table import Table
 
@@ -34,10 +33,8 @@ EXECUTOR = "import fmcompress.backend.teacher as t; t.ort_teacher = lambda *a, *
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser = bench_parser(__doc__)
     parser.add_argument("--models", default=",".join(BATCHES))
-    parser.add_argument("--compile", type=int, metavar="N", help="time whole compiles on N rendered lines")
     args = parser.parse_args()
     if args.compile:
         compare_compiles({"executor": EXECUTOR, "onnxruntime": ""}, args.compile, args.rounds)

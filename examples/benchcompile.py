@@ -8,6 +8,7 @@ median over rounds of the report's `timings_s`, the block stage's and an epoch's
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -20,6 +21,16 @@ from rich.console import Console
 from rich.table import Table
 
 from fmcompress.evaluation.thirdparty import real_model
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every side-by-side benchmark takes: `--rounds`, and `--compile N` (whole compiles
+    on N rendered lines instead of the benchmark's own measurement)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--compile", type=int, metavar="N", help="time whole compiles on N rendered lines")
+    return parser
+
 
 RUN_CLI = "import sys\nfrom fmcompress.cli import main\nsys.argv = sys.argv[1:]\nmain()"
 
