@@ -11,8 +11,9 @@ b. Not where the teacher's pass must run in the executor: training on another de
    feature distillation against the teacher's maps (`feature_weight` with reference
    `teacher`: the projections read the maps of that very pass). `ort_teacher` returns None
    there, and for a model onnxruntime cannot load.
-c. A batch onnxruntime cannot run (a shape the model's declared inputs refuse): `__call__`
-   returns None, and does so from then on, and the trainer runs the executor instead.
+c. A batch onnxruntime cannot run (a shape the model's declared inputs refuse, a dtype numpy
+   lacks): `__call__` returns None, and does so from then on, and the trainer runs the
+   executor instead.
 
 Entry point: `ort_teacher(model, input_names, config)`.
 """
@@ -37,10 +38,11 @@ class OrtTeacher:
     def __call__(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
         if self.session is None:
             return None
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, tensors, strict=True)}
         try:
+            # numpy has no bfloat16 (TypeError): such inputs are the executor's to run too
+            feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, tensors, strict=True)}
             outputs = self.session.run(None, feeds)
-        except onnxruntime_errors():
+        except (*onnxruntime_errors(), TypeError):
             self.session = None  # rule c
             return None
         return tuple(torch.from_numpy(out) for out in outputs)
