@@ -20,6 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from benchcompile import bench_parser, compare_compiles
@@ -40,9 +41,9 @@ def mix_by_matmul(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mixed.reshape(x.shape[0], matrix.shape[0], *x.shape[2:])
 
 
-MATMUL = ("import torch, fmcompress.backend.projection as p\n"
-          "p.mix_channels = lambda m, x: torch.matmul(m.to(x.dtype), x.reshape(x.shape[0], x.shape[1], -1))"
-          ".reshape(x.shape[0], m.shape[0], *x.shape[2:])\n")
+# the compile's process imports this file (its folder is not on that process's path) for the matmul
+MATMUL = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+          "import bench_projection, fmcompress.backend.projection as p; p.mix_channels = bench_projection.mix_by_matmul\n")
 
 
 def step_seconds(mix: Mix, x: torch.Tensor, P: torch.Tensor, U: torch.Tensor) -> float:  # noqa: N803

@@ -327,7 +327,8 @@ def ort_latency(reference: ModelLike, candidate: ModelLike, feeds: Mapping[str, 
     if rounds < 1 or (repeats is not None and repeats < 1) or warmup < 0:
         raise InputError(f"need rounds >= 1, repeats >= 1 and warmup >= 0, got {rounds}, {repeats} and {warmup}")
     runs = [_runner(ort_session(model, threads), feeds) for model in (reference, candidate)]
-    warm = [_time_runs(run, max(warmup, 1)) for run in runs]
+    # automatic repeats time the last warm-up run (one at least)
+    warm = [_time_runs(run, max(warmup, int(repeats is None))) for run in runs]
     if repeats is None:
         slowest = max(times[-1] for times in warm)
         repeats = min(MAX_REPEATS, max(MIN_REPEATS, int(ROUND_BUDGET_MS / max(slowest, 1e-3))))

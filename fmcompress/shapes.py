@@ -7,7 +7,6 @@ zeros with every intermediate tensor exposed as an output gives the exact shapes
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,16 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def initializer_info(init: onnx.TensorProto) -> TensorInfo:
+    """Shape and dtype from the initializer's header (never its data: ByteSize() walks the data,
+    0.6 s over VGG-19's weights)."""
+    return TensorInfo(tuple(init.dims), np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)))
 
 
 def parse_dims(text: str) -> tuple[int, ...]:
@@ -200,19 +209,13 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     for field in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(graph, field).extend(getattr(source, field))
     for init in source.initializer:
-        if init.data_type == onnx.TensorProto.STRING or _nbytes(init) <= WEIGHTLESS_ABOVE:
+        if init.data_type == onnx.TensorProto.STRING or initializer_info(init).nbytes <= WEIGHTLESS_ABOVE:
             graph.initializer.append(init)
             continue
         stub = graph.initializer.add(name=init.name, dims=init.dims, data_type=init.data_type,
                                      data_location=onnx.TensorProto.EXTERNAL)
         stub.external_data.add(key="location", value="never-read")
     return light
-
-
-def _nbytes(init: onnx.TensorProto) -> int:
-    """From dims and type: ByteSize() walks the data (0.6 s over VGG-19's weights)."""
-    return math.prod(init.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-
 
 def _from_shape_inference(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     # where inference stops short, onnxruntime fills in (infer_tensor_infos)
@@ -224,7 +227,7 @@ def _from_shape_inference(model: onnx.ModelProto) -> dict[str, TensorInfo]:
         if info is not None:
             infos[value.name] = info
     for init in graph.initializer:
-        infos[init.name] = TensorInfo(tuple(init.dims), helper.tensor_dtype_to_np_dtype(init.data_type))
+        infos[init.name] = initializer_info(init)
     return infos
 
 

@@ -200,13 +200,12 @@ class FitProjectionsPass(Pass):
         return self.config or TrainConfig(batch_size=self.batch_size)
 
     def _train(self, executor, maps, initial: dict[str, Projection], ctx: PassContext,
-               fallback: dict[str, Projection] | None = None,
-               model: onnx.ModelProto | None = None) -> dict[str, Projection]:
+               fallback: dict[str, Projection] | None, model: onnx.ModelProto) -> dict[str, Projection]:
         from fmcompress.backend.teacher import ort_teacher
         from fmcompress.backend.trainer import ProjectionTrainer
 
         config = self._config()
-        teacher = ort_teacher(model, list(executor.input_names), config) if model is not None else None
+        teacher = ort_teacher(model, list(executor.input_names), config)
         trainer = ProjectionTrainer(executor, [name for name, _, _ in maps], initial, config,
                                     checkpoint=self.checkpoint, resume=self.resume, monitor=self.monitor,
                                     fallback=fallback, teacher=teacher)

@@ -45,7 +45,7 @@ from ..errors import FmcError, InputError, InternalError, UnsupportedOpError
 from ..modelio import load_model
 from ..onnxutil import DEFAULT_DOMAINS, constant_node_value
 from . import ops_math, ops_nn, ops_resize, ops_rnn, ops_tensor  # noqa: F401  (they fill the op table)
-from .fusion import Fusion, find_fusions
+from .fusion import find_fusions
 from .registry import CHECKS, OPS, NodeCtx, RunState
 
 SHAPE_OPS = ("Shape", "Size")  # their outputs depend on the data's shape only
@@ -147,12 +147,6 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
     if value is None:
         raise UnsupportedOpError(f"unsupported ops: Constant({node.attribute[0].name}) x1")
     return value
-
-
-def _fused(fusion: Fusion) -> Any:
-    def run(ctx: NodeCtx, *sources: torch.Tensor) -> torch.Tensor:
-        return fusion.fn(ctx, *sources)
-    return run
 
 
 def _skip(ctx: NodeCtx) -> None:
@@ -319,7 +313,7 @@ class OnnxModule(nn.Module):
                 continue
             first, *rest = fusion.steps
             sources = tuple(self._slot[name] for name in fusion.sources)
-            steps[first] = (_fused(fusion), steps[first][1], sources, (self._slot[fusion.output],))
+            steps[first] = (fusion.fn, steps[first][1], sources, (self._slot[fusion.output],))
             for i in rest:
                 steps[i] = (_skip, steps[i][1], (), (DISCARD,))
         self._steps = [(fn, ctx, ins, outs, self._nodes[i][4], tuple(by_step.get(i, ())))
