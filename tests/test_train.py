@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import Counter
+from itertools import groupby
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from modeltools import tiny_classifier
+from modeltools import sequence_head, tiny_classifier
 
 from fmcompress.backend import OnnxModule
 from fmcompress.backend.losses import distillation_loss, output_kinds
@@ -18,6 +20,7 @@ from fmcompress.backend.schedule import plan_epochs
 from fmcompress.backend.trainer import ProjectionTrainer, random_projections
 from fmcompress.cli import main
 from fmcompress.errors import InputError
+from fmcompress.ortrun import ort_session
 from fmcompress.train_config import TrainConfig
 
 MAPS = [("r1", 16, 4), ("r2", 16, 4)]
@@ -431,3 +434,23 @@ def test_fake_quant_passes_gradients_straight_through():
     projection(x).sum().backward()
     assert torch.allclose(x.grad, torch.ones_like(x))  # inside the range the rounding's gradient is 1
     assert projection.P.grad is not None and projection.P.grad.abs().sum() > 0
+
+
+def test_a_sequence_head_is_scored_by_its_decodings():
+    """Rule e: a CTC-shaped output scores the share of equal greedy decodings with the teacher,
+    checked against the decodings of onnxruntime's outputs, not the share of equal steps."""
+    model = sequence_head()
+    held_out = data(32, 3)
+    trainer = ProjectionTrainer(OnnxModule(model), [m[0] for m in MAPS], random_projections(MAPS, 2),
+                                TrainConfig(epochs=0, batch_size=8))
+    result = trainer.fit(data(8, 0), None, held_out, None)
+    teacher = ort_session(model).run(None, held_out)[0]
+    with torch.no_grad():
+        student = trainer.executor(torch.from_numpy(held_out["x"]))[0].numpy()
+    blank = Counter(teacher.argmax(-1).ravel().tolist()).most_common(1)[0][0]
+    decode = lambda path: [label for label, _ in groupby(path.tolist()) if label != blank]  # noqa: E731
+    same = [decode(t) == decode(s) for t, s in zip(teacher.argmax(-1), student.argmax(-1), strict=True)]
+    per_step = float((teacher.argmax(-1) == student.argmax(-1)).mean())
+    assert result.metric == "sequence"
+    assert result.initial_score == pytest.approx(np.mean(same), abs=1e-6)
+    assert abs(result.initial_score - per_step) > 0.05

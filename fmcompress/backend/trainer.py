@@ -22,10 +22,11 @@ d. Epochs follow the schedule (`joint` or `greedy`); Adam (or SGD with momentum 
    augmentation from the seed, the epoch and the sample, so a resumed run repeats the
    uninterrupted one exactly.
 e. After every epoch the held-out part is scored with the student: accuracy with
-   labels, else top-1 agreement with the teacher (per step for a sequence head: finer
-   than the share of equal decodings on a few hundred samples), else output cosine
-   similarity; ties (a few hundred samples saturate a score) go to the lower held-out
-   distillation loss. The best epoch's projections are kept; training stops early once
+   labels, else top-1 agreement with the teacher, else output cosine similarity. A
+   sequence head scores its decodings (`sequence`: the share of samples whose greedy CTC
+   strings equal the teacher's), not its steps: per-step agreement is mostly blank steps,
+   and on PP-OCR's recognizer it rose through epochs that lost whole strings. Ties (a
+   few hundred samples saturate a score) go to the lower held-out distillation loss. The best epoch's projections are kept; training stops early once
    the score reaches `target`. The initialisation is scored first and is a candidate
    too, and so is `fallback` when given (the fit pass's PCA, when training starts from
    the block stage), so training never returns worse held-out figures than either.
@@ -63,6 +64,7 @@ from torch import nn
 
 from fmcompress.errors import InputError
 from fmcompress.featuremaps import Projection
+from fmcompress.metrics import sequence_agreement
 from fmcompress.train_config import TrainConfig
 
 from .augment import augment_batch
@@ -132,10 +134,10 @@ def random_projections(maps: Sequence[tuple[str, int, int]], seed: int) -> dict[
 
 
 def score_metric(kinds: Sequence[str], held_out_labels: np.ndarray | None) -> str:
-    """Rule e: `accuracy`, `agreement` or `cosine`, from the first output's kind."""
+    """Rule e: `accuracy`, `agreement`, `sequence` or `cosine`, from the first output's kind."""
     if held_out_labels is not None and kinds[0] in ("logits", "probs"):
         return "accuracy"
-    return "agreement" if kinds[0] in ("logits", "probs", "seq_probs") else "cosine"
+    return {"logits": "agreement", "probs": "agreement", "seq_probs": "sequence"}.get(kinds[0], "cosine")
 
 
 class ProjectionTrainer:
@@ -335,6 +337,8 @@ class ProjectionTrainer:
             return float((first_s.argmax(-1).numpy() == labels).mean()), loss
         if metric == "agreement":
             return float((first_s.argmax(-1) == first_t.argmax(-1)).float().mean()), loss
+        if metric == "sequence":
+            return sequence_agreement(first_t.numpy(), first_s.numpy()), loss
         cosines = [F.cosine_similarity(s.float().flatten(1), t.float().flatten(1), dim=1).mean()
                    for s, t in zip(student, teacher, strict=True)]
         return float(torch.stack(cosines).mean()), loss
