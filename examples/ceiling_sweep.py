@@ -137,12 +137,14 @@ def build_tasks(names: list[str], eval_samples: int, demo_data: str,
 
 def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[str, Any]:
     calibration = task.calibration(folder, args.num_samples, args.calibration_set, args.labeled)
-    options = CompileOptions(ceiling=ceiling, method=method, data=calibration,
+    overrides = train_overrides(args.train)
+    # compile's batch size is its option, which it hands to the training settings
+    batch_size = overrides.pop("batch_size", CompileOptions.batch_size)
+    options = CompileOptions(ceiling=ceiling, method=method, data=calibration, batch_size=batch_size,
                              num_samples=args.num_samples, input_shapes=[task.input_shape] if task.input_shape else None,
                              latency_repeats=1, latency_rounds=1, threads=args.threads, int8=args.int8,
                              calibrate=args.calibrate,
-                             training=TrainConfig(epochs=args.epochs, block_epochs=args.block_epochs,
-                                                  **train_overrides(args.train)))
+                             training=TrainConfig(epochs=args.epochs, block_epochs=args.block_epochs, **overrides))
     row: dict[str, Any] = {"model": task.name, "ceiling": ceiling, "method": method, "metric": task.metric}
     started = time.perf_counter()
     try:
