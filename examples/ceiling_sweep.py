@@ -173,14 +173,17 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
 
 def training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
     """Where a learned compile spent its time: the block stage's seconds and epochs, the end-to-end
-    epochs run, the held-out score before them (the stage's) and the best."""
+    epochs run (each epoch's held-out score and distillation loss), the held-out score before
+    them (the stage's) and the best."""
     if not training:
         return None
     stage = training.get("block_stage") or {}
     return {"block_s": stage.get("seconds"), "block_epochs": sum(m["epochs"] for m in stage.get("maps", [])),
             "epochs": len(training["history"]), "initial_score": training["initial_score"],
             "best_score": training["best_score"], "best_epoch": training["best_epoch"],
-            "stop_reason": training["stop_reason"]}
+            "stop_reason": training["stop_reason"],
+            "history": [{"score": e["score"], "held_out_loss": e["held_out_loss"], "seconds": e["seconds"]}
+                        for e in training["history"]]}
 
 
 def markdown(rows: list[dict[str, Any]], eval_sets: tuple[str, ...] = ("first",)) -> str:
