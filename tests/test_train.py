@@ -257,6 +257,23 @@ def test_the_probe_keeps_the_start_when_the_first_epoch_does_not_pay(monkeypatch
     assert result.stop_reason == "patience" and len(result.history) == 3  # the probe's epoch not counted
 
 
+def test_the_probe_keeps_the_start_when_its_epochs_score_far_below_it(monkeypatch):
+    """Rule h: probe epochs whose best score is more than PROBE_SCORE_SHORTFALL below the start's
+    (PP-OCR's recognizer on set 2: 0.31 against 0.66) stop training even where the held-out loss
+    stays under the ratio; a shortfall within it (its classifier: 0.85 against 0.91) goes on."""
+    from fmcompress.backend.schedule import PROBE_SCORE_SHORTFALL
+
+    low = 0.8 * (1 - PROBE_SCORE_SHORTFALL) - 0.05
+    scripted(monkeypatch, [(0.8, 0.5), (low - 0.1, 1.4), (low, 1.2), (low - 0.2, 1.3), (0.9, 0.1)])
+    result = train(TrainConfig(epochs=10, batch_size=8, probe=3, patience=3))
+    assert result.stop_reason == "probe" and len(result.history) == 3 and result.best_epoch == 0
+    near = 0.8 * (1 - PROBE_SCORE_SHORTFALL) + 0.05
+    scripted(monkeypatch, [(0.8, 0.5), (near - 0.1, 1.4), (near, 1.2), (near - 0.02, 1.3), (0.9, 0.1),
+                           *[(0.85, 0.2)] * 3])
+    result = train(TrainConfig(epochs=10, batch_size=8, probe=3, patience=3))
+    assert result.stop_reason == "patience" and len(result.history) == 7 and result.best_epoch == 4
+
+
 def test_patience_counts_after_the_probes_epochs(monkeypatch):
     """Rule h: leaving the block stage, the first epochs may score below it and raise the held-out
     loss (PP-OCR's classifier: three epochs) before one beats it; patience waits for the probe."""
