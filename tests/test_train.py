@@ -465,7 +465,10 @@ def test_a_sequence_head_is_scored_by_its_decodings():
     with torch.no_grad():
         student = trainer.executor(torch.from_numpy(held_out["x"]))[0].numpy()
     blank = Counter(teacher.argmax(-1).ravel().tolist()).most_common(1)[0][0]
-    decode = lambda path: [label for label, _ in groupby(path.tolist()) if label != blank]  # noqa: E731
+
+    def decode(path: np.ndarray) -> list[int]:  # repeats merged, then blanks dropped
+        return [label for label, _ in groupby(path.tolist()) if label != blank]
+
     same = [decode(t) == decode(s) for t, s in zip(teacher.argmax(-1), student.argmax(-1), strict=True)]
     per_step = float((teacher.argmax(-1) == student.argmax(-1)).mean())
     assert result.metric == "sequence"

@@ -26,8 +26,9 @@ e. After every epoch the held-out part is scored with the student: accuracy with
    sequence head scores its decodings (`sequence`: the share of samples whose greedy CTC
    strings equal the teacher's), not its steps: per-step agreement is mostly blank steps,
    and on PP-OCR's recognizer it rose through epochs that lost whole strings. Ties (a
-   few hundred samples saturate a score) go to the lower held-out distillation loss. The best epoch's projections are kept; training stops early once
-   the score reaches `target`. The initialisation is scored first and is a candidate
+   few hundred samples saturate a score) go to the lower held-out distillation loss.
+   The best epoch's projections are kept; training stops early once the score reaches
+   `target`. The initialisation is scored first and is a candidate
    too, and so is `fallback` when given (the fit pass's PCA, when training starts from
    the block stage), so training never returns worse held-out figures than either.
    Held-out data is never trained on. With `epochs` 0 (and no greedy stages) nothing
