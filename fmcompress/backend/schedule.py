@@ -94,16 +94,12 @@ def should_stop(history: Sequence[Any], initial_score: float, initial_loss: floa
             best, since = record.score, 0
         elif epoch > config.probe:  # the probe's epochs leave the start: patience counts after them
             since += 1
-    if config.probe and len(full) == config.probe and best <= initial_score and (
-            full[-1].held_out_loss > PROBE_LOSS_RATIO * initial_loss or far_short(full, initial_score)):
-        return "probe"
+    if config.probe and len(full) == config.probe and best <= initial_score:
+        # none of the probe's epochs beat the start, so `best` is the start's score
+        probe_best = max(record.score for record in full)
+        far_short = initial_score > 0 and probe_best < (1 - PROBE_SCORE_SHORTFALL) * initial_score
+        if far_short or full[-1].held_out_loss > PROBE_LOSS_RATIO * initial_loss:
+            return "probe"
     if config.patience and since >= config.patience:
         return "patience"
     return None
-
-
-def far_short(probe: Sequence[Any], initial_score: float) -> bool:
-    """Rule e: the probe's best score short of a positive initial score by more than
-    PROBE_SCORE_SHORTFALL of it."""
-    best = max(record.score for record in probe)
-    return initial_score > 0 and best < (1 - PROBE_SCORE_SHORTFALL) * initial_score
