@@ -274,6 +274,22 @@ def test_the_probe_keeps_the_start_when_its_epochs_score_far_below_it(monkeypatc
     assert result.stop_reason == "patience" and len(result.history) == 7 and result.best_epoch == 4
 
 
+def test_the_probe_stops_at_an_epoch_that_collapses(monkeypatch):
+    """Rule h: a probe epoch scoring under 1 - PROBE_COLLAPSE of the start (PP-OCR's recognizer's
+    first: 0.31 against 0.66) ends the probe there; one above it (its classifier's first: 0.56
+    against 0.89) goes on, and a later epoch can still pay."""
+    from fmcompress.backend.schedule import PROBE_COLLAPSE
+
+    collapsed = 0.8 * (1 - PROBE_COLLAPSE) - 0.05
+    scripted(monkeypatch, [(0.8, 0.5), (collapsed, 1.0), (0.9, 0.1)])
+    result = train(TrainConfig(epochs=10, batch_size=8, probe=3, patience=3))
+    assert result.stop_reason == "probe" and len(result.history) == 1 and result.best_epoch == 0
+    above = 0.8 * (1 - PROBE_COLLAPSE) + 0.05
+    scripted(monkeypatch, [(0.8, 0.5), (above, 1.0), (0.7, 0.8), (0.75, 0.6), (0.9, 0.1), *[(0.85, 0.2)] * 3])
+    result = train(TrainConfig(epochs=10, batch_size=8, probe=3, patience=3))
+    assert result.stop_reason == "patience" and len(result.history) == 7 and result.best_epoch == 4
+
+
 def test_patience_counts_after_the_probes_epochs(monkeypatch):
     """Rule h: leaving the block stage, the first epochs may score below it and raise the held-out
     loss (PP-OCR's classifier: three epochs) before one beats it; patience waits for the probe."""

@@ -45,7 +45,8 @@ h. Stopping (`schedule.should_stop`): besides `target`, training stops once `pat
    initialisation's score and the last one's held-out distillation loss is more than
    `schedule.PROBE_LOSS_RATIO` times the initialisation's, or their best score is short of
    it by more than `schedule.PROBE_SCORE_SHORTFALL` of it, it will not pay, and the
-   initialisation is kept. `TrainResult.stop_reason` says which: `target`, `patience`,
+   initialisation is kept; sooner, after any probe epoch, when the best so far is short of
+   it by more than `schedule.PROBE_COLLAPSE`. `TrainResult.stop_reason` says which: `target`, `patience`,
    `probe` or `epochs` (all ran).
 """
 
