@@ -46,6 +46,15 @@ def scale_shift_chain(swap: bool = False, scale_shape: tuple[int, ...] = ()) -> 
         [scale, _const("shift", -0.4)]
 
 
+def batch_norm_chain() -> tuple[list, list]:
+    """An inference BatchNormalization with non-trivial statistics (epsilon not the default)."""
+    rng = np.random.default_rng(2)
+    stats = {"gamma": rng.uniform(0.5, 2, C), "beta": rng.standard_normal(C), "mean": rng.standard_normal(C),
+             "var": rng.uniform(0.1, 3, C)}
+    return [helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["act"], epsilon=1e-3)], \
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in stats.items()]
+
+
 def model_around(chain: list[onnx.NodeProto], extra: list[onnx.TensorProto], outputs=("y",),
                  opset: int = 17, bias: bool = False) -> onnx.ModelProto:
     """Conv -> chain -> Conv: the chain reads a map and feeds a consumer, as in a network
@@ -84,10 +93,10 @@ def _unfused(model: onnx.ModelProto) -> OnnxModule:
     (hard_swish_chain(ending="mul"), "HardSwish"), (gated_chain("HardSigmoid"), "HardSwish"),
     (gated_chain("Sigmoid"), "SiLU"), (gated_chain("Sigmoid", swap=True), "SiLU"),
     (scale_shift_chain(), "ConvScaleShift"), (scale_shift_chain(swap=True), "ConvScaleShift"),
-    (scale_shift_chain(scale_shape=(1,)), "ConvScaleShift")])
+    (scale_shift_chain(scale_shape=(1,)), "ConvScaleShift"), (batch_norm_chain(), "ConvBatchNorm")])
 @pytest.mark.parametrize("bias", [False, True])
 def test_chains_fuse_and_agree_with_onnxruntime(chain, kind, bias):
-    """Rules a, b, b' and b'': one fused chain, outputs equal to onnxruntime's and to the chain
+    """Rules a, b, b', b'' and b''': one fused chain, outputs equal to onnxruntime's and to the chain
     unfused, gradients equal to the chain's."""
     model = model_around(*chain, bias=bias)
     module = OnnxModule(model)
@@ -133,11 +142,13 @@ def test_opset_10_clip_attributes_fuse():
 
 
 @pytest.mark.parametrize("case", ["other constant", "hidden value is an output", "gate of another map",
-                                  "scale per channel"])
+                                  "scale per channel", "batch norm of a conv output read elsewhere"])
 def test_what_does_not_fuse(case):
     """Rule c: another constant, a hidden value read outside the chain, a gate of another tensor;
-    rule b': a scale of more than one element."""
-    if case == "scale per channel":
+    rule b': a scale of more than one element; rule b''': a Conv output that is a graph output."""
+    if case == "batch norm of a conv output read elsewhere":
+        model = model_around(*batch_norm_chain(), outputs=("y", "x"))
+    elif case == "scale per channel":
         model = model_around(*scale_shift_chain(scale_shape=(C, 1, 1)))
     elif case == "other constant":
         model = model_around(*hard_swish_chain(three=2.5))
@@ -168,7 +179,8 @@ def test_a_hidden_value_asked_for_by_name_is_computed():
 
 
 @pytest.mark.parametrize(("chain", "kind"), [(hard_swish_chain(), "HardSwish"),
-                                             (scale_shift_chain(), "ConvScaleShift")])
+                                             (scale_shift_chain(), "ConvScaleShift"),
+                                             (batch_norm_chain(), "ConvBatchNorm")])
 def test_a_run_paused_inside_a_fused_chain_resumes_as_forward(chain, kind):
     """Rule d: steps keep their numbers; a fork taken at every step resumes to the same output."""
     model = model_around(*chain, bias=True)

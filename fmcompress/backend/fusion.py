@@ -23,6 +23,14 @@ b''. Where that x is a Conv's output read by nothing else (28 of the recognizer'
    kernel at all (equal to the chain to rounding; the weights are frozen, and scaling them
    each run costs a weight-sized product, not a map-sized one). Under autocast the shift is
    added after the Conv, in float32, as the chain's Add promotes it.
+b'''. Inference batch normalization of a Conv's output read by nothing else,
+   `BatchNormalization(Conv(x, W, B), scale, bias, mean, var)` with its four parameters
+   constants and one output, goes into the convolution: `Conv(x, s W, s (B - mean) + bias)`,
+   s = scale / sqrt(var + epsilon) per output channel (equal to the pair to rounding; the
+   compile folds the ONNX graph's BatchNormalizations only after training). Models
+   exported from a framework's training graph keep them (PP-OCR's direction classifier:
+   30); fused, each costs neither a kernel of its own nor a backward. Under autocast the
+   shift is added after the Conv in float32, as in rule b''.
 c. A chain fuses only where every value inside it (the hidden values) has the chain's next
    node as its one reader and is not a graph output, and its constants are floating-point
    scalars (so x is floating-point by ONNX's typing). Nodes of other domains never match.
@@ -57,7 +65,7 @@ class Fusion:
     output: str  # the chain's last output
     hidden: tuple[str, ...]  # the values computed inside the chain
     fn: Callable[..., torch.Tensor]  # fn(ctx of the first step, *sources)
-    kind: str  # "HardSwish", "SiLU", "ScaleShift", "ConvScaleShift"
+    kind: str  # "HardSwish", "SiLU", "ScaleShift", "ConvScaleShift", "ConvBatchNorm"
 
 
 def find_fusions(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, np.ndarray],
@@ -71,7 +79,8 @@ def find_fusions(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, np.nda
     for last, node in enumerate(nodes):
         if node.domain not in DEFAULT_DOMAINS:
             continue
-        fusion = chains.hard_swish(last) or chains.gated(last) or chains.scale_shift(last)
+        fusion = chains.hard_swish(last) or chains.gated(last) or chains.scale_shift(last) \
+            or chains.conv_batch_norm(last)
         if fusion is None or taken.intersection(fusion.steps):
             continue
         if all(readers[name] == 1 and name not in graph_outputs for name in fusion.hidden):
@@ -164,6 +173,21 @@ class _Chains:
                     return Fusion((mul, last), (x, shift), output, (scaled,), _scale_shift(alpha), "ScaleShift")
         return None
 
+    def conv_batch_norm(self, last: int) -> Fusion | None:
+        """Rule b''': an inference BatchNormalization of a Conv's private output."""
+        node = self.nodes[last]
+        if node.op_type != "BatchNormalization" or len(node.input) != 5 or len([o for o in node.output if o]) != 1:
+            return None
+        x, *parameters = node.input
+        conv = self._made_by(x, "Conv")
+        attrs = node_attrs(node)
+        if conv is None or attrs.get("training_mode", 0) or not self._private(x) or \
+                not all(name in self.constants and self.constants[name].ndim == 1 for name in parameters):
+            return None
+        inputs = tuple(name for name in self.nodes[conv].input if name)
+        return Fusion((conv, last), (*inputs, *parameters), node.output[0], (x,),
+                      _conv_batch_norm(float(attrs.get("epsilon", 1e-5)), len(inputs) == 3), "ConvBatchNorm")
+
     def _private(self, name: str) -> bool:
         """Read by one node and not a graph output: a value a chain may hide (rule c)."""
         return self.readers[name] == 1 and name not in self.graph_outputs
@@ -209,4 +233,17 @@ def _conv_scale_shift(alpha: float) -> Callable[..., torch.Tensor]:
             # every HardSwish and residual after it too (the recognizer's output: 8.2% off, not 4.3%)
             return conv(ctx, x, weight * alpha, None) + total.reshape(-1, *[1] * (x.dim() - 2))
         return conv(ctx, x, weight * alpha, total)
+    return run
+
+
+def _conv_batch_norm(epsilon: float, has_bias: bool) -> Callable[..., torch.Tensor]:
+    """Rule b''': the Conv's own handler (ctx: the Conv's) on s W and s (B - mean) + bias."""
+    def run(ctx: NodeCtx, x: torch.Tensor, weight: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        scale, bias, mean, var = (t.to(weight.dtype) for t in rest[-4:])
+        factor = scale / torch.sqrt(var + epsilon)
+        shift = bias + ((rest[0].to(weight.dtype) if has_bias else 0) - mean) * factor
+        scaled = weight * factor.reshape(-1, *[1] * (weight.dim() - 1))
+        if torch.is_autocast_enabled(x.device.type):
+            return conv(ctx, x, scaled, None) + shift.reshape(-1, *[1] * (x.dim() - 2))
+        return conv(ctx, x, scaled, shift)
     return run
