@@ -20,6 +20,7 @@ AUGMENTATIONS = ("none", "light", "splice", "strong")
 FEATURE_REFERENCES = ("teacher", "self")
 BLOCK_INITS = ("pca", "lstsq")
 BLOCK_AUGMENTATIONS = ("none", "look")
+BLOCK_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     block_init: str = "lstsq"  # the block stage's start: lstsq (closed-form reduced-rank regression), or pca
     block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look)
     block_ridge: float | None = None  # the lstsq start's damping; None: 1e-3 with int8 maps, else 1e-6
+    block_precision: str = "auto"  # the block stage's arithmetic: auto (bfloat16 where native), float32, bfloat16
 
     def check(self) -> None:
         """One-line InputErrors for values that cannot train."""
@@ -87,7 +89,8 @@ class TrainConfig:
                                      (self.device, DEVICES, "--device"), (self.augment, AUGMENTATIONS, "--augment"),
                                      (self.feature_reference, FEATURE_REFERENCES, "--feature-reference"),
                                      (self.block_init, BLOCK_INITS, "--block-init"),
-                                     (self.block_augment, BLOCK_AUGMENTATIONS, "--block-augment")):
+                                     (self.block_augment, BLOCK_AUGMENTATIONS, "--block-augment"),
+                                     (self.block_precision, BLOCK_PRECISIONS, "--block-precision")):
             if value not in allowed:
                 raise InputError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
 

@@ -155,7 +155,7 @@ class FitProjectionsPass(Pass):
 
     def _blockwise(self, executor, maps, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
         from fmcompress.backend.blockwise import fit_blockwise
-        from fmcompress.backend.devices import resolve_device
+        from fmcompress.backend.devices import resolve_device, resolve_precision
 
         config = self._config()
         device = resolve_device(config.device)
@@ -168,7 +168,8 @@ class FitProjectionsPass(Pass):
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
         stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,
-                       "patience": config.block_patience, "init": config.block_init, "seconds": 0.0, "maps": []}
+                       "patience": config.block_patience, "init": config.block_init,
+                       "precision": resolve_precision(config.block_precision, device), "seconds": 0.0, "maps": []}
 
         def progress(i: int, name: str, fit) -> None:
             refined = bool(fit.losses)  # none: nothing later reads the map, it keeps its start
@@ -189,7 +190,7 @@ class FitProjectionsPass(Pass):
                                temperature=config.temperature, seed=config.seed, min_gain=config.block_min_gain,
                                patience=config.block_patience, init=config.block_init,
                                quantized=config.fake_quant, ridge=block_ridge(config.block_ridge, ctx.act_bytes),
-                               progress=progress)
+                               precision=stage["precision"], progress=progress)
         stage["seconds"] = time.perf_counter() - started
         ctx.training.block_stage = stage
         return fitted
@@ -215,7 +216,7 @@ class FitProjectionsPass(Pass):
         ctx.training.result = best
         stops = {"target": " (stopped early at the target)",
                  "patience": f" (stopped: {config.patience} epoch(s) without a better score)",
-                 "probe": f" (stopped after {config.probe} probe epoch(s): training did not pay)"}
+                 "probe": f" (stopped after {len(best.history)} probe epoch(s): training did not pay)"}
         ctx.log(f"{self.method}: best held-out {best.metric} {best.best_score:.4f} at epoch {best.best_epoch}"
                 f"{stops.get(best.stop_reason, '')}")
         return best.projections

@@ -319,3 +319,51 @@ def test_block_ridge_follows_the_stored_bytes_unless_named():
     assert block_ridge(0.0, 1) == 0.0 and block_ridge(0.5, None) == 0.5
     with pytest.raises(InputError, match="--block-ridge"):
         TrainConfig(block_ridge=-1.0).check()
+
+
+def test_bfloat16_blocks_fit_as_float32_ones_do():
+    """Rule d: with `precision` bfloat16 the block's steps round to bfloat16 (the projections differ
+    from float32's) and the stage still reproduces the outputs about as well."""
+    model = tiny_classifier()
+    batches, _ = make_batches((16, 3, 8, 8), 4)
+    fitted = {precision: fit_blockwise(OnnxModule(model), TINY_MAPS, list(batches()), epochs=8, lr=1e-1,
+                                       temperature=2.0, precision=precision)
+              for precision in ("float32", "bfloat16")}
+    assert any(not np.allclose(fitted["float32"][name].P, fitted["bfloat16"][name].P, atol=1e-4)
+               for name, _, _ in TINY_MAPS)
+    errors = {precision: output_error(model, projections, batches) for precision, projections in fitted.items()}
+    assert errors["bfloat16"] < 1.25 * errors["float32"], errors
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bfloat16"), (False, "float32")])
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch, native, expected):
+    """devices.py rule c: emulated bfloat16 is slower than float32, so auto takes it only where native;
+    a precision named is taken as it is."""
+    from fmcompress.backend.devices import resolve_precision
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("float32", cpu) == "float32" and resolve_precision("bfloat16", cpu) == "bfloat16"
+
+
+def test_the_report_names_the_block_stage_precision(tmp_path):
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from fmcompress.cli import main
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_classifier(), str(path))
+    result = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "4x", "--num-samples", "16",
+                                       "--batch-size", "4", "--epochs", "0", "--block-epochs", "1",
+                                       "--block-precision", "bfloat16", "--json", str(tmp_path / "r.json"),
+                                       "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["training"]["block_stage"]["precision"] == "bfloat16"
+    bad = CliRunner().invoke(main, ["compile", str(path), "--ceiling", "4x", "--block-precision", "half",
+                                    "-o", str(tmp_path / "bad.onnx")])
+    assert bad.exit_code == 2 and not (tmp_path / "bad.onnx").exists()

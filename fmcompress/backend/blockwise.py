@@ -29,7 +29,11 @@ c. Loss: at a map, the squared error divided by the target's mean square; at the
 d. P and U only, by Adam at lr / sqrt(C) (schedule.py's rule b) with a cosine decay over
    `epochs` passes of the calibration batches, in an order drawn from the seed and the
    map's index; no augmentation; with `quantized`, the stored map is rounded as int8
-   (`projection.fake_quant_uint8`). The same seed gives the same projections. `epochs` is
+   (`projection.fake_quant_uint8`). With `precision` bfloat16 the block's steps run under
+   autocast (the projections, the loss and every value handed on stay float32): the
+   recognizer's stage at 4x takes 105 s instead of 125 s (3 epochs a map; 209 s instead of
+   261 s with 12) at the same exact match within a run's noise (86.3% and 89.3% against
+   86.7% and 90.0% on set 2's lines). The same seed gives the same projections. `epochs` is
    a maximum: a map stops once its epoch's mean block loss (over the calibration
    batches: the stage sees no held-out data) has not fallen below (1 - `min_gain`) times
    its best for `patience` epochs in a row (`min_gain` 0: every epoch runs).
@@ -93,7 +97,7 @@ Progress = Callable[[int, str, BlockFit], None]  # (index in network order, map,
 def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
                   batches: Sequence[tuple[torch.Tensor, ...]], *, epochs: int, lr: float, temperature: float,
                   seed: int = 0, min_gain: float = 0.0, patience: int = 2, init: str = "pca",
-                  quantized: bool = False, ridge: float = PLAIN_RIDGE,
+                  quantized: bool = False, ridge: float = PLAIN_RIDGE, precision: str = "float32",
                   progress: Progress | None = None) -> dict[str, Projection]:
     """One refined projection per (name, channels, k); `executor` (an OnnxModule without
     transforms) is left without transforms. `batches` are input tuples on its device."""
@@ -119,7 +123,8 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
             fit = BlockFit()
             if end is not None:
                 fit = _refine(projection, runs, name, end, epochs=epochs, lr=lr / math.sqrt(channels),
-                              temperature=temperature, seed=(seed, i), min_gain=min_gain, patience=patience)
+                              temperature=temperature, seed=(seed, i), min_gain=min_gain, patience=patience,
+                              precision=precision)
             projection.requires_grad_(False)
             runs.apply(name, projection)
             fit.seconds = time.perf_counter() - started
@@ -262,17 +267,21 @@ class _BlockEnd:
 
 
 def _refine(projection: ChannelProjection, runs: _PausedRuns, name: str, end: _BlockEnd, *, epochs: int,
-            lr: float, temperature: float, seed: tuple[int, int], min_gain: float, patience: int) -> BlockFit:
+            lr: float, temperature: float, seed: tuple[int, int], min_gain: float, patience: int,
+            precision: str = "float32") -> BlockFit:
     """Rules c and d: each epoch's mean loss, and whether it stopped before `epochs`."""
     kinds = output_kinds(runs.targets[0]) if end.name is None else ["regression"]  # a map: scaled MSE
     optimizer = torch.optim.Adam(projection.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * len(runs.batches), 0))
     generator = torch.Generator().manual_seed(mix_seeds(*seed))
+    device = runs.batches[0][0].device.type
     fit, best, stale = BlockFit(), math.inf, 0
     for _ in range(epochs):
         losses = []
         for b in torch.randperm(len(runs.batches), generator=generator).tolist():
-            loss = distillation_loss(runs.block_values(b, name, projection, end), runs.targets[b], kinds, temperature)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                values = runs.block_values(b, name, projection, end)
+            loss = distillation_loss([v.float() for v in values], runs.targets[b], kinds, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

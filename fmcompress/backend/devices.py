@@ -8,6 +8,9 @@ b. Distributed: under torchrun (WORLD_SIZE > 1) the process group is initialised
    on CPU, nccl on CUDA) and the student is wrapped in DistributedDataParallel. Each
    rank takes its share (`rank::world`) of every global batch (the trainer slices it),
    so gradients average to the single-process ones.
+c. `--block-precision auto` is bfloat16 where the device computes it natively (a CUDA
+   device that supports it; a CPU with AVX-512 BF16 or AMX), else float32: emulated,
+   bfloat16 is slower than float32.
 """
 
 from __future__ import annotations
@@ -24,6 +27,21 @@ def resolve_device(name: str) -> torch.device:
     """Rule a: the device `--device name` trains on."""
     check_device(name)
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """Rule c: the arithmetic `--block-precision name` runs in on `device`."""
+    if name != "auto":
+        return name
+    return "bfloat16" if native_bfloat16(device) else "float32"
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # torch's own probes of the CPU (private, hence looked up): absent means unknown, so no
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe is not None and probe() for probe in probes)
 
 
 def setup_ranks(device: torch.device) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from ..train_config import (
     AUGMENTATIONS,
     BLOCK_AUGMENTATIONS,
     BLOCK_INITS,
+    BLOCK_PRECISIONS,
     DEVICES,
     FEATURE_REFERENCES,
     LOSSES,
@@ -168,6 +169,10 @@ TRAINING = (  # `--method learned|random`
          help="look: half the block stage's calibration samples are given another look (polarity, colours, "
               "contrast, a shading ramp, blur, noise), so that projections fitted on lines of one look hold "
               "on others; none: the samples as given."),
+    Bound("--block-precision", T, "block_precision", type=choice(BLOCK_PRECISIONS),
+         help="The block stage's arithmetic: bfloat16 runs its forward and backward under autocast (the "
+              "projections stay float32); auto is bfloat16 where the device has it natively (AVX-512 BF16 or "
+              "AMX, CUDA), else float32."),
     Bound("--block-lr", T, "block_lr", type=click.FloatRange(min=0, min_open=True),
          help="The block stage's learning rate, relative as --lr is, cosine decay over each map's epochs."),
     Bound("--lr", T, "lr", type=click.FloatRange(min=0, min_open=True),
