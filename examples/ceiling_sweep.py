@@ -138,9 +138,11 @@ def build_tasks(names: list[str], eval_samples: int, demo_data: str,
 def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[str, Any]:
     calibration = task.calibration(folder, args.num_samples, args.calibration_set, args.labeled)
     overrides = train_overrides(args.train)
-    # compile's batch size is its option, which it hands to the training settings
+    # compile's batch size and seed are its options, which it hands to the training settings
+    # (the seed also draws the held-out part, as compile's --seed does)
     batch_size = overrides.pop("batch_size", CompileOptions.batch_size)
-    options = CompileOptions(ceiling=ceiling, method=method, data=calibration, batch_size=batch_size,
+    seed = overrides.pop("seed", CompileOptions.seed)
+    options = CompileOptions(ceiling=ceiling, method=method, data=calibration, batch_size=batch_size, seed=seed,
                              num_samples=args.num_samples, input_shapes=[task.input_shape] if task.input_shape else None,
                              latency_repeats=1, latency_rounds=1, threads=args.threads, int8=args.int8,
                              calibrate=args.calibrate,

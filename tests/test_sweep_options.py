@@ -39,20 +39,21 @@ def test_bad_pairs_are_input_errors(sweep, pair, message):
         sweep.train_overrides([pair])
 
 
-def test_a_batch_size_override_reaches_the_compile(sweep, monkeypatch, tmp_path):
-    """compile hands its own batch size to the training settings, so `--train batch_size=8`
-    must set that option (it used to be overwritten by compile's default of 16)."""
+def test_batch_size_and_seed_overrides_reach_the_compile(sweep, monkeypatch, tmp_path):
+    """compile hands its own batch size and seed to the training settings, so `--train
+    batch_size=8` and `--train seed=3` must set those options (they used to be overwritten by
+    compile's defaults)."""
     seen = {}
 
     def compile_model(path, options):
-        seen["batch_size"], seen["training"] = options.batch_size, options.training
+        seen["batch_size"], seen["seed"], seen["training"] = options.batch_size, options.seed, options.training
         raise InputError("stop here")
 
     monkeypatch.setattr(sweep, "compile_model", compile_model)
     task = sweep.Task("demo", "accuracy", tmp_path / "m.onnx", "", data=str(tmp_path / "d.npz"))
     args = argparse.Namespace(num_samples=8, calibration_set="first", labeled=False, threads=1, int8=False,
                               calibrate=sweep.DEFAULT_CALIBRATION, epochs=1, block_epochs=1,
-                              train=["batch_size=8", "lr=0.001"])
+                              train=["batch_size=8", "lr=0.001", "seed=3"])
     row = sweep.run_one(task, "4x", "learned", args, tmp_path)
     assert row["error"] == "stop here"
-    assert seen["batch_size"] == 8 and seen["training"].lr == 0.001
+    assert seen["batch_size"] == 8 and seen["seed"] == 3 and seen["training"].lr == 0.001
