@@ -30,7 +30,7 @@ class TrainConfig:
     epochs: int = 10  # end to end; 0: the starting projections (the block stage's, for learned) are kept
     block_epochs: int = 3  # learned: block reconstruction epochs per map (from lstsq) before end-to-end training
     block_lr: float = 1e-2  # the block stage's rate, relative as lr is
-    lr: float = 1e-2  # relative to each map's scale: a map of C channels steps at lr / sqrt(C)
+    lr: float = 3e-3  # relative to each map's scale: a map of C channels steps at lr / sqrt(C) (schedule.py rule b)
     batch_size: int = 16
     optimizer: str = "adam"
     schedule: str = "joint"

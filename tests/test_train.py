@@ -98,7 +98,8 @@ def test_greedy_schedule_adds_one_map_a_stage():
     result = train(TrainConfig(schedule="greedy", epochs=1, batch_size=8, augment="none"))
     assert [r.active_maps for r in result.history] == [1, 2, 2]
     assert all(r.seconds > 0 for r in result.history)  # each epoch's wall time, for reports and benchmarks
-    assert result.best_epoch in (0, 2)  # the initialisation or an epoch with every map active
+    # the initialisation or an epoch with every map active
+    assert result.best_epoch == 0 or result.history[result.best_epoch - 1].active_maps == 2
 
 
 def test_training_improves_on_random_projections():
@@ -146,7 +147,7 @@ def test_an_epoch_that_leaves_nan_projections_is_never_kept(monkeypatch):
     monkeypatch.setattr(train_module.ProjectionTrainer, "_train_epoch", poisoned_epoch)
     monkeypatch.setattr(train_module.ProjectionTrainer, "_backtrack",
                         lambda self, *a: backtracks.append(1) or original_backtrack(self, *a))
-    result = train(TrainConfig(epochs=2, batch_size=8, augment="none"))
+    result = train(TrainConfig(epochs=2, batch_size=8, augment="none", probe=0))  # no probe: both epochs run
     assert result.best_epoch == 0 and len(backtracks) == 2
     assert all(np.isfinite(p.P).all() for p in result.projections.values())
 
@@ -257,37 +258,26 @@ def test_the_probe_keeps_the_start_when_the_first_epoch_does_not_pay(monkeypatch
     assert result.stop_reason == "patience" and len(result.history) == 3  # the probe's epoch not counted
 
 
-def test_the_probe_keeps_the_start_when_its_epochs_score_far_below_it(monkeypatch):
-    """Rule h: probe epochs whose best score is more than PROBE_SCORE_SHORTFALL below the start's
-    (PP-OCR's recognizer on set 2: 0.31 against 0.66) stop training even where the held-out loss
-    stays under the ratio; a shortfall within it (its classifier: 0.85 against 0.91) goes on."""
+def test_the_probe_stops_at_the_first_epoch_that_scores_far_below_the_start(monkeypatch):
+    """Rule h: a probe epoch that leaves the probe's best more than PROBE_SCORE_SHORTFALL below the
+    start's score (PP-OCR's recognizer: 0.45 against 0.68) stops training there, even where the
+    held-out loss stays under the ratio; epochs within it (its classifier: 0.86 against 0.88) go on,
+    and a later one can pay."""
     from fmcompress.backend.schedule import PROBE_SCORE_SHORTFALL
 
     low = 0.8 * (1 - PROBE_SCORE_SHORTFALL) - 0.05
-    scripted(monkeypatch, [(0.8, 0.5), (low - 0.1, 1.4), (low, 1.2), (low - 0.2, 1.3), (0.9, 0.1)])
+    scripted(monkeypatch, [(0.8, 0.5), (low, 1.0), (0.9, 0.1)])
     result = train(TrainConfig(epochs=10, batch_size=8, probe=3, patience=3))
-    assert result.stop_reason == "probe" and len(result.history) == 3 and result.best_epoch == 0
+    assert result.stop_reason == "probe" and len(result.history) == 1 and result.best_epoch == 0
     near = 0.8 * (1 - PROBE_SCORE_SHORTFALL) + 0.05
-    scripted(monkeypatch, [(0.8, 0.5), (near - 0.1, 1.4), (near, 1.2), (near - 0.02, 1.3), (0.9, 0.1),
+    scripted(monkeypatch, [(0.8, 0.5), (near, 1.4), (near - 0.02, 1.2), (near, 1.3), (0.9, 0.1),
                            *[(0.85, 0.2)] * 3])
     result = train(TrainConfig(epochs=10, batch_size=8, probe=3, patience=3))
     assert result.stop_reason == "patience" and len(result.history) == 7 and result.best_epoch == 4
-
-
-def test_the_probe_stops_at_an_epoch_that_collapses(monkeypatch):
-    """Rule h: a probe epoch scoring under 1 - PROBE_COLLAPSE of the start (PP-OCR's recognizer's
-    first: 0.31 against 0.66) ends the probe there; one above it (its classifier's first: 0.56
-    against 0.89) goes on, and a later epoch can still pay."""
-    from fmcompress.backend.schedule import PROBE_COLLAPSE
-
-    collapsed = 0.8 * (1 - PROBE_COLLAPSE) - 0.05
-    scripted(monkeypatch, [(0.8, 0.5), (collapsed, 1.0), (0.9, 0.1)])
+    # the probe's best so far counts, not its last epoch
+    scripted(monkeypatch, [(0.8, 0.5), (near, 1.4), (low, 1.2), (0.9, 0.1), *[(0.85, 0.2)] * 3])
     result = train(TrainConfig(epochs=10, batch_size=8, probe=3, patience=3))
-    assert result.stop_reason == "probe" and len(result.history) == 1 and result.best_epoch == 0
-    above = 0.8 * (1 - PROBE_COLLAPSE) + 0.05
-    scripted(monkeypatch, [(0.8, 0.5), (above, 1.0), (0.7, 0.8), (0.75, 0.6), (0.9, 0.1), *[(0.85, 0.2)] * 3])
-    result = train(TrainConfig(epochs=10, batch_size=8, probe=3, patience=3))
-    assert result.stop_reason == "patience" and len(result.history) == 7 and result.best_epoch == 4
+    assert result.stop_reason == "patience" and len(result.history) == 6 and result.best_epoch == 3
 
 
 def test_patience_counts_after_the_probes_epochs(monkeypatch):

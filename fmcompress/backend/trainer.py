@@ -43,11 +43,10 @@ h. Stopping (`schedule.should_stop`): besides `target`, training stops once `pat
    epochs in a row after the first `probe` have not raised the best held-out score (a tie
    broken by the loss is no gain); and after the first `probe` epochs, when none of them beat the
    initialisation's score and the last one's held-out distillation loss is more than
-   `schedule.PROBE_LOSS_RATIO` times the initialisation's, or their best score is short of
-   it by more than `schedule.PROBE_SCORE_SHORTFALL` of it, it will not pay, and the
-   initialisation is kept; sooner, after any probe epoch, when the best so far is short of
-   it by more than `schedule.PROBE_COLLAPSE`. `TrainResult.stop_reason` says which: `target`, `patience`,
-   `probe` or `epochs` (all ran).
+   `schedule.PROBE_LOSS_RATIO` times the initialisation's, it will not pay, and the
+   initialisation is kept; so it is after any probe epoch that leaves their best score short
+   of the initialisation's by more than `schedule.PROBE_SCORE_SHORTFALL` of it.
+   `TrainResult.stop_reason` says which: `target`, `patience`, `probe` or `epochs` (all ran).
 """
 
 from __future__ import annotations
