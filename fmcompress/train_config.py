@@ -52,7 +52,7 @@ class TrainConfig:
     block_init: str = "lstsq"  # the block stage's start: lstsq (closed-form reduced-rank regression), or pca
     block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look)
     block_ridge: float | None = None  # the lstsq start's damping; None: 1e-3 with int8 maps, else 1e-6
-    block_precision: str = "auto"  # the block stage's arithmetic: auto (bfloat16 where native), float32, bfloat16
+    block_precision: str = "float32"  # the block stage's arithmetic: float32, bfloat16, or auto (bfloat16 where native)
 
     def check(self) -> None:
         """One-line InputErrors for values that cannot train."""

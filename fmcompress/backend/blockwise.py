@@ -30,10 +30,10 @@ d. P and U only, by Adam at lr / sqrt(C) (schedule.py's rule b) with a cosine de
    `epochs` passes of the calibration batches, in an order drawn from the seed and the
    map's index; no augmentation; with `quantized`, the stored map is rounded as int8
    (`projection.fake_quant_uint8`). With `precision` bfloat16 the block's steps run under
-   autocast (the projections, the loss and every value handed on stay float32): the
-   recognizer's stage at 4x takes 105 s instead of 125 s (3 epochs a map; 209 s instead of
-   261 s with 12) at the same exact match within a run's noise (86.3% and 89.3% against
-   86.7% and 90.0% on set 2's lines). The same seed gives the same projections. `epochs` is
+   autocast (the projections, the loss and every value handed on stay float32). Not the
+   default: on a CPU with AVX-512 BF16 the recognizer's stage took 100-105 s against 102-114 s
+   in float32 (4x and 8x), and at 8x scored 79.0% against 81.7% (one run each). The same
+   seed gives the same projections. `epochs` is
    a maximum: a map stops once its epoch's mean block loss (over the calibration
    batches: the stage sees no held-out data) has not fallen below (1 - `min_gain`) times
    its best for `patience` epochs in a row (`min_gain` 0: every epoch runs).

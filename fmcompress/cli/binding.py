@@ -172,7 +172,7 @@ TRAINING = (  # `--method learned|random`
     Bound("--block-precision", T, "block_precision", type=choice(BLOCK_PRECISIONS),
          help="The block stage's arithmetic: bfloat16 runs its forward and backward under autocast (the "
               "projections stay float32); auto is bfloat16 where the device has it natively (AVX-512 BF16 or "
-              "AMX, CUDA), else float32."),
+              "AMX, CUDA), else float32. On a CPU it bought little (docs/results.md, section 3)."),
     Bound("--block-lr", T, "block_lr", type=click.FloatRange(min=0, min_open=True),
          help="The block stage's learning rate, relative as --lr is, cosine decay over each map's epochs."),
     Bound("--lr", T, "lr", type=click.FloatRange(min=0, min_open=True),
