@@ -32,7 +32,7 @@ e. Stopping (`should_stop`, the trainer's rule h), from the epochs' records alon
    initialisation's. Three epochs, and patience only after them: leaving the block stage's
    projections, PP-OCR's classifier scores below them for up to three epochs, its held-out
    loss falling, before a later one beats them. At the default rate (3e-3, rule b) its
-   probe epochs score at most 9% below the stage in every run measured (fourteen: 4x and
+   probe epochs score at most 9% below the stage in every run measured (twenty: 4x and
    8x, four seeds, either set's lines); the recognizer's first epoch 25-67% below it (4x and
    8x, either set's lines), and no end-to-end epoch has ever paid on it. Hence 15%,
    checked after each epoch: the recognizer's compile stops after one epoch of about 37 s
