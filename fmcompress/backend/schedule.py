@@ -12,7 +12,8 @@ b. Learning rate (`warmup_cosine`): a linear warmup over the first epoch, then a
    that suits 16 channels wrecks a map of 480 in a few Adam steps. The default lr is 3e-3:
    at 1e-2 PP-OCR's classifier at 8x lost its held-out agreement in the first end-to-end
    epochs in two draws of four (0.44-0.66 from 0.88-0.91) and 9.8 points on average; at
-   3e-3 no first epoch fell more than 8% and it lost 4.9 (the recognizer and the demo as before).
+   3e-3 no probe epoch fell more than 9% below the block stage and it lost 4.9-5.0 (the
+   recognizer and the demo as before).
 c. Seeds (`mix_seeds`): every draw (an epoch's order, a sample's augmentation) comes
    from a seed mixed from the run's seed and where the draw happens, so a resumed run
    repeats the uninterrupted one exactly.
