@@ -242,11 +242,11 @@ def _conv_batch_norm(epsilon: float, has_bias: bool) -> Callable[..., torch.Tens
         scale, bias, mean, var = (t.to(weight.dtype) for t in rest[-4:])
         factor = scale / torch.sqrt(var + epsilon)
         shift = bias + ((rest[0].to(weight.dtype) if has_bias else 0) - mean) * factor
-        view = (-1, *[1] * (x.dim() - 2))
         if torch.is_autocast_enabled(x.device.type):
             # the normalization after the half-precision conv, in its precision as the unfused pair
             # runs it (ops_nn's batch_norm): in float32 the recognizer's output is 5.6% off, not 2.3%
             y = conv(ctx, x, weight, None)
+            view = (-1, *[1] * (x.dim() - 2))
             return y * factor.reshape(view).to(y.dtype) + shift.reshape(view).to(y.dtype)
         return conv(ctx, x, weight * factor.reshape(-1, *[1] * (weight.dim() - 1)), shift)
     return run
