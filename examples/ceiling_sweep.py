@@ -158,6 +158,8 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
     row["maps"] = len(result.plan.maps)
     row["training"] = training_summary(result.report.get("training"))
     row["timings_s"] = result.report.get("timings_s")  # per pass: where the compile's time went
+    row["map_costs"] = [{"name": m["name"], "shape": m["shape"], "C": m["C"], "k": m["k"], "cost_alone": m["cost_alone"]}
+                        for m in result.report.get("maps", [])]  # which maps the drop comes from
     if task.evals:
         for which in task.evals:
             if which not in task.cache:

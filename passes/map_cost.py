@@ -1,4 +1,4 @@
-"""MapCostPass: what each fitted projection costs on its own, on held-out data.
+"""MapCostPass: what each fitted projection costs, alone and in the chain, on held-out data.
 
 A compile projects many maps at once and reports their joint cost; a user deciding what to
 give up (a larger ceiling, a map left whole) needs to see which maps hurt. Rules:
@@ -13,16 +13,22 @@ b. The figure is the one a report leads with (`gated_agreement`: top-1 agreement
    original's held-out accuracy minus the accuracy with that map alone projected).
    Learned projections are fitted together, later ones correcting earlier ones' errors, so
    one alone can cost more than all of them together (the demo at 4x: a map alone 29.7
-   points of agreement, all five 0.8): the figure ranks what a map takes away, it is not a
-   share of the joint cost.
+   points of agreement, all five 0.8; PP-OCR's recognizer at 4x: 3 to 100 points a map
+   alone, 8 all together): the figure ranks what a map takes away, it is not a share of
+   the joint cost.
+b'. So each map also has its figure *in the chain* (`in_chain`: that map and every map
+   before it in network order in place, as the fit pass fitted them) and `added_points`,
+   the chain's drop there minus its drop at the map before: the shares sum to the drop
+   with every map in place, and show where along the network the joint cost arises.
 c. At most `max_samples` held-out samples are run (the first ones), so the pass costs at
    most that many forward passes per map; nothing fitted or no held-out part: no costs.
-d. Cost: the held-out part runs once whole; then one original run per batch advances through
-   the maps in network order, and each map runs only the steps after its own, from a copy
-   of that run with the map projected: about half a forward pass per map, not a whole one.
+d. Cost: the held-out part runs once whole; then one original run and one chain run per
+   batch advance through the maps in network order, and each map runs only the steps after
+   its own, from a copy of each with the map projected (the chain run keeps it): about a
+   forward pass per map, not two.
 e. The model is not changed; `ctx.map_costs` (and `result.data`) is one dict per map in
    plan order: `name`, `metric`, `alone` (the figure), `drop_points`,
-   `accuracy_drop_points` (None without labels), `samples`.
+   `accuracy_drop_points` (None without labels), `samples`, `in_chain`, `added_points`.
 
 Entry point: `MapCostPass().run(model, ctx)`, after FitProjectionsPass.
 """
@@ -46,7 +52,7 @@ BATCH = 16
 
 
 class MapCostPass(Pass):
-    """Rules a-e: the held-out cost of each projection alone."""
+    """Rules a-e: the held-out cost of each projection alone and in the chain."""
 
     name = "map-cost"
     requires = ("projections", "projected_graph", "held_out")
@@ -69,11 +75,12 @@ class MapCostPass(Pass):
 
 
 def map_costs(model, projections: dict[str, Projection], data: Dataset, batch: int = BATCH) -> list[dict[str, Any]]:
-    """Rules a and b for every projection of `projections` (in its order) on `data`, `batch`
+    """Rules a, b and b' for every projection of `projections` (in its order) on `data`, `batch`
     samples a run (what the graph allows: PrepareDataPass's `ctx.batch_size`).
 
-    Rule e: one original run per batch is paused after each map's step in network order, and
-    only the steps after it run again, from a fork with the map projected there."""
+    Rule d: one original run and one chain run per batch are paused after each map's step in
+    network order, and only the steps after it run again, from a fork with the map projected
+    there; the chain run keeps the projection."""
     import torch
 
     from fmcompress.backend.projection import ChannelProjection
@@ -84,17 +91,29 @@ def map_costs(model, projections: dict[str, Projection], data: Dataset, batch: i
         reference = _concatenated([executor(*inputs) for inputs in batches])
         accuracy = fidelity(reference, reference, data.labels).to_dict().get("accuracy_reference")
         paused = [executor.start(*inputs) for inputs in batches]
-        costs = {}
+        chained = [executor.start(*inputs) for inputs in batches]
+        costs, chain_drop = {}, 0.0
         for name in sorted(projections, key=executor.producer_step):
             projection = ChannelProjection(projections[name].P, projections[name].U)
-            runs = []
-            for frontier in paused:
-                executor.trim(executor.advance(frontier, executor.producer_step(name) + 1), keep_outputs=False)
-                fork = executor.fork(frontier)
-                executor.set_value(fork, name, projection(executor.value(frontier, name)))
-                runs.append(executor.outputs(executor.advance(fork, executor.num_steps)))
-            costs[name] = {"name": name, **_cost(reference, _concatenated(runs), data, accuracy)}
+            alone = [_run_projected(executor, frontier, name, projection, keep=False) for frontier in paused]
+            chain = [_run_projected(executor, frontier, name, projection, keep=True) for frontier in chained]
+            costs[name] = {"name": name, **_cost(reference, _concatenated(alone), data, accuracy)}
+            in_chain = _cost(reference, _concatenated(chain), data, accuracy)
+            costs[name].update(in_chain=in_chain["alone"], added_points=in_chain["drop_points"] - chain_drop)
+            chain_drop = in_chain["drop_points"]
     return [costs[name] for name in projections]
+
+
+def _run_projected(executor, frontier, name: str, projection, keep: bool) -> tuple:
+    """The outputs of a fork of `frontier` (advanced past `name`'s step) with `name` projected;
+    with `keep`, `frontier` itself keeps the projected value (the chain run)."""
+    executor.trim(executor.advance(frontier, executor.producer_step(name) + 1), keep_outputs=False)
+    projected = projection(executor.value(frontier, name))
+    if keep:
+        executor.set_value(frontier, name, projected)
+    fork = executor.fork(frontier)
+    executor.set_value(fork, name, projected)
+    return executor.outputs(executor.advance(fork, executor.num_steps))
 
 
 def _concatenated(runs: list[tuple]) -> list[np.ndarray]:

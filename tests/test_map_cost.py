@@ -67,3 +67,31 @@ def test_the_paused_runs_give_what_the_projection_installed_alone_gives():
             expected = fidelity([reference[0].numpy()], [alone[0].numpy()]).to_dict()
             assert costs[mapped]["alone"] == expected["top1_agreement"]
     assert costs["r2"]["drop_points"] > 0
+
+
+def test_the_chain_figures_sum_to_the_cost_of_every_map_together():
+    """Rule b': at the last map in network order the chain is every projection in place (the
+    executor with all of them installed), and the shares added along it sum to that drop."""
+    import torch
+
+    from fmcompress.backend.projection import install_projections
+    from fmcompress.metrics import fidelity
+    from fmcompress.passes.fit import torch_executor
+
+    rng = np.random.default_rng(2)
+    q = np.linalg.qr(rng.standard_normal((16, 3)))[0].astype(np.float32)
+    half = np.diag(np.arange(16) < 8).astype(np.float32)  # r1 without its last 8 channels: alone a loss
+    projections = {"r2": Projection(P=q.T, U=q), "r1": Projection(P=half, U=np.eye(16, dtype=np.float32))}
+    data = _data(40)
+    costs = {c["name"]: c for c in map_costs(tiny_classifier(), projections, data, batch=8)}
+    executor = torch_executor(tiny_classifier())
+    inputs = torch.from_numpy(data.inputs[executor.input_names[0]])
+    with torch.no_grad():
+        reference = executor(inputs)
+        install_projections(executor, projections)
+        together = fidelity([reference[0].numpy()], [executor(inputs)[0].numpy()]).to_dict()["top1_agreement"]
+    assert costs["r2"]["in_chain"] == together
+    assert costs["r1"]["in_chain"] == costs["r1"]["alone"]  # the first map: nothing before it
+    assert costs["r1"]["added_points"] == costs["r1"]["drop_points"] > 0
+    total = costs["r1"]["added_points"] + costs["r2"]["added_points"]
+    assert abs(total - 100 * (1 - together)) < 1e-9

@@ -240,7 +240,8 @@ def full_report() -> dict:
                   "bytes_before": 802816, "bytes_after": 200704,
                   "stored_as": "/maxpool/MaxPool_output_0/fmc_k16",
                   "cost_alone": {"metric": "top-1 agreement", "alone": 0.9375, "drop_points": 6.25,
-                                 "accuracy_drop_points": None, "samples": 16}},
+                                 "accuracy_drop_points": None, "samples": 16,
+                                 "in_chain": 0.96875, "added_points": 3.125}},
                  {"name": "/layer1/Relu_output_0", "shape": [1, 64, 56, 56], "C": 64, "k": 12,
                   "bytes_before": 802816, "bytes_after": 150528, "stored_as": "/layer1/Relu_output_0"}],
         "not_compressible": [{"name": "input", "role": "input", "shape": [1, 3, 224, 224],
@@ -313,7 +314,8 @@ def test_markdown_map_tables_hold_the_reports_figures():
     expected = [[m["name"], "x".join(map(str, m["shape"])), str(m["C"]), str(m["k"]),
                  f"{m['bytes_before']:,}", f"{m['bytes_after']:,}",
                  m["stored_as"] if m["stored_as"] != m["name"] else "",
-                 "6.2" if m.get("cost_alone") else ""] for m in report["maps"]]  # 6.25 points, one decimal
+                 "6.2" if m.get("cost_alone") else "",  # 6.25 points, one decimal
+                 "3.1" if m.get("cost_alone") else ""] for m in report["maps"]]
     assert rows == expected
     assert "drop in top-1 agreement on 16 held-out samples" in "\n".join(found["Compressed maps"])
     blocked = markdown_table(found["Over the ceiling, not compressible"])

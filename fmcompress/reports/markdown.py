@@ -239,17 +239,25 @@ def _md_maps(report: Mapping[str, Any]) -> list[str]:
     if not maps:
         return ["## Compressed maps", "", "None: every stored map was already at or under the ceiling.", ""]
     lines = ["## Compressed maps", "", "| map | shape | C | k | bytes before | bytes after | stored as | "
-             "cost alone (points) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "cost alone (points) | added in the chain (points) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for entry in maps:
         stored = entry.get("stored_as")
         lines.append(f"| `{entry['name']}` | {format_shape(entry['shape'])} | {entry['C']} | {entry['k']} | "
                      f"{entry['bytes_before']:,} | {entry['bytes_after']:,} | "
-                     f"{f'`{stored}`' if stored and stored != entry['name'] else ''} | {_cost(entry.get('cost_alone'))} |")
+                     f"{f'`{stored}`' if stored and stored != entry['name'] else ''} | {_cost(entry.get('cost_alone'))} | "
+                     f"{_added(entry.get('cost_alone'))} |")
     costed = [entry["cost_alone"] for entry in maps if entry.get("cost_alone")]
     if costed:
         lines += ["", f"Cost alone: the drop in {costed[0]['metric']} on {costed[0]['samples']} held-out samples "
-                      "with that map's projection the only one in place (a map that hurts shows here)."]
+                      "with that map's projection the only one in place (a map that hurts shows here). Added in "
+                      "the chain: the drop with that map and every one before it in place, less the drop at the "
+                      "map before; these sum to the drop with every map in place. Learned projections correct "
+                      "the ones before them, so a map can cost more alone than in the chain."]
     return [*lines, ""]
+
+
+def _added(cost: Mapping[str, Any] | None) -> str:
+    return "" if not cost or cost.get("added_points") is None else f"{cost['added_points']:.1f}"
 
 
 def _cost(cost: Mapping[str, Any] | None) -> str:
