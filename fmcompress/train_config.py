@@ -18,7 +18,7 @@ OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "light", "splice", "strong")
 FEATURE_REFERENCES = ("teacher", "self")
-BLOCK_INITS = ("pca", "lstsq")
+BLOCK_INITS = ("pca", "lstsq", "fisher")
 BLOCK_AUGMENTATIONS = ("none", "look")
 BLOCK_PRECISIONS = ("auto", "float32", "bfloat16")
 

@@ -10,7 +10,11 @@ a. Maps are taken in network order (the step that computes them). Map i starts a
    default: it saves most of the epochs a PCA start needs), as the closed-form
    least-squares fit instead (`lstsq_projection`: the rank-k U P that best maps map i
    as the compressed network computes it onto map i as the original computes it,
-   reduced-rank regression; it is PCA where the two agree). `ridge` damps it, relative to
+   reduced-rank regression; it is PCA where the two agree); with `init="fisher"`, as the
+   same regression with its error measured in the metric of the network's output Fisher
+   information at the map (`fisher.output_fisher`, one forward and backward pass of the
+   original before the stage): the rank-k U P keeps the directions the network's
+   predictions depend on, not the directions of most power. `ridge` damps it, relative to
    x's mean eigenvalue: `PLAIN_RIDGE` by default, `ROUNDED_RIDGE` where maps are stored
    in one byte (`--int8`; `--block-ridge` names another). Undamped, the regression
    inverts x's weakest directions (where the compressed network differs from the
@@ -63,11 +67,12 @@ from torch import nn
 from fmcompress.featuremaps import Projection
 
 from .executor import Frontier
+from .fisher import metric_roots, output_fisher
 from .losses import distillation_loss, output_kinds
 from .projection import ChannelProjection, SecondMomentRecorder, pca_projection
 from .schedule import mix_seeds, warmup_cosine
 
-INITS = ("pca", "lstsq")
+INITS = ("pca", "lstsq", "fisher")
 PLAIN_RIDGE = 1e-6  # lstsq's damping, relative to the mean eigenvalue: dead channels only
 ROUNDED_RIDGE = 1e-3  # ... for maps rounded to int8 (rule a); 3e-4 and 1e-2 measured worse
 POSITIONS_PER_BATCH = 4096  # channel vectors per batch in the moments of the start (as fit_pca takes)
@@ -104,16 +109,18 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     original = copy.deepcopy(executor)
-    runs = _PausedRuns(executor, original, batches, track_original=init == "lstsq")
+    runs = _PausedRuns(executor, original, batches, track_original=init != "pca")
     ordered = sorted(range(len(maps)), key=lambda i: executor.producer_step(maps[i][0]))
+    fisher = output_fisher(original, [(name, channels) for name, channels, _ in maps], batches,
+                           seed=seed) if init == "fisher" else {}
     fitted: dict[str, Projection] = {}
     try:
         for position, i in enumerate(ordered):
             name, channels, k = maps[i]
             started = time.perf_counter()
             step = executor.producer_step(name)
-            if init == "lstsq":
-                start = lstsq_projection(*runs.cross_moments(name, seed=i), k, ridge=ridge)
+            if init in ("lstsq", "fisher"):
+                start = lstsq_projection(*runs.cross_moments(name, seed=i), k, ridge=ridge, metric=fisher.get(name))
             else:
                 start = pca_projection(runs.second_moment(name, channels, seed=i), k)
             projection = ChannelProjection(start.P, start.U, quantized).to(runs.batches[0][0].device)
@@ -136,7 +143,8 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
     return fitted
 
 
-def lstsq_projection(xx: torch.Tensor, yx: torch.Tensor, k: int, ridge: float = PLAIN_RIDGE) -> Projection:
+def lstsq_projection(xx: torch.Tensor, yx: torch.Tensor, k: int, ridge: float = PLAIN_RIDGE,
+                     metric: torch.Tensor | None = None) -> Projection:
     """Rule a's closed form: the rank-k W = U P minimising sum ||y - W x||^2, from the moments
     xx = sum x x^T (the compressed network's map) and yx = sum y x^T (the original's).
 
@@ -148,12 +156,15 @@ def lstsq_projection(xx: torch.Tensor, yx: torch.Tensor, k: int, ridge: float = 
     channels = xx.shape[0]
     damp = ridge * float(torch.trace(xx)) / channels + 1e-30
     B = torch.linalg.solve(xx + damp * torch.eye(channels, dtype=xx.dtype), yx.T).T  # noqa: N806
-    fitted = B @ xx @ B.T
+    root = inverse_root = torch.eye(channels, dtype=xx.dtype)
+    if metric is not None:  # the same regression with errors measured as e^T M e: in M^(1/2)'s coordinates
+        root, inverse_root = metric_roots(metric)
+    fitted = root @ B @ xx @ B.T @ root
     _, vectors = torch.linalg.eigh((fitted + fitted.T) / 2)
     top = vectors[:, -k:].flip(-1)
     top = top * torch.where(top.sum(0) < 0, -1.0, 1.0).to(top.dtype)  # deterministic signs, as PCA's
-    P = (top.T @ B).contiguous().numpy().astype(np.float32)  # noqa: N806
-    return Projection(P=P, U=top.contiguous().numpy().astype(np.float32))
+    P = (top.T @ root @ B).contiguous().numpy().astype(np.float32)  # noqa: N806
+    return Projection(P=P, U=(inverse_root @ top).contiguous().numpy().astype(np.float32))
 
 
 class _PausedRuns:

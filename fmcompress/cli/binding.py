@@ -159,8 +159,10 @@ TRAINING = (  # `--method learned|random`
     Bound("--block-patience", T, "block_patience", type=click.IntRange(min=1),
          help="Epochs in a row without a --block-min-gain gain that stop a map's block stage."),
     Bound("--block-init", T, "block_init", type=choice(BLOCK_INITS),
-         help="The block stage's start per map: lstsq, the closed-form rank-k least-squares map from the map "
-              "as the compressed network computes it to the original's map; or pca of the former."),
+         help="The block stage's start per map: fisher, the closed-form rank-k least-squares map from the map "
+              "as the compressed network computes it to the original's map, its error weighted by the "
+              "network's output Fisher information there (the directions its predictions depend on); "
+              "lstsq, the same map unweighted; or pca of the former."),
     Bound("--block-ridge", T, "block_ridge", type=click.FloatRange(min=0), metavar="FLOAT",
          shown_default="1e-3 with --int8 or --act-bytes 1, else 1e-6",
          help="Damping of the lstsq start, relative to each map's mean eigenvalue: larger bounds the gains "

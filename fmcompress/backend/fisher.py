@@ -1,0 +1,100 @@
+"""The output's Fisher information at each planned map: which directions of a map the network's
+predictions depend on.
+
+Used by the block stage's `fisher` start (`blockwise.py` rule a). Rules:
+
+a. One forward and backward pass of the *original* network over the calibration batches, with
+   every map's value tapped (an identity whose backward records the gradient there): the
+   gradient flows from the outputs through every map at once, so all maps cost one pass.
+b. What is differentiated is the log-likelihood of outputs drawn from the network's own
+   predictions (`probs`, `seq_probs`: one class per row and time step from its probabilities;
+   `logits`: from their softmax), so E[g g^T] is the network's Fisher information at the map
+   (the expected curvature of the distillation loss at the original, not its noise).
+   `regression` outputs take a random Gaussian direction scaled by the output's RMS instead
+   (Hutchinson's estimate of J^T J, the curvature of the scaled MSE).
+c. Per map, sum g g^T over channel vectors (float64), at most `POSITIONS_PER_BATCH` random
+   positions a batch, drawn from `seed`, as the start's other moments are.
+d. `metric_roots` turns a moment into M^(1/2) and M^(-1/2) of M normalised to mean eigenvalue
+   1 plus `METRIC_FLOOR`: directions the outputs never depend on keep a small weight, so the
+   weighted regression stays well posed on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .losses import PROBABILITY_FLOOR, output_kinds
+from .schedule import mix_seeds
+
+POSITIONS_PER_BATCH = 4096  # channel vectors a batch in each moment (as the start's other moments)
+METRIC_FLOOR = 1e-2  # rule d, relative to the mean eigenvalue
+
+
+class _GradientTap(nn.Module):
+    """Identity whose backward adds sum g g^T over (a subset of) positions to `moment`."""
+
+    def __init__(self, channels: int, generator: torch.Generator):
+        super().__init__()
+        self.moment = torch.zeros(channels, channels, dtype=torch.float64)
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            x.register_hook(self._record)
+        return x
+
+    def _record(self, grad: torch.Tensor) -> None:
+        g = grad.detach().reshape(grad.shape[0], grad.shape[1], -1).movedim(1, -1).reshape(-1, grad.shape[1])
+        if g.shape[0] > POSITIONS_PER_BATCH:
+            g = g[torch.randperm(g.shape[0], generator=self.generator)[:POSITIONS_PER_BATCH].to(g.device)]
+        g = g.to(torch.float64).cpu()
+        self.moment += g.T @ g
+
+
+def output_fisher(original: nn.Module, maps: Sequence[tuple[str, int]],
+                  batches: Sequence[tuple[torch.Tensor, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Rules a-c: sum g g^T per (map name, channels) of `maps`; `original` (an OnnxModule without
+    transforms) is left without them."""
+    generator = torch.Generator().manual_seed(mix_seeds(seed, 7))
+    taps = {name: _GradientTap(channels, generator) for name, channels in maps}
+    for name, tap in taps.items():
+        original.set_transform(name, tap)
+    try:
+        kinds = None
+        for inputs in batches:
+            # the inputs take the gradient, so that every value after them carries one to its map
+            inputs = tuple(v.detach().clone().requires_grad_(v.is_floating_point()) for v in inputs)
+            outputs = original(*inputs)
+            kinds = kinds or output_kinds(outputs)
+            torch.stack([_sampled_log_likelihood(out, kind, generator)
+                         for out, kind in zip(outputs, kinds, strict=True)]).sum().backward()
+    finally:
+        original.clear_transforms()
+    return {name: tap.moment for name, tap in taps.items()}
+
+
+def _sampled_log_likelihood(out: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Rule b for one output."""
+    if kind == "regression":
+        direction = torch.randn(out.shape, generator=generator).to(out.device)
+        return (out.float() * direction).sum() / out.detach().float().pow(2).mean().sqrt().clamp_min(1e-12)
+    if kind in ("probs", "seq_probs"):
+        log_p = out.float().clamp_min(PROBABILITY_FLOOR).log()
+    else:
+        log_p = torch.log_softmax(out.float(), dim=-1)
+    rows = log_p.reshape(-1, log_p.shape[-1])
+    picked = torch.multinomial(rows.detach().exp().cpu(), 1, generator=generator).to(rows.device)
+    return rows.gather(1, picked).sum()
+
+
+def metric_roots(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rule d: (M^(1/2), M^(-1/2)), float64."""
+    metric = moment.to(torch.float64)
+    metric = (metric + metric.T) / 2
+    metric = metric / (torch.trace(metric) / metric.shape[0]).clamp_min(1e-30)
+    values, vectors = torch.linalg.eigh(metric)
+    values = values.clamp_min(0) + METRIC_FLOOR
+    return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T

@@ -1,0 +1,94 @@
+"""The output's Fisher information at the planned maps, and the block stage's `fisher` start."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from modeltools import sequence_head, tiny_classifier
+from onnx import numpy_helper
+from test_blockwise import TINY_MAPS, output_error
+from test_pca import make_batches
+
+from fmcompress.backend import OnnxModule
+from fmcompress.backend.blockwise import fit_blockwise, lstsq_projection
+from fmcompress.backend.fisher import METRIC_FLOOR, metric_roots, output_fisher
+
+READ = 3  # the classifier below reads only r2's first READ channels
+
+
+def half_read_classifier():
+    """tiny_classifier whose Gemm reads r2's first READ channels only (the other columns zero)."""
+    model = tiny_classifier()
+    fc = next(init for init in model.graph.initializer if init.name == "fc")
+    weights = numpy_helper.to_array(fc).copy()
+    weights[:, READ:] = 0
+    fc.CopyFrom(numpy_helper.from_array(weights, "fc"))
+    return model
+
+
+def test_the_fisher_is_zero_where_the_outputs_do_not_read_and_psd():
+    batches, _ = make_batches((16, 3, 8, 8), 3)
+    executor = OnnxModule(half_read_classifier())
+    fisher = output_fisher(executor, [(name, c) for name, c, _ in TINY_MAPS], list(batches()))
+    r2, r1 = fisher["r2"].numpy(), fisher["r1"].numpy()
+    assert np.abs(r2[READ:, :]).max() == 0 and np.abs(r2[:, READ:]).max() == 0
+    assert np.diag(r2)[:READ].min() > 0 and np.diag(r1).min() > 0  # r1 reaches the outputs through every r2 channel
+    for moment in (r1, r2):
+        assert np.linalg.eigvalsh(moment).min() > -1e-9 * np.trace(moment)
+    assert len(executor.transforms) == 0  # the taps are gone
+
+
+def test_sequence_and_regression_outputs_have_a_fisher_too():
+    batches, _ = make_batches((16, 3, 8, 8), 2)
+    sequence = output_fisher(OnnxModule(sequence_head()), [("r1", 16)], list(batches()))["r1"]
+    assert np.trace(sequence.numpy()) > 0
+    regression = tiny_classifier()
+    regression.graph.node.pop()  # the pooled features [N, 16, 1, 1] are the output: no class rows
+    regression.graph.node.pop()
+    regression.graph.output[0].name = "g"
+    del regression.graph.output[0].type.tensor_type.shape.dim[2:]
+    moment = output_fisher(OnnxModule(regression), [("r1", 16)], list(batches()))["r1"]
+    assert np.trace(moment.numpy()) > 0
+
+
+def test_the_weighted_regression_is_the_best_rank_k_map_in_the_metric():
+    """Against numpy: the rank-k W minimising sum (y - W x)^T M (y - W x), with M the metric as
+    metric_roots floors it; with the identity it is the plain regression."""
+    rng = np.random.default_rng(0)
+    channels, n, k = 10, 3000, 3
+    x = rng.standard_normal((channels, n)) * rng.uniform(0.3, 2, (channels, 1))
+    y = rng.standard_normal((channels, channels)) @ x + 0.1 * rng.standard_normal((channels, n))
+    a = rng.standard_normal((channels, channels))
+    moment = a @ a.T * np.linspace(0.01, 3, channels)[:, None]
+    moment = moment @ moment.T
+    xx, yx = torch.from_numpy(x @ x.T), torch.from_numpy(y @ x.T)
+    got = lstsq_projection(xx, yx, k, ridge=0.0, metric=torch.from_numpy(moment))
+    metric = moment / (np.trace(moment) / channels) + METRIC_FLOOR * np.eye(channels)
+    values, vectors = np.linalg.eigh(metric)
+    root, inverse = (vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T
+    B = np.linalg.lstsq(x.T, y.T, rcond=None)[0].T  # noqa: N806
+    top = np.linalg.svd(root @ B @ x, full_matrices=False)[0][:, :k]
+    want = inverse @ top @ top.T @ root @ B
+    np.testing.assert_allclose(got.U.astype(np.float64) @ got.P, want, rtol=1e-3, atol=1e-4)
+
+    def weighted_error(w):
+        e = y - w @ x
+        return float(np.einsum("in,ij,jn->", e, metric, e))
+
+    plain = lstsq_projection(xx, yx, k, ridge=0.0)
+    assert weighted_error(want) < weighted_error(plain.U.astype(np.float64) @ plain.P)
+    same = lstsq_projection(xx, yx, k, ridge=0.0, metric=torch.eye(channels, dtype=torch.float64))
+    np.testing.assert_allclose(same.U @ same.P, plain.U @ plain.P, atol=1e-5)
+    root_t, inverse_t = metric_roots(torch.from_numpy(moment))
+    np.testing.assert_allclose(root_t.numpy() @ inverse_t.numpy(), np.eye(channels), atol=1e-8)
+
+
+def test_the_fisher_start_keeps_the_channels_the_outputs_read():
+    """At r2, whose later channels nothing reads, the plain start spends its rank on power and the
+    Fisher start on what the Gemm reads: the outputs come nearer the original's."""
+    model = half_read_classifier()
+    batches, _ = make_batches((16, 3, 8, 8), 4)
+    maps = [("r2", 16, 3)]
+    starts = {init: fit_blockwise(OnnxModule(model), maps, list(batches()), epochs=0, lr=1e-1, temperature=2.0,
+                                  init=init) for init in ("lstsq", "fisher")}
+    assert output_error(model, starts["fisher"], batches) < 0.2 * output_error(model, starts["lstsq"], batches)
