@@ -49,7 +49,8 @@ class TrainConfig:
     block_min_gain: float = 0.01  # a map's block stage stops when an epoch gains less than this, relatively...
     block_patience: int = 2  # ...this many epochs in a row (block_epochs stays the maximum)
     fake_quant: bool = False  # the stored maps rounded as int8 in training (quantization-aware, for --int8)
-    block_init: str = "lstsq"  # the block stage's start: lstsq (closed-form reduced-rank regression), or pca
+    block_init: str = "fisher"  # the block stage's start: fisher (the reduced-rank regression in the output's
+    # Fisher metric), lstsq (unweighted), or pca
     block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look)
     block_ridge: float | None = None  # the lstsq start's damping; None: 1e-3 with int8 maps, else 1e-6
     block_precision: str = "float32"  # the block stage's arithmetic: float32, bfloat16, or auto (bfloat16 where native)

@@ -91,4 +91,4 @@ def test_the_fisher_start_keeps_the_channels_the_outputs_read():
     maps = [("r2", 16, 3)]
     starts = {init: fit_blockwise(OnnxModule(model), maps, list(batches()), epochs=0, lr=1e-1, temperature=2.0,
                                   init=init) for init in ("lstsq", "fisher")}
-    assert output_error(model, starts["fisher"], batches) < 0.2 * output_error(model, starts["lstsq"], batches)
+    assert output_error(model, starts["fisher"], batches) < 0.3 * output_error(model, starts["lstsq"], batches)

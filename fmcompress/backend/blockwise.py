@@ -6,15 +6,15 @@ computes from it, and the errors of the projections before it. Rules:
 
 a. Maps are taken in network order (the step that computes them). Map i starts as the
    PCA of map i *as the compressed network computes it*, every earlier projection
-   already refined and applied (as `fit_pca` fits them); with `init="lstsq"` (compile's
-   default: it saves most of the epochs a PCA start needs), as the closed-form
+   already refined and applied (as `fit_pca` fits them); with `init="lstsq"` (it saves most
+   of the epochs a PCA start needs), as the closed-form
    least-squares fit instead (`lstsq_projection`: the rank-k U P that best maps map i
    as the compressed network computes it onto map i as the original computes it,
    reduced-rank regression; it is PCA where the two agree); with `init="fisher"`, as the
    same regression with its error measured in the metric of the network's output Fisher
    information at the map (`fisher.output_fisher`, one forward and backward pass of the
-   original before the stage): the rank-k U P keeps the directions the network's
-   predictions depend on, not the directions of most power. `ridge` damps it, relative to
+   original before the stage; compile's default): the rank-k U P keeps the directions the
+   network's predictions depend on, not the directions of most power. `ridge` damps it, relative to
    x's mean eigenvalue: `PLAIN_RIDGE` by default, `ROUNDED_RIDGE` where maps are stored
    in one byte (`--int8`; `--block-ridge` names another). Undamped, the regression
    inverts x's weakest directions (where the compressed network differs from the
