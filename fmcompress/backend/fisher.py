@@ -69,8 +69,10 @@ def output_fisher(original: nn.Module, maps: Sequence[tuple[str, int]],
             inputs = tuple(v.detach().clone().requires_grad_(v.is_floating_point()) for v in inputs)
             outputs = original(*inputs)
             kinds = kinds or output_kinds(outputs)
-            torch.stack([_sampled_log_likelihood(out, kind, generator)
-                         for out, kind in zip(outputs, kinds, strict=True)]).sum().backward()
+            total = torch.stack([_sampled_log_likelihood(out, kind, generator)
+                                 for out, kind in zip(outputs, kinds, strict=True)]).sum()
+            if total.requires_grad:  # no float input reaches the outputs: every moment stays 0 (plain lstsq)
+                total.backward()
     finally:
         original.clear_transforms()
     return {name: tap.moment for name, tap in taps.items()}
