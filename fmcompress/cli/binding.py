@@ -162,10 +162,10 @@ TRAINING = (  # `--method learned|random`
          help="The block stage's start per map: fisher, the closed-form rank-k least-squares map from the map "
               "as the compressed network computes it to the original's map, its error weighted by the "
               "network's output Fisher information there (the directions its predictions depend on); "
-              "lstsq, the same map unweighted; or pca of the former."),
+              "lstsq, the same map unweighted; or pca, the map's own principal components."),
     Bound("--block-ridge", T, "block_ridge", type=click.FloatRange(min=0), metavar="FLOAT",
          shown_default="1e-3 with --int8 or --act-bytes 1, else 1e-6",
-         help="Damping of the lstsq start, relative to each map's mean eigenvalue: larger bounds the gains "
+         help="Damping of the fisher and lstsq starts, relative to each map's mean eigenvalue: larger bounds the gains "
               "it puts on the map's weak directions, which int8 rounding needs (docs/results.md, section 7)."),
     Bound("--block-augment", T, "block_augment", type=choice(BLOCK_AUGMENTATIONS),
          help="look: half the block stage's calibration samples are given another look (polarity, colours, "
