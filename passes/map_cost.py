@@ -22,9 +22,10 @@ b'. So each map also has its figure *in the chain* (`in_chain`: that map and eve
    with every map in place, and show where along the network the joint cost arises.
 c. At most `max_samples` held-out samples are run (the first ones), so the pass costs at
    most that many forward passes per map; nothing fitted or no held-out part: no costs.
-d. Cost: the held-out part runs once whole; then one original run and one chain run per
-   batch advance through the maps in network order, and each map runs only the steps after
-   its own, from a copy of each with the map projected (the chain run keeps it): about a
+d. Cost: the held-out part runs once whole; then one original run per batch advances
+   through the maps in network order, and a chain run forked from it at the first map
+   keeps each projection; each map runs only the steps after its own, from a copy of each
+   with the map projected (the first map's chain figure is its alone figure): about a
    forward pass per map, not two.
 e. The model is not changed; `ctx.map_costs` (and `result.data`) is one dict per map in
    plan order: `name`, `metric`, `alone` (the figure), `drop_points`,
@@ -91,12 +92,18 @@ def map_costs(model, projections: dict[str, Projection], data: Dataset, batch: i
         reference = _concatenated([executor(*inputs) for inputs in batches])
         accuracy = fidelity(reference, reference, data.labels).to_dict().get("accuracy_reference")
         paused = [executor.start(*inputs) for inputs in batches]
-        chained = [executor.start(*inputs) for inputs in batches]
+        chained: list | None = None  # the chain runs, forked from the original's at the first map
         costs, chain_drop = {}, 0.0
         for name in sorted(projections, key=executor.producer_step):
             projection = ChannelProjection(projections[name].P, projections[name].U)
             alone = [_run_projected(executor, frontier, name, projection, keep=False) for frontier in paused]
-            chain = [_run_projected(executor, frontier, name, projection, keep=True) for frontier in chained]
+            if chained is None:  # at the first map the chain is that map alone: its runs are the ones above
+                chained = [executor.fork(frontier) for frontier in paused]
+                for frontier in chained:
+                    executor.set_value(frontier, name, projection(executor.value(frontier, name)))
+                chain = alone
+            else:
+                chain = [_run_projected(executor, frontier, name, projection, keep=True) for frontier in chained]
             costs[name] = {"name": name, **_cost(reference, _concatenated(alone), data, accuracy)}
             in_chain = _cost(reference, _concatenated(chain), data, accuracy)
             costs[name].update(in_chain=in_chain["alone"], added_points=in_chain["drop_points"] - chain_drop)

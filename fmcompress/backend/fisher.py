@@ -12,8 +12,8 @@ b. What is differentiated is the log-likelihood of outputs drawn from the networ
    (the expected curvature of the distillation loss at the original, not its noise).
    `regression` outputs take a random Gaussian direction scaled by the output's RMS instead
    (Hutchinson's estimate of J^T J, the curvature of the scaled MSE).
-c. Per map, sum g g^T over channel vectors (float64), at most `POSITIONS_PER_BATCH` random
-   positions a batch, drawn from `seed`, as the start's other moments are.
+c. Per map, sum g g^T over channel vectors (float64), at most 4096 random positions a
+   batch, drawn from `seed`: `projection.SecondMomentRecorder`, as the start's other moments.
 d. `metric_roots` turns a moment into M^(1/2) and M^(-1/2) of M normalised to mean eigenvalue
    1 plus `METRIC_FLOOR`: directions the outputs never depend on keep a small weight, so the
    weighted regression stays well posed on them.
@@ -27,31 +27,23 @@ import torch
 from torch import nn
 
 from .losses import PROBABILITY_FLOOR, output_kinds
+from .projection import SecondMomentRecorder
 from .schedule import mix_seeds
 
-POSITIONS_PER_BATCH = 4096  # channel vectors a batch in each moment (as the start's other moments)
 METRIC_FLOOR = 0.1  # rule d, relative to the mean eigenvalue (1e-2 lost 3.6 points on the recognizer, set 1)
 
 
 class _GradientTap(nn.Module):
-    """Identity whose backward adds sum g g^T over (a subset of) positions to `moment`."""
+    """Identity whose backward hands the gradient to a SecondMomentRecorder (rule c)."""
 
-    def __init__(self, channels: int, generator: torch.Generator):
+    def __init__(self, channels: int, seed: int):
         super().__init__()
-        self.moment = torch.zeros(channels, channels, dtype=torch.float64)
-        self.generator = generator
+        self.recorder = SecondMomentRecorder(channels, seed=seed, stop=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:
-            x.register_hook(self._record)
+            x.register_hook(self.recorder)
         return x
-
-    def _record(self, grad: torch.Tensor) -> None:
-        g = grad.detach().reshape(grad.shape[0], grad.shape[1], -1).movedim(1, -1).reshape(-1, grad.shape[1])
-        if g.shape[0] > POSITIONS_PER_BATCH:
-            g = g[torch.randperm(g.shape[0], generator=self.generator)[:POSITIONS_PER_BATCH].to(g.device)]
-        g = g.to(torch.float64).cpu()
-        self.moment += g.T @ g
 
 
 def output_fisher(original: nn.Module, maps: Sequence[tuple[str, int]],
@@ -59,7 +51,7 @@ def output_fisher(original: nn.Module, maps: Sequence[tuple[str, int]],
     """Rules a-c: sum g g^T per (map name, channels) of `maps`; `original` (an OnnxModule without
     transforms) is left without them."""
     generator = torch.Generator().manual_seed(mix_seeds(seed, 7))
-    taps = {name: _GradientTap(channels, generator) for name, channels in maps}
+    taps = {name: _GradientTap(channels, mix_seeds(seed, 7, i)) for i, (name, channels) in enumerate(maps)}
     for name, tap in taps.items():
         original.set_transform(name, tap)
     try:
@@ -75,7 +67,7 @@ def output_fisher(original: nn.Module, maps: Sequence[tuple[str, int]],
                 total.backward()
     finally:
         original.clear_transforms()
-    return {name: tap.moment for name, tap in taps.items()}
+    return {name: tap.recorder.moment for name, tap in taps.items()}
 
 
 def _sampled_log_likelihood(out: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
