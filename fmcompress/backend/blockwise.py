@@ -69,7 +69,13 @@ from fmcompress.featuremaps import Projection
 from .executor import Frontier
 from .fisher import metric_roots, output_fisher
 from .losses import distillation_loss, output_kinds
-from .projection import ChannelProjection, SecondMomentRecorder, pca_projection
+from .projection import (
+    ChannelProjection,
+    SecondMomentRecorder,
+    moment_product,
+    pca_projection,
+    sampled_vectors,
+)
 from .schedule import mix_seeds, warmup_cosine
 
 INITS = ("pca", "lstsq", "fisher")
@@ -214,14 +220,9 @@ class _PausedRuns:
                 frontier = self.original.advance(self.at_map[b] or self.original.start(*inputs), stop)
                 target = self.original.value(frontier, name)
                 self.at_map[b] = self.original.trim(frontier, keep_outputs=False)
-                x, y = (v.detach().reshape(v.shape[0], v.shape[1], -1).movedim(1, -1).reshape(-1, v.shape[1])
-                        for v in (self.raw[b], target))
-                if x.shape[0] > POSITIONS_PER_BATCH:
-                    pick = torch.randperm(x.shape[0], generator=generator)[:POSITIONS_PER_BATCH].to(x.device)
-                    x, y = x[pick], y[pick]
-                x, y = x.to(torch.float64).cpu(), y.to(torch.float64).cpu()
-                xx = x.T @ x if xx is None else xx + x.T @ x
-                yx = y.T @ x if yx is None else yx + y.T @ x
+                x, y = sampled_vectors([self.raw[b], target], POSITIONS_PER_BATCH, generator)
+                xx = moment_product(x, x) if xx is None else xx + moment_product(x, x)
+                yx = moment_product(y, x) if yx is None else yx + moment_product(y, x)
         return xx, yx
 
     def apply(self, name: str, projection: nn.Module) -> None:

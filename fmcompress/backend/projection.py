@@ -66,6 +66,27 @@ def fake_quant_uint8(x: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
 
 
+def sampled_vectors(values: Sequence[torch.Tensor], count: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The channel vectors [n, C] of each value (all of one shape [N, C, ...]) at the same
+    positions: every position when there are at most `count`, else `count` drawn from
+    `generator`, rows numbered sample-major as in x.movedim(1, -1).reshape(-1, C); float32,
+    on the CPU. Only the picked vectors are gathered: no copy of a whole map."""
+    flat = [v.detach().reshape(v.shape[0], v.shape[1], -1) for v in values]  # [N, C, positions]
+    samples, _, positions = flat[0].shape
+    if samples * positions <= count:
+        return [f.movedim(1, -1).reshape(-1, f.shape[1]).float().cpu() for f in flat]
+    pick = torch.randperm(samples * positions, generator=generator)[:count].to(flat[0].device)
+    rows, columns = pick // positions, pick % positions
+    return [f[rows, :, columns].float().cpu() for f in flat]
+
+
+def moment_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b for [n, C] vectors, as float64. The product runs in float32 (2-9x faster on a CPU
+    than in float64 for 4096 vectors of 64-480 channels; a sum of 4096 terms loses about 1e-6
+    of its size) and is accumulated across batches in float64."""
+    return (a.T @ b).to(torch.float64)
+
+
 class SecondMomentRecorder(nn.Module):
     """Accumulates sum(x x^T) over channel vectors, a bounded random subset of positions per batch."""
 
@@ -83,17 +104,8 @@ class SecondMomentRecorder(nn.Module):
         return self.moment / max(self.count, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.detach().reshape(x.shape[0], x.shape[1], -1)  # [N, C, positions]: a vector per position
-        total = flat.shape[0] * flat.shape[2]
-        if total > self.positions_per_batch:
-            # rows are numbered sample-major as in x.movedim(1, -1).reshape(-1, C); gathering only
-            # the picked ones avoids copying the whole map
-            pick = torch.randperm(total, generator=self.generator)[: self.positions_per_batch].to(x.device)
-            vectors = flat[pick // flat.shape[2], :, pick % flat.shape[2]]
-        else:
-            vectors = flat.movedim(1, -1).reshape(-1, flat.shape[1])
-        vectors = vectors.to(torch.float64).cpu()
-        self.moment += vectors.T @ vectors
+        (vectors,) = sampled_vectors([x], self.positions_per_batch, self.generator)
+        self.moment += moment_product(vectors, vectors)
         self.count += vectors.shape[0]
         self.batches += 1
         if self.stop:
