@@ -176,7 +176,7 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
 
 
 def training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Where a learned compile spent its time: the block stage's seconds and epochs, the end-to-end
+    """Where a learned compile spent its time: the block stage's seconds and epochs (and each map's), the end-to-end
     epochs run (each epoch's held-out score and distillation loss), the held-out score before
     them (the stage's) and the best."""
     if not training:
@@ -187,7 +187,9 @@ def training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
             "best_score": training["best_score"], "best_epoch": training["best_epoch"],
             "stop_reason": training["stop_reason"],
             "history": [{"score": e["score"], "held_out_loss": e["held_out_loss"], "seconds": e["seconds"]}
-                        for e in training["history"]]}
+                        for e in training["history"]],
+            "block_maps": [{"name": m["name"], "epochs": m["epochs"], "seconds": m["seconds"]}
+                           for m in stage.get("maps", [])]}
 
 
 def markdown(rows: list[dict[str, Any]], eval_sets: tuple[str, ...] = ("first",)) -> str:

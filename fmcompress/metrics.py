@@ -49,25 +49,45 @@ def fidelity(reference_outputs: list[np.ndarray], candidate_outputs: list[np.nda
              labels: np.ndarray | None = None) -> Fidelity:
     """Compare outputs sample by sample (axis 0 is the sample axis of every output); the
     figures per output are `output_figures`."""
-    _check_pairs(reference_outputs, candidate_outputs)
+    agreement = agreement_figures(reference_outputs, candidate_outputs, labels)
     reference = [np.asarray(out, dtype=np.float64) for out in reference_outputs]
     candidate = [np.asarray(out, dtype=np.float64) for out in candidate_outputs]
-    top1 = acc_ref = acc_cand = None
-    ref_classes = _class_scores(reference[0])
-    if ref_classes is not None:
-        ref_pred = ref_classes.argmax(axis=1)
-        cand_pred = _class_scores(candidate[0]).argmax(axis=1)
-        top1 = float(np.mean(ref_pred == cand_pred))
-        if labels is not None:
-            truth = _checked_labels(labels, ref_classes.shape)
-            acc_ref, acc_cand = float(np.mean(ref_pred == truth)), float(np.mean(cand_pred == truth))
-    sequence = sequence_agreement(reference[0], candidate[0]) if is_sequence_head(reference[0]) else None
-    cosine = float(np.mean([_mean_cosine(r, c) for r, c in zip(reference, candidate, strict=True)]))
+    cosine = mean_cosine(reference, candidate)
     diff_sq = sum(float(np.sum((c - r) ** 2)) for r, c in zip(reference, candidate, strict=True))
     ref_sq = sum(float(np.sum(r**2)) for r in reference)
     relative = _ratio(np.sqrt(diff_sq), np.sqrt(ref_sq))
     max_abs = max(float(np.max(np.abs(c - r), initial=0.0)) for r, c in zip(reference, candidate, strict=True))
-    return Fidelity(top1, sequence, acc_ref, acc_cand, cosine, relative, max_abs)
+    return Fidelity(agreement["top1_agreement"], agreement["sequence_agreement"], agreement["accuracy_reference"],
+                    agreement["accuracy_candidate"], cosine, relative, max_abs)
+
+
+def agreement_figures(reference: list[np.ndarray], candidate: list[np.ndarray],
+                      labels: np.ndarray | None = None) -> dict[str, float | None]:
+    """`fidelity`'s figures that compare predictions (first output): `top1_agreement`,
+    `sequence_agreement`, `accuracy_reference`, `accuracy_candidate` (None where they do not
+    apply). Argmaxes only: the outputs stay in their own precision (float64 copies of a
+    recognizer's [64, 40, 6625] outputs cost more than the figures)."""
+    _check_pairs(reference, candidate)
+    figures: dict[str, float | None] = dict.fromkeys(
+        ("top1_agreement", "sequence_agreement", "accuracy_reference", "accuracy_candidate"))
+    ref_classes = _class_scores(np.asarray(reference[0]))
+    if ref_classes is not None:
+        ref_pred = ref_classes.argmax(axis=1)
+        cand_pred = _class_scores(np.asarray(candidate[0])).argmax(axis=1)
+        figures["top1_agreement"] = float(np.mean(ref_pred == cand_pred))
+        if labels is not None:
+            truth = _checked_labels(labels, ref_classes.shape)
+            figures["accuracy_reference"] = float(np.mean(ref_pred == truth))
+            figures["accuracy_candidate"] = float(np.mean(cand_pred == truth))
+    if is_sequence_head(np.asarray(reference[0])):
+        figures["sequence_agreement"] = sequence_agreement(np.asarray(reference[0]), np.asarray(candidate[0]))
+    return figures
+
+
+def mean_cosine(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """`fidelity`'s cosine similarity: the mean per-sample cosine, averaged over outputs."""
+    return float(np.mean([_mean_cosine(np.asarray(r, dtype=np.float64), np.asarray(c, dtype=np.float64))
+                          for r, c in zip(reference, candidate, strict=True)]))
 
 
 def output_figures(reference: list[np.ndarray], candidate: list[np.ndarray],

@@ -5,8 +5,8 @@ give up (a larger ceiling, a map left whole) needs to see which maps hurt. Rules
 
 a. For every fitted map, the torch executor runs the held-out part with that map's
    projection alone in place (every other map as the original computes it), and its
-   outputs are compared with the original's by `fmcompress.metrics.fidelity`, as
-   MeasurePass compares the whole model.
+   outputs are compared with the original's as MeasurePass compares the whole model
+   (`fmcompress.metrics`: its agreement figures, else its cosine similarity).
 b. The figure is the one a report leads with (`gated_agreement`: top-1 agreement, else
    sequence agreement), else the cosine similarity of the outputs; a map's cost is
    `drop_points`: 100 x (1 - that figure). With labels, `accuracy_drop_points` too (the
@@ -42,7 +42,7 @@ import numpy as np
 
 from fmcompress.data import Dataset
 from fmcompress.featuremaps import Projection
-from fmcompress.metrics import fidelity, gated_agreement
+from fmcompress.metrics import agreement_figures, gated_agreement, mean_cosine
 
 from .base import Pass, PassContext, PassResult
 from .fit import torch_executor
@@ -90,7 +90,7 @@ def map_costs(model, projections: dict[str, Projection], data: Dataset, batch: i
     batches = list(data.torch_batches(batch, list(executor.input_names)))
     with torch.no_grad():
         reference = _concatenated([executor(*inputs) for inputs in batches])
-        accuracy = fidelity(reference, reference, data.labels).to_dict().get("accuracy_reference")
+        accuracy = agreement_figures(reference, reference, data.labels)["accuracy_reference"]
         paused = [executor.start(*inputs) for inputs in batches]
         chained: list | None = None  # the chain runs, forked from the original's at the first map
         costs, chain_drop = {}, 0.0
@@ -130,10 +130,10 @@ def _concatenated(runs: list[tuple]) -> list[np.ndarray]:
 def _cost(reference: list[np.ndarray], candidate: list[np.ndarray], data: Dataset,
           accuracy: float | None) -> dict[str, Any]:
     """Rule b for one map (its name added by the caller)."""
-    quality = fidelity(reference, candidate, data.labels).to_dict()
+    quality = agreement_figures(reference, candidate, data.labels)
     metric, figure = gated_agreement(quality)
     if figure is None:
-        metric, figure = "cosine similarity", quality["cosine_similarity"]
+        metric, figure = "cosine similarity", mean_cosine(reference, candidate)
     candidate_accuracy = quality.get("accuracy_candidate")
     return {"metric": metric, "alone": figure, "drop_points": 100 * (1 - figure),
             "accuracy_drop_points": None if accuracy is None or candidate_accuracy is None
