@@ -32,6 +32,7 @@ from .ortrun import ort_level
 from .passes import Pass, PassContext, Pipeline
 from .passes.align_ranks import AlignRanksPass
 from .passes.allocate import OBJECTIVES, AllocatePass, parse_traffic
+from .passes.equalize import EqualizeRangesPass
 from .passes.fit import DEFAULT_METHOD, METHODS, FitProjectionsPass
 from .passes.fold import FoldProjectionsPass
 from .passes.fold_bn import FoldBatchNormPass
@@ -157,6 +158,7 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
         FitProjectionsPass(method=options.method, training=training, checkpoint=options.checkpoint,
                            resume=options.resume, monitor=options.monitor),
         MapCostPass(),
+        *([EqualizeRangesPass()] if options.int8 else []),  # one range per stored map's channels, for uint8
         FoldBatchNormPass(),
         FoldProjectionsPass(),
         *([TileToCeilingPass(level=plan_level(options))] if options.runtime else []),

@@ -63,7 +63,8 @@ class PassContext:
     batch_size: int | None = None  # PrepareDataPass: what the graph allows
     warnings: list[str] = field(default_factory=list)  # any pass: said in the report
     allocation: Allocation | None = None  # AllocatePass
-    projections: dict[str, Projection] | None = None  # FitProjectionsPass: tensor name -> P, U
+    projections: dict[str, Projection] | None = None  # FitProjectionsPass: tensor name -> P, U; EqualizeRangesPass
+    # (--int8) rescales them
     projected_graph: Model | None = None  # FitProjectionsPass: the graph those names refer to
     training: TrainingRecord | None = None  # FitProjectionsPass (learned, random): what training did
     bn_folded: list[str] | None = None  # FoldBatchNormPass
@@ -73,6 +74,7 @@ class PassContext:
     measurement: dict[str, Any] | None = None  # MeasurePass: fidelity, FLOPs, latency, gate
     quantization: dict[str, Any] | None = None  # QuantizePass (--int8): float nodes left, int8 fidelity
     map_costs: list[dict[str, Any]] | None = None  # MapCostPass: each projection's held-out cost alone
+    equalized: list[dict[str, Any]] | None = None  # EqualizeRangesPass (--int8): each stored map's range spread
     quantized_original: onnx.ModelProto | None = None  # QuantizePass: the input quantized alike (MeasurePass's baseline)
 
     def known(self) -> set[str]:
@@ -148,7 +150,7 @@ class Pipeline:
 PROVIDED = ("before", "memory", "plan", "peak", "runtime_before", "runtime", "sunk", "runtime_plan", "dataset",
             "calibration", "held_out", "batch_size", "allocation", "projections", "projected_graph",
             "training", "bn_folded", "folds", "tiling", "verification", "measurement",
-            "quantization")
+            "quantization", "equalized")
 
 
 def providers(field_name: str) -> str:

@@ -78,7 +78,7 @@ def compile_report(source, original: onnx.ModelProto, emitted: onnx.ModelProto, 
         "data": {"source": dataset.source, "surrogate": dataset.surrogate, "samples": len(dataset),
                  "calibration": len(ctx.calibration), "held_out": len(ctx.held_out),
                  "skipped": dataset.skipped, "labels": dataset.labels is not None},
-        "maps": _maps(plan, after, ctx.folds or {}, ctx.map_costs or []),
+        "maps": _maps(plan, after, ctx.folds or {}, ctx.map_costs or [], ctx.equalized or []),
         "not_compressible": plan.not_compressible,
         "verification": {**checks, **ceiling_verdict(after, plan.ceiling_bytes)},
         "fidelity": measured["fidelity"],
@@ -108,17 +108,19 @@ def plan_report(model: onnx.ModelProto, ctx: PassContext) -> dict[str, Any]:
     return report
 
 
-def _maps(plan: Plan, after: AnalysisReport, folds: dict[str, dict],
-          costs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _maps(plan: Plan, after: AnalysisReport, folds: dict[str, dict], costs: list[dict[str, Any]],
+          equalized: list[dict[str, Any]]) -> list[dict[str, Any]]:
     after_maps = {m.name: m for m in after.stored}
     cost_of = {cost["name"]: {k: v for k, v in cost.items() if k != "name"} for cost in costs}
+    spread_of = {entry["name"]: entry["spread"] for entry in equalized}
     maps = []
     for planned in plan.maps:
         stored = folds.get(planned.name, {}).get("stored", planned.name)
         maps.append({"name": planned.name, "shape": planned.shape, "C": planned.channels, "k": planned.k,
                      "bytes_before": planned.bytes_before, "bytes_after": planned.bytes_after, "stored_as": stored,
                      "stored_shape": after_maps[stored].shape if stored in after_maps else None,
-                     "fold": folds.get(planned.name, {}), "cost_alone": cost_of.get(planned.name)})
+                     "fold": folds.get(planned.name, {}), "cost_alone": cost_of.get(planned.name),
+                     "range_spread": spread_of.get(planned.name)})
     return maps
 
 
