@@ -70,17 +70,18 @@ def agreement_figures(reference: list[np.ndarray], candidate: list[np.ndarray],
     _check_pairs(reference, candidate)
     figures: dict[str, float | None] = dict.fromkeys(
         ("top1_agreement", "sequence_agreement", "accuracy_reference", "accuracy_candidate"))
-    ref_classes = _class_scores(np.asarray(reference[0]))
+    first_ref, first_cand = np.asarray(reference[0]), np.asarray(candidate[0])
+    ref_classes = _class_scores(first_ref)
     if ref_classes is not None:
         ref_pred = ref_classes.argmax(axis=1)
-        cand_pred = _class_scores(np.asarray(candidate[0])).argmax(axis=1)
+        cand_pred = _class_scores(first_cand).argmax(axis=1)
         figures["top1_agreement"] = float(np.mean(ref_pred == cand_pred))
         if labels is not None:
             truth = _checked_labels(labels, ref_classes.shape)
             figures["accuracy_reference"] = float(np.mean(ref_pred == truth))
             figures["accuracy_candidate"] = float(np.mean(cand_pred == truth))
-    if is_sequence_head(np.asarray(reference[0])):
-        figures["sequence_agreement"] = sequence_agreement(np.asarray(reference[0]), np.asarray(candidate[0]))
+    if is_sequence_head(first_ref):
+        figures["sequence_agreement"] = sequence_agreement(first_ref, first_cand)
     return figures
 
 

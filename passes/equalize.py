@@ -62,8 +62,8 @@ class EqualizeRangesPass(Pass):
         if not ctx.projections or calibration is None or len(calibration) == 0:
             ctx.equalized = []
             return PassResult(model, modified=False, data=ctx.equalized)
-        part = calibration.head(min(self.max_samples, len(calibration)))
-        peaks = stored_peaks(ctx.projected_graph.proto(), ctx.projections, part, ctx.batch_size or BATCH)
+        peaks = stored_peaks(ctx.projected_graph.proto(), ctx.projections, calibration.head(self.max_samples),
+                             ctx.batch_size or BATCH)
         ctx.equalized = []
         for name, projection in list(ctx.projections.items()):
             ctx.projections[name], spread = equalized(projection, peaks[name])
@@ -91,12 +91,26 @@ def stored_peaks(model, projections: dict[str, Projection], data, batch: int) ->
     """Rule a: per projected map, the largest |P x| of each channel over `data`."""
     import torch
 
-    from fmcompress.backend.projection import mix_channels
+    executor = torch_executor(model)
+    taps = {name: _peak_tap(projection) for name, projection in projections.items()}
+    for name, tap in taps.items():
+        executor.set_transform(name, tap)
+    with torch.no_grad():
+        for inputs in data.torch_batches(batch, list(executor.input_names)):
+            executor(*inputs)
+    return {name: tap.peak.numpy() for name, tap in taps.items()}
 
-    class _PeakTap(torch.nn.Module):
-        def __init__(self, projection: Projection):
-            super().__init__()
-            self.P, self.U = torch.from_numpy(projection.P), torch.from_numpy(projection.U)
+
+def _peak_tap(projection: Projection):
+    """The projection as the executor applies it (`ChannelProjection`), recording each stored
+    channel's largest |P x| as it passes (rule a)."""
+    import torch
+
+    from fmcompress.backend.projection import ChannelProjection, mix_channels
+
+    class PeakTap(ChannelProjection):
+        def __init__(self):
+            super().__init__(projection.P, projection.U)
             self.peak = torch.zeros(projection.P.shape[0], dtype=torch.float64)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,12 +119,4 @@ def stored_peaks(model, projections: dict[str, Projection], data, batch: int) ->
             self.peak = torch.maximum(self.peak, stored.abs().amax(dim=reduce).to(torch.float64))
             return mix_channels(self.U, stored)
 
-    executor = torch_executor(model)
-    taps = {name: _PeakTap(projection) for name, projection in projections.items()}
-    for name, tap in taps.items():
-        executor.set_transform(name, tap)
-    with torch.no_grad():
-        for inputs in data.torch_batches(batch, list(executor.input_names)):
-            executor(*inputs)
-    return {name: tap.peak.numpy() for name, tap in taps.items()}
-
+    return PeakTap()

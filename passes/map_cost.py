@@ -67,7 +67,7 @@ class MapCostPass(Pass):
         if not ctx.projections or held_out is None or len(held_out) == 0:
             ctx.map_costs = []
             return PassResult(model, modified=False, data=ctx.map_costs)
-        part = held_out.head(min(self.max_samples, len(held_out)))
+        part = held_out.head(self.max_samples)
         ctx.map_costs = map_costs(ctx.projected_graph.proto(), ctx.projections, part, ctx.batch_size or BATCH)
         worst = max(ctx.map_costs, key=lambda cost: cost["drop_points"])
         ctx.log(f"map costs: {worst['name']} costs most alone ({worst['drop_points']:.1f} points of "
