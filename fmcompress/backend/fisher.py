@@ -3,9 +3,10 @@ predictions depend on.
 
 Used by the block stage's `fisher` start (`blockwise.py` rule a). Rules:
 
-a. One forward and backward pass of the *original* network over the calibration batches, with
-   every map's value tapped (an identity whose backward records the gradient there): the
-   gradient flows from the outputs through every map at once, so all maps cost one pass.
+a. One forward pass of the *original* network over the calibration batches and `draws`
+   backward passes (rule b), with every map's value tapped (an identity whose backward records
+   the gradient there): the gradient flows from the outputs through every map at once, so
+   all maps cost one pass.
 b. What is differentiated, for class outputs (`probs`, `seq_probs`, `logits`; p the network's
    own probabilities per row and time step, held fixed): sum over rows and classes of
    r_c sqrt(p_c) log p_c, with random signs r_c = +-1 drawn from `seed`. Its gradient at the
