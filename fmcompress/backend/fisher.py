@@ -57,10 +57,9 @@ class _GradientTap(nn.Module):
 
 
 def output_fisher(original: nn.Module, maps: Sequence[tuple[str, int]],
-                  batches: Sequence[tuple[torch.Tensor, ...]], seed: int = 0, draws: int | None = None) -> dict[str, torch.Tensor]:
+                  batches: Sequence[tuple[torch.Tensor, ...]], seed: int = 0, draws: int = DRAWS) -> dict[str, torch.Tensor]:
     """Rules a-c: sum g g^T per (map name, channels) of `maps`, over `draws` draws of the outputs;
     `original` (an OnnxModule without transforms) is left without them."""
-    draws = DRAWS if draws is None else draws
     generator = torch.Generator().manual_seed(mix_seeds(seed, 7))
     taps = {name: _GradientTap(channels, mix_seeds(seed, 7, i)) for i, (name, channels) in enumerate(maps)}
     for name, tap in taps.items():
@@ -72,9 +71,9 @@ def output_fisher(original: nn.Module, maps: Sequence[tuple[str, int]],
             inputs = tuple(v.detach().clone().requires_grad_(v.is_floating_point()) for v in inputs)
             outputs = original(*inputs)
             kinds = kinds or output_kinds(outputs)
+            terms = [_DrawTerms.of(out, kind) for out, kind in zip(outputs, kinds, strict=True)]  # once a batch
             for draw in range(draws):
-                total = torch.stack([_signed_log_likelihood(out, kind, generator)
-                                     for out, kind in zip(outputs, kinds, strict=True)]).sum()
+                total = torch.stack([term.draw(generator) for term in terms]).sum()
                 if total.requires_grad:  # no float input reaches the outputs: every moment stays 0 (plain lstsq)
                     total.backward(retain_graph=draw + 1 < draws)
     finally:
@@ -82,18 +81,32 @@ def output_fisher(original: nn.Module, maps: Sequence[tuple[str, int]],
     return {name: tap.recorder.moment for name, tap in taps.items()}
 
 
-def _signed_log_likelihood(out: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Rule b for one output."""
-    if kind == "regression":
-        direction = torch.randn(out.shape, generator=generator).to(out.device)
-        return (out.float() * direction).sum() / out.detach().float().pow(2).mean().sqrt().clamp_min(1e-12)
-    if kind in ("probs", "seq_probs"):
-        log_p = out.float().clamp_min(PROBABILITY_FLOOR).log()
-    else:
-        log_p = torch.log_softmax(out.float(), dim=-1)
-    rows = log_p.reshape(-1, log_p.shape[-1])
-    signs = torch.randint(0, 2, rows.shape, generator=generator).to(rows.device) * 2.0 - 1.0
-    return (rows * (rows.detach().exp().sqrt() * signs)).sum()
+class _DrawTerms:
+    """Rule b for one output: what every draw differentiates (log p as rows of classes, or a
+    regression output) and its fixed weights (sqrt(p_c), or the output's RMS), computed once
+    a batch; `draw` adds only the random signs or direction."""
+
+    def __init__(self, values: torch.Tensor, magnitude: torch.Tensor | None, divisor: torch.Tensor | None):
+        self.values, self.magnitude, self.divisor = values, magnitude, divisor
+
+    @classmethod
+    def of(cls, out: torch.Tensor, kind: str) -> _DrawTerms:
+        if kind == "regression":
+            return cls(out.float(), None, out.detach().float().pow(2).mean().sqrt().clamp_min(1e-12))
+        if kind in ("probs", "seq_probs"):
+            log_p = out.float().clamp_min(PROBABILITY_FLOOR).log()
+        else:
+            log_p = torch.log_softmax(out.float(), dim=-1)
+        rows = log_p.reshape(-1, log_p.shape[-1])
+        return cls(rows, rows.detach().exp().sqrt(), None)
+
+    def draw(self, generator: torch.Generator) -> torch.Tensor:
+        device = self.values.device
+        if self.magnitude is None:
+            direction = torch.randn(self.values.shape, generator=generator).to(device)
+            return (self.values * direction).sum() / self.divisor
+        signs = torch.randint(0, 2, self.values.shape, generator=generator).to(device) * 2.0 - 1.0
+        return (self.values * (self.magnitude * signs)).sum()
 
 
 def metric_roots(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
