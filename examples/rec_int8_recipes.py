@@ -1,6 +1,6 @@
-"""Where PP-OCR's recognizer loses its accuracy in int8: the original quantized alone.
+"""Where PP-OCR's recognizer (or classifier) loses its accuracy in int8: the original quantized alone.
 
-    python examples/rec_int8_recipes.py [--recipes minmax,percentile,...] [--samples 384] [--set first|second]
+    python examples/rec_int8_recipes.py [--model ppocr-rec|ppocr-cls] [--recipes minmax,percentile,...] [--samples 384] [--set first|second]
 
 The recognizer (the `test` extra's PP-OCRv4 model) goes through onnxruntime's own flow as
 fmcompress/int8.py rule a runs it (`quantize_int8`: opset 17, `quant_pre_process`,
@@ -13,7 +13,11 @@ with one recipe each:
 * conv-percentile: only Conv, ranges from onnxruntime's Percentile calibrator (99.999);
 * percentile / entropy: every op, ranges from the Percentile or Entropy calibrator
   (`compile --int8 --calibrate percentile|entropy`); entropy only when named, since it
-  ran for over ten minutes on 384 lines without finishing.
+  ran for over ten minutes on the recognizer's 384 lines without finishing.
+* symmetric / moving-average: MinMax with activations quantized symmetrically
+  (`ActivationSymmetric`), or with each batch's range averaged (`CalibMovingAverage`);
+* head-float / stem-float: MinMax with the Gemm, MatMul and Softmax nodes (the head), or the
+  first Conv, left float;
 * minmax-plain / percentile-plain: as minmax and percentile, without the rewrites of
   fmcompress/int8.py rule a'' for onnxruntime's integer kernels (Div by a constant as Mul,
   HardSigmoid as Mul, Add and Clip), to measure what they change;
@@ -25,7 +29,8 @@ with one recipe each:
   pair (onnxruntime's `qdq_loss_debug`, on the first 16 calibration lines), and the nodes
   that write or read each of the K worst excluded from quantization (mixed precision).
 
-Each row is the exact match on 300 other lines of the same set (seed 1000) and the seconds it took.
+Each row is the exact match (the classifier: accuracy) on 300 other lines of the same set
+(seed 1000) and the seconds it took.
 Every recipe collects its ranges one batch at a time (fmcompress/int8.py rule b): the
 histogram calibrators otherwise hold every intermediate output of every sample.
 """
@@ -50,7 +55,16 @@ def recipes() -> dict[str, dict]:
             "matmul": {"op_types_to_quantize": ["MatMul"]},
             "conv-percentile": {"op_types_to_quantize": ["Conv"], "calibrate": "percentile"},
             "percentile": {"calibrate": "percentile"}, "entropy": {"calibrate": "entropy"},
-            "minmax-plain": {"plain": True}, "percentile-plain": {"calibrate": "percentile", "plain": True}}
+            "minmax-plain": {"plain": True}, "percentile-plain": {"calibrate": "percentile", "plain": True},
+            "symmetric": {"extra_options": {"ActivationSymmetric": True}},
+            "moving-average": {"extra_options": {"CalibMovingAverage": True}}}
+
+
+def node_recipes(model: onnx.ModelProto) -> dict[str, dict]:
+    """The recipes that name nodes of `model`: its head, or its first Conv, left float."""
+    head = [node.name for node in model.graph.node if node.op_type in ("Gemm", "MatMul", "Softmax")]
+    convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    return {"head-float": {"nodes_to_exclude": head}, "stem-float": {"nodes_to_exclude": convs[:1]}}
 
 
 SQNR_RECIPE = "sqnr-float-"
@@ -124,21 +138,25 @@ def quantized(model: onnx.ModelProto, calibration, recipe: dict) -> onnx.ModelPr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("ppocr-rec", "ppocr-cls"), default="ppocr-rec")
     parser.add_argument("--recipes", default="minmax,conv,matmul,conv-percentile,percentile")
     parser.add_argument("--samples", type=int, default=384)
     parser.add_argument("--set", choices=("first", "second"), default="first",
                         help="the lines to calibrate on and score: set 1 (textlines) or set 2 (otherlines)")
     args = parser.parse_args()
+    path = str(real_model(args.model))
+    original = onnx.load(path)
+    known, ranking = recipes() | node_recipes(original), None
     for name in args.recipes.split(","):
-        if name not in recipes() and float_count(name) is None and percentile_of(name) is None:
-            parser.error(f"unknown recipe {name!r}; known: {', '.join(recipes())}, {SQNR_RECIPE}K, "
+        if name not in known and float_count(name) is None and percentile_of(name) is None:
+            parser.error(f"unknown recipe {name!r}; known: {', '.join(known)}, {SQNR_RECIPE}K, "
                          f"{PERCENTILE_RECIPE}P")
-    path = str(real_model("ppocr-rec"))
     renderer = {"first": textlines, "second": otherlines}[args.set]
-    calibration, _ = renderer.rec_dataset(args.samples, 0)
-    lines = renderer.rec_dataset(300, 1000)
-    print(f"float original: {100 * textlines.rec_exact_match(path, *lines):.1f}%", flush=True)
-    known, original, ranking = recipes(), onnx.load(path), None
+    dataset, score = ((renderer.cls_dataset, textlines.cls_accuracy) if args.model == "ppocr-cls"
+                      else (renderer.rec_dataset, textlines.rec_exact_match))
+    calibration, _ = dataset(args.samples, 0)
+    lines = dataset(300, 1000)
+    print(f"float original: {100 * score(path, *lines):.1f}%", flush=True)
     for name in args.recipes.split(","):
         started = time.perf_counter()
         count, percentile = float_count(name), percentile_of(name)
@@ -150,9 +168,7 @@ def main() -> None:
             ranking = ranking or worst_quantized_nodes(original, calibration)
             recipe = {"calibrate": "percentile", "nodes_to_exclude": sorted(set().union(*ranking[:count]))}
         model = quantized(original, calibration, recipe)
-        print(f"{name}: {100 * textlines.rec_exact_match(model, *lines):.1f}% "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
-
+        print(f"{name}: {100 * score(model, *lines):.1f}% ({time.perf_counter() - started:.0f} s)", flush=True)
 
 if __name__ == "__main__":
     main()
