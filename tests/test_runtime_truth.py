@@ -164,15 +164,20 @@ def test_emitted_model_drops_the_exporters_value_info():
     assert model.graph.value_info and not result.model.graph.value_info
 
 
+def _peak_figures(before: int, after: int, measured: bool) -> dict:
+    """A report's `runtime` figures with these peaks, measured too or computed only."""
+    def side(peak: int) -> dict:
+        return {"computed_peak_bytes": peak, "measured_peak_bytes": peak if measured else None,
+                "largest_bytes": 0, "largest_name": ""}
+    return {"level": "all", "before": side(before), "after": side(after)}
+
+
 def test_a_rise_on_the_computed_figures_when_nothing_was_measured():
     """Rule c's basis is the computed view when a side was not measured (the warning is
     written before the basis is recorded in the section)."""
     from fmcompress.reports.compile import _rise
 
-    side = {"computed_peak_bytes": 0, "measured_peak_bytes": None, "largest_bytes": 0, "largest_name": ""}
-    figures = {"level": "all", "before": {**side, "computed_peak_bytes": 1 << 20},
-               "after": {**side, "computed_peak_bytes": 3 << 20}}
-    rise = _rise(figures, tiled=False)
+    rise = _rise(_peak_figures(1 << 20, 3 << 20, measured=False), tiled=False)
     assert rise["rose"] and rise["rose_basis"] == "computed"
     assert rise["warning"].startswith("onnxruntime's peak rose: 1024 -> 3072 KiB computed (all optimisations)")
 
@@ -183,18 +188,12 @@ def test_computed_figures_rise_without_slack_and_measured_ones_within_it():
     so a growth within max(64 KiB, 5%) is not one."""
     from fmcompress.reports.compile import _rise
 
-    def figures(before: int, after: int, measured: bool) -> dict:
-        def side(peak: int) -> dict:
-            return {"computed_peak_bytes": peak, "measured_peak_bytes": peak if measured else None,
-                    "largest_bytes": 0, "largest_name": ""}
-        return {"level": "all", "before": side(before), "after": side(after)}
-
-    computed = _rise(figures(100352, 125440, measured=False), tiled=False)
+    computed = _rise(_peak_figures(100352, 125440, measured=False), tiled=False)
     assert computed["rose"] and computed["rose_basis"] == "computed"
-    assert not _rise(figures(100352, 100352, measured=False), tiled=False)["rose"]
-    measured = _rise(figures(100352, 125440, measured=True), tiled=False)
+    assert not _rise(_peak_figures(100352, 100352, measured=False), tiled=False)["rose"]
+    measured = _rise(_peak_figures(100352, 125440, measured=True), tiled=False)
     assert measured["rose_basis"] == "measured" and not measured["rose"]
-    assert _rise(figures(1 << 20, (1 << 20) + 70 * 1024, measured=True), tiled=False)["rose"]
+    assert _rise(_peak_figures(1 << 20, (1 << 20) + 70 * 1024, measured=True), tiled=False)["rose"]
 
 
 def test_a_growth_below_the_outputs_is_not_a_measurement(monkeypatch):
