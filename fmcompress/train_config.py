@@ -54,6 +54,7 @@ class TrainConfig:
     block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look)
     block_ridge: float | None = None  # the lstsq start's damping; None: 1e-3 with int8 maps, else 1e-6
     block_precision: str = "float32"  # the block stage's arithmetic: float32, bfloat16, or auto (bfloat16 where native)
+    fisher_draws: int = 4  # the fisher start's draws per calibration batch, one backward pass each (fisher.py rule b)
 
     def check(self) -> None:
         """One-line InputErrors for values that cannot train."""
@@ -77,6 +78,8 @@ class TrainConfig:
         for value, flag in ((self.patience, "--patience"), (self.probe, "--probe")):
             if value < 0:
                 raise InputError(f"{flag} must be at least 0, got {value}")
+        if self.fisher_draws < 1:
+            raise InputError(f"fisher_draws must be at least 1, got {self.fisher_draws}")
         if self.block_patience < 1:
             raise InputError(f"--block-patience must be at least 1, got {self.block_patience}")
         if self.block_ridge is not None and not (self.block_ridge >= 0 and math.isfinite(self.block_ridge)):

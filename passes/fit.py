@@ -190,7 +190,8 @@ class FitProjectionsPass(Pass):
                                temperature=config.temperature, seed=config.seed, min_gain=config.block_min_gain,
                                patience=config.block_patience, init=stage["init"],
                                quantized=config.fake_quant, ridge=block_ridge(config.block_ridge, ctx.act_bytes),
-                               precision=stage["precision"], progress=progress)
+                               precision=stage["precision"], fisher_draws=config.fisher_draws,
+                               progress=progress)
         stage["seconds"] = time.perf_counter() - started
         ctx.training.block_stage = stage
         return fitted

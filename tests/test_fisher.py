@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from modeltools import sequence_head, tiny_classifier
 from onnx import numpy_helper
@@ -131,3 +132,25 @@ def test_one_draw_of_signs_is_near_the_exact_fisher_and_more_come_nearer():
         moment = output_fisher(OnnxModule(model), [("r2", 16)], list(batches()), draws=draws)["r2"].numpy() / draws
         errors[draws] = np.linalg.norm(moment - exact) / np.linalg.norm(exact)
     assert errors[1] < 0.3 and errors[64] < errors[1] / 2.5, errors
+
+
+def test_the_number_of_draws_reaches_the_metric_from_compile(monkeypatch):
+    """`TrainConfig.fisher_draws` (compile's `fisher_draws=`, the sweep's `--train fisher_draws=N`)
+    is the draws rule b takes per batch; fewer than one is a usage error."""
+    import fmcompress
+    import fmcompress.backend.blockwise as blockwise
+    from fmcompress.errors import InputError
+    from fmcompress.train_config import TrainConfig
+
+    seen = []
+    real = blockwise.output_fisher
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["draws"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blockwise, "output_fisher", recording)
+    fmcompress.compile(tiny_classifier(), ceiling="4x", num_samples=8, epochs=0, block_epochs=0, fisher_draws=3)
+    assert seen == [3]
+    with pytest.raises(InputError, match="fisher_draws"):
+        TrainConfig(fisher_draws=0).check()

@@ -67,7 +67,7 @@ from torch import nn
 from fmcompress.featuremaps import Projection
 
 from .executor import Frontier
-from .fisher import metric_roots, output_fisher
+from .fisher import DRAWS, metric_roots, output_fisher
 from .losses import distillation_loss, output_kinds
 from .projection import (
     ChannelProjection,
@@ -109,7 +109,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
                   batches: Sequence[tuple[torch.Tensor, ...]], *, epochs: int, lr: float, temperature: float,
                   seed: int = 0, min_gain: float = 0.0, patience: int = 2, init: str = "pca",
                   quantized: bool = False, ridge: float = PLAIN_RIDGE, precision: str = "float32",
-                  progress: Progress | None = None) -> dict[str, Projection]:
+                  fisher_draws: int = DRAWS, progress: Progress | None = None) -> dict[str, Projection]:
     """One refined projection per (name, channels, k); `executor` (an OnnxModule without
     transforms) is left without transforms. `batches` are input tuples on its device."""
     if init not in INITS:
@@ -118,7 +118,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
     runs = _PausedRuns(executor, original, batches, track_original=init != "pca")
     ordered = sorted(range(len(maps)), key=lambda i: executor.producer_step(maps[i][0]))
     fisher = output_fisher(original, [(name, channels) for name, channels, _ in maps], batches,
-                           seed=seed) if init == "fisher" else {}
+                           seed=seed, draws=fisher_draws) if init == "fisher" else {}
     fitted: dict[str, Projection] = {}
     try:
         for position, i in enumerate(ordered):

@@ -20,7 +20,9 @@ b. What is differentiated, for class outputs (`probs`, `seq_probs`, `logits`; p 
    64 draws 3% (tests/test_fisher.py). PP-OCR's recognizer at 4x: docs/results.md section 1.
    `regression` outputs take a random Gaussian direction scaled by the output's RMS instead
    (Hutchinson's estimate of J^T J, the curvature of the scaled MSE). `draws` > 1 sums
-   several draws, one backward pass each.
+   several draws, one backward pass each (`DRAWS`, compile's `fisher_draws`): on the
+   recognizer a draw's backward pass costs about 10 s; one draw a batch or eight instead of
+   four were not better on both sets of lines (docs/results.md section 1).
 c. Per map, sum g g^T over channel vectors (float64), at most 4096 random positions a
    batch, drawn from `seed`: `projection.SecondMomentRecorder`, as the start's other moments.
 d. `metric_roots` turns a moment into M^(1/2) and M^(-1/2) of M normalised to mean eigenvalue
@@ -39,7 +41,7 @@ from .losses import PROBABILITY_FLOOR, output_kinds
 from .projection import SecondMomentRecorder
 from .schedule import mix_seeds
 
-DRAWS = 4  # rule b's draws per batch, one backward pass each
+DRAWS = 4  # rule b's draws per batch, one backward pass each (TrainConfig.fisher_draws)
 METRIC_FLOOR = 0.1  # rule d, relative to the mean eigenvalue (1e-2 lost 3.6 points on the recognizer, set 1)
 
 
