@@ -21,6 +21,7 @@ FEATURE_REFERENCES = ("teacher", "self")
 BLOCK_INITS = ("pca", "lstsq", "fisher")
 BLOCK_AUGMENTATIONS = ("none", "look")
 BLOCK_PRECISIONS = ("auto", "float32", "bfloat16")
+FISHER_DRAWS = 4  # the fisher start's sign draws per calibration batch, one backward pass each (docs/results.md section 1)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class TrainConfig:
     block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look)
     block_ridge: float | None = None  # the lstsq start's damping; None: 1e-3 with int8 maps, else 1e-6
     block_precision: str = "float32"  # the block stage's arithmetic: float32, bfloat16, or auto (bfloat16 where native)
-    fisher_draws: int = 4  # the fisher start's draws per calibration batch, one backward pass each (fisher.py rule b)
+    fisher_draws: int = FISHER_DRAWS  # the fisher start's draws per calibration batch (fisher.py rule b)
 
     def check(self) -> None:
         """One-line InputErrors for values that cannot train."""

@@ -37,11 +37,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fmcompress.train_config import FISHER_DRAWS
+
 from .losses import PROBABILITY_FLOOR, output_kinds
 from .projection import SecondMomentRecorder
 from .schedule import mix_seeds
 
-DRAWS = 4  # rule b's draws per batch, one backward pass each (TrainConfig.fisher_draws)
+DRAWS = FISHER_DRAWS  # rule b's draws per batch, one backward pass each (compile's fisher_draws)
 METRIC_FLOOR = 0.1  # rule d, relative to the mean eigenvalue (1e-2 lost 3.6 points on the recognizer, set 1)
 
 
