@@ -10,9 +10,13 @@ from onnx import numpy_helper
 from test_blockwise import TINY_MAPS, output_error
 from test_pca import make_batches
 
+import fmcompress
+import fmcompress.backend.blockwise as blockwise
 from fmcompress.backend import OnnxModule
 from fmcompress.backend.blockwise import fit_blockwise, lstsq_projection
 from fmcompress.backend.fisher import METRIC_FLOOR, metric_roots, output_fisher
+from fmcompress.errors import InputError
+from fmcompress.train_config import TrainConfig
 
 READ = 3  # the classifier below reads only r2's first READ channels
 
@@ -137,11 +141,6 @@ def test_one_draw_of_signs_is_near_the_exact_fisher_and_more_come_nearer():
 def test_the_number_of_draws_reaches_the_metric_from_compile(monkeypatch):
     """`TrainConfig.fisher_draws` (compile's `fisher_draws=`, the sweep's `--train fisher_draws=N`)
     is the draws rule b takes per batch; fewer than one is a usage error."""
-    import fmcompress
-    import fmcompress.backend.blockwise as blockwise
-    from fmcompress.errors import InputError
-    from fmcompress.train_config import TrainConfig
-
     seen = []
     real = blockwise.output_fisher
 

@@ -65,9 +65,10 @@ import torch
 from torch import nn
 
 from fmcompress.featuremaps import Projection
+from fmcompress.train_config import FISHER_DRAWS
 
 from .executor import Frontier
-from .fisher import DRAWS, metric_roots, output_fisher
+from .fisher import metric_roots, output_fisher
 from .losses import distillation_loss, output_kinds
 from .projection import (
     ChannelProjection,
@@ -109,7 +110,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
                   batches: Sequence[tuple[torch.Tensor, ...]], *, epochs: int, lr: float, temperature: float,
                   seed: int = 0, min_gain: float = 0.0, patience: int = 2, init: str = "pca",
                   quantized: bool = False, ridge: float = PLAIN_RIDGE, precision: str = "float32",
-                  fisher_draws: int = DRAWS, progress: Progress | None = None) -> dict[str, Projection]:
+                  fisher_draws: int = FISHER_DRAWS, progress: Progress | None = None) -> dict[str, Projection]:
     """One refined projection per (name, channels, k); `executor` (an OnnxModule without
     transforms) is left without transforms. `batches` are input tuples on its device."""
     if init not in INITS:

@@ -20,7 +20,7 @@ b. What is differentiated, for class outputs (`probs`, `seq_probs`, `logits`; p 
    64 draws 3% (tests/test_fisher.py). PP-OCR's recognizer at 4x: docs/results.md section 1.
    `regression` outputs take a random Gaussian direction scaled by the output's RMS instead
    (Hutchinson's estimate of J^T J, the curvature of the scaled MSE). `draws` > 1 sums
-   several draws, one backward pass each (`DRAWS`, compile's `fisher_draws`): on the
+   several draws, one backward pass each (`train_config.FISHER_DRAWS`, compile's `fisher_draws`): on the
    recognizer a draw's backward pass costs about 10 s; one draw a batch or eight instead of
    four were not better on both sets of lines (docs/results.md section 1).
 c. Per map, sum g g^T over channel vectors (float64), at most 4096 random positions a
@@ -43,7 +43,6 @@ from .losses import PROBABILITY_FLOOR, output_kinds
 from .projection import SecondMomentRecorder
 from .schedule import mix_seeds
 
-DRAWS = FISHER_DRAWS  # rule b's draws per batch, one backward pass each (compile's fisher_draws)
 METRIC_FLOOR = 0.1  # rule d, relative to the mean eigenvalue (1e-2 lost 3.6 points on the recognizer, set 1)
 
 
@@ -61,7 +60,7 @@ class _GradientTap(nn.Module):
 
 
 def output_fisher(original: nn.Module, maps: Sequence[tuple[str, int]],
-                  batches: Sequence[tuple[torch.Tensor, ...]], seed: int = 0, draws: int = DRAWS) -> dict[str, torch.Tensor]:
+                  batches: Sequence[tuple[torch.Tensor, ...]], seed: int = 0, draws: int = FISHER_DRAWS) -> dict[str, torch.Tensor]:
     """Rules a-c: sum g g^T per (map name, channels) of `maps`, over `draws` draws of the outputs;
     `original` (an OnnxModule without transforms) is left without them."""
     generator = torch.Generator().manual_seed(mix_seeds(seed, 7))
