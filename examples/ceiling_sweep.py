@@ -61,6 +61,7 @@ from fmcompress.errors import InputError, VerificationError
 from fmcompress.evaluation import otherlines, textlines
 from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.int8 import CALIBRATIONS, DEFAULT_CALIBRATION
+from fmcompress.passes.before_activation import PLACEMENTS
 from fmcompress.passes.fit import METHODS
 from fmcompress.train_config import TrainConfig
 
@@ -144,7 +145,7 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
     seed = overrides.pop("seed", CompileOptions.seed)
     options = CompileOptions(ceiling=ceiling, method=method, data=calibration, batch_size=batch_size, seed=seed,
                              num_samples=args.num_samples, input_shapes=[task.input_shape] if task.input_shape else None,
-                             latency_repeats=1, latency_rounds=1, threads=args.threads, int8=args.int8,
+                             latency_repeats=1, latency_rounds=1, threads=args.threads, int8=args.int8, placement=args.placement,
                              calibrate=args.calibrate,
                              training=TrainConfig(epochs=args.epochs, block_epochs=args.block_epochs, **overrides))
     row: dict[str, Any] = {"model": task.name, "ceiling": ceiling, "method": method, "metric": task.metric}
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                         help="any other TrainConfig field, e.g. --train patience=0 --train augment=strong")
     parser.add_argument("--int8", action="store_true", help="compile --int8: score the quantized models")
+    parser.add_argument("--placement", choices=PLACEMENTS, default=CompileOptions.placement,
+                        help="compile --placement: project before the activation or at the stored map")
     parser.add_argument("--calibrate", choices=CALIBRATIONS, default=DEFAULT_CALIBRATION,
                         help="with --int8: onnxruntime's calibrator (compile --calibrate)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")

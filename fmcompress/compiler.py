@@ -32,6 +32,7 @@ from .ortrun import ort_level
 from .passes import Pass, PassContext, Pipeline
 from .passes.align_ranks import AlignRanksPass
 from .passes.allocate import OBJECTIVES, AllocatePass, parse_traffic
+from .passes.before_activation import PLACEMENTS, BeforeActivationPass
 from .passes.equalize import EqualizeRangesPass
 from .passes.fit import DEFAULT_METHOD, METHODS, FitProjectionsPass
 from .passes.fold import FoldProjectionsPass
@@ -68,6 +69,9 @@ class CompileOptions(DataOptions):
     input_shapes: Any = None  # ["x=1,3,224,224"] or {"x": (1, 3, 224, 224)}
     act_bytes: int | None = None
     method: str = DEFAULT_METHOD
+    # where a map whose kernel group ends in an activation is projected: "after" it, at the stored
+    # map itself, or "before" it (passes/before_activation.py; plain stored-view compiles)
+    placement: str = "after"
     latency_repeats: int | None = None  # timed runs per model per round; None: metrics.ort_latency's automatic
     latency_rounds: int = 5  # interleaved rounds; the report gives the median and spread
     threads: int = 1  # onnxruntime intra-op threads for the latency figures
@@ -142,6 +146,8 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
         passes += [SinkConcatPass(), PlanPass()]
     if options.int8:  # ranks onnxruntime's symmetric int8 convs take (passes/align_ranks.py rule a)
         passes.append(AlignRanksPass())
+    if moves_before_activation(options):
+        passes.append(BeforeActivationPass())
     prepare = PrepareDataPass(options)
     if options.traffic is not None:  # the allocation measures its proxies on the calibration part
         passes += [prepare, AllocatePass(as_traffic(options.traffic), objective=options.objective,
@@ -173,6 +179,14 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
         *([VerifyTrafficPass()] if options.traffic is not None else []),
     ]
     return Pipeline(passes)
+
+
+def moves_before_activation(options: CompileOptions) -> bool:
+    """--placement before applies to the plain stored-view plan; the runtime plans (--runtime,
+    --peak), --traffic's allocation and --int8 keep each projection at its stored map (not
+    measured there)."""
+    return (options.placement == "before" and not options.runtime and options.peak is None
+            and options.traffic is None and not options.int8)
 
 
 def runtime_planning(level: str) -> list[Pass]:
@@ -234,6 +248,8 @@ def check_options(options: CompileOptions) -> None:
         check_device(options.training.device)
     if options.ceiling is None and options.traffic is None and options.peak is None:
         raise InputError("give a ceiling, a traffic budget, a peak, or a combination")
+    if options.placement not in PLACEMENTS:
+        raise InputError(f"unknown placement {options.placement!r}; available: {', '.join(PLACEMENTS)}")
     if options.peak is not None:
         _check_peak(options)
     if options.traffic is not None and options.objective not in OBJECTIVES:

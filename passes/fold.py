@@ -40,7 +40,11 @@ g. Linear residual stream: Y = Add(a, b) projected with P_out, each input either
    (a k_out x k_in 1x1 conv) + conv with P_out folded in; Y is never full width.
 h. Anything else (depthwise/grouped conv, MaxPool, nonlinear ops, Add/Mul with
    other tensors, MatMul, graph outputs, ...): an explicit 1x1 Conv fmc/U/<X>[/n]
-   (weight U) right before that consumer, one per consumer.
+   (weight U) right before that consumer, one per consumer;
+h'. except readers of X that are the elementwise nodes of one converging region (an
+   activation built from primitives reading X twice, as when X is the map before its
+   activation, passes/before_activation.py): one explicit U for all of them, so the
+   stored view computes U and the activation on the fly in their reader.
 
 New nodes and initializers are named fmc/...; tensors whose channel count changes
 get new names and no value_info. Dead nodes and initializers are removed; opset,

@@ -18,7 +18,7 @@ from .graphutil import (
     optional_input,
     set_conv_params,
 )
-from .ops import FOLD_SIMPLE_PUSH_OPS
+from .ops import FOLD_SIMPLE_PUSH_OPS, STORED_BINARY_OPS, STORED_UNARY_OPS
 
 
 def fold_u_into_conv(state: FoldState, conv: gs.Node, pend: Pending) -> bool:
@@ -197,18 +197,54 @@ def rewrite_shape(state: FoldState, node: gs.Node, pend: Pending) -> None:
 
 
 def explicit_u(state: FoldState, node: gs.Node) -> None:
-    """Rule h: one 1x1 U conv right before this consumer for each pending input."""
+    """Rule h: one 1x1 U conv right before this consumer for each pending input; rule h':
+    one for all the readers of a pending tensor that converge as one activation (HardSwish
+    or x * sigmoid(x) built from primitives, reading a map projected before it)."""
     expanded: dict[str, gs.Variable] = {}
     for i, tensor in enumerate(list(node.inputs)):
         pend = state.pending.get(tensor.name)
         if pend is None:
             continue
         if tensor.name not in expanded:
-            full = new_variable(state.namer, f"{tensor.name}/fmc_u")
-            conv1x1(state.graph, state.namer, f"fmc/U/{tensor.name}", pend.stored, pend.U, full, pend.rank)
-            expanded[tensor.name] = full
+            shared = state.shared_u.get(tensor.name)
+            if shared is None:
+                shared = new_variable(state.namer, f"{tensor.name}/fmc_u")
+                conv1x1(state.graph, state.namer, f"fmc/U/{tensor.name}", pend.stored, pend.U, shared, pend.rank)
+                if converging_readers(tensor, exclude=pend.stored):
+                    state.shared_u[tensor.name] = shared
+            expanded[tensor.name] = shared
             state.record(pend.origins, node_label(node), "explicit")
         node.inputs[i] = expanded[tensor.name]
+
+
+def converging_readers(tensor: gs.Tensor, exclude: gs.Tensor | None = None, max_nodes: int = 6) -> bool:
+    """Several elementwise readers of `tensor` (the node writing `exclude` aside: an explicit P)
+    that, with nodes fed only by them and constants, end in one tensor that is all the region
+    passes on (the stored view's converging region)."""
+    readers = [r for r in tensor.outputs if exclude is None or not any(o is exclude for o in r.outputs)]
+    if len(readers) < 2:
+        return False
+    region: list[gs.Node] = []
+    inside, queue = {tensor.name}, readers
+    while queue and len(region) < max_nodes:
+        ready = [n for n in queue if all(t.name in inside for t in _data_inputs(n))]
+        if not ready or any(n.op not in STORED_UNARY_OPS | STORED_BINARY_OPS for n in ready):
+            return False
+        node = ready[0]
+        queue = [n for n in queue if n is not node]
+        region.append(node)
+        inside.update(out.name for out in node.outputs)
+        members = {id(n) for n in region}
+        leaving = [out for n in region for out in n.outputs if any(id(r) not in members for r in out.outputs)]
+        if not queue and [out.name for out in leaving] == [node.outputs[0].name]:
+            return True
+        queue += [r for r in node.outputs[0].outputs if id(r) not in members and r not in queue]
+    return False
+
+
+def _data_inputs(node: gs.Node) -> list[gs.Tensor]:
+    return [t for t in node.inputs if not isinstance(t, gs.Constant)
+            and not (t.inputs and t.inputs[0].op == "Constant")]
 
 
 def _append(state: FoldState, op: str, name: str, inputs: list[gs.Tensor], output: gs.Variable) -> None:

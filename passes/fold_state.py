@@ -46,6 +46,7 @@ class FoldState:
     infos: dict[str, MapInfo]
     pending: dict[str, Pending] = field(default_factory=dict)
     data: dict[str, dict] = field(default_factory=dict)
+    shared_u: dict[str, gs.Variable] = field(default_factory=dict)  # rule h': one U for converging readers
 
     def record(self, origins: list[str], where: str, action: str) -> None:
         for origin in origins:

@@ -20,8 +20,11 @@ Rules (docs/design.md, "Memory accounting"), applied to a model with static shap
   by per-channel affine ops, whose output has a single consumer that is an
   elementwise node of another group, is computed inside that group from its own
   stored input (ResNet's downsample conv); so is an *expansion conv* that reads a
-  stored map with nothing chained after it, whatever its consumer, and a
-  DequantizeLinear (its consumer reads the integer tensor). Their outputs are not stored.
+  stored map, whatever its consumer, and a
+  DequantizeLinear (its consumer reads the integer tensor). An expansion conv keeps
+  that when elementwise nodes that read only it and constants chain after it (U, then
+  the activation of a map projected before it): the reader computes them per position
+  as it computes U. Their outputs are not stored.
   Projection and expansion convs (the P and U that compile inserts) are recognised by
   structure, never by node name, so renaming tools (onnxslim, re-saving) change nothing.
   Both are a *channel mix*: a group=1 1x1 Conv, stride 1, no padding, a constant
@@ -191,6 +194,9 @@ def is_expansion_conv(node: onnx.NodeProto, index: GraphIndex) -> bool:
 
     * read by one node that could not have folded it: compile's fold pass puts one
       before each such reader, and folds U into a group=1 Conv reading it as its data input;
+    * or read by the elementwise nodes of one converging region only (an activation built
+      from primitives, such as HardSwish, reading U T twice): the fold pass puts one U
+      before such a region (a map projected before its activation);
     * or the second half of a P -> U pair (C -> k -> C), as the insertion pass writes them.
 
     A genuine bias-free widening 1x1 conv read by several nodes (PP-OCRv4's FPN inputs) is neither.
@@ -202,6 +208,8 @@ def is_expansion_conv(node: onnx.NodeProto, index: GraphIndex) -> bool:
     readers = index.consumers.get(out, [])
     if len(readers) == 1 and not _folds_into(readers[0], out, index):
         return True
+    if len(readers) > 1 and _converging_region(index, out, readers) is not None:
+        return True
     producer = index.producer.get(node.input[0])
     return (producer is not None and is_projection_conv(producer, index)
             and channel_mixing(producer, index) == mix[::-1])
@@ -212,6 +220,10 @@ def _folds_into(reader: onnx.NodeProto, tensor: str, index: GraphIndex) -> bool:
     return (reader.op_type in {"Conv", "ConvTranspose"} and _attr(reader, "group", 1) == 1 and len(reader.input) > 1
             and reader.input[0] == tensor and tensor not in reader.input[1:]
             and index.constant_value(reader.input[1]) is not None)
+
+
+NORMALIZATION_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization",
+                               "LpNormalization"})
 
 
 class GroupBuilder:
@@ -310,12 +322,26 @@ class GroupBuilder:
         head, out = group.head, group.tip
         if len(group.nodes) == 1 and head.op_type == "DequantizeLinear":
             return True
-        if len(group.nodes) == 1 and is_expansion_conv(head, self.index) and self._reads_stored(head):
+        if is_expansion_conv(head, self.index) and self._reads_stored(head) and self._positionwise_tail(group):
             return True
         consumers = self.index.consumers.get(out, [])
         return (len(consumers) == 1 and self.group_of.get(id(consumers[0])) is not group
                 and consumers[0].op_type in STORED_UNARY_OPS | STORED_BINARY_OPS
                 and self._feeds_expand_on_read(out))
+
+    def _positionwise_tail(self, group: Group) -> bool:
+        """Every node after the head is elementwise and reads only the group's own tensors
+        and constants: the reader can compute the whole group per position, as it computes U.
+        No normalization among them: a genuine bias-free 1x1 conv is followed by its
+        BatchNorm (compile folds BatchNorm before it projects, so none follows a U)."""
+        inside = {group.head.output[0]}
+        for node in group.nodes[1:]:
+            if node.op_type not in STORED_UNARY_OPS | STORED_BINARY_OPS or node.op_type in NORMALIZATION_OPS:
+                return False
+            if any(i not in inside for i in self.index.data_inputs(node)):
+                return False
+            inside.update(o for o in node.output if o)
+        return True
 
     def _reads_stored(self, node: onnx.NodeProto) -> bool:
         """Its data input is a graph input or leaves a group that is stored (not itself computed on read)."""

@@ -55,10 +55,18 @@ class PlannedMap:
     bytes_after: int
     producer: str
     step: int
+    # where the projection goes when not at the stored map itself: `name` is then the tensor
+    # before the activation and this the stored map it stands for (passes/before_activation.py)
+    stored_map: str | None = None
 
     @property
     def channels(self) -> int:
         return self.shape[1]
+
+    @property
+    def stored(self) -> str:
+        """The stored map this projection fits under the ceiling (`name` itself unless moved)."""
+        return self.stored_map or self.name
 
 
 @dataclass

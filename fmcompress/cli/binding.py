@@ -20,6 +20,7 @@ import click
 from ..compiler import RUNTIMES, CompileOptions
 from ..int8 import CALIBRATIONS
 from ..passes.allocate import OBJECTIVES
+from ..passes.before_activation import PLACEMENTS
 from ..passes.fit import METHODS
 from ..reports.analysis import ORT_LEVELS
 from ..train_config import (
@@ -283,7 +284,14 @@ GATES = (
               "better on the held-out part kept (docs/int8.md)."),
 )
 
-ALL = (*DATA, *TRAINING, *BUDGET, METHOD, *GATES)
+PLACEMENT = Bound("--placement", C, "placement", type=choice(PLACEMENTS),
+                  help="Where a map whose kernel group ends in an activation (Conv, BatchNorm, ReLU or "
+                       "HardSwish) is projected: after = at the stored map itself; before = at the group's "
+                       "linear part, before the activation (the stored map is P T; U and the activation run in "
+                       "the map's reader, an explicit 1x1 U that no longer folds into the next conv). "
+                       "--runtime, --peak, --traffic and --int8 project after.")
+
+ALL = (*DATA, *TRAINING, *BUDGET, METHOD, PLACEMENT, *GATES)
 
 
 def apply(*declarations: Callable[[Any], Any]) -> Callable[[Any], Any]:

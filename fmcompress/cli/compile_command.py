@@ -12,7 +12,16 @@ import click
 # compile_model and write_report are looked up on the module at call time (tests replace them)
 from .. import compiler
 from ..errors import Interrupted
-from .binding import BUDGET, GATES, METHOD, TRAINING, bound_options, compile_options, data_options
+from .binding import (
+    BUDGET,
+    GATES,
+    METHOD,
+    PLACEMENT,
+    TRAINING,
+    bound_options,
+    compile_options,
+    data_options,
+)
 from .failures import handle_errors, warn
 from .outputs import check_outputs, default_checkpoint, default_output, not_compressible_note
 
@@ -25,6 +34,7 @@ Log = Callable[[str], None]
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the compressed model [default: MODEL.fmc.onnx].")
 @METHOD.option()
+@PLACEMENT.option()
 @data_options()
 @bound_options(TRAINING)
 @click.option("--json-log", type=click.Path(dir_okay=False, path_type=Path),

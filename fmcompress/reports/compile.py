@@ -117,7 +117,8 @@ def _maps(plan: Plan, after: AnalysisReport, folds: dict[str, dict], costs: list
     maps = []
     for planned in plan.maps:
         stored = folds.get(planned.name, {}).get("stored", planned.name)
-        maps.append({"name": planned.name, "shape": planned.shape, "C": planned.channels, "k": planned.k,
+        maps.append({"name": planned.name, "before_activation_of": planned.stored_map,
+                     "shape": planned.shape, "C": planned.channels, "k": planned.k,
                      "bytes_before": planned.bytes_before, "bytes_after": planned.bytes_after, "stored_as": stored,
                      "stored_shape": after_maps[stored].shape if stored in after_maps else None,
                      "fold": folds.get(planned.name, {}), "cost_alone": cost_of.get(planned.name),

@@ -242,7 +242,10 @@ def _md_maps(report: Mapping[str, Any]) -> list[str]:
              "cost alone (points) | added in the chain (points) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for entry in maps:
         stored = entry.get("stored_as")
-        lines.append(f"| `{entry['name']}` | {format_shape(entry['shape'])} | {entry['C']} | {entry['k']} | "
+        name = f"`{entry['name']}`"
+        if entry.get("before_activation_of"):
+            name = f"`{entry['before_activation_of']}`, projected before its activation at {name}"
+        lines.append(f"| {name} | {format_shape(entry['shape'])} | {entry['C']} | {entry['k']} | "
                      f"{entry['bytes_before']:,} | {entry['bytes_after']:,} | "
                      f"{f'`{stored}`' if stored and stored != entry['name'] else ''} | {_cost(entry.get('cost_alone'))} | "
                      f"{_added(entry.get('cost_alone'))} |")

@@ -1,0 +1,127 @@
+"""BeforeActivationPass: project a map before the activation that ends its kernel group.
+
+A stored map X usually ends a group Conv -> per-channel ops -> activation -> per-channel
+ops -> X. The plan projects X itself (the paper's placement). Projected before the
+activation instead, at T, the output of the group's linear part, the stored map is P T;
+U, the activation and the ops after it run on the fly in X's readers. After a pointwise
+conv that widens C_in channels to C, T has rank at most C_in + 1 (the bias), where X,
+past the nonlinearity, has full rank. compile runs this pass with `--placement before`
+(the default is `after`): PP-OCR's recognizer at 4x loses 1.2 points instead of 3.1, its
+classifier at 8x 3.4 instead of 0.9 (docs/results.md, "Projecting before the
+activation"). Rules, for every planned map X:
+
+a. Walking back from X through elementwise nodes (the stored view's unary and binary
+   ops; at most `LIMIT`), every path ends at the *linear tail* of one Conv: the conv's
+   output or a tensor computed from it by per-channel ops with constant operands only
+   (BatchNormalization, Mul, Add, Sub, Div). No Conv, two convs, or any other op on the
+   way: X stays where it is (a residual Add, an SE gate's Mul, a map with no activation).
+b. T is the last tensor of that tail that every path passes through. The nodes between
+   T and X (the *region*) include an activation, nothing outside the region reads T or
+   any tensor of it but X, and T has X's shape: else X stays. So does an X that anything
+   but a Conv, a pooling node or a binary elementwise node (an SE gate's Mul) reads: those
+   compute U and the region per input position as they read them, and write a map of
+   their own (planned, or under the ceiling), where a channel Split, a Concat or a Resize
+   would write X's channels whole (YOLOv8's C2f Split did: its halves were stored at full
+   width) or carry U past itself (a Resize, fold rule c) where the activation stops it.
+c. The planned map's `name` becomes T (its rank, channels and bytes unchanged; the map's
+   `stored_map` keeps X): the fit, map-cost and fold passes then project T. The fold
+   pass writes one U for the region's readers (passes/fold.py rule h'), and the stored
+   view computes U and the region in X's readers (passes/memory.py, expand on read), so
+   every stored map stays under the ceiling; verify checks it on the emitted model.
+d. The cost: U no longer folds into a consumer conv (the activation lies between), so
+   each moved map keeps an explicit 1x1 U conv and onnxruntime allocates X at full width
+   (the report's runtime figures show it).
+
+Entry point: `BeforeActivationPass().run(model, ctx)`; `result.data` lists the maps moved
+as (stored map, tensor projected).
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from .base import Pass, PassContext, PassResult
+from .graph import Model
+from .memory import GraphIndex
+from .ops import (
+    ACTIVATIONS,
+    AFFINE_PER_CHANNEL_OPS,
+    POOLING_OPS,
+    STORED_BINARY_OPS,
+    STORED_UNARY_OPS,
+)
+
+LIMIT = 16  # nodes between T and X: an activation built from primitives and a few affine ops
+READERS = frozenset({"Conv"}) | POOLING_OPS | STORED_BINARY_OPS  # what may read X (rule b)
+PLACEMENTS = ("before", "after")  # compile's --placement: before the activation (this pass), or at the map
+
+
+class BeforeActivationPass(Pass):
+    name = "before-activation"
+    requires = ("plan",)
+    provides = ("plan",)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        proto = model.proto()
+        index = GraphIndex(proto)
+        shapes = ctx.memory.tensor_shapes if ctx.memory is not None else {}
+        moved = []
+        for planned in ctx.plan.maps:
+            tensor = tensor_before_activation(index, planned.name)
+            if tensor is None or (tensor in shapes and list(shapes[tensor]) != list(planned.shape)):
+                continue
+            moved.append((planned.name, tensor))
+            planned.stored_map, planned.name = planned.name, tensor
+            planned.producer = index.producer[tensor].name or tensor
+        if moved:
+            ctx.log(f"before-activation: {len(moved)} of {len(ctx.plan.maps)} map(s) projected before "
+                    "their activation")
+        return PassResult(model, modified=False, data=moved)
+
+
+def tensor_before_activation(index: GraphIndex, name: str) -> str | None:
+    """Rules a and b: T for stored map `name`, or None where the map stays."""
+    if _linear_tail(index, name):
+        return None  # the group ends at its linear part: no activation to move before
+    readers = index.consumers.get(name, [])
+    if not readers or name in index.outputs or any(reader.op_type not in READERS for reader in readers):
+        return None  # rule b: a reader that would write X's channels whole
+    region: dict[int, onnx.NodeProto] = {}
+    tails, pending = [], [name]
+    while pending:
+        tensor = pending.pop()
+        tail = _linear_tail(index, tensor) if tensor != name else []
+        if tail:
+            tails.append(tail)
+            continue
+        node = index.producer.get(tensor)
+        if node is None or node.op_type not in STORED_UNARY_OPS | STORED_BINARY_OPS or len(region) >= LIMIT:
+            return None
+        if id(node) not in region:
+            region[id(node)] = node
+            pending += index.data_inputs(node)
+    common = [t for t in tails[0] if all(t in tail for tail in tails)] if tails else []
+    if not common or not any(node.op_type in ACTIVATIONS for node in region.values()):
+        return None
+    before = common[0]
+    for tail in tails:  # what lies between T and where each path met the tail is the region's too
+        for tensor in tail[:tail.index(before)]:
+            region[id(index.producer[tensor])] = index.producer[tensor]
+    inner = [out for node in region.values() for out in node.output if out and out != name]
+    if any(id(reader) not in region for tensor in [before, *inner] for reader in index.consumers.get(tensor, [])):
+        return None
+    if any(tensor in index.outputs for tensor in [before, *inner]):
+        return None
+    return before
+
+
+def _linear_tail(index: GraphIndex, tensor: str) -> list[str]:
+    """[tensor, ..., a Conv's output] through per-channel ops with constant operands; [] if not."""
+    tail, node = [tensor], index.producer.get(tensor)
+    while node is not None and node.op_type in AFFINE_PER_CHANNEL_OPS:
+        operands = index.data_inputs(node)
+        if len(operands) != 1:
+            return []
+        tail.append(operands[0])
+        node = index.producer.get(operands[0])
+    return tail if node is not None and node.op_type == "Conv" else []
