@@ -11,6 +11,10 @@ a. P into the producer: X = Conv/ConvTranspose(group=1, constant weight)(...)
    -> W'[j] = sum_c P[j,c] W[c] (ConvTranspose: axis 1), b' = P b; the conv now
    outputs Z = X/fmc_k<k>. Otherwise an explicit 1x1 Conv fmc/P/<X> after X. If X
    itself stands for U1 T1 (rules c-e), Z = (P U1) T1 by one 1x1 conv.
+a'. P through per-channel affine ops: X = a * Conv(...) + b by Mul/Add/Sub/Div with
+   constants that broadcast along channels only (PP-LCNet's scalar affine blocks; a map
+   projected before its activation ends so), every tensor of the chain read only by the
+   next op -> W' = P diag(a) W, b' = P (a * bias + b); the chain goes.
 b. U into a consumer Conv with group=1 reading it as input 0 (any kernel, stride,
    pad, dilation): W'[o,j] = sum_c W[o,c] U[c,j] per tap, bias unchanged;
    ConvTranspose group=1 likewise on its input-channel axis 0.
@@ -70,6 +74,7 @@ from .fold_state import FoldState, Pending, node_label
 from .graph import Model
 from .graphutil import (
     Namer,
+    constant_value,
     conv1x1,
     conv_bias,
     group_one_conv_weight,
@@ -78,6 +83,8 @@ from .graphutil import (
     set_conv_params,
 )
 from .insert import MapInfo, ProjectionPass
+
+AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})  # rule a': per-channel, by a constant
 
 
 class FoldProjectionsPass(ProjectionPass):
@@ -140,7 +147,8 @@ def _start_projection(state: FoldState, name: str, producer: gs.Node) -> None:
         matrix = projection.P.astype(np.float64) @ upstream.U.astype(np.float64)
         conv1x1(state.graph, state.namer, f"fmc/P/{name}", upstream.stored, matrix.astype(dtype), stored, rank)
         how = "explicit"
-    elif _fold_p_into_conv(state, producer, projection.P, stored):
+    elif (_fold_p_into_conv(state, producer, projection.P, stored)
+          or _fold_p_through_affine(state, producer, projection.P, stored, state.infos[name].rank)):
         how = "folded"
     else:
         source = x
@@ -167,6 +175,57 @@ def _fold_p_into_conv(state: FoldState, conv: gs.Node, p: np.ndarray, stored: gs
     conv.outputs[0] = stored
     return True
 
+
+def _fold_p_through_affine(state: FoldState, last: gs.Node, p: np.ndarray, stored: gs.Variable, rank: int) -> bool:
+    """Rule a': X = a * Conv(...) + b through per-channel Mul/Add/Sub/Div by constants, each
+    tensor of the chain read only by the next op: W' = P diag(a) W, b' = P (a * bias + b)."""
+    chain, node = [], last
+    while node is not None and node.op in AFFINE_OPS:
+        data = [t for t in node.inputs if constant_value(t) is None]
+        if len(data) != 1 or len(node.inputs) != 2 or node.op in ("Sub", "Div") and node.inputs[0] is not data[0]:
+            return False
+        factor = _per_channel(constant_value(node.inputs[1 - node.inputs.index(data[0])]), rank)
+        if factor is None or len(data[0].outputs) != 1 or len(data[0].inputs) != 1:
+            return False
+        chain.append((node, factor))
+        node = data[0].inputs[0]
+    weight = group_one_conv_weight(node) if chain and node.op == "Conv" else None
+    if weight is None or (optional_input(node, 2) is not None and conv_bias(node) is None):
+        return False
+    channels = weight.shape[0]
+    scale, shift = np.ones(channels), np.zeros(channels)
+    for op_node, factor in reversed(chain):  # compose from the conv outwards
+        if factor.size not in (1, channels):
+            return False
+        if op_node.op == "Mul":
+            scale, shift = scale * factor, shift * factor
+        elif op_node.op == "Div":
+            scale, shift = scale / factor, shift / factor
+        else:
+            shift = shift + factor if op_node.op == "Add" else shift - factor
+    bias = conv_bias(node)
+    bias = np.zeros(channels) if bias is None else bias.astype(np.float64)
+    p64 = p.astype(np.float64)
+    new_weight = np.tensordot(p64 * scale, weight.astype(np.float64), axes=([1], [0]))
+    set_conv_params(node, state.namer, new_weight.astype(weight.dtype), (p64 @ (scale * bias + shift)).astype(weight.dtype))
+    node.outputs[0] = stored
+    for op_node, _ in chain:  # dead now: cleanup removes them
+        op_node.inputs.clear()
+        op_node.outputs.clear()
+    return True
+
+
+def _per_channel(value: np.ndarray | None, rank: int) -> np.ndarray | None:
+    """A constant that broadcasts along the channel axis only (a scalar, [C], [1, C, 1, 1], ...)
+    as a flat float64 vector; None for any other shape."""
+    if value is None or value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if value.ndim == 1 and value.size > 1:
+        return None  # [C] broadcasts along the last axis, not the channels
+    if any(d != 1 for i, d in enumerate(shape) if i != 1):
+        return None
+    return value.astype(np.float64).reshape(-1)
 
 
 # ---------------------------------------------------------------- rule h for graph outputs, subgraphs

@@ -123,3 +123,27 @@ def test_compile_projects_before_the_activation_and_meets_the_ceiling(kind, plac
         assert (entry["name"], entry["before_activation_of"]) == (stored, None)
     stored_maps = api.analyze(result.model, ceiling=ceiling)
     assert not stored_maps.over_ceiling()
+
+
+@pytest.mark.parametrize("shape", [(), (1, C, 1, 1)])
+def test_p_folds_through_the_affine_ops_after_the_conv(shape):
+    """Fold rule a': a map projected before its activation ends in x * a + b after its conv;
+    P goes into the conv's weights, checked against the insertion reference in onnxruntime."""
+    b = GraphBuilder(in_channels=3)
+    conv = b.conv("x", 3, C)
+    scale = b.const((b.rng.random(shape) + 0.5).astype(np.float32))
+    shifted = b.node("Sub", [b.node("Div", [b.node("Mul", [scale, conv]), b.const(np.float32(2))]),
+                             b.const(b.rng.standard_normal(shape).astype(np.float32))])
+    out = b.conv(b.node("Relu", [shifted]), C, 4, k=3, pads=[1, 1, 1, 1])
+    data = check_fold(b.model([out]), {shifted: projection(C, 2)})
+    assert data[shifted]["producer"] == "folded"
+
+
+def test_p_stays_explicit_where_the_affine_chain_is_read_elsewhere():
+    b = GraphBuilder(in_channels=3)
+    conv = b.conv("x", 3, C)
+    scaled = b.node("Mul", [conv, b.const(np.float32(1.5))])
+    shifted = b.node("Add", [scaled, b.const(np.float32(0.2))])
+    outputs = [b.conv(b.node("Relu", [shifted]), C, 4), b.conv(scaled, C, 4)]
+    data = check_fold(b.model(outputs), {shifted: projection(C, 2)})
+    assert data[shifted]["producer"] == "explicit"
