@@ -30,7 +30,8 @@ c. The planned map's `name` becomes T (its rank, channels and bytes unchanged; t
    every stored map stays under the ceiling; verify checks it on the emitted model.
 d. The cost: U no longer folds into a consumer conv (the activation lies between), so
    each moved map keeps an explicit 1x1 U conv and onnxruntime allocates X at full width
-   (the report's runtime figures show it).
+   (the report's runtime figures show it); in return P folds into the conv before T
+   (passes/fold.py rule a'), where after the activation it stays explicit.
 
 Entry point: `BeforeActivationPass().run(model, ctx)`; `result.data` lists the maps moved
 as (stored map, tensor projected).
