@@ -238,7 +238,8 @@ def converging_readers(tensor: gs.Tensor, exclude: gs.Tensor | None = None, max_
         leaving = [out for n in region for out in n.outputs if any(id(r) not in members for r in out.outputs)]
         if not queue and [out.name for out in leaving] == [node.outputs[0].name]:
             return True
-        queue += [r for r in node.outputs[0].outputs if id(r) not in members and r not in queue]
+        queued = {id(n) for n in queue}
+        queue += [r for r in node.outputs[0].outputs if id(r) not in members and id(r) not in queued]
     return False
 
 
