@@ -51,7 +51,7 @@ def test_batch_size_and_seed_overrides_reach_the_compile(sweep, monkeypatch, tmp
 
     monkeypatch.setattr(sweep, "compile_model", compile_model)
     task = sweep.Task("demo", "accuracy", tmp_path / "m.onnx", "", data=str(tmp_path / "d.npz"))
-    args = argparse.Namespace(num_samples=8, calibration_set="first", labeled=False, threads=1, int8=False,
+    args = argparse.Namespace(num_samples=8, calibration_set="first", labeled=False, threads=1, int8=False, placement="after",
                               calibrate=sweep.DEFAULT_CALIBRATION, epochs=1, block_epochs=1,
                               train=["batch_size=8", "lr=0.001", "seed=3"])
     row = sweep.run_one(task, "4x", "learned", args, tmp_path)
