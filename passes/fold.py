@@ -83,8 +83,7 @@ from .graphutil import (
     set_conv_params,
 )
 from .insert import MapInfo, ProjectionPass
-
-AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})  # rule a': per-channel, by a constant
+from .ops import FOLD_AFFINE_OPS
 
 
 class FoldProjectionsPass(ProjectionPass):
@@ -161,7 +160,9 @@ def _start_projection(state: FoldState, name: str, producer: gs.Node) -> None:
     state.data[name] = {"stored": stored.name, "producer": how, "consumers": {}}
 
 
-def _fold_p_into_conv(state: FoldState, conv: gs.Node, p: np.ndarray, stored: gs.Variable) -> bool:
+def _fold_p_into_conv(state: FoldState, conv: gs.Node, p: np.ndarray, stored: gs.Variable,
+                      shift: np.ndarray | None = None) -> bool:
+    """Rules a and a': W' = P W, b' = P bias (+ `shift`, already in Z's k channels)."""
     weight = group_one_conv_weight(conv)
     bias = conv_bias(conv)
     if weight is None or (bias is None and optional_input(conv, 2) is not None):
@@ -170,6 +171,8 @@ def _fold_p_into_conv(state: FoldState, conv: gs.Node, p: np.ndarray, stored: gs
     p64 = p.astype(np.float64)
     new_weight = np.moveaxis(np.tensordot(p64, weight.astype(np.float64), axes=([1], [axis])), 0, axis)
     new_bias = None if bias is None else p64 @ bias.astype(np.float64)
+    if shift is not None:
+        new_bias = shift if new_bias is None else new_bias + shift
     set_conv_params(conv, state.namer, new_weight.astype(weight.dtype),
                     None if new_bias is None else new_bias.astype(weight.dtype))
     conv.outputs[0] = stored
@@ -180,7 +183,7 @@ def _fold_p_through_affine(state: FoldState, last: gs.Node, p: np.ndarray, store
     """Rule a': X = a * Conv(...) + b through per-channel Mul/Add/Sub/Div by constants, each
     tensor of the chain read only by the next op: W' = P diag(a) W, b' = P (a * bias + b)."""
     chain, node = [], last
-    while node is not None and node.op in AFFINE_OPS:
+    while node is not None and node.op in FOLD_AFFINE_OPS:
         data = [t for t in node.inputs if constant_value(t) is None]
         if len(data) != 1 or len(node.inputs) != 2 or node.op in ("Sub", "Div") and node.inputs[0] is not data[0]:
             return False
@@ -189,26 +192,20 @@ def _fold_p_through_affine(state: FoldState, last: gs.Node, p: np.ndarray, store
             return False
         chain.append((node, factor))
         node = data[0].inputs[0]
-    weight = group_one_conv_weight(node) if chain and node.op == "Conv" else None
-    if weight is None or (optional_input(node, 2) is not None and conv_bias(node) is None):
+    channels = p.shape[1]
+    if not chain or node.op != "Conv" or any(factor.size not in (1, channels) for _, factor in chain):
         return False
-    channels = weight.shape[0]
     scale, shift = np.ones(channels), np.zeros(channels)
     for op_node, factor in reversed(chain):  # compose from the conv outwards
-        if factor.size not in (1, channels):
-            return False
         if op_node.op == "Mul":
             scale, shift = scale * factor, shift * factor
         elif op_node.op == "Div":
             scale, shift = scale / factor, shift / factor
         else:
             shift = shift + factor if op_node.op == "Add" else shift - factor
-    bias = conv_bias(node)
-    bias = np.zeros(channels) if bias is None else bias.astype(np.float64)
     p64 = p.astype(np.float64)
-    new_weight = np.tensordot(p64 * scale, weight.astype(np.float64), axes=([1], [0]))
-    set_conv_params(node, state.namer, new_weight.astype(weight.dtype), (p64 @ (scale * bias + shift)).astype(weight.dtype))
-    node.outputs[0] = stored
+    if not _fold_p_into_conv(state, node, p64 * scale, stored, shift=p64 @ shift):
+        return False
     for op_node, _ in chain:  # dead now: cleanup removes them
         op_node.inputs.clear()
         op_node.outputs.clear()

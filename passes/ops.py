@@ -68,6 +68,7 @@ UNFOLDABLE_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
 
 CONV_OPS = frozenset({"Conv", "ConvTranspose"})  # P and U fold into their weights (fold rules a, b)
 FOLD_IDENTITY_OPS = frozenset({"Identity", "Dropout"})  # U passes through unchanged
+FOLD_AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})  # P folds through them by a constant (rule a')
 CARRYING_OPS = FOLD_IDENTITY_OPS | {"Resize", "Upsample"}  # the op then runs on k channels (plan)
 FOLD_SIMPLE_PUSH_OPS = frozenset({"GlobalAveragePool", "AveragePool", "Identity"})  # fold rule c as is
 # every reader U is pushed through (rules c, d): what their own readers need decides
