@@ -71,7 +71,7 @@ class CompileOptions(DataOptions):
     method: str = DEFAULT_METHOD
     # where a map whose kernel group ends in an activation is projected: "after" it, at the stored
     # map itself, or "before" it (passes/before_activation.py; plain stored-view compiles)
-    placement: str = "after"
+    placement: str = "pointwise"
     latency_repeats: int | None = None  # timed runs per model per round; None: metrics.ort_latency's automatic
     latency_rounds: int = 5  # interleaved rounds; the report gives the median and spread
     threads: int = 1  # onnxruntime intra-op threads for the latency figures
@@ -147,7 +147,7 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
     if options.int8:  # ranks onnxruntime's symmetric int8 convs take (passes/align_ranks.py rule a)
         passes.append(AlignRanksPass())
     if moves_before_activation(options):
-        passes.append(BeforeActivationPass())
+        passes.append(BeforeActivationPass(options.placement))
     prepare = PrepareDataPass(options)
     if options.traffic is not None:  # the allocation measures its proxies on the calibration part
         passes += [prepare, AllocatePass(as_traffic(options.traffic), objective=options.objective,
@@ -182,11 +182,11 @@ def build_pipeline(options: CompileOptions, *, source: str = "", plan_only: bool
 
 
 def moves_before_activation(options: CompileOptions) -> bool:
-    """--placement before applies to the plain stored-view plan; the runtime plans (--runtime,
-    --peak), --traffic's allocation and --int8 keep each projection at its stored map (not
-    measured there)."""
-    return (options.placement == "before" and not options.runtime and options.peak is None
-            and options.traffic is None and not options.int8)
+    """--placement pointwise (the default) or before applies to the stored-view plan, float or
+    --int8; the runtime plans (--runtime, --peak) and --traffic's allocation keep each
+    projection at its stored map (their plans are measured there)."""
+    return (options.placement != "after" and not options.runtime and options.peak is None
+            and options.traffic is None)
 
 
 def runtime_planning(level: str) -> list[Pass]:

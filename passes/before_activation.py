@@ -3,11 +3,13 @@
 A stored map X usually ends a group Conv -> per-channel ops -> activation -> per-channel
 ops -> X. The plan projects X itself (the paper's placement). Projected before the
 activation instead, at T, the output of the group's linear part, the stored map is P T;
-U, the activation and the ops after it run on the fly in X's readers. After a pointwise
-conv that widens C_in channels to C, T has rank at most C_in + 1 (the bias), where X,
-past the nonlinearity, has full rank. compile runs this pass with `--placement before`
-(the default is `after`): PP-OCR's recognizer at 4x loses 1.2 points instead of 3.1, its
-classifier at 8x 3.4 instead of 0.9 (docs/results.md, "Projecting before the
+U, the activation and the ops after it run on the fly in X's readers. A pointwise conv's
+T is a linear image of its input at every position: after a conv that widens C_in channels
+to C its rank is at most C_in + 1 (the bias), and where its input is itself a projected
+map of rank k, at most k + 1, where X, past the nonlinearity, has full rank. A depthwise
+conv's T has no such bound. By default (`--placement pointwise`) compile moves the maps
+after a pointwise conv: PP-OCR's recognizer at 4x loses 1.1 points instead of 3.1; with
+`before` every map that the rules allow (docs/results.md, "Projecting before the
 activation"). Rules, for every planned map X:
 
 a. Walking back from X through elementwise nodes (the stored view's unary and binary
@@ -32,6 +34,12 @@ d. The cost: U no longer folds into a consumer conv (the activation lies between
    each moved map keeps an explicit 1x1 U conv and onnxruntime allocates X at full width
    (the report's runtime figures show it); in return P folds into the conv before T
    (passes/fold.py rule a'), where after the activation it stays explicit.
+e. With `--placement pointwise` (the default) only maps whose conv is a group-1 1x1 conv
+   move; the others, after a depthwise or a spatial conv, stay after their activation.
+   Projecting T there reconstructs X about as well as projecting X (PCA at the planned
+   rank, `examples/placement_errors.py` on both PP-OCR models: within a fifth either way,
+   where after a pointwise conv the error at X falls on 24 of 25 maps, up to 60-fold), and
+   costs the fold of U.
 
 Entry point: `BeforeActivationPass().run(model, ctx)`; `result.data` lists the maps moved
 as (stored map, tensor projected).
@@ -43,7 +51,7 @@ import onnx
 
 from .base import Pass, PassContext, PassResult
 from .graph import Model
-from .memory import GraphIndex
+from .memory import GraphIndex, is_pointwise_conv
 from .ops import (
     ACTIVATIONS,
     AFFINE_PER_CHANNEL_OPS,
@@ -54,7 +62,7 @@ from .ops import (
 
 LIMIT = 16  # nodes between T and X: an activation built from primitives and a few affine ops
 READERS = frozenset({"Conv"}) | POOLING_OPS | STORED_BINARY_OPS  # what may read X (rule b)
-PLACEMENTS = ("before", "after")  # compile's --placement: before the activation (this pass), or at the map
+PLACEMENTS = ("pointwise", "before", "after")  # compile's --placement (rule e); the first is the default
 
 
 class BeforeActivationPass(Pass):
@@ -62,13 +70,16 @@ class BeforeActivationPass(Pass):
     requires = ("plan",)
     provides = ("plan",)
 
+    def __init__(self, placement: str = "pointwise"):
+        self.pointwise_only = placement == "pointwise"
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         proto = model.proto()
         index = GraphIndex(proto)
         shapes = ctx.memory.tensor_shapes if ctx.memory is not None else {}
         moved = []
         for planned in ctx.plan.maps:
-            tensor = tensor_before_activation(index, planned.name)
+            tensor = tensor_before_activation(index, planned.name, pointwise_only=self.pointwise_only)
             if tensor is None or (tensor in shapes and list(shapes[tensor]) != list(planned.shape)):
                 continue
             moved.append((planned.name, tensor))
@@ -80,8 +91,8 @@ class BeforeActivationPass(Pass):
         return PassResult(model, modified=False, data=moved)
 
 
-def tensor_before_activation(index: GraphIndex, name: str) -> str | None:
-    """Rules a and b: T for stored map `name`, or None where the map stays."""
+def tensor_before_activation(index: GraphIndex, name: str, pointwise_only: bool = False) -> str | None:
+    """Rules a, b (and e with `pointwise_only`): T for stored map `name`, or None where the map stays."""
     if _linear_tail(index, name):
         return None  # the group ends at its linear part: no activation to move before
     readers = index.consumers.get(name, [])
@@ -105,6 +116,8 @@ def tensor_before_activation(index: GraphIndex, name: str) -> str | None:
     if not common or not any(node.op_type in ACTIVATIONS for node in region.values()):
         return None
     before = common[0]
+    if pointwise_only and not is_pointwise_conv(index.producer[common[-1]], index):
+        return None  # rule e
     for tail in tails:  # what lies between T and where each path met the tail is the region's too
         for tensor in tail[:tail.index(before)]:
             region[id(index.producer[tensor])] = index.producer[tensor]
@@ -126,3 +139,4 @@ def _linear_tail(index: GraphIndex, tensor: str) -> list[str]:
         tail.append(operands[0])
         node = index.producer.get(operands[0])
     return tail if node is not None and node.op_type == "Conv" else []
+

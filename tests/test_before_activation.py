@@ -84,6 +84,24 @@ def test_the_projection_moves_to_the_linear_part_before_the_activation(kind):
     assert tensor_before_activation(GraphIndex(model), stored) == expected
 
 
+@pytest.mark.parametrize(("c_in", "k", "group", "moves"), [
+    (3, 1, 1, True),  # a pointwise conv widening 3 to 8 channels: T has rank at most 4
+    (16, 1, 1, True),  # a pointwise conv narrowing 16 to 8: T is a linear image of its input
+    (3, 3, 1, False),  # a spatial conv
+    (C, 3, C, False),  # depthwise
+    (C, 1, 4, False),  # grouped pointwise: each group its own linear map
+])
+def test_pointwise_placement_moves_only_maps_after_a_pointwise_conv(c_in, k, group, moves):
+    """Rule e: `--placement pointwise` (the default) moves a map only after a group-1 1x1 conv."""
+    b = GraphBuilder(in_channels=c_in)
+    conv = b.conv("x", c_in, C, k=k, group=group, pads=[k // 2] * 4)
+    stored = b.node("Relu", [conv])
+    model = b.model([b.conv(stored, C, 4, k=3, pads=[1, 1, 1, 1])])
+    index = GraphIndex(model)
+    assert tensor_before_activation(index, stored) == conv  # rules a and b alone move every one
+    assert tensor_before_activation(index, stored, pointwise_only=True) == (conv if moves else None)
+
+
 def test_an_activation_s_readers_share_one_u_and_the_stored_view_keeps_only_z():
     model, stored, before = block("affine-hardswish")
     k = 2
@@ -109,7 +127,7 @@ def test_readers_that_do_not_converge_keep_a_u_each():
 
 
 @pytest.mark.parametrize(("kind", "placement"), [("affine-hardswish", "before"), ("affine-hardswish", "after"),
-                                               ("se-gate", "before")])
+                                               ("affine-hardswish", "pointwise"), ("se-gate", "before")])
 def test_compile_projects_before_the_activation_and_meets_the_ceiling(kind, placement):
     model, stored, before = block(kind)
     ceiling = f"{2 * 8 * 8 * 4}B"  # two channels of an 8-channel map
@@ -117,7 +135,7 @@ def test_compile_projects_before_the_activation_and_meets_the_ceiling(kind, plac
                          latency_repeats=1, placement=placement)
     entry = next(m for m in result.report["maps"] if stored in (m["name"], m["before_activation_of"]))
     assert result.report["verification"]["ceiling_ok"]
-    if placement == "before":
+    if placement != "after":  # the block's conv is pointwise: rule e moves it too
         assert (entry["name"], entry["before_activation_of"]) == (before, stored)
     else:
         assert (entry["name"], entry["before_activation_of"]) == (stored, None)

@@ -64,9 +64,9 @@ def test_the_declared_pipeline_lists_every_step_of_compile():
                      "prepare-data", "fit", "map-cost", "fold-bn", "fold-projections", "tile-to-ceiling", "verify",
                      "measure"]
     names = [p.name for p in build_pipeline(CompileOptions(ceiling="4x"), plan_only=True).passes]
-    assert names == ["memory", "plan", "sink-concat", "plan"]
-    names = [p.name for p in build_pipeline(CompileOptions(ceiling="4x", placement="before"), plan_only=True).passes]
     assert names == ["memory", "plan", "sink-concat", "plan", "before-activation"]
+    names = [p.name for p in build_pipeline(CompileOptions(ceiling="4x", placement="after"), plan_only=True).passes]
+    assert names == ["memory", "plan", "sink-concat", "plan"]
 
 
 def test_a_pipeline_without_its_fit_pass_fails_naming_it_before_running():

@@ -286,10 +286,12 @@ GATES = (
 
 PLACEMENT = Bound("--placement", C, "placement", type=choice(PLACEMENTS),
                   help="Where a map whose kernel group ends in an activation (Conv, BatchNorm, ReLU or "
-                       "HardSwish) is projected: after = at the stored map itself; before = at the group's "
-                       "linear part, before the activation (the stored map is P T; U and the activation run in "
-                       "the map's reader, an explicit 1x1 U that no longer folds into the next conv). "
-                       "--runtime, --peak, --traffic and --int8 project after.")
+                       "HardSwish) is projected. pointwise (default) = before the activation where the "
+                       "group's conv is a 1x1 conv (its output is low-rank there), at the map elsewhere; "
+                       "before = before the activation wherever the graph allows; after = at the stored map "
+                       "itself, as the paper does. Before the activation the stored map is P T and U plus the "
+                       "activation run in the map's reader (an explicit 1x1 U, which no longer folds into the "
+                       "next conv). --runtime, --peak and --traffic project after.")
 
 ALL = (*DATA, *TRAINING, *BUDGET, METHOD, PLACEMENT, *GATES)
 
