@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="any other TrainConfig field, e.g. --train patience=0 --train augment=strong")
     parser.add_argument("--int8", action="store_true", help="compile --int8: score the quantized models")
     parser.add_argument("--placement", choices=PLACEMENTS, default=CompileOptions.placement,
-                        help="compile --placement: project before the activation or at the stored map")
+                        help="compile --placement: before the activation after 1x1 convs (pointwise), "
+                             "wherever allowed (before), or at the stored map (after)")
     parser.add_argument("--calibrate", choices=CALIBRATIONS, default=DEFAULT_CALIBRATION,
                         help="with --int8: onnxruntime's calibrator (compile --calibrate)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
