@@ -6,8 +6,8 @@ activation instead, at T, the output of the group's linear part, the stored map 
 U, the activation and the ops after it run on the fly in X's readers. A pointwise conv's
 T is a linear image of its input at every position: after a conv that widens C_in channels
 to C its rank is at most C_in + 1 (the bias), and where its input is itself a projected
-map of rank k, at most k + 1, where X, past the nonlinearity, has full rank. A depthwise
-conv's T has no such bound. By default (`--placement pointwise`) compile moves the maps
+map of rank k read through its U, at most k + 1; X, past the nonlinearity, has full rank.
+A depthwise conv's T has no such bound. By default (`--placement pointwise`) compile moves the maps
 after a pointwise conv: PP-OCR's recognizer at 4x loses 1.1 points instead of 3.1; with
 `before` every map that the rules allow (docs/results.md, "Projecting before the
 activation"). Rules, for every planned map X:
@@ -37,7 +37,7 @@ d. The cost: U no longer folds into a consumer conv (the activation lies between
 e. With `--placement pointwise` (the default) only maps whose conv is a group-1 1x1 conv
    move; the others, after a depthwise or a spatial conv, stay after their activation.
    Projecting T there reconstructs X about as well as projecting X (PCA at the planned
-   rank, `examples/placement_errors.py` on both PP-OCR models: within a fifth either way,
+   rank, `examples/placement_errors.py` on both PP-OCR models: within a third either way,
    where after a pointwise conv the error at X falls on 24 of 25 maps, up to 60-fold), and
    costs the fold of U.
 
