@@ -69,8 +69,9 @@ class CompileOptions(DataOptions):
     input_shapes: Any = None  # ["x=1,3,224,224"] or {"x": (1, 3, 224, 224)}
     act_bytes: int | None = None
     method: str = DEFAULT_METHOD
-    # where a map whose kernel group ends in an activation is projected: "after" it, at the stored
-    # map itself, or "before" it (passes/before_activation.py; plain stored-view compiles)
+    # where a map whose kernel group ends in an activation is projected: before it where the group's
+    # conv is 1x1 ("pointwise"), wherever allowed ("before"), or at the map ("after");
+    # passes/before_activation.py, stored-view compiles
     placement: str = "pointwise"
     latency_repeats: int | None = None  # timed runs per model per round; None: metrics.ort_latency's automatic
     latency_rounds: int = 5  # interleaved rounds; the report gives the median and spread
