@@ -26,8 +26,8 @@ from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.evaluation import otherlines, textlines
 from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.modelio import load_model
-from fmcompress.passes.memory import GraphIndex, is_pointwise_conv
-from fmcompress.passes.ops import AFFINE_PER_CHANNEL_OPS
+from fmcompress.passes.before_activation import tensor_before_activation
+from fmcompress.passes.memory import GraphIndex
 
 SHAPES = {"ppocr-rec": (3, 48, 320), "ppocr-cls": (3, 48, 192)}
 SETS = {"first": textlines, "second": otherlines}
@@ -66,13 +66,6 @@ def relative_error(estimate: np.ndarray, x: np.ndarray) -> float:
     return float(np.sum((estimate - x) ** 2) / np.sum(x.astype(np.float64) ** 2))
 
 
-def conv_of(index: GraphIndex, tensor: str) -> onnx.NodeProto:
-    node = index.producer[tensor]
-    while node.op_type in AFFINE_PER_CHANNEL_OPS:
-        node = index.producer[index.data_inputs(node)[0]]
-    return node
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SHAPES), default="ppocr-rec")
@@ -103,7 +96,7 @@ def main() -> None:
         region = session(onnx.utils.Extractor(model).extract_model([m.name], [m.stored_map]))
         after = relative_error(pca(x, m.k), x)
         before = relative_error(region.run(None, {m.name: pca(acts[m.name], m.k).astype(np.float32)})[0], x)
-        pointwise = is_pointwise_conv(conv_of(index, m.name), index)
+        pointwise = tensor_before_activation(index, m.stored_map, pointwise_only=True) is not None  # rule e itself
         wins[pointwise][0] += before < after
         wins[pointwise][1] += 1
         table.add_row(m.stored_map, "pointwise" if pointwise else "other", str(m.channels), str(m.k),
