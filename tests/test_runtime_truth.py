@@ -130,6 +130,9 @@ def test_one_side_below_the_probes_resolution_is_said_not_a_crash(tmp_path, monk
     runtime = data["runtime"]
     assert runtime["before"]["measured_peak_bytes"] is None and runtime["after"]["measured_peak_bytes"] == 1 << 20
     assert "below the probe's resolution" in runtime["measure_note"]
+    from fmcompress.reports.compile import _unmeasured_note
+
+    assert _unmeasured_note(runtime) == " (before: below the probe's resolution)"  # the log line's reason
 
 
 def test_measurement_off_and_a_named_level(monkeypatch):
@@ -211,6 +214,26 @@ def test_a_growth_below_the_outputs_is_not_a_measurement(monkeypatch):
         pytest.skip("the probe cannot measure here")
     assert measured.bytes is None and "below the probe's resolution" in measured.reason
     assert measured.rounds == [0, 0, 4096]
+
+
+def test_a_growth_below_the_kernels_count_batch_is_not_a_measurement():
+    """memprobe rule f: a model that holds 96 KiB at its peak and returns 4 B grows the process
+    by less than the kernel's per-CPU resident-set batch lets VmHWM see (it read 32-40 KiB):
+    no figure, and the reason, rather than a peak under half the truth."""
+    from fmcompress.memprobe import _can_reset_peak, resolution_bytes
+
+    if not _can_reset_peak():
+        pytest.skip("the probe cannot measure here")
+    elements = 96 * 1024 // 4
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["wide"]),
+             helper.make_node("ReduceSum", ["wide"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                              [numpy_helper.from_array(np.array([elements], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    measured = measure_peak(model, {"x": (1,)})
+    assert resolution_bytes() >= 128 * 1024
+    assert measured.bytes is None and "resident-set count may lag" in measured.reason, measured
 
 
 def test_the_probe_starts_again_on_one_cpu(monkeypatch):

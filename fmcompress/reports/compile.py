@@ -173,7 +173,7 @@ def runtime_section(source, original: onnx.ModelProto, emitted: onnx.ModelProto,
         ctx.warnings.append(figures["warning"])
     measured = any(figures[side]["measured_peak_bytes"] is not None for side in ("before", "after"))
     ctx.log(f"onnxruntime ({level}): peak {_pair(figures, 'computed')} computed"
-            + (f", {_pair(figures, 'measured')} measured" if measured else ""))
+            + (f", {_pair(figures, 'measured')} measured{_unmeasured_note(figures)}" if measured else ""))
     if options.runtime:
         figures.update(_tiling(ctx, plan_level(options), views[1].ceiling_bytes))
     figures.update(_arena(views, ctx))
@@ -219,6 +219,14 @@ def _pair(figures: dict[str, Any], kind: str) -> str:
     """`before -> after`; a side the probe could not measure (memprobe rule f) reads "n/a"."""
     before, after = (figures[side][f"{kind}_peak_bytes"] for side in ("before", "after"))
     return " -> ".join("n/a" if value is None else format_bytes(value) for value in (before, after))
+
+
+def _unmeasured_note(figures: dict[str, Any]) -> str:
+    """Why a side reads "n/a" (the reason's first clause, e.g. "below the probe's resolution")."""
+    unmeasured = [side for side in ("before", "after") if figures[side]["measured_peak_bytes"] is None]
+    if not unmeasured or not figures.get("measure_note"):
+        return ""
+    return f" ({', '.join(unmeasured)}: {figures['measure_note'].split(':')[0]})"
 
 
 def _rise(figures: dict[str, Any], tiled: bool) -> dict[str, Any]:
