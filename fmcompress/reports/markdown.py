@@ -255,7 +255,9 @@ def _md_maps(report: Mapping[str, Any]) -> list[str]:
                       "with that map's projection the only one in place (a map that hurts shows here). Added in "
                       "the chain: the drop with that map and every one before it in place, less the drop at the "
                       "map before; these sum to the drop with every map in place. Learned projections correct "
-                      "the ones before them, so a map can cost more alone than in the chain."]
+                      "the ones before them, so a map can cost more alone than in the chain (one fitted to what earlier "
+                      "projections left of its map can cost everything alone): the chain's shares are the ones "
+                      "that add up."]
     return [*lines, ""]
 
 
