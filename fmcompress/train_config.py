@@ -45,7 +45,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     target: float | None = None  # stop once the held-out score reaches it
-    patience: int = 3  # stop after this many epochs without a better held-out score, after the probe's (0: never)
+    patience: int = 4  # stop after this many epochs without a better held-out score, after the probe's (0: never)
     probe: int = 3  # after this many epochs, stop if training does not look like paying (0: never)
     block_min_gain: float = 0.01  # a map's block stage stops when an epoch gains less than this, relatively...
     block_patience: int = 2  # ...this many epochs in a row (block_epochs stays the maximum)

@@ -292,6 +292,20 @@ def test_patience_counts_after_the_probes_epochs(monkeypatch):
     assert result.stop_reason == "patience" and len(result.history) == 3 and result.best_epoch == 0
 
 
+def test_the_default_patience_reaches_the_classifiers_seventh_epoch(monkeypatch):
+    """The default patience (4) after the default probe (3): PP-OCR's classifier at 8x (seed 1,
+    its held-out scores and losses as recorded) ties its start at the sixth epoch and beats it at
+    the seventh, which a patience of 3 never ran."""
+    recorded = [(0.984, 0.10), (0.961, 0.36), (0.961, 0.38), (0.977, 0.25), (0.977, 0.20), (0.922, 0.35),
+                (0.984, 0.13), (0.992, 0.11), (0.992, 0.12), (0.984, 0.12), (0.984, 0.12)]
+    scripted(monkeypatch, recorded)
+    result = train(TrainConfig(epochs=10, batch_size=8))
+    assert result.best_epoch == 7 and result.stop_reason == "epochs"
+    scripted(monkeypatch, recorded)
+    result = train(TrainConfig(epochs=10, batch_size=8, patience=3))
+    assert result.best_epoch == 0 and result.stop_reason == "patience" and len(result.history) == 6
+
+
 def test_no_patience_runs_every_epoch(monkeypatch):
     scripted(monkeypatch, [(0.5, 1.0)] + [(0.4, 1.0)] * 4)
     result = train(TrainConfig(epochs=4, batch_size=8, patience=0, probe=0))
