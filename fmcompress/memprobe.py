@@ -42,8 +42,8 @@ f. A median growth below the probe's resolution is not a measurement: below the 
    outputs (which one inference allocates in any case: tensors under the mmap threshold
    came from memory the heap already held), or below one batch of the kernel's per-CPU
    resident-set count (`resolution_bytes`: max(32, 2 x CPUs) pages, 128 KiB here), by which
-   VmHWM may lag even on one CPU (rule b''). A model allocating 96 KiB a round read 32-40
-   KiB, one allocating 48 KiB read 0-4 KiB; MobileNetV2-224 at `--ceiling 64KB --runtime ort
+   VmHWM may lag even on one CPU (rule b''). A model holding 96 KiB read 0, 80 or 88 KiB
+   in three processes, one holding 48 KiB 0-4 KiB; MobileNetV2-224 at `--ceiling 64KB --runtime ort
    --int8` read 0 B, and the trained demo's original 0-12 KiB. `measure_peak` returns None
    and says why in `reason`.
 

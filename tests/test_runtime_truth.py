@@ -218,8 +218,8 @@ def test_a_growth_below_the_outputs_is_not_a_measurement(monkeypatch):
 
 def test_a_growth_below_the_kernels_count_batch_is_not_a_measurement():
     """memprobe rule f: a model that holds 96 KiB at its peak and returns 4 B grows the process
-    by less than the kernel's per-CPU resident-set batch lets VmHWM see (it read 32-40 KiB):
-    no figure, and the reason, rather than a peak under half the truth."""
+    by less than the kernel's per-CPU resident-set batch lets VmHWM see: it read 0, 80 or 88 KiB
+    by process. No figure, and the reason, rather than one that depends on the process."""
     from fmcompress.memprobe import _can_reset_peak, resolution_bytes
 
     if not _can_reset_peak():
