@@ -18,7 +18,7 @@ b. The figure is the one a report leads with (`gated_agreement`: top-1 agreement
    the joint cost. A projection fitted to a map that earlier projections already made
    low-rank (after a 1x1 conv reading a projected map, the recognizer's every other map)
    discards, alone, what the original map holds beyond that rank: 95-100 points alone,
-   -1.6 to 1.6 added in the chain. The log line leads with the chain's largest share.
+   -9.4 to 1.6 added in the chain (64 samples). The log line leads with the chain's largest share.
 b'. So each map also has its figure *in the chain* (`in_chain`: that map and every map
    before it in network order in place, as the fit pass fitted them) and `added_points`,
    the chain's drop there minus its drop at the map before: the shares sum to the drop
