@@ -47,6 +47,7 @@ class TrainConfig:
     target: float | None = None  # stop once the held-out score reaches it
     patience: int = 4  # stop after this many epochs without a better held-out score, after the probe's (0: never)
     probe: int = 3  # after this many epochs, stop if training does not look like paying (0: never)
+    probe_steps: int = 4  # ...and after this many steps of the first epoch (0: not then; schedule.py rule e)
     block_min_gain: float = 0.01  # a map's block stage stops when an epoch gains less than this, relatively...
     block_patience: int = 2  # ...this many epochs in a row (block_epochs stays the maximum)
     fake_quant: bool = False  # the stored maps rounded as int8 in training (quantization-aware, for --int8)
@@ -76,7 +77,8 @@ class TrainConfig:
             raise InputError(f"--temperature must be positive, got {self.temperature}")
         if self.feature_weight < 0:
             raise InputError(f"--feature-weight must be at least 0, got {self.feature_weight}")
-        for value, flag in ((self.patience, "--patience"), (self.probe, "--probe")):
+        for value, flag in ((self.patience, "--patience"), (self.probe, "--probe"),
+                            (self.probe_steps, "probe_steps")):
             if value < 0:
                 raise InputError(f"{flag} must be at least 0, got {value}")
         if self.fisher_draws < 1:
@@ -102,7 +104,8 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """What a checkpoint must agree on to be resumed (not the device nor the early stops)."""
-        kept = {k: v for k, v in asdict(self).items() if k not in ("device", "target", "patience", "probe")}
+        kept = {k: v for k, v in asdict(self).items() if k not in ("device", "target", "patience", "probe",
+                                                                "probe_steps")}
         return json.dumps(kept, sort_keys=True)
 
 

@@ -217,10 +217,17 @@ class FitProjectionsPass(Pass):
         ctx.training.result = best
         stops = {"target": " (stopped early at the target)",
                  "patience": f" (stopped: {config.patience} epoch(s) without a better score)",
-                 "probe": f" (stopped after {len(best.history)} probe epoch(s): training did not pay)"}
+                 "probe": f" (stopped after {probe_length(best)}: training did not pay)"}
         ctx.log(f"{self.method}: best held-out {best.metric} {best.best_score:.4f} at epoch {best.best_epoch}"
                 f"{stops.get(best.stop_reason, '')}")
         return best.projections
+
+
+def probe_length(result) -> str:
+    """How much end-to-end training the probe ran before it stopped it (trainer rule h)."""
+    if result.stopped_at_step is not None:
+        return f"the first {result.stopped_at_step} step(s) of the first epoch"
+    return f"{len(result.history)} probe epoch(s)"
 
 
 def block_init(named: str | None, act_bytes: int | None) -> str:

@@ -280,6 +280,39 @@ def test_the_probe_stops_at_the_first_epoch_that_scores_far_below_the_start(monk
     assert result.stop_reason == "patience" and len(result.history) == 6 and result.best_epoch == 3
 
 
+def test_the_probe_stops_after_the_first_steps_that_score_far_below_the_start(monkeypatch):
+    """Rule h's `probe_steps`: the held-out part is scored after the first epoch's first steps, and
+    a score more than PROBE_SCORE_SHORTFALL below the start's stops training there (PP-OCR's
+    recognizer after four steps: 0.54 against 0.77), nothing of it kept; within it (its
+    classifier: 0.945 against 0.953) the epoch goes on."""
+    from fmcompress.backend.schedule import PROBE_SCORE_SHORTFALL
+
+    def run(config):
+        steps = []
+        trainer = ProjectionTrainer(OnnxModule(tiny_classifier()), [m[0] for m in MAPS],
+                                    random_projections(MAPS, 1), config,
+                                    monitor=lambda event, fields: steps.append(event) if event == "step" else None)
+        return trainer.fit(data(64, 0), None, data(8, 1), None), len(steps)
+
+    low = 0.8 * (1 - PROBE_SCORE_SHORTFALL) - 0.05
+    scripted(monkeypatch, [(0.8, 0.5), (low, 1.0)])
+    result, steps = run(TrainConfig(epochs=10, batch_size=8, probe=3, probe_steps=4))
+    assert result.stop_reason == "probe" and result.stopped_at_step == 4 and steps == 4
+    assert result.history == [] and result.best_epoch == 0
+    start = random_projections(MAPS, 1)
+    for name, projection in result.projections.items():
+        np.testing.assert_array_equal(projection.P, start[name].P)
+    near = 0.8 * (1 - PROBE_SCORE_SHORTFALL) + 0.05
+    scripted(monkeypatch, [(0.8, 0.5), (near, 1.0), (0.9, 0.1), *[(0.85, 0.2)] * 4])
+    result, steps = run(TrainConfig(epochs=10, batch_size=8, probe=1, patience=4, probe_steps=4))
+    assert result.stopped_at_step is None and result.best_epoch == 1 and steps == 8 * len(result.history)
+    for config in (TrainConfig(epochs=10, batch_size=8, probe=1, patience=4, probe_steps=0),
+                   TrainConfig(epochs=10, batch_size=8, probe=0, patience=4, probe_steps=4)):
+        scripted(monkeypatch, [(0.8, 0.5), (0.9, 0.1), *[(0.85, 0.2)] * 4])  # no check: probe_steps or probe 0
+        result, _ = run(config)
+        assert result.stopped_at_step is None and result.best_epoch == 1
+
+
 def test_patience_counts_after_the_probes_epochs(monkeypatch):
     """Rule h: leaving the block stage, the first epochs may score below it and raise the held-out
     loss (PP-OCR's classifier: three epochs) before one beats it; patience waits for the probe."""
@@ -494,3 +527,13 @@ def test_a_sequence_head_is_scored_by_its_decodings():
     assert result.metric == "sequence"
     assert result.initial_score == pytest.approx(np.mean(same), abs=1e-6)
     assert abs(result.initial_score - per_step) > 0.05
+
+
+def test_the_log_says_how_far_the_probe_ran():
+    """The fit pass's log line: an epoch count, or the first epoch's steps when those stopped it."""
+    from fmcompress.backend.trainer import TrainResult
+    from fmcompress.passes.fit import probe_length
+
+    assert probe_length(TrainResult(projections={}, stop_reason="probe", stopped_at_step=4)) == \
+        "the first 4 step(s) of the first epoch"
+    assert probe_length(TrainResult(projections={}, stop_reason="probe")) == "0 probe epoch(s)"

@@ -45,7 +45,8 @@ h. Stopping (`schedule.should_stop`): besides `target`, training stops once `pat
    initialisation's score and the last one's held-out distillation loss is more than
    `schedule.PROBE_LOSS_RATIO` times the initialisation's, it will not pay, and the
    initialisation is kept; so it is after any probe epoch that leaves their best score short
-   of the initialisation's by more than `schedule.PROBE_SCORE_SHORTFALL` of it.
+   of the initialisation's by more than `schedule.PROBE_SCORE_SHORTFALL` of it; and so it is
+   after the first `probe_steps` steps of the first epoch (`TrainResult.stopped_at_step`).
    `TrainResult.stop_reason` says which: `target`, `patience`, `probe` or `epochs` (all ran).
 """
 
@@ -74,7 +75,15 @@ from .checkpoint import EpochRecord, RunState, load_checkpoint, run_identity, sa
 from .devices import resolve_device, setup_ranks, wrap_for_ranks
 from .losses import distillation_loss, feature_loss, label_loss, output_kinds
 from .projection import ChannelProjection
-from .schedule import BACKTRACK_FACTOR, diverged, mix_seeds, plan_epochs, should_stop, warmup_cosine
+from .schedule import (
+    BACKTRACK_FACTOR,
+    diverged,
+    first_steps_fail,
+    mix_seeds,
+    plan_epochs,
+    should_stop,
+    warmup_cosine,
+)
 from .teacher import OrtTeacher
 
 
@@ -117,6 +126,7 @@ class TrainResult:
     metric: str = ""
     stopped_early: bool = False  # at the target
     stop_reason: str = "epochs"  # rule h: target, patience, probe or epochs
+    stopped_at_step: int | None = None  # rule h: the probe stopped the first epoch after this many steps
     device: str = "cpu"
     world_size: int = 1
 
@@ -196,7 +206,7 @@ class ProjectionTrainer:
         initial_score, initial_loss = state.best_score, state.best_loss
         if self.fallback is not None:
             self._consider_fallback(state, held_out, held_out_labels, teacher_held, inputs, kinds, metric)
-        stop_reason = "epochs"
+        stop_reason, stopped_at_step = "epochs", None
         start_epoch = self._load(optimizer, scheduler, state) if self.resume else 0
         for epoch in range(start_epoch, len(epochs)):
             stage, active = epochs[epoch]
@@ -204,8 +214,18 @@ class ProjectionTrainer:
             self.monitor("epoch_start", {"epoch": epoch + 1, "epochs": len(epochs), "stage": stage,
                                          "steps": steps_per_epoch})
             started = time.perf_counter()
+            check = None
+            if epoch == 0 and cfg.probe and cfg.probe_steps and active == len(self.names):  # rule h
+                def check() -> bool:
+                    score, _ = self._score(held_out, held_out_labels, teacher_held, inputs, kinds, metric)
+                    self.monitor("probe_steps", {"steps": cfg.probe_steps, "score": score})
+                    return first_steps_fail(score, initial_score)
             loss = self._train_epoch(model, optimizer, scheduler, calibration, calibration_labels, inputs,
-                                     kinds, epoch, per_epoch)
+                                     kinds, epoch, per_epoch, check)
+            if loss is None:
+                stop_reason, stopped_at_step = "probe", cfg.probe_steps
+                self.monitor("stop", {"epoch": epoch + 1, "reason": "probe"})
+                break
             self._activate(len(self.names))  # the held-out score is always that of the full network
             score, held_loss = self._score(held_out, held_out_labels, teacher_held, inputs, kinds, metric)
             record = EpochRecord(epoch + 1, stage, active, loss, score, optimizer.param_groups[0]["lr"],
@@ -227,7 +247,7 @@ class ProjectionTrainer:
         return TrainResult(projections=state.best, history=state.history, best_epoch=state.best_epoch,
                            best_score=state.best_score, initial_score=initial_score, metric=metric,
                            stopped_early=state.stopped_early, stop_reason=stop_reason,
-                           device=str(self.device), world_size=self.world)
+                           stopped_at_step=stopped_at_step, device=str(self.device), world_size=self.world)
 
     # -- steps
 
@@ -264,7 +284,9 @@ class ProjectionTrainer:
 
     def _train_epoch(self, model: nn.Module, optimizer, scheduler, data: dict[str, np.ndarray],
                      labels: np.ndarray | None, inputs: list[str], kinds: list[str], epoch: int,
-                     per_epoch: int) -> float:
+                     per_epoch: int, check: Callable[[], bool] | None = None) -> float | None:
+        """The epoch's mean training loss; None when `check`, called after `probe_steps` steps,
+        says to stop (rule h)."""
         cfg = self.config
         total = len(next(iter(data.values())))
         order = np.random.default_rng([cfg.seed, epoch]).permutation(total)[:per_epoch]
@@ -287,6 +309,10 @@ class ProjectionTrainer:
             scheduler.step()
             losses.append(float(loss.detach()))
             self.monitor("step", {"step": step + 1, "loss": losses[-1]})
+            if check is not None and step + 1 == cfg.probe_steps:
+                if check():
+                    return None
+                self.executor.train()  # the check scored in eval mode
         return float(np.mean(losses)) if losses else float("nan")
 
     def _loss(self, student, teacher, kinds, labels, batch) -> torch.Tensor:

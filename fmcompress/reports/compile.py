@@ -140,7 +140,8 @@ def _training(ctx: PassContext) -> dict[str, Any] | None:
             "metric": result.metric, "best_epoch": result.best_epoch, "best_score": result.best_score,
             "initial_score": result.initial_score, "block_stage": record.block_stage,
             "stopped_early": result.stopped_early,
-            "stop_reason": result.stop_reason, "history": [asdict(r) for r in result.history]}
+            "stop_reason": result.stop_reason, "stopped_at_step": result.stopped_at_step,
+            "history": [asdict(r) for r in result.history]}
 
 
 def runtime_section(source, original: onnx.ModelProto, emitted: onnx.ModelProto, options: CompileOptions,
