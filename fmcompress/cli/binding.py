@@ -212,7 +212,8 @@ TRAINING = (  # `--method learned|random`
     Bound("--probe", T, "probe", type=click.IntRange(min=0),
          help="After this many epochs, stop training and keep the start when none beat its held-out score "
               "and the held-out distillation loss has risen several times over; at once after any of them, "
-              "or after the first epoch's first four steps, that scores 15% below the start (0: never probe)."),
+              "or after the first epoch's first four steps, that scores more than 0.15 of the start's score below "
+              "it (0: never probe)."),
     Bound("--fake-quant", T, "fake_quant", is_flag=True,
          help="learned/random: round every stored map P x as --int8 stores it while training "
               "(quantization-aware, straight-through gradient). Measured on PP-OCR's classifier it did not pay "
