@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -51,6 +51,9 @@ from fmcompress.featuremaps import Projection
 from .base import Pass, PassContext, PassResult
 from .graph import Model
 from .plan import Plan
+
+if TYPE_CHECKING:  # torch is an optional extra
+    from fmcompress.backend.trainer import TrainResult
 
 METHODS = ("learned", "pca", "random")
 DEFAULT_METHOD = "learned"
@@ -223,7 +226,7 @@ class FitProjectionsPass(Pass):
         return best.projections
 
 
-def probe_length(result) -> str:
+def probe_length(result: TrainResult) -> str:
     """How much end-to-end training the probe ran before it stopped it (trainer rule h)."""
     if result.stopped_at_step is not None:
         return f"the first {result.stopped_at_step} step(s) of the first epoch"

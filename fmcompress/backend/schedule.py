@@ -41,7 +41,7 @@ e. Stopping (`should_stop`, the trainer's rule h), from the epochs' records alon
    start at its seventh epoch once in four draws, after three that only tied it, its
    held-out loss falling all along (0.36 to 0.11); it lost 0.7 points instead of 3.0, and
    the draws that stop to the patience run one epoch (about 4 s) longer.
-   `probe_steps` (`first_steps_fail`): the held-out part is scored once more, after that many
+   `probe_steps` (`falls_short`): the held-out part is scored once more, after that many
    steps of the first epoch, and the same shortfall stops training there. The recognizer's
    collapse starts at the first steps, at a sixth of the peak rate or less (the warmup's):
    after four steps it scored 0.54 against the stage's 0.77 (held-out loss 0.23 to
@@ -100,9 +100,9 @@ def diverged(held_out_loss: float, best_loss: float) -> bool:
     return not math.isfinite(held_out_loss) or held_out_loss > DIVERGED * best_loss
 
 
-def first_steps_fail(score: float, initial_score: float) -> bool:
-    """Rule e's `probe_steps` check: the score after the first steps is more than
-    PROBE_SCORE_SHORTFALL of the start's below it."""
+def falls_short(score: float, initial_score: float) -> bool:
+    """Rule e's probe test, after a probe epoch or the first `probe_steps` steps: the score is
+    more than PROBE_SCORE_SHORTFALL of the start's below it."""
     return initial_score > 0 and score < (1 - PROBE_SCORE_SHORTFALL) * initial_score
 
 
@@ -119,7 +119,7 @@ def should_stop(history: Sequence[Any], initial_score: float, initial_loss: floa
     if config.probe and 0 < len(full) <= config.probe and best <= initial_score:
         # none of the probe's epochs so far beat the start, so `best` is the start's score
         probe_best = max(record.score for record in full)
-        if first_steps_fail(probe_best, initial_score):
+        if falls_short(probe_best, initial_score):
             return "probe"
         if len(full) == config.probe and full[-1].held_out_loss > PROBE_LOSS_RATIO * initial_loss:
             return "probe"

@@ -78,7 +78,7 @@ from .projection import ChannelProjection
 from .schedule import (
     BACKTRACK_FACTOR,
     diverged,
-    first_steps_fail,
+    falls_short,
     mix_seeds,
     plan_epochs,
     should_stop,
@@ -219,7 +219,7 @@ class ProjectionTrainer:
                 def check() -> bool:
                     score, _ = self._score(held_out, held_out_labels, teacher_held, inputs, kinds, metric)
                     self.monitor("probe_steps", {"steps": cfg.probe_steps, "score": score})
-                    return first_steps_fail(score, initial_score)
+                    return falls_short(score, initial_score)
             loss = self._train_epoch(model, optimizer, scheduler, calibration, calibration_labels, inputs,
                                      kinds, epoch, per_epoch, check)
             if loss is None:
