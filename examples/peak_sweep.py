@@ -68,7 +68,8 @@ def smallest(path: Path, shapes: dict, samples: int, int8: bool = False) -> list
     level, held = report_level(options), plan_level(options)
     started = time.perf_counter()
     highest = highest_ceiling(analyze_runtime(model, ctx, held), None)
-    trials = peak_search(model, ctx, 1, lambda c: peak_probe(c, held, int8), level, highest)
+    trials = peak_search(model, ctx, 1, lambda c: peak_probe(c, held, int8), level, highest,
+                         log=lambda message: print(f"  {message}", flush=True))  # each trial as it ends
     best = lowest(trials)
     lines = [f"search ({time.perf_counter() - started:.0f} s): " + ", ".join(
         f"{t.ceiling_bytes // KIB}K->{'x' if t.peak_bytes is None else t.peak_bytes // KIB}K"

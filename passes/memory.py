@@ -66,7 +66,7 @@ import onnx
 from fmcompress.featuremaps import channels_last
 from fmcompress.model_checks import initializer_array
 from fmcompress.onnxutil import constant_node_value, node_attrs
-from fmcompress.reports.analysis import AnalysisReport, FeatureMap, LivePoint
+from fmcompress.reports.analysis import AnalysisReport, FeatureMap, live_curve
 from fmcompress.shapes import TensorInfo, graph_inputs, infer_tensor_infos, resolve_input_shapes
 from fmcompress.units import Ceiling
 
@@ -413,7 +413,7 @@ def analyze_stored(model: onnx.ModelProto, ctx: PassContext, ceiling: Ceiling | 
     return AnalysisReport.build(
         source=source, input_shapes=shapes, act_bytes=ctx.act_bytes, ceiling=ceiling,
         stored=stored, strict=strict,
-        live=_live_curve(stored, stored_steps.labels), strict_live=_live_curve(strict, strict_steps.labels),
+        live=live_curve(stored, stored_steps.labels), strict_live=live_curve(strict, strict_steps.labels),
         tensor_shapes={name: info.shape for name, info in infos.items()}, graph_key=graph_key(model),
     )
 
@@ -496,13 +496,3 @@ def _feature_map(index: GraphIndex, name: str, infos: dict[str, TensorInfo], act
             [(c.op_type, node_attrs(c), list(c.input).index(name)) for c in consumers]),
     )
 
-
-def _live_curve(maps: list[FeatureMap], labels: list[str]) -> list[LivePoint]:
-    """Summed bytes of the maps alive at each step (producer's step to last reader's step)."""
-    delta = np.zeros(len(labels) + 2, dtype=np.int64)
-    for fmap in maps:
-        end = max(fmap.last_use, fmap.step)
-        delta[fmap.step] += fmap.bytes
-        delta[end + 1] -= fmap.bytes
-    live = np.cumsum(delta)[: len(labels)]
-    return [LivePoint(step=i, node=label, bytes=int(v)) for i, (label, v) in enumerate(zip(labels, live, strict=True))]

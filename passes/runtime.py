@@ -85,7 +85,7 @@ from onnx import helper, numpy_helper
 from fmcompress.errors import InputError, onnxruntime_errors
 from fmcompress.featuremaps import FeatureMap
 from fmcompress.ortrun import ort_level
-from fmcompress.reports.analysis import DEFAULT_ORT_LEVEL, ORT_LEVELS, RuntimeView
+from fmcompress.reports.analysis import DEFAULT_ORT_LEVEL, ORT_LEVELS, RuntimeView, live_curve
 from fmcompress.shapes import (
     TensorInfo,
     graph_inputs,
@@ -97,7 +97,6 @@ from fmcompress.shapes import (
 
 from .base import Pass, PassContext, PassResult
 from .graph import Model
-from .memory import _live_curve
 from .ops import RUNTIME_ALIAS_OPS
 
 LEVELS = ORT_LEVELS
@@ -172,7 +171,7 @@ def analyze_runtime(model: onnx.ModelProto, ctx: PassContext, level: str = DEFAU
     buffers = runtime_buffers(optimized, shapes, infos, tensors, reuse=reuse, unknown=shapes_unknown(pinned, optimized))
     workspaces = [t for t in tensors if t.role == "workspace" and t.bytes > 0]
     labels = [node.name or node.op_type for node in optimized.graph.node]
-    live = _live_curve([b.as_map() for b in buffers] + workspaces, labels)
+    live = live_curve([b.as_map() for b in buffers] + workspaces, labels)
     for tensor in tensors:
         tensor.over_ceiling = ceiling_bytes is not None and tensor.role in CEILED_ROLES and tensor.bytes > ceiling_bytes
     by_name = {t.name: t for t in tensors}

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import InputError
 from ..featuremaps import FeatureMap
 from ..modelio import write_bytes_atomic
@@ -31,6 +33,18 @@ class LivePoint:
     step: int
     node: str
     bytes: int
+
+
+def live_curve(maps: list[FeatureMap], labels: list[str]) -> list[LivePoint]:
+    """Summed bytes of the maps alive at each step (producer's step to last reader's step): the
+    curve of the stored view (passes/memory.py) and of the runtime view (passes/runtime.py)."""
+    delta = np.zeros(len(labels) + 2, dtype=np.int64)
+    for fmap in maps:
+        end = max(fmap.last_use, fmap.step)
+        delta[fmap.step] += fmap.bytes
+        delta[end + 1] -= fmap.bytes
+    live = np.cumsum(delta)[: len(labels)]
+    return [LivePoint(step=i, node=label, bytes=int(v)) for i, (label, v) in enumerate(zip(labels, live, strict=True))]
 
 
 @dataclass
