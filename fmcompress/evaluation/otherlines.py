@@ -61,7 +61,7 @@ import numpy as np
 
 from fmcompress.errors import InputError
 
-from .textlines import CLS_LABELS, CLS_WIDTH, HEIGHT, REC_WIDTH, preprocess
+from .textlines import CLS_LABELS, CLS_WIDTH, HEIGHT, REC_WIDTH, load_font, preprocess
 
 # ------------------------------------------------------------------------- fonts
 
@@ -98,13 +98,6 @@ def find_fonts(folder: str | os.PathLike | None = None) -> list[Path]:
         raise InputError(f"none of {', '.join(FACES)} in {root}: they ship with matplotlib "
                          "(pip install matplotlib), or set FMCOMPRESS_OTHER_FONT_DIR")
     return fonts
-
-
-@lru_cache(maxsize=512)
-def _font(path: str, size: int):
-    from PIL import ImageFont
-
-    return ImageFont.truetype(path, size)
 
 
 def _draws(font: Path, text: str) -> bool:
@@ -371,7 +364,7 @@ def render_line(text: str, rng: np.random.Generator, fonts: Sequence[Path] | Non
         weights = np.ones(len(usable))
     face = usable[int(rng.choice(len(usable), p=weights / weights.sum()))]
     size = int(round(math.exp(rng.uniform(math.log(look.sizes[0]), math.log(look.sizes[1])))))
-    font = _font(str(face), size)
+    font = load_font(str(face), size)
     tracking = rng.uniform(*look.tracking) * size if rng.random() < look.tracking_p else 0.0
 
     # the text on a large transparent mask, baseline at `base_y`; the line box is the union of

@@ -88,8 +88,9 @@ def find_fonts(folder: str | os.PathLike | None = None) -> list[Path]:
     return fonts
 
 
-@lru_cache(maxsize=256)
-def _font(path: str, size: int):
+@lru_cache(maxsize=512)
+def load_font(path: str, size: int):
+    """A TrueType face at a size, loaded once (both sets of lines render through it)."""
     from PIL import ImageFont
 
     return ImageFont.truetype(path, size)
@@ -112,7 +113,7 @@ def render_line(text: str, rng: np.random.Generator, fonts: Sequence[Path] | Non
 
     fonts = list(fonts) if fonts is not None else find_fonts()
     size = int(rng.integers(sizes[0], sizes[1] + 1))
-    font = _font(str(fonts[int(rng.integers(len(fonts)))]), size)
+    font = load_font(str(fonts[int(rng.integers(len(fonts)))]), size)
     ascent, descent = font.getmetrics()
     left, _, right, _ = font.getbbox(text, anchor="ls")
     pad_left, pad_right = (rng.uniform(0.1, 0.5, size=2) * size).astype(int)
