@@ -8,8 +8,9 @@ report's level (`all`), whether tiling alone got there (lossless), the per-alloc
 the search chose and its trials, the regions cut into 2-D patches, and the latency and FLOPs ratios. A size the planner cannot reach prints
 its one-line refusal (the smallest peak found and what is alive there).
 For each `--smallest MODEL`: the search run towards an unreachable size (rule b of
-passes/peak_plan.py walks down to the smallest ceiling the planner takes), the smallest peak it
-found, then `compile --peak` at that figure, measured the same way.
+passes/peak_plan.py walks down to the smallest ceiling the planner takes), each trial printed
+as it ends (an int8 search can take hours), the smallest peak it found, then `compile --peak`
+at that figure, measured the same way.
 With `--int8` every `--peak` compile is `compile --peak SIZE --int8` (the size holds for the int8
 model; the latency ratio is against the float original), and `--smallest` searches int8 probes. Zoo models are untrained: memory and time
 figures only.
