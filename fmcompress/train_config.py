@@ -51,8 +51,8 @@ class TrainConfig:
     block_min_gain: float = 0.01  # a map's block stage stops when an epoch gains less than this, relatively...
     block_patience: int = 2  # ...this many epochs in a row (block_epochs stays the maximum)
     fake_quant: bool = False  # the stored maps rounded as int8 in training (quantization-aware, for --int8)
-    block_init: str | None = None  # the block stage's start: fisher (the reduced-rank regression in the output's
-    # Fisher metric), lstsq (unweighted), or pca; None: lstsq where maps are stored in one byte, else fisher
+    block_init: str = "fisher"  # the block stage's start: fisher (the reduced-rank regression in the output's
+    # Fisher metric), lstsq (unweighted), or pca
     block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look)
     block_ridge: float | None = None  # the lstsq start's damping; None: 1e-3 with int8 maps, else 1e-6
     block_precision: str = "float32"  # the block stage's arithmetic: float32, bfloat16, or auto (bfloat16 where native)
@@ -96,11 +96,10 @@ class TrainConfig:
                                      (self.device, DEVICES, "--device"), (self.augment, AUGMENTATIONS, "--augment"),
                                      (self.feature_reference, FEATURE_REFERENCES, "--feature-reference"),
                                      (self.block_augment, BLOCK_AUGMENTATIONS, "--block-augment"),
+                                     (self.block_init, BLOCK_INITS, "--block-init"),
                                      (self.block_precision, BLOCK_PRECISIONS, "--block-precision")):
             if value not in allowed:
                 raise InputError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.block_init is not None and self.block_init not in BLOCK_INITS:
-            raise InputError(f"--block-init must be one of {', '.join(BLOCK_INITS)}, got {self.block_init!r}")
 
     def fingerprint(self) -> str:
         """What a checkpoint must agree on to be resumed (not the device nor the early stops)."""

@@ -11,9 +11,9 @@ b. `pca` (Tai et al.'s compression-aware projection without its compensation): o
   calibration data (a bounded random subset of positions per batch), U = P^T.
   Uncentred, because the folded model has no bias to carry a mean and zero padding
   must commute with U.
-c. `learned` (the default; Price & Tanner): the PCA projections (or `block_init`
-  `lstsq`'s closed-form start, a ridge regression damped more where maps are stored in one
-  byte: `block_ridge`), each refined in network order to reproduce what the
+c. `learned` (the default; Price & Tanner): the closed-form starts of `block_init` (the
+  Fisher-weighted ridge regression, `lstsq` unweighted, or the PCA projections; damped more
+  where maps are stored in one byte: `block_ridge`), each refined in network order to reproduce what the
   original network computes after its block (at most `block_epochs` per map, fewer
   once `block_min_gain` stops paying, `fmcompress.backend.blockwise`, its rules a-e;
   0 epochs and a `pca` start skip it), then P and U of every map trained end to end
@@ -171,7 +171,7 @@ class FitProjectionsPass(Pass):
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
         stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,
-                       "patience": config.block_patience, "init": block_init(config.block_init, ctx.act_bytes),
+                       "patience": config.block_patience, "init": config.block_init,
                        "precision": resolve_precision(config.block_precision, device), "seconds": 0.0, "maps": []}
 
         def progress(i: int, name: str, fit) -> None:
@@ -231,15 +231,6 @@ def probe_length(result: TrainResult) -> str:
     if result.stopped_at_step is not None:
         return f"the first {result.stopped_at_step} step(s) of the first epoch"
     return f"{len(result.history)} probe epoch(s)"
-
-
-def block_init(named: str | None, act_bytes: int | None) -> str:
-    """The block stage's start (blockwise.py rule a): `named`, else lstsq where maps are stored in
-    one byte, else fisher. In int8 the Fisher start cost PP-OCR's recognizer at 4x 17 points
-    on set 1's lines against lstsq (73.0% against 90.3%; docs/results.md section 7)."""
-    if named is not None:
-        return named
-    return "lstsq" if act_bytes == 1 else "fisher"
 
 
 def block_ridge(named: float | None, act_bytes: int | None) -> float:

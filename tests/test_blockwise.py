@@ -321,22 +321,23 @@ def test_block_ridge_follows_the_stored_bytes_unless_named():
         TrainConfig(block_ridge=-1.0).check()
 
 
-def test_block_init_is_fisher_unless_maps_are_stored_in_one_byte_or_it_is_named(tmp_path):
-    """The fit pass starts from the Fisher-weighted regression in float and from the plain one
-    where maps are stored in one byte; --block-init overrides; an unknown one is an input error.
-    The report names the start a compile used."""
+@pytest.mark.parametrize("int8", [False, True])
+def test_block_init_is_fisher_unless_it_is_named(int8):
+    """The fit pass starts from the Fisher-weighted regression, with --int8 too (its U P is then
+    re-factored for uint8, passes/equalize.py rule a); --block-init overrides; an unknown one is an
+    input error. The report names the start a compile used."""
     from fmcompress import api
     from fmcompress.errors import InputError
-    from fmcompress.passes.fit import block_init
     from fmcompress.train_config import TrainConfig
 
-    assert (block_init(None, None), block_init(None, 4), block_init(None, 1)) == ("fisher", "fisher", "lstsq")
-    assert block_init("pca", 1) == "pca" and block_init("fisher", 1) == "fisher"
     with pytest.raises(InputError, match="--block-init"):
         TrainConfig(block_init="svd").check()
-    result = api.compile(tiny_classifier(), ceiling="4x", num_samples=32, latency_rounds=1, latency_repeats=1,
-                         measure_memory=False, training=TrainConfig(epochs=0, block_epochs=1))
-    assert result.report["training"]["block_stage"]["init"] == "fisher"
+    common = {"ceiling": "4x", "num_samples": 32, "latency_rounds": 1, "latency_repeats": 1, "measure_memory": False,
+              "int8": int8}
+    for named, used in ((None, "fisher"), ("lstsq", "lstsq")):
+        training = TrainConfig(epochs=0, block_epochs=1, **({"block_init": named} if named else {}))
+        result = api.compile(tiny_classifier(), training=training, **common)
+        assert result.report["training"]["block_stage"]["init"] == used
 
 
 def test_bfloat16_blocks_fit_as_float32_ones_do():

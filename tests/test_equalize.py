@@ -9,8 +9,15 @@ from modeltools import tiny_classifier
 from fmcompress import api
 from fmcompress.data import Dataset
 from fmcompress.featuremaps import Projection
+from fmcompress.passes import equalize
 from fmcompress.passes.base import PassContext
-from fmcompress.passes.equalize import EqualizeRangesPass, equalized, stored_peaks
+from fmcompress.passes.equalize import (
+    EqualizeRangesPass,
+    equalized,
+    principal_basis,
+    stored_moments,
+    stored_peaks,
+)
 from fmcompress.passes.graph import Model
 
 torch = pytest.importorskip("torch")
@@ -42,6 +49,16 @@ def _outputs(projections: dict[str, Projection], data: Dataset, rounded: bool = 
         return executor(torch.from_numpy(data.inputs["x"]))[0].numpy()
 
 
+def _mixed(seed: int, k: int = 4) -> Projection:
+    """An orthonormal projection of 16 channels to k, its basis mixed by an ill-conditioned A
+    (U P = (Q A^-1)(A Q^T)): stored channels that are correlated and a U of large gains."""
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(rng.standard_normal((16, k)))[0]
+    mix = np.linalg.qr(rng.standard_normal((k, k)))[0] @ np.diag(10.0 ** np.arange(k)) \
+        @ np.linalg.qr(rng.standard_normal((k, k)))[0]
+    return Projection(P=(mix @ q.T).astype(np.float32), U=(q @ np.linalg.inv(mix)).astype(np.float32))
+
+
 def _run(projections: dict[str, Projection], data: Dataset) -> PassContext:
     ctx = PassContext(projections=dict(projections), projected_graph=Model.of(tiny_classifier()), calibration=data)
     EqualizeRangesPass().run(Model.of(tiny_classifier()), ctx)
@@ -59,13 +76,16 @@ def test_rescaling_keeps_u_times_p_and_gives_every_channel_the_geometric_mean_ra
     assert scales[3] == pytest.approx(1.0) and spread == pytest.approx(100.0)
 
 
-def test_the_pass_gives_every_stored_channel_one_range_and_keeps_the_float_outputs():
-    """Rules a, c and d on the classifier's two maps, measured again by the executor."""
+@pytest.mark.parametrize("basis", ["principal", "fitted"])
+def test_the_pass_gives_every_stored_channel_one_range_and_keeps_the_float_outputs(basis, monkeypatch):
+    """Rules b-e on the classifier's two maps, measured again by the executor, in either basis."""
+    monkeypatch.setattr(equalize, "BASIS", basis)
     data = _data()
     projections = {"r1": _uneven(1), "r2": _uneven(2)}
     ctx = _run(projections, data)
     assert [entry["name"] for entry in ctx.equalized] == ["r1", "r2"]
-    assert all(entry["spread"] > 100 for entry in ctx.equalized)  # gains of 1 to 1000 on random directions
+    if basis == "fitted":
+        assert all(entry["spread"] > 100 for entry in ctx.equalized)  # gains of 1 to 1000 on random directions
     after = stored_peaks(tiny_classifier(), ctx.projections, data, batch=8)
     for name in projections:
         assert after[name].max() / after[name].min() == pytest.approx(1.0, rel=1e-4)
@@ -81,6 +101,41 @@ def test_equal_ranges_lose_less_to_uint8_rounding_of_the_stored_maps():
     before = np.abs(_outputs(projections, data, rounded=True) - exact).mean()
     after = np.abs(_outputs(_run(projections, data).projections, data, rounded=True) - exact).mean()
     assert after < before / 10
+
+
+def test_the_principal_basis_keeps_u_times_p_with_u_orthonormal_and_decorrelated_channels():
+    """Rule a on one projection: the product kept, U' orthonormal, E[z' z'^T] diagonal, strongest first."""
+    projection = _mixed(5)
+    x = np.random.default_rng(6).standard_normal((16, 2000)) * np.linspace(0.2, 2.0, 16)[:, None]
+    z = projection.P.astype(np.float64) @ x
+    rotated = principal_basis(projection, z @ z.T / x.shape[1])
+    np.testing.assert_allclose(rotated.U @ rotated.P, projection.U @ projection.P, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rotated.U.T @ rotated.U, np.eye(4), atol=1e-5)
+    moment = rotated.P.astype(np.float64) @ x @ x.T @ rotated.P.T.astype(np.float64) / x.shape[1]
+    off_diagonal = moment - np.diag(np.diag(moment))
+    assert np.abs(off_diagonal).max() < 1e-3 * np.diag(moment).max()
+    assert list(np.diag(moment)) == sorted(np.diag(moment), reverse=True)
+
+
+def test_the_pass_decorrelates_every_stored_map_as_the_executor_computes_it():
+    """Rules a and e on the classifier: the stored channels' moments, measured again, are diagonal."""
+    data = _data()
+    ctx = _run({"r1": _mixed(7), "r2": _mixed(8)}, data)
+    for name, moment in stored_moments(tiny_classifier(), ctx.projections, data, batch=8).items():
+        off_diagonal = moment - np.diag(np.diag(moment))
+        assert np.abs(off_diagonal).max() < 1e-4 * np.diag(moment).max(), name
+
+
+def test_the_principal_basis_loses_less_to_uint8_rounding_than_the_fitted_one(monkeypatch):
+    """What rule a is for: stored channels mixed by an ill-conditioned basis, equalized as fitted
+    (rule a off), move the rounded logits more than the same product in its principal basis."""
+    data = _data()
+    projections = {"r1": _mixed(9), "r2": _mixed(10)}
+    exact = _outputs(projections, data)
+    principal = np.abs(_outputs(_run(projections, data).projections, data, rounded=True) - exact).mean()
+    monkeypatch.setattr(equalize, "BASIS", "fitted")
+    fitted = np.abs(_outputs(_run(projections, data).projections, data, rounded=True) - exact).mean()
+    assert principal < fitted / 3
 
 
 def test_int8_compile_reports_each_stored_maps_range_spread():

@@ -159,7 +159,7 @@ TRAINING = (  # `--method learned|random`
               "maximum); 0 runs every epoch."),
     Bound("--block-patience", T, "block_patience", type=click.IntRange(min=1),
          help="Epochs in a row without a --block-min-gain gain that stop a map's block stage."),
-    Bound("--block-init", T, "block_init", type=choice(BLOCK_INITS), shown_default="fisher; lstsq with --int8",
+    Bound("--block-init", T, "block_init", type=choice(BLOCK_INITS), shown_default="fisher",
          help="The block stage's start per map: fisher, the closed-form rank-k least-squares map from the map "
               "as the compressed network computes it to the original's map, its error weighted by the "
               "network's output Fisher information there (the directions its predictions depend on); "
