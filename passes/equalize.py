@@ -1,4 +1,4 @@
-"""EqualizeRangesPass: every stored map in a basis of its own and its channels at one range, for int8.
+"""EqualizeRangesPass: the channels of every stored map brought to one range, for int8.
 
 With `--int8` onnxruntime stores a projected map Z = P x in uint8 with one scale per
 tensor, set by its range over the calibration data. U P = (U A^-1)(A P) for every
@@ -9,15 +9,17 @@ with its column's gain (PCA's channels differ in range by the square roots of th
 eigenvalues, the Fisher-weighted start's by more: its U = M^-1/2 V_k gives the metric's
 weak directions large gains). Rules:
 
-a. The principal basis: per projection, E[z z^T] of z = P x over the calibration part (at
+a. Optional (`BASIS = "principal"`; the default keeps the fit's basis): the principal basis. Per projection, E[z z^T] of z = P x over the calibration part (at
    most `max_samples` samples), as the compressed network computes it (the torch executor
    with every projection in place); U = Q R (QR), R E[z z^T] R^T = V diag(lambda) V^T,
    U' = Q V, P' = V^T R P. U' is orthonormal and P' x decorrelated (lambda, strongest
    first): the stored channels are the principal axes of the reconstruction U P x, so
    rounding them adds error of the reconstruction's own power, not the fitted basis's
-   gains. PP-OCR's recognizer at 4x --int8, MinMax ranges, set 1 / set 2 (docs/results.md
-   section 7): from the Fisher start 79.0% / 63.7% -> 82.0% / 63.3%, from the lstsq start
-   88.7% / 35.0% -> 88.3% / 40.7%.
+   gains. It did not pay on PP-OCR's models at 4x --int8 (docs/results.md section 7): the
+   recognizer calibrated on set 1's lines by MinMax ranges, set 1 / set 2, from the Fisher
+   start 79.0% / 63.7% -> 82.0% / 63.3%, from the lstsq start 88.7% / 35.0% -> 88.3% / 40.7%;
+   calibrated on set 2's (`--calibrate auto`), from the Fisher start 87.0% / 88.0% -> 82.3% /
+   88.7%; the classifier over four draws, 1.6 / 3.1 points lost on average -> 1.9 / 4.0.
 b. Then, per projection, a_c: the largest |Z_c| of each channel c over the same samples.
 c. d_c = g / a_c, g the geometric mean of the nonzero a_c (the map's overall scale is
    kept); a channel that is zero on every sample keeps d_c = 1. Then every channel spans
@@ -25,10 +27,10 @@ c. d_c = g / a_c, g the geometric mean of the nonzero a_c (the map's overall sca
    s^2 sum_c a_c^2 |u_c|^2 instead of s^2 a_max^2 sum_c |u_c|^2 (|u_c| the column norms of
    U, steps of a range normalised to 1). The rounding moves to U's weights, which int8
    stores per output channel: a column scaled down by d_c keeps fewer of its row's levels.
-   On the recognizer as fitted (without rule a; MinMax): from the lstsq start 52.0% ->
+   On the recognizer as fitted (without rule a; MinMax; before the pointwise placement): from the lstsq start 52.0% ->
    76.0% on its own lines (62.7% balancing a_c against U's column maxima, cross-layer
    equalization's rule); from the Fisher start 31.0% -> 15.0% (halfway, d_c^1/2: 40.7%).
-d. P <- D A P, U <- U A^-1 D^-1; the folding passes place them as they would the others
+d. P <- D A P, U <- U A^-1 D^-1 (A = I without rule a); the folding passes place them as they would the others
    (every rule of passes/fold.py is linear in P and U; no nonlinear op sits between them).
 e. The model is not changed: `ctx.projections` is replaced by the re-factored projections,
    and `ctx.equalized` (and `result.data`) gives per map `name` and `spread`, max a_c / min
@@ -49,13 +51,13 @@ from .base import Pass, PassContext, PassResult
 from .fit import torch_executor
 from .graph import Model
 
-BASIS = "principal"  # rule a; "fitted" keeps the fit's basis (docs/results.md section 7 measures both)
+BASIS = "fitted"  # rule a: "principal" re-factors each U P first (docs/results.md section 7 measures both)
 MAX_SAMPLES = 256  # rules a, b: the moments and ranges of a few hundred samples; a forward pass each
 BATCH = 16
 
 
 class EqualizeRangesPass(Pass):
-    """Rules a-e: every U P re-factored so that the channels of P x are decorrelated and span one range."""
+    """Rules a-e: P's rows and U's columns rescaled so that every channel of P x spans one range."""
 
     name = "equalize-ranges"
     requires = ("projections", "projected_graph", "calibration")
@@ -81,8 +83,8 @@ class EqualizeRangesPass(Pass):
             ctx.projections[name], spread = equalized(projection, peaks[name])
             ctx.equalized.append({"name": name, "spread": spread})
         widest = max(ctx.equalized, key=lambda entry: entry["spread"])
-        basis = "in their principal basis, " if BASIS == "principal" else ""
-        ctx.log(f"put {len(ctx.equalized)} stored map(s) {basis}each channel at one range, for int8 (widest "
+        basis = " in their principal basis" if BASIS == "principal" else ""
+        ctx.log(f"equalized the channel ranges of {len(ctx.equalized)} stored map(s){basis} for int8 (widest "
                 f"spread {widest['spread']:.1f}x, {widest['name']})")
         return PassResult(model, modified=False, data=ctx.equalized)
 

@@ -117,8 +117,9 @@ def test_the_principal_basis_keeps_u_times_p_with_u_orthonormal_and_decorrelated
     assert list(np.diag(moment)) == sorted(np.diag(moment), reverse=True)
 
 
-def test_the_pass_decorrelates_every_stored_map_as_the_executor_computes_it():
+def test_the_pass_decorrelates_every_stored_map_as_the_executor_computes_it(monkeypatch):
     """Rules a and e on the classifier: the stored channels' moments, measured again, are diagonal."""
+    monkeypatch.setattr(equalize, "BASIS", "principal")
     data = _data()
     ctx = _run({"r1": _mixed(7), "r2": _mixed(8)}, data)
     for name, moment in stored_moments(tiny_classifier(), ctx.projections, data, batch=8).items():
@@ -132,6 +133,7 @@ def test_the_principal_basis_loses_less_to_uint8_rounding_than_the_fitted_one(mo
     data = _data()
     projections = {"r1": _mixed(9), "r2": _mixed(10)}
     exact = _outputs(projections, data)
+    monkeypatch.setattr(equalize, "BASIS", "principal")
     principal = np.abs(_outputs(_run(projections, data).projections, data, rounded=True) - exact).mean()
     monkeypatch.setattr(equalize, "BASIS", "fitted")
     fitted = np.abs(_outputs(_run(projections, data).projections, data, rounded=True) - exact).mean()
