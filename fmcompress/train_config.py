@@ -54,7 +54,7 @@ class TrainConfig:
     block_init: str = "fisher"  # the block stage's start: fisher (the reduced-rank regression in the output's
     # Fisher metric), lstsq (unweighted), or pca
     block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look)
-    block_ridge: float | None = None  # the lstsq start's damping; None: 1e-3 with int8 maps, else 1e-6
+    block_ridge: float | None = None  # the fisher and lstsq starts' damping; None: 1e-3 with int8 maps, else 1e-6
     block_precision: str = "float32"  # the block stage's arithmetic: float32, bfloat16, or auto (bfloat16 where native)
     fisher_draws: int = FISHER_DRAWS  # the fisher start's draws per calibration batch (fisher.py rule b)
 

@@ -9,8 +9,9 @@ with its column's gain (PCA's channels differ in range by the square roots of th
 eigenvalues, the Fisher-weighted start's by more: its U = M^-1/2 V_k gives the metric's
 weak directions large gains). Rules:
 
-a. Optional (`BASIS = "principal"`; the default keeps the fit's basis): the principal basis. Per projection, E[z z^T] of z = P x over the calibration part (at
-   most `max_samples` samples), as the compressed network computes it (the torch executor
+a. Optional (`BASIS = "principal"`; by default the fit's basis is kept): the principal
+   basis. Per projection, E[z z^T] of z = P x over the calibration part (at most
+   `max_samples` samples), as the compressed network computes it (the torch executor
    with every projection in place); U = Q R (QR), R E[z z^T] R^T = V diag(lambda) V^T,
    U' = Q V, P' = V^T R P. U' is orthonormal and P' x decorrelated (lambda, strongest
    first): the stored channels are the principal axes of the reconstruction U P x, so
@@ -27,11 +28,12 @@ c. d_c = g / a_c, g the geometric mean of the nonzero a_c (the map's overall sca
    s^2 sum_c a_c^2 |u_c|^2 instead of s^2 a_max^2 sum_c |u_c|^2 (|u_c| the column norms of
    U, steps of a range normalised to 1). The rounding moves to U's weights, which int8
    stores per output channel: a column scaled down by d_c keeps fewer of its row's levels.
-   On the recognizer as fitted (without rule a; MinMax; before the pointwise placement): from the lstsq start 52.0% ->
-   76.0% on its own lines (62.7% balancing a_c against U's column maxima, cross-layer
+   On the recognizer as fitted (without rule a; MinMax; before the pointwise placement):
+   from the lstsq start 52.0% -> 76.0% on its own lines (62.7% balancing a_c against U's column maxima, cross-layer
    equalization's rule); from the Fisher start 31.0% -> 15.0% (halfway, d_c^1/2: 40.7%).
-d. P <- D A P, U <- U A^-1 D^-1 (A = I without rule a); the folding passes place them as they would the others
-   (every rule of passes/fold.py is linear in P and U; no nonlinear op sits between them).
+d. P <- D A P, U <- U A^-1 D^-1 (A = I without rule a); the folding passes place them as
+   they would the others (every rule of passes/fold.py is linear in P and U; no nonlinear
+   op sits between them).
 e. The model is not changed: `ctx.projections` is replaced by the re-factored projections,
    and `ctx.equalized` (and `result.data`) gives per map `name` and `spread`, max a_c / min
    nonzero a_c before rule c (1.0: nothing to do). No projections or no calibration part:
@@ -111,41 +113,45 @@ def principal_basis(projection: Projection, moment: np.ndarray) -> Projection:
 
 
 def stored_moments(model, projections: dict[str, Projection], data, batch: int) -> dict[str, np.ndarray]:
-    """Rule a: per projected map, E[z z^T] of its stored channels z = P x over `data` (float64)."""
+    """Rule a: per projected map, E[z z^T] of its stored channels z = P x over `data`, every
+    position, in float64 (not backend.projection.SecondMomentRecorder: its float32 product
+    loses the weak channels of an ill-conditioned fitted basis, which are what rule a is for)."""
     import torch
 
-    def moment(stored: torch.Tensor, state: dict) -> None:
-        flat = stored.transpose(0, 1).reshape(stored.shape[1], -1).to(torch.float64)
-        state["sum"] = state.get("sum", 0) + flat @ flat.T
-        state["count"] = state.get("count", 0) + flat.shape[1]
+    class MomentRecorder:
+        def __init__(self, projection: Projection):
+            channels = projection.P.shape[0]
+            self.moment, self.count = torch.zeros(channels, channels, dtype=torch.float64), 0
 
-    states = _tap_stored(model, projections, data, batch, moment)
-    return {name: (state["sum"] / state["count"]).numpy() if state else _zeros(projections[name], 2)
-            for name, state in states.items()}
+        def __call__(self, stored: torch.Tensor) -> None:
+            flat = stored.transpose(0, 1).reshape(stored.shape[1], -1).to(torch.float64)
+            self.moment += flat @ flat.T
+            self.count += flat.shape[1]
+
+    recorders = _tap_stored(model, projections, data, batch, MomentRecorder)
+    return {name: (recorder.moment / max(recorder.count, 1)).numpy() for name, recorder in recorders.items()}
 
 
 def stored_peaks(model, projections: dict[str, Projection], data, batch: int) -> dict[str, np.ndarray]:
     """Rule b: per projected map, the largest |P x| of each channel over `data`."""
     import torch
 
-    def peak(stored: torch.Tensor, state: dict) -> None:
-        reduce = [axis for axis in range(stored.dim()) if axis != 1]
-        here = stored.abs().amax(dim=reduce).to(torch.float64)
-        state["peak"] = torch.maximum(state["peak"], here) if "peak" in state else here
+    class PeakRecorder:
+        def __init__(self, projection: Projection):
+            self.peak = torch.zeros(projection.P.shape[0], dtype=torch.float64)
 
-    states = _tap_stored(model, projections, data, batch, peak)
-    return {name: state["peak"].numpy() if state else _zeros(projections[name], 1) for name, state in states.items()}
+        def __call__(self, stored: torch.Tensor) -> None:
+            reduce = [axis for axis in range(stored.dim()) if axis != 1]
+            self.peak = torch.maximum(self.peak, stored.abs().amax(dim=reduce).to(torch.float64))
 
-
-def _zeros(projection: Projection, rank: int) -> np.ndarray:
-    """What a map no sample reached records: nothing (a zero moment or peak per channel)."""
-    return np.zeros((projection.P.shape[0],) * rank)
+    recorders = _tap_stored(model, projections, data, batch, PeakRecorder)
+    return {name: recorder.peak.numpy() for name, recorder in recorders.items()}
 
 
-def _tap_stored(model, projections: dict[str, Projection], data, batch: int, record) -> dict[str, dict]:
+def _tap_stored(model, projections: dict[str, Projection], data, batch: int, recorder) -> dict:
     """Runs `data` through `model` with every projection applied as the executor applies it
-    (`ChannelProjection`), calling `record(P x, state)` on each stored map as it passes;
-    the states by map name."""
+    (`ChannelProjection`), handing each stored map P x as it passes to `recorder(projection)`,
+    one made per map; the recorders by map name."""
     import torch
 
     from fmcompress.backend.projection import ChannelProjection, mix_channels
@@ -153,11 +159,11 @@ def _tap_stored(model, projections: dict[str, Projection], data, batch: int, rec
     class Tap(ChannelProjection):
         def __init__(self, projection: Projection):
             super().__init__(projection.P, projection.U)
-            self.state: dict = {}
+            self.record = recorder(projection)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             stored = mix_channels(self.P, x)
-            record(stored, self.state)
+            self.record(stored)
             return mix_channels(self.U, stored)
 
     executor = torch_executor(model)
@@ -167,4 +173,4 @@ def _tap_stored(model, projections: dict[str, Projection], data, batch: int, rec
     with torch.no_grad():
         for inputs in data.torch_batches(batch, list(executor.input_names)):
             executor(*inputs)
-    return {name: tap.state for name, tap in taps.items()}
+    return {name: tap.record for name, tap in taps.items()}

@@ -234,7 +234,7 @@ def probe_length(result: TrainResult) -> str:
 
 
 def block_ridge(named: float | None, act_bytes: int | None) -> float:
-    """The lstsq start's damping (blockwise.py rule a): `named`, else the int8 one where maps
+    """The fisher and lstsq starts' damping (blockwise.py rule a): `named`, else the int8 one where maps
     are stored in one byte, else the plain one."""
     from fmcompress.backend.blockwise import PLAIN_RIDGE, ROUNDED_RIDGE
 

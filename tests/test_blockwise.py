@@ -323,9 +323,8 @@ def test_block_ridge_follows_the_stored_bytes_unless_named():
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_block_init_is_fisher_unless_it_is_named(int8):
-    """The fit pass starts from the Fisher-weighted regression, with --int8 too (its U P is then
-    re-factored for uint8, passes/equalize.py rule a); --block-init overrides; an unknown one is an
-    input error. The report names the start a compile used."""
+    """The fit pass starts from the Fisher-weighted regression, with --int8 too; --block-init
+    overrides; an unknown one is an input error. The report names the start a compile used."""
     from fmcompress import api
     from fmcompress.errors import InputError
     from fmcompress.train_config import TrainConfig
