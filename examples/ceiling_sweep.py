@@ -1,7 +1,7 @@
 """Ceiling sweep on real trained models: accuracy against labels known by construction.
 
     python examples/ceiling_sweep.py [--models ppocr-cls,ppocr-rec,demo] [--ceilings 2x,4x,8x]
-        [--methods pca,random,learned] [--num-samples 256] [--eval-samples 500]
+        [--methods pca,random,learned] [--num-samples 256] [--eval-samples 1200]
         [--eval-set first|second|both] [--calibration-set first|second|mixed] [--labeled] [--int8 [--calibrate M]]
         [--train KEY=VALUE ...] [--out sweep]
 
@@ -30,9 +30,13 @@ the float original; `--train KEY=VALUE` sets any other TrainConfig field. The mo
 * demo (`models/digits_resnet.onnx` when it exists, `--data mnist`): the compile
   report's held-out accuracy before and after (skipped with a note when absent).
 
-Scoring is `fmcompress.evaluation.textlines`'s for both sets. Prints a Markdown table
+Scoring is `fmcompress.evaluation.textlines`'s for both sets. Each drop comes with its
+standard error (`fmcompress.metrics.paired_drop`: the original and the compressed model
+score the same lines, so only the lines they score differently carry uncertainty): on 300
+lines a recognizer's drop is known to about a point, which is why 1200 lines are scored by
+default. Prints a Markdown table
 (also written to OUT/ceiling_sweep.md, with OUT/ceiling_sweep.json: per row `original`,
-`compressed` and `drop_points` for set 1, the same keys with `_second` for set 2, and
+`compressed`, `drop_points` and `drop_se_points` for set 1, the same keys with `_second` for set 2, and
 `training`: the block stage's seconds and epochs, the end-to-end epochs, the scores;
 `timings_s`: seconds per pass) and
 plots the metric against the ceiling, one line per method and set (set 2 dashed) and
@@ -61,6 +65,7 @@ from fmcompress.errors import InputError, VerificationError
 from fmcompress.evaluation import otherlines, textlines
 from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.int8 import CALIBRATIONS, DEFAULT_CALIBRATION
+from fmcompress.metrics import paired_drop
 from fmcompress.passes.before_activation import PLACEMENTS
 from fmcompress.passes.fit import METHODS
 from fmcompress.train_config import TrainConfig
@@ -85,7 +90,7 @@ class Task:
     input_shape: str
     data: str | None = None  # calibration source; None: render an npz
     evals: dict[str, tuple[np.ndarray, Any]] = field(default_factory=dict)  # eval set -> (inputs, targets)
-    cache: dict[str, float] = field(default_factory=dict)  # eval set -> the original's score
+    cache: dict[str, np.ndarray] = field(default_factory=dict)  # eval set -> the original's hits, per line
 
     def calibration(self, folder: Path, count: int, which: str = "first", labeled: bool = False) -> str:
         """The calibration .npz: unlabeled, as a user has them, unless `labeled` (the classifier's
@@ -106,13 +111,12 @@ class Task:
             return lines.cls_dataset(count, CALIBRATION_SEED)
         return lines.rec_dataset(count, CALIBRATION_SEED)
 
-    def score(self, model, threads: int, which: str) -> float | None:
-        if which not in self.evals:
-            return None  # demo: read from the compile report
+    def hits(self, model, threads: int, which: str) -> np.ndarray:
+        """Per line of the `which` set, whether `model` scores it right."""
         inputs, targets = self.evals[which]
         if self.name == "ppocr-cls":
-            return textlines.cls_accuracy(model, inputs, targets, threads=threads)
-        return textlines.rec_exact_match(model, inputs, targets, threads=threads)
+            return textlines.cls_hits(model, inputs, targets, threads=threads)
+        return textlines.rec_hits(model, inputs, targets, threads=threads)
 
 
 def build_tasks(names: list[str], eval_samples: int, demo_data: str,
@@ -164,15 +168,18 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
     if task.evals:
         for which in task.evals:
             if which not in task.cache:
-                task.cache[which] = task.score(task.path, args.threads, which)
-            row["original" + SUFFIX[which]] = task.cache[which]
-            row["compressed" + SUFFIX[which]] = task.score(result.model, args.threads, which)
+                task.cache[which] = task.hits(task.path, args.threads, which)
+            original, compressed = task.cache[which], task.hits(result.model, args.threads, which)
+            drop, error = paired_drop(original, compressed)
+            suffix = SUFFIX[which]
+            row["original" + suffix], row["compressed" + suffix] = float(original.mean()), float(compressed.mean())
+            row["drop_points" + suffix] = 100 * drop
+            row["drop_se_points" + suffix] = None if error is None else 100 * error
     else:
         fid = result.report["fidelity"]
         row["original"], row["compressed"] = fid["accuracy_reference"], fid["accuracy_candidate"]
-    for suffix in SUFFIX.values():
-        if row.get("original" + suffix) is not None and row.get("compressed" + suffix) is not None:
-            row["drop_points" + suffix] = 100 * (row["original" + suffix] - row["compressed" + suffix])
+        if row["original"] is not None and row["compressed"] is not None:
+            row["drop_points"] = 100 * (row["original"] - row["compressed"])
     return row
 
 
@@ -198,7 +205,7 @@ def markdown(rows: list[dict[str, Any]], eval_sets: tuple[str, ...] = ("first",)
     head, rule = "| model | ceiling | method | maps | metric |", "|---|---|---|---:|---|"
     for which in eval_sets:
         n = COLUMN[which]
-        head += f" original {n} | compressed {n} | drop {n} (pts) |"
+        head += f" original {n} | compressed {n} | drop {n} (pts, ± s.e.) |"
         rule += "---:|---:|---:|"
     lines = [head + " compile s |", rule + "---:|"]
 
@@ -214,11 +221,17 @@ def markdown(rows: list[dict[str, Any]], eval_sets: tuple[str, ...] = ("first",)
         cells = ""
         for which in eval_sets:
             suffix = SUFFIX[which]
-            drop = r.get("drop_points" + suffix)
             cells += (f" {pct(r.get('original' + suffix))} | {pct(r.get('compressed' + suffix))} | "
-                      f"{'-' if drop is None else f'{drop:.1f}'} |")
+                      f"{points(r.get('drop_points' + suffix), r.get('drop_se_points' + suffix))} |")
         lines.append(f"{start} {r['maps']} | {r['metric']} |{cells} {r['compile_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def points(drop: float | None, error: float | None) -> str:
+    """A drop in points, with its standard error where known: `2.4 ± 0.5`."""
+    if drop is None:
+        return "-"
+    return f"{drop:.1f}" if error is None else f"{drop:.1f} ± {error:.1f}"
 
 
 def plot(rows: list[dict[str, Any]], ceilings: list[str], path: Path,
@@ -281,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ceilings", default="2x,4x,8x")
     parser.add_argument("--methods", default="pca,random,learned")
     parser.add_argument("--num-samples", type=int, default=256, help=f"calibration lines (at most {MAX_CALIBRATION})")
-    parser.add_argument("--eval-samples", type=int, default=500, help="held-out lines scored per model and set")
+    parser.add_argument("--eval-samples", type=int, default=1200,
+                        help="held-out lines scored per model and set (the drop's standard error falls as its square root)")
     parser.add_argument("--eval-set", choices=("first", "second", "both"), default="both",
                         help="score on set 1 (textlines), set 2 (otherlines) or both")
     parser.add_argument("--calibration-set", choices=("first", "second", "mixed"), default="first",

@@ -4,6 +4,9 @@
   per output (`output_figures`), per channel and group of a detection head's quantity axis.
 * `count_flops`: arithmetic cost from the graph and its tensor shapes.
 * `ort_latency`: onnxruntime latency of a model pair, interleaved rounds, median and spread.
+* `paired_drop`: how much a per-sample score falls from one model to another on the same
+  samples, with the standard error that says how far a figure from that many samples can be
+  trusted.
 """
 
 from __future__ import annotations
@@ -234,6 +237,22 @@ def _ratio(numerator: float, denominator: float) -> float:
     if denominator > 0:
         return float(numerator / denominator)
     return 0.0 if numerator == 0 else float("inf")
+
+
+def paired_drop(reference_hits: Sequence[bool] | np.ndarray, candidate_hits: Sequence[bool] | np.ndarray
+                ) -> tuple[float, float | None]:
+    """The mean of reference minus candidate over the same samples (a drop in accuracy when
+    the hits are per-sample correctness), and its standard error: the per-sample differences'
+    standard deviation over the square root of their count (None under two samples). Paired,
+    so only the samples the two models score differently carry uncertainty: on 300 lines
+    with 15 of them flipped either way the drop is known to about 1.3 points."""
+    reference, candidate = np.asarray(reference_hits, dtype=float), np.asarray(candidate_hits, dtype=float)
+    if reference.shape != candidate.shape or reference.ndim != 1 or not len(reference):
+        raise InputError(f"paired scores need two equal non-empty 1-D sets, got shapes {list(reference.shape)} "
+                         f"and {list(candidate.shape)}")
+    differences = reference - candidate
+    error = float(differences.std(ddof=1) / np.sqrt(len(differences))) if len(differences) > 1 else None
+    return float(differences.mean()), error
 
 
 # ------------------------------------------------------------------------- FLOPs

@@ -12,10 +12,34 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress.errors import InputError
-from fmcompress.metrics import count_flops, fidelity, ort_latency
+from fmcompress.metrics import count_flops, fidelity, ort_latency, paired_drop
 from fmcompress.ortrun import run_ort
 
 # ---------------------------------------------------------------------- fidelity
+
+
+@pytest.mark.parametrize("flips", [0, 3, 40])
+def test_paired_drop_and_its_standard_error_match_scipy(flips: int) -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(flips)
+    reference = rng.random(300) < 0.9
+    candidate = reference.copy()
+    candidate[rng.choice(300, size=flips, replace=False)] ^= True
+    drop, error = paired_drop(reference, candidate)
+    differences = reference.astype(float) - candidate.astype(float)
+    assert drop == pytest.approx(reference.mean() - candidate.mean())
+    assert error == pytest.approx(stats.sem(differences), abs=1e-15)
+    if flips:  # scipy's paired t statistic is the drop over its standard error
+        assert drop / error == pytest.approx(stats.ttest_rel(reference.astype(float), candidate.astype(float)).statistic)
+
+
+def test_paired_drop_needs_two_equal_sets() -> None:
+    assert paired_drop([True], [False]) == (1.0, None)
+    with pytest.raises(InputError, match="equal non-empty"):
+        paired_drop([True, False], [True])
+    with pytest.raises(InputError, match="equal non-empty"):
+        paired_drop([], [])
 
 
 def test_identical_outputs_are_perfect() -> None:

@@ -51,6 +51,7 @@ def test_ctc_greedy_decode_checks_shapes():
 def test_exact_match_ignores_spaces_like_paddleocr():
     assert textlines.exact_match([" ab1 ", "xy"], ["ab1", "xz"]) == 0.5
     assert textlines.exact_match([" ab1 ", "xy"], ["ab1", "xz"], ignore_space=False) == 0.0
+    assert textlines.exact_matches([" ab1 ", "xy"], ["ab1", "xz"]).tolist() == [True, False]
 
 
 # --------------------------------------------------------------------- rendering
@@ -141,7 +142,9 @@ def test_original_recognizer_reads_rendered_lines():
     digits, digit_texts = textlines.rec_dataset(15, seed=11, charset=string.digits)
     assert textlines.rec_exact_match(path, digits, digit_texts) >= 0.8
     inputs, texts = textlines.rec_dataset(30, seed=12)
-    assert textlines.rec_exact_match(path, inputs, texts) >= 0.8
+    hits = textlines.rec_hits(path, inputs, texts)
+    assert hits.shape == (30,) and hits.dtype == bool
+    assert textlines.rec_exact_match(path, inputs, texts) == hits.mean() >= 0.8
 
 
 @pytest.mark.real
@@ -149,4 +152,6 @@ def test_original_recognizer_reads_rendered_lines():
 def test_original_classifier_tells_upright_from_upside_down():
     inputs, labels = textlines.cls_dataset(40, seed=13)
     assert 0 < labels.sum() < len(labels)
-    assert textlines.cls_accuracy(real_model("ppocr-cls"), inputs, labels) >= 0.9
+    hits = textlines.cls_hits(real_model("ppocr-cls"), inputs, labels)
+    assert hits.shape == (40,) and hits.dtype == bool
+    assert textlines.cls_accuracy(real_model("ppocr-cls"), inputs, labels) == hits.mean() >= 0.9

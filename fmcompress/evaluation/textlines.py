@@ -285,14 +285,27 @@ def rec_exact_match(model_or_path: ModelLike, inputs: np.ndarray, texts: Sequenc
     Spaces are ignored by default, as PaddleOCR's RecMetric does (ignore_space=True):
     the recognizer often reads the margins of a crop as leading or trailing spaces.
     """
+    return float(rec_hits(model_or_path, inputs, texts, dictionary=dictionary, batch_size=batch_size,
+                          threads=threads, ignore_space=ignore_space).mean())
+
+
+def rec_hits(model_or_path: ModelLike, inputs: np.ndarray, texts: Sequence[str], *,
+             dictionary: Sequence[str] | None = None, batch_size: int = 32,
+             threads: int | None = None, ignore_space: bool = True) -> np.ndarray:
+    """Per line, whether the recognizer reads it exactly ([N] bool; `rec_exact_match` is the mean)."""
     if len(inputs) != len(texts):
         raise InputError(f"{len(inputs)} inputs but {len(texts)} texts")
     read = recognize(model_or_path, inputs, dictionary=dictionary, batch_size=batch_size, threads=threads)
-    return exact_match(read, texts, ignore_space=ignore_space)
+    return exact_matches(read, texts, ignore_space=ignore_space)
 
 
 def exact_match(read: Sequence[str], texts: Sequence[str], *, ignore_space: bool = True) -> float:
     """Share of equal strings (spaces removed from both first when `ignore_space`)."""
+    return float(exact_matches(read, texts, ignore_space=ignore_space).mean())
+
+
+def exact_matches(read: Sequence[str], texts: Sequence[str], *, ignore_space: bool = True) -> np.ndarray:
+    """Per pair, whether the strings are equal ([N] bool; spaces removed first when `ignore_space`)."""
     if len(read) != len(texts):
         raise InputError(f"{len(read)} read strings but {len(texts)} texts")
     if not texts:
@@ -301,7 +314,7 @@ def exact_match(read: Sequence[str], texts: Sequence[str], *, ignore_space: bool
     def clean(text: str) -> str:
         return text.replace(" ", "") if ignore_space else text
 
-    return float(np.mean([clean(a) == clean(b) for a, b in zip(read, texts, strict=True)]))
+    return np.array([clean(a) == clean(b) for a, b in zip(read, texts, strict=True)], dtype=bool)
 
 
 def classify(model: ModelLike, inputs: np.ndarray, *, batch_size: int = 32,
@@ -314,10 +327,16 @@ def classify(model: ModelLike, inputs: np.ndarray, *, batch_size: int = 32,
 def cls_accuracy(model_or_path: ModelLike, inputs: np.ndarray, labels: np.ndarray, *,
                  batch_size: int = 32, threads: int | None = None) -> float:
     """Share of lines whose argmax angle class equals the label."""
+    return float(cls_hits(model_or_path, inputs, labels, batch_size=batch_size, threads=threads).mean())
+
+
+def cls_hits(model_or_path: ModelLike, inputs: np.ndarray, labels: np.ndarray, *,
+             batch_size: int = 32, threads: int | None = None) -> np.ndarray:
+    """Per line, whether the argmax angle class equals the label ([N] bool; `cls_accuracy` is the mean)."""
     labels = np.asarray(labels)
     if len(inputs) != len(labels):
         raise InputError(f"{len(inputs)} inputs but {len(labels)} labels")
-    return float(np.mean(classify(model_or_path, inputs, batch_size=batch_size, threads=threads) == labels))
+    return classify(model_or_path, inputs, batch_size=batch_size, threads=threads) == labels
 
 
 def _run(model: onnx.ModelProto, inputs: np.ndarray, batch_size: int, threads: int | None):
