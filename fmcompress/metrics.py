@@ -40,6 +40,7 @@ class Fidelity:
     sequence_agreement: float | None  # [N, T, classes] distributions: share of equal greedy CTC decodings
     accuracy_reference: float | None
     accuracy_candidate: float | None
+    accuracy_drop_error: float | None  # the standard error of reference minus candidate accuracy (`paired_drop`)
     cosine_similarity: float  # mean per-sample cosine, averaged over outputs
     relative_error: float  # ||candidate - reference|| / ||reference|| over all outputs
     max_abs_error: float
@@ -61,18 +62,18 @@ def fidelity(reference_outputs: list[np.ndarray], candidate_outputs: list[np.nda
     relative = _ratio(np.sqrt(diff_sq), np.sqrt(ref_sq))
     max_abs = max(float(np.max(np.abs(c - r), initial=0.0)) for r, c in zip(reference, candidate, strict=True))
     return Fidelity(agreement["top1_agreement"], agreement["sequence_agreement"], agreement["accuracy_reference"],
-                    agreement["accuracy_candidate"], cosine, relative, max_abs)
+                    agreement["accuracy_candidate"], agreement["accuracy_drop_error"], cosine, relative, max_abs)
 
 
 def agreement_figures(reference: list[np.ndarray], candidate: list[np.ndarray],
                       labels: np.ndarray | None = None) -> dict[str, float | None]:
     """`fidelity`'s figures that compare predictions (first output): `top1_agreement`,
-    `sequence_agreement`, `accuracy_reference`, `accuracy_candidate` (None where they do not
-    apply). Argmaxes only: the outputs stay in their own precision (float64 copies of a
+    `sequence_agreement`, `accuracy_reference`, `accuracy_candidate` and `accuracy_drop_error`
+    (None where they do not apply). Argmaxes only: the outputs stay in their own precision (float64 copies of a
     recognizer's [64, 40, 6625] outputs cost more than the figures)."""
     _check_pairs(reference, candidate)
     figures: dict[str, float | None] = dict.fromkeys(
-        ("top1_agreement", "sequence_agreement", "accuracy_reference", "accuracy_candidate"))
+        ("top1_agreement", "sequence_agreement", "accuracy_reference", "accuracy_candidate", "accuracy_drop_error"))
     first_ref, first_cand = np.asarray(reference[0]), np.asarray(candidate[0])
     ref_classes = _class_scores(first_ref)
     if ref_classes is not None:
@@ -83,6 +84,7 @@ def agreement_figures(reference: list[np.ndarray], candidate: list[np.ndarray],
             truth = _checked_labels(labels, ref_classes.shape)
             figures["accuracy_reference"] = float(np.mean(ref_pred == truth))
             figures["accuracy_candidate"] = float(np.mean(cand_pred == truth))
+            figures["accuracy_drop_error"] = paired_drop(ref_pred == truth, cand_pred == truth)[1]
     if is_sequence_head(first_ref):
         figures["sequence_agreement"] = sequence_agreement(first_ref, first_cand)
     return figures

@@ -18,7 +18,9 @@ c. Latency: both models in onnxruntime with `threads` intra-op threads on one
 d. The gate: with `min_agreement`, top-1 agreement (sequence agreement for a
    sequence head) below it fails; with
    `max_accuracy_drop` (points), an accuracy drop above it fails, and the gate needs
-   labels. A failure raises `VerificationError` (exit 1), so compile writes nothing.
+   labels. The drop's standard error (`fmcompress.metrics.paired_drop`) is reported beside
+   it, so that a user sees how many points the held-out part can tell apart: on 128 samples
+   with 8 scored differently, about 2. A failure raises `VerificationError` (exit 1), so compile writes nothing.
    Without a gate, agreement under 90% is a warning.
 
 e. With `--int8` (`ctx.quantized_original`, passes/quantize.py rule g): the original
@@ -128,9 +130,10 @@ class MeasurePass(HeldOutPass):
     def _gate(self, quality: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """Rule d: raises VerificationError when the held-out fidelity misses the gate."""
         what, agreement = gated_agreement(quality)
-        drop = _accuracy_drop_points(quality)
+        drop, error = _accuracy_drop_points(quality), quality.get("accuracy_drop_error")
         gate = {"min_agreement": self.min_agreement, "max_accuracy_drop": self.max_accuracy_drop,
-                "accuracy_drop_points": drop, "passed": True}
+                "accuracy_drop_points": drop, "accuracy_drop_se_points": None if error is None else 100.0 * error,
+                "passed": True}
         failures = []
         if self.min_agreement is not None:
             if agreement is None:
@@ -139,7 +142,7 @@ class MeasurePass(HeldOutPass):
             elif agreement < self.min_agreement:
                 failures.append(f"{what} {agreement:.2%} < {self.min_agreement:.2%}")
         if self.max_accuracy_drop is not None and drop is not None and drop > self.max_accuracy_drop:
-            failures.append(f"accuracy drop {drop:.2f} points > {self.max_accuracy_drop:g}")
+            failures.append(f"accuracy drop {drop:.2f}{_plus_minus(error)} points > {self.max_accuracy_drop:g}")
         if failures:
             raise VerificationError(f"fidelity gate missed on {len(self.held_out)} held-out samples: "
                                     + "; ".join(failures) + "; nothing was written")
@@ -172,13 +175,21 @@ def _accuracy_drop_points(quality: dict[str, Any]) -> float | None:
     return None if before is None or after is None else 100.0 * (before - after)
 
 
+def _plus_minus(error: float | None, digits: int = 2) -> str:
+    """` ± 1.10` for a standard error of 0.011 (a fraction), else nothing."""
+    return "" if error is None else f" ± {100.0 * error:.{digits}f}"
+
+
 def fidelity_line(quality: dict[str, Any]) -> str:
     parts = []
     what, agreement = gated_agreement(quality)
     if agreement is not None:
         parts.append(f"{what} {agreement:.1%}")
     if quality.get("accuracy_candidate") is not None:
-        parts.append(f"accuracy {quality['accuracy_reference']:.1%} -> {quality['accuracy_candidate']:.1%}")
+        reference, candidate = quality["accuracy_reference"], quality["accuracy_candidate"]
+        error = quality.get("accuracy_drop_error")
+        lost = "" if error is None else f" ({100 * (reference - candidate):.1f}{_plus_minus(error, 1)} points lost)"
+        parts.append(f"accuracy {reference:.1%} -> {candidate:.1%}{lost}")
     parts.append(f"cosine {quality['cosine_similarity']:.4f}")
     parts.append(f"relative error {quality['relative_error']:.3g}")
     return ", ".join(parts)

@@ -150,6 +150,7 @@ def test_npz_data_with_labels_reports_accuracy(small_resnet, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["data"]["labels"] is True and report["fidelity"]["accuracy_candidate"] is not None
+    assert report["gate"]["accuracy_drop_se_points"] == pytest.approx(100 * report["fidelity"]["accuracy_drop_error"])
 
 
 @pytest.mark.slow

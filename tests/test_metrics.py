@@ -60,12 +60,15 @@ def test_known_agreement_accuracy_cosine_and_errors() -> None:
     assert result.top1_agreement == pytest.approx(0.75)
     assert result.accuracy_reference == pytest.approx(0.5)  # samples 0 and 1
     assert result.accuracy_candidate == pytest.approx(0.25)  # sample 0
+    # per-sample hits 1,1,0,0 and 1,0,0,0: differences 0,1,0,0, std 0.5 over sqrt(4)
+    assert result.accuracy_drop_error == pytest.approx(0.25)
     assert result.cosine_similarity == pytest.approx((1 + 0 + 1 + 1) / 4)
     diff_norm = np.sqrt(2 + 2)  # sample 1 differs by (1, -1), sample 3 by (1, 1)
     assert result.relative_error == pytest.approx(diff_norm / np.sqrt(1 + 1 + 25 + 2))
     assert result.max_abs_error == pytest.approx(1.0)
     assert set(result.to_dict()) == {"top1_agreement", "sequence_agreement", "accuracy_reference",
-                                     "accuracy_candidate", "cosine_similarity", "relative_error", "max_abs_error"}
+                                     "accuracy_candidate", "accuracy_drop_error", "cosine_similarity",
+                                     "relative_error", "max_abs_error"}
     assert result.sequence_agreement is None
 
 
@@ -132,6 +135,7 @@ def test_four_d_logits_and_several_outputs() -> None:
     result = fidelity([logits, feature], [flipped, -feature], labels=None)
     assert result.top1_agreement == 0.0
     assert result.accuracy_reference is None and result.accuracy_candidate is None
+    assert result.accuracy_drop_error is None
     cos_logits = np.mean([4 / 5, 0.0])  # (2,1)·(1,2) / 5 and (0,5)·(5,0) / 25
     assert result.cosine_similarity == pytest.approx((cos_logits + -1.0) / 2)
     assert result.max_abs_error == pytest.approx(5.0)

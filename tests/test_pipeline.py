@@ -17,7 +17,7 @@ from fmcompress.passes import PassContext, Pipeline
 from fmcompress.passes.fit import FitProjectionsPass
 from fmcompress.passes.fold import FoldProjectionsPass
 from fmcompress.passes.fold_bn import FoldBatchNormPass
-from fmcompress.passes.measure import MeasurePass
+from fmcompress.passes.measure import MeasurePass, fidelity_line
 from fmcompress.passes.memory import MemoryAnalysisPass
 from fmcompress.passes.plan import PlanPass
 from fmcompress.passes.verify import VerifyPass
@@ -138,9 +138,9 @@ def test_a_float16_model_compiles_to_float16_weights(small_resnet, tmp_path):
 # ------------------------------------------------------------------- the fidelity gate
 
 
-def _quality(agreement, before=None, after=None) -> dict:
+def _quality(agreement, before=None, after=None, error=None) -> dict:
     return {"top1_agreement": agreement, "accuracy_reference": before, "accuracy_candidate": after,
-            "cosine_similarity": 0.9, "relative_error": 0.1, "max_abs_error": 1.0}
+            "accuracy_drop_error": error, "cosine_similarity": 0.9, "relative_error": 0.1, "max_abs_error": 1.0}
 
 
 def _measure(dataset, **gate) -> MeasurePass:
@@ -157,8 +157,12 @@ def test_gate_rules():
         _measure(labelled, min_agreement=0.9)._gate(_quality(0.85))
     with pytest.raises(VerificationError, match="accuracy drop 2.00 points > 0.5"):
         _measure(labelled, max_accuracy_drop=0.5)._gate(_quality(0.99, 0.90, 0.88))
-    gate, _ = _measure(labelled, max_accuracy_drop=0.5)._gate(_quality(0.99, 0.90, 0.897))
-    assert gate["accuracy_drop_points"] == pytest.approx(0.3)
+    with pytest.raises(VerificationError, match="accuracy drop 2.00 ± 1.25 points > 0.5"):
+        _measure(labelled, max_accuracy_drop=0.5)._gate(_quality(0.99, 0.90, 0.88, 0.0125))
+    gate, _ = _measure(labelled, max_accuracy_drop=0.5)._gate(_quality(0.99, 0.90, 0.897, 0.002))
+    assert gate["accuracy_drop_points"] == pytest.approx(0.3) and gate["accuracy_drop_se_points"] == pytest.approx(0.2)
+    assert fidelity_line(_quality(0.99, 0.90, 0.88, 0.0125)).startswith(
+        "top-1 agreement 99.0%, accuracy 90.0% -> 88.0% (2.0 ± 1.2 points lost)")
     _, warnings = _measure(labelled)._gate(_quality(0.8))
     assert warnings and "below 90%" in warnings[0]
     sequence = _quality(None) | {"sequence_agreement": 0.8}  # a CTC head has no top-1 figure

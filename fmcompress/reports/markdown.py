@@ -83,6 +83,7 @@ FIDELITY_ROWS = (("top1_agreement", "top-1 agreement with the original", "{:.2%}
                  ("sequence_agreement", "sequence agreement with the original (CTC decodings)", "{:.2%}"),
                  ("accuracy_reference", "accuracy, original", "{:.2%}"),
                  ("accuracy_candidate", "accuracy, compressed", "{:.2%}"),
+                 ("accuracy_drop_error", "accuracy drop, standard error (same samples, paired)", "{:.2%}"),
                  ("cosine_similarity", "output cosine similarity", "{:.4g}"),
                  ("relative_error", "output relative error", "{:.4g}"),
                  ("max_abs_error", "output max abs error", "{:.4g}"))
