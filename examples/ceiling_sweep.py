@@ -36,7 +36,9 @@ score the same lines, so only the lines they score differently carry uncertainty
 lines a recognizer's drop is known to about a point, which is why 1200 lines are scored by
 default. Prints a Markdown table
 (also written to OUT/ceiling_sweep.md, with OUT/ceiling_sweep.json: per row `original`,
-`compressed`, `drop_points` and `drop_se_points` for set 1, the same keys with `_second` for set 2, and
+`compressed`, `drop_points`, `drop_se_points` and `hits` (per line, 1 where the original and the
+compressed model score it right: a figure on fewer lines is a prefix) for set 1, the same keys with
+`_second` for set 2, and
 `training`: the block stage's seconds and epochs, the end-to-end epochs, the scores;
 `timings_s`: seconds per pass) and
 plots the metric against the ceiling, one line per method and set (set 2 dashed) and
@@ -175,6 +177,7 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
             row["original" + suffix], row["compressed" + suffix] = float(original.mean()), float(compressed.mean())
             row["drop_points" + suffix] = 100 * drop
             row["drop_se_points" + suffix] = None if error is None else 100 * error
+            row["hits" + suffix] = {"original": original.astype(int).tolist(), "compressed": compressed.astype(int).tolist()}
     else:
         fid = result.report["fidelity"]
         row["original"], row["compressed"] = fid["accuracy_reference"], fid["accuracy_candidate"]
