@@ -23,6 +23,10 @@ with one recipe each:
   HardSigmoid as Mul, Add and Clip), to measure what they change;
 * percentile-P: every op, Percentile at the P-th percentile of |x| instead of 99.999
   (onnxruntime's `CalibPercentile`);
+* mse: every op, each activation's range the one that minimises its own quantization error
+  (clipping plus rounding, from a signed 2048-bin histogram of the calibration lines; searched
+  over a 160 x 160 grid of low and high ends): onnxruntime's Percentile calibrator collects the
+  histograms, `mse_range` picks the range;
 * sqnr-float-K (K = 4, 8, 16, ...): Percentile, with the K activation tensors whose own
   quantization is worst kept float: the percentile model's tensors ranked by their
   signal-to-quantization-noise ratio before and after their QuantizeLinear/DequantizeLinear
@@ -41,8 +45,11 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from unittest import mock
 
+import numpy as np
 import onnx
 
 from fmcompress.evaluation import otherlines, textlines
@@ -56,6 +63,8 @@ def recipes() -> dict[str, dict]:
             "conv-percentile": {"op_types_to_quantize": ["Conv"], "calibrate": "percentile"},
             "percentile": {"calibrate": "percentile"}, "entropy": {"calibrate": "entropy"},
             "minmax-plain": {"plain": True}, "percentile-plain": {"calibrate": "percentile", "plain": True},
+            "mse": {"calibrate": "percentile", "mse": True,
+                    "extra_options": {"CalibTensorRangeSymmetric": False, "CalibNumBins": 2048}},
             "symmetric": {"extra_options": {"ActivationSymmetric": True}},
             "moving-average": {"extra_options": {"CalibMovingAverage": True}}}
 
@@ -127,9 +136,51 @@ def worst_quantized_nodes(model: onnx.ModelProto, calibration) -> list[set[str]]
     return [around(name) for name in ranked]
 
 
+MSE_GRID = 160  # candidate low and high ends of a range
+
+
+def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """The range [a, b] (a <= 0 <= b, as uint8 with a zero point needs) whose uint8 quantization
+    of the histogrammed values costs least: clipping (squared distance to the range, by prefix
+    sums of the counts) plus rounding (step squared / 12 for every value inside)."""
+    centres, counts = (edges[:-1] + edges[1:]).astype(np.float64) / 2, hist.astype(np.float64)
+    sums = [np.cumsum(counts * centres ** p) for p in range(3)]
+    total = [s[-1] for s in sums]
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    lows = np.linspace(low, 0, MSE_GRID, endpoint=False) if low < 0 else np.zeros(1)
+    highs = np.linspace(high, 0, MSE_GRID, endpoint=False)[::-1] if high > 0 else np.zeros(1)
+
+    def below(index: np.ndarray) -> list[np.ndarray]:  # sums over the bins before `index`
+        return [np.where(index > 0, s[np.maximum(index - 1, 0)], 0.0) for s in sums]
+
+    n0, n1, n2 = below(np.searchsorted(centres, lows))
+    m0, m1, m2 = (t - b for t, b in zip(total, below(np.searchsorted(centres, highs, side="right")), strict=True))
+    clipped = (n2 - 2 * lows * n1 + lows ** 2 * n0)[:, None] + (m2 - 2 * highs * m1 + highs ** 2 * m0)[None, :]
+    inside = total[0] - n0[:, None] - m0[None, :]
+    cost = clipped + inside * ((highs[None, :] - lows[:, None]) / 255) ** 2 / 12
+    i, j = np.unravel_index(np.argmin(cost), cost.shape)
+    return float(lows[i]), float(highs[j])
+
+
+@contextmanager
+def mse_ranges() -> Iterator[None]:
+    """onnxruntime's Percentile calibrator, its ranges chosen by `mse_range` instead."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    def ranges(self) -> dict:
+        return {name: (np.array(a, dtype=h[1].dtype), np.array(b, dtype=h[1].dtype), h[0], h[1])
+                for name, h in self.histogram_dict.items() for a, b in [mse_range(h[0], h[1], h[2], h[3])]}
+
+    with mock.patch.object(HistogramCollector, "compute_percentile", ranges):
+        yield
+
+
 def quantized(model: onnx.ModelProto, calibration, recipe: dict) -> onnx.ModelProto:
     batches = ({"x": calibration[i:i + 16]} for i in range(0, len(calibration), 16))
     recipe = dict(recipe)
+    if recipe.pop("mse", False):
+        with mse_ranges():
+            return quantize_int8(model, batches, **recipe)
     if recipe.pop("plain", False):  # rule a'' undone, to measure what it changes
         with mock.patch("fmcompress.int8.integer_friendly", lambda model, shapes=None: with_per_channel_opset(model)):
             return quantize_int8(model, batches, **recipe)
