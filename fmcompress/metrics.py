@@ -69,8 +69,8 @@ def agreement_figures(reference: list[np.ndarray], candidate: list[np.ndarray],
                       labels: np.ndarray | None = None) -> dict[str, float | None]:
     """`fidelity`'s figures that compare predictions (first output): `top1_agreement`,
     `sequence_agreement`, `accuracy_reference`, `accuracy_candidate` and `accuracy_drop_error`
-    (None where they do not apply). Argmaxes only: the outputs stay in their own precision (float64 copies of a
-    recognizer's [64, 40, 6625] outputs cost more than the figures)."""
+    (None where they do not apply). Argmaxes only: the outputs stay in their own precision
+    (float64 copies of a recognizer's [64, 40, 6625] outputs cost more than the figures)."""
     _check_pairs(reference, candidate)
     figures: dict[str, float | None] = dict.fromkeys(
         ("top1_agreement", "sequence_agreement", "accuracy_reference", "accuracy_candidate", "accuracy_drop_error"))

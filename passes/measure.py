@@ -20,8 +20,8 @@ d. The gate: with `min_agreement`, top-1 agreement (sequence agreement for a
    `max_accuracy_drop` (points), an accuracy drop above it fails, and the gate needs
    labels. The drop's standard error (`fmcompress.metrics.paired_drop`) is reported beside
    it, so that a user sees how many points the held-out part can tell apart: on 128 samples
-   with 8 scored differently, about 2. A failure raises `VerificationError` (exit 1), so compile writes nothing.
-   Without a gate, agreement under 90% is a warning.
+   with 8 scored differently, about 2. A failure raises `VerificationError` (exit 1), so
+   compile writes nothing. Without a gate, agreement under 90% is a warning.
 
 e. With `--int8` (`ctx.quantized_original`, passes/quantize.py rule g): the original
    quantized alone, against the float original (its fidelity: what quantization alone
