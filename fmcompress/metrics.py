@@ -82,9 +82,9 @@ def agreement_figures(reference: list[np.ndarray], candidate: list[np.ndarray],
         figures["top1_agreement"] = float(np.mean(ref_pred == cand_pred))
         if labels is not None:
             truth = _checked_labels(labels, ref_classes.shape)
-            figures["accuracy_reference"] = float(np.mean(ref_pred == truth))
-            figures["accuracy_candidate"] = float(np.mean(cand_pred == truth))
-            figures["accuracy_drop_error"] = paired_drop(ref_pred == truth, cand_pred == truth)[1]
+            ref_hits, cand_hits = ref_pred == truth, cand_pred == truth
+            figures["accuracy_reference"], figures["accuracy_candidate"] = float(ref_hits.mean()), float(cand_hits.mean())
+            figures["accuracy_drop_error"] = paired_drop(ref_hits, cand_hits)[1]
     if is_sequence_head(first_ref):
         figures["sequence_agreement"] = sequence_agreement(first_ref, first_cand)
     return figures
