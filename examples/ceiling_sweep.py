@@ -199,7 +199,8 @@ def training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
             "stop_reason": training["stop_reason"],
             "history": [{"score": e["score"], "held_out_loss": e["held_out_loss"], "seconds": e["seconds"]}
                         for e in training["history"]],
-            "block_maps": [{"name": m["name"], "epochs": m["epochs"], "seconds": m["seconds"]}
+            "block_maps": [{"name": m["name"], "epochs": m["epochs"], "best_epoch": m.get("best_epoch"),
+                            "seconds": m["seconds"]}
                            for m in stage.get("maps", [])]}
 
 

@@ -15,7 +15,8 @@ c. `learned` (the default; Price & Tanner): the closed-form starts of `block_ini
   Fisher-weighted ridge regression, `lstsq` unweighted, or the PCA projections; damped more
   where maps are stored in one byte: `block_ridge`), each refined in network order to reproduce what the
   original network computes after its block (at most `block_epochs` per map, fewer
-  once `block_min_gain` stops paying, `fmcompress.backend.blockwise`, its rules a-e;
+  once `block_min_gain` stops paying on the held-out part, each map keeping its best
+  held-out epoch (`block_judge`), `fmcompress.backend.blockwise`, its rules a-e;
   0 epochs and a `pca` start skip it), then P and U of every map trained end to end
   through the frozen network (`fmcompress.backend.trainer`: distillation from the
   original model's outputs, its rules a-h; `patience` and `probe` end it early). With
@@ -23,8 +24,9 @@ c. `learned` (the default; Price & Tanner): the closed-form starts of `block_ini
   as int8 (quantization-aware training, straight-through gradient).
 d. `random`: random orthonormal projections trained the same way (the paper's
   initialisation, for comparison).
-e. Only calibration data is trained on; the held-out part scores each epoch (the best
-  epoch is kept, `target` stops early) and stays unseen by the gradients.
+e. Only calibration data is trained on; the held-out part scores each epoch, of the block
+  stage's maps and of end-to-end training (the best epoch is kept, `target` stops early),
+  and stays unseen by the gradients.
 f. `learned` never returns worse held-out figures than `pca`: after a block stage, the
   plain PCA projections are fitted too (about one forward pass) and are the trainer's
   fallback candidate (its rule e).
@@ -171,7 +173,7 @@ class FitProjectionsPass(Pass):
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
         stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,
-                       "patience": config.block_patience, "init": config.block_init,
+                       "patience": config.block_patience, "judge": config.block_judge, "init": config.block_init,
                        "precision": resolve_precision(config.block_precision, device), "seconds": 0.0, "maps": []}
 
         def progress(i: int, name: str, fit) -> None:
@@ -179,22 +181,26 @@ class FitProjectionsPass(Pass):
             record = {"name": name, "first_loss": fit.first if refined else None,
                       "loss": fit.last if refined else None, "epochs": len(fit.losses),
                       "stopped_early": fit.stopped_early, "losses": list(fit.losses),
+                      "held_out_losses": list(fit.held_out_losses), "best_epoch": fit.best_epoch,
                       "seconds": round(fit.seconds, 3)}
             stage["maps"].append(record)
             outcome = (f"loss {fit.first:.4f} -> {fit.last:.4f} in {len(fit.losses)} epoch(s)"
-                       f"{' (stopped: no gain)' if fit.stopped_early else ''}" if refined
+                       f"{held_out_outcome(fit)}{' (stopped: no gain)' if fit.stopped_early else ''}" if refined
                        else "kept its start (no block epochs, or nothing later reads it)") + f", {fit.seconds:.1f} s"
             ctx.log(f"block {i + 1}/{len(maps)}: {name} {' -> '.join(map(str, ranks[name]))} channels, {outcome}")
             if self.monitor is not None:
                 self.monitor("block", {"map": i + 1, "maps": len(maps), **record})
 
+        judged = config.block_judge == "held-out" and self.held_out is not None and len(self.held_out) > 0
+        held_out = ([tuple(t.to(device) for t in batch) for batch in self.held_out.torch_batches(config.batch_size, names)]
+                    if judged else ())
         started = time.perf_counter()
         fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.block_lr,
                                temperature=config.temperature, seed=config.seed, min_gain=config.block_min_gain,
                                patience=config.block_patience, init=stage["init"],
                                quantized=config.fake_quant, ridge=block_ridge(config.block_ridge, ctx.act_bytes),
                                precision=stage["precision"], fisher_draws=config.fisher_draws,
-                               progress=progress)
+                               held_out=held_out, progress=progress)
         stage["seconds"] = time.perf_counter() - started
         ctx.training.block_stage = stage
         return fitted
@@ -231,6 +237,15 @@ def probe_length(result: TrainResult) -> str:
     if result.stopped_at_step is not None:
         return f"the first {result.stopped_at_step} step(s) of the first epoch"
     return f"{len(result.history)} probe epoch(s)"
+
+
+def held_out_outcome(fit) -> str:
+    """The log's account of a map's held-out block losses (blockwise rule d), '' where none were taken."""
+    if not fit.held_out_losses:
+        return ""
+    kept = fit.held_out_losses[fit.best_epoch]
+    which = "its start" if fit.best_epoch == 0 else f"epoch {fit.best_epoch}"
+    return f", held-out {fit.held_out_losses[0]:.4f} -> {kept:.4f} (kept {which})"
 
 
 def block_ridge(named: float | None, act_bytes: int | None) -> float:

@@ -191,6 +191,67 @@ def test_a_falling_block_loss_keeps_going():
     assert all(len(fit.losses) == 3 and not fit.stopped_early for fit in fits.values()), fits
 
 
+def test_a_held_out_judge_keeps_each_maps_best_held_out_epoch():
+    """Rule d with held-out batches: their loss is taken at the start and after every epoch, and the
+    map keeps the epoch where it was least."""
+    model = tiny_classifier()
+    batches, _ = make_batches((16, 3, 8, 8), 3)
+    held_out, _ = make_batches((8, 3, 8, 8), 2, seed=1)
+    fits = {}
+    fit_blockwise(OnnxModule(model), TINY_MAPS, list(batches()), epochs=5, lr=3e-1, temperature=2.0,
+                  held_out=list(held_out()), progress=lambda i, name, fit: fits.update({name: fit}))
+    for fit in fits.values():
+        assert len(fit.held_out_losses) == len(fit.losses) + 1 == 6 and not fit.stopped_early
+        assert fit.best_epoch == int(np.argmin(fit.held_out_losses))
+
+
+def test_epochs_that_never_beat_the_start_on_held_out_batches_are_undone():
+    """Rule d: at a rate that wrecks the projection, the held-out loss only rises, so the first map
+    stops after `patience` epochs and keeps its start: the PCA of its map, as with no epochs."""
+    model = tiny_classifier()
+    batches, _ = make_batches((16, 3, 8, 8), 3)
+    held_out, _ = make_batches((8, 3, 8, 8), 2, seed=1)
+    fits = {}
+    wrecked = fit_blockwise(OnnxModule(model), TINY_MAPS, list(batches()), epochs=6, lr=1e3, temperature=2.0,
+                            min_gain=0.01, patience=2, held_out=list(held_out()),
+                            progress=lambda i, name, fit: fits.update({name: fit}))
+    start = blockwise(model, TINY_MAPS, batches, epochs=0)
+    assert fits["r1"].best_epoch == 0 and len(fits["r1"].losses) == 2 and fits["r1"].stopped_early
+    np.testing.assert_allclose(wrecked["r1"].P, start["r1"].P, atol=1e-6)
+    np.testing.assert_allclose(wrecked["r1"].U, start["r1"].U, atol=1e-6)
+
+
+def test_compile_judges_the_block_stage_on_its_held_out_part(tmp_path, monkeypatch):
+    """The fit pass hands the held-out part to the stage unless --block-judge calibration."""
+    import onnx
+
+    import fmcompress.backend.blockwise as module
+    from fmcompress.compiler import CompileOptions, compile_model
+    from fmcompress.train_config import TrainConfig
+
+    seen = []
+    real = module.fit_blockwise
+
+    def recording(executor, maps, batches, **kwargs):
+        seen.append(sum(len(batch[0]) for batch in kwargs["held_out"]))
+        return real(executor, maps, batches, **kwargs)
+
+    monkeypatch.setattr(module, "fit_blockwise", recording)
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_classifier(), str(path))
+    stages = []
+    for judge in ("held-out", "calibration"):
+        report = compile_model(str(path), CompileOptions(
+            ceiling="4x", num_samples=32, batch_size=4, latency_rounds=1, latency_repeats=1,
+            training=TrainConfig(epochs=1, block_epochs=2, batch_size=4, block_judge=judge)))
+        stages.append(report.report["training"]["block_stage"])
+    assert seen == [8, 0]  # a quarter of the 32 samples is held out
+    judged, plain = stages
+    assert judged["judge"] == "held-out" and plain["judge"] == "calibration"
+    assert all(len(m["held_out_losses"]) == m["epochs"] + 1 for m in judged["maps"] if m["epochs"])
+    assert all(m["held_out_losses"] == [] and m["best_epoch"] is None for m in plain["maps"])
+
+
 def test_lstsq_projection_is_reduced_rank_least_squares():
     """The closed form against numpy: with k = C it is lstsq's map; with k < C, the best rank-k map
     (lstsq's fitted values projected on their top-k directions), and with y = x it is PCA."""

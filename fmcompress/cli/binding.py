@@ -27,6 +27,7 @@ from ..train_config import (
     AUGMENTATIONS,
     BLOCK_AUGMENTATIONS,
     BLOCK_INITS,
+    BLOCK_JUDGES,
     BLOCK_PRECISIONS,
     DEVICES,
     FEATURE_REFERENCES,
@@ -159,6 +160,10 @@ TRAINING = (  # `--method learned|random`
               "maximum); 0 runs every epoch."),
     Bound("--block-patience", T, "block_patience", type=click.IntRange(min=1),
          help="Epochs in a row without a --block-min-gain gain that stop a map's block stage."),
+    Bound("--block-judge", T, "block_judge", type=choice(BLOCK_JUDGES),
+         help="learned: whose block loss stops a map's block stage: held-out, the held-out part's (the map "
+              "keeps its best held-out epoch, or its start); calibration, the training batches' own (the last "
+              "epoch is kept)."),
     Bound("--block-init", T, "block_init", type=choice(BLOCK_INITS), shown_default="fisher",
          help="The block stage's start per map: fisher, the closed-form rank-k least-squares map from the map "
               "as the compressed network computes it to the original's map, its error weighted by the "
