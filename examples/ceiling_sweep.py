@@ -195,6 +195,7 @@ def training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
     stage = training.get("block_stage") or {}
     return {"block_s": stage.get("seconds"), "block_epochs": sum(m["epochs"] for m in stage.get("maps", [])),
             "epochs": len(training["history"]), "initial_score": training["initial_score"],
+            "initial_loss": training.get("initial_loss"),
             "best_score": training["best_score"], "best_epoch": training["best_epoch"],
             "stop_reason": training["stop_reason"],
             "history": [{"score": e["score"], "held_out_loss": e["held_out_loss"], "seconds": e["seconds"]}

@@ -327,13 +327,17 @@ def test_patience_counts_after_the_probes_epochs(monkeypatch):
 
 def test_the_default_patience_reaches_the_classifiers_seventh_epoch(monkeypatch):
     """The default patience (4) after the default probe (3): PP-OCR's classifier at 8x (seed 1,
-    its held-out scores and losses as recorded) ties its start at the sixth epoch and beats it at
-    the seventh, which a patience of 3 never ran."""
+    its held-out scores and losses as recorded) ties its start at the sixth epoch and scores above
+    it at the seventh, which a patience of 3 never ran. Rule e keeps the start all the same: the
+    seventh agrees on one more held-out sample at a higher held-out loss (0.11 against 0.10)."""
     recorded = [(0.984, 0.10), (0.961, 0.36), (0.961, 0.38), (0.977, 0.25), (0.977, 0.20), (0.922, 0.35),
                 (0.984, 0.13), (0.992, 0.11), (0.992, 0.12), (0.984, 0.12), (0.984, 0.12)]
     scripted(monkeypatch, recorded)
     result = train(TrainConfig(epochs=10, batch_size=8))
-    assert result.best_epoch == 7 and result.stop_reason == "epochs"
+    assert result.best_epoch == 0 and result.stop_reason == "epochs" and len(result.history) == 10
+    recorded[7] = (0.992, 0.09)  # the same score at a lower loss is kept
+    scripted(monkeypatch, recorded)
+    assert train(TrainConfig(epochs=10, batch_size=8)).best_epoch == 7
     scripted(monkeypatch, recorded)
     result = train(TrainConfig(epochs=10, batch_size=8, patience=3))
     assert result.best_epoch == 0 and result.stop_reason == "patience" and len(result.history) == 6
@@ -537,3 +541,19 @@ def test_the_log_says_how_far_the_probe_ran():
     assert probe_length(TrainResult(projections={}, stop_reason="probe", stopped_at_step=4)) == \
         "the first 4 step(s) of the first epoch"
     assert probe_length(TrainResult(projections={}, stop_reason="probe")) == "0 probe epoch(s)"
+
+
+@pytest.mark.parametrize(("candidate", "expected"), [
+    ((0.9, 0.2), True),    # higher score, same loss
+    ((0.9, 0.1), True),    # higher score, lower loss
+    ((0.9, 0.3), False),   # higher score at a higher loss: a few samples' luck
+    ((0.8, 0.1), True),    # a tie broken by the lower loss
+    ((0.8, 0.2), False),   # no change
+    ((0.7, 0.1), False),   # lower score
+    ((0.9, float("nan")), False),
+])
+def test_an_epoch_improves_when_score_and_loss_agree(candidate, expected):
+    """Rule e's comparison against a best of score 0.8 and loss 0.2."""
+    from fmcompress.backend.trainer import improves
+
+    assert improves(*candidate, 0.8, 0.2) is expected

@@ -138,7 +138,8 @@ def _training(ctx: PassContext) -> dict[str, Any] | None:
     result = record.result
     return {"config": asdict(record.config), "device": result.device, "world_size": result.world_size,
             "metric": result.metric, "best_epoch": result.best_epoch, "best_score": result.best_score,
-            "initial_score": result.initial_score, "block_stage": record.block_stage,
+            "initial_score": result.initial_score, "initial_loss": result.initial_loss,
+            "block_stage": record.block_stage,
             "stopped_early": result.stopped_early,
             "stop_reason": result.stop_reason, "stopped_at_step": result.stopped_at_step,
             "history": [asdict(r) for r in result.history]}
