@@ -22,6 +22,7 @@ BLOCK_INITS = ("pca", "lstsq", "fisher")
 BLOCK_AUGMENTATIONS = ("none", "look")
 BLOCK_PRECISIONS = ("auto", "float32", "bfloat16")
 BLOCK_JUDGES = ("held-out", "calibration")
+BLOCK_LOSSES = ("mse", "fisher")
 FISHER_DRAWS = 4  # the fisher start's sign draws per calibration batch, one backward pass each (docs/results.md section 1)
 
 
@@ -52,6 +53,7 @@ class TrainConfig:
     block_min_gain: float = 0.01  # a map's block stage stops when an epoch gains less than this, relatively...
     block_patience: int = 2  # ...this many epochs in a row (block_epochs stays the maximum)
     block_judge: str = "held-out"  # whose block loss stops a map and picks the epoch it keeps (blockwise rule d)
+    block_loss: str = "mse"  # at a block ending at a map: its scaled squared error, or weighted by its output Fisher
     fake_quant: bool = False  # the stored maps rounded as int8 in training (quantization-aware, for --int8)
     block_init: str = "fisher"  # the block stage's start: fisher (the reduced-rank regression in the output's
     # Fisher metric), lstsq (unweighted), or pca
@@ -100,6 +102,7 @@ class TrainConfig:
                                      (self.block_augment, BLOCK_AUGMENTATIONS, "--block-augment"),
                                      (self.block_init, BLOCK_INITS, "--block-init"),
                                      (self.block_judge, BLOCK_JUDGES, "--block-judge"),
+                                     (self.block_loss, BLOCK_LOSSES, "--block-loss"),
                                      (self.block_precision, BLOCK_PRECISIONS, "--block-precision")):
             if value not in allowed:
                 raise InputError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")

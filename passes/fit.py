@@ -200,7 +200,7 @@ class FitProjectionsPass(Pass):
                                patience=config.block_patience, init=stage["init"],
                                quantized=config.fake_quant, ridge=block_ridge(config.block_ridge, ctx.act_bytes),
                                precision=stage["precision"], fisher_draws=config.fisher_draws,
-                               held_out=held_out, progress=progress)
+                               held_out=held_out, weighted=config.block_loss == "fisher", progress=progress)
         stage["seconds"] = time.perf_counter() - started
         ctx.training.block_stage = stage
         return fitted

@@ -252,6 +252,28 @@ def test_compile_judges_the_block_stage_on_its_held_out_part(tmp_path, monkeypat
     assert all(m["held_out_losses"] == [] and m["best_epoch"] is None for m in plain["maps"])
 
 
+def test_a_fisher_weighted_block_loss_counts_only_the_directions_it_weighs():
+    """Rule c: at a map, the error and the target's power are both measured through the weight, so an
+    identity weight gives the plain scaled squared error and a weight that drops a channel ignores
+    every error in it."""
+    from fmcompress.backend.blockwise import _block_loss, _BlockEnd
+    from fmcompress.backend.losses import distillation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(4, 3, 5, 5, generator=generator)
+    value = target + 0.1 * torch.randn(4, 3, 5, 5, generator=generator)
+    end = _BlockEnd(1, "m")
+    plain = distillation_loss([value], [target], ["regression"], 2.0)
+    identity = _block_loss(None, end, 2.0, torch.eye(3))([value], [target])
+    torch.testing.assert_close(identity, plain)
+    drop_first = torch.diag(torch.tensor([0.0, 1.0, 1.0]))
+    off_in_first = value.clone()
+    off_in_first[:, 0] += 5.0
+    weighted = _block_loss(None, end, 2.0, drop_first)
+    torch.testing.assert_close(weighted([off_in_first], [target]), weighted([value], [target]))
+    assert float(_block_loss(None, end, 2.0, None)([off_in_first], [target])) > 10 * float(plain)
+
+
 def test_lstsq_projection_is_reduced_rank_least_squares():
     """The closed form against numpy: with k = C it is lstsq's map; with k < C, the best rank-k map
     (lstsq's fitted values projected on their top-k directions), and with y = x it is PCA."""

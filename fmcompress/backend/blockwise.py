@@ -82,6 +82,7 @@ from .losses import distillation_loss, output_kinds
 from .projection import (
     ChannelProjection,
     SecondMomentRecorder,
+    mix_channels,
     moment_product,
     pca_projection,
     sampled_vectors,
@@ -114,7 +115,8 @@ class BlockFit:
         return self.losses[-1] if self.losses else math.nan
 
 
-Progress = Callable[[int, str, BlockFit], None]  # (index in network order, map, what its refinement did)
+Progress = Callable[[int, str, BlockFit], None]
+BlockLoss = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]  # (values, targets) -> loss  # (index in network order, map, what its refinement did)
 
 
 def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
@@ -122,6 +124,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
                   seed: int = 0, min_gain: float = 0.0, patience: int = 2, init: str = "pca",
                   quantized: bool = False, ridge: float = PLAIN_RIDGE, precision: str = "float32",
                   fisher_draws: int = FISHER_DRAWS, held_out: Sequence[tuple[torch.Tensor, ...]] = (),
+                  weighted: bool = False,
                   progress: Progress | None = None) -> dict[str, Projection]:
     """One refined projection per (name, channels, k); `executor` (an OnnxModule without
     transforms) is left without transforms. `batches` (and `held_out`, rule d's judge) are
@@ -154,9 +157,11 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
             if end is not None:
                 if judge is not None:
                     judge.aim(end)
+                weight = metric_roots(fisher[end.name])[0].float().to(projection.P.device) \
+                    if weighted and end.name in fisher else None
                 fit = _refine(projection, runs, name, end, epochs=epochs, lr=lr / math.sqrt(channels),
                               temperature=temperature, seed=(seed, i), min_gain=min_gain, patience=patience,
-                              precision=precision, judge=judge)
+                              precision=precision, judge=judge, weight=weight)
             projection.requires_grad_(False)
             for paused in (runs, judge):
                 if paused is not None:
@@ -274,8 +279,8 @@ class _PausedRuns:
         """The original's values at `end`, per batch: the block's targets."""
         self.targets = [self._reference_values(b, end) for b in range(len(self.batches))]
 
-    def block_loss(self, name: str, projection: nn.Module, end: _BlockEnd, kinds: Sequence[str],
-                   temperature: float, precision: str = "float32") -> float:
+    def block_loss(self, name: str, projection: nn.Module, end: _BlockEnd, loss: BlockLoss,
+                   precision: str = "float32") -> float:
         """The mean block loss over every batch, without gradients (rule d's held-out judge)."""
         device = self.batches[0][0].device.type
         losses = []
@@ -283,8 +288,7 @@ class _PausedRuns:
             for b in range(len(self.batches)):
                 with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                     values = self.block_values(b, name, projection, end)
-                losses.append(float(distillation_loss([v.float() for v in values], self.targets[b], kinds,
-                                                      temperature)))
+                losses.append(float(loss(values, self.targets[b])))
         return sum(losses) / len(losses)
 
     def block_values(self, b: int, name: str, projection: nn.Module, end: _BlockEnd) -> tuple[torch.Tensor, ...]:
@@ -316,12 +320,30 @@ class _BlockEnd:
         return (executor.value(frontier, self.name),) if self.name else executor.outputs(frontier)
 
 
+def _block_loss(runs: _PausedRuns, end: _BlockEnd, temperature: float, weight: torch.Tensor | None) -> BlockLoss:
+    """Rule c: at the outputs the distillation loss; at a map the squared error over the target's
+    mean square, its channels mixed by `weight` (M^(1/2) of the map's output Fisher) where given."""
+    if end.name is None:
+        kinds = output_kinds(runs.targets[0])
+        return lambda values, targets: distillation_loss([v.float() for v in values], targets, kinds, temperature)
+    if weight is None:
+        return lambda values, targets: distillation_loss([v.float() for v in values], targets, ["regression"],
+                                                         temperature)
+
+    def weighted(values: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        error = mix_channels(weight, values[0].float() - targets[0].float())
+        return error.pow(2).mean() / mix_channels(weight, targets[0].float()).pow(2).mean().clamp_min(1e-12)
+
+    return weighted
+
+
 def _refine(projection: ChannelProjection, runs: _PausedRuns, name: str, end: _BlockEnd, *, epochs: int,
             lr: float, temperature: float, seed: tuple[int, int], min_gain: float, patience: int,
-            precision: str = "float32", judge: _PausedRuns | None = None) -> BlockFit:
+            precision: str = "float32", judge: _PausedRuns | None = None,
+            weight: torch.Tensor | None = None) -> BlockFit:
     """Rules c and d: each epoch's mean loss (and held-out loss, with a `judge`), and whether it
     stopped before `epochs`; with a judge, the projection ends at its best held-out epoch."""
-    kinds = output_kinds(runs.targets[0]) if end.name is None else ["regression"]  # a map: scaled MSE
+    loss_of = _block_loss(runs, end, temperature, weight)
     optimizer = torch.optim.Adam(projection.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * len(runs.batches), 0))
     generator = torch.Generator().manual_seed(mix_seeds(*seed))
@@ -329,7 +351,7 @@ def _refine(projection: ChannelProjection, runs: _PausedRuns, name: str, end: _B
     fit, best, stale = BlockFit(), math.inf, 0
     kept, kept_loss = None, math.inf
     if judge is not None:  # the start is a candidate too: epochs that never beat it are undone
-        best = kept_loss = judge.block_loss(name, projection, end, kinds, temperature, precision)
+        best = kept_loss = judge.block_loss(name, projection, end, loss_of, precision)
         kept, fit.best_epoch = copy.deepcopy(projection.state_dict()), 0
         fit.held_out_losses.append(kept_loss)
     for _ in range(epochs):
@@ -337,7 +359,7 @@ def _refine(projection: ChannelProjection, runs: _PausedRuns, name: str, end: _B
         for b in torch.randperm(len(runs.batches), generator=generator).tolist():
             with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                 values = runs.block_values(b, name, projection, end)
-            loss = distillation_loss([v.float() for v in values], runs.targets[b], kinds, temperature)
+            loss = loss_of(values, runs.targets[b])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -346,7 +368,7 @@ def _refine(projection: ChannelProjection, runs: _PausedRuns, name: str, end: _B
         fit.losses.append(sum(losses) / len(losses))
         decisive = fit.losses[-1]
         if judge is not None:
-            decisive = judge.block_loss(name, projection, end, kinds, temperature, precision)
+            decisive = judge.block_loss(name, projection, end, loss_of, precision)
             fit.held_out_losses.append(decisive)
             if decisive < kept_loss:  # the best held-out epoch so far: its P and U are kept
                 kept, kept_loss, fit.best_epoch = copy.deepcopy(projection.state_dict()), decisive, len(fit.losses)
