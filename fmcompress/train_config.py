@@ -31,7 +31,8 @@ class TrainConfig:
     """What `compile --method learned|random` trains with (the CLI flags of the same names)."""
 
     epochs: int = 10  # end to end; 0: the starting projections (the block stage's, for learned) are kept
-    block_epochs: int = 3  # learned: block reconstruction epochs per map (from lstsq) before end-to-end training
+    block_epochs: int = 12  # learned: at most this many block reconstruction epochs a map (the held-out part
+    # stops each map sooner: block_judge) before end-to-end training
     block_lr: float = 1e-2  # the block stage's rate, relative as lr is
     lr: float = 3e-3  # relative to each map's scale: a map of C channels steps at lr / sqrt(C) (schedule.py rule b)
     batch_size: int = 16
@@ -53,7 +54,8 @@ class TrainConfig:
     block_min_gain: float = 0.01  # a map's block stage stops when an epoch gains less than this, relatively...
     block_patience: int = 2  # ...this many epochs in a row (block_epochs stays the maximum)
     block_judge: str = "held-out"  # whose block loss stops a map and picks the epoch it keeps (blockwise rule d)
-    block_loss: str = "mse"  # at a block ending at a map: its scaled squared error, or weighted by its output Fisher
+    block_loss: str = "fisher"  # at a block ending at a map: its squared error weighted by the output's Fisher
+    # information there, or plain (mse)
     fake_quant: bool = False  # the stored maps rounded as int8 in training (quantization-aware, for --int8)
     block_init: str = "fisher"  # the block stage's start: fisher (the reduced-rank regression in the output's
     # Fisher metric), lstsq (unweighted), or pca

@@ -285,7 +285,8 @@ def test_every_bound_option_reaches_its_field(tiny, monkeypatch, tmp_path):
              "--epochs": "3", "--block-epochs": "0", "--block-lr": "0.2", "--lr": "0.3", "--optimizer": "sgd",
              "--loss": "ce", "--schedule": "greedy", "--stage-epochs": "2", "--max-samples": "5",
              "--augment": "strong", "--feature-weight": "0.1", "--feature-reference": "self", "--device": "cpu",
-             "--target": "0.9", "--ort-level": "all", "--runtime": "ort", "--act-bytes": "1"}
+             "--target": "0.9", "--ort-level": "all", "--runtime": "ort", "--act-bytes": "1",
+             "--block-judge": "calibration", "--block-loss": "mse"}
     args = [item for pair in flags.items() for item in pair]
     result = invoke("compile", tiny, "--ceiling", "32KB", *args, "--resume", "--mean", "0.5", "--std", "2",
                     "--scale", "1", "--checkpoint", tmp_path / "c.ckpt", "--plan-only")
@@ -298,7 +299,8 @@ def test_every_bound_option_reaches_its_field(tiny, monkeypatch, tmp_path):
     assert dataclasses.asdict(options.training) == {**dataclasses.asdict(TrainConfig()), **{
         "epochs": 3, "block_epochs": 0, "block_lr": 0.2, "lr": 0.3, "optimizer": "sgd", "loss": "ce",
         "schedule": "greedy", "stage_epochs": 2, "max_samples": 5, "augment": "strong", "feature_weight": 0.1,
-        "feature_reference": "self", "device": "cpu", "target": 0.9}}
+        "feature_reference": "self", "device": "cpu", "target": 0.9, "block_judge": "calibration",
+        "block_loss": "mse"}}
 
 
 def test_choices_are_the_tuples_the_code_checks():

@@ -27,9 +27,13 @@ b. Its block runs from map i's step to the first later planned map whose value d
    on it, else to the graph outputs. The target is what the original network computes
    there from the same input, so a projection also corrects the errors that the ones
    before it left.
-c. Loss: at a map, the squared error divided by the target's mean square; at the
-   outputs, `losses.distillation_loss` (KL at `temperature` for class outputs, scaled
-   MSE for the rest).
+c. Loss: at a map, the squared error divided by the target's mean square; with
+   `weighted` (`--block-loss fisher`), both measured through M^(1/2), M the output's
+   Fisher information at that map (`fisher.metric_roots`, the metric the start uses):
+   the block reproduces the directions of the next map that the predictions depend on,
+   not all of its power, so its error is measured as the start's is. At the outputs,
+   `losses.distillation_loss` (KL at `temperature` for class outputs, scaled MSE for
+   the rest).
 d. P and U only, by Adam at lr / sqrt(C) (schedule.py's rule b) with a cosine decay over
    `epochs` passes of the calibration batches, in an order drawn from the seed and the
    map's index; no augmentation; with `quantized`, the stored map is rounded as int8
@@ -136,7 +140,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
     judge = _PausedRuns(executor, original, held_out) if held_out and epochs > 0 else None
     ordered = sorted(range(len(maps)), key=lambda i: executor.producer_step(maps[i][0]))
     fisher = output_fisher(original, [(name, channels) for name, channels, _ in maps], batches,
-                           seed=seed, draws=fisher_draws) if init == "fisher" else {}
+                           seed=seed, draws=fisher_draws) if init == "fisher" or weighted else {}
     fitted: dict[str, Projection] = {}
     try:
         for position, i in enumerate(ordered):

@@ -28,6 +28,7 @@ from ..train_config import (
     BLOCK_AUGMENTATIONS,
     BLOCK_INITS,
     BLOCK_JUDGES,
+    BLOCK_LOSSES,
     BLOCK_PRECISIONS,
     DEVICES,
     FEATURE_REFERENCES,
@@ -164,6 +165,11 @@ TRAINING = (  # `--method learned|random`
          help="learned: whose block loss stops a map's block stage: held-out, the held-out part's (the map "
               "keeps its best held-out epoch, or its start); calibration, the training batches' own (the last "
               "epoch is kept)."),
+    Bound("--block-loss", T, "block_loss", type=choice(BLOCK_LOSSES),
+         help="learned: a block that ends at a later map scores its squared error there: mse, plain (over the "
+              "map's mean square); fisher, weighted by the network's output Fisher information at that map (the "
+              "directions its predictions depend on). Blocks ending at the outputs "
+              "score the distillation loss either way."),
     Bound("--block-init", T, "block_init", type=choice(BLOCK_INITS), shown_default="fisher",
          help="The block stage's start per map: fisher, the closed-form rank-k least-squares map from the map "
               "as the compressed network computes it to the original's map, its error weighted by the "
