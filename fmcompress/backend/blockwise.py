@@ -48,11 +48,11 @@ d. P and U only, by Adam at lr / sqrt(C) (schedule.py's rule b) with a cosine de
    (compile gives its held-out part: the block loss after each epoch on samples no
    gradient saw), and the map keeps the P and U of its best held-out epoch (its start
    included: epochs that never beat it are undone); without
-   them, the calibration batches' loss decides and the last epoch is kept. Measured on
-   PP-OCR's recognizer at 4x (docs/results.md section 1): with the calibration loss,
-   more epochs kept paying on held-out lines (three epochs 2.5 points lost, six 1.4,
-   twelve 1.1) while on the classifier at 8x they overfitted (2.3 -> 3.0); the held-out
-   loss lets each map run as long as it pays.
+   them, the calibration batches' loss decides and the last epoch is kept. With the
+   calibration loss, more epochs paid on PP-OCR's recognizer at 4x (2.3 points lost on
+   held-out lines with three, 1.1 with twelve) and cost its classifier at 8x (2.3 -> 3.0
+   with six); judged on held-out lines, 9 of the recognizer's 29 maps keep their start
+   and the rest stop after 2-12 epochs (docs/results.md section 1).
 e. Cost: the compressed run is paused just after map i's step, its value there still
    unprojected, and the original run before the block's end, one frontier per
    calibration batch (the tensors alive at that point), so an epoch of a map runs only
