@@ -173,7 +173,8 @@ class FitProjectionsPass(Pass):
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
         stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,
-                       "patience": config.block_patience, "judge": config.block_judge, "init": config.block_init,
+                       "patience": config.block_patience, "judge": config.block_judge,
+                       "block_loss": config.block_loss, "init": config.block_init,
                        "precision": resolve_precision(config.block_precision, device), "seconds": 0.0, "maps": []}
 
         def progress(i: int, name: str, fit) -> None:

@@ -247,7 +247,7 @@ def test_compile_judges_the_block_stage_on_its_held_out_part(tmp_path, monkeypat
         stages.append(report.report["training"]["block_stage"])
     assert seen == [8, 0]  # a quarter of the 32 samples is held out
     judged, plain = stages
-    assert judged["judge"] == "held-out" and plain["judge"] == "calibration"
+    assert judged["judge"] == "held-out" and plain["judge"] == "calibration" and judged["block_loss"] == "fisher"
     assert all(len(m["held_out_losses"]) == m["epochs"] + 1 for m in judged["maps"] if m["epochs"])
     assert all(m["held_out_losses"] == [] and m["best_epoch"] is None for m in plain["maps"])
 
