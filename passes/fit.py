@@ -167,7 +167,7 @@ class FitProjectionsPass(Pass):
         names = list(executor.input_names)
         # it holds every batch's paused runs: --max-samples bounds that memory as it bounds an epoch
         part = self.calibration if config.max_samples is None else self.calibration.head(config.max_samples)
-        batches = [tuple(t.to(device) for t in batch) for batch in part.torch_batches(config.batch_size, names)]
+        batches = _on_device(part, config.batch_size, names, device)
         if config.block_augment == "look":
             batches = _with_other_looks(batches, config.seed)
 
@@ -193,8 +193,7 @@ class FitProjectionsPass(Pass):
                 self.monitor("block", {"map": i + 1, "maps": len(maps), **record})
 
         judged = config.block_judge == "held-out" and self.held_out is not None and len(self.held_out) > 0
-        held_out = ([tuple(t.to(device) for t in batch) for batch in self.held_out.torch_batches(config.batch_size, names)]
-                    if judged else ())
+        held_out = _on_device(self.held_out, config.batch_size, names, device) if judged else []
         started = time.perf_counter()
         fitted = fit_blockwise(executor.to(device), maps, batches, epochs=config.block_epochs, lr=config.block_lr,
                                temperature=config.temperature, seed=config.seed, min_gain=config.block_min_gain,
@@ -238,6 +237,11 @@ def probe_length(result: TrainResult) -> str:
     if result.stopped_at_step is not None:
         return f"the first {result.stopped_at_step} step(s) of the first epoch"
     return f"{len(result.history)} probe epoch(s)"
+
+
+def _on_device(data: Dataset, batch_size: int, names: list[str], device) -> list[tuple]:
+    """The dataset's input batches, each tensor moved to `device`."""
+    return [tuple(t.to(device) for t in batch) for batch in data.torch_batches(batch_size, names)]
 
 
 def held_out_outcome(fit) -> str:

@@ -327,12 +327,9 @@ class _BlockEnd:
 def _block_loss(runs: _PausedRuns, end: _BlockEnd, temperature: float, weight: torch.Tensor | None) -> BlockLoss:
     """Rule c: at the outputs the distillation loss; at a map the squared error over the target's
     mean square, its channels mixed by `weight` (M^(1/2) of the map's output Fisher) where given."""
-    if end.name is None:
-        kinds = output_kinds(runs.targets[0])
+    if end.name is None or weight is None:
+        kinds = output_kinds(runs.targets[0]) if end.name is None else ["regression"]  # a map: scaled MSE
         return lambda values, targets: distillation_loss([v.float() for v in values], targets, kinds, temperature)
-    if weight is None:
-        return lambda values, targets: distillation_loss([v.float() for v in values], targets, ["regression"],
-                                                         temperature)
 
     def weighted(values: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
         error = mix_channels(weight, values[0].float() - targets[0].float())
