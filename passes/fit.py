@@ -227,7 +227,7 @@ class FitProjectionsPass(Pass):
         stops = {"target": " (stopped early at the target)",
                  "patience": f" (stopped: {config.patience} epoch(s) without a better score)",
                  "probe": f" (stopped after {probe_length(best)}: training did not pay)"}
-        ctx.log(f"{self.method}: best held-out {best.metric} {best.best_score:.4f} at epoch {best.best_epoch}"
+        ctx.log(f"{self.method}: kept held-out {best.metric} {best.best_score:.4f} at epoch {best.best_epoch}"
                 f"{stops.get(best.stop_reason, '')}")
         return best.projections
 

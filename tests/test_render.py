@@ -434,7 +434,7 @@ def test_progress_shows_the_block_stage_then_each_epoch():
     assert (epoch.completed, epoch.total) == (4, 4) and "1/2" in epoch.description
     _progress_event(progress, tasks, "block", {"map": 2, "maps": 3, "name": "m2", "first_loss": None,
                                                "loss": None})
-    assert "loss" not in progress.tasks[tasks["block"]].fields["status"]  # it kept its PCA
+    assert "loss" not in progress.tasks[tasks["block"]].fields["status"]  # it kept its start
 
 
 EPOCH_END = {"epoch": 1, "stage": "joint", "active_maps": 3, "loss": 0.5, "metric": "agreement",

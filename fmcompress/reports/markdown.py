@@ -28,7 +28,7 @@ def _md_training(report: Mapping[str, Any]) -> list[str]:
              f"{len(training.get('history', []))} epoch(s), {config.get('schedule')} schedule, "
              f"{config.get('optimizer')} at lr {config.get('lr')}, loss {config.get('loss')}, on "
              f"{training.get('device')}{' x' + str(training['world_size']) if training.get('world_size', 1) > 1 else ''}; "
-             f"best held-out {training.get('metric')} {training.get('best_score', float('nan')):.4f} at epoch "
+             f"kept held-out {training.get('metric')} {training.get('best_score', float('nan')):.4f} at epoch "
              f"{training.get('best_epoch')}{' (stopped early at the target)' if training.get('stopped_early') else ''}.",
              ""]
     block = training.get("block_stage")

@@ -65,7 +65,7 @@ def _progress_event(progress, tasks: dict[str, Any], event: str, fields: dict) -
     if event == "block":
         if "block" not in tasks:
             tasks["block"] = progress.add_task("block stage", total=fields["maps"], status="")
-        loss = "kept its PCA" if fields["loss"] is None else f"loss {fields['loss']:.4g}"
+        loss = "kept its start" if fields["loss"] is None else f"loss {fields['loss']:.4g}"
         progress.update(tasks["block"], completed=fields["map"], status=f"map {fields['map']}: {loss}")
     elif event == "epoch_start":
         description = f"{fields['stage']} epoch {fields['epoch']}/{fields['epochs']}"
@@ -78,4 +78,4 @@ def _progress_event(progress, tasks: dict[str, Any], event: str, fields: dict) -
 
 def _epoch_line(fields: dict) -> str:
     return (f"epoch {fields['epoch']} ({fields['stage']}, {fields['active_maps']} map(s)): loss {fields['loss']:.4g}, "
-            f"held-out {fields['metric']} {fields['score']:.4f} (best {fields['best']:.4f})")
+            f"held-out {fields['metric']} {fields['score']:.4f} (kept {fields['best']:.4f})")
