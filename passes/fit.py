@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +171,8 @@ class FitProjectionsPass(Pass):
         batches = _on_device(part, config.batch_size, names, device)
         if config.block_augment == "look":
             batches = _with_other_looks(batches, config.seed)
+        elif config.block_augment == "copies":
+            batches = _with_copies(batches, config.seed)
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
         stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,
@@ -263,14 +266,31 @@ def block_ridge(named: float | None, act_bytes: int | None) -> float:
     return ROUNDED_RIDGE if act_bytes == 1 else PLAIN_RIDGE
 
 
+def _with_copies(batches: list[tuple], seed: int) -> list[tuple]:
+    """The block stage's batches, then an augmented copy of all of them per kind of
+    augment.COPY_KINDS: more lines to fit each block to, made from the given ones."""
+    from fmcompress.backend.augment import COPY_KINDS, augment_batch
+
+    copies = [_redrawn(batches, (seed, 11 + i), lambda x, seeds, kind=kind: augment_batch(x, kind, seeds))
+              for i, kind in enumerate(COPY_KINDS)]
+    return list(batches) + [batch for copy in copies for batch in copy]
+
+
 def _with_other_looks(batches: list[tuple], seed: int) -> list[tuple]:
     """The block stage's batches with half their samples given another look (augment.new_look)."""
     from fmcompress.backend.augment import look_variants
+
+    return _redrawn(batches, (seed, 7), look_variants)
+
+
+def _redrawn(batches: list[tuple], salt: tuple[int, int], draw: Callable) -> list[tuple]:
+    """Each batch's tensors through `draw(tensor, seeds)`, sample j of the whole part drawn from
+    mix_seeds(*salt, j): a sample is redrawn alike whatever batch it is in."""
     from fmcompress.backend.schedule import mix_seeds
 
     out, first = [], 0
     for batch in batches:
-        seeds = [mix_seeds(seed, 7, first + i) for i in range(len(batch[0]))]
-        out.append(tuple(look_variants(t.cpu(), seeds).to(t.device) for t in batch))
+        seeds = [mix_seeds(*salt, first + i) for i in range(len(batch[0]))]
+        out.append(tuple(draw(t.cpu(), seeds).to(t.device) for t in batch))
         first += len(batch[0])
     return out

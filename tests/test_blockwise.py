@@ -137,32 +137,46 @@ def test_max_samples_bounds_the_block_stage(tmp_path, monkeypatch):
     assert seen == [24, 5]  # a quarter of the 32 samples is held out
 
 
-def test_block_augment_look_gives_the_stage_other_looks_of_the_same_samples(tmp_path, monkeypatch):
-    """--block-augment look: the stage's batches are as many, as large, half their samples changed."""
+def _stage_samples(tmp_path, monkeypatch, kinds: tuple[str, ...]) -> list[torch.Tensor]:
+    """The samples the block stage is handed, one compile of the tiny classifier per --block-augment kind."""
     import onnx
 
     import fmcompress.backend.blockwise as module
     from fmcompress.compiler import CompileOptions, compile_model
     from fmcompress.train_config import TrainConfig
 
-    seen = {}
+    runs = []
     real = module.fit_blockwise
 
     def recording(executor, maps, batches, **kwargs):
-        seen.setdefault("runs", []).append(torch.cat([batch[0].cpu() for batch in batches]))
+        runs.append(torch.cat([batch[0].cpu() for batch in batches]))
         return real(executor, maps, batches, **kwargs)
 
     monkeypatch.setattr(module, "fit_blockwise", recording)
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_classifier(), str(path))
-    for kind in ("none", "look"):
+    for kind in kinds:
         compile_model(str(path), CompileOptions(ceiling="4x", num_samples=32, batch_size=4, latency_rounds=1,
                                                 latency_repeats=1, training=TrainConfig(
                                                     epochs=1, block_epochs=1, batch_size=4, block_augment=kind)))
-    plain, looked = seen["runs"]
+    return runs
+
+
+def test_block_augment_look_gives_the_stage_other_looks_of_the_same_samples(tmp_path, monkeypatch):
+    """--block-augment look: the stage's batches are as many, as large, half their samples changed."""
+    plain, looked = _stage_samples(tmp_path, monkeypatch, ("none", "look"))
     assert plain.shape == looked.shape
     changed = sum(not torch.equal(a, b) for a, b in zip(plain, looked, strict=True))
     assert 4 <= changed <= 20  # of 24: about half
+
+
+def test_block_augment_copies_adds_two_changed_copies_of_every_sample(tmp_path, monkeypatch):
+    """--block-augment copies: the stage's samples as given, then a light and a strong copy of each."""
+    plain, copied = _stage_samples(tmp_path, monkeypatch, ("none", "copies"))
+    assert copied.shape == (3 * len(plain), *plain.shape[1:])
+    assert torch.equal(copied[:len(plain)], plain)
+    for part in (copied[len(plain):2 * len(plain)], copied[2 * len(plain):]):
+        assert all(not torch.equal(a, b) for a, b in zip(plain, part, strict=True))  # noise changes every sample
 
 
 def test_a_flat_block_loss_stops_the_map_early():

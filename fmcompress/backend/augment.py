@@ -15,9 +15,11 @@ batch it lands in and a resumed run repeats the uninterrupted one. Kinds:
 * `strong`: `splice`, then each image stretched along its width (`stretch`) and its
   contrast and brightness changed (`photometric`), then `light`.
 
-The block stage (`blockwise.py`) draws its own variants once, before its epochs
-(`look_variants`): calibration lines of one look (one face, dark on light) otherwise teach
-projections that drop what another look needs.
+The block stage (`blockwise.py`) draws its own variants once, before its epochs: with
+`--block-augment look`, half its samples given another look (`look_variants`): calibration
+lines of one look (one face, dark on light) otherwise teach projections that drop what
+another look needs; with `copies`, a copy of every sample per kind of `COPY_KINDS`, added to
+the samples as given (the stage then fits each block to three times the lines).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's convention
+
+COPY_KINDS = ("light", "strong")  # --block-augment copies: one copy of each sample per kind
 
 
 def augment_batch(x: torch.Tensor, kind: str, seeds: Sequence[int]) -> torch.Tensor:
