@@ -187,7 +187,8 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
 
 
 def training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Where a learned compile spent its time: the block stage's seconds and epochs (and each map's), the end-to-end
+    """Where a learned compile spent its time: the block stage's seconds and epochs (and each map's, with the
+    held-out block losses that chose its epoch), the end-to-end
     epochs run (each epoch's held-out score and distillation loss), the held-out score before
     them (the stage's) and the best."""
     if not training:
@@ -201,7 +202,7 @@ def training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
             "history": [{"score": e["score"], "held_out_loss": e["held_out_loss"], "seconds": e["seconds"]}
                         for e in training["history"]],
             "block_maps": [{"name": m["name"], "epochs": m["epochs"], "best_epoch": m.get("best_epoch"),
-                            "seconds": m["seconds"]}
+                            "held_out_losses": m.get("held_out_losses", []), "seconds": m["seconds"]}
                            for m in stage.get("maps", [])]}
 
 

@@ -57,3 +57,16 @@ def test_batch_size_and_seed_overrides_reach_the_compile(sweep, monkeypatch, tmp
     row = sweep.run_one(task, "4x", "learned", args, tmp_path)
     assert row["error"] == "stop here"
     assert seen["batch_size"] == 8 and seen["seed"] == 3 and seen["training"].lr == 0.001
+
+
+def test_training_summary_keeps_each_maps_held_out_losses(sweep):
+    """The sweep's rows carry what chose each map's block epoch, so a stop rule can be studied afterwards."""
+    stage = {"seconds": 3.0, "maps": [{"name": "a", "epochs": 2, "best_epoch": 0, "seconds": 1.0,
+                                        "held_out_losses": [0.5, 0.6, 0.7]},
+                                       {"name": "b", "epochs": 0, "best_epoch": None, "seconds": 0.1,
+                                        "held_out_losses": []}]}
+    training = {"block_stage": stage, "history": [], "initial_score": 0.9, "initial_loss": 0.1,
+                "best_score": 0.9, "best_epoch": 0, "stop_reason": "probe"}
+    summary = sweep.training_summary(training)
+    assert summary["block_epochs"] == 2
+    assert [m["held_out_losses"] for m in summary["block_maps"]] == [[0.5, 0.6, 0.7], []]
