@@ -167,6 +167,7 @@ class FitProjectionsPass(Pass):
         device = resolve_device(config.device)
         names = list(executor.input_names)
         # it holds every batch's paused runs: --max-samples bounds that memory as it bounds an epoch
+        # (copies, below, triple it)
         part = self.calibration if config.max_samples is None else self.calibration.head(config.max_samples)
         batches = _on_device(part, config.batch_size, names, device)
         if config.block_augment == "look":
