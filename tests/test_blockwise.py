@@ -200,9 +200,32 @@ def test_a_falling_block_loss_keeps_going():
     model = tiny_classifier()
     batches, _ = make_batches((16, 3, 8, 8), 4)
     fits = {}
-    fit_blockwise(OnnxModule(model), TINY_MAPS, list(batches()), epochs=3, lr=1e-1, temperature=2.0,
+    fit_blockwise(OnnxModule(model), TINY_MAPS, list(batches()), epochs=3, lr=3e-1, temperature=2.0,
                   min_gain=1e-4, patience=1, init="lstsq", progress=lambda i, name, fit: fits.update({name: fit}))
     assert all(len(fit.losses) == 3 and not fit.stopped_early for fit in fits.values()), fits
+
+
+def test_each_maps_rate_warms_up_over_its_first_epoch_then_decays(monkeypatch):
+    """Rule d (schedule.py's rule b): Adam's first steps from the closed-form start move every entry
+    by the full rate whatever its gradient, so each map's rate rises over its first epoch's steps
+    from about a third of its peak (three batches) and then only falls."""
+    model = tiny_classifier()
+    batches, _ = make_batches((16, 3, 8, 8), 3)
+    rates: list[float] = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    fit_blockwise(OnnxModule(model), TINY_MAPS, list(batches()), epochs=4, lr=1e-2, temperature=2.0, min_gain=0.0)
+    assert len(rates) == 2 * 4 * 3  # two maps, four epochs of three batches
+    for map_rates in (rates[:12], rates[12:]):
+        peak = max(map_rates)
+        assert map_rates.index(peak) == 2 and map_rates[0] < 0.4 * peak
+        assert map_rates[0] < map_rates[1] < map_rates[2]
+        assert all(a > b for a, b in zip(map_rates[2:-1], map_rates[3:], strict=True))
 
 
 def test_a_held_out_judge_keeps_each_maps_best_held_out_epoch():

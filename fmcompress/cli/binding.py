@@ -189,7 +189,8 @@ TRAINING = (  # `--method learned|random`
               "projections stay float32); auto is bfloat16 where the device has it natively (AVX-512 BF16 or "
               "AMX, CUDA), else float32. On a CPU it bought little (docs/results.md, section 3)."),
     Bound("--block-lr", T, "block_lr", type=click.FloatRange(min=0, min_open=True),
-         help="The block stage's learning rate, relative as --lr is, cosine decay over each map's epochs."),
+         help="The block stage's learning rate, relative as --lr is: warmed up over each map's first epoch, "
+              "then a cosine decay over its epochs."),
     Bound("--lr", T, "lr", type=click.FloatRange(min=0, min_open=True),
          help="Learning rate relative to each map's scale (a map of C channels steps at lr/sqrt(C)), "
               "cosine decay to 0 over the run."),
