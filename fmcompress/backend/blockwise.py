@@ -37,7 +37,8 @@ c. Loss: at a map, the squared error divided by the target's mean square; with
 d. P and U only, by Adam at lr / sqrt(C) under schedule.py's rule b: the rate warmed up
    linearly over the first of `epochs` passes of the calibration batches, then a cosine
    decay over all of them; the batches in an order drawn from the seed and the map's
-   index; no augmentation. The warm-up because the start is already a closed-form fit,
+   index; no augmentation of its own (`--block-augment` draws its variants before the
+   stage). The warm-up because the start is already a closed-form fit,
    which Adam's first steps (each entry moved by about the full rate, whatever its
    gradient) undo: at the full rate from the first step, the first epoch raised the
    held-out block loss above the start in 18 of PP-OCR's recognizer's 29 maps at 4x;
@@ -351,8 +352,7 @@ def _refine(projection: ChannelProjection, runs: _PausedRuns, name: str, end: _B
     stopped before `epochs`; with a judge, the projection ends at its best held-out epoch."""
     loss_of = _block_loss(runs, end, temperature, weight)
     optimizer = torch.optim.Adam(projection.parameters(), lr=lr)
-    steps_per_epoch = len(runs.batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * steps_per_epoch, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs, len(runs.batches)))
     generator = torch.Generator().manual_seed(mix_seeds(*seed))
     device = runs.batches[0][0].device.type
     fit, best, stale = BlockFit(), math.inf, 0

@@ -78,12 +78,15 @@ def plan_epochs(maps: int, config: TrainConfig) -> list[tuple[str, int]]:
     return epochs + [("joint", maps)] * config.epochs
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+def warmup_cosine(epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
     """Rule b's schedule as a factor of the learning rate: a linear warmup over the first
     epoch (Adam's first steps move every entry by the full lr, whatever its gradient), then
-    a cosine decay to 0."""
+    a cosine decay to 0 over all `epochs`. The warm-up is the first epoch by construction, so
+    no caller can leave it out (the block stage once passed a warm-up of no steps)."""
+    total_steps = epochs * steps_per_epoch
+
     def factor(step: int) -> float:
-        ramp = min(1.0, (step + 1) / max(1, warmup_steps))
+        ramp = min(1.0, (step + 1) / max(1, steps_per_epoch))
         return ramp * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
     return factor

@@ -202,8 +202,7 @@ class ProjectionTrainer:
         per_epoch = min(samples, cfg.max_samples or samples)
         steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
         optimizer = self._optimizer()
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(epochs) * steps_per_epoch,
-                                                                               steps_per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(epochs), steps_per_epoch))
         model = wrap_for_ranks(self.executor, self.device, self.world)
         teacher_held = self._teacher_outputs(held_out, inputs)
         kinds = output_kinds(teacher_held)
