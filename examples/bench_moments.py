@@ -1,6 +1,6 @@
-"""Benchmark: the block stage's moments and the map costs' comparison, before and after float32.
+"""Benchmark: the block stage's moments and loss, and the map costs' comparison, before and after.
 
-Two costs of a learned compile of PP-OCR's recognizer that had nothing to do with training:
+Three costs of a learned compile of PP-OCR's recognizer that the projections do not need:
 
 * the closed-form start's cross moments (`blockwise._PausedRuns.cross_moments`), per batch of
   16 lines and map: before, each whole map was copied channels-last, 4096 positions picked
@@ -9,7 +9,11 @@ Two costs of a learned compile of PP-OCR's recognizer that had nothing to do wit
   `projection.moment_product` multiplies in float32, accumulated in float64;
 * each map's comparison in the map-cost pass: before, `metrics.fidelity` (float64 copies of
   the [64, 40, 6625] outputs, error figures the pass never read); now
-  `metrics.agreement_figures`.
+  `metrics.agreement_figures`;
+* the Fisher-weighted block loss (`blockwise._block_loss`, forward and backward) over a map's
+  refinement, six epochs of 24 batches (the recognizer's maps ran 5.4 epochs on average at
+  4x): before, the target's channels were mixed by M^(1/2) at every step for its mean square
+  (`weighted_before`); now once a batch, the first time it is seen.
 
 Inputs are random tensors of the recognizer's map shapes at 4x (timing does not depend on
 the values). Interleaved per round, median seconds over `--rounds`; the moments' last column
@@ -27,13 +31,15 @@ import time
 import numpy as np
 import torch
 
-from fmcompress.backend.projection import moment_product, sampled_vectors
+from fmcompress.backend.blockwise import _block_loss, _BlockEnd
+from fmcompress.backend.projection import mix_channels, moment_product, sampled_vectors
 from fmcompress.metrics import agreement_figures, fidelity
 
 POSITIONS = 4096
 BATCH = 16
 MAPS = [(32, 24, 160), (64, 24, 160), (128, 12, 160), (128, 12, 80), (240, 12, 80), (240, 6, 80), (480, 6, 80),
         (480, 3, 80)]  # (C, H, W) of the recognizer's planned maps at 4x, one of each shape
+REFINED_EPOCHS = 6
 
 
 def moments_before(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -47,6 +53,25 @@ def moments_before(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator)
 def moments_now(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     xs, ys = sampled_vectors([x, y], POSITIONS, generator)
     return moment_product(xs, xs), moment_product(ys, xs)
+
+
+def weighted_before(weight: torch.Tensor):
+    """The Fisher-weighted block loss as blockwise.py computed it before: the target mixed every step."""
+    def loss(values, targets):
+        error = mix_channels(weight, values[0].float() - targets[0].float())
+        return error.pow(2).mean() / mix_channels(weight, targets[0].float()).pow(2).mean().clamp_min(1e-12)
+    return loss
+
+
+def refinement(loss, values: list[torch.Tensor], targets: list[torch.Tensor]) -> list[float]:
+    """Forward and backward of `loss` once per batch and epoch, as a map's block epochs step."""
+    losses = []
+    for value, target in [pair for _ in range(REFINED_EPOCHS) for pair in zip(values, targets, strict=True)]:
+        value = value.detach().requires_grad_(True)
+        result = loss((value,), (target,))
+        result.backward()
+        losses.append(float(result.detach()))
+    return losses
 
 
 def timed(function, *args) -> tuple[float, object]:
@@ -82,6 +107,26 @@ def main() -> None:
         totals["now"] += now
         print(f"| {shape} | {before:.4f} | {now:.4f} | {now / before:.2f} | {difference:.1e} |")
     print(f"| all eight | {totals['before']:.4f} | {totals['now']:.4f} | {totals['now'] / totals['before']:.2f} | |")
+
+    print(f"\n| block end (C, H, W) | loss over {REFINED_EPOCHS} epochs before, s | now, s | now / before "
+          "| largest difference |")
+    print("| --- | --- | --- | --- | --- |")
+    for shape in MAPS[-4:]:  # the late maps, where the weighted loss costs most
+        values = [torch.randn(BATCH, *shape, generator=rng) for _ in range(24)]
+        targets = [v + 0.1 * torch.randn(BATCH, *shape, generator=rng) for v in values]
+        root = torch.randn(shape[0], shape[0], generator=rng) / shape[0] ** 0.5
+        weight = root @ root.T
+        times = {"before": [], "now": []}
+        for _ in range(args.rounds):
+            seconds, reference = timed(refinement, weighted_before(weight), values, targets)
+            times["before"].append(seconds)
+            # a fresh loss a round, as each map's refinement makes one: its first epoch mixes every target
+            seconds, result = timed(refinement, _block_loss(None, _BlockEnd(0, "map"), 1.0, weight), values,
+                                    targets)
+            times["now"].append(seconds)
+            difference = max(abs(a - b) / abs(b) for a, b in zip(result, reference, strict=True))
+        before, now = statistics.median(times["before"]), statistics.median(times["now"])
+        print(f"| {shape} | {before:.3f} | {now:.3f} | {now / before:.2f} | {difference:.1e} |")
 
     outputs = np.random.default_rng(0).random((64, 40, 6625), dtype=np.float32)
     reference = [outputs / outputs.sum(-1, keepdims=True)]

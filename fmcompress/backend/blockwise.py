@@ -31,7 +31,8 @@ c. Loss: at a map, the squared error divided by the target's mean square; with
    `weighted` (`--block-loss fisher`), both measured through M^(1/2), M the output's
    Fisher information at that map (`fisher.metric_roots`, the metric the start uses):
    the block reproduces the directions of the next map that the predictions depend on,
-   not all of its power, so its error is measured as the start's is. At the outputs,
+   not all of its power, so its error is measured as the start's is (the target's mean
+   square there, which no epoch changes, is taken once a batch). At the outputs,
    `losses.distillation_loss` (KL at `temperature` for class outputs, scaled MSE for
    the rest).
 d. P and U only, by Adam at lr / sqrt(C) under schedule.py's rule b: the rate warmed up
@@ -337,9 +338,15 @@ def _block_loss(runs: _PausedRuns, end: _BlockEnd, temperature: float, weight: t
         kinds = output_kinds(runs.targets[0]) if end.name is None else ["regression"]  # a map: scaled MSE
         return lambda values, targets: distillation_loss([v.float() for v in values], targets, kinds, temperature)
 
+    # a target's mean square in the metric is the same every epoch: one channel mixing of the
+    # target per batch, not one per step (the mixing costs as much as a pointwise conv of the map)
+    scales: dict[int, torch.Tensor] = {}  # by id: every target stays alive while the map is refined
+
     def weighted(values: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        if id(targets[0]) not in scales:
+            scales[id(targets[0])] = mix_channels(weight, targets[0].float()).pow(2).mean().clamp_min(1e-12)
         error = mix_channels(weight, values[0].float() - targets[0].float())
-        return error.pow(2).mean() / mix_channels(weight, targets[0].float()).pow(2).mean().clamp_min(1e-12)
+        return error.pow(2).mean() / scales[id(targets[0])]
 
     return weighted
 
