@@ -13,7 +13,9 @@ Three costs of a learned compile of PP-OCR's recognizer that the projections do 
 * the Fisher-weighted block loss (`blockwise._block_loss`, forward and backward) over a map's
   refinement, six epochs of 24 batches (the recognizer's maps ran 5.4 epochs on average at
   4x): before, the target's channels were mixed by M^(1/2) at every step for its mean square
-  (`weighted_before`); now once a batch, the first time it is seen.
+  (`weighted_before`), and the error's through autograd, a mixing each way; now the target's
+  once a batch, the first time it is seen, and the error's as `blockwise.quadratic_form`
+  (e^T M e, its gradient 2 M e from the forward's M e).
 
 Inputs are random tensors of the recognizer's map shapes at 4x (timing does not depend on
 the values). Interleaved per round, median seconds over `--rounds`; the moments' last column
@@ -121,8 +123,8 @@ def main() -> None:
             seconds, reference = timed(refinement, weighted_before(weight), values, targets)
             times["before"].append(seconds)
             # a fresh loss a round, as each map's refinement makes one: its first epoch mixes every target
-            seconds, result = timed(refinement, _block_loss(None, _BlockEnd(0, "map"), 1.0, weight), values,
-                                    targets)
+            seconds, result = timed(refinement, _block_loss(None, _BlockEnd(0, "map"), 1.0, weight @ weight),
+                                    values, targets)
             times["now"].append(seconds)
             difference = max(abs(a - b) / abs(b) for a, b in zip(result, reference, strict=True))
         before, now = statistics.median(times["before"]), statistics.median(times["now"])

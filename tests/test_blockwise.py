@@ -290,8 +290,8 @@ def test_compile_judges_the_block_stage_on_its_held_out_part(tmp_path, monkeypat
 
 
 def test_a_fisher_weighted_block_loss_counts_only_the_directions_it_weighs():
-    """Rule c: at a map, the error and the target's power are both measured through the weight, so an
-    identity weight gives the plain scaled squared error and a weight that drops a channel ignores
+    """Rule c: at a map, the error and the target's power are both measured in the metric, so an
+    identity metric gives the plain scaled squared error and one that drops a channel ignores
     every error in it."""
     from fmcompress.backend.blockwise import _block_loss, _BlockEnd
     from fmcompress.backend.losses import distillation_loss
@@ -309,6 +309,25 @@ def test_a_fisher_weighted_block_loss_counts_only_the_directions_it_weighs():
     weighted = _block_loss(None, end, 2.0, drop_first)
     torch.testing.assert_close(weighted([off_in_first], [target]), weighted([value], [target]))
     assert float(_block_loss(None, end, 2.0, None)([off_in_first], [target])) > 10 * float(plain)
+
+
+def test_the_quadratic_form_has_the_value_and_gradient_of_the_squared_root_mixing():
+    """Rule c's metric: quadratic_form(M, x), one mixing forward and none backward, against autograd
+    through |M^(1/2) x|^2, for a random symmetric positive definite M."""
+    from fmcompress.backend.blockwise import quadratic_form
+    from fmcompress.backend.fisher import metric_roots
+    from fmcompress.backend.projection import mix_channels
+
+    generator = torch.Generator().manual_seed(0)
+    factor = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    root = metric_roots(factor @ factor.T)[0]
+    x = torch.randn(3, 6, 4, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    expected = mix_channels(root, x).pow(2).sum()
+    (expected_gradient,) = torch.autograd.grad(expected, x)
+    value = quadratic_form(root @ root, x)
+    (gradient,) = torch.autograd.grad(value, x)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(gradient, expected_gradient)
 
 
 def test_lstsq_projection_is_reduced_rank_least_squares():

@@ -28,11 +28,12 @@ b. Its block runs from map i's step to the first later planned map whose value d
    there from the same input, so a projection also corrects the errors that the ones
    before it left.
 c. Loss: at a map, the squared error divided by the target's mean square; with
-   `weighted` (`--block-loss fisher`), both measured through M^(1/2), M the output's
-   Fisher information at that map (`fisher.metric_roots`, the metric the start uses):
-   the block reproduces the directions of the next map that the predictions depend on,
-   not all of its power, so its error is measured as the start's is (the target's mean
-   square there, which no epoch changes, is taken once a batch). At the outputs,
+   `weighted` (`--block-loss fisher`), both measured in M (e^T M e per position), the
+   output's Fisher information at that map (`fisher.metric_roots`, the metric the start
+   uses): the block reproduces the directions of the next map that the predictions depend
+   on, not all of its power, so its error is measured as the start's is. The target's part,
+   which no epoch changes, is taken once a batch; the error's gradient, 2 M e, comes from
+   the forward's M e (`quadratic_form`): one channel mixing a step, not one each way. At the outputs,
    `losses.distillation_loss` (KL at `temperature` for class outputs, scaled MSE for
    the rest).
 d. P and U only, by Adam at lr / sqrt(C) under schedule.py's rule b: the rate warmed up
@@ -168,11 +169,13 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
             if end is not None:
                 if judge is not None:
                     judge.aim(end)
-                weight = metric_roots(fisher[end.name])[0].float().to(projection.P.device) \
-                    if weighted and end.name in fisher else None
+                metric = None
+                if weighted and end.name in fisher:
+                    root = metric_roots(fisher[end.name])[0]
+                    metric = (root @ root).float().to(projection.P.device)  # M itself, as rule d floors it
                 fit = _refine(projection, runs, name, end, epochs=epochs, lr=lr / math.sqrt(channels),
                               temperature=temperature, seed=(seed, i), min_gain=min_gain, patience=patience,
-                              precision=precision, judge=judge, weight=weight)
+                              precision=precision, judge=judge, metric=metric)
             projection.requires_grad_(False)
             for paused in (runs, judge):
                 if paused is not None:
@@ -331,33 +334,45 @@ class _BlockEnd:
         return (executor.value(frontier, self.name),) if self.name else executor.outputs(frontier)
 
 
-def _block_loss(runs: _PausedRuns, end: _BlockEnd, temperature: float, weight: torch.Tensor | None) -> BlockLoss:
+def _block_loss(runs: _PausedRuns, end: _BlockEnd, temperature: float, metric: torch.Tensor | None) -> BlockLoss:
     """Rule c: at the outputs the distillation loss; at a map the squared error over the target's
-    mean square, its channels mixed by `weight` (M^(1/2) of the map's output Fisher) where given."""
-    if end.name is None or weight is None:
+    mean square, both measured in `metric` (M, the map's output Fisher as `fisher.metric_roots`
+    floors it: e^T M e = |M^(1/2) e|^2) where given."""
+    if end.name is None or metric is None:
         kinds = output_kinds(runs.targets[0]) if end.name is None else ["regression"]  # a map: scaled MSE
         return lambda values, targets: distillation_loss([v.float() for v in values], targets, kinds, temperature)
 
-    # a target's mean square in the metric is the same every epoch: one channel mixing of the
-    # target per batch, not one per step (the mixing costs as much as a pointwise conv of the map)
+    # a target's mean square in the metric is the same every epoch: taken once a batch, not
+    # once a step (a channel mixing costs as much as a pointwise conv of the map)
     scales: dict[int, torch.Tensor] = {}  # by id: every target stays alive while the map is refined
 
     def weighted(values: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        target = targets[0].float()
         if id(targets[0]) not in scales:
-            scales[id(targets[0])] = mix_channels(weight, targets[0].float()).pow(2).mean().clamp_min(1e-12)
-        error = mix_channels(weight, values[0].float() - targets[0].float())
-        return error.pow(2).mean() / scales[id(targets[0])]
+            scales[id(targets[0])] = (quadratic_form(metric, target) / target.numel()).clamp_min(1e-12)
+        error = values[0].float() - target
+        return quadratic_form(metric, error) / error.numel() / scales[id(targets[0])]
 
     return weighted
+
+
+def quadratic_form(metric: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum over positions of x^T M x (x's channels on axis 1, M symmetric), with its gradient
+    2 M x taken from the forward's own M x: one channel mixing forward and none backward, where
+    |M^(1/2) x|^2 through autograd takes one each way."""
+    with torch.no_grad():
+        curved = mix_channels(metric, x)
+    energy = (x * curved).sum()  # its gradient is M x: half the form's
+    return 2 * energy - energy.detach()
 
 
 def _refine(projection: ChannelProjection, runs: _PausedRuns, name: str, end: _BlockEnd, *, epochs: int,
             lr: float, temperature: float, seed: tuple[int, int], min_gain: float, patience: int,
             precision: str = "float32", judge: _PausedRuns | None = None,
-            weight: torch.Tensor | None = None) -> BlockFit:
+            metric: torch.Tensor | None = None) -> BlockFit:
     """Rules c and d: each epoch's mean loss (and held-out loss, with a `judge`), and whether it
     stopped before `epochs`; with a judge, the projection ends at its best held-out epoch."""
-    loss_of = _block_loss(runs, end, temperature, weight)
+    loss_of = _block_loss(runs, end, temperature, metric)
     optimizer = torch.optim.Adam(projection.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs, len(runs.batches)))
     generator = torch.Generator().manual_seed(mix_seeds(*seed))
