@@ -153,3 +153,18 @@ def test_the_number_of_draws_reaches_the_metric_from_compile(monkeypatch):
     assert seen == [3]
     with pytest.raises(InputError, match="fisher_draws"):
         TrainConfig(fisher_draws=0).check()
+
+
+def test_the_floored_metric_is_the_normalised_moment_plus_the_floor_and_its_roots_square():
+    """Rule d: M for a positive definite moment is the moment over its mean eigenvalue plus
+    METRIC_FLOOR, and metric_roots' M^(1/2) squares to it."""
+    from fmcompress.backend.fisher import floored_metric
+
+    rng = np.random.default_rng(0)
+    factor = rng.normal(size=(5, 5))
+    moment = factor @ factor.T
+    expected = moment / (np.trace(moment) / 5) + METRIC_FLOOR * np.eye(5)
+    metric = floored_metric(torch.from_numpy(moment))
+    np.testing.assert_allclose(metric.numpy(), expected, rtol=1e-10, atol=1e-12)
+    root, _ = metric_roots(torch.from_numpy(moment))
+    np.testing.assert_allclose((root @ root).numpy(), expected, rtol=1e-10, atol=1e-12)

@@ -89,7 +89,7 @@ from fmcompress.featuremaps import Projection
 from fmcompress.train_config import FISHER_DRAWS
 
 from .executor import Frontier
-from .fisher import metric_roots, output_fisher
+from .fisher import floored_metric, metric_roots, output_fisher
 from .losses import distillation_loss, output_kinds
 from .projection import (
     ChannelProjection,
@@ -169,10 +169,8 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
             if end is not None:
                 if judge is not None:
                     judge.aim(end)
-                metric = None
-                if weighted and end.name in fisher:
-                    root = metric_roots(fisher[end.name])[0]
-                    metric = (root @ root).float().to(projection.P.device)  # M itself, as rule d floors it
+                metric = floored_metric(fisher[end.name]).float().to(projection.P.device) \
+                    if weighted and end.name in fisher else None
                 fit = _refine(projection, runs, name, end, epochs=epochs, lr=lr / math.sqrt(channels),
                               temperature=temperature, seed=(seed, i), min_gain=min_gain, patience=patience,
                               precision=precision, judge=judge, metric=metric)
@@ -336,8 +334,8 @@ class _BlockEnd:
 
 def _block_loss(runs: _PausedRuns, end: _BlockEnd, temperature: float, metric: torch.Tensor | None) -> BlockLoss:
     """Rule c: at the outputs the distillation loss; at a map the squared error over the target's
-    mean square, both measured in `metric` (M, the map's output Fisher as `fisher.metric_roots`
-    floors it: e^T M e = |M^(1/2) e|^2) where given."""
+    mean square, both measured in `metric` (M, the map's output Fisher as `fisher.floored_metric`
+    gives it: e^T M e = |M^(1/2) e|^2) where given."""
     if end.name is None or metric is None:
         kinds = output_kinds(runs.targets[0]) if end.name is None else ["regression"]  # a map: scaled MSE
         return lambda values, targets: distillation_loss([v.float() for v in values], targets, kinds, temperature)

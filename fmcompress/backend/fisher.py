@@ -25,8 +25,8 @@ b. What is differentiated, for class outputs (`probs`, `seq_probs`, `logits`; p 
    four were not better on both sets of lines (docs/results.md section 1).
 c. Per map, sum g g^T over channel vectors (float64), at most 4096 random positions a
    batch, drawn from `seed`: `projection.SecondMomentRecorder`, as the start's other moments.
-d. `metric_roots` turns a moment into M^(1/2) and M^(-1/2) of M normalised to mean eigenvalue
-   1 plus `METRIC_FLOOR`: directions the outputs never depend on keep a small weight, so the
+d. `metric_roots` turns a moment into M^(1/2) and M^(-1/2) (`floored_metric` into M itself) of
+   M normalised to mean eigenvalue 1 plus `METRIC_FLOOR`: directions the outputs never depend on keep a small weight, so the
    weighted regression stays well posed on them.
 """
 
@@ -114,9 +114,21 @@ class _DrawTerms:
 
 def metric_roots(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rule d: (M^(1/2), M^(-1/2)), float64."""
+    values, vectors = _floored_eigen(moment)
+    return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
+
+
+def floored_metric(moment: torch.Tensor) -> torch.Tensor:
+    """Rule d: M itself, float64 (the block loss's e^T M e)."""
+    values, vectors = _floored_eigen(moment)
+    return (vectors * values) @ vectors.T
+
+
+def _floored_eigen(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rule d: the eigenvalues and eigenvectors of the moment normalised to mean eigenvalue 1,
+    the eigenvalues raised by METRIC_FLOOR."""
     metric = moment.to(torch.float64)
     metric = (metric + metric.T) / 2
     metric = metric / (torch.trace(metric) / metric.shape[0]).clamp_min(1e-30)
     values, vectors = torch.linalg.eigh(metric)
-    values = values.clamp_min(0) + METRIC_FLOOR
-    return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
+    return values.clamp_min(0) + METRIC_FLOOR, vectors
