@@ -148,7 +148,7 @@ def fit_blockwise(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
     judge = _PausedRuns(executor, original, held_out) if held_out and epochs > 0 else None
     ordered = sorted(range(len(maps)), key=lambda i: executor.producer_step(maps[i][0]))
     fisher = output_fisher(original, [(name, channels) for name, channels, _ in maps], batches,
-                           seed=seed, draws=fisher_draws) if init == "fisher" or weighted else {}
+                           seed=seed, draws=fisher_draws, temperature=temperature) if init == "fisher" or weighted else {}
     fitted: dict[str, Projection] = {}
     try:
         for position, i in enumerate(ordered):

@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's convention
 from fmcompress.errors import InputError
 from fmcompress.metrics import is_sequence_head, rows_are_distributions
 
-PROBABILITY_FLOOR = 1e-8  # probabilities below it are alike to the KD loss (see _log_probs)
+PROBABILITY_FLOOR = 1e-8  # probabilities below it are alike to the KD loss (see log_probs)
 
 
 def output_kinds(outputs: Sequence[torch.Tensor]) -> list[str]:
@@ -49,7 +49,8 @@ def output_kinds(outputs: Sequence[torch.Tensor]) -> list[str]:
     return kinds
 
 
-def _log_probs(out: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+def log_probs(out: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """Log-probabilities over the last axis at `temperature`, as the KD loss compares them."""
     # the floor is chosen by measurement, not a guard: a recognizer's many near-zero class
     # probabilities are its tails, and matching them exactly costs accuracy (docs/results.md)
     scores = out.float().clamp_min(PROBABILITY_FLOOR).log() if kind in ("probs", "seq_probs") else out.float()
@@ -64,7 +65,7 @@ def distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.T
         if kind == "regression":
             terms.append(F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12))
             continue
-        log_s, log_t = _log_probs(s, kind, temperature), _log_probs(t, kind, temperature)
+        log_s, log_t = log_probs(s, kind, temperature), log_probs(t, kind, temperature)
         per_row = F.kl_div(log_s.reshape(-1, log_s.shape[-1]), log_t.reshape(-1, log_t.shape[-1]),
                            log_target=True, reduction="batchmean")
         terms.append(per_row * temperature**2)
@@ -75,7 +76,7 @@ def label_loss(student: Sequence[torch.Tensor], kinds: Sequence[str], labels: to
     """Rule c: cross-entropy of the first class output against the labels."""
     for out, kind in zip(student, kinds, strict=True):
         if kind in ("logits", "probs"):
-            return F.nll_loss(_log_probs(out, kind, 1.0), labels)
+            return F.nll_loss(log_probs(out, kind, 1.0), labels)
     raise InputError("--loss ce needs a model whose output is class scores [N, classes]")
 
 
