@@ -33,6 +33,16 @@ def half_read_classifier():
     return model
 
 
+def pooled_regression():
+    """tiny_classifier cut after its pooling: the features [N, 16, 1, 1] are the output, no class rows."""
+    model = tiny_classifier()
+    model.graph.node.pop()
+    model.graph.node.pop()
+    model.graph.output[0].name = "g"
+    del model.graph.output[0].type.tensor_type.shape.dim[2:]
+    return model
+
+
 def test_the_fisher_is_zero_where_the_outputs_do_not_read_and_psd():
     batches, _ = make_batches((16, 3, 8, 8), 3)
     executor = OnnxModule(half_read_classifier())
@@ -49,12 +59,7 @@ def test_sequence_and_regression_outputs_have_a_fisher_too():
     batches, _ = make_batches((16, 3, 8, 8), 2)
     sequence = output_fisher(OnnxModule(sequence_head()), [("r1", 16)], list(batches()))["r1"]
     assert np.trace(sequence.numpy()) > 0
-    regression = tiny_classifier()
-    regression.graph.node.pop()  # the pooled features [N, 16, 1, 1] are the output: no class rows
-    regression.graph.node.pop()
-    regression.graph.output[0].name = "g"
-    del regression.graph.output[0].type.tensor_type.shape.dim[2:]
-    moment = output_fisher(OnnxModule(regression), [("r1", 16)], list(batches()))["r1"]
+    moment = output_fisher(OnnxModule(pooled_regression()), [("r1", 16)], list(batches()))["r1"]
     assert np.trace(moment.numpy()) > 0
 
 
@@ -153,6 +158,16 @@ def test_every_sample_weighs_alike_in_the_metric():
     scaled = unit_energy_samples(x)
     assert torch.allclose(scaled[:2].pow(2).sum((1, 2, 3)), torch.ones(2, dtype=torch.float64))
     assert torch.allclose(scaled[1], x[1] / x[1].norm()) and scaled[2].abs().max() == 0
+
+
+def test_class_outputs_count_every_sample_at_unit_energy_and_regression_outputs_plainly():
+    """Rule c: with every position recorded, a class output's moment has a trace of one per
+    sample and draw; a regression output's is the plain sum of its gradients' energy."""
+    batches, _ = make_batches((16, 3, 8, 8), 2)  # 16 x 8 x 8 positions a batch: all recorded
+    classes = output_fisher(OnnxModule(tiny_classifier()), [("r1", 16)], list(batches()), draws=3)["r1"]
+    assert float(torch.trace(classes)) == pytest.approx(32 * 3, rel=1e-6)
+    plain = output_fisher(OnnxModule(pooled_regression()), [("r1", 16)], list(batches()), draws=3)["r1"]
+    assert abs(float(torch.trace(plain)) - 32 * 3) > 1
 
 
 def test_at_a_temperature_the_draws_estimate_the_curvature_of_the_kd_loss_there():
