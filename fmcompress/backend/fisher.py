@@ -20,9 +20,9 @@ b. What is differentiated, for class outputs (`probs`, `seq_probs`, `logits`; q 
    then a rare one with a large gradient: on a small classifier one such draw was 99% off the
    exact Fisher (relative Frobenius norm) and 256 draws 16% (before rule c's unit-energy
    samples); one draw of signs is 9% off what rules b and c estimate (computed exactly over
-   every pattern of signs), 64 draws 1% (tests/test_fisher.py). `regression` outputs take a random Gaussian direction
-   scaled by the output's RMS instead (Hutchinson's estimate of J^T J, the curvature of the
-   scaled MSE). `draws` > 1 sums several draws, one backward pass each
+   every pattern of signs), 64 draws 1% (tests/test_fisher.py). `regression` outputs take
+   a random Gaussian direction scaled by the output's RMS instead (Hutchinson's estimate of
+   J^T J, the curvature of the scaled MSE). `draws` > 1 sums several draws, one backward pass each
    (`train_config.FISHER_DRAWS`, compile's `fisher_draws`): on the recognizer a draw's
    backward pass costs about 10 s; one draw a batch or eight instead of four were not better
    on both sets of lines (docs/results.md section 1).
@@ -116,7 +116,7 @@ def output_fisher(original: nn.Module, maps: Sequence[tuple[str, int]],
 
 class _DrawTerms:
     """Rule b for one output: what every draw differentiates (log p as rows of classes, or a
-    regression output) and its fixed weights (sqrt(p_c), or the output's RMS), computed once
+    regression output) and its fixed weights (sqrt(q_c) and T, or the output's RMS), computed once
     a batch; `draw` adds only the random signs or direction."""
 
     def __init__(self, values: torch.Tensor, magnitude: torch.Tensor | None, divisor: torch.Tensor | None,
