@@ -19,7 +19,8 @@ DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "light", "splice", "strong")
 FEATURE_REFERENCES = ("teacher", "self")
 BLOCK_INITS = ("pca", "lstsq", "fisher")
-BLOCK_AUGMENTATIONS = ("none", "look", "copies")
+BLOCK_AUGMENTATIONS = ("auto", "none", "look", "copies")
+COPIES_FROM = 5.0  # `auto`: copies where the plan stores a fifth of the maps' bytes or less (passes/fit.py)
 BLOCK_PRECISIONS = ("auto", "float32", "bfloat16")
 BLOCK_JUDGES = ("held-out", "calibration")
 BLOCK_LOSSES = ("mse", "fisher")
@@ -59,8 +60,9 @@ class TrainConfig:
     fake_quant: bool = False  # the stored maps rounded as int8 in training (quantization-aware, for --int8)
     block_init: str = "fisher"  # the block stage's start: fisher (the reduced-rank regression in the output's
     # Fisher metric), lstsq (unweighted), or pca
-    block_augment: str = "none"  # look: half the block stage's samples given another look (augment.new_look);
-    # copies: the stage's samples and two augmented copies of each (augment.COPY_KINDS), three times its time
+    block_augment: str = "auto"  # look: half the block stage's samples given another look (augment.new_look);
+    # copies: the stage's samples and two augmented copies of each (augment.COPY_KINDS), three times its time;
+    # auto: copies where the plan compresses the maps COPIES_FROM-fold or more, else none (fit.block_augmentation)
     block_ridge: float | None = None  # the fisher and lstsq starts' damping; None: 1e-3 with int8 maps, else 1e-6
     block_precision: str = "float32"  # the block stage's arithmetic: float32, bfloat16, or auto (bfloat16 where native)
     fisher_draws: int = FISHER_DRAWS  # the fisher start's draws per calibration batch (fisher.py rule b)

@@ -16,7 +16,9 @@ c. `learned` (the default; Price & Tanner): the closed-form starts of `block_ini
   where maps are stored in one byte: `block_ridge`), each refined in network order to reproduce what the
   original network computes after its block (at most `block_epochs` per map, fewer
   once `block_min_gain` stops paying on the held-out part, each map keeping its best
-  held-out epoch (`block_judge`), `fmcompress.backend.blockwise`, its rules a-e;
+  held-out epoch (`block_judge`), `fmcompress.backend.blockwise`, its rules a-e; fitted to
+  two augmented copies of every sample as well where the plan compresses the maps
+  five-fold or more (`block_augment` `auto`, `block_augmentation`);
   0 epochs and a `pca` start skip it), then P and U of every map trained end to end
   through the frozen network (`fmcompress.backend.trainer`: distillation from the
   original model's outputs, its rules a-h; `patience` and `probe` end it early). With
@@ -170,15 +172,19 @@ class FitProjectionsPass(Pass):
         # (copies, below, triple it)
         part = self.calibration if config.max_samples is None else self.calibration.head(config.max_samples)
         batches = _on_device(part, config.batch_size, names, device)
-        if config.block_augment == "look":
+        augment = block_augmentation(config.block_augment, plan)
+        if augment == "look":
             batches = _with_other_looks(batches, config.seed)
-        elif config.block_augment == "copies":
+        elif augment == "copies":
             batches = _with_copies(batches, config.seed)
+            if config.block_augment == "auto":
+                ctx.log(f"block stage: two augmented copies of every sample (--block-augment auto: the maps are "
+                        f"compressed {plan_compression(plan):.1f}-fold; --block-augment none for a third of the time)")
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
         stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,
                        "patience": config.block_patience, "judge": config.block_judge,
-                       "block_loss": config.block_loss, "init": config.block_init,
+                       "block_loss": config.block_loss, "init": config.block_init, "augment": augment,
                        "precision": resolve_precision(config.block_precision, device), "seconds": 0.0, "maps": []}
 
         def progress(i: int, name: str, fit) -> None:
@@ -265,6 +271,25 @@ def block_ridge(named: float | None, act_bytes: int | None) -> float:
     if named is not None:
         return named
     return ROUNDED_RIDGE if act_bytes == 1 else PLAIN_RIDGE
+
+
+def plan_compression(plan: Plan) -> float:
+    """How many times fewer bytes the planned maps take projected: their bytes before over after."""
+    after = sum(m.bytes_after for m in plan.maps)
+    return sum(m.bytes_before for m in plan.maps) / after if after else 1.0
+
+
+def block_augmentation(named: str, plan: Plan) -> str:
+    """What the block stage fits to besides its samples (`--block-augment`): `named`, or for `auto`
+    copies where the plan compresses the maps COPIES_FROM-fold or more, else none. Heavily
+    compressed, a stage is short of lines (PP-OCR's recognizer at 8x, 5.9-fold: four times
+    the lines gained 3.4 points, two copies of each 0.6-0.7); at 4x (3.2-fold) its start
+    carries it and copies would triple a compile for half a point (docs/results.md section 1)."""
+    from fmcompress.train_config import COPIES_FROM
+
+    if named != "auto":
+        return named
+    return "copies" if plan_compression(plan) >= COPIES_FROM else "none"
 
 
 def _with_copies(batches: list[tuple], seed: int) -> list[tuple]:

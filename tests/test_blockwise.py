@@ -114,6 +114,15 @@ def test_compile_logs_one_block_event_a_map(tmp_path):
 
 
 def test_max_samples_bounds_the_block_stage(tmp_path, monkeypatch):
+    seen, _ = _stage_runs(tmp_path, monkeypatch, [("4x", {"max_samples": None}), ("4x", {"max_samples": 5})])
+    assert [len(samples) for samples in seen] == [24, 5]  # a quarter of the 32 samples is held out
+
+
+def _stage_runs(tmp_path, monkeypatch, runs: list[tuple[str, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """The samples the block stage is handed and the report, one compile of the tiny classifier per
+    (ceiling, TrainConfig settings)."""
+    import onnx
+
     import fmcompress.backend.blockwise as module
     from fmcompress.compiler import CompileOptions, compile_model
     from fmcompress.train_config import TrainConfig
@@ -121,45 +130,23 @@ def test_max_samples_bounds_the_block_stage(tmp_path, monkeypatch):
     seen = []
     real = module.fit_blockwise
 
-    def counting(executor, maps, batches, **kwargs):
-        seen.append(sum(len(batch[0]) for batch in batches))
-        return real(executor, maps, batches, **kwargs)
-
-    monkeypatch.setattr(module, "fit_blockwise", counting)
-    import onnx
-
-    path = tmp_path / "tiny.onnx"
-    onnx.save(tiny_classifier(), str(path))
-    for max_samples in (None, 5):
-        compile_model(str(path), CompileOptions(ceiling="4x", num_samples=32, batch_size=4, latency_rounds=1,
-                                                latency_repeats=1, training=TrainConfig(
-                                                    epochs=1, block_epochs=1, batch_size=4, max_samples=max_samples)))
-    assert seen == [24, 5]  # a quarter of the 32 samples is held out
-
-
-def _stage_samples(tmp_path, monkeypatch, kinds: tuple[str, ...]) -> list[torch.Tensor]:
-    """The samples the block stage is handed, one compile of the tiny classifier per --block-augment kind."""
-    import onnx
-
-    import fmcompress.backend.blockwise as module
-    from fmcompress.compiler import CompileOptions, compile_model
-    from fmcompress.train_config import TrainConfig
-
-    runs = []
-    real = module.fit_blockwise
-
     def recording(executor, maps, batches, **kwargs):
-        runs.append(torch.cat([batch[0].cpu() for batch in batches]))
+        seen.append(torch.cat([batch[0].cpu() for batch in batches]))
         return real(executor, maps, batches, **kwargs)
 
     monkeypatch.setattr(module, "fit_blockwise", recording)
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_classifier(), str(path))
-    for kind in kinds:
-        compile_model(str(path), CompileOptions(ceiling="4x", num_samples=32, batch_size=4, latency_rounds=1,
-                                                latency_repeats=1, training=TrainConfig(
-                                                    epochs=1, block_epochs=1, batch_size=4, block_augment=kind)))
-    return runs
+    reports = [compile_model(str(path), CompileOptions(ceiling=ceiling, num_samples=32, batch_size=4, latency_rounds=1,
+                                                       latency_repeats=1, training=TrainConfig(
+                                                           epochs=1, block_epochs=1, batch_size=4, **settings))).report
+               for ceiling, settings in runs]
+    return seen, reports
+
+
+def _stage_samples(tmp_path, monkeypatch, kinds: tuple[str, ...]) -> list[torch.Tensor]:
+    """The samples the block stage is handed, one compile of the tiny classifier per --block-augment kind."""
+    return _stage_runs(tmp_path, monkeypatch, [("4x", {"block_augment": kind}) for kind in kinds])[0]
 
 
 def test_block_augment_look_gives_the_stage_other_looks_of_the_same_samples(tmp_path, monkeypatch):
@@ -177,6 +164,33 @@ def test_block_augment_copies_adds_two_changed_copies_of_every_sample(tmp_path, 
     assert torch.equal(copied[:len(plain)], plain)
     for part in (copied[len(plain):2 * len(plain)], copied[2 * len(plain):]):
         assert all(not torch.equal(a, b) for a, b in zip(plain, part, strict=True))  # noise changes every sample
+
+
+def test_block_augment_auto_copies_only_where_the_plan_compresses_five_fold():
+    """`auto` gives the stage copies where the planned maps keep a fifth of their bytes or less;
+    a named kind is kept whatever the plan."""
+    from fmcompress.passes.fit import block_augmentation, plan_compression
+    from fmcompress.passes.plan import Plan, PlannedMap
+
+    def plan(*bytes_after: int) -> Plan:
+        maps = [PlannedMap(f"m{i}", [1, 64, 8, 8], 8, 4096, after, "conv", i) for i, after in enumerate(bytes_after)]
+        return Plan("8x", 1024, None, maps)
+
+    assert plan_compression(plan(1024, 512)) == 8192 / 1536
+    assert block_augmentation("auto", plan(1024, 512)) == "copies"  # 5.3-fold
+    assert block_augmentation("auto", plan(1024, 1024)) == "none"  # 4-fold
+    assert block_augmentation("auto", plan(820, 818)) == "copies"  # 5.0-fold: from there on
+    assert block_augmentation("auto", plan()) == "none"  # nothing planned
+    assert block_augmentation("none", plan(64)) == "none"
+    assert block_augmentation("look", plan(4096)) == "look"
+
+
+def test_block_augment_auto_follows_the_ceiling_in_a_compile(tmp_path, monkeypatch):
+    """The default (`auto`) hands the tiny classifier's stage its samples alone at a light ceiling and
+    copies of them at a heavy one."""
+    seen, reports = _stage_runs(tmp_path, monkeypatch, [("2x", {}), ("8x", {})])
+    assert [len(samples) for samples in seen] == [24, 72]
+    assert [report["training"]["block_stage"]["augment"] for report in reports] == ["none", "copies"]
 
 
 def test_a_flat_block_loss_stops_the_map_early():
