@@ -299,7 +299,9 @@ def test_ort_latency_measures_ten_times_the_work_as_ten_times_slower() -> None:
     assert (report["rounds"], report["repeats"], report["threads"]) == (7, 20, 1)
 
 
-@pytest.mark.parametrize(("run_ms", "expected"), [(0.0, (20,)), (50.0, (3,)), (12.0, (6, 7, 8)), (300.0, (3,))])
+# a no-op is capped at 20 runs; on a loaded machine its timed warm-up can be preempted for 5 ms (19 ran once in CI)
+@pytest.mark.parametrize(("run_ms", "expected"), [(0.0, range(15, 21)), (50.0, (3,)), (12.0, range(4, 9)),
+                                                  (300.0, (3,))])
 def test_ort_latency_picks_its_repeats_from_the_slower_models_time(run_ms, expected, monkeypatch) -> None:
     """repeats None: about ROUND_BUDGET_MS (100 ms) a model and round, 3 to 20 runs; the figures
     say how many ran."""
@@ -316,7 +318,7 @@ def test_ort_latency_picks_its_repeats_from_the_slower_models_time(run_ms, expec
     monkeypatch.setattr(metrics, "_runner", runner)
     feeds = {"x": np.ones((1, 4), np.float32)}
     figures = ort_latency(_linear_model(1, 2.0), _linear_model(1, 2.0), feeds, rounds=1, warmup=1)
-    assert figures.repeats in expected  # a 12 ms sleep may take 14 on a loaded machine
+    assert figures.repeats in expected  # a 12 ms sleep may take 14-25 on a loaded machine
     assert len(calls) == 2 * (1 + figures.repeats)  # one warm-up run each, then one round each
 
 
