@@ -283,7 +283,7 @@ def block_augmentation(named: str, plan: Plan) -> str:
     """What the block stage fits to besides its samples (`--block-augment`): `named`, or for `auto`
     copies where the plan compresses the maps COPIES_FROM-fold or more, else none. Heavily
     compressed, a stage is short of lines (PP-OCR's recognizer at 8x, 5.9-fold: four times
-    the lines gained 3.4 points, two copies of each 0.6-0.7); at 4x (3.2-fold) its start
+    the lines gained 3.4 points, two copies of each 0.6-1.6 over four draws); at 4x (3.2-fold) its start
     carries it and copies would triple a compile for half a point (docs/results.md section 1)."""
     from fmcompress.train_config import COPIES_FROM
 
