@@ -52,6 +52,7 @@ import onnx
 from fmcompress.data import Dataset
 from fmcompress.errors import InputError
 from fmcompress.featuremaps import Projection
+from fmcompress.train_config import COPIES_FROM, TrainConfig
 
 from .base import Pass, PassContext, PassResult
 from .graph import Model
@@ -216,8 +217,6 @@ class FitProjectionsPass(Pass):
         return fitted
 
     def _config(self):
-        from fmcompress.train_config import TrainConfig
-
         return self.config or TrainConfig(batch_size=self.batch_size)
 
     def _train(self, executor, maps, initial: dict[str, Projection], ctx: PassContext,
@@ -285,8 +284,6 @@ def block_augmentation(named: str, plan: Plan) -> str:
     compressed, a stage is short of lines (PP-OCR's recognizer at 8x, 5.9-fold: four times
     the lines gained 3.4 points, two copies of each 0.6-1.6 over four draws); at 4x (3.2-fold) its start
     carries it and copies would triple a compile for half a point (docs/results.md section 1)."""
-    from fmcompress.train_config import COPIES_FROM
-
     if named != "auto":
         return named
     return "copies" if plan_compression(plan) >= COPIES_FROM else "none"
