@@ -18,7 +18,8 @@ c. `learned` (the default; Price & Tanner): the closed-form starts of `block_ini
   once `block_min_gain` stops paying on the held-out part, each map keeping its best
   held-out epoch (`block_judge`), `fmcompress.backend.blockwise`, its rules a-e; fitted to
   two augmented copies of every sample as well where the plan compresses the maps
-  five-fold or more (`block_augment` `auto`, `block_augmentation`);
+  five-fold or more and the device has the memory they take (`block_augment` `auto`,
+  `block_augmentation`, `stage_bytes`);
   0 epochs and a `pca` start skip it), then P and U of every map trained end to end
   through the frozen network (`fmcompress.backend.trainer`: distillation from the
   original model's outputs, its rules a-h; `patience` and `probe` end it early). With
@@ -60,8 +61,13 @@ from .plan import Plan
 
 if TYPE_CHECKING:  # torch is an optional extra
     from fmcompress.backend.trainer import TrainResult
+    from fmcompress.reports.analysis import AnalysisReport
 
 METHODS = ("learned", "pca", "random")
+# the block stage holds about four times a sample's live peak per sample it fits to (two paused
+# runs, the map's raw values, the block's targets: 4.2 on PP-OCR's recognizer, 4.0 on its
+# classifier, measured as the growth of resident memory with the samples); five leaves a margin
+STAGE_LIVE_FACTOR = 5
 DEFAULT_METHOD = "learned"
 
 
@@ -163,24 +169,26 @@ class FitProjectionsPass(Pass):
                        progress=progress)
 
     def _blockwise(self, executor, maps, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
+        from fmcompress.backend.augment import COPY_KINDS
         from fmcompress.backend.blockwise import fit_blockwise
-        from fmcompress.backend.devices import resolve_device, resolve_precision
+        from fmcompress.backend.devices import available_memory, resolve_device, resolve_precision
 
         config = self._config()
         device = resolve_device(config.device)
         names = list(executor.input_names)
         # it holds every batch's paused runs: --max-samples bounds that memory as it bounds an epoch
-        # (copies, below, triple it)
+        # (copies, below, triple it: `auto` has them only where they fit)
         part = self.calibration if config.max_samples is None else self.calibration.head(config.max_samples)
         batches = _on_device(part, config.batch_size, names, device)
-        augment = block_augmentation(config.block_augment, plan)
+        copies_bytes = stage_bytes(ctx.memory, (1 + len(COPY_KINDS)) * len(part))
+        available = available_memory(device)
+        augment = block_augmentation(config.block_augment, plan, copies_bytes, available)
         if augment == "look":
             batches = _with_other_looks(batches, config.seed)
         elif augment == "copies":
             batches = _with_copies(batches, config.seed)
-            if config.block_augment == "auto":
-                ctx.log(f"block stage: two augmented copies of every sample (--block-augment auto: the maps are "
-                        f"compressed {plan_compression(plan):.1f}-fold; --block-augment none for a third of the time)")
+        if config.block_augment == "auto" and plan_compression(plan) >= COPIES_FROM:
+            ctx.log(_copies_choice(augment, plan, copies_bytes, available))
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
         stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,
@@ -278,15 +286,44 @@ def plan_compression(plan: Plan) -> float:
     return sum(m.bytes_before for m in plan.maps) / after if after else 1.0
 
 
-def block_augmentation(named: str, plan: Plan) -> str:
+def block_augmentation(named: str, plan: Plan, copies_bytes: int | None = None,
+                       available: int | None = None) -> str:
     """What the block stage fits to besides its samples (`--block-augment`): `named`, or for `auto`
-    copies where the plan compresses the maps COPIES_FROM-fold or more, else none. Heavily
-    compressed, a stage is short of lines (PP-OCR's recognizer at 8x, 5.9-fold: four times
-    the lines gained 3.4 points, two copies of each 0.6-1.6 over four draws); at 4x (3.2-fold) its start
-    carries it and copies would triple a compile for half a point (docs/results.md section 1)."""
+    copies where the plan compresses the maps COPIES_FROM-fold or more and the stage with them
+    (`copies_bytes`, `stage_bytes`) fits the `available` memory (either unknown: assumed to),
+    else none. Heavily compressed, a stage is short of lines (PP-OCR's recognizer at 8x,
+    5.9-fold: four times the lines gained 3.4 points, two copies of each 0.6-1.6 over four
+    draws); at 4x (3.2-fold) its start carries it and copies would triple a compile for half a
+    point (docs/results.md section 1). They triple its memory too (the recognizer at 8x: 11 GB
+    resident against 5): a compile that runs short of memory is killed, where one without copies
+    loses a point."""
     if named != "auto":
         return named
-    return "copies" if plan_compression(plan) >= COPIES_FROM else "none"
+    if plan_compression(plan) < COPIES_FROM:
+        return "none"
+    fits = copies_bytes is None or available is None or copies_bytes <= available
+    return "copies" if fits else "none"
+
+
+def stage_bytes(memory: AnalysisReport | None, samples: int) -> int | None:
+    """About what the block stage holds fitting to `samples` samples: STAGE_LIVE_FACTOR times a
+    sample's live peak, in float32 (the stage's arithmetic), each; None without a memory analysis."""
+    if memory is None or not memory.input_shapes:
+        return None
+    batch = max(1, next(iter(memory.input_shapes.values()))[0])
+    live = memory.peaks["live"] * (4 / memory.act_bytes if memory.act_bytes else 1) / batch
+    return int(STAGE_LIVE_FACTOR * live * samples)
+
+
+def _copies_choice(augment: str, plan: Plan, copies_bytes: int | None, available: int | None) -> str:
+    """The log's account of what `auto` chose where the plan asks for copies."""
+    fold = f"the maps are compressed {plan_compression(plan):.1f}-fold"
+    if augment == "copies":
+        return (f"block stage: two augmented copies of every sample (--block-augment auto: {fold}; "
+                f"--block-augment none for a third of the time and memory)")
+    return (f"block stage: no copies although {fold} (--block-augment auto): they would hold about "
+            f"{copies_bytes / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is free; --block-augment copies "
+            f"to have them anyway, --max-samples to hold fewer samples")
 
 
 def _with_copies(batches: list[tuple], seed: int) -> list[tuple]:

@@ -118,9 +118,10 @@ def test_max_samples_bounds_the_block_stage(tmp_path, monkeypatch):
     assert [len(samples) for samples in seen] == [24, 5]  # a quarter of the 32 samples is held out
 
 
-def _stage_runs(tmp_path, monkeypatch, runs: list[tuple[str, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+def _stage_runs(tmp_path, monkeypatch, runs: list[tuple[str, dict]],
+                log: list[str] | None = None) -> tuple[list[torch.Tensor], list[dict]]:
     """The samples the block stage is handed and the report, one compile of the tiny classifier per
-    (ceiling, TrainConfig settings)."""
+    (ceiling, TrainConfig settings); the compiles' log lines appended to `log`."""
     import onnx
 
     import fmcompress.backend.blockwise as module
@@ -139,7 +140,8 @@ def _stage_runs(tmp_path, monkeypatch, runs: list[tuple[str, dict]]) -> tuple[li
     onnx.save(tiny_classifier(), str(path))
     reports = [compile_model(str(path), CompileOptions(ceiling=ceiling, num_samples=32, batch_size=4, latency_rounds=1,
                                                        latency_repeats=1, training=TrainConfig(
-                                                           epochs=1, block_epochs=1, batch_size=4, **settings))).report
+                                                           epochs=1, block_epochs=1, batch_size=4, **settings)),
+                             log=(log if log is not None else []).append).report
                for ceiling, settings in runs]
     return seen, reports
 
@@ -183,6 +185,27 @@ def test_block_augment_auto_copies_only_where_the_plan_compresses_five_fold():
     assert block_augmentation("auto", plan()) == "none"  # nothing planned
     assert block_augmentation("none", plan(64)) == "none"
     assert block_augmentation("look", plan(4096)) == "look"
+    # ...and where the stage with copies fits the free memory (unknown either way: assumed to)
+    assert block_augmentation("auto", plan(1024, 512), copies_bytes=2**30, available=2**31) == "copies"
+    assert block_augmentation("auto", plan(1024, 512), copies_bytes=2**31, available=2**30) == "none"
+    assert block_augmentation("auto", plan(1024, 512), copies_bytes=None, available=1) == "copies"
+    assert block_augmentation("copies", plan(1024, 1024), copies_bytes=2**31, available=1) == "copies"
+
+
+def test_stage_bytes_scales_a_samples_live_peak_in_float32():
+    """`stage_bytes`: STAGE_LIVE_FACTOR x the live peak per sample (the analysed batch divided out,
+    one-byte maps counted at four), times the samples; unknown without an analysis."""
+    from types import SimpleNamespace
+
+    from fmcompress.passes.fit import STAGE_LIVE_FACTOR, stage_bytes
+
+    def report(live: int, batch: int, act_bytes: int | None):
+        return SimpleNamespace(input_shapes={"x": [batch, 3, 8, 8]}, peaks={"live": live}, act_bytes=act_bytes)
+
+    assert stage_bytes(report(1000, 1, None), 10) == STAGE_LIVE_FACTOR * 1000 * 10
+    assert stage_bytes(report(4000, 4, None), 10) == STAGE_LIVE_FACTOR * 1000 * 10
+    assert stage_bytes(report(250, 1, 1), 10) == STAGE_LIVE_FACTOR * 1000 * 10
+    assert stage_bytes(None, 10) is None
 
 
 def test_block_augment_auto_follows_the_ceiling_in_a_compile(tmp_path, monkeypatch):
@@ -191,6 +214,20 @@ def test_block_augment_auto_follows_the_ceiling_in_a_compile(tmp_path, monkeypat
     seen, reports = _stage_runs(tmp_path, monkeypatch, [("2x", {}), ("8x", {})])
     assert [len(samples) for samples in seen] == [24, 72]
     assert [report["training"]["block_stage"]["augment"] for report in reports] == ["none", "copies"]
+
+
+def test_block_augment_auto_leaves_copies_out_where_memory_is_short(tmp_path, monkeypatch):
+    """At 8x with (as monkeypatched) a kilobyte free, `auto` hands the stage its samples alone and
+    says why; `copies` named still has them."""
+    import fmcompress.backend.devices as devices
+
+    monkeypatch.setattr(devices, "available_memory", lambda device=None: 1024)
+    log: list[str] = []
+    seen, reports = _stage_runs(tmp_path, monkeypatch, [("8x", {}), ("8x", {"block_augment": "copies"})], log)
+    assert [len(samples) for samples in seen] == [24, 72]
+    assert [report["training"]["block_stage"]["augment"] for report in reports] == ["none", "copies"]
+    assert sum("no copies although the maps are compressed" in line and "0.0 GiB is free" in line
+               for line in log) == 1
 
 
 def test_a_flat_block_loss_stops_the_map_early():

@@ -11,6 +11,9 @@ b. Distributed: under torchrun (WORLD_SIZE > 1) the process group is initialised
 c. `--block-precision auto` is bfloat16 where the device computes it natively (a CUDA
    device that supports it; a CPU with AVX-512 BF16 or AMX), else float32: emulated,
    bfloat16 is slower than float32.
+d. `available_memory(device)`: what a stage may still allocate there: the free memory of a
+   CUDA device, else the host's MemAvailable (Linux; free physical pages elsewhere); None
+   where neither is known, and callers then assume enough.
 """
 
 from __future__ import annotations
@@ -42,6 +45,23 @@ def native_bfloat16(device: torch.device) -> bool:
     # torch's own probes of the CPU (private, hence looked up): absent means unknown, so no
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe is not None and probe() for probe in probes)
+
+
+def available_memory(device: torch.device | None = None) -> int | None:
+    """Rule d: bytes free to allocate on `device` (the host where None or the CPU)."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def setup_ranks(device: torch.device) -> tuple[int, int]:

@@ -10,7 +10,6 @@ model has no bias to carry a mean, and zero padding must commute with U.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ from torch import nn
 
 from fmcompress.featuremaps import Projection
 
+from .devices import available_memory
 from .executor import Frontier, StopForward
 
 
@@ -166,23 +166,8 @@ def fit_pca(executor: nn.Module, maps: Sequence[tuple[str, int, int]],
 
 
 def _default_cache_bytes() -> int:
-    available = _available_memory()
+    available = available_memory()
     return DEFAULT_CACHE_CAP if available is None else min(DEFAULT_CACHE_CAP, available // 4)
-
-
-def _available_memory() -> int | None:
-    """MemAvailable (Linux), else free physical pages; None where neither is known."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 class _FrontierCache:

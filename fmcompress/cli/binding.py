@@ -183,8 +183,9 @@ TRAINING = (  # `--method learned|random`
          help="look: half the block stage's calibration samples are given another look (polarity, colours, "
               "contrast, a shading ramp, blur, noise), so that projections fitted on lines of one look hold "
               "on others; copies: the stage also fits to a light and a strong (--augment's kinds, made for text "
-              "lines) copy of every sample, for three times its time; none: the samples as given; auto: copies where the "
-              "plan compresses the maps five-fold or more (a recognizer at 8x), else none."),
+              "lines) copy of every sample, for three times its time and memory; none: the samples as given; auto: copies "
+              "where the plan compresses the maps five-fold or more (a recognizer at 8x) and the memory they take "
+              "is free (the log says when it is not), else none."),
     Bound("--block-precision", T, "block_precision", type=choice(BLOCK_PRECISIONS),
          help="The block stage's arithmetic: bfloat16 runs its forward and backward under autocast (the "
               "projections stay float32); auto is bfloat16 where the device has it natively (AVX-512 BF16 or "
