@@ -19,7 +19,7 @@ c. `learned` (the default; Price & Tanner): the closed-form starts of `block_ini
   held-out epoch (`block_judge`), `fmcompress.backend.blockwise`, its rules a-e; fitted to
   two augmented copies of every sample as well where the plan compresses the maps
   five-fold or more and the device has the memory they take (`block_augment` `auto`,
-  `block_augmentation`, `stage_bytes`);
+  `block_augmentation`, `stage_bytes`; a stage that may not fit at all is a warning);
   0 epochs and a `pca` start skip it), then P and U of every map trained end to end
   through the frozen network (`fmcompress.backend.trainer`: distillation from the
   original model's outputs, its rules a-h; `patience` and `probe` end it early). With
@@ -189,6 +189,11 @@ class FitProjectionsPass(Pass):
             batches = _with_copies(batches, config.seed)
         if config.block_augment == "auto" and plan_compression(plan) >= COPIES_FROM:
             ctx.log(_copies_choice(augment, plan, copies_bytes, available))
+        held = copies_bytes if augment == "copies" else stage_bytes(ctx.memory, len(part))
+        if held is not None and available is not None and held > available:
+            ctx.warnings.append(f"the block stage may hold about {held / 2**30:.1f} GiB where {available / 2**30:.1f} "
+                                f"GiB is free: --max-samples N fits it to fewer samples")
+            ctx.log(f"block stage: {ctx.warnings[-1]}")  # now: a stage killed for memory says nothing after
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
         stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,

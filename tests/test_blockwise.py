@@ -228,6 +228,8 @@ def test_block_augment_auto_leaves_copies_out_where_memory_is_short(tmp_path, mo
     assert [report["training"]["block_stage"]["augment"] for report in reports] == ["none", "copies"]
     assert sum("no copies although the maps are compressed" in line and "0.0 GiB is free" in line
                for line in log) == 1
+    # neither stage fits a kilobyte: both compiles warn, in the log and the report
+    assert all(any("--max-samples N fits it" in warning for warning in report["warnings"]) for report in reports)
 
 
 def test_a_flat_block_loss_stops_the_map_early():
