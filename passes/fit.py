@@ -64,11 +64,11 @@ if TYPE_CHECKING:  # torch is an optional extra
     from fmcompress.reports.analysis import AnalysisReport
 
 METHODS = ("learned", "pca", "random")
+DEFAULT_METHOD = "learned"
 # the block stage holds about four times a sample's live peak per sample it fits to (two paused
 # runs, the map's raw values, the block's targets: 4.2 on PP-OCR's recognizer, 4.0 on its
 # classifier, measured as the growth of resident memory with the samples); five leaves a margin
 STAGE_LIVE_FACTOR = 5
-DEFAULT_METHOD = "learned"
 
 
 def torch_executor(model: onnx.ModelProto):
@@ -169,9 +169,8 @@ class FitProjectionsPass(Pass):
                        progress=progress)
 
     def _blockwise(self, executor, maps, plan: Plan, ctx: PassContext) -> dict[str, Projection]:
-        from fmcompress.backend.augment import COPY_KINDS
         from fmcompress.backend.blockwise import fit_blockwise
-        from fmcompress.backend.devices import available_memory, resolve_device, resolve_precision
+        from fmcompress.backend.devices import resolve_device, resolve_precision
 
         config = self._config()
         device = resolve_device(config.device)
@@ -180,20 +179,11 @@ class FitProjectionsPass(Pass):
         # (copies, below, triple it: `auto` has them only where they fit)
         part = self.calibration if config.max_samples is None else self.calibration.head(config.max_samples)
         batches = _on_device(part, config.batch_size, names, device)
-        copies_bytes = stage_bytes(ctx.memory, (1 + len(COPY_KINDS)) * len(part))
-        available = available_memory(device)
-        augment = block_augmentation(config.block_augment, plan, copies_bytes, available)
+        augment = self._augmentation(config, plan, len(part), device, ctx)
         if augment == "look":
             batches = _with_other_looks(batches, config.seed)
         elif augment == "copies":
             batches = _with_copies(batches, config.seed)
-        if config.block_augment == "auto" and plan_compression(plan) >= COPIES_FROM:
-            ctx.log(_copies_choice(augment, plan, copies_bytes, available))
-        held = copies_bytes if augment == "copies" else stage_bytes(ctx.memory, len(part))
-        if held is not None and available is not None and held > available:
-            ctx.warnings.append(f"the block stage may hold about {held / 2**30:.1f} GiB where {available / 2**30:.1f} "
-                                f"GiB is free: --max-samples N fits it to fewer samples")
-            ctx.log(f"block stage: {ctx.warnings[-1]}")  # now: a stage killed for memory says nothing after
 
         ranks = {m.name: (m.channels, m.k) for m in plan.maps}
         stage: dict = {"epochs": config.block_epochs, "min_gain": config.block_min_gain,
@@ -228,6 +218,25 @@ class FitProjectionsPass(Pass):
         stage["seconds"] = time.perf_counter() - started
         ctx.training.block_stage = stage
         return fitted
+
+    def _augmentation(self, config: TrainConfig, plan: Plan, samples: int, device, ctx: PassContext) -> str:
+        """`block_augmentation` for a stage of `samples` samples on `device`; the log says what `auto`
+        chose where the plan asks for copies, and a stage that may not fit the free memory is a warning."""
+        from fmcompress.backend.augment import COPY_KINDS
+        from fmcompress.backend.devices import available_memory
+
+        per_sample = stage_bytes(ctx.memory, 1)
+        copies_bytes = None if per_sample is None else per_sample * (1 + len(COPY_KINDS)) * samples
+        available = available_memory(device)
+        augment = block_augmentation(config.block_augment, plan, copies_bytes, available)
+        if config.block_augment == "auto" and plan_compression(plan) >= COPIES_FROM:
+            ctx.log(_copies_choice(augment, plan, copies_bytes, available))
+        held = copies_bytes if augment == "copies" else None if per_sample is None else per_sample * samples
+        if held is not None and available is not None and held > available:
+            ctx.warnings.append(f"the block stage may hold about {held / 2**30:.1f} GiB where {available / 2**30:.1f} "
+                                f"GiB is free: --max-samples N fits it to fewer samples")
+            ctx.log(f"block stage: {ctx.warnings[-1]}")  # now: a stage killed for memory says nothing after
+        return augment
 
     def _config(self):
         return self.config or TrainConfig(batch_size=self.batch_size)
