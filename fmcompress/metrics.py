@@ -27,6 +27,8 @@ PROBABILITY_TOLERANCE = 1e-3  # how far from 1 a softmax row may sum (float32 ov
 BOX_CHANNELS = 4  # a detection head's first quantities: box coordinates; the rest are scores
 MAX_HEAD_CHANNELS = 260  # 4 box coordinates + up to 256 scores
 ANCHORS_PER_CHANNEL = 4  # a detection head has at least this many anchors per quantity
+DICTIONARY_KEY = "character"  # PaddleOCR's recognizers name their CTC classes in this metadata entry
+SPACE = " "
 
 
 # ---------------------------------------------------------------------- fidelity
@@ -44,16 +46,17 @@ class Fidelity:
     cosine_similarity: float  # mean per-sample cosine, averaged over outputs
     relative_error: float  # ||candidate - reference|| / ||reference|| over all outputs
     max_abs_error: float
+    ignored_classes: tuple[int, ...] = ()  # classes sequence agreement leaves out (`space_classes`)
 
     def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
 
 
 def fidelity(reference_outputs: list[np.ndarray], candidate_outputs: list[np.ndarray],
-             labels: np.ndarray | None = None) -> Fidelity:
+             labels: np.ndarray | None = None, ignore: Sequence[int] = ()) -> Fidelity:
     """Compare outputs sample by sample (axis 0 is the sample axis of every output); the
-    figures per output are `output_figures`."""
-    agreement = agreement_figures(reference_outputs, candidate_outputs, labels)
+    figures per output are `output_figures`; `ignore`: as `sequence_agreement`'s."""
+    agreement = agreement_figures(reference_outputs, candidate_outputs, labels, ignore)
     reference = [np.asarray(out, dtype=np.float64) for out in reference_outputs]
     candidate = [np.asarray(out, dtype=np.float64) for out in candidate_outputs]
     cosine = mean_cosine(reference, candidate)
@@ -62,14 +65,15 @@ def fidelity(reference_outputs: list[np.ndarray], candidate_outputs: list[np.nda
     relative = _ratio(np.sqrt(diff_sq), np.sqrt(ref_sq))
     max_abs = max(float(np.max(np.abs(c - r), initial=0.0)) for r, c in zip(reference, candidate, strict=True))
     return Fidelity(agreement["top1_agreement"], agreement["sequence_agreement"], agreement["accuracy_reference"],
-                    agreement["accuracy_candidate"], agreement["accuracy_drop_error"], cosine, relative, max_abs)
+                    agreement["accuracy_candidate"], agreement["accuracy_drop_error"], cosine, relative, max_abs,
+                    tuple(int(c) for c in ignore) if agreement["sequence_agreement"] is not None else ())
 
 
 def agreement_figures(reference: list[np.ndarray], candidate: list[np.ndarray],
-                      labels: np.ndarray | None = None) -> dict[str, float | None]:
+                      labels: np.ndarray | None = None, ignore: Sequence[int] = ()) -> dict[str, float | None]:
     """`fidelity`'s figures that compare predictions (first output): `top1_agreement`,
-    `sequence_agreement`, `accuracy_reference`, `accuracy_candidate` and `accuracy_drop_error`
-    (None where they do not apply). Argmaxes only: the outputs stay in their own precision
+    `sequence_agreement` (leaving out the classes in `ignore`), `accuracy_reference`,
+    `accuracy_candidate` and `accuracy_drop_error` (None where they do not apply). Argmaxes only: the outputs stay in their own precision
     (float64 copies of a recognizer's [64, 40, 6625] outputs cost more than the figures)."""
     _check_pairs(reference, candidate)
     figures: dict[str, float | None] = dict.fromkeys(
@@ -86,7 +90,7 @@ def agreement_figures(reference: list[np.ndarray], candidate: list[np.ndarray],
             figures["accuracy_reference"], figures["accuracy_candidate"] = float(ref_hits.mean()), float(cand_hits.mean())
             figures["accuracy_drop_error"] = paired_drop(ref_hits, cand_hits)[1]
     if is_sequence_head(first_ref):
-        figures["sequence_agreement"] = sequence_agreement(first_ref, first_cand)
+        figures["sequence_agreement"] = sequence_agreement(first_ref, first_cand, ignore)
     return figures
 
 
@@ -168,23 +172,46 @@ def is_sequence_head(output: np.ndarray) -> bool:
     return output.ndim == 3 and output.shape[2] >= 2 and rows_are_distributions(output)
 
 
-def sequence_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+def sequence_agreement(reference: np.ndarray, candidate: np.ndarray, ignore: Sequence[int] = ()) -> float:
     """Share of samples whose greedy CTC decodings are equal: each step's argmax, repeats
-    collapsed, the blank dropped. The blank is the class the reference predicts most often
-    (CTC heads predict it at most steps; PP-OCR's is 0, others use the last class). Per-step
-    agreement hides wrong strings among the blanks, and equal argmax at every step is far
-    stricter than the strings (a character one step earlier or later decodes the same)."""
+    collapsed, the blank and the classes in `ignore` dropped. The blank is the class the
+    reference predicts most often (CTC heads predict it at most steps; PP-OCR's is 0, others
+    use the last class). Per-step agreement hides wrong strings among the blanks, and equal
+    argmax at every step is far stricter than the strings (a character one step earlier or
+    later decodes the same). `ignore` is for classes a user's score leaves out: a
+    recognizer's space (`space_classes`), which PP-OCR reads at a crop's margins."""
     reference_paths, candidate_paths = reference.argmax(-1), candidate.argmax(-1)
     blank = int(np.bincount(reference_paths.ravel()).argmax())
-    same = [np.array_equal(ctc_labels(r, blank), ctc_labels(c, blank))
+    same = [np.array_equal(ctc_labels(r, blank, ignore), ctc_labels(c, blank, ignore))
             for r, c in zip(reference_paths, candidate_paths, strict=True)]
     return float(np.mean(same))
 
 
-def ctc_labels(path: np.ndarray, blank: int) -> np.ndarray:
-    """One sample's argmax path [T] -> its labels: repeats collapsed, then blanks dropped."""
+def ctc_labels(path: np.ndarray, blank: int, ignore: Sequence[int] = ()) -> np.ndarray:
+    """One sample's argmax path [T] -> its labels: repeats collapsed, then the blank (and
+    any class in `ignore`) dropped: "a", space, "a" stays two labels, as the text does."""
     kept = path[np.concatenate(([True], path[1:] != path[:-1]))]
-    return kept[kept != blank]
+    return kept[~np.isin(kept, [blank, *ignore])]
+
+
+def ctc_dictionary(model: onnx.ModelProto) -> list[str] | None:
+    """A CTC recognizer's classes where its metadata names them as PaddleOCR's models do (a
+    `character` entry, one class a line): the blank, those entries, then a space; else None."""
+    entries = {prop.key: prop.value for prop in model.metadata_props}.get(DICTIONARY_KEY)
+    return None if entries is None else ["blank", *entries.splitlines(), SPACE]
+
+
+def space_classes(model: onnx.ModelProto) -> tuple[int, ...]:
+    """The classes of a recognizer's dictionary (`ctc_dictionary`) that are a space: what
+    PaddleOCR's own score ignores (its RecMetric compares texts with spaces removed). () where
+    the model names no dictionary, or one whose size is not its first output's class count."""
+    dictionary = ctc_dictionary(model)
+    if dictionary is None or not model.graph.output:
+        return ()
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != len(dictionary):
+        return ()
+    return tuple(index for index, entry in enumerate(dictionary) if entry == SPACE)
 
 
 def gated_agreement(quality: Mapping[str, Any]) -> tuple[str, float | None]:

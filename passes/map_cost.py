@@ -6,7 +6,8 @@ give up (a larger ceiling, a map left whole) needs to see which maps hurt. Rules
 a. For every fitted map, the torch executor runs the held-out part with that map's
    projection alone in place (every other map as the original computes it), and its
    outputs are compared with the original's as MeasurePass compares the whole model
-   (`fmcompress.metrics`: its agreement figures, else its cosine similarity).
+   (`fmcompress.metrics`: its agreement figures, a recognizer's space classes left out as
+   MeasurePass leaves them, else its cosine similarity).
 b. The figure is the one a report leads with (`gated_agreement`: top-1 agreement, else
    sequence agreement), else the cosine similarity of the outputs; a map's cost is
    `drop_points`: 100 x (1 - that figure). With labels, `accuracy_drop_points` too (the
@@ -39,13 +40,14 @@ Entry point: `MapCostPass().run(model, ctx)`, after FitProjectionsPass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from fmcompress.data import Dataset
 from fmcompress.featuremaps import Projection
-from fmcompress.metrics import agreement_figures, gated_agreement, mean_cosine
+from fmcompress.metrics import agreement_figures, gated_agreement, mean_cosine, space_classes
 
 from .base import Pass, PassContext, PassResult
 from .fit import torch_executor
@@ -71,7 +73,9 @@ class MapCostPass(Pass):
             ctx.map_costs = []
             return PassResult(model, modified=False, data=ctx.map_costs)
         part = held_out.head(self.max_samples)
-        ctx.map_costs = map_costs(ctx.projected_graph.proto(), ctx.projections, part, ctx.batch_size or BATCH)
+        ignore = space_classes(ctx.original) if ctx.original is not None else ()
+        ctx.map_costs = map_costs(ctx.projected_graph.proto(), ctx.projections, part, ctx.batch_size or BATCH,
+                                  ignore)
         adds = max(ctx.map_costs, key=lambda cost: cost["added_points"])
         alone = max(ctx.map_costs, key=lambda cost: cost["drop_points"])
         ctx.log(f"map costs ({alone['metric']}, {len(part)} held-out samples): {adds['name']} adds most in the "
@@ -80,9 +84,11 @@ class MapCostPass(Pass):
         return PassResult(model, modified=False, data=ctx.map_costs)
 
 
-def map_costs(model, projections: dict[str, Projection], data: Dataset, batch: int = BATCH) -> list[dict[str, Any]]:
+def map_costs(model, projections: dict[str, Projection], data: Dataset, batch: int = BATCH,
+              ignore: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Rules a, b and b' for every projection of `projections` (in its order) on `data`, `batch`
-    samples a run (what the graph allows: PrepareDataPass's `ctx.batch_size`).
+    samples a run (what the graph allows: PrepareDataPass's `ctx.batch_size`); `ignore`: the
+    classes sequence agreement leaves out (`fmcompress.metrics.space_classes`).
 
     Rule d: one original run and one chain run per batch are paused after each map's step in
     network order, and only the steps after it run again, from a fork with the map projected
@@ -109,8 +115,8 @@ def map_costs(model, projections: dict[str, Projection], data: Dataset, batch: i
                 chain = alone
             else:
                 chain = [_run_projected(executor, frontier, name, projection, keep=True) for frontier in chained]
-            costs[name] = {"name": name, **_cost(reference, _concatenated(alone), data, accuracy)}
-            in_chain = _cost(reference, _concatenated(chain), data, accuracy)
+            costs[name] = {"name": name, **_cost(reference, _concatenated(alone), data, accuracy, ignore)}
+            in_chain = _cost(reference, _concatenated(chain), data, accuracy, ignore)
             costs[name].update(in_chain=in_chain["alone"], added_points=in_chain["drop_points"] - chain_drop)
             chain_drop = in_chain["drop_points"]
     return [costs[name] for name in projections]
@@ -133,9 +139,9 @@ def _concatenated(runs: list[tuple]) -> list[np.ndarray]:
 
 
 def _cost(reference: list[np.ndarray], candidate: list[np.ndarray], data: Dataset,
-          accuracy: float | None) -> dict[str, Any]:
+          accuracy: float | None, ignore: Sequence[int]) -> dict[str, Any]:
     """Rule b for one map (its name added by the caller)."""
-    quality = agreement_figures(reference, candidate, data.labels)
+    quality = agreement_figures(reference, candidate, data.labels, ignore)
     metric, figure = gated_agreement(quality)
     if figure is None:
         metric, figure = "cosine similarity", mean_cosine(reference, candidate)

@@ -76,7 +76,7 @@ from fmcompress.int8 import (
     input_gathers,
     quantize_int8,
 )
-from fmcompress.metrics import fidelity, gated_agreement
+from fmcompress.metrics import fidelity, gated_agreement, space_classes
 from fmcompress.ortrun import run_ort
 from fmcompress.shapes import onnxruntime_tensor_infos, resolve_input_shapes, with_input_shapes
 
@@ -240,7 +240,8 @@ def int8_fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ctx:
     """Rule d: the int8 model against the float one on the held-out samples."""
     reference = run_ort(float_model, ctx.held_out.batches(batch_size), batch_first=True)
     candidate = run_ort(quantized, ctx.held_out.batches(batch_size), batch_first=True)
-    return fidelity(reference, candidate, ctx.held_out.labels).to_dict()
+    ignore = space_classes(ctx.original) if ctx.original is not None else ()
+    return fidelity(reference, candidate, ctx.held_out.labels, ignore).to_dict()
 
 
 def quantize_report(ctx: PassContext) -> dict[str, Any] | None:

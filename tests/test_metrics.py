@@ -12,7 +12,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fmcompress.errors import InputError
-from fmcompress.metrics import count_flops, fidelity, ort_latency, paired_drop
+from fmcompress.metrics import (
+    count_flops,
+    ctc_labels,
+    fidelity,
+    ort_latency,
+    paired_drop,
+    sequence_agreement,
+    space_classes,
+)
 from fmcompress.ortrun import run_ort
 
 # ---------------------------------------------------------------------- fidelity
@@ -68,7 +76,7 @@ def test_known_agreement_accuracy_cosine_and_errors() -> None:
     assert result.max_abs_error == pytest.approx(1.0)
     assert set(result.to_dict()) == {"top1_agreement", "sequence_agreement", "accuracy_reference",
                                      "accuracy_candidate", "accuracy_drop_error", "cosine_similarity",
-                                     "relative_error", "max_abs_error"}
+                                     "relative_error", "max_abs_error", "ignored_classes"}
     assert result.sequence_agreement is None
 
 
@@ -126,6 +134,38 @@ def test_sequence_agreement_compares_greedy_ctc_decodings() -> None:
     assert per_step == pytest.approx(18 / 24)  # mostly agreeing steps hide two wrong strings
     # YOLO-style [N, 4 + classes, anchors] scores are no distributions: no sequence figure
     assert fidelity([np.abs(reference) * 300], [np.abs(reference) * 300]).sequence_agreement is None
+
+
+def test_ignored_classes_drop_after_repeats_merge() -> None:
+    space = 5
+    # "1 1" read with a margin space before it, against "11" and against "1": only the margins go
+    reference = one_hot_steps([[0, 1, 0, 1, 0, 0], [0, 1, space, 1, 0, 0], [0, 1, 0, 1, 0, 0]], classes=6)
+    candidate = one_hot_steps([[space, 1, 0, 1, 0, space], [0, 1, 1, 1, 0, 0], [0, 1, space, 1, 0, 0]], classes=6)
+    assert sequence_agreement(reference, candidate) == pytest.approx(0.0)
+    # sample 0: margins only; sample 1: "1 1" is two labels, "111" merges to one; sample 2: "11" = "1 1"
+    assert sequence_agreement(reference, candidate, ignore=(space,)) == pytest.approx(2 / 3)
+    assert ctc_labels(np.array([1, space, 1]), 0, (space,)).tolist() == [1, 1]
+    figures = fidelity([reference], [candidate], ignore=(space,))
+    assert figures.ignored_classes == (space,) and figures.sequence_agreement == pytest.approx(2 / 3)
+    assert fidelity([reference[:, 0]], [candidate[:, 0]], ignore=(space,)).ignored_classes == ()  # no sequence
+
+
+def _ctc_model(character: str | None, classes: int | str) -> onnx.ModelProto:
+    """x -> Softmax(x), [N, 8, classes], with PaddleOCR's `character` metadata when given."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, classes])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, classes])
+    model = helper.make_model(helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "ctc", [x], [y]))
+    if character is not None:
+        model.metadata_props.add(key="character", value=character)
+    return model
+
+
+def test_space_classes_from_paddleocr_metadata() -> None:
+    assert space_classes(_ctc_model("a\nb\nc", 5)) == (4,)  # blank, a, b, c, then the appended space
+    assert space_classes(_ctc_model("a\n \nc", 5)) == (2, 4)  # a space in the dictionary itself
+    assert space_classes(_ctc_model("a\nb\nc", "C")) == (4,)  # a symbolic class axis: taken as named
+    assert space_classes(_ctc_model("a\nb", 5)) == ()  # not this head's dictionary
+    assert space_classes(_ctc_model(None, 5)) == ()
 
 
 def test_four_d_logits_and_several_outputs() -> None:
@@ -342,3 +382,39 @@ def test_run_ort_fixed_batch_and_dynamic_batch() -> None:
     np.testing.assert_allclose(dynamic, expected)
     with pytest.raises(InputError, match="no data"):
         run_ort(_linear_model(1, 2.0), [])
+
+
+def _margin_model(bias: np.ndarray, character: str | None) -> onnx.ModelProto:
+    """x -> Softmax(x + bias), [N, 8, 5]; with PaddleOCR's dictionary metadata when given."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 5])
+    nodes = [helper.make_node("Add", ["x", "bias"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "ctc", [x], [y], [numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if character is not None:
+        model.metadata_props.add(key="character", value=character)
+    return model
+
+
+@pytest.mark.parametrize("character", ["a\nb\nc", None])
+def test_verify_leaves_out_the_spaces_a_recognizer_reads_at_a_margin(tmp_path: Path, character: str | None) -> None:
+    from fmcompress.compiler import verify_pair
+    from fmcompress.reports.markdown import render_compile_markdown
+
+    blank = np.zeros((1, 8, 5), np.float32)
+    blank[0, ::2, 0] = 50  # every other step a blank, so class 0 is the blank
+    margin = blank.copy()
+    margin[0, 0, 4] = 100  # the candidate reads a space (class 4 with three entries) at the first step
+    onnx.save(_margin_model(blank, character), tmp_path / "original.onnx")
+    onnx.save(_margin_model(margin, character), tmp_path / "candidate.onnx")
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((32, 8, 5)).astype(np.float32))
+    report = verify_pair(tmp_path / "original.onnx", tmp_path / "candidate.onnx", data=tmp_path / "x.npz",
+                         num_samples=32)
+    figures = report["fidelity"]
+    if character is None:  # no dictionary: the space is a class like any other
+        assert figures["sequence_agreement"] < 0.5 and figures["ignored_classes"] == ()
+        assert any("sequence agreement" in warning for warning in report["warnings"])
+    else:
+        assert figures["sequence_agreement"] == 1.0 and figures["ignored_classes"] == (4,)
+        assert report["warnings"] == []
+        assert "(CTC decodings, space class 4 left out) | 100.00%" in render_compile_markdown({"fidelity": figures})

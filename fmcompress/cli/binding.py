@@ -274,7 +274,8 @@ METHOD = Bound("--method", C, "method", type=choice(METHODS),
 GATES = (
     Bound("--min-agreement", C, "min_agreement", type=click.FloatRange(0, 1), metavar="FLOAT",
          help="Fidelity gate: fail (exit 1, nothing written) when the held-out top-1 agreement with the "
-              "original (for [N, T, classes] sequence heads: the share of equal greedy CTC decodings) is "
+              "original (for [N, T, classes] sequence heads: the share of equal greedy CTC decodings, spaces left "
+              "out where the model's metadata names its dictionary, as PaddleOCR's recognizers do) is "
               "below this (0..1, e.g. 0.99)."),
     Bound("--max-accuracy-drop", C, "max_accuracy_drop", type=click.FloatRange(min=0), metavar="POINTS",
          help="Fidelity gate: fail (exit 1, nothing written) when accuracy drops by more than this many "

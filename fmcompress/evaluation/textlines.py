@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 
 from fmcompress.errors import InputError
-from fmcompress.metrics import ctc_labels
+from fmcompress.metrics import DICTIONARY_KEY, ctc_dictionary, ctc_labels
 from fmcompress.ortrun import ort_session, run_ort
 
 from .thirdparty import real_model
@@ -59,7 +59,6 @@ CLS_WIDTH = 192
 REC_WIDTH = 320
 CLS_LABELS = ("0", "180")  # rapidocr config.yaml, Cls.label_list
 INPUT_NAME = "x"  # the input name of both PP-OCR models
-DICTIONARY_KEY = "character"  # metadata key of the recognizer's dictionary (rapidocr's get_character_list)
 BLANK = 0  # CTC blank index (rapidocr's CTCLabelDecode.get_ignored_tokens)
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")  # Debian/Ubuntu: fonts-dejavu-core
@@ -250,12 +249,11 @@ def _check_count(n: int) -> None:
 
 def rec_dictionary(model: ModelLike | None = None) -> list[str]:
     """The recognizer's CTC classes: blank, the metadata dictionary, then space (rapidocr's order)."""
-    proto = _load(model if model is not None else real_model("ppocr-rec"))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if DICTIONARY_KEY not in meta:
+    dictionary = ctc_dictionary(_load(model if model is not None else real_model("ppocr-rec")))
+    if dictionary is None:
         raise InputError(f"the model has no {DICTIONARY_KEY!r} metadata (the CTC dictionary); "
                          "pass dictionary= explicitly")
-    return ["blank", *meta[DICTIONARY_KEY].splitlines(), " "]
+    return dictionary
 
 
 def ctc_greedy_decode(probs: np.ndarray, dictionary: Sequence[str]) -> list[str]:

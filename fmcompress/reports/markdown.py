@@ -80,7 +80,7 @@ def _md_warnings(report: Mapping[str, Any]) -> list[str]:
 
 
 FIDELITY_ROWS = (("top1_agreement", "top-1 agreement with the original", "{:.2%}"),
-                 ("sequence_agreement", "sequence agreement with the original (CTC decodings)", "{:.2%}"),
+                 ("sequence_agreement", "sequence agreement with the original (CTC decodings{ignored})", "{:.2%}"),
                  ("accuracy_reference", "accuracy, original", "{:.2%}"),
                  ("accuracy_candidate", "accuracy, compressed", "{:.2%}"),
                  ("accuracy_drop_error", "accuracy drop, standard error (same samples, paired)", "{:.2%}"),
@@ -89,10 +89,16 @@ FIDELITY_ROWS = (("top1_agreement", "top-1 agreement with the original", "{:.2%}
                  ("max_abs_error", "output max abs error", "{:.4g}"))
 
 
+def _ignored(fidelity: Mapping[str, Any]) -> str:
+    """What sequence agreement left out (`metrics.space_classes`), for its row's label."""
+    classes = fidelity.get("ignored_classes") or ()
+    return f", space class {', '.join(map(str, classes))} left out" if classes else ""
+
+
 def _md_fidelity(report: Mapping[str, Any]) -> list[str]:
     fidelity = report.get("fidelity") or {}
-    rows = [f"| {label} | {fmt.format(fidelity[key])} |" for key, label, fmt in FIDELITY_ROWS
-            if fidelity.get(key) is not None]
+    rows = [f"| {label.format(ignored=_ignored(fidelity))} | {fmt.format(fidelity[key])} |"
+            for key, label, fmt in FIDELITY_ROWS if fidelity.get(key) is not None]
     gate = report.get("gate") or {}
     for key, label, fmt in (("min_agreement", "gate: minimum agreement", "{:.2%}"),
                             ("max_accuracy_drop", "gate: maximum accuracy drop (points)", "{:g}")):
