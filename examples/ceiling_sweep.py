@@ -67,7 +67,7 @@ from fmcompress.errors import InputError, VerificationError
 from fmcompress.evaluation import otherlines, textlines
 from fmcompress.evaluation.thirdparty import real_model
 from fmcompress.int8 import CALIBRATIONS, DEFAULT_CALIBRATION
-from fmcompress.metrics import paired_drop
+from fmcompress.metrics import gated_agreement, paired_drop
 from fmcompress.passes.before_activation import PLACEMENTS
 from fmcompress.passes.fit import METHODS
 from fmcompress.train_config import TrainConfig
@@ -167,6 +167,9 @@ def run_one(task: Task, ceiling: str, method: str, args, folder: Path) -> dict[s
     row["timings_s"] = result.report.get("timings_s")  # per pass: where the compile's time went
     row["map_costs"] = [{"name": m["name"], "shape": m["shape"], "C": m["C"], "k": m["k"], "cost_alone": m["cost_alone"]}
                         for m in result.report.get("maps", [])]  # which maps the drop comes from
+    what, agreement = gated_agreement(result.report["fidelity"])  # the figure compile's own report leads with
+    row["held_out_agreement"] = {"metric": what, "value": agreement,
+                                 "ignored_classes": list(result.report["fidelity"].get("ignored_classes", ()))}
     if task.evals:
         for which in task.evals:
             if which not in task.cache:
