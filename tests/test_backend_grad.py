@@ -217,3 +217,32 @@ def test_cuda_matches_cpu() -> None:
     got = module.cuda()(x.cuda())[0]
     assert got.is_cuda
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_inputs_run_channels_last_with_the_same_values_and_gradients() -> None:
+    """The layout rule: a 4-D float input runs channels last, which the convs and a projection
+    keep; outputs and the projection's gradients are the default layout's, to float rounding."""
+    from fmcompress.backend.projection import ChannelProjection, mix_channels
+
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    P, U = rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32)  # noqa: N806
+    runs = {}
+    for channels_last in (False, True):
+        module = OnnxModule(small_cnn())
+        module.channels_last = channels_last
+        projection = ChannelProjection(P, U)
+        module.set_transform("r", projection)
+        with torch.no_grad():
+            frontier = module.advance(module.start(x), module.producer_step("r") + 1)
+        projected = module.value(frontier, "r")
+        (y,) = module(x)
+        y.square().sum().backward()
+        runs[channels_last] = (y.detach(), projection.P.grad, projection.U.grad, projected)
+    assert runs[True][3].is_contiguous(memory_format=torch.channels_last) and runs[False][3].is_contiguous()
+    for before, now in zip(runs[False], runs[True], strict=True):
+        torch.testing.assert_close(now, before, rtol=1e-5, atol=1e-5)
+    mixing = torch.from_numpy(rng.standard_normal((5, 3)).astype(np.float32))
+    mixed = mix_channels(mixing, x.contiguous(memory_format=torch.channels_last))
+    assert mixed.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(mixed, mix_channels(mixing, x))

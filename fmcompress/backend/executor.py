@@ -16,6 +16,12 @@ uses its running statistics and Dropout is the identity (the base network is fro
 Activations an exporter wrote as chains of elementwise nodes (HardSwish, SiLU) run as their
 one torch function (fusion.py), unless a value inside a chain is asked for by name.
 
+Layout: on the CPU a 4-D float input is laid out channels last (NHWC strides, the same
+values), and torch's convolutions keep that layout downstream, where oneDNN's kernels run
+faster, depthwise ones most: PP-OCR's recognizer ran a forward pass of 64 lines in 0.63 s
+against 0.97 s, and its compile's block stage and map costs 7% and 12% faster (docs/results.md
+section 3). The projections keep the layout too (`projection.mix_channels`).
+
 A run can also be split: start() binds the inputs, advance(frontier, stop) runs steps
 [position, stop) and trim() keeps only what later steps read, so a caller can pause at a
 step, keep that frontier, and resume from it later (the PCA fit resumes from the previous
@@ -188,6 +194,8 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
 
 class OnnxModule(nn.Module):
     """An ONNX graph as a torch module; forward(*inputs) returns the graph outputs as a tuple."""
+
+    channels_last = True  # the layout rule (module docstring); False runs every input as given
 
     def __init__(self, model: onnx.ModelProto | str | os.PathLike, fuse: bool = True):
         """`fuse=False` runs every node as its own step (fusion.py's chains unfused)."""
@@ -504,4 +512,7 @@ class OnnxModule(nn.Module):
             raise InputError(f"input {name!r} has {tensor.shape[1]} at axis 1; the model expects {declared[1]}")
         if self._input_types.get(name) == onnx.TensorProto.FLOAT and tensor.is_floating_point():
             tensor = tensor.to(self._float_marker.dtype)
-        return tensor.to(self._float_marker.device)
+        tensor = tensor.to(self._float_marker.device)
+        if self.channels_last and tensor.dim() == 4 and tensor.is_floating_point() and tensor.device.type == "cpu":
+            tensor = tensor.contiguous(memory_format=torch.channels_last)  # the layout rule (module docstring)
+        return tensor
