@@ -201,10 +201,13 @@ def ctc_dictionary(model: onnx.ModelProto) -> list[str] | None:
     return None if entries is None else ["blank", *entries.splitlines(), SPACE]
 
 
-def space_classes(model: onnx.ModelProto) -> tuple[int, ...]:
+def space_classes(model: onnx.ModelProto | None) -> tuple[int, ...]:
     """The classes of a recognizer's dictionary (`ctc_dictionary`) that are a space: what
     PaddleOCR's own score ignores (its RecMetric compares texts with spaces removed). () where
-    the model names no dictionary, or one whose size is not its first output's class count."""
+    there is no model, it names no dictionary, or one whose size is not its first output's
+    class count."""
+    if model is None:
+        return ()
     dictionary = ctc_dictionary(model)
     if dictionary is None or not model.graph.output:
         return ()

@@ -231,7 +231,7 @@ class FitProjectionsPass(Pass):
         augment = block_augmentation(config.block_augment, plan, copies_bytes, available)
         if config.block_augment == "auto" and plan_compression(plan) >= COPIES_FROM:
             ctx.log(_copies_choice(augment, plan, copies_bytes, available))
-        held = copies_bytes if augment == "copies" else None if per_sample is None else per_sample * samples
+        held = copies_bytes if augment == "copies" or per_sample is None else per_sample * samples
         if held is not None and available is not None and held > available:
             ctx.warnings.append(f"the block stage may hold about {held / 2**30:.1f} GiB where {available / 2**30:.1f} "
                                 f"GiB is free: --max-samples N fits it to fewer samples")

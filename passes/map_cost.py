@@ -73,9 +73,8 @@ class MapCostPass(Pass):
             ctx.map_costs = []
             return PassResult(model, modified=False, data=ctx.map_costs)
         part = held_out.head(self.max_samples)
-        ignore = space_classes(ctx.original) if ctx.original is not None else ()
         ctx.map_costs = map_costs(ctx.projected_graph.proto(), ctx.projections, part, ctx.batch_size or BATCH,
-                                  ignore)
+                                  space_classes(ctx.original))
         adds = max(ctx.map_costs, key=lambda cost: cost["added_points"])
         alone = max(ctx.map_costs, key=lambda cost: cost["drop_points"])
         ctx.log(f"map costs ({alone['metric']}, {len(part)} held-out samples): {adds['name']} adds most in the "

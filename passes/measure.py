@@ -104,7 +104,8 @@ class MeasurePass(HeldOutPass):
     def _measure(self, model: onnx.ModelProto, ctx: PassContext) -> dict[str, Any]:
         reference = run_ort(self.original, self.held_out.batches(self.batch_size), batch_first=True)
         candidate = run_ort(model, self.held_out.batches(self.batch_size), batch_first=True)
-        quality = fidelity(reference, candidate, self.held_out.labels, space_classes(self.original)).to_dict()
+        ignore = space_classes(self.original)
+        quality = fidelity(reference, candidate, self.held_out.labels, ignore).to_dict()
         quality["outputs"] = output_figures(reference, candidate, [out.name for out in self.original.graph.output])
         quality["boxes"] = _box_figures(reference, candidate)
         before = _analysis(self.original, ctx.before, ctx)
@@ -119,18 +120,18 @@ class MeasurePass(HeldOutPass):
         gate, warnings = self._gate(quality)
         ctx.log(f"fidelity: {fidelity_line(quality)}; latency ratio {latency['ratio']:.2f} "
                 f"({latency['spread']['ratio'][0]:.2f}-{latency['spread']['ratio'][1]:.2f})")
-        baseline = self._against_quantized_original(model, reference, one, ctx)
+        baseline = self._against_quantized_original(model, reference, one, ignore, ctx)
         return {"fidelity": quality, "flops": flops, "latency_ms": latency, "gate": gate, "warnings": warnings,
                 "int8_original": baseline}
 
     def _against_quantized_original(self, model: onnx.ModelProto, reference: list, one: dict,
-                                    ctx: PassContext) -> dict[str, Any] | None:
+                                    ignore: tuple[int, ...], ctx: PassContext) -> dict[str, Any] | None:
         """Rule e: the original quantized alone, against the float original, and the int8 model's
         latency against it."""
         if ctx.quantized_original is None:
             return None
         baseline = run_ort(ctx.quantized_original, self.held_out.batches(self.batch_size), batch_first=True)
-        quality = fidelity(reference, baseline, self.held_out.labels, space_classes(self.original)).to_dict()
+        quality = fidelity(reference, baseline, self.held_out.labels, ignore).to_dict()
         latency = ort_latency(ctx.quantized_original, model, one, rounds=self.rounds, repeats=self.repeats,
                               threads=self.threads).to_dict("original_int8", "compressed")
         ctx.log(f"int8: the original quantized alone: {fidelity_line(quality)}; "

@@ -240,8 +240,7 @@ def int8_fidelity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, ctx:
     """Rule d: the int8 model against the float one on the held-out samples."""
     reference = run_ort(float_model, ctx.held_out.batches(batch_size), batch_first=True)
     candidate = run_ort(quantized, ctx.held_out.batches(batch_size), batch_first=True)
-    ignore = space_classes(ctx.original) if ctx.original is not None else ()
-    return fidelity(reference, candidate, ctx.held_out.labels, ignore).to_dict()
+    return fidelity(reference, candidate, ctx.held_out.labels, space_classes(ctx.original)).to_dict()
 
 
 def quantize_report(ctx: PassContext) -> dict[str, Any] | None:
