@@ -16,7 +16,7 @@ import fmcompress
 import fmcompress.backend.blockwise as blockwise
 from fmcompress.backend import OnnxModule
 from fmcompress.backend.blockwise import fit_blockwise, lstsq_projection
-from fmcompress.backend.fisher import METRIC_FLOOR, metric_roots, output_fisher, unit_energy_samples
+from fmcompress.backend.fisher import METRIC_FLOOR, metric_roots, output_fisher, unit_energy_scale
 from fmcompress.errors import InputError
 from fmcompress.train_config import TrainConfig
 
@@ -155,7 +155,7 @@ def test_every_sample_weighs_alike_in_the_metric():
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
     x[1] *= 1000
     x[2] = 0
-    scaled = unit_energy_samples(x)
+    scaled = x * unit_energy_scale(x)[:, None, None, None]
     assert torch.allclose(scaled[:2].pow(2).sum((1, 2, 3)), torch.ones(2, dtype=torch.float64))
     assert torch.allclose(scaled[1], x[1] / x[1].norm()) and scaled[2].abs().max() == 0
 
@@ -214,3 +214,18 @@ def test_the_floored_metric_is_the_normalised_moment_plus_the_floor_and_its_root
     np.testing.assert_allclose(metric.numpy(), expected, rtol=1e-10, atol=1e-12)
     root, _ = metric_roots(torch.from_numpy(moment))
     np.testing.assert_allclose((root @ root).numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("count", [64, 10_000])  # positions drawn, and every position recorded
+def test_sample_scale_scales_only_the_picked_vectors_as_the_scaled_map_would_give(count: int) -> None:
+    """Rule c's scaling on the sampled vectors: the same vectors as sampling the scaled map, in
+    either layout."""
+    from fmcompress.backend.projection import sampled_vectors
+
+    x = torch.randn(3, 8, 6, 7)
+    scale = torch.tensor([0.5, 2.0, 0.0])
+    for value in (x, x.contiguous(memory_format=torch.channels_last)):
+        (scaled,) = sampled_vectors([value], count, torch.Generator().manual_seed(1), scale)
+        (expected,) = sampled_vectors([value * scale[:, None, None, None]], count, torch.Generator().manual_seed(1))
+        assert scaled.shape == expected.shape == (min(count, 3 * 6 * 7), 8)
+        assert torch.allclose(scaled, expected)

@@ -70,18 +70,25 @@ def fake_quant_uint8(x: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
 
 
-def sampled_vectors(values: Sequence[torch.Tensor], count: int, generator: torch.Generator) -> list[torch.Tensor]:
+def sampled_vectors(values: Sequence[torch.Tensor], count: int, generator: torch.Generator,
+                    sample_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The channel vectors [n, C] of each value (all of one shape [N, C, ...]) at the same
     positions: every position when there are at most `count`, else `count` drawn from
     `generator`, rows numbered sample-major as in x.movedim(1, -1).reshape(-1, C); float32,
-    on the CPU. Only the picked vectors are gathered: no copy of a whole map."""
+    on the CPU; with `sample_scale` ([N]), each vector times its sample's scale. Only the
+    picked vectors are gathered and scaled: no copy of a whole map."""
     flat = [v.detach().reshape(v.shape[0], v.shape[1], -1) for v in values]  # [N, C, positions]
     samples, _, positions = flat[0].shape
     if samples * positions <= count:
-        return [f.movedim(1, -1).reshape(-1, f.shape[1]).float().cpu() for f in flat]
-    pick = torch.randperm(samples * positions, generator=generator)[:count].to(flat[0].device)
-    rows, columns = pick // positions, pick % positions
-    return [f[rows, :, columns].float().cpu() for f in flat]
+        rows = torch.arange(samples, device=flat[0].device).repeat_interleave(positions)
+        vectors = [f.movedim(1, -1).reshape(-1, f.shape[1]) for f in flat]
+    else:
+        pick = torch.randperm(samples * positions, generator=generator)[:count].to(flat[0].device)
+        rows, columns = pick // positions, pick % positions
+        vectors = [f[rows, :, columns] for f in flat]
+    if sample_scale is not None:
+        vectors = [v * sample_scale.to(v.dtype)[rows, None] for v in vectors]
+    return [v.float().cpu() for v in vectors]
 
 
 def moment_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,8 +114,9 @@ class SecondMomentRecorder(nn.Module):
         """E[x x^T] over the positions recorded so far."""
         return self.moment / max(self.count, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (vectors,) = sampled_vectors([x], self.positions_per_batch, self.generator)
+    def forward(self, x: torch.Tensor, sample_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Record x's channel vectors (with `sample_scale`, each times its sample's scale)."""
+        (vectors,) = sampled_vectors([x], self.positions_per_batch, self.generator, sample_scale)
         self.moment += moment_product(vectors, vectors)
         self.count += vectors.shape[0]
         self.batches += 1
