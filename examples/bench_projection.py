@@ -13,6 +13,12 @@ median over rounds.
 `--block-epochs 2 --epochs 2`), matmul and bmm alternating, each in its own process.
 
     python examples/bench_projection.py --compile 256 --rounds 2
+
+`--channels-last` compares the kernels for the torch executor's CPU layout instead (maps
+channels last): one GEMM over the [N, H, W, C] memory, the earlier `mix_channels` there,
+against the 1x1 convolution it runs now; with `--compile N`, whole compiles likewise.
+
+    python examples/bench_projection.py --channels-last --rounds 20
 """
 
 from __future__ import annotations
@@ -41,9 +47,20 @@ def mix_by_matmul(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mixed.reshape(x.shape[0], matrix.shape[0], *x.shape[2:])
 
 
-# the compile's process imports this file (its folder is not on that process's path) for the matmul
-MATMUL = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-          "import bench_projection, fmcompress.backend.projection as p; p.mix_channels = bench_projection.mix_by_matmul\n")
+def mix_by_gemm(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The earlier `mix_channels` on a channels-last map: one GEMM over its [N, H, W, C] memory
+    (any other layout as `mix_channels` does it)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return (x.permute(0, 2, 3, 1) @ matrix.to(x.dtype).T).permute(0, 3, 1, 2)
+    return mix_channels(matrix, x)
+
+
+def patched(function: str) -> str:
+    """Code that makes a compile's process (which imports this file: its folder is not on that
+    process's path) mix channels by `function` of this file, in the projections and the block loss."""
+    return (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+            "import bench_projection, fmcompress.backend.projection as p, fmcompress.backend.blockwise as b\n"
+            f"p.mix_channels = b.mix_channels = bench_projection.{function}\n")
 
 
 def step_seconds(mix: Mix, x: torch.Tensor, P: torch.Tensor, U: torch.Tensor) -> float:  # noqa: N803
@@ -65,31 +82,37 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--model", default="ppocr-rec", choices=sorted(REAL_MODELS))
     parser.add_argument("--ceiling", default="4x")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="compare GEMM and 1x1 convolution on channels-last maps (else matmul and bmm)")
     args = parser.parse_args()
+    before, now = ("gemm", "conv") if args.channels_last else ("matmul", "bmm")
     if args.compile:
-        compare_compiles({"matmul": MATMUL, "bmm": ""}, args.compile, args.rounds)
+        compare_compiles({before: patched(f"mix_by_{before}"), now: ""}, args.compile, args.rounds)
         return
+    kernels = {before: mix_by_gemm if args.channels_last else mix_by_matmul, now: mix_channels}
     table = Table(title=f"{args.model} at {args.ceiling}: U (P x) forward + backward, batch {BATCH}, "
                         f"median of {args.rounds} rounds, {torch.get_num_threads()} threads")
-    for column in ("map", "shape", "k", "matmul ms", "bmm ms", "bmm / matmul"):
+    for column in ("map", "shape", "k", f"{before} ms", f"{now} ms", f"{now} / {before}"):
         table.add_column(column)
-    totals = {"matmul": 0.0, "bmm": 0.0}
+    totals = dict.fromkeys(kernels, 0.0)
     for name, shape, k in planned_maps(args.model, args.ceiling):
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(BATCH, *shape[1:], generator=generator)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         P = torch.randn(k, shape[1], generator=generator, requires_grad=True)  # noqa: N806
         U = torch.randn(shape[1], k, generator=generator, requires_grad=True)  # noqa: N806
-        times: dict[str, list[float]] = {"matmul": [], "bmm": []}
-        for _ in range(args.rounds + 1):  # the first round warms up
-            times["matmul"].append(step_seconds(mix_by_matmul, x, P, U))
-            times["bmm"].append(step_seconds(mix_channels, x, P, U))
+        times: dict[str, list[float]] = {mode: [] for mode in kernels}
+        for round_ in range(args.rounds + 1):  # the first round warms up; the order alternates
+            for mode in (kernels if round_ % 2 else reversed(list(kernels))):
+                times[mode].append(step_seconds(kernels[mode], x, P, U))
         medians = {mode: statistics.median(values[1:]) for mode, values in times.items()}
         for mode in totals:
             totals[mode] += medians[mode]
-        table.add_row(name, "x".join(map(str, shape[1:])), str(k), f"{1e3 * medians['matmul']:.2f}",
-                      f"{1e3 * medians['bmm']:.2f}", f"{medians['bmm'] / medians['matmul']:.2f}")
-    table.add_row("all maps", "", "", f"{1e3 * totals['matmul']:.1f}", f"{1e3 * totals['bmm']:.1f}",
-                  f"{totals['bmm'] / totals['matmul']:.2f}")
+        table.add_row(name, "x".join(map(str, shape[1:])), str(k), f"{1e3 * medians[before]:.2f}",
+                      f"{1e3 * medians[now]:.2f}", f"{medians[now] / medians[before]:.2f}")
+    table.add_row("all maps", "", "", f"{1e3 * totals[before]:.1f}", f"{1e3 * totals[now]:.1f}",
+                  f"{totals[now] / totals[before]:.2f}")
     Console().print(table)
 
 

@@ -29,8 +29,8 @@ b. What is differentiated, for class outputs (`probs`, `seq_probs`, `logits`; q 
 c. Per map, sum g g^T over channel vectors (float64), at most 4096 random positions a
    batch, drawn from `seed` (`projection.SecondMomentRecorder`, as the start's other
    moments). Where every output is a class output, each sample's g is scaled to unit energy
-   first (`unit_energy_scale`, applied to the sampled vectors only): the metric is the mean over samples of the directions each
-   one's predictions depend on, not their sum, which the few samples the network is least
+   first (`unit_energy_scale`, applied to the sampled vectors only): the metric is the mean
+   over samples of the directions each one's predictions depend on, not their sum, which the few samples the network is least
    sure of rule (a confident prediction has almost no curvature, and yet a map compressed
    4x moves it far). On PP-OCR's recognizer, 64 lines of set 2, one line held 59-63% of the
    plain sum's trace at three maps and six lines 92-95% (at T = 2, 32-40% and 74-88%): its
