@@ -33,7 +33,7 @@ from benchcompile import bench_parser, compare_compiles
 from rich.console import Console
 from rich.table import Table
 
-from fmcompress.backend.projection import mix_channels
+from fmcompress.backend.projection import is_channels_last, mix_channels
 from fmcompress.compiler import CompileOptions, compile_model
 from fmcompress.evaluation.thirdparty import REAL_MODELS, real_model
 
@@ -50,7 +50,7 @@ def mix_by_matmul(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def mix_by_gemm(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The earlier `mix_channels` on a channels-last map: one GEMM over its [N, H, W, C] memory
     (any other layout as `mix_channels` does it)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         return (x.permute(0, 2, 3, 1) @ matrix.to(x.dtype).T).permute(0, 3, 1, 2)
     return mix_channels(matrix, x)
 

@@ -22,10 +22,15 @@ from .devices import available_memory
 from .executor import Frontier, StopForward
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """x is a 4-D map laid out [N, H, W, C] in memory (the executor's layout rule), not also NCHW."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def mix_channels(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """matrix (out x in) applied to axis 1 of x, per position; x's layout kept (channels last
     stays channels last: the executor's layout rule)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         # a 1x1 convolution: oneDNN's channels-last kernels, no copy either way (forward and backward
         # 0.90x of one GEMM over the [N, H, W, C] memory on the recognizer's maps: bench_projection.py)
         return torch.nn.functional.conv2d(x, matrix.to(x.dtype)[:, :, None, None])
@@ -81,14 +86,15 @@ def sampled_vectors(values: Sequence[torch.Tensor], count: int, generator: torch
     flat = [v.detach().reshape(v.shape[0], v.shape[1], -1) for v in values]  # [N, C, positions]
     samples, _, positions = flat[0].shape
     if samples * positions <= count:
-        rows = torch.arange(samples, device=flat[0].device).repeat_interleave(positions)
+        rows = None  # every row, sample-major
         vectors = [f.movedim(1, -1).reshape(-1, f.shape[1]) for f in flat]
     else:
         pick = torch.randperm(samples * positions, generator=generator)[:count].to(flat[0].device)
         rows, columns = pick // positions, pick % positions
         vectors = [f[rows, :, columns] for f in flat]
     if sample_scale is not None:
-        vectors = [v * sample_scale.to(v.dtype)[rows, None] for v in vectors]
+        per_row = sample_scale.repeat_interleave(positions) if rows is None else sample_scale[rows]
+        vectors = [v * per_row.to(v.dtype)[:, None] for v in vectors]
     return [v.float().cpu() for v in vectors]
 
 
